@@ -1,0 +1,63 @@
+"""What every distcls command shares: argument errors as one line, exit codes, tracebacks.
+
+A `UserError` anywhere -> `distcls: error: <message>` on stderr and exit 2 (no traceback).
+A `ConfigError` is printed by rank 0 only (every rank sees the same one).
+Preemption -> exit 3; divergence -> exit 4; anything else -> the real traceback, exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import Callable, Sequence
+
+from distcls.errors import ConfigError, ExitCode, Preempted, TrainingDiverged, UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose mistakes are UserErrors (one line, exit 2) instead of usage dumps."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
+def _rank() -> int:
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def _line(prefix: str, message: str) -> None:
+    rank = _rank()
+    tag = f"[rank {rank}] " if rank else ""
+    print(f"distcls: {prefix}: {tag}{' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
+def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None, debug_flag: str = "--debug") -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(args) or ExitCode.OK
+    except ConfigError as exc:
+        if _rank() == 0:
+            _line("error", exc)
+        return ExitCode.USAGE
+    except UserError as exc:
+        if debug_flag in args:
+            traceback.print_exc()
+        _line("error", exc)
+        return ExitCode.USAGE
+    except Preempted as exc:
+        _line("stopped", f"{exc}; resume with --resume auto (same run.out_dir)")
+        return ExitCode.PREEMPTED
+    except TrainingDiverged as exc:
+        _line("error", exc)
+        return ExitCode.DIVERGED
+    except KeyboardInterrupt:
+        _line("stopped", "interrupted (second Ctrl-C) before a checkpoint could be saved")
+        return 130
+
+
+def exit_with(main: Callable[[Sequence[str]], int]) -> None:
+    sys.exit(run_cli(main))

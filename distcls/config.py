@@ -1,0 +1,374 @@
+"""One typed config schema: YAML files, dot-path overrides, validation before anything runs.
+
+The schema is a tree of frozen dataclasses. Its defaults ARE the default run (digits + cnn3 on
+CPU in seconds); `configs/default.yaml` spells the same values out. Every key, type and range is
+checked here, before any process group or dataset exists; a problem raises `ConfigError`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distcls.errors import ConfigError
+
+
+def _opt(default, help: str, **rules):
+    """A schema field: default value, help text and validation rules (choices, min, max)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_padding: int = _opt(0, "random crop of the original size after zero-padding by this many pixels (0 = off)", min=0)
+    hflip: bool = _opt(False, "random horizontal flip with probability 0.5")
+    rotation_deg: float = _opt(0.0, "random rotation in [-deg, +deg] (0 = off)", min=0.0, max=180.0)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    train_samples: int = _opt(512, "training samples of the synthetic dataset", min=1)
+    test_samples: int = _opt(128, "test samples of the synthetic dataset", min=1)
+    num_classes: int = _opt(10, "classes of the synthetic dataset", min=2)
+    channels: int = _opt(3, "image channels of the synthetic dataset", choices=[1, 3])
+    size: int = _opt(32, "image height and width of the synthetic dataset", min=4)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _opt("digits", "digits | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | synthetic | a registered name | 'pkg.module:builder'")
+    root: str = _opt("data", "directory that holds the dataset files (official on-disk format)")
+    download: bool = _opt(False, "download a missing dataset through torchvision (needs internet)")
+    image_size: Optional[int] = _opt(None, "resize images to this square size (null = the dataset's own size)", min=4)
+    channels: Optional[int] = _opt(None, "force 1 (grayscale) or 3 (RGB) channels (null = the dataset's own)", choices=[None, 1, 3])
+    batch_size: int = _opt(64, "GLOBAL training batch, split evenly across ranks (and accum_steps)", min=1)
+    eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
+    num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
+    val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation", min=0.0, max=0.9)
+    split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]")
+    max_train_samples: Optional[int] = _opt(None, "use only the first N training samples after the split (null = all)", min=1)
+    max_eval_samples: Optional[int] = _opt(None, "use only the first N val/test samples (null = all)", min=1)
+    mean: Optional[list] = _opt(None, "per-channel normalization mean (null = the dataset's own statistics)")
+    std: Optional[list] = _opt(None, "per-channel normalization std (null = the dataset's own statistics)")
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | a registered name | 'pkg.module:builder'")
+    cifar_stem: bool = _opt(False, "ResNets: 3x3 stride-1 stem and no max-pool (for 32x32 inputs)")
+    pretrained: Optional[str] = _opt(None, "path of a local state_dict file to start from (transfer learning)")
+    freeze_backbone: bool = _opt(False, "train only the classifier head; the backbone (and its BatchNorm) stays fixed")
+    args: dict = _opt({}, "extra keyword arguments for the model builder")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = _opt("sgd", "optimizer", choices=["sgd", "adamw", "adam"])
+    lr: float = _opt(0.05, "peak learning rate", min=0.0, exclusive_min=True)
+    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    nesterov: bool = _opt(False, "SGD Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "weight decay", min=0.0)
+    betas: list = _opt([0.9, 0.999], "Adam/AdamW betas")
+
+
+@dataclass(frozen=True)
+class SchedConfig:
+    name: str = _opt("cosine", "learning-rate schedule after warmup", choices=["constant", "cosine", "step"])
+    warmup_epochs: float = _opt(0.0, "linear warmup length in epochs (fractions allowed)", min=0.0)
+    step_epochs: int = _opt(30, "step schedule: multiply by gamma every this many epochs", min=1)
+    gamma: float = _opt(0.1, "step schedule factor", min=0.0, max=1.0)
+    min_lr: float = _opt(0.0, "cosine schedule floor", min=0.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _opt(15, "training epochs", min=1)
+    amp: str = _opt("none", "mixed precision", choices=["none", "bf16", "fp16"])
+    clip_grad_norm: Optional[float] = _opt(None, "clip the global gradient norm to this value (null = off)", min=0.0, exclusive_min=True)
+    accum_steps: int = _opt(1, "gradient accumulation micro-steps per optimizer step", min=1)
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing", min=0.0, max=1.0)
+    sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
+    channels_last: bool = _opt(False, "channels_last memory format")
+    compile: bool = _opt(False, "torch.compile the model")
+    max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
+    nonfinite: str = _opt("abort", "non-finite loss: skip the step (and count it) or abort", choices=["skip", "abort"])
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_epochs: int = _opt(1, "save a checkpoint every N epochs (0 = only last/best at the end)", min=0)
+    every_steps: int = _opt(0, "also save a mid-epoch checkpoint every N optimizer steps (0 = off)", min=0)
+    keep: int = _opt(3, "keep the last N epoch checkpoints besides last.pt and best.pt", min=0)
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    backend: str = _opt("auto", "process-group backend (auto: nccl on GPU, gloo on CPU)", choices=["auto", "nccl", "gloo"])
+    device: str = _opt("auto", "auto: the rank's GPU when there is one, else CPU", choices=["auto", "cpu", "cuda"])
+    timeout_s: int = _opt(600, "collective timeout: a dead rank ends the job after this many seconds", min=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    out_dir: str = _opt("runs/default", "directory of this run's outputs (rank 0 writes)")
+    seed: int = _opt(0, "seed of model init, data split, shuffling and augmentation", min=0)
+    deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (also set by --debug)")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    enabled: bool = _opt(False, "log metrics to Weights & Biases from rank 0")
+    project: str = _opt("distcls", "wandb project")
+    entity: Optional[str] = _opt(None, "wandb entity (null = your default)")
+    mode: str = _opt("online", "wandb mode", choices=["online", "offline", "disabled"])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every_steps: int = _opt(50, "print and record training loss every N optimizer steps (0 = per epoch only)", min=0)
+    console: str = _opt("auto", "auto: progress bars on a terminal, plain lines otherwise", choices=["auto", "rich", "plain"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, path: str, value) -> "Config":
+        """A copy with one dot-path set to `value` (validated again)."""
+        tree = self.to_dict()
+        _set_path(tree, path.split("."), value, Config)
+        return from_dict(tree)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base: Optional[dict] = None) -> Config:
+    """Defaults <- YAML file (or `base` tree) <- `key.sub=value` overrides, validated."""
+    tree = dataclasses.asdict(Config()) if base is None else base
+    if path is not None:
+        _deep_merge(tree, read_yaml(path), Config, prefix="")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key.split("."), value, Config)
+    return from_dict(tree)
+
+
+def read_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} not found{' (it is a directory)' if p.is_dir() else ''}; pass an existing YAML file to --config, e.g. configs/default.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...), not a {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item or item.startswith("="):
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. optim.lr=0.05)")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def from_dict(tree: dict) -> Config:
+    cfg = _build(Config, tree, prefix="")
+    _check_cross_fields(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe() -> list[tuple[str, Any, str]]:
+    """Every key of the schema: (dot path, default, help) for --help and the README."""
+    rows = []
+
+    def walk(cls, prefix):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(_field_type(cls, f)):
+                walk(_field_type(cls, f), f"{prefix}{f.name}.")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                rows.append((prefix + f.name, default, f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return rows
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _field_type(cls, f):
+    return typing.get_type_hints(cls)[f.name]
+
+
+def _fields(cls) -> dict:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown(key: str, prefix: str, cls) -> ConfigError:
+    names = list(_fields(cls))
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(prefix + n for n in names)}"
+    return ConfigError(f"unknown config key '{prefix}{key}'; {hint}")
+
+
+def _deep_merge(tree: dict, update: dict, cls, prefix: str) -> None:
+    fields = _fields(cls)
+    for key, value in update.items():
+        if key not in fields:
+            raise _unknown(str(key), prefix, cls)
+        sub = _field_type(cls, fields[key])
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' is a section; give it a mapping of keys, not {value!r}")
+            _deep_merge(tree[key], value, sub, f"{prefix}{key}.")
+        else:
+            tree[key] = value
+
+
+def _set_path(tree: dict, parts: list, value, cls, prefix: str = "") -> None:
+    fields = _fields(cls)
+    key = parts[0]
+    if key not in fields:
+        raise _unknown(key, prefix, cls)
+    sub = _field_type(cls, fields[key])
+    if len(parts) == 1:
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{prefix}{key}' is a section; override one of its keys, e.g. {prefix}{key}.{next(iter(_fields(sub)))}=...")
+            _deep_merge(tree[key], value, sub, f"{prefix}{key}.")
+        else:
+            tree[key] = value
+    elif dataclasses.is_dataclass(sub):
+        _set_path(tree[key], parts[1:], value, sub, f"{prefix}{key}.")
+    elif sub is dict:
+        inner = dict(tree.get(key) or {})
+        node = inner
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+        tree[key] = inner
+    else:
+        raise ConfigError(f"config key '{prefix}{key}' is a value, not a section; use {prefix}{key}=...")
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "a mapping"}.get(t, str(t))
+
+
+def _coerce(value, typ, path: str):
+    """Check `value` against a schema type; ints are accepted for floats."""
+    optional = typing.get_origin(typ) is typing.Union and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None:
+            return None
+        typ = next(a for a in typing.get_args(typ) if a is not type(None))
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, bool) or not isinstance(value, typ):
+        got = "null" if value is None else f"{value!r} ({type(value).__name__})"
+        raise ConfigError(f"config key '{path}' must be {_type_name(typ)}{' or null' if optional else ''}, got {got}")
+    return value
+
+
+def _build(cls, tree, prefix: str):
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.')}' must be a mapping")
+    kwargs = {}
+    for name, f in _fields(cls).items():
+        path = prefix + name
+        typ = _field_type(cls, f)
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, tree.get(name, {}), path + ".")
+            continue
+        value = _coerce(tree[name], typ, path) if name in tree else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        _check_rules(value, f.metadata, path)
+        kwargs[name] = value
+    for key in tree:
+        if key not in kwargs:
+            raise _unknown(str(key), prefix, cls)
+    return cls(**kwargs)
+
+
+def _check_rules(value, rules, path: str) -> None:
+    if "choices" in rules and value not in rules["choices"]:
+        choices = " | ".join("null" if c is None else str(c) for c in rules["choices"])
+        raise ConfigError(f"config key '{path}' must be one of {choices}, got {value!r}")
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if "min" in rules and (value < rules["min"] or (rules.get("exclusive_min") and value == rules["min"])):
+        op = ">" if rules.get("exclusive_min") else ">="
+        raise ConfigError(f"config key '{path}' must be {op} {rules['min']}, got {value}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(f"config key '{path}' must be <= {rules['max']}, got {value}")
+
+
+def _number_list(value, path: str, length: Optional[int] = None) -> None:
+    if value is None:
+        return
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or (length and len(value) != length):
+        want = f"{length} numbers" if length else "a list of numbers"
+        raise ConfigError(f"config key '{path}' must be {want}, got {value!r}")
+
+
+def _check_cross_fields(cfg: Config) -> None:
+    d = cfg.data
+    _number_list(d.split, "data.split", 3)
+    if d.split is not None:
+        if any(v < 0 for v in d.split) or abs(sum(d.split) - 1.0) > 1e-6 or d.split[0] <= 0 or d.split[2] <= 0:
+            raise ConfigError(f"config key 'data.split' must be three fractions [train, val, test] summing to 1 with train and test > 0, got {d.split}")
+    _number_list(d.mean, "data.mean")
+    _number_list(d.std, "data.std")
+    if (d.mean is None) != (d.std is None):
+        raise ConfigError("set both data.mean and data.std (one value per channel), or neither")
+    if d.std is not None and any(s <= 0 for s in d.std):
+        raise ConfigError(f"config key 'data.std' must hold positive numbers, got {d.std}")
+    if d.mean is not None and len(d.mean) != len(d.std):
+        raise ConfigError(f"data.mean has {len(d.mean)} values but data.std has {len(d.std)}; give one per channel in both")
+    _number_list(cfg.optim.betas, "optim.betas", 2)
+    if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.data.batch_size % cfg.train.accum_steps:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by train.accum_steps={cfg.train.accum_steps}; "
+            "the global batch is split into equal micro-batches")
+    if not cfg.run.out_dir:
+        raise ConfigError("run.out_dir must name a directory")
+    if cfg.model.freeze_backbone and not cfg.model.pretrained:
+        raise ConfigError("model.freeze_backbone=true needs model.pretrained=<weights file>; a frozen random backbone learns nothing")

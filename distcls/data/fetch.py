@@ -1,0 +1,26 @@
+"""Opt-in downloads (data.download=true) through torchvision's own downloaders.
+
+Rank 0 downloads, the other ranks wait at a barrier, then everyone reads the files with
+distcls' readers. Without internet this fails with a clear error.
+"""
+from __future__ import annotations
+
+from distcls import dist
+from distcls.errors import UserError
+
+
+def download_with_torchvision(dataset: str, root: str) -> None:
+    import torchvision.datasets as tvd
+
+    classes = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST}
+    error = None
+    if not dist.active() or dist.is_main_rank():
+        try:
+            for train in (True, False):
+                classes[dataset](root, train=train, download=True)
+        except Exception as exc:  # network errors come in many types
+            error = f"downloading {dataset} into {root} failed ({type(exc).__name__}: {exc}); put the official files there by hand"
+    dist.barrier()
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)

@@ -1,0 +1,55 @@
+"""Seeded train/val/test splits, the same on every rank and at every world size."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from distcls.config import DataConfig
+from distcls.data.sources import RawDataset, SplitView
+from distcls.errors import ConfigError
+
+
+@dataclass
+class Splits:
+    train: SplitView
+    val: Optional[SplitView]
+    test: SplitView
+
+
+def _perm(n: int, seed: int, salt: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + salt))
+
+
+def make_splits(raw: RawDataset, cfg: DataConfig, seed: int) -> Splits:
+    if cfg.split is not None or raw.test is None:
+        # Pool every official split and re-split: data.split, or [1-2v, v, v] when there is no test set.
+        pooled = raw.train
+        for extra in (raw.val, raw.test):
+            if extra is not None:
+                pooled = pooled.concat(extra)
+        fractions = cfg.split or [1 - 2 * cfg.val_fraction, cfg.val_fraction, cfg.val_fraction]
+        n = len(pooled)
+        order = _perm(n, seed, 1)
+        n_val, n_test = int(round(fractions[1] * n)), int(round(fractions[2] * n))
+        n_train = n - n_val - n_test
+        train = SplitView(pooled, order[:n_train].sort().values)
+        val = SplitView(pooled, order[n_train:n_train + n_val].sort().values) if n_val else None
+        test = SplitView(pooled, order[n_train + n_val:].sort().values)
+    else:
+        test = SplitView(raw.test, torch.arange(len(raw.test)))
+        if raw.val is not None:
+            train = SplitView(raw.train, torch.arange(len(raw.train)))
+            val = SplitView(raw.val, torch.arange(len(raw.val)))
+        else:
+            n = len(raw.train)
+            n_val = int(round(cfg.val_fraction * n))
+            order = _perm(n, seed, 2)
+            train = SplitView(raw.train, order[n_val:].sort().values)
+            val = SplitView(raw.train, order[:n_val].sort().values) if n_val else None
+    if len(train) == 0 or len(test) == 0:
+        raise ConfigError(f"the split leaves {len(train)} training and {len(test)} test samples; change data.split / data.val_fraction")
+    return Splits(train.truncated(cfg.max_train_samples),
+                  val.truncated(cfg.max_eval_samples) if val is not None else None,
+                  test.truncated(cfg.max_eval_samples))

@@ -1,0 +1,145 @@
+"""Where am I running? torchrun, SLURM srun tasks, or a single process.
+
+This is the only module that initializes or tears down torch.distributed. It also holds the
+few collective helpers the rest of the code uses, so they all behave the same with one process
+(no process group: the helpers are identities).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+from distcls.errors import ConfigError, UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    launcher: str  # "single" | "torchrun" | "slurm"
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except ValueError:
+        raise UserError(f"environment variable {name}={os.environ[name]!r} is not an integer; unset it or fix the launcher") from None
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR explicitly")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = False) -> DistEnv:
+    """Read the launcher's environment; no process group is created here."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "torchrun"
+        rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
+        local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+    elif "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        launcher = "slurm"  # srun started one task per GPU
+        rank, world, local_rank = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
+        os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
+        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        launcher, rank, world, local_rank = "single", 0, 1, 0
+    if debug and world > 1:
+        raise ConfigError(f"--debug runs one process, but the launcher started {world}; run `python -m distcls.train --debug ...` without torchrun/srun")
+
+    has_cuda = torch.cuda.is_available()
+    if device_pref == "cuda" and not has_cuda:
+        raise ConfigError("dist.device=cuda but no CUDA GPU is visible; use dist.device=auto or cpu")
+    use_cuda = has_cuda and device_pref != "cpu"
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}); start at most that many processes per node")
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    backend = backend_pref if backend_pref != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise ConfigError("dist.backend=nccl needs CUDA GPUs; use dist.backend=gloo (or auto) on CPU")
+    return DistEnv(launcher, rank, local_rank, world, device, backend)
+
+
+def init(env: DistEnv, timeout_s: int) -> None:
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if env.distributed and not tdist.is_initialized():
+        kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
+        tdist.init_process_group(
+            backend=env.backend, rank=env.rank, world_size=env.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks (in place) and return it; identity in a single process."""
+    if active():
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on at least one."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def broadcast_object(obj, src: int = 0):
+    if not active():
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running stats) so every rank evaluates the same model."""
+    if not active():
+        return
+    world = tdist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            tdist.all_reduce(buf, op=tdist.ReduceOp.SUM)
+            buf.div_(world)
+
+
+def is_main_rank() -> bool:
+    return not active() or tdist.get_rank() == 0

@@ -1,0 +1,5 @@
+"""Engine: optimizers, schedules and the train/eval steps (math only; no files)."""
+from distcls.engine.optim import build_optimizer, build_scheduler, lr_factor
+from distcls.engine.trainer import AMP_DTYPES, EvalResult, Meter, StepContext, Trainer, unwrap
+
+__all__ = ["AMP_DTYPES", "EvalResult", "Meter", "StepContext", "Trainer", "build_optimizer", "build_scheduler", "lr_factor", "unwrap"]

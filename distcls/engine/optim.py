@@ -1,0 +1,47 @@
+"""Optimizers and per-step learning-rate schedules (linear warmup, then constant/cosine/step)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distcls.config import OptimConfig, SchedConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # No weight decay on biases and normalization parameters (1-d tensors), as in the torchvision recipes.
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Multiplier of the peak lr before optimizer step `step` (0-based)."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, optim_cfg: OptimConfig,
+                    steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = steps_per_epoch * epochs
+    floor = cfg.min_lr / optim_cfg.lr if cfg.name == "cosine" else 0.0
+
+    def factor(step: int) -> float:
+        f = lr_factor(step, cfg, steps_per_epoch, total)
+        return floor + (1 - floor) * f if cfg.name == "cosine" and step >= int(round(cfg.warmup_epochs * steps_per_epoch)) else f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

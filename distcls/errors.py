@@ -1,0 +1,34 @@
+"""Errors a user can fix, and the exit codes distcls documents.
+
+A `UserError` means bad config, bad usage or missing data: the CLI prints ONE line
+`distcls: error: <message>` and exits with code 2, never a traceback.
+"""
+
+
+class ExitCode:
+    OK = 0
+    CRASH = 1  # an unexpected failure: the real traceback is printed
+    USAGE = 2  # bad config / bad usage / missing data or checkpoint
+    PREEMPTED = 3  # SIGTERM/SIGUSR1/Ctrl-C: a resumable checkpoint was saved
+    DIVERGED = 4  # non-finite loss with train.nonfinite=abort
+
+
+class UserError(Exception):
+    """A mistake the user can fix; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(UserError):
+    """A config problem: every rank sees the same one, so only rank 0 reports it."""
+
+
+class TrainingDiverged(Exception):
+    """The loss became non-finite and `train.nonfinite=abort` asked to stop."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint at the exact sample position was saved."""
+
+    def __init__(self, signal_name: str, checkpoint_path):
+        super().__init__(f"stopped by {signal_name}; checkpoint saved to {checkpoint_path}")
+        self.signal_name = signal_name
+        self.checkpoint_path = checkpoint_path

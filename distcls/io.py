@@ -1,0 +1,81 @@
+"""Atomic file writes and the one safe way distcls reads torch files.
+
+Every write goes to a temp file in the same directory, is fsync'ed, renamed over the target and
+the directory is fsync'ed: a crash at any moment leaves either the old file or the new one.
+Every torch file is read with `weights_only=True`; a file that needs arbitrary unpickling is
+refused and its code never runs.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+
+from distcls.errors import UserError
+
+
+class UnreadableCheckpoint(UserError):
+    """The file exists but is truncated, corrupt, or not a weights-only torch file."""
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_torch_save(obj, path) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_weights_only(path, what: str = "checkpoint"):
+    """torch.load(path, weights_only=True) on CPU, with errors a user can act on."""
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{what} {path} is a directory; give the path of a .pt file (e.g. {p / 'checkpoints' / 'last.pt'})")
+    if not p.is_file():
+        raise UserError(f"{what} {path} does not exist; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol N": the refusal below says it all
+            return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UnreadableCheckpoint(
+            f"refusing to load {what} {path}: it holds objects that need arbitrary unpickling (code could run); "
+            "distcls only reads weights-only files: tensors and plain Python data") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt ({first[:200]})") from None

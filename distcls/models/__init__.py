@@ -1,0 +1,52 @@
+"""Models: registry of the seed CNNs and torchvision ResNets, plus transfer learning."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from distcls.config import ModelConfig
+from distcls.data.sources import DataSpec
+from distcls.errors import UserError
+from distcls.models import resnet, seed_nets  # noqa: F401  (register builders)
+from distcls.models.registry import MODELS, register_model
+from distcls.models.transfer import freeze_backbone, load_pretrained
+
+__all__ = ["MODELS", "register_model", "build_model"]
+
+
+def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+    builder = MODELS.get(cfg.name)
+    try:
+        model = builder(spec, cfg, **cfg.args)
+    except TypeError as exc:
+        if cfg.args:
+            raise UserError(f"model.args {cfg.args} do not fit model.name={cfg.name} ({exc})") from None
+        raise
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model.name={cfg.name}: the builder returned {type(model).__name__}, not an nn.Module")
+    if cfg.pretrained:
+        load_pretrained(model, cfg.pretrained)
+    if cfg.freeze_backbone:
+        model = freeze_backbone(model)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, spec: DataSpec, name: str) -> None:
+    """One tiny forward pass so a shape mistake is a clear error before training starts."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=next(model.parameters()).device))
+    except RuntimeError as exc:
+        raise UserError(f"model.name={name} does not accept {spec.channels}x{spec.image_size}x{spec.image_size} inputs ({str(exc).splitlines()[0]}); change data.image_size") from None
+    finally:
+        model.train(was_training)
+    if out.shape[-1] != spec.num_classes:
+        raise UserError(f"model.name={name} outputs {out.shape[-1]} logits but the data has {spec.num_classes} classes")

@@ -1,0 +1,270 @@
+"""One training run, start to finish: wires config -> dist -> data -> models -> engine ->
+checkpoint/tracking, and owns the epoch loop, its logging, checkpoint policy and resume.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from distcls import config as config_mod
+from distcls import dist
+from distcls.checkpoint import CheckpointStore, check_compatible, load_model_state, read_checkpoint, resume_reason, rng_state, set_rng_state
+from distcls.config import Config
+from distcls.data import build_data, eval_loader, train_loader
+from distcls.dist import DistEnv
+from distcls.engine import Meter, StepContext, Trainer, build_optimizer, build_scheduler
+from distcls.errors import Preempted, UserError
+from distcls.io import atomic_write_text
+from distcls.models import build_model, check_forward, count_parameters
+from distcls.signals import StopRequest
+from distcls.tracking import Console, MetricsLog, WandbLogger, write_summary
+
+DEBUG_STEPS_PER_EPOCH = 5
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    checkpoint: dict
+
+
+def prepare_model(cfg: Config, env: DistEnv, spec) -> tuple[nn.Module, nn.Module]:
+    """(model to train: compiled and/or DDP-wrapped, raw module that owns the weights)."""
+    raw = build_model(cfg.model, spec)
+    check_forward(raw, spec, cfg.model.name)
+    if cfg.train.sync_bn and env.distributed:
+        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+    raw = raw.to(env.device)
+    if cfg.train.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model = torch.compile(raw) if cfg.train.compile else raw
+    if env.distributed:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False)  # BatchNorm buffers are averaged before every evaluation instead
+    return model, raw
+
+
+class TrainingRun:
+    def __init__(self, cfg: Config, env: DistEnv, resume: Optional[str] = None, debug: bool = False):
+        self.cfg, self.env, self.debug = cfg, env, debug
+        self.out_dir = Path(cfg.run.out_dir)
+        self.console = Console(env.rank, cfg.log.console)
+        self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep, env.is_main, warn=self._warn_main)
+        self.metrics = MetricsLog(self.out_dir, env.is_main)
+        self.resume_point = self._find_resume(resume)
+
+    # ----------------------------------------------------------------- setup
+
+    def _warn_main(self, msg: str) -> None:
+        if self.env.is_main:
+            self.console.warn(msg)
+
+    def _find_resume(self, flag: Optional[str]) -> Optional[ResumePoint]:
+        reason = resume_reason(flag, os.environ)
+        if reason is None:
+            if self.store.has_checkpoints():
+                raise UserError(
+                    f"run.out_dir={self.out_dir} already holds checkpoints of a run; pass --resume auto to continue it, "
+                    "or choose another run.out_dir (nothing was overwritten)")
+            return None
+        if flag and flag != "auto":
+            ckpt = read_checkpoint(flag, "--resume")
+            return ResumePoint(Path(flag), ckpt)
+        found = self.store.find_latest()
+        if found is None:
+            self.console.info(f"{reason}: no checkpoint in {self.store.dir}, starting fresh")
+            return None
+        return ResumePoint(found.path, found.checkpoint)
+
+    # ----------------------------------------------------------------- main
+
+    def run(self) -> dict:
+        cfg, env = self.cfg, self.env
+        wall = time.perf_counter()
+        seed_everything(cfg.run.seed)
+        if cfg.run.deterministic or self.debug:
+            torch.use_deterministic_algorithms(True, warn_only=env.device.type == "cuda")
+        data = build_data(cfg)
+        spec = data.spec
+        model, raw = prepare_model(cfg, env, spec)
+        optimizer = build_optimizer(raw, cfg.optim)
+        max_steps = cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if self.debug else None)
+        num_workers = 0 if self.debug else cfg.data.num_workers
+        train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
+                             num_workers, max_steps)
+        if (cfg.data.batch_size // env.world_size) % cfg.train.accum_steps:
+            raise UserError(f"the per-rank batch {cfg.data.batch_size // env.world_size} is not divisible by train.accum_steps={cfg.train.accum_steps}; "
+                            f"make data.batch_size a multiple of world size x accum_steps = {env.world_size * cfg.train.accum_steps}")
+        eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
+        val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, num_workers) if data.splits.val else None
+        test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, num_workers)
+        steps_per_epoch = train.sampler.steps_per_epoch
+        scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
+        scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
+        trainer = Trainer(model, raw, optimizer, scheduler, scaler, cfg.train, data.preprocess, env.device)
+
+        start_epoch, start_step, best, partial, resumed_from = 0, 0, -1.0, None, None
+        wandb_id = None
+        if self.resume_point is not None:
+            ck, path = self.resume_point.checkpoint, self.resume_point.path
+            check_compatible(ck, path, cfg.model.name, spec.to_dict())
+            load_model_state(raw, ck["model"], path)
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            if scaler is not None and ck.get("scaler"):
+                scaler.load_state_dict(ck["scaler"])
+            set_rng_state(ck["rng"])
+            trainer.global_step, trainer.skipped_steps = ck["step"], ck.get("skipped_steps", 0)
+            start_epoch, start_step, best = ck["epoch"], ck.get("epoch_step", 0), ck["best_metric"]
+            partial = Meter(**ck["meter"]) if ck.get("meter") and env.is_main and start_step else None
+            wandb_id = ck.get("wandb_id")
+            resumed_from = {"path": str(path), "epoch": start_epoch, "epoch_step": start_step, "step": ck["step"]}
+            if start_step >= steps_per_epoch:
+                start_epoch, start_step, partial = start_epoch + 1, 0, None
+
+        if env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", config_mod.to_yaml(cfg))
+            self.metrics.truncate_after(trainer.global_step if resumed_from else -1)
+        wandb = WandbLogger(cfg.log.wandb, str(self.out_dir), cfg.to_dict(), env.is_main, wandb_id)
+        total, trainable = count_parameters(raw)
+        self.console.info(
+            f"distcls: {cfg.model.name} ({total:,} parameters, {trainable:,} trainable) on {cfg.data.name} "
+            f"{spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes | train {len(data.splits.train)} / "
+            f"val {len(data.splits.val) if data.splits.val else 0} / test {len(data.splits.test)} | world {env.world_size} "
+            f"({env.launcher}, {env.device.type}, {env.backend if env.distributed else 'no process group'}) | "
+            f"global batch {cfg.data.batch_size}, {steps_per_epoch} steps/epoch")
+        if resumed_from:
+            self.console.info(f"resumed from {resumed_from['path']} at epoch {start_epoch + 1}, step {start_step} of the epoch")
+
+        stop = StopRequest().install()
+        last_val = None
+        train_images, train_seconds = 0.0, 0.0
+        try:
+            for epoch in range(start_epoch, cfg.train.epochs):
+                first_step = start_step if epoch == start_epoch else 0
+                meter = partial if (epoch == start_epoch and partial is not None) else Meter()
+                logged = {"meter": Meter(**meter.state_dict()), "time": time.perf_counter()}
+                epoch_start, steps_done = time.perf_counter(), 0
+                self.console.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, first_step)
+
+                def on_step_end(ctx: StepContext) -> bool:
+                    nonlocal steps_done
+                    steps_done += 1
+                    self.console.advance()
+                    if cfg.log.every_steps and ctx.global_step % cfg.log.every_steps == 0:
+                        self._log_interval(ctx, logged, optimizer, wandb)
+                    if ctx.epoch_step < steps_per_epoch and dist.any_rank(stop.requested, env.device):
+                        # (at the epoch's last step the epoch-end check below stops after evaluation)
+                        state = self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id)
+                        path = self.store.save(state, epoch_file=False, is_best=False)
+                        raise Preempted(stop.signal_name or "a stop signal on another rank", path or self.store.last)
+                    if cfg.checkpoint.every_steps and ctx.global_step % cfg.checkpoint.every_steps == 0 and ctx.epoch_step < steps_per_epoch:
+                        self.store.save(self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id),
+                                        epoch_file=False, is_best=False)
+                    return False
+
+                meter = trainer.train_epoch(train, epoch, first_step, meter, on_step_end)
+                self.console.end_epoch()
+                seconds = time.perf_counter() - epoch_start
+                images = steps_done * cfg.data.batch_size
+                train_images, train_seconds = train_images + images, train_seconds + seconds
+                red = meter.reduced(env.device)
+                self._record({"epoch": epoch + 1, "step": trainer.global_step, "split": "train", "loss": red.loss, "acc": red.acc,
+                              "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / max(seconds, 1e-9),
+                              "skipped_steps": trainer.skipped_steps}, wandb)
+                is_best = False
+                if val is not None:
+                    last_val = trainer.evaluate(val, spec.num_classes)
+                    is_best = last_val.acc > best
+                    best = max(best, last_val.acc)
+                    self._record({"epoch": epoch + 1, "step": trainer.global_step, "split": "val", "loss": last_val.loss,
+                                  "acc": last_val.acc, "lr": optimizer.param_groups[0]["lr"], "images_per_sec": 0.0,
+                                  "count": last_val.count}, wandb)
+                else:
+                    dist.average_buffers(raw)
+                final = epoch + 1 == cfg.train.epochs
+                every = cfg.checkpoint.every_epochs
+                stop_now = dist.any_rank(stop.requested, env.device)
+                if final or (every and (epoch + 1) % every == 0) or is_best or stop_now:
+                    self.store.save(self._state(trainer, cfg, spec, epoch + 1, 0, None, best, wandb.run_id),
+                                    epoch_file=bool(every) and ((epoch + 1) % every == 0 or final), is_best=is_best or (val is None and final))
+                if stop_now:
+                    raise Preempted(stop.signal_name or "a stop signal on another rank", self.store.last)
+        finally:
+            stop.uninstall()
+            self.console.end_epoch()
+
+        result = trainer.evaluate(test, spec.num_classes)
+        self._record({"epoch": cfg.train.epochs, "step": trainer.global_step, "split": "test", "loss": result.loss,
+                      "acc": result.acc, "lr": optimizer.param_groups[0]["lr"], "images_per_sec": 0.0, "count": result.count}, wandb)
+        summary = {
+            "test_acc": result.acc, "test_loss": result.loss, "test_count": result.count,
+            "best_val_acc": best if best >= 0 else None, "epochs_completed": cfg.train.epochs,
+            "world_size": env.world_size, "global_batch_size": cfg.data.batch_size,
+            "train_images_per_sec": train_images / train_seconds if train_seconds else None,
+            "wall_time_s": time.perf_counter() - wall, "skipped_steps": trainer.skipped_steps,
+            "global_step": trainer.global_step, "resumed_from": resumed_from,
+            "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
+        }
+        if env.is_main:
+            write_summary(self.out_dir, summary)
+        wandb.finish(summary)
+        self.console.info(f"done: test acc {result.acc:.4f} on {result.count} samples"
+                          + (f", best val acc {best:.4f}" if best >= 0 else "") + f"; outputs in {self.out_dir}")
+        return summary
+
+    # ----------------------------------------------------------------- helpers
+
+    def _record(self, record: dict, wandb: WandbLogger) -> None:
+        record["time"] = time.time()
+        self.metrics.write(record)
+        wandb.log(record)
+        if record["split"] != "train" or "skipped_steps" in record:
+            self.console.info(f"epoch {record['epoch']} {record['split']:5s} loss {record['loss']:.4f} acc {record['acc']:.4f}"
+                              + (f" | {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}" if record["split"] == "train" else ""))
+
+    def _log_interval(self, ctx: StepContext, logged: dict, optimizer, wandb: WandbLogger) -> None:
+        now = time.perf_counter()
+        prev: Meter = logged["meter"]
+        interval = Meter(ctx.meter.loss_sum - prev.loss_sum, ctx.meter.correct - prev.correct, ctx.meter.count - prev.count)
+        red = interval.reduced(self.env.device)
+        record = {"epoch": ctx.epoch + 1, "step": ctx.global_step, "split": "train", "loss": red.loss, "acc": red.acc,
+                  "lr": optimizer.param_groups[0]["lr"], "images_per_sec": red.count / max(now - logged["time"], 1e-9),
+                  "epoch_step": ctx.epoch_step, "time": time.time()}
+        self.metrics.write(record)
+        wandb.log(record)
+        if not self.console.fancy:
+            self.console.info(f"epoch {ctx.epoch + 1} step {ctx.epoch_step} loss {red.loss:.4f} acc {red.acc:.4f} "
+                              f"| {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}")
+        logged["meter"], logged["time"] = Meter(**ctx.meter.state_dict()), now
+
+    def _state(self, trainer: Trainer, cfg: Config, spec, epochs_done: int, epoch_step: int, meter: Optional[Meter],
+               best: float, wandb_id) -> dict:
+        """Everything exact resume needs; only tensors and plain Python data (weights_only loadable)."""
+        meter_state = meter.reduced(self.env.device).state_dict() if meter is not None else None
+        return {
+            "model": trainer.raw_model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
+            "epoch": epochs_done, "epoch_step": epoch_step, "step": trainer.global_step,
+            "best_metric": best, "config": cfg.to_dict(), "data_spec": spec.to_dict(), "rng": rng_state(),
+            "meter": meter_state, "skipped_steps": trainer.skipped_steps, "world_size": self.env.world_size,
+            "wandb_id": wandb_id, "version": 1,
+        }

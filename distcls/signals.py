@@ -1,0 +1,40 @@
+"""Stop requests: SIGTERM (preemption, scancel, torchrun shutdown), SIGUSR1 (SLURM's warning
+signal, `#SBATCH --signal=USR1@120`) and SIGINT (Ctrl-C) set a flag; the training loop checks it
+at every step boundary, all ranks agree, a checkpoint is saved and the process exits with
+ExitCode.PREEMPTED. A second Ctrl-C interrupts at once.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+
+class StopRequest:
+    SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if name == "SIGINT" and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal_name = self.signal_name or name
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()

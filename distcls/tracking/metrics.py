@@ -1,0 +1,59 @@
+"""metrics.jsonl and summary.json, written by rank 0 only.
+
+metrics.jsonl: one JSON object per line, each appended with a single write() and fsync'ed,
+so a crash leaves at most a torn last line (ignored when read back). On resume the file is
+rewritten atomically without the records past the checkpoint's step, so a resumed run's log
+reads as if it had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from distcls.io import atomic_write_text
+
+REQUIRED = ("epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time")
+
+
+def read_jsonl(path) -> list[dict]:
+    records = []
+    p = Path(path)
+    if not p.is_file():
+        return records
+    for line in p.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # torn last line of a crash
+    return records
+
+
+class MetricsLog:
+    def __init__(self, out_dir, enabled: bool):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Keep only records up to global step `step` (resume); a fresh run passes -1."""
+        if not self.enabled:
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step] if step >= 0 else []
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        missing = [k for k in REQUIRED if k not in record]
+        assert not missing, f"metrics record lacks {missing}"
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_summary(out_dir, summary: dict) -> None:
+    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -1,0 +1,51 @@
+"""`python -m distcls.train [--config FILE] [--resume PATH|auto] [--debug] [key.sub=value ...]`
+
+The same entry point under torchrun (`torchrun --nproc_per_node=N -m distcls.train ...`), srun,
+or alone (one process, GPU if there is one, else CPU).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from distcls import config as config_mod
+from distcls import dist
+from distcls.cli import ArgumentParser, exit_with
+from distcls.runner import DEBUG_STEPS_PER_EPOCH, TrainingRun
+
+EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
+    f"  {path:28s} {help} [default: {default!r}]" for path, default, help in config_mod.describe())
+
+
+def parse_args(argv: Sequence[str]):
+    parser = ArgumentParser(prog="python -m distcls.train", description="Train an image classifier (single process, torchrun or SLURM).",
+                            epilog=EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (default: the built-in digits config, configs/default.yaml)")
+    parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint file, or 'auto': the newest valid one in run.out_dir (fresh start if none)")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly detection, deterministic algorithms, full tracebacks")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    cfg = config_mod.load(args.config, args.overrides)
+    env = dist.detect(cfg.dist.device, cfg.dist.backend, debug=args.debug)
+    if cfg.data.batch_size % env.world_size:
+        from distcls.errors import ConfigError
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch and must be divisible by the world size {env.world_size}; "
+                          f"use a multiple of {env.world_size}")
+    run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)
+    dist.init(env, cfg.dist.timeout_s)
+    try:
+        with torch.autograd.set_detect_anomaly(args.debug):
+            run.run()
+    finally:
+        dist.teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    exit_with(main)

@@ -3,6 +3,7 @@ checkpoint/tracking, and owns the epoch loop, its logging, checkpoint policy and
 """
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import time
@@ -53,9 +54,9 @@ def prepare_model(cfg: Config, env: DistEnv, spec) -> tuple[nn.Module, nn.Module
         raw = raw.to(memory_format=torch.channels_last)
     model = torch.compile(raw) if cfg.train.compile else raw
     if env.distributed:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False)  # BatchNorm buffers are averaged before every evaluation instead
+        # BatchNorm buffers are not synced in forward; they are averaged before every evaluation instead.
+        buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False}
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **buffers)
     return model, raw
 
 

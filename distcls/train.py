@@ -47,5 +47,9 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     exit_with(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -9,8 +9,7 @@ clipping. A non-finite loss on any rank is agreed on by all ranks (skip or abort
 from __future__ import annotations
 
 import contextlib
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -145,27 +144,36 @@ class Trainer:
                 break
         return meter
 
-    @torch.no_grad()
     def evaluate(self, loader: BatchLoader, num_classes: int) -> EvalResult:
-        """Exact evaluation: every sample once at any world size; sums reduced across ranks."""
-        model = self.raw_model
-        dist.average_buffers(model)  # BatchNorm statistics equal on every rank before evaluating
-        was_training = model.training
-        model.eval()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=self.device)
-        for batch in loader:
-            x = self.preprocess(batch.images, batch.keys, 0, train=False, memory_format=self.memory_format)
-            with self.autocast():
-                logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
-            confusion += torch.bincount(batch.labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
-        model.train(was_training)
-        totals = dist.all_reduce_sum(torch.cat([loss_sum.view(1), confusion]))
-        confusion = totals[1:].view(num_classes, num_classes).round().long().cpu()
-        count = int(confusion.sum())
-        return EvalResult(loss=float(totals[0]) / max(count, 1), acc=float(confusion.diag().sum()) / max(count, 1),
-                          count=count, confusion=confusion)
+        dist.average_buffers(self.raw_model)  # BatchNorm statistics equal on every rank before evaluating
+        return evaluate(self.raw_model, loader, self.preprocess, num_classes, self.amp_dtype, self.memory_format)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_classes: int,
+             amp_dtype=None, memory_format=torch.contiguous_format) -> EvalResult:
+    """Exact evaluation: every sample once at any world size; sums reduced across ranks.
+
+    `model` is the plain module (not DDP: ranks may run different numbers of batches here).
+    """
+    device = loader.device
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    for batch in loader:
+        x = preprocess(batch.images, batch.keys, 0, train=False, memory_format=memory_format)
+        with autocast:
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
+        confusion += torch.bincount(batch.labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+    model.train(was_training)
+    totals = dist.all_reduce_sum(torch.cat([loss_sum.view(1), confusion]))
+    confusion = totals[1:].view(num_classes, num_classes).round().long().cpu()
+    count = int(confusion.sum())
+    return EvalResult(loss=float(totals[0]) / max(count, 1), acc=float(confusion.diag().sum()) / max(count, 1),
+                      count=count, confusion=confusion)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -177,18 +185,3 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def images_per_sec(images: float, seconds: float) -> float:
-    return images / seconds if seconds > 0 else 0.0
-
-
-_ = field  # dataclasses.field re-export guard (kept for subclasses in plug-ins)

@@ -1,0 +1,68 @@
+"""Shared helpers: run distcls as a user would (subprocesses, real torchrun with gloo)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def child_env(extra=None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "SLURM_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(extra or {})
+    return env
+
+
+def distcls_cmd(module: str, args, nproc: int = 1, torchrun_args=()) -> list:
+    if nproc == 1 and not torchrun_args:
+        return [sys.executable, "-m", f"distcls.{module}", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun_args,
+            "-m", f"distcls.{module}", *args]
+
+
+def run_distcls(module: str, args, nproc: int = 1, cwd=None, env=None, timeout: int = 300, torchrun_args=()):
+    return subprocess.run(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=cwd or ROOT,
+                          env=child_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def load_ckpt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def max_weight_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+
+
+def assert_user_error(proc, *fragments):
+    """Exit 2, exactly one stderr line `distcls: error: ...` containing the fragments, no traceback."""
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert proc.returncode == 2, f"exit {proc.returncode}\nSTDERR:\n{proc.stderr[-3000:]}"
+    assert len(lines) == 1 and lines[0].startswith("distcls: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for frag in fragments:
+        assert frag in lines[0], f"{frag!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# Fast settings for runs on the bundled digits data.
+FAST = ["log.every_steps=0", "data.batch_size=32"]
+
+
+@pytest.fixture
+def out_dir(tmp_path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,63 @@
+"""Config: typed dot-path overrides, validation of every key/type/range, YAML errors."""
+import pytest
+
+from distcls import config
+from distcls.errors import ConfigError
+from conftest import ROOT
+
+
+def test_overrides_are_typed_by_the_schema():
+    cfg = config.load(None, ["optim.lr=1", "train.epochs=3", "data.split=[0.8, 0.1, 0.1]", "train.clip_grad_norm=null",
+                             "data.augment.hflip=true", "model.args.width=8"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.epochs == 3 and cfg.data.split == [0.8, 0.1, 0.1]
+    assert cfg.train.clip_grad_norm is None and cfg.data.augment.hflip is True
+    assert cfg.model.args == {"width": 8}
+
+
+def test_default_yaml_is_the_builtin_default():
+    assert config.load(str(ROOT / "configs" / "default.yaml")) == config.load()
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("optim.lrr=0.1", "did you mean 'optim.lr'"),
+    ("optimizer.lr=0.1", "unknown config key 'optimizer'"),
+    ("train.epochs=two", "'train.epochs' must be an integer"),
+    ("train.epochs=0", "'train.epochs' must be >= 1"),
+    ("optim.lr=0", "'optim.lr' must be > 0"),
+    ("train.amp=fp8", "must be one of none | bf16 | fp16"),
+    ("data.split=[0.5, 0.5, 0.5]", "summing to 1"),
+    ("train.accum_steps=3", "not divisible by train.accum_steps=3"),
+    ("data.mean=[0.5]", "set both data.mean and data.std"),
+    ("train.sync_bn=1", "must be true or false"),
+    ("data", "not of the form key.sub=value"),
+    ("data.augment=3", "is a section"),
+])
+def test_bad_values_are_errors_that_say_what_to_do(override, fragment):
+    with pytest.raises(ConfigError, match=".*") as info:
+        config.load(None, [override])
+    assert fragment in str(info.value)
+
+
+def test_yaml_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  name: digits\n   batch_size: 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        config.load(str(bad))
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        config.load(str(listy))
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(str(tmp_path / "missing.yaml"))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.epochs'"):
+        config.load(str(unknown))
+
+
+def test_every_key_is_described():
+    rows = config.describe()
+    keys = {r[0] for r in rows}
+    assert {"data.batch_size", "train.amp", "model.cifar_stem", "checkpoint.every_steps", "dist.timeout_s"} <= keys
+    assert all(help for _, _, help in rows)

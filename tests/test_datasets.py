@@ -1,0 +1,106 @@
+"""Dataset readers on files in the official on-disk formats, and their error messages."""
+import pickle
+
+import pytest
+import torch
+
+from distcls import config
+from distcls.data import build_data
+from distcls.errors import UserError
+import fakedata
+
+
+def _data(tmp_path, *overrides):
+    return build_data(config.load(None, [f"data.root={tmp_path}", *overrides]))
+
+
+def test_digits_default_split_is_80_10_10_and_seeded():
+    d = build_data(config.load())
+    assert (len(d.splits.train), len(d.splits.val), len(d.splits.test)) == (1437, 180, 180)
+    assert d.spec.channels == 1 and d.spec.image_size == 8 and d.spec.num_classes == 10
+    again = build_data(config.load())
+    assert torch.equal(d.splits.test.indices, again.splits.test.indices)
+    other = build_data(config.load(None, ["run.seed=1"]))
+    assert not torch.equal(d.splits.test.indices, other.splits.test.indices)
+    all_idx = torch.cat([d.splits.train.indices, d.splits.val.indices, d.splits.test.indices])
+    assert sorted(all_idx.tolist()) == list(range(1797))
+
+
+def test_cifar10_official_layout(tmp_path):
+    fakedata.write_cifar10(tmp_path, per_batch=20, test=30)
+    d = _data(tmp_path, "data.name=cifar10", "data.val_fraction=0.1")
+    assert (len(d.splits.train), len(d.splits.val), len(d.splits.test)) == (90, 10, 30)
+    assert d.spec.channels == 3 and d.spec.image_size == 32 and d.spec.class_names[0] == "airplane"
+    pooled = _data(tmp_path, "data.name=cifar10", "data.split=[0.8, 0.1, 0.1]")
+    assert (len(pooled.splits.train), len(pooled.splits.val), len(pooled.splits.test)) == (104, 13, 13)
+
+
+def test_cifar10_pixels_and_labels_roundtrip(tmp_path):
+    folder = fakedata.write_cifar10(tmp_path, per_batch=20, test=30)
+    with open(folder / "test_batch", "rb") as f:
+        raw = pickle.load(f, encoding="latin1")
+    d = _data(tmp_path, "data.name=cifar10", "data.val_fraction=0")
+    src = d.splits.test.source
+    assert torch.equal(src.images[4].flatten(), torch.from_numpy(raw["data"][4]))
+    assert src.labels.tolist() == raw["labels"]
+
+
+def test_cifar100_and_mnist_and_fashion(tmp_path):
+    fakedata.write_cifar100(tmp_path)
+    d = _data(tmp_path, "data.name=cifar100")
+    assert d.spec.num_classes == 100 and len(d.splits.test) == 100
+    fakedata.write_mnist(tmp_path, "MNIST", compress=True)
+    m = _data(tmp_path, "data.name=mnist", "data.val_fraction=0.5")
+    assert m.spec.channels == 1 and m.spec.image_size == 28 and (len(m.splits.train), len(m.splits.val)) == (60, 60)
+    fakedata.write_mnist(tmp_path, "FashionMNIST")
+    f = _data(tmp_path, "data.name=fashion_mnist", "data.channels=3", "data.image_size=32")
+    assert f.spec.channels == 3 and f.spec.image_size == 32 and f.spec.class_names[-1] == "Ankle boot"
+
+
+def test_imagefolder_layouts(tmp_path):
+    flat = fakedata.write_imagefolder(tmp_path / "flowers", per_class=10)
+    d = _data(flat, "data.name=imagefolder", "data.image_size=24", "data.split=[0.8, 0.1, 0.1]")
+    assert d.spec.class_names == ("daisy", "roses", "tulips") and len(d.splits.train) == 24
+    img, label, index = d.splits.train.source[0]
+    assert img.dtype == torch.uint8 and img.shape == (3, 24, 24)
+    split = fakedata.write_imagefolder(tmp_path / "inet", per_class=6, layout="split")
+    s = _data(split, "data.name=imagefolder", "data.image_size=16", "data.val_fraction=0")
+    assert len(s.splits.train) == 18 and len(s.splits.test) == 9 and s.splits.val is None
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("cifar10", "cifar-10-batches-py lacks data_batch_1"),
+    ("cifar100", "cifar-100-python lacks train, test"),
+    ("mnist", "MNIST/raw lacks train-images-idx3-ubyte"),
+    ("fashion_mnist", "FashionMNIST/raw lacks"),
+    ("imagefolder", "does not exist"),
+])
+def test_missing_dataset_says_where_to_put_what(tmp_path, name, fragment):
+    with pytest.raises(UserError) as info:
+        _data(tmp_path / "empty", f"data.name={name}")
+    assert fragment in str(info.value)
+    assert not (tmp_path / "empty").exists()  # nothing created, nothing downloaded
+
+
+def test_cifar_reader_refuses_pickles_that_run_code(tmp_path):
+    folder = fakedata.write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    with open(folder / "data_batch_3", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f, protocol=2)
+    with pytest.raises(UserError, match="not a valid CIFAR batch file"):
+        _data(tmp_path, "data.name=cifar10")
+    assert not marker.exists()
+
+
+def test_truncated_idx_file_is_a_clear_error(tmp_path):
+    raw = fakedata.write_mnist(tmp_path)
+    path = raw / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated"):
+        _data(tmp_path, "data.name=mnist")

@@ -301,6 +301,11 @@ def _coerce(value, typ, path: str):
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if typ is int and isinstance(value, bool) or not isinstance(value, typ):
         got = "null" if value is None else f"{value!r} ({type(value).__name__})"
         raise ConfigError(f"config key '{path}' must be {_type_name(typ)}{' or null' if optional else ''}, got {got}")

@@ -108,9 +108,6 @@ class TrainingRun:
         num_workers = 0 if self.debug else cfg.data.num_workers
         train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
                              num_workers, max_steps)
-        if (cfg.data.batch_size // env.world_size) % cfg.train.accum_steps:
-            raise UserError(f"the per-rank batch {cfg.data.batch_size // env.world_size} is not divisible by train.accum_steps={cfg.train.accum_steps}; "
-                            f"make data.batch_size a multiple of world size x accum_steps = {env.world_size * cfg.train.accum_steps}")
         eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
         val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, num_workers) if data.splits.val else None
         test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, num_workers)

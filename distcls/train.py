@@ -12,6 +12,7 @@ import torch
 from distcls import config as config_mod
 from distcls import dist
 from distcls.cli import ArgumentParser, exit_with
+from distcls.errors import ConfigError
 from distcls.runner import DEBUG_STEPS_PER_EPOCH, TrainingRun
 
 EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
@@ -29,14 +30,22 @@ def parse_args(argv: Sequence[str]):
     return parser.parse_args(argv)
 
 
+def check_launch(cfg, env: dist.DistEnv) -> None:
+    """Config checks that need the world size and device, still before any process group exists."""
+    if cfg.data.batch_size % (env.world_size * cfg.train.accum_steps):
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch: it must split evenly over {env.world_size} processes x "
+            f"{cfg.train.accum_steps} accumulation steps; use a multiple of {env.world_size * cfg.train.accum_steps}")
+    if cfg.train.sync_bn and env.distributed and env.device.type != "cuda":
+        raise ConfigError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); "
+                          "set train.sync_bn=false for CPU runs")
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     cfg = config_mod.load(args.config, args.overrides)
     env = dist.detect(cfg.dist.device, cfg.dist.backend, debug=args.debug)
-    if cfg.data.batch_size % env.world_size:
-        from distcls.errors import ConfigError
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch and must be divisible by the world size {env.world_size}; "
-                          f"use a multiple of {env.world_size}")
+    check_launch(cfg, env)
     run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)
     dist.init(env, cfg.dist.timeout_s)
     try:

@@ -66,3 +66,13 @@ FAST = ["log.every_steps=0", "data.batch_size=32"]
 @pytest.fixture
 def out_dir(tmp_path) -> Path:
     return tmp_path / "run"
+
+
+def train_in_process(out_dir, *overrides, resume=None) -> dict:
+    """One single-process run through the real TrainingRun (no subprocess start-up cost)."""
+    from distcls import config, dist
+    from distcls.runner import TrainingRun
+
+    cfg = config.load(None, [f"run.out_dir={out_dir}", *FAST, *overrides])
+    env = dist.detect(cfg.dist.device, cfg.dist.backend)
+    return TrainingRun(cfg, env, resume=resume).run()

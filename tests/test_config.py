@@ -13,6 +13,7 @@ def test_overrides_are_typed_by_the_schema():
     assert cfg.train.epochs == 3 and cfg.data.split == [0.8, 0.1, 0.1]
     assert cfg.train.clip_grad_norm is None and cfg.data.augment.hflip is True
     assert cfg.model.args == {"width": 8}
+    assert config.load(None, ["optim.lr=1e-4"]).optim.lr == 1e-4  # YAML 1.1 would read a string
 
 
 def test_default_yaml_is_the_builtin_default():

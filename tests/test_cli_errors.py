@@ -1,0 +1,77 @@
+"""Bad input: exit code 2, ONE `distcls: error:` line that says what to do, no traceback,
+nothing written outside (or even inside) run.out_dir."""
+import subprocess
+
+import pytest
+
+from distcls import train
+from distcls.cli import run_cli
+
+from conftest import ROOT, assert_ok, assert_user_error, run_distcls
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["optim.lrr=0.1"], ["unknown config key 'optim.lrr'", "did you mean 'optim.lr'"]),
+    (["train.epochs=abc"], ["'train.epochs' must be an integer"]),
+    (["data.batch_size=-4"], ["'data.batch_size' must be >= 1"]),
+    (["model.name=vgg11"], ["unknown model model.name=vgg11", "resnet18"]),
+    (["data.name=svhn"], ["unknown dataset data.name=svhn"]),
+    (["model.name=nosuchpkg.nets:build"], ["cannot import module 'nosuchpkg.nets'"]),
+    (["data.name=cifar10", "data.root={tmp}/nodata"], ["cifar10 not found", "nodata/cifar-10-batches-py lacks data_batch_1", "data.download=true"]),
+    (["model.name=lenet"], ["lenet needs images of at least 16x16", "data.image_size"]),
+    (["--config", "{tmp}/missing.yaml"], ["config file", "missing.yaml not found"]),
+    (["--config", "{tmp}/bad.yaml"], ["not valid YAML at line 2"]),
+    (["--resume", "{tmp}/nope.pt"], ["--resume", "nope.pt does not exist"]),
+    (["--resume", "{tmp}"], ["is a directory"]),
+    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+    (["optim.lr"], ["not of the form key.sub=value"]),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, fragments):
+    """In-process through the same CLI wrapper the console entry point uses (fast)."""
+    (tmp_path / "bad.yaml").write_text("data:\n  name: digits: x\n")
+    out = tmp_path / "out"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code = run_cli(train.main, [*args, f"run.out_dir={out}"])
+    captured = capsys.readouterr()
+    assert_user_error(subprocess.CompletedProcess(args, code, captured.out, captured.err), *fragments)
+    assert not out.exists()
+
+
+def test_user_error_from_a_real_process(tmp_path):
+    out = tmp_path / "out"
+    proc = run_distcls("train", ["optim.lr=-1", f"run.out_dir={out}"])
+    assert_user_error(proc, "'optim.lr' must be > 0")
+    assert proc.stdout == "" and not out.exists()
+
+
+def test_batch_not_divisible_by_world_size(tmp_path):
+    out = tmp_path / "out"
+    proc = run_distcls("train", ["data.batch_size=63", f"run.out_dir={out}"], nproc=2)
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("distcls: error:")]
+    assert errors == ["distcls: error: data.batch_size=63 is the GLOBAL batch: it must split evenly over 2 processes x 1 "
+                      "accumulation steps; use a multiple of 2"]
+    assert not out.exists()
+
+
+def test_sync_bn_on_cpu_with_two_ranks_is_a_clear_error(tmp_path):
+    proc = run_distcls("train", ["train.sync_bn=true", f"run.out_dir={tmp_path / 'o'}"], nproc=2)
+    assert [l for l in proc.stderr.splitlines() if l.startswith("distcls: error:")] == [
+        "distcls: error: train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); set train.sync_bn=false for CPU runs"]
+
+
+def test_help_lists_every_option():
+    proc = run_distcls("train", ["--help"])
+    assert_ok(proc)
+    for key in ("--config", "--resume", "--debug", "data.batch_size", "train.clip_grad_norm", "checkpoint.every_steps"):
+        assert key in proc.stdout
+    for module in ("evaluate", "predict"):
+        p = run_distcls(module, ["--help"])
+        assert_ok(p)
+        assert "--checkpoint" in p.stdout
+
+
+def test_debug_mode_runs_a_few_steps(tmp_path):
+    proc = run_distcls("train", ["--debug", "train.epochs=1", f"run.out_dir={tmp_path / 'dbg'}"])
+    assert_ok(proc)
+    assert "5 steps/epoch" in proc.stdout

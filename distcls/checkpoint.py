@@ -136,7 +136,7 @@ class CheckpointStore:
                 data = buf.getvalue()
                 atomic_write_bytes(self.last, data)
                 written = self.last
-                if epoch_file:
+                if epoch_file and self.keep:
                     atomic_write_bytes(self.dir / f"epoch_{state['epoch']:04d}.pt", data)
                     self._prune()
                 if is_best:

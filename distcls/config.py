@@ -51,7 +51,7 @@ class DataConfig:
     batch_size: int = _opt(64, "GLOBAL training batch, split evenly across ranks (and accum_steps)", min=1)
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
     num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
-    val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation", min=0.0, max=0.9)
+    val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, and 10% more is the test split)", min=0.0, max=0.8)
     split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]")
     max_train_samples: Optional[int] = _opt(None, "use only the first N training samples after the split (null = all)", min=1)
     max_eval_samples: Optional[int] = _opt(None, "use only the first N val/test samples (null = all)", min=1)

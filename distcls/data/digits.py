@@ -16,6 +16,6 @@ def build_digits(cfg: DataConfig) -> RawDataset:
     pixels = torch.from_numpy(bunch.images).float()  # values 0..16
     images = (pixels * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(bunch.target).long()
-    # No official test split: data.split (default [1 - 2v, v, v]) carves train/val/test.
+    # No official test split: data.split (default [0.9 - val_fraction, val_fraction, 0.1]) carves train/val/test.
     return RawDataset(train=TensorSource(images, labels), test=None,
                       class_names=[str(i) for i in range(10)], mean=(0.3050,), std=(0.3748,))

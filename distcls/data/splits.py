@@ -11,6 +11,9 @@ from distcls.data.sources import RawDataset, SplitView
 from distcls.errors import ConfigError
 
 
+NO_TEST_SPLIT_TRAIN = 0.9  # without an official test split, 10% of the data (seeded) is the test split
+
+
 @dataclass
 class Splits:
     train: SplitView
@@ -24,12 +27,12 @@ def _perm(n: int, seed: int, salt: int) -> torch.Tensor:
 
 def make_splits(raw: RawDataset, cfg: DataConfig, seed: int) -> Splits:
     if cfg.split is not None or raw.test is None:
-        # Pool every official split and re-split: data.split, or [1-2v, v, v] when there is no test set.
+        # Pool every official split and re-split: data.split, or [0.9 - v, v, 0.1] when there is no test set.
         pooled = raw.train
         for extra in (raw.val, raw.test):
             if extra is not None:
                 pooled = pooled.concat(extra)
-        fractions = cfg.split or [1 - 2 * cfg.val_fraction, cfg.val_fraction, cfg.val_fraction]
+        fractions = cfg.split or [NO_TEST_SPLIT_TRAIN - cfg.val_fraction, cfg.val_fraction, 1 - NO_TEST_SPLIT_TRAIN]
         n = len(pooled)
         order = _perm(n, seed, 1)
         n_val, n_test = int(round(fractions[1] * n)), int(round(fractions[2] * n))

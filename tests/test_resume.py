@@ -1,0 +1,256 @@
+"""Checkpoints, exact resume and fault tolerance: nothing is lost when a process dies."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, distcls_cmd, load_ckpt, max_weight_diff,
+                      run_distcls, train_in_process)
+from distcls.tracking.metrics import read_jsonl
+
+# Slow enough that a signal lands mid-epoch: 128 steps per epoch with a record (and fsync) per step.
+LONG = ["data.name=synthetic", "data.synthetic.train_samples=2048", "data.synthetic.size=16", "data.batch_size=16",
+        "model.args.width=16", "optim.lr=0.01", "train.epochs=3", "log.every_steps=1"]
+STEPS_PER_EPOCH = 2048 * 9 // 10 // 16  # 115: val_fraction 0.1 of the synthetic train set
+
+
+def _wait_for_step(out: Path, proc, epoch: int, epoch_step: int, timeout: float = 120.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"finished before the signal could be sent (exit {proc.returncode})"
+        for r in read_jsonl(out / "metrics.jsonl"):
+            if r.get("epoch") == epoch and r.get("epoch_step", 0) >= epoch_step:
+                return r
+        time.sleep(0.02)
+    raise AssertionError("no progress")
+
+
+def _start(module, args, nproc=1, torchrun_args=()):
+    return subprocess.Popen(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=ROOT, env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted single-process run every single-process variant must match bitwise."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_distcls("train", [f"run.out_dir={out}", *LONG, "checkpoint.keep=5"])
+    assert_ok(proc)
+    return out
+
+
+def test_checkpoint_contents_load_weights_only(reference):
+    ck = load_ckpt(reference / "checkpoints/last.pt")
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_metric", "config", "rng", "version",
+            "epoch_step", "data_spec"} <= ck.keys()
+    assert ck["epoch"] == 3 and ck["step"] == 3 * STEPS_PER_EPOCH and ck["epoch_step"] == 0
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert {"python", "numpy", "torch", "cuda"} <= ck["rng"].keys()
+    files = sorted(p.name for p in (reference / "checkpoints").glob("*.pt"))
+    assert files == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"]
+    assert not list((reference / "checkpoints").glob(".*tmp"))  # no temp files left behind
+
+
+def test_resume_after_epoch_is_bitwise_identical(reference, tmp_path):
+    out = tmp_path / "resumed"
+    proc = run_distcls("train", [f"run.out_dir={out}", *LONG, "--resume", reference / "checkpoints/epoch_0001.pt"])
+    assert_ok(proc)
+    a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _start("train", [f"run.out_dir={out}", *LONG])
+    _wait_for_step(out, proc, epoch=2, epoch_step=10)
+    sent = time.perf_counter()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    exit_s = time.perf_counter() - sent
+    assert proc.returncode == 3, stderr
+    assert "distcls: stopped: stopped by SIGTERM" in stderr and "--resume auto" in stderr
+    ck = load_ckpt(out / "checkpoints/last.pt")
+    assert ck["epoch"] == 1 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH  # mid-epoch, exact position
+    assert exit_s < 30
+    resumed = run_distcls("train", [f"run.out_dir={out}", *LONG, "--resume", "auto"])
+    assert_ok(resumed)
+    a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    # the resumed run's log reads like one run: one record per step, no duplicates
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train" and "epoch_step" in r]
+    assert steps == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+
+
+TWO_RANK = [*LONG, "train.epochs=2", "checkpoint.every_steps=20"]
+
+
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory):
+    """The uninterrupted 2-rank run."""
+    out = tmp_path_factory.mktemp("ref2") / "run"
+    assert_ok(run_distcls("train", [f"run.out_dir={out}", *TWO_RANK], nproc=2))
+    return out
+
+
+def _worker_pid(torchrun: subprocess.Popen, rank: int) -> int:
+    children = [int(p) for p in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()]
+    found = [p for p in children if f"\x00RANK={rank}\x00".encode() in b"\x00" + Path(f"/proc/{p}/environ").read_bytes()]
+    assert len(found) == 1, children
+    return found[0]
+
+
+def test_kill_9_worker_under_torchrun_restarts_and_matches_uninterrupted(reference2, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start("train", [f"run.out_dir={out}", *TWO_RANK], nproc=2, torchrun_args=["--max-restarts=2"])
+    _wait_for_step(out, proc, epoch=1, epoch_step=50)
+    os.kill(_worker_pid(proc, 1), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None and summary["resumed_from"]["step"] >= 40  # restarted from a step checkpoint
+    a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
+    assert max_weight_diff(a["model"], b["model"]) == 0.0
+
+
+def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp_path):
+    out = tmp_path / "usr1"
+    proc = _start("train", [f"run.out_dir={out}", *TWO_RANK], nproc=2)
+    _wait_for_step(out, proc, epoch=2, epoch_step=5)
+    os.kill(_worker_pid(proc, 1), signal.SIGUSR1)  # SLURM's warning signal, delivered to one task only
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "stopped by a stop signal on another rank" in stderr and "stopped by SIGUSR1" in stderr
+    ck = load_ckpt(out / "checkpoints/last.pt")
+    assert ck["epoch"] == 1 and 5 <= ck["epoch_step"] < STEPS_PER_EPOCH
+    assert_ok(run_distcls("train", [f"run.out_dir={out}", *TWO_RANK, "--resume", "auto"], nproc=2))
+    a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
+    assert max_weight_diff(a["model"], b["model"]) == 0.0
+
+
+def test_resume_at_a_different_world_size(tmp_path):
+    args = [*LONG, "train.epochs=3", "checkpoint.keep=5"]
+    two = tmp_path / "two"
+    assert_ok(run_distcls("train", [f"run.out_dir={two}", *args], nproc=2))
+    one = tmp_path / "one"
+    proc = run_distcls("train", [f"run.out_dir={one}", *args, "--resume", two / "checkpoints/epoch_0002.pt"])
+    assert_ok(proc)
+    a, b = load_ckpt(two / "checkpoints/last.pt"), load_ckpt(one / "checkpoints/last.pt")
+    assert b["world_size"] == 1 and a["world_size"] == 2
+    assert max_weight_diff(a["model"], b["model"]) <= 1e-5
+
+
+def test_truncated_last_falls_back_to_previous_checkpoint(reference, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("epoch_0001.pt", "epoch_0002.pt"):
+        (out / "checkpoints" / name).write_bytes((reference / "checkpoints" / name).read_bytes())
+    last = out / "checkpoints/last.pt"  # the newest save was torn (e.g. a full disk, a copy cut short)
+    full = (reference / "checkpoints/epoch_0003.pt").read_bytes()
+    last.write_bytes(full[: len(full) // 2])
+    proc = run_distcls("train", [f"run.out_dir={out}", *LONG, "--resume", "auto"])
+    assert_ok(proc)
+    assert "skipping unreadable checkpoint" in proc.stderr and "last.pt is truncated or corrupt" in proc.stderr
+    assert json.loads((out / "summary.json").read_text())["resumed_from"]["path"].endswith("epoch_0002.pt")
+    a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(last)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    script = f"""
+import os, sys
+import distcls.io as dio
+from distcls import train
+from distcls.cli import run_cli
+calls = {{"n": 0}}
+real_fdopen = os.fdopen
+class HalfWriter:
+    def __init__(self, f): self.f = f
+    def __enter__(self): return self
+    def __exit__(self, *a): return False
+    def write(self, data):
+        self.f.write(data[: len(data) // 2]); self.f.flush()
+        os._exit(9)  # the machine dies mid-write
+def crashing_fdopen(fd, mode="r", *a, **k):
+    calls["n"] += 1
+    f = real_fdopen(fd, mode, *a, **k)
+    return HalfWriter(f) if calls["n"] == 4 else f
+dio.os.fdopen = crashing_fdopen
+sys.exit(run_cli(train.main, {[f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0"]!r}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9
+    ck = load_ckpt(out / "checkpoints/last.pt")  # the previous save is intact
+    assert ck["epoch"] == 1
+    assert list((out / "checkpoints").glob(".last.pt.*.tmp"))  # the torn temp file, never renamed
+    resumed = run_distcls("train", [f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0", "--resume", "auto"])
+    assert_ok(resumed)
+    assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 3
+
+
+def test_malicious_checkpoint_is_refused_everywhere(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Evil(), "version": 1}, evil)
+    img = tmp_path / "x.png"
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(img)
+    for module, args in (("train", ["--resume", evil, f"run.out_dir={tmp_path / 'o'}"]),
+                         ("evaluate", ["--checkpoint", evil]), ("predict", ["--checkpoint", evil, img])):
+        proc = run_distcls(module, args)
+        assert_user_error(proc, "refusing to load", "arbitrary unpickling")
+    assert not marker.exists()
+
+
+def test_out_dir_of_another_run_is_not_overwritten(tmp_path, capsys):
+    from distcls.cli import run_cli
+    from distcls import train
+
+    out = tmp_path / "run"
+    train_in_process(out, "train.epochs=1")
+    before = (out / "checkpoints/last.pt").read_bytes()
+    capsys.readouterr()
+    code = run_cli(train.main, [f"run.out_dir={out}", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "already holds checkpoints" in err and "--resume auto" in err
+    assert (out / "checkpoints/last.pt").read_bytes() == before
+    code = run_cli(train.main, [f"run.out_dir={out}", "model.name=cnn2", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "trained with model.name=cnn3" in err
+
+
+def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
+    summary = train_in_process(tmp_path / "fresh", "train.epochs=1", resume="auto")
+    assert summary["resumed_from"] is None and summary["epochs_completed"] == 1
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path, nproc):
+    out = tmp_path / "skip"
+    args = [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "model.args.nan_rank=" + str(nproc - 1),
+            "train.nonfinite=skip", "train.epochs=1", "train.max_steps_per_epoch=6"]
+    proc = run_distcls("train", args, nproc=nproc, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"})
+    assert_ok(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1
+    ck = load_ckpt(out / "checkpoints/last.pt")
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_nonfinite_loss_abort_exits_4(tmp_path):
+    out = tmp_path / "abort"
+    proc = run_distcls("train", [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"],
+                       env={"PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"})
+    assert proc.returncode == 4
+    assert "non-finite loss at epoch 1, step 3" in proc.stderr and "Traceback" not in proc.stderr

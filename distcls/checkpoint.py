@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import random
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -160,16 +159,14 @@ class CheckpointStore:
     def find_latest(self) -> Optional[Found]:
         """The newest readable checkpoint: last.pt, else epoch files newest first (each skip warned)."""
         candidates = [self.last] + [p for _, p in sorted(self.epoch_files(), reverse=True)]
-        found = []
         for path in candidates:
             if not path.is_file():
                 continue
             try:
-                found.append(Found(path, read_checkpoint(path)))
-                break
+                return Found(path, read_checkpoint(path))
             except UnreadableCheckpoint as exc:
                 self.warn(f"skipping unreadable checkpoint: {exc}")
-        return found[0] if found else None
+        return None
 
 
 def resume_reason(flag: Optional[str], env: dict) -> Optional[str]:
@@ -181,7 +178,3 @@ def resume_reason(flag: Optional[str], env: dict) -> Optional[str]:
     if int(env.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
         return f"SLURM requeue #{env['SLURM_RESTART_COUNT']}"
     return None
-
-
-def _stderr(msg: str) -> None:
-    print(f"distcls: warning: {msg}", file=sys.stderr, flush=True)

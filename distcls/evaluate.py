@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from distcls import dist
 from distcls.cli import ArgumentParser, exit_with
 from distcls.data import build_data, eval_loader

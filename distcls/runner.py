@@ -7,7 +7,6 @@ import inspect
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -17,7 +16,7 @@ import torch.nn as nn
 
 from distcls import config as config_mod
 from distcls import dist
-from distcls.checkpoint import CheckpointStore, check_compatible, load_model_state, read_checkpoint, resume_reason, rng_state, set_rng_state
+from distcls.checkpoint import CheckpointStore, Found, check_compatible, load_model_state, read_checkpoint, resume_reason, rng_state, set_rng_state
 from distcls.config import Config
 from distcls.data import build_data, eval_loader, train_loader
 from distcls.dist import DistEnv
@@ -35,12 +34,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass
-class ResumePoint:
-    path: Path
-    checkpoint: dict
 
 
 def prepare_model(cfg: Config, env: DistEnv, spec) -> tuple[nn.Module, nn.Module]:
@@ -75,7 +68,7 @@ class TrainingRun:
         if self.env.is_main:
             self.console.warn(msg)
 
-    def _find_resume(self, flag: Optional[str]) -> Optional[ResumePoint]:
+    def _find_resume(self, flag: Optional[str]) -> Optional[Found]:
         reason = resume_reason(flag, os.environ)
         if reason is None:
             if self.store.has_checkpoints():
@@ -85,12 +78,12 @@ class TrainingRun:
             return None
         if flag and flag != "auto":
             ckpt = read_checkpoint(flag, "--resume")
-            return ResumePoint(Path(flag), ckpt)
+            return Found(Path(flag), ckpt)
         found = self.store.find_latest()
         if found is None:
             self.console.info(f"{reason}: no checkpoint in {self.store.dir}, starting fresh")
             return None
-        return ResumePoint(found.path, found.checkpoint)
+        return Found(found.path, found.checkpoint)
 
     # ----------------------------------------------------------------- main
 

@@ -7,7 +7,7 @@ import pytest
 from distcls import train
 from distcls.cli import run_cli
 
-from conftest import ROOT, assert_ok, assert_user_error, run_distcls
+from conftest import assert_ok, assert_user_error, run_distcls
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -1,6 +1,5 @@
 """Every config in configs/ runs one short epoch on generated data in its official format."""
 import json
-from pathlib import Path
 
 import pytest
 

@@ -9,7 +9,7 @@ from distcls import config
 from distcls.config import AugmentConfig, TrainConfig
 from distcls.data import SplitView, TensorSource, train_loader
 from distcls.data.augment import Preprocess
-from distcls.engine import Trainer, build_optimizer, build_scheduler, lr_factor
+from distcls.engine import Trainer, build_optimizer, lr_factor
 from conftest import load_ckpt, max_weight_diff, train_in_process
 
 
@@ -21,7 +21,7 @@ def test_accumulating_2x32_equals_one_batch_of_64(tmp_path):
     b = load_ckpt(tmp_path / "accum/checkpoints/last.pt")
     assert a["step"] == b["step"] == 4
     assert max_weight_diff(a["model"], b["model"]) < 1e-6
-    init = train_in_process(tmp_path / "init", *common, "optim.lr=1e-9")  # sanity: training moved the weights
+    train_in_process(tmp_path / "init", *common, "optim.lr=1e-9")  # sanity: training moved the weights
     c = load_ckpt(tmp_path / "init/checkpoints/last.pt")
     assert max_weight_diff(a["model"], c["model"]) > 1e-3
 

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import FAST, assert_ok, assert_user_error, run_distcls, train_in_process
+from conftest import assert_ok, assert_user_error, run_distcls, train_in_process
 
 
 @pytest.fixture(scope="module")

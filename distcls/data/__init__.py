@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from distcls.config import Config
-from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (register builders)
+from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
 from distcls.data.augment import Preprocess
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
 from distcls.data.registry import DATASETS, register_dataset

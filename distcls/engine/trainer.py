@@ -175,13 +175,3 @@ def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_
     return EvalResult(loss=float(totals[0]) / max(count, 1), acc=float(confusion.diag().sum()) / max(count, 1),
                       count=count, confusion=confusion)
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

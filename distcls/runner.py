@@ -82,8 +82,7 @@ class TrainingRun:
         found = self.store.find_latest()
         if found is None:
             self.console.info(f"{reason}: no checkpoint in {self.store.dir}, starting fresh")
-            return None
-        return Found(found.path, found.checkpoint)
+        return found
 
     # ----------------------------------------------------------------- main
 

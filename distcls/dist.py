@@ -90,9 +90,15 @@ def init(env: DistEnv, timeout_s: int) -> None:
         torch.cuda.set_device(env.device)
     if env.distributed and not tdist.is_initialized():
         kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # torch's own env:// rendezvous store, with keys scoped to this torchrun attempt: after a
+        # worker restart the agent's store still holds the dead attempt's gloo addresses, and a
+        # rank that read one of those failed with "connectFullMesh ... Connection refused".
+        store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         tdist.init_process_group(
-            backend=env.backend, rank=env.rank, world_size=env.world_size,
-            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+            backend=env.backend, store=tdist.PrefixStore(f"distcls/attempt_{attempt}", store),
+            rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
 
 
 def teardown() -> None:

@@ -159,7 +159,7 @@ class TrainingRun:
                     self.console.advance()
                     if cfg.log.every_steps and ctx.global_step % cfg.log.every_steps == 0:
                         self._log_interval(ctx, logged, optimizer, wandb)
-                    if ctx.epoch_step < steps_per_epoch and dist.any_rank(stop.requested, env.device):
+                    if ctx.stop_requested and ctx.epoch_step < steps_per_epoch:
                         # (at the epoch's last step the epoch-end check below stops after evaluation)
                         state = self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id)
                         path = self.store.save(state, epoch_file=False, is_best=False)
@@ -169,7 +169,7 @@ class TrainingRun:
                                         epoch_file=False, is_best=False)
                     return False
 
-                meter = trainer.train_epoch(train, epoch, first_step, meter, on_step_end)
+                meter = trainer.train_epoch(train, epoch, first_step, meter, on_step_end, stop_flag=lambda: stop.requested)
                 self.console.end_epoch()
                 seconds = time.perf_counter() - epoch_start
                 images = steps_done * cfg.data.batch_size

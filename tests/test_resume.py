@@ -66,16 +66,17 @@ def test_resume_after_epoch_is_bitwise_identical(reference, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
 
 
-def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path, sig):
     out = tmp_path / "run"
     proc = _start("train", [f"run.out_dir={out}", *LONG])
     _wait_for_step(out, proc, epoch=2, epoch_step=10)
     sent = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)  # SIGTERM: preemption / scancel; SIGINT: Ctrl-C on a terminal
     stdout, stderr = proc.communicate(timeout=60)
     exit_s = time.perf_counter() - sent
     assert proc.returncode == 3, stderr
-    assert "distcls: stopped: stopped by SIGTERM" in stderr and "--resume auto" in stderr
+    assert f"distcls: stopped: stopped by {signal.Signals(sig).name}" in stderr and "--resume auto" in stderr
     ck = load_ckpt(out / "checkpoints/last.pt")
     assert ck["epoch"] == 1 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH  # mid-epoch, exact position
     assert exit_s < 30
@@ -228,6 +229,12 @@ def test_out_dir_of_another_run_is_not_overwritten(tmp_path, capsys):
     code = run_cli(train.main, [f"run.out_dir={out}", "model.name=cnn2", "--resume", "auto"])
     err = capsys.readouterr().err
     assert code == 2 and "trained with model.name=cnn3" in err
+    code = run_cli(train.main, [f"run.out_dir={out}", "data.image_size=16", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "expects image_size=8, but this data gives image_size=16" in err
+    code = run_cli(train.main, [f"run.out_dir={out}", "model.args.width=8", "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not fit the model" in err and "differ in shape" in err
 
 
 def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):

@@ -9,6 +9,7 @@ clipping. A non-finite loss on any rank is agreed on by all ranks (skip or abort
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -73,6 +74,7 @@ class StepContext:
     global_step: int
     meter: Meter  # this rank's running sums for the epoch so far
     skipped_steps: int
+    stop_requested: bool  # True on every rank if `stop_flag()` was True on any rank
 
 
 class Trainer:
@@ -97,8 +99,13 @@ class Trainer:
         return zip(x.chunk(n), batch.labels.chunk(n))
 
     def train_epoch(self, loader: BatchLoader, epoch: int, start_step: int = 0, meter: Optional[Meter] = None,
-                    on_step_end: Optional[Callable[[StepContext], bool]] = None) -> Meter:
-        """Train one epoch (from `start_step`); stops early when `on_step_end` returns True."""
+                    on_step_end: Optional[Callable[[StepContext], bool]] = None,
+                    stop_flag: Callable[[], bool] = lambda: False) -> Meter:
+        """Train one epoch (from `start_step`); stops early when `on_step_end` returns True.
+
+        `stop_flag` (e.g. "a signal arrived") is agreed across ranks in the same all-reduce as the
+        non-finite check, so each step costs one small collective, not two.
+        """
         self.model.train()
         meter = meter or Meter()
         loader.sampler.set_epoch(epoch, start_step)
@@ -119,7 +126,8 @@ class Trainer:
                 step_loss += loss.detach().item() * len(y)
                 step_correct += (logits.detach().argmax(1) == y).sum().item()
                 step_count += len(y)
-            nonfinite = dist.any_rank(not torch.isfinite(torch.tensor(step_loss)).item(), self.device)
+            flags = torch.tensor([0.0 if math.isfinite(step_loss) else 1.0, 1.0 if stop_flag() else 0.0], device=self.device)
+            nonfinite, stop = (dist.all_reduce_sum(flags) > 0).tolist()
             if nonfinite:
                 if self.cfg.nonfinite == "abort":
                     raise TrainingDiverged(
@@ -140,7 +148,7 @@ class Trainer:
                 meter.add(step_loss, step_correct, step_count)
             self.scheduler.step()
             self.global_step += 1
-            if on_step_end and on_step_end(StepContext(epoch, start_step + i + 1, self.global_step, meter, self.skipped_steps)):
+            if on_step_end and on_step_end(StepContext(epoch, start_step + i + 1, self.global_step, meter, self.skipped_steps, stop)):
                 break
         return meter
 

@@ -4,6 +4,9 @@ Rank 0 writes, every rank waits at a barrier afterwards. Files under <out_dir>/c
   last.pt            newest state (epoch end or mid-epoch: step checkpoints, preemption)
   best.pt            best validation accuracy so far
   epoch_NNNN.pt      the last `checkpoint.keep` epoch ends
+The bytes are written once (last.pt); epoch and best files of the same save are hard links to
+them (a copy where links are unsupported). Later saves replace last.pt's directory entry, never
+that inode, so the older names keep their content.
 Every file is a plain dict of tensors and Python data, loadable with
 `torch.load(path, weights_only=True)`; nothing is ever loaded any other way.
 """
@@ -21,7 +24,7 @@ import torch
 
 from distcls import dist
 from distcls.errors import UserError
-from distcls.io import UnreadableCheckpoint, atomic_write_bytes, load_weights_only
+from distcls.io import UnreadableCheckpoint, atomic_link, atomic_write_bytes, load_weights_only
 
 FORMAT_VERSION = 1
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
@@ -133,13 +136,13 @@ class CheckpointStore:
                 buf = io.BytesIO()
                 torch.save(state, buf)
                 data = buf.getvalue()
-                atomic_write_bytes(self.last, data)
+                atomic_write_bytes(self.last, data)  # written once; the other names link to it
                 written = self.last
                 if epoch_file and self.keep:
-                    atomic_write_bytes(self.dir / f"epoch_{state['epoch']:04d}.pt", data)
+                    atomic_link(self.last, self.dir / f"epoch_{state['epoch']:04d}.pt")
                     self._prune()
                 if is_best:
-                    atomic_write_bytes(self.best, data)
+                    atomic_link(self.last, self.best)
         dist.barrier()
         return written
 

@@ -154,12 +154,6 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, path: str, value) -> "Config":
-        """A copy with one dot-path set to `value` (validated again)."""
-        tree = self.to_dict()
-        _set_path(tree, path.split("."), value, Config)
-        return from_dict(tree)
-
 
 # --------------------------------------------------------------------------- loading
 

@@ -7,7 +7,6 @@ refused and its code never runs.
 """
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import tempfile
@@ -55,10 +54,22 @@ def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_torch_save(obj, path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+def atomic_link(source, path) -> None:
+    """Make `path` another name of the finished file `source` (hard link, then atomic rename).
+
+    Later atomic writes to `source` replace its directory entry, never this inode, so `path`
+    keeps its content. Where hard links are not supported, the bytes are copied instead.
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        atomic_write_bytes(path, source.read_bytes())
+        return
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def load_weights_only(path, what: str = "checkpoint"):

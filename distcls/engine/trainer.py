@@ -77,6 +77,11 @@ class StepContext:
     stop_requested: bool  # True on every rank if `stop_flag()` was True on any rank
 
 
+def autocast(device: torch.device, amp_dtype):
+    """Mixed-precision context for `amp_dtype` (None: full precision)."""
+    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+
+
 class Trainer:
     def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer, scheduler, scaler: Optional[torch.amp.GradScaler],
                  cfg: TrainConfig, preprocess: Preprocess, device: torch.device):
@@ -89,9 +94,7 @@ class Trainer:
         self.skipped_steps = 0
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.device, self.amp_dtype)
 
     def _micro_batches(self, batch: Batch, epoch: int):
         x = self.preprocess(batch.images, batch.keys, epoch, train=True, memory_format=self.memory_format)
@@ -169,10 +172,9 @@ def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     for batch in loader:
         x = preprocess(batch.images, batch.keys, 0, train=False, memory_format=memory_format)
-        with autocast:
+        with autocast(device, amp_dtype):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
         confusion += torch.bincount(batch.labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()

@@ -1,4 +1,4 @@
-"""Plots (matplotlib, Agg backend): training curves, confusion matrix, sample grid."""
+"""Plots (matplotlib, Agg backend): confusion matrix and sample grid for `distcls.evaluate`."""
 from __future__ import annotations
 
 import io
@@ -20,24 +20,6 @@ def _save(fig, path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_curves(records: list, path) -> None:
-    """Loss and accuracy per epoch for train and val (the overfitting gap of seeds A and C)."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "val"):
-        rows = [r for r in records if r["split"] == split and "epoch_step" not in r]
-        if rows:
-            axes[0].plot([r["epoch"] for r in rows], [r["loss"] for r in rows], marker="o", label=split)
-            axes[1].plot([r["epoch"] for r in rows], [r["acc"] for r in rows], marker="o", label=split)
-    for ax, name in zip(axes, ("loss", "accuracy")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    _save(fig, path)
-    plt.close(fig)
 
 
 def plot_confusion(confusion, names: list, path) -> None:

@@ -44,6 +44,7 @@ def test_user_error_from_a_real_process(tmp_path):
     assert proc.stdout == "" and not out.exists()
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_world_size(tmp_path):
     out = tmp_path / "out"
     proc = run_distcls("train", ["data.batch_size=63", f"run.out_dir={out}"], nproc=2)
@@ -54,6 +55,7 @@ def test_batch_not_divisible_by_world_size(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sync_bn_on_cpu_with_two_ranks_is_a_clear_error(tmp_path):
     proc = run_distcls("train", ["train.sync_bn=true", f"run.out_dir={tmp_path / 'o'}"], nproc=2)
     assert [l for l in proc.stderr.splitlines() if l.startswith("distcls: error:")] == [

@@ -5,6 +5,8 @@ import pytest
 
 from conftest import FAST, assert_ok, load_ckpt, max_weight_diff, run_distcls
 
+pytestmark = pytest.mark.slow  # multi-process runs, signals and kill -9
+
 
 def _train(out, nproc, *overrides):
     proc = run_distcls("train", [f"run.out_dir={out}", *FAST, *overrides], nproc=nproc)

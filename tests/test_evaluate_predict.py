@@ -26,6 +26,7 @@ def test_evaluate_reproduces_the_training_test_accuracy(trained, tmp_path):
     assert (tmp_path / "eval/samples_test.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_evaluate_on_two_ranks_counts_each_sample_once(trained):
     out, summary = trained
     proc = run_distcls("evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--split", "val"], nproc=2)

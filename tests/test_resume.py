@@ -14,6 +14,8 @@ from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, distc
                       run_distcls, train_in_process)
 from distcls.tracking.metrics import read_jsonl
 
+pytestmark = pytest.mark.slow  # multi-process runs, signals and kill -9
+
 # Slow enough that a signal lands mid-epoch: 128 steps per epoch with a record (and fsync) per step.
 LONG = ["data.name=synthetic", "data.synthetic.train_samples=2048", "data.synthetic.size=16", "data.batch_size=16",
         "model.args.width=16", "optim.lr=0.01", "train.epochs=3", "log.every_steps=1"]

@@ -53,17 +53,48 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+def _is_srun_rank() -> bool:
+    """One of several tasks of an srun step (torchrun's variables, checked first, win over these:
+    a single srun task that runs torchrun is not an srun-launched rank)."""
+    return "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and "SLURM_NTASKS" in os.environ \
+        and _int_env("SLURM_NTASKS") > 1
+
+
+def _slurm_layout() -> tuple:
+    """(rank, world size, local rank) of an srun task, checked for consistency."""
+    rank, world, local_rank = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
+    if not (0 <= rank < world and 0 <= local_rank < world):
+        raise UserError(f"inconsistent srun layout: SLURM_PROCID={rank}, SLURM_LOCALID={local_rank}, SLURM_NTASKS={world}; "
+                        "start distcls with srun inside the allocation (one task per GPU)")
+    per_node, nodes = os.environ.get("SLURM_NTASKS_PER_NODE", ""), os.environ.get("SLURM_NNODES", "")
+    if per_node.isdigit() and nodes.isdigit() and int(per_node) * int(nodes) != world:
+        raise UserError(f"inconsistent srun layout: {world} tasks (SLURM_NTASKS) but {nodes} nodes x {per_node} tasks per node; "
+                        "make --ntasks equal --nodes x --ntasks-per-node")
+    return rank, world, local_rank
+
+
+def _cuda_index(launcher: str, local_rank: int) -> int:
+    count = torch.cuda.device_count()
+    if launcher == "slurm" and count == 1:
+        return 0  # srun bound this task to one GPU (--gpus-per-task=1 / gpu-bind): it is the only one visible
+    if local_rank >= count:
+        raise UserError(f"local rank {local_rank} has no GPU (this node has {count} visible); start at most that many processes "
+                        "per node (torchrun --nproc_per_node, or srun --ntasks-per-node equal to --gpus-per-node)")
+    return local_rank
+
+
 def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = False) -> DistEnv:
     """Read the launcher's environment; no process group is created here."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         launcher = "torchrun"
         rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
         local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
-    elif "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif _is_srun_rank():
         launcher = "slurm"  # srun started one task per GPU
-        rank, world, local_rank = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
+        rank, world, local_rank = _slurm_layout()
         os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
-        os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
+        job_id = _int_env("SLURM_JOB_ID") if "SLURM_JOB_ID" in os.environ else 0
+        os.environ.setdefault("MASTER_PORT", str(20000 + job_id % 20000))
     else:
         launcher, rank, world, local_rank = "single", 0, 1, 0
     if debug and world > 1:
@@ -74,9 +105,7 @@ def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = 
         raise ConfigError("dist.device=cuda but no CUDA GPU is visible; use dist.device=auto or cpu")
     use_cuda = has_cuda and device_pref != "cpu"
     if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise UserError(f"local rank {local_rank} has no GPU (this node has {torch.cuda.device_count()}); start at most that many processes per node")
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", _cuda_index(launcher, local_rank))
     else:
         device = torch.device("cpu")
     backend = backend_pref if backend_pref != "auto" else ("nccl" if use_cuda else "gloo")

@@ -123,7 +123,8 @@ class TrainingRun:
             start_epoch, start_step, best = ck["epoch"], ck.get("epoch_step", 0), ck["best_metric"]
             partial = Meter(**ck["meter"]) if ck.get("meter") and env.is_main and start_step else None
             wandb_id = ck.get("wandb_id")
-            resumed_from = {"path": str(path), "epoch": start_epoch, "epoch_step": start_step, "step": ck["step"]}
+            resumed_from = {"path": str(path), "epoch": start_epoch, "epoch_step": start_step, "step": ck["step"],
+                            "world_size": ck.get("world_size", env.world_size)}
             if start_step >= steps_per_epoch:
                 start_epoch, start_step, partial = start_epoch + 1, 0, None
 
@@ -141,6 +142,9 @@ class TrainingRun:
             f"global batch {cfg.data.batch_size}, {steps_per_epoch} steps/epoch")
         if resumed_from:
             self.console.info(f"resumed from {resumed_from['path']} at epoch {start_epoch + 1}, step {start_step} of the epoch")
+            if resumed_from["world_size"] != env.world_size:
+                self.console.info(f"the checkpoint was saved at world size {resumed_from['world_size']}; resuming at world size "
+                                  f"{env.world_size} (same global batch {cfg.data.batch_size}, same sample order)")
 
         stop = StopRequest().install()
         last_val = None

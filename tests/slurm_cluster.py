@@ -1,0 +1,253 @@
+"""A real, local SLURM cluster for the tests: munged, slurmctld and two slurmd daemons (two fake
+nodes, `dcn1` and `dcn2`, both on 127.0.0.1) under one temporary directory.
+
+Debian's `slurmctld slurmd slurm-client munge` packages are installed when missing (root and
+apt-get needed). Nothing outside the temporary directory is touched except /etc/hosts, which gets
+one line naming the fake nodes (added once, removed at stop). `stop()` ends exactly the processes
+`start()` started, by PID.
+
+By hand (to try the sbatch scripts):
+    python tests/slurm_cluster.py start /tmp/slurm   # prints `export SLURM_CONF=...`
+    python tests/slurm_cluster.py stop /tmp/slurm
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+NODES = ("dcn1", "dcn2")
+HOSTS_LINE = "127.0.0.1 " + " ".join(NODES) + "  # distcls test cluster"
+CPUS_PER_NODE = 2
+
+
+class ClusterUnavailable(RuntimeError):
+    """The cluster cannot run here (not root, no apt, daemons that do not start)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ClusterUnavailable("SLURM is not installed and installing it needs root and apt-get "
+                                 f"(apt-get install {' '.join(PACKAGES)})")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise ClusterUnavailable(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+
+
+SLURM_CONF = """\
+ClusterName=distcls
+SlurmctldHost={host}
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
+CredType=cred/munge
+MailProg=/bin/true
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool/%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.%n.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerParameters=sched_interval=2
+ReturnToService=2
+MinJobAge=30
+KillWait=10
+InactiveLimit=0
+SlurmdTimeout=60
+MessageTimeout=20
+{nodes}
+PartitionName=debug Nodes={node_list} Default=YES MaxTime=60 State=UP OverSubscribe=NO
+"""
+
+
+class LocalSlurm:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.conf = self.root / "slurm.conf"
+        self.procs: list[subprocess.Popen] = []
+        self.added_hosts_line = False
+
+    # -- environment for sbatch/squeue/scontrol --------------------------------------------
+    def env(self, base: dict | None = None) -> dict:
+        env = dict(os.environ if base is None else base)
+        env["SLURM_CONF"] = str(self.conf)
+        return env
+
+    def run(self, *cmd: str, check: bool = True, timeout: int = 60) -> subprocess.CompletedProcess:
+        proc = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    # -- start / stop ------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> "LocalSlurm":
+        if os.geteuid() != 0:
+            raise ClusterUnavailable("the local SLURM cluster runs its daemons as root; run the tests as root")
+        ensure_installed()
+        for sub in ("munge", "state", "log", *(f"spool/{n}" for n in NODES)):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root / "munge", 0o700)
+        self._add_hosts_line()
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        os.chmod(key, 0o600)
+        host = socket.gethostname().split(".")[0]
+        ports = [_free_port() for _ in range(1 + len(NODES))]
+        nodes = "\n".join(
+            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} CPUs={CPUS_PER_NODE} RealMemory=2000 State=UNKNOWN"
+            for n, port in zip(NODES, ports[1:]))
+        self.conf.write_text(SLURM_CONF.format(host=host, root=self.root, ctld_port=ports[0], slurmd_port=ports[1],
+                                               nodes=nodes, node_list=",".join(NODES)))
+        self._spawn(["munged", "--foreground", "--force", f"--socket={self.root}/munge/munge.socket",
+                     f"--key-file={key}", f"--pid-file={self.root}/munge/munged.pid",
+                     f"--log-file={self.root}/log/munged.log", f"--seed-file={self.root}/munge/munged.seed"])
+        self._wait(lambda: (self.root / "munge" / "munge.socket").exists(), 15, "munged did not create its socket")
+        self._spawn(["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        for n in NODES:
+            self._spawn(["slurmd", "-D", "-N", n, "-f", str(self.conf)])
+        self._wait(self._nodes_idle, timeout, "the nodes did not become idle")
+        return self
+
+    @property
+    def pids(self) -> list:
+        return [p.pid for p in self.procs]
+
+    def stop(self) -> None:
+        """End the daemons this object started (by PID: SIGTERM, SIGKILL after 15 s)."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        self._remove_hosts_line()
+
+    def _spawn(self, cmd: list) -> None:
+        with open(self.root / "log" / f"{Path(cmd[0]).name}.{len(self.procs)}.stdout", "wb") as log:
+            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True))
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                return
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    self.stop()
+                    raise ClusterUnavailable(f"{proc.args[0]} exited with {proc.returncode}; see {self.root}/log\n{self.logs()}")
+            time.sleep(0.5)
+        logs = self.logs()
+        self.stop()
+        raise ClusterUnavailable(f"{what} within {timeout:.0f} s; see {self.root}/log\n{logs}")
+
+    def _nodes_idle(self) -> bool:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env(), capture_output=True, text=True)
+        states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+        return proc.returncode == 0 and all(states.get(n, "").startswith("idle") for n in NODES)
+
+    def logs(self, tail: int = 3000) -> str:
+        out = []
+        for f in sorted((self.root / "log").glob("*")):
+            out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    def _add_hosts_line(self) -> None:
+        hosts = Path("/etc/hosts")
+        text = hosts.read_text()
+        if all(self._resolves(n) for n in NODES):
+            return
+        hosts.write_text(text.rstrip("\n") + "\n" + HOSTS_LINE + "\n")
+        self.added_hosts_line = True
+
+    def _remove_hosts_line(self) -> None:
+        if self.added_hosts_line:
+            hosts = Path("/etc/hosts")
+            hosts.write_text("".join(l for l in hosts.read_text().splitlines(keepends=True) if l.strip() != HOSTS_LINE))
+            self.added_hosts_line = False
+
+    @staticmethod
+    def _resolves(name: str) -> bool:
+        try:
+            socket.gethostbyname(name)
+            return True
+        except OSError:
+            return False
+
+    # -- jobs ----------------------------------------------------------------------------------
+    def job_state(self, job_id: str) -> dict:
+        """`scontrol show job` as a dict (empty once the job has left the controller)."""
+        proc = self.run("scontrol", "show", "job", "-o", job_id, check=False)
+        if proc.returncode != 0:
+            return {}
+        fields = {}
+        for tok in proc.stdout.split():
+            if "=" in tok:
+                k, v = tok.split("=", 1)
+                fields[k] = v
+        return fields
+
+    def wait_state(self, job_id: str, states, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        info = {}
+        while time.monotonic() < deadline:
+            info = self.job_state(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} not in {states} after {timeout:.0f} s: {info}\n{self.logs()}")
+
+
+def _main(action: str, root: Path) -> None:
+    """By hand: `start` leaves the daemons running (their PIDs in ROOT/pids); `stop` ends them."""
+    if action == "start":
+        cluster = LocalSlurm(root).start()
+        (root / "pids").write_text(" ".join(map(str, cluster.pids)) + ("\nhosts" if cluster.added_hosts_line else ""))
+        print(f"export SLURM_CONF={cluster.conf}")
+    elif action == "stop":
+        pids, _, hosts = (root / "pids").read_text().partition("\n")
+        for pid in map(int, pids.split()):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        cluster = LocalSlurm(root)
+        cluster.added_hosts_line = hosts == "hosts"
+        cluster._remove_hosts_line()
+    else:
+        sys.exit("usage: python tests/slurm_cluster.py start|stop DIR")
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1], Path(sys.argv[2]))

@@ -1,0 +1,89 @@
+"""Which launcher started this process, read from the environment alone (no process group)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import assert_user_error, run_distcls
+from distcls import dist
+from distcls.errors import UserError
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
+                 "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
+                 "SLURM_NNODES", "SLURM_NTASKS_PER_NODE")
+
+
+@pytest.fixture
+def launch_env(monkeypatch):
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+    def setenv(**values):
+        for k, v in values.items():
+            monkeypatch.setenv(k, str(v))
+    return setenv
+
+
+def srun_task(rank, local_rank, ntasks, **extra):
+    return {"SLURM_PROCID": rank, "SLURM_LOCALID": local_rank, "SLURM_NTASKS": ntasks, "SLURM_STEP_ID": 0,
+            "SLURM_JOB_ID": 123456, "SLURM_JOB_NODELIST": "gpu[07-08]", **extra}
+
+
+def test_no_launcher_is_one_process(launch_env):
+    env = dist.detect("cpu")
+    assert (env.launcher, env.rank, env.local_rank, env.world_size) == ("single", 0, 0, 1)
+
+
+def test_torchrun_variables(launch_env):
+    launch_env(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1)
+    env = dist.detect("cpu")
+    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.backend) == ("torchrun", 3, 1, 4, "gloo")
+
+
+def test_torchrun_inside_an_srun_task_is_torchrun(launch_env):
+    # multi_node.sbatch: srun starts one torchrun per node; its workers see both sets of variables
+    launch_env(**srun_task(1, 0, 2, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=1), RANK=2, WORLD_SIZE=4, LOCAL_RANK=0)
+    env = dist.detect("cpu")
+    assert (env.launcher, env.rank, env.world_size) == ("torchrun", 2, 4)
+
+
+def test_srun_tasks_are_ranks_and_rendezvous_on_the_first_node(launch_env):
+    launch_env(**srun_task(3, 1, 4, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=2))
+    env = dist.detect("cpu")
+    assert (env.launcher, env.rank, env.local_rank, env.world_size) == ("slurm", 3, 1, 4)
+    assert os.environ["MASTER_ADDR"] == "gpu07"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+def test_one_srun_task_or_the_batch_shell_is_one_process(launch_env):
+    launch_env(**srun_task(0, 0, 1))
+    assert dist.detect("cpu").launcher == "single"
+    launch_env(SLURM_NTASKS=2)
+    del os.environ["SLURM_STEP_ID"]  # the batch script itself, before any srun
+    assert dist.detect("cpu").launcher == "single"
+
+
+@pytest.mark.parametrize("task, fragment", [
+    (srun_task(2, 0, 2), "SLURM_PROCID=2"),
+    (srun_task(1, 1, 4, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=1), "2 nodes x 1 tasks per node"),
+    (srun_task(0, 0, "abc"), "SLURM_NTASKS='abc' is not an integer"),
+    (srun_task(0, 0, 2, SLURM_JOB_NODELIST="[broken"), "SLURM_JOB_NODELIST='[broken'"),
+])
+def test_inconsistent_srun_layouts_are_clear_errors(launch_env, task, fragment):
+    launch_env(**task)
+    with pytest.raises(UserError) as info:
+        dist.detect("cpu")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("nodelist, first", [("gpu[03-05,09],cpu1", "gpu03"), ("node17", "node17"),
+                                             ("a-b[1-2]", "a-b1"), ("n[0012-0015]", "n0012")])
+def test_first_host_of_a_nodelist(nodelist, first):
+    assert dist.first_host(nodelist) == first
+
+
+def test_bad_slurm_variable_is_one_error_line(tmp_path):
+    proc = run_distcls("train", [f"run.out_dir={tmp_path}"], env={k: str(v) for k, v in srun_task(0, 0, "abc").items()})
+    assert_user_error(proc, "SLURM_NTASKS='abc' is not an integer")
+    assert not any(tmp_path.iterdir())

@@ -190,7 +190,7 @@ def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: s
     ax.set_xlabel("accuracy")
     ax.set_ylabel("class (images)")
     ax.set_title(f"{split} accuracy per class (worst first)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 

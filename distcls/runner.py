@@ -200,6 +200,9 @@ class TrainingRun:
                                     epoch_file=bool(every) and ((epoch + 1) % every == 0 or final), is_best=is_best or (val is None and final))
                 if stop_now:
                     raise Preempted(stop.signal_name or "a stop signal on another rank", self.store.last)
+        except BaseException as exc:
+            wandb.stop(preempted=isinstance(exc, Preempted))
+            raise
         finally:
             stop.uninstall()
             self.console.end_epoch()

@@ -55,6 +55,7 @@ class WandbLogger:
                  warn: Callable[[str], None] = print):
         self.run = None
         self.warn = warn
+        self._set_env: list = []  # the variables set here, removed again when the run closes
         if not (enabled and cfg.enabled):
             return
         mode, warning = resolve_mode(cfg.mode, os.environ)
@@ -70,6 +71,7 @@ class WandbLogger:
         for var, sub in WANDB_DIRS.items():
             if not os.environ.get(var):
                 os.environ[var] = str(root / sub)
+                self._set_env.append(var)
         root.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(mode=mode, disable_git=True, save_code=False, silent=True, x_disable_stats=True)
         try:
@@ -78,7 +80,7 @@ class WandbLogger:
                                   id=resume_id, resume="allow" if resume_id else None, settings=settings)
         except Exception as exc:  # network, auth or server trouble must not stop training
             warn(f"wandb could not start ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); training continues without wandb")
-            self.run = None
+            self._close(None)
 
     @property
     def run_id(self):
@@ -100,4 +102,19 @@ class WandbLogger:
         flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
         flat.update({f"per_class_test_acc/{name}": acc for name, acc in (summary.get("per_class_test_acc") or {}).items()})
         self.run.summary.update(flat)
-        self.run.finish()
+        self._close(0)
+
+    def stop(self, preempted: bool) -> None:
+        """The run ends early (a stop signal, an error): close the wandb run so a resume continues it."""
+        if self.run is not None:
+            if preempted:
+                self.run.mark_preempting()
+            self._close(3 if preempted else 1)
+
+    def _close(self, exit_code: Optional[int]) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+        for var in self._set_env:
+            os.environ.pop(var, None)
+        self._set_env.clear()

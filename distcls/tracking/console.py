@@ -59,7 +59,7 @@ class Console:
         if self.rank != 0:
             return
         if self.fancy:
-            self._rich.print(msg, highlight=False, markup=False)
+            self._rich.print(msg, highlight=False, markup=False, soft_wrap=True)  # the terminal wraps, not rich
         else:
             print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 

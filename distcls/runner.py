@@ -222,7 +222,7 @@ class TrainingRun:
         plots = {}
         if env.is_main:
             write_summary(self.out_dir, summary)
-            plots = self._plots(result, raw, data, spec)
+            plots = self._plots(result, raw, data, spec) if cfg.log.plots else {}
         wandb.finish(summary, trainer.global_step, plots)
         self.console.info(f"done: test acc {result.acc:.4f} on {result.count} samples"
                           + (f", best val acc {best:.4f}" if best >= 0 else "") + f"; outputs in {self.out_dir}")

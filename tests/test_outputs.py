@@ -22,7 +22,7 @@ CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("outputs") / "run"
-    summary = train_in_process(out, "train.epochs=2", "log.every_steps=10")
+    summary = train_in_process(out, "train.epochs=2", "log.every_steps=10", "log.plots=true")
     return out, summary
 
 
@@ -84,7 +84,7 @@ def test_class_plots_stay_readable_for_100_classes(tmp_path):
 
 
 def test_plain_output_is_greppable_lines_without_control_characters(tmp_path, capsys):
-    train_in_process(tmp_path / "run", "train.epochs=1", "log.every_steps=5")  # pytest's stdout is not a terminal
+    train_in_process(tmp_path / "run", "train.epochs=1", "log.every_steps=5", "log.plots=true")  # pytest's stdout is not a terminal
     out = capsys.readouterr().out
     assert not CONTROL.search(out), repr(CONTROL.search(out))
     lines = out.splitlines()
@@ -171,7 +171,8 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
 
     out = tmp_path / "run"
     wb = ["log.wandb.enabled=true", "log.wandb.mode=online", "log.wandb.name=digits-a", "log.wandb.tags=[t1,t2]",
-          "log.wandb.group=g", "log.wandb.notes=n", "train.epochs=2", "log.every_steps=4", "data.max_train_samples=320"]
+          "log.wandb.group=g", "log.wandb.notes=n", "train.epochs=2", "log.every_steps=4", "data.max_train_samples=320",
+          "log.plots=true"]
     calls = {"n": 0}
     advance = console.Console.advance
 

@@ -66,15 +66,20 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"{out} holds no metrics.jsonl or config.yaml: not a distcls run directory")
     if args.samples < 0:
         raise UserError(f"--samples must be >= 0, got {args.samples}")
-    confusion, names, src = None, (), None
+    confusion, names, src, problem = None, (), None, None
     if not args.no_eval:
         checkpoint = args.checkpoint or default_checkpoint(out)
         if checkpoint is None:
             print(f"no checkpoint in {out / 'checkpoints'} yet: plotting the curves only")
         else:
-            confusion, names, src = test_pictures(checkpoint, args.overrides, args.samples)
+            try:
+                confusion, names, src = test_pictures(checkpoint, args.overrides, args.samples)
+            except UserError as exc:  # e.g. the data moved: the curves are still worth having
+                problem = exc
     for path in write_run_plots(out, confusion, names, src, args.samples).values():
         print(f"wrote {path}")
+    if problem is not None:
+        raise UserError(f"{problem} (only the curves and the schedule were written)")
     return 0
 
 

@@ -196,7 +196,7 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
     run_id = load_ckpt(out / "checkpoints/last.pt")["wandb_id"]
     dirs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith(run_id) for d in dirs)  # one folder per process start, ONE run
-    steps, run_names, test_acc = [], set(), None
+    steps, run_names, test_acc, keys = [], set(), None, set()
     for d in dirs:
         for r in wandb_records(d / f"run-{run_id}.wandb"):
             kind = r.WhichOneof("record_type")
@@ -206,12 +206,15 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
             elif kind == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                 steps.append(r.history.step.num)
+                keys |= set(items)
                 test_acc = items.get("test/acc", test_acc)
     assert run_names == {"digits-a"}
     assert steps == sorted(set(steps)), f"steps repeat or go back: {steps}"  # continuing, no duplicates
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert set(steps) == {r["step"] for r in records}  # every logged step of the run is in wandb
     assert test_acc == pytest.approx(summary["test_acc"])
+    assert {"train/loss", "val/acc", "test/acc"} <= keys  # the plots, as wandb images:
+    assert {f"plots/{name[:-4]}/_type" for name in PLOTS} <= keys
     for f in [out / "config.yaml", out / "metrics.jsonl", out / "summary.json", *(out / "checkpoints").iterdir()]:
         assert b"secret-key-0123456789" not in f.read_bytes(), f
     assert outside_out_dir(clean_wandb_env) == []

@@ -256,6 +256,7 @@ class TrainingRun:
                   "epoch_step": ctx.epoch_step, "time": time.time()}
         self.metrics.write(record)
         wandb.log(record)
+        self.console.logged(record)
         if not self.console.fancy:
             self.console.info(f"epoch {ctx.epoch + 1} step {ctx.epoch_step} loss {red.loss:.4f} acc {red.acc:.4f} "
                               f"| {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}")

@@ -51,6 +51,7 @@ class Console:
         self.fancy = rank == 0 and (mode == "rich" or (mode == "auto" and sys.stdout.isatty()))
         self._progress = None
         self._task = None
+        self._shown = None  # (loss, acc) on the bar
         if self.fancy:
             from rich.console import Console as RichConsole
             self._rich = RichConsole()
@@ -78,18 +79,28 @@ class Console:
                                   TimeRemainingColumn(), console=self._rich, transient=True)
         self._progress.start()
         self._task = self._progress.add_task("train", total=total_steps, completed=done, status="")
-        self._batch, self._steps, self._t0 = global_batch, 0, time.perf_counter()
+        self._batch, self._steps, self._t0, self._shown = global_batch, 0, time.perf_counter(), None
 
-    def advance(self, loss_sum: float = 0.0, correct: float = 0.0, count: float = 0.0, lr: Optional[float] = None) -> None:
-        """One optimizer step done; the running sums are host floats the loop already holds."""
+    def advance(self, loss_sum=0.0, correct=0.0, count=0.0, lr=None) -> None:
+        """One optimizer step done. The running sums are shown only when they are host numbers the
+        loop already read; a device tensor would cost a sync per step, so then the bar shows the
+        last `log.every_steps` record instead (see `logged`)."""
         if self._progress is None:
             return
         self._steps += 1
+        rate = self._steps * self._batch / max(time.perf_counter() - self._t0, 1e-9)
+        if all(isinstance(v, (int, float)) for v in (loss_sum, correct, count)) and count:
+            self._shown = (loss_sum / count, correct / count)
         status = ""
-        if count:
-            rate = self._steps * self._batch / max(time.perf_counter() - self._t0, 1e-9)
-            status = f"loss {loss_sum / count:.4f} acc {correct / count:.3f}" + (f" lr {lr:.3g}" if lr is not None else "") + f" {rate:,.0f} img/s"
-        self._progress.update(self._task, advance=1, status=status)
+        if self._shown is not None:
+            status = f"loss {self._shown[0]:.4f} acc {self._shown[1]:.3f}"
+        if isinstance(lr, (int, float)):
+            status += f" lr {lr:.3g}"
+        self._progress.update(self._task, advance=1, status=f"{status} {rate:,.0f} img/s".strip())
+
+    def logged(self, record: dict) -> None:
+        """A `log.every_steps` record (already reduced and read for metrics.jsonl): the bar's fallback."""
+        self._shown = (record["loss"], record["acc"])
 
     def end_epoch(self) -> None:
         if self._progress is not None:

@@ -89,7 +89,7 @@ class WandbLogger:
     def log(self, record: dict) -> None:
         if self.run is not None:
             split = record["split"]
-            self.run.log({f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch")}
+            self.run.log({f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")}
                          | {"epoch": record["epoch"]}, step=record["step"])
 
     def finish(self, summary: dict, step: Optional[int] = None, images: Optional[dict] = None) -> None:

@@ -6,14 +6,13 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_ok, assert_user_error, child_env, load_ckpt, run_distcls, train_in_process
+from conftest import ROOT, assert_user_error, child_env, load_ckpt, run_distcls, train_in_process
 
 PLOTS = ("curves.png", "lr.png", "confusion.png", "per_class.png", "samples.png")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n

@@ -171,7 +171,7 @@ def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: s
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"confusion matrix ({split}: {int(counts.sum())} images, accuracy {acc:.4f})")
-    return _save(fig, path)
+    return _save(fig, path, dpi=100 if n <= 30 else 130)  # small class labels stay legible when zoomed
 
 
 def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:

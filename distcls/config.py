@@ -129,13 +129,18 @@ class WandbConfig:
     enabled: bool = _opt(False, "log metrics to Weights & Biases from rank 0")
     project: str = _opt("distcls", "wandb project")
     entity: Optional[str] = _opt(None, "wandb entity (null = your default)")
-    mode: str = _opt("online", "wandb mode", choices=["online", "offline", "disabled"])
+    mode: str = _opt("online", "wandb mode (WANDB_MODE in the environment wins; online without an API key falls back to offline)", choices=["online", "offline", "disabled"])
+    name: Optional[str] = _opt(None, "wandb run name (null = wandb's generated name)")
+    tags: list = _opt([], "wandb run tags, e.g. [baseline, cifar10]")
+    group: Optional[str] = _opt(None, "wandb group (e.g. one sweep or experiment)")
+    notes: Optional[str] = _opt(None, "wandb run notes")
 
 
 @dataclass(frozen=True)
 class LogConfig:
     every_steps: int = _opt(50, "print and record training loss every N optimizer steps (0 = per epoch only)", min=0)
     console: str = _opt("auto", "auto: progress bars on a terminal, plain lines otherwise", choices=["auto", "rich", "plain"])
+    plots: bool = _opt(True, "write <out_dir>/plots/*.png at the end of training (python -m distcls.plot OUT_DIR makes them any time)")
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -367,6 +372,8 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by train.accum_steps={cfg.train.accum_steps}; "
             "the global batch is split into equal micro-batches")
+    if not all(isinstance(t, str) and t for t in cfg.log.wandb.tags):
+        raise ConfigError(f"config key 'log.wandb.tags' must be a list of non-empty strings, e.g. [baseline, cifar10], got {cfg.log.wandb.tags!r}")
     if not cfg.run.out_dir:
         raise ConfigError("run.out_dir must name a directory")
     if cfg.model.freeze_backbone and not cfg.model.pretrained:

@@ -1,8 +1,10 @@
-"""`python -m distcls.evaluate --checkpoint P [--split test|val] [--out-dir DIR] [key.sub=value ...]`
+"""`python -m distcls.evaluate --checkpoint P [--split test|val|train] [--json] [--out-dir DIR] [key.sub=value ...]`
 
-Exact evaluation of a checkpoint (also under torchrun: every sample counted once): overall and
-per-class accuracy, confusion matrix, and with --out-dir a JSON report, a confusion-matrix plot
-and a grid of sample images with predicted vs true labels.
+Exact evaluation of a checkpoint (also under torchrun: every sample counted once): top-1 and
+(with more than 5 classes) top-5 accuracy, per-class accuracy, the confusion matrix, and inference
+speed on the device used (seed C's report): images/s at the eval batch size and per-image latency
+at batch 1 (median, p95). `--json` prints the whole report as one JSON object on stdout; with
+--out-dir it is also written to eval_<split>.json next to confusion, per-class and sample plots.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from distcls.cli import ArgumentParser, exit_with
 from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
 from distcls.errors import UserError
-from distcls.inference import restore
+from distcls.inference import measure_speed, restore
 from distcls.io import atomic_write_text
 
 
@@ -25,7 +27,9 @@ def parse_args(argv: Sequence[str]):
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
-    p.add_argument("--out-dir", help="write eval_<split>.json, confusion_<split>.png and samples_<split>.png here")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (nothing else)")
+    p.add_argument("--no-speed", action="store_true", help="skip the throughput and latency measurement")
+    p.add_argument("--out-dir", help="write eval_<split>.json, confusion_<split>.png, per_class_<split>.png and samples_<split>.png here")
     p.add_argument("--samples", type=int, default=16, help="images in the sample grid (with --out-dir)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=/data/cifar")
     return p.parse_args(argv)
@@ -33,6 +37,8 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.samples < 0:
+        raise UserError(f"--samples must be >= 0, got {args.samples}")
     env = dist.detect()
     restored = restore(args.checkpoint, env.device, args.overrides)
     cfg, spec = restored.cfg, restored.spec
@@ -44,34 +50,58 @@ def main(argv: Sequence[str]) -> int:
         view = getattr(data.splits, args.split)
         if view is None:
             raise UserError(f"this config has no {args.split} split (data.val_fraction=0?); choose --split test")
-        batch = cfg.data.eval_batch_size or cfg.data.batch_size
-        loader = eval_loader(view, max(batch, env.world_size), env.world_size, env.rank, env.device, cfg.data.num_workers)
+        batch = max(cfg.data.eval_batch_size or cfg.data.batch_size, env.world_size)
+        loader = eval_loader(view, batch, env.world_size, env.rank, env.device, cfg.data.num_workers)
         result = evaluate(restored.model, loader, restored.preprocess, spec.num_classes)
         if env.is_main:
-            report(args, result, spec, view, restored)
+            speed = None
+            if not args.no_speed:
+                first = next(iter(eval_loader(view.truncated(batch), batch, 1, 0, env.device)))
+                speed = measure_speed(restored.model, restored.preprocess, first.images, batch)
+            report(args, build_report(args, result, spec, speed, env.world_size), result, spec, view, restored, env.device)
     finally:
         dist.teardown()
     return 0
 
 
-def report(args, result, spec, view, restored) -> None:
-    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
-    print(f"{args.split} accuracy {result.acc:.4f} ({int(result.confusion.diag().sum())}/{result.count}), loss {result.loss:.4f}")
-    print("per-class accuracy:")
-    for name, acc, total in zip(names, result.per_class_acc, result.confusion.sum(1).tolist()):
-        print(f"  {name:>16s}  {acc:.4f}  ({total} samples)")
+def build_report(args, result, spec, speed, world_size: int) -> dict:
+    names = list(spec.class_names) if len(spec.class_names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
+    return {"checkpoint": str(args.checkpoint), "split": args.split, "count": result.count, "acc": result.acc,
+            "top5_acc": result.top5_acc, "loss": result.loss, "world_size": world_size,
+            "per_class_acc": dict(zip(names, result.per_class_acc)),
+            "per_class_count": dict(zip(names, result.confusion.sum(1).tolist())),
+            "class_names": names, "confusion": result.confusion.tolist(), "speed": speed}
+
+
+def report(args, payload: dict, result, spec, view, restored, device) -> None:
+    if args.json:
+        print(json.dumps(payload))
+    else:
+        print(f"{args.split} accuracy {result.acc:.4f} ({int(result.confusion.diag().sum())}/{result.count}), loss {result.loss:.4f}"
+              + (f", top-5 accuracy {result.top5_acc:.4f}" if result.top5_acc is not None else ""))
+        print("per-class accuracy:")
+        for name, acc in payload["per_class_acc"].items():
+            print(f"  {name:>16s}  {acc:.4f}  ({payload['per_class_count'][name]} samples)")
+        speed = payload["speed"]
+        if speed:
+            lat = speed["latency_ms_batch1"]
+            print(f"inference on {speed['device']}: {speed['images_per_sec']:,.0f} images/s at batch {speed['batch_size']}; "
+                  f"latency at batch 1: median {lat['median']:.2f} ms, p95 {lat['p95']:.2f} ms")
     if not args.out_dir:
         return
+    from distcls.tracking.plots import SampleSource, plot_confusion, plot_per_class, plot_samples
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"checkpoint": str(args.checkpoint), "split": args.split, "acc": result.acc, "loss": result.loss,
-               "count": result.count, "per_class_acc": dict(zip(names, result.per_class_acc)),
-               "confusion": result.confusion.tolist(), "class_names": names}
-    atomic_write_text(out / f"eval_{args.split}.json", json.dumps(payload, indent=2) + "\n")
-    from distcls.tracking.plots import plot_confusion, plot_samples
-    plot_confusion(result.confusion, names, out / f"confusion_{args.split}.png")
-    plot_samples(restored, view, names, args.samples, out / f"samples_{args.split}.png")
-    print(f"wrote {out / f'eval_{args.split}.json'}, confusion_{args.split}.png, samples_{args.split}.png")
+    split = args.split
+    atomic_write_text(out / f"eval_{split}.json", json.dumps(payload, indent=2) + "\n")
+    written = [out / f"eval_{split}.json",
+               plot_confusion(result.confusion, payload["class_names"], out / f"confusion_{split}.png", split),
+               plot_per_class(result.confusion, payload["class_names"], out / f"per_class_{split}.png", split)]
+    if args.samples:
+        written.append(plot_samples(SampleSource(restored.model, restored.preprocess, view, device), payload["class_names"],
+                                    args.samples, out / f"samples_{split}.png", split))
+    if not args.json:
+        print("wrote " + ", ".join(str(p) for p in written))
 
 
 def cli() -> None:

@@ -1,20 +1,28 @@
-"""`python -m distcls.predict --checkpoint P IMAGE... [--top-k K]`: classify image files.
+"""`python -m distcls.predict --checkpoint P [--top-k K] [--json] IMAGE_OR_DIR...`: classify image files.
 
-Each image is decoded like the training data (shorter side resized to the model's input size,
-center crop, the checkpoint's channels and normalization). One line per image:
-`path<TAB>label<TAB>probability` (and the next K-1 guesses with --top-k).
+A directory means every image file in it (extensions as for imagefolder data), recursively, in
+sorted order; other files in a directory are ignored. Each image is decoded like the training data
+(shorter side resized to the model's input size, center crop, the checkpoint's channels and
+normalization). One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
+guesses with --top-k), or with --json one JSON object per line:
+`{"path": ..., "label": ..., "prob": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`.
+A missing, unreadable or non-image file gets ONE `distcls: error: ...` line on stderr naming it;
+the other files are still predicted, and the exit code is 2 if any file failed, else 0.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from distcls.cli import ArgumentParser, exit_with
+from distcls.data.imagefolder import EXTENSIONS
 from distcls.data.sources import decode_image
-from distcls.errors import UserError
+from distcls.errors import ExitCode, UserError
 from distcls.inference import restore
 
 
@@ -22,36 +30,78 @@ def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.predict", description="Predict the classes of image files with a distcls checkpoint.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
-    p.add_argument("--top-k", type=int, default=1, help="print the K most likely classes per image")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, ...)")
+    p.add_argument("--top-k", type=int, default=1, help="report the K most likely classes per image")
+    p.add_argument("--json", action="store_true", help="one JSON object per image and line instead of tab-separated text")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files (jpg, png, ...) and/or directories of them (searched recursively)")
     return p.parse_args(argv)
+
+
+def _error(message: str) -> None:
+    print(f"distcls: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+
+
+def expand(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
+    """(path, None) per image to predict, in order; (path, error) for an input that cannot be used."""
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not files:
+                yield item, f"directory {item} holds no image files ({', '.join(sorted(EXTENSIONS))})"
+            for f in files:
+                yield str(f), None
+        elif p.is_file():
+            yield item, None
+        else:
+            yield item, f"image {item} does not exist"
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     restored = restore(args.checkpoint, device)
     spec = restored.spec
-    names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
-    images = []
-    for path in args.images:
-        if not Path(path).is_file():
-            raise UserError(f"image {path} does not exist")
-        try:
-            images.append(decode_image(path, spec.image_size, spec.channels))
-        except Exception as exc:  # PIL raises many types for unreadable files
-            raise UserError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
-    batch = torch.stack(images).to(device)
-    with torch.no_grad():
-        x = restored.preprocess(batch, torch.arange(len(batch)), 0, train=False)
-        probs = restored.model(x).float().softmax(1).cpu()
+    names = list(spec.class_names) if len(spec.class_names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
     k = min(args.top_k, spec.num_classes)
-    top_p, top_i = probs.topk(k, dim=1)
-    for path, ps, idx in zip(args.images, top_p.tolist(), top_i.tolist()):
-        print(path + "".join(f"\t{names[i]}\t{p:.4f}" for p, i in zip(ps, idx)))
-    return 0
+    failed = 0
+    pending: list[tuple[str, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack([img for _, img in pending]).to(device)
+        with torch.no_grad():
+            x = restored.preprocess(batch, torch.arange(len(batch), device=device), 0, train=False)
+            probs = restored.model(x).float().softmax(1).cpu()
+        top_p, top_i = probs.topk(k, dim=1)
+        for (path, _), ps, idx in zip(pending, top_p.tolist(), top_i.tolist()):
+            if args.json:
+                guesses = [{"label": names[i], "prob": p} for p, i in zip(ps, idx)]
+                print(json.dumps({"path": path, "label": guesses[0]["label"], "prob": guesses[0]["prob"], "top_k": guesses}))
+            else:
+                print(path + "".join(f"\t{names[i]}\t{p:.4f}" for p, i in zip(ps, idx)))
+        sys.stdout.flush()
+        pending.clear()
+
+    for path, problem in expand(args.images):
+        if problem is None:
+            try:
+                pending.append((path, decode_image(path, spec.image_size, spec.channels)))
+            except Exception as exc:  # PIL raises many types for unreadable and non-image files
+                problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
+        if problem is not None:
+            failed += 1
+            _error(problem)
+        if len(pending) >= args.batch_size:
+            flush()
+    flush()
+    return ExitCode.USAGE if failed else ExitCode.OK
 
 
 def cli() -> None:

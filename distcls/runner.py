@@ -25,7 +25,8 @@ from distcls.errors import Preempted, UserError
 from distcls.io import atomic_write_text
 from distcls.models import build_model, check_forward, count_parameters
 from distcls.signals import StopRequest
-from distcls.tracking import Console, MetricsLog, WandbLogger, write_summary
+from distcls.tracking import Console, MetricsLog, WandbLogger, summary_rows, write_summary
+from distcls.tracking.plots import SampleSource, write_run_plots
 
 DEBUG_STEPS_PER_EPOCH = 5
 
@@ -132,7 +133,7 @@ class TrainingRun:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", config_mod.to_yaml(cfg))
             self.metrics.truncate_after(trainer.global_step if resumed_from else -1)
-        wandb = WandbLogger(cfg.log.wandb, str(self.out_dir), cfg.to_dict(), env.is_main, wandb_id)
+        wandb = WandbLogger(cfg.log.wandb, str(self.out_dir), cfg.to_dict(), env.is_main, wandb_id, warn=self.console.warn)
         total, trainable = count_parameters(raw)
         self.console.info(
             f"distcls: {cfg.model.name} ({total:,} parameters, {trainable:,} trainable) on {cfg.data.name} "
@@ -155,12 +156,13 @@ class TrainingRun:
                 meter = partial if (epoch == start_epoch and partial is not None) else Meter()
                 logged = {"meter": Meter(**meter.state_dict()), "time": time.perf_counter()}
                 epoch_start, steps_done = time.perf_counter(), 0
-                self.console.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, first_step)
+                self.console.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, first_step, cfg.data.batch_size)
 
                 def on_step_end(ctx: StepContext) -> bool:
                     nonlocal steps_done
                     steps_done += 1
-                    self.console.advance()
+                    # host floats the step already read (no extra device sync)
+                    self.console.advance(ctx.meter.loss_sum, ctx.meter.correct, ctx.meter.count, optimizer.param_groups[0]["lr"])
                     if cfg.log.every_steps and ctx.global_step % cfg.log.every_steps == 0:
                         self._log_interval(ctx, logged, optimizer, wandb)
                     if ctx.stop_requested and ctx.epoch_step < steps_per_epoch:
@@ -179,19 +181,21 @@ class TrainingRun:
                 images = steps_done * cfg.data.batch_size
                 train_images, train_seconds = train_images + images, train_seconds + seconds
                 red = meter.reduced(env.device)
-                self._record({"epoch": epoch + 1, "step": trainer.global_step, "split": "train", "loss": red.loss, "acc": red.acc,
-                              "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / max(seconds, 1e-9),
-                              "skipped_steps": trainer.skipped_steps}, wandb)
-                is_best = False
+                train_record = self._record({"epoch": epoch + 1, "step": trainer.global_step, "split": "train", "loss": red.loss, "acc": red.acc,
+                                             "lr": optimizer.param_groups[0]["lr"], "images_per_sec": images / max(seconds, 1e-9),
+                                             "skipped_steps": trainer.skipped_steps}, wandb)
+                is_best, val_record = False, None
                 if val is not None:
                     last_val = trainer.evaluate(val, spec.num_classes)
                     is_best = last_val.acc > best
                     best = max(best, last_val.acc)
-                    self._record({"epoch": epoch + 1, "step": trainer.global_step, "split": "val", "loss": last_val.loss,
-                                  "acc": last_val.acc, "lr": optimizer.param_groups[0]["lr"], "images_per_sec": 0.0,
-                                  "count": last_val.count}, wandb)
+                    val_record = self._record({"epoch": epoch + 1, "step": trainer.global_step, "split": "val", "loss": last_val.loss,
+                                               "acc": last_val.acc, "lr": optimizer.param_groups[0]["lr"], "images_per_sec": 0.0,
+                                               "count": last_val.count}, wandb)
                 else:
                     dist.average_buffers(raw)
+                self.console.epoch_end(epoch + 1, cfg.train.epochs, train_record, val_record, seconds,
+                                       best if val is not None else None, is_best)
                 final = epoch + 1 == cfg.train.epochs
                 every = cfg.checkpoint.every_epochs
                 stop_now = dist.any_rank(stop.requested, env.device)
@@ -200,6 +204,9 @@ class TrainingRun:
                                     epoch_file=bool(every) and ((epoch + 1) % every == 0 or final), is_best=is_best or (val is None and final))
                 if stop_now:
                     raise Preempted(stop.signal_name or "a stop signal on another rank", self.store.last)
+        except BaseException as exc:
+            wandb.stop(preempted=isinstance(exc, Preempted))
+            raise
         finally:
             stop.uninstall()
             self.console.end_epoch()
@@ -216,22 +223,32 @@ class TrainingRun:
             "global_step": trainer.global_step, "resumed_from": resumed_from,
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
         }
+        plots = {}
         if env.is_main:
             write_summary(self.out_dir, summary)
-        wandb.finish(summary)
+            plots = self._plots(result, raw, data, spec) if cfg.log.plots else {}
+        wandb.finish(summary, trainer.global_step, plots)
         self.console.info(f"done: test acc {result.acc:.4f} on {result.count} samples"
                           + (f", best val acc {best:.4f}" if best >= 0 else "") + f"; outputs in {self.out_dir}")
+        self.console.summary(summary_rows(summary, self.out_dir, plots))
         return summary
 
     # ----------------------------------------------------------------- helpers
 
-    def _record(self, record: dict, wandb: WandbLogger) -> None:
+    def _record(self, record: dict, wandb: WandbLogger) -> dict:
         record["time"] = time.time()
         self.metrics.write(record)
         wandb.log(record)
-        if record["split"] != "train" or "skipped_steps" in record:
-            self.console.info(f"epoch {record['epoch']} {record['split']:5s} loss {record['loss']:.4f} acc {record['acc']:.4f}"
-                              + (f" | {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}" if record["split"] == "train" else ""))
+        return record
+
+    def _plots(self, result, raw, data, spec) -> dict:
+        """<out_dir>/plots/*.png from this run's files and final test result (rank 0); never fails the run."""
+        try:
+            return write_run_plots(self.out_dir, result.confusion, spec.class_names,
+                                   SampleSource(raw, data.preprocess, data.splits.test, self.env.device))
+        except Exception as exc:  # a plot must never cost a finished run
+            self.console.warn(f"plots not written ({type(exc).__name__}: {exc}); make them with `python -m distcls.plot {self.out_dir}`")
+            return {}
 
     def _log_interval(self, ctx: StepContext, logged: dict, optimizer, wandb: WandbLogger) -> None:
         now = time.perf_counter()
@@ -243,6 +260,7 @@ class TrainingRun:
                   "epoch_step": ctx.epoch_step, "time": time.time()}
         self.metrics.write(record)
         wandb.log(record)
+        self.console.logged(record)
         if not self.console.fancy:
             self.console.info(f"epoch {ctx.epoch + 1} step {ctx.epoch_step} loss {red.loss:.4f} acc {red.acc:.4f} "
                               f"| {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}")

@@ -60,7 +60,7 @@ def assert_user_error(proc, *fragments):
 
 
 # Fast settings for runs on the bundled digits data.
-FAST = ["log.every_steps=0", "data.batch_size=32"]
+FAST = ["log.every_steps=0", "data.batch_size=32", "log.plots=false"]
 
 
 @pytest.fixture

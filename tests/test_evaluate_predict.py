@@ -22,8 +22,86 @@ def test_evaluate_reproduces_the_training_test_accuracy(trained, tmp_path):
     report = json.loads((tmp_path / "eval/eval_test.json").read_text())
     assert report["count"] == 180 and sum(map(sum, report["confusion"])) == 180
     assert report["acc"] == pytest.approx(summary["test_acc"])
-    assert (tmp_path / "eval/confusion_test.png").stat().st_size > 1000
-    assert (tmp_path / "eval/samples_test.png").stat().st_size > 1000
+    for name in ("confusion_test.png", "per_class_test.png", "samples_test.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "top-5 accuracy" in proc.stdout and "images/s at batch 32; latency at batch 1: median" in proc.stdout
+
+
+def in_process(module: str, args, capsys) -> tuple:
+    """(exit code, stdout, stderr) of `python -m distcls.<module> args`, run in this process."""
+    import importlib
+    from distcls.cli import run_cli
+    capsys.readouterr()
+    code = run_cli(importlib.import_module(f"distcls.{module}").main, [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_evaluate_json_report(trained, capsys):
+    out, summary = trained
+    code, stdout, _ = in_process("evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--json"], capsys)
+    assert code == 0
+    report = json.loads(stdout)  # stdout is the JSON report and nothing else
+    assert report["acc"] == summary["test_acc"] and report["count"] == 180 and report["world_size"] == 1
+    assert report["acc"] <= report["top5_acc"] <= 1.0
+    assert report["per_class_acc"] == pytest.approx(summary["per_class_test_acc"])
+    assert sum(report["per_class_count"].values()) == 180
+    speed = report["speed"]
+    assert speed["batch_size"] == 32 and speed["images_per_sec"] > 0 and speed["device"].startswith("cpu")
+    assert 0 < speed["latency_ms_batch1"]["median"] <= speed["latency_ms_batch1"]["p95"]
+
+
+@pytest.mark.slow
+def test_evaluate_top1_equals_the_runs_test_accuracy_at_world_size_2(trained):
+    out, summary = trained
+    proc = run_distcls("evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--json", "--no-speed"], nproc=2)
+    assert_ok(proc)
+    report = json.loads(proc.stdout)
+    assert report["world_size"] == 2 and report["count"] == 180
+    assert report["acc"] == summary["test_acc"] and report["per_class_acc"] == pytest.approx(summary["per_class_test_acc"])
+
+
+def write_test_split(checkpoint, folder) -> list:
+    """The test split's images as PNG files in nested folders, in split order; returns their labels."""
+    from distcls.data import build_data
+    from distcls.inference import restore
+    data = build_data(restore(str(checkpoint), __import__("torch").device("cpu")).cfg)
+    view = data.splits.test
+    labels = []
+    for n, i in enumerate(view.indices.tolist()):
+        sub = folder / f"part{n // 100}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(view.source.images[i, 0].numpy(), mode="L").save(sub / f"{n:04d}.png")
+        labels.append(int(view.source.labels[i]))
+    return labels
+
+
+def test_predict_on_a_directory_agrees_with_evaluate(trained, tmp_path, capsys):
+    out, summary = trained
+    labels = write_test_split(out / "checkpoints/last.pt", tmp_path / "test")
+    code, stdout, _ = in_process("predict", ["--checkpoint", out / "checkpoints/last.pt", "--json", tmp_path / "test"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["path"] for r in rows] == [str(tmp_path / "test" / f"part{n // 100}" / f"{n:04d}.png") for n in range(180)]
+    correct = sum(r["label"] == str(y) for r, y in zip(rows, labels))
+    assert correct == round(summary["test_acc"] * 180)  # exactly the images evaluate counts as correct
+
+
+def test_predict_reports_a_corrupt_file_and_predicts_the_rest(trained, tmp_path, capsys):
+    out, _ = trained
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("L", (8, 8), 200).save(folder / "a.png")
+    Image.new("L", (8, 8), 10).save(folder / "sub" / "c.png")
+    (folder / "b.png").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("not an image file name: ignored in a directory")
+    code, stdout, stderr = in_process("predict", ["--checkpoint", out / "checkpoints/best.pt", folder], capsys)
+    assert code == 2 and "Traceback" not in stderr
+    errors = stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("distcls: error: cannot read image") and str(folder / "b.png") in errors[0]
+    assert [line.split("\t")[0] for line in stdout.splitlines()] == [str(folder / "a.png"), str(folder / "sub" / "c.png")]
+    code, stdout, stderr = in_process("predict", ["--checkpoint", out / "checkpoints/best.pt", folder / "a.png", folder / "sub"], capsys)
+    assert code == 0 and stderr == "" and len(stdout.splitlines()) == 2
 
 
 @pytest.mark.slow

@@ -59,6 +59,7 @@ class EvalResult:
     acc: float
     count: int
     confusion: torch.Tensor  # [true, predicted] counts over ALL ranks
+    top5_acc: Optional[float] = None  # true label among the 5 highest logits (None: 5 classes or fewer)
 
     @property
     def per_class_acc(self) -> list[float]:
@@ -172,16 +173,19 @@ def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64, device=device)
+    top5 = torch.zeros(1, dtype=torch.float64, device=device)
     for batch in loader:
         x = preprocess(batch.images, batch.keys, 0, train=False, memory_format=memory_format)
         with autocast(device, amp_dtype):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
         confusion += torch.bincount(batch.labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+        if num_classes > 5:
+            top5 += (logits.topk(5, dim=1).indices == batch.labels[:, None]).any(1).sum().double()
     model.train(was_training)
-    totals = dist.all_reduce_sum(torch.cat([loss_sum.view(1), confusion]))
-    confusion = totals[1:].view(num_classes, num_classes).round().long().cpu()
+    totals = dist.all_reduce_sum(torch.cat([loss_sum.view(1), top5, confusion]))
+    confusion = totals[2:].view(num_classes, num_classes).round().long().cpu()
     count = int(confusion.sum())
     return EvalResult(loss=float(totals[0]) / max(count, 1), acc=float(confusion.diag().sum()) / max(count, 1),
-                      count=count, confusion=confusion)
+                      count=count, confusion=confusion, top5_acc=float(totals[1]) / max(count, 1) if num_classes > 5 else None)
 

@@ -1,11 +1,29 @@
-"""Plots (matplotlib, Agg backend): confusion matrix and sample grid for `distcls.evaluate`."""
+"""Pictures of a run (matplotlib, Agg backend, PNG, every file written atomically).
+
+    curves.png     loss and accuracy: train per logged interval and per epoch, val per epoch, test (x in epochs)
+    lr.png         the learning-rate schedule (from config.yaml) with the logged values on it
+    confusion.png  test confusion matrix with class names (rows normalized: the recall of each class)
+    per_class.png  test accuracy per class, worst first, with the overall accuracy
+    samples.png    test images with predicted / true labels (wrong ones in red, framed)
+
+Made at the end of training into <out_dir>/plots/, and any time from a run's files by
+`python -m distcls.plot OUT_DIR` (distcls/plot.py). Readable for 10 and for 100+ classes: labels
+thin out and figures grow with the number of classes.
+"""
 from __future__ import annotations
 
 import io
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
 
 from distcls.io import atomic_write_bytes
+
+CURVES, LR, CONFUSION, PER_CLASS, SAMPLES = "curves", "lr", "confusion", "per_class", "samples"
 
 
 def _pyplot():
@@ -16,48 +34,235 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_confusion(confusion, names: list, path) -> None:
+def _save(fig, path, dpi: int = 100) -> Path:
     plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def class_names(names: Sequence[str], num_classes: int) -> list:
+    return list(names) if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+# ------------------------------------------------------------------------- curves from metrics.jsonl
+
+
+def steps_per_epoch(records: list) -> Optional[int]:
+    """From epoch-end train records (global step / epoch), else the largest logged epoch_step."""
+    ends = [r for r in records if r.get("split") == "train" and "epoch_step" not in r and r.get("epoch")]
+    if ends:
+        return max(1, round(ends[0]["step"] / ends[0]["epoch"]))
+    inner = [r["epoch_step"] for r in records if "epoch_step" in r]
+    return max(inner) if inner else None
+
+
+def _x(record: dict, spe: Optional[int]) -> float:
+    if "epoch_step" in record and spe:
+        return record["epoch"] - 1 + record["epoch_step"] / spe
+    return float(record["epoch"])
+
+
+def plot_curves(records: list, path) -> Path:
+    plt = _pyplot()
+    spe = steps_per_epoch(records)
+    train_int = [r for r in records if r.get("split") == "train" and "epoch_step" in r]
+    train_ep = [r for r in records if r.get("split") == "train" and "epoch_step" not in r]
+    val = [r for r in records if r.get("split") == "val"]
+    test = [r for r in records if r.get("split") == "test"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+        if train_int:
+            ax.plot([_x(r, spe) for r in train_int], [r[key] for r in train_int], color="tab:blue", alpha=0.35, lw=1,
+                    label="train (every log.every_steps)")
+        if train_ep:
+            ax.plot([r["epoch"] for r in train_ep], [r[key] for r in train_ep], "o-", color="tab:blue", ms=4, label="train (epoch)")
+        if val:
+            ax.plot([r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="val (epoch)")
+        if test:
+            ax.plot([test[-1]["epoch"]], [test[-1][key]], "*", color="tab:green", ms=12, label=f"test {test[-1][key]:.4f}")
+        values = [v for line in ax.lines for v in line.get_ydata()]
+        if key == "loss" and values and min(values) > 0 and max(values) / min(values) > 30:
+            ax.set_yscale("log")  # so a small train/val gap (overfitting) stays visible late in training
+            label += " (log scale)"
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes[0].set_title("loss")
+    axes[1].set_title("accuracy")
+    if not records:
+        fig.suptitle("no metrics recorded yet")
+    return _save(fig, path)
+
+
+def lr_schedule(config: dict, spe: int, epochs: int) -> list:
+    """The learning rate after every optimizer step, recomputed from the run's config (no training)."""
+    from distcls import config as config_mod
+    from distcls.engine import build_scheduler
+    cfg = config_mod.from_dict(config)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)  # the schedule depends on the peak lr only
+    sched = build_scheduler(opt, cfg.sched, cfg.optim, spe, epochs)
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(spe * epochs):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return lrs
+
+
+def plot_lr(records: list, config: Optional[dict], path) -> Path:
+    plt = _pyplot()
+    spe = steps_per_epoch(records)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if config is not None and spe:
+        epochs = config["train"]["epochs"]
+        lrs = lr_schedule(config, spe, epochs)
+        ax.plot([i / spe for i in range(len(lrs))], lrs, color="tab:purple", lw=1.5,
+                label=f"schedule ({config['sched']['name']}, warmup {config['sched']['warmup_epochs']} epochs)")
+    logged = [r for r in records if r.get("split") == "train"]
+    if logged:
+        ax.plot([_x(r, spe) for r in logged], [r["lr"] for r in logged], ".", color="black", ms=5, label="logged")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("learning rate")
+    ax.set_title("learning-rate schedule")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------- test-set pictures
+
+
+def _class_ticks(ax, names: list, axis: str) -> None:
     n = len(names)
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 2)))
-    ax.imshow(confusion.numpy(), cmap="Blues")
-    if n <= 30:
-        ax.set_xticks(range(n), names, rotation=90)
-        ax.set_yticks(range(n), names)
+    every = max(1, math.ceil(n / 100))
+    pos = list(range(0, n, every))
+    size = 9 if n <= 12 else 7 if n <= 30 else 5
+    if axis == "x":
+        ax.set_xticks(pos, [names[i] for i in pos], rotation=90, fontsize=size)
+    else:
+        ax.set_yticks(pos, [names[i] for i in pos], fontsize=size)
+
+
+def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:
+    plt = _pyplot()
+    n = confusion.shape[0]
+    names = class_names(names, n)
+    counts = confusion.double()
+    rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    side = min(24.0, max(5.0, 0.14 * n + 3)) if n > 12 else max(5.0, 0.5 * n + 2)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    im = ax.imshow(rows.numpy(), cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    _class_ticks(ax, names, "x")
+    _class_ticks(ax, names, "y")
+    if n <= 20:  # counts in the cells
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(confusion[i, j]), ha="center", va="center", fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    _save(fig, path)
-    plt.close(fig)
+                c = int(counts[i, j])
+                if c:
+                    ax.text(j, i, c, ha="center", va="center", fontsize=8, color="white" if rows[i, j] > 0.5 else "black")
+    acc = float(counts.diag().sum() / counts.sum().clamp(min=1))
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(f"confusion matrix ({split}: {int(counts.sum())} images, accuracy {acc:.4f})")
+    return _save(fig, path, dpi=100 if n <= 30 else 130)  # small class labels stay legible when zoomed
 
 
-def plot_samples(restored, view, names: list, count: int, path) -> None:
-    """A grid of the first `count` images of a split with predicted vs true labels (seed B)."""
-    import torch
+def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:
+    plt = _pyplot()
+    n = confusion.shape[0]
+    names = class_names(names, n)
+    counts = confusion.double()
+    totals = counts.sum(1)
+    acc = (counts.diag() / totals.clamp(min=1)).tolist()
+    order = sorted(range(n), key=lambda i: (acc[i], names[i]), reverse=True)  # worst at the top (barh draws bottom up)
+    fig, ax = plt.subplots(figsize=(7, max(3.0, 0.16 * n + 1.2)))
+    colors = ["tab:red" if acc[i] < 0.5 else "tab:orange" if acc[i] < 0.8 else "tab:green" for i in order]
+    ax.barh(range(n), [acc[i] for i in order], color=colors, height=0.8)
+    size = 9 if n <= 30 else 6 if n <= 100 else 4
+    ax.set_yticks(range(n), [f"{names[i]} ({int(totals[i])})" for i in order], fontsize=size)
+    overall = float(counts.diag().sum() / counts.sum().clamp(min=1))
+    ax.axvline(overall, color="black", ls="--", lw=1, label=f"overall {overall:.4f}")
+    ax.set_xlim(0, 1.0)
+    ax.set_ylim(-0.6, n - 0.4)
+    ax.set_xlabel("accuracy")
+    ax.set_ylabel("class (images)")
+    ax.set_title(f"{split} accuracy per class (worst first)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+@dataclass
+class SampleSource:
+    """What the sample grid needs: a model (eval mode is set here), its preprocessing, a split."""
+    model: torch.nn.Module
+    preprocess: object
+    view: object
+    device: torch.device
+
+
+@torch.no_grad()
+def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, split: str = "test") -> Path:
+    """The first `count` images of a split with predicted / true labels (seed B's grid)."""
     from distcls.data import eval_loader
 
     plt = _pyplot()
-    loader = eval_loader(view.truncated(count), count, 1, 0, torch.device("cpu"))
+    loader = eval_loader(src.view.truncated(count), count, 1, 0, torch.device("cpu"))
     batch = next(iter(loader))
-    device = next(restored.model.parameters()).device
-    with torch.no_grad():
-        x = restored.preprocess(batch.images.to(device), batch.keys, 0, train=False)
-        pred = restored.model(x).argmax(1).cpu()
+    was_training = src.model.training
+    src.model.eval()
+    x = src.preprocess(batch.images.to(src.device), batch.keys.to(src.device), 0, train=False)
+    pred = src.model(x).float().argmax(1).cpu()
+    src.model.train(was_training)
+    names = class_names(names, max(len(names), int(pred.max()) + 1, int(batch.labels.max()) + 1))
     cols = min(8, len(pred))
     rows = -(-len(pred) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    wrong = 0
     for ax, img, p, t in zip(axes.flat, batch.images, pred.tolist(), batch.labels.tolist()):
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
         ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
-        ax.set_title(f"{names[p]}\n(true {names[t]})", fontsize=7, color="green" if p == t else "red")
-    _save(fig, Path(path))
-    plt.close(fig)
+        ok = p == t
+        wrong += not ok
+        ax.set_title(f"{names[p]}" if ok else f"{names[p]}\n(true {names[t]})", fontsize=7, color="green" if ok else "red")
+        for spine in ax.spines.values():
+            spine.set_edgecolor("green" if ok else "red")
+            spine.set_linewidth(1 if ok else 3)
+    fig.suptitle(f"{split} images: predicted label (wrong ones in red with the true label): {wrong} of {len(pred)} wrong", fontsize=9)
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------- all of a run's plots
+
+
+def write_run_plots(out_dir, confusion: Optional[torch.Tensor], names: Sequence[str], samples: Optional[SampleSource],
+                    count: int = 16) -> dict:
+    """Every plot of a run into <out_dir>/plots/; returns {name: path}. The test-set pictures need
+    the test confusion matrix (and a model for the sample grid); the curves need only metrics.jsonl."""
+    import yaml
+    from distcls.tracking.metrics import read_jsonl
+
+    out_dir = Path(out_dir)
+    plots = out_dir / "plots"
+    records = read_jsonl(out_dir / "metrics.jsonl")
+    config = None
+    if (out_dir / "config.yaml").is_file():
+        config = yaml.safe_load((out_dir / "config.yaml").read_text())
+    written = {CURVES: plot_curves(records, plots / "curves.png"), LR: plot_lr(records, config, plots / "lr.png")}
+    if confusion is not None:
+        written[CONFUSION] = plot_confusion(confusion, names, plots / "confusion.png")
+        written[PER_CLASS] = plot_per_class(confusion, names, plots / "per_class.png")
+    if samples is not None and count > 0:
+        written[SAMPLES] = plot_samples(samples, names, count, plots / "samples.png")
+    return written

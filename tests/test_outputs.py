@@ -1,0 +1,238 @@
+"""What a person sees: console lines, the progress bar, plots, wandb (offline) across a resume."""
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, assert_user_error, child_env, load_ckpt, run_distcls, train_in_process
+
+PLOTS = ("curves.png", "lr.png", "confusion.png", "per_class.png", "samples.png")
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("outputs") / "run"
+    summary = train_in_process(out, "train.epochs=2", "log.every_steps=10", "log.plots=true")
+    return out, summary
+
+
+def assert_png(path: Path, min_side: int = 200, max_side: int = 4000):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(path) as img:
+        img.verify()
+    with Image.open(path) as img:
+        w, h = img.size
+    assert min_side <= w <= max_side and min_side <= h <= max_side, f"{path.name}: {w}x{h}"
+    return w, h
+
+
+# ------------------------------------------------------------------------- plots
+
+
+def test_training_writes_every_plot_and_plot_cli_remakes_them(run):
+    out, _ = run
+    for name in PLOTS:
+        assert_png(out / "plots" / name)
+    for name in PLOTS:
+        (out / "plots" / name).unlink()
+    from distcls import plot
+    assert plot.main([str(out)]) == 0  # from the run's files: metrics.jsonl, config.yaml, checkpoints/last.pt
+    assert sorted(p.name for p in (out / "plots").iterdir()) == sorted(PLOTS)
+    for name in PLOTS:
+        assert_png(out / "plots" / name)
+
+
+def test_plot_cli_on_a_run_without_checkpoints_draws_the_curves(run, tmp_path, capsys):
+    out, _ = run
+    partial = tmp_path / "going"
+    partial.mkdir()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n{\"torn")  # a run in its first epoch, torn last line
+    (partial / "config.yaml").write_text((out / "config.yaml").read_text())
+    from distcls import plot
+    assert plot.main([str(partial)]) == 0
+    assert "plotting the curves only" in capsys.readouterr().out
+    assert sorted(p.name for p in (partial / "plots").iterdir()) == ["curves.png", "lr.png"]
+    assert_png(partial / "plots" / "curves.png")
+
+
+def test_plot_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
+    assert_user_error(run_distcls("plot", [tmp_path]), "not a distcls run directory")
+
+
+def test_class_plots_stay_readable_for_100_classes(tmp_path):
+    from distcls.tracking.plots import plot_confusion, plot_per_class
+    g = torch.Generator().manual_seed(0)
+    confusion = torch.randint(0, 3, (100, 100), generator=g) + torch.diag(torch.randint(5, 20, (100,), generator=g))
+    names = [f"class_{i:03d}" for i in range(100)]
+    w, h = assert_png(plot_confusion(confusion, names, tmp_path / "c.png"), min_side=800, max_side=3000)
+    w2, h2 = assert_png(plot_per_class(confusion, names, tmp_path / "p.png"), min_side=500, max_side=3000)
+    assert h2 > 1200  # one readable bar per class
+
+
+# ------------------------------------------------------------------------- console
+
+
+def test_plain_output_is_greppable_lines_without_control_characters(tmp_path, capsys):
+    train_in_process(tmp_path / "run", "train.epochs=1", "log.every_steps=5", "log.plots=true")  # pytest's stdout is not a terminal
+    out = capsys.readouterr().out
+    assert not CONTROL.search(out), repr(CONTROL.search(out))
+    lines = out.splitlines()
+    assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in lines), lines
+    assert any(re.search(r"epoch 1 step 5 loss \d\.\d{4} acc \d\.\d{4} \| \d+ img/s, lr ", l) for l in lines)
+    assert any(re.search(r"epoch 1/1 train loss \d\.\d{4} acc \d\.\d{4} \| val loss \d\.\d{4} acc \d\.\d{4} \(best ", l) for l in lines)
+    assert any("summary: test accuracy: " in l for l in lines) and any(f"summary: plots: {tmp_path / 'run'}/plots/" in l for l in lines)
+
+
+@pytest.mark.slow
+def test_progress_bar_on_a_terminal_shows_the_running_loss(tmp_path):
+    import pty
+    leader, follower = pty.openpty()
+    env = child_env({"COLUMNS": "200", "TERM": "xterm-256color"})
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "distcls.train", f"run.out_dir={tmp_path / 'run'}", "train.epochs=1",
+                             "data.batch_size=4", "log.every_steps=0"], cwd=ROOT, env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    os.close(leader)
+    screen = b"".join(chunks).decode(errors="replace")
+    bar = [frame for frame in re.split(r"[\r\n]", screen) if "epoch 1/1" in frame and "━" in frame]
+    assert any(re.search(r"loss \d\.\d{4} acc \d\.\d{3} lr \S+ [\d,]+ img/s", f) for f in bar), screen[-3000:]
+    assert "distcls run summary" in screen and "test accuracy" in screen
+
+
+# ------------------------------------------------------------------------- wandb (offline)
+
+
+def wandb_records(path: Path):
+    """The records of a wandb .wandb file (LevelDB-log framing of protobuf records)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            break
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last fragment of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def outside_out_dir(home: Path) -> list:
+    """Files written under the (fake) home; matplotlib's shared font cache is the documented exception."""
+    return [p for p in home.rglob("*") if p.is_file() and "matplotlib" not in p.parts]
+
+
+@pytest.fixture
+def clean_wandb_env(monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    for var in list(os.environ):
+        if var.startswith("WANDB_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("NETRC", str(home / "no-netrc"))
+    return home
+
+
+@pytest.mark.slow  # two runs with wandb's service process: about 10 s
+def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(tmp_path, clean_wandb_env, monkeypatch, capsys):
+    from distcls.errors import Preempted
+    from distcls.tracking import console
+
+    out = tmp_path / "run"
+    wb = ["log.wandb.enabled=true", "log.wandb.mode=online", "log.wandb.name=digits-a", "log.wandb.tags=[t1,t2]",
+          "log.wandb.group=g", "log.wandb.notes=n", "train.epochs=2", "log.every_steps=4", "data.max_train_samples=320",
+          "log.plots=true"]
+    calls = {"n": 0}
+    advance = console.Console.advance
+
+    def stop_at_step_15(self, *a, **k):  # what SLURM's requeue does: SIGTERM in the middle of epoch 2
+        calls["n"] += 1
+        if calls["n"] == 15:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return advance(self, *a, **k)
+
+    monkeypatch.setattr(console.Console, "advance", stop_at_step_15)
+    with pytest.raises(Preempted):
+        train_in_process(out, *wb)
+    err = capsys.readouterr().err
+    assert err.count("wandb has no API key") == 1 and "logging offline" in err
+    monkeypatch.setattr(console.Console, "advance", advance)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins over log.wandb.mode
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")
+    summary = train_in_process(out, *wb, resume="auto")
+    assert "wandb has no API key" not in capsys.readouterr().err
+
+    run_id = load_ckpt(out / "checkpoints/last.pt")["wandb_id"]
+    dirs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(dirs) == 2 and all(d.name.endswith(run_id) for d in dirs)  # one folder per process start, ONE run
+    steps, run_names, test_acc, keys = [], set(), None, set()
+    for d in dirs:
+        for r in wandb_records(d / f"run-{run_id}.wandb"):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                assert r.run.run_id == run_id and list(r.run.tags) == ["t1", "t2"] and r.run.run_group == "g"
+                run_names.add(r.run.display_name)
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                steps.append(r.history.step.num)
+                keys |= set(items)
+                test_acc = items.get("test/acc", test_acc)
+    assert run_names == {"digits-a"}
+    assert steps == sorted(set(steps)), f"steps repeat or go back: {steps}"  # continuing, no duplicates
+    records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert set(steps) == {r["step"] for r in records}  # every logged step of the run is in wandb
+    assert test_acc == pytest.approx(summary["test_acc"])
+    assert {"train/loss", "val/acc", "test/acc"} <= keys  # the plots, as wandb images:
+    assert {f"plots/{name[:-4]}/_type" for name in PLOTS} <= keys
+    for f in [out / "config.yaml", out / "metrics.jsonl", out / "summary.json", *(out / "checkpoints").iterdir()]:
+        assert b"secret-key-0123456789" not in f.read_bytes(), f
+    assert outside_out_dir(clean_wandb_env) == []
+    assert "WANDB_CACHE_DIR" not in os.environ  # the run's own settings are gone with it
+
+
+def test_wandb_mode_disabled_in_the_environment_writes_nothing(tmp_path, clean_wandb_env, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    train_in_process(tmp_path / "run", "train.epochs=1", "log.wandb.enabled=true", "log.wandb.mode=offline")
+    assert not (tmp_path / "run" / "wandb").exists() and outside_out_dir(clean_wandb_env) == []
+
+
+def test_wandb_mode_comes_from_the_environment_and_online_needs_a_key(tmp_path):
+    from distcls.tracking.wandb_logger import resolve_mode
+    no_key = {"NETRC": str(tmp_path / "none")}
+    assert resolve_mode("online", no_key)[0] == "offline" and "WANDB_API_KEY" in resolve_mode("online", no_key)[1]
+    assert resolve_mode("online", {**no_key, "WANDB_API_KEY": "k"}) == ("online", None)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    assert resolve_mode("online", {"NETRC": str(tmp_path / "netrc")}) == ("online", None)
+    assert resolve_mode("online", {**no_key, "WANDB_MODE": "disabled"}) == ("disabled", None)
+    assert resolve_mode("offline", {**no_key, "WANDB_DISABLED": "true"}) == ("disabled", None)
+    assert resolve_mode("disabled", {**no_key, "WANDB_MODE": "offline"}) == ("offline", None)

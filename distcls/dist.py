@@ -59,7 +59,7 @@ def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = 
         launcher = "torchrun"
         rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
         local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
-    elif "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    elif "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and ("SLURM_NTASKS" in os.environ and _int_env("SLURM_NTASKS") > 1):
         launcher = "slurm"  # srun started one task per GPU
         rank, world, local_rank = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
         os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))

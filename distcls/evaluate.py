@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from distcls import dist
-from distcls.cli import ArgumentParser, exit_with
+from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
 from distcls.errors import UserError
@@ -26,7 +26,7 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
     p.add_argument("--out-dir", help="write eval_<split>.json, confusion_<split>.png and samples_<split>.png here")
-    p.add_argument("--samples", type=int, default=16, help="images in the sample grid (with --out-dir)")
+    p.add_argument("--samples", type=positive_int, default=16, help="images in the sample grid (with --out-dir)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=/data/cifar")
     return p.parse_args(argv)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from distcls.cli import ArgumentParser, exit_with
+from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.sources import decode_image
 from distcls.errors import UserError
 from distcls.inference import restore
@@ -22,17 +22,17 @@ def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.predict", description="Predict the classes of image files with a distcls checkpoint.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
-    p.add_argument("--top-k", type=int, default=1, help="print the K most likely classes per image")
+    p.add_argument("--top-k", type=positive_int, default=1, help="print the K most likely classes per image")
+    p.add_argument("--override", action="append", default=[], metavar="key.sub=value",
+                   help="config override, repeatable; e.g. --override model.name=mypkg.nets:build to allow a checkpoint's plug-in model")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, ...)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    restored = restore(args.checkpoint, device)
+    restored = restore(args.checkpoint, device, args.override)
     spec = restored.spec
     names = list(spec.class_names) or [str(i) for i in range(spec.num_classes)]
     images = []

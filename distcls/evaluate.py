@@ -16,7 +16,7 @@ from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
 from distcls.errors import UserError
-from distcls.inference import restore
+from distcls.inference import check_stored_plugins, restore
 from distcls.io import atomic_write_text
 
 
@@ -35,6 +35,7 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     env = dist.detect()
     restored = restore(args.checkpoint, env.device, args.overrides)
+    check_stored_plugins(restored.checkpoint["config"], args.checkpoint, args.overrides, sections=("data",))
     cfg, spec = restored.cfg, restored.spec
     dist.init(env, cfg.dist.timeout_s)
     try:

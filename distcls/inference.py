@@ -28,11 +28,11 @@ def _explicit_keys(overrides: Sequence[str]) -> set:
     return {config_mod.parse_override(o)[0] for o in overrides}
 
 
-def check_stored_plugins(stored: dict, path, overrides: Sequence[str]) -> None:
+def check_stored_plugins(stored: dict, path, overrides: Sequence[str], sections=("model",)) -> None:
     """A checkpoint must not choose code to import: a plug-in path stored in it ('pkg.module:builder')
-    is used only when the user names it on the command line too."""
+    is used only when the user names it on the command line too. `sections`: the builders to be used."""
     explicit = _explicit_keys(overrides)
-    for section in ("model", "data"):
+    for section in sections:
         name = stored[section]["name"]
         if ":" in name and f"{section}.name" not in explicit:
             raise UserError(f"checkpoint {path} was trained with the plug-in {section}.name={name}; a checkpoint does not choose code "

@@ -44,16 +44,17 @@ class Registry:
             return fn
         raise ConfigError(f"unknown {self.kind} {self.config_key}={name}; choose one of {', '.join(self.names())} or give 'pkg.module:builder'")
 
-    def build(self, name: str, *args, extra_key: str = "", **kwargs):
-        """Look up `name` and call it with `args` (+ keyword `kwargs` from config key `extra_key`),
+    def build(self, name: str, *args, kwargs: dict | None = None, kwargs_key: str = ""):
+        """Look up `name` and call it with `args` (+ keyword `kwargs` from config key `kwargs_key`),
         after checking that its signature accepts them: a mismatch is a clear error, not a TypeError
         from inside the builder."""
         fn = self.get(name)
+        kwargs = kwargs or {}
         try:
             inspect.signature(fn).bind(*args, **kwargs)
         except TypeError as exc:
             if kwargs:
-                raise ConfigError(f"{extra_key}={kwargs} do not fit {self.config_key}={name} ({exc}); "
+                raise ConfigError(f"{kwargs_key}={kwargs} do not fit {self.config_key}={name} ({exc}); "
                                   f"its parameters are {inspect.signature(fn)}") from None
             raise ConfigError(f"{self.config_key}={name} is not a {self.kind} builder: it must accept "
                               f"({', '.join(self.call)}), its signature is {inspect.signature(fn)}") from None

@@ -16,7 +16,7 @@ __all__ = ["MODELS", "register_model", "build_model"]
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     try:
-        model = MODELS.build(cfg.name, spec, cfg, extra_key="model.args", **cfg.args)
+        model = MODELS.build(cfg.name, spec, cfg, kwargs=cfg.args, kwargs_key="model.args")
     except (ValueError, RuntimeError) as exc:
         if not cfg.args:
             raise  # a builder's own failure on its defaults: the real traceback

@@ -92,7 +92,7 @@ def test_second_run_at_an_out_dir_in_use_is_refused_naming_the_holder(tmp_path, 
 
 
 def test_failed_run_leaves_no_out_dir_behind(tmp_path, capsys):
-    """#1: the lock does not leave an out_dir behind when the run fails before writing anything."""
+    """#1 (guard, passes before the fix too): taking the lock leaves no out_dir behind when the run fails before writing."""
     out = tmp_path / "a" / "run"
     proc = cli(capsys, train.main, [f"run.out_dir={out}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"])
     assert_user_error(proc, "cifar10 not found")

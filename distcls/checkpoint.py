@@ -13,6 +13,7 @@ Every file is a plain dict of tensors and Python data, loadable with
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -61,15 +62,27 @@ def all_finite(state_dict: dict) -> bool:
     return all(torch.isfinite(v).all().item() for v in state_dict.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
-def check_compatible(ckpt: dict, path, model_name: str, spec: dict) -> None:
-    """A checkpoint from another model or data shape is refused, naming what differs."""
-    saved_name = ckpt.get("config", {}).get("model", {}).get("name")
-    if saved_name is not None and saved_name != model_name:
-        raise UserError(f"checkpoint {path} was trained with model.name={saved_name}, but the config says model.name={model_name}; use the same model or another run.out_dir")
-    saved_spec = ckpt.get("data_spec") or {}
+def check_compatible(ckpt: dict, path, cfg, spec: dict) -> None:
+    """A checkpoint from another model, optimizer or data shape is refused, naming what differs."""
+    saved = ckpt["config"]
+    for section, key in (("model", "name"), ("optim", "name")):
+        value, wanted = (saved.get(section) or {}).get(key), getattr(getattr(cfg, section), key)
+        if value is not None and value != wanted:
+            raise UserError(f"checkpoint {path} was trained with {section}.{key}={value}, but the config says {section}.{key}={wanted}; "
+                            f"use {section}.{key}={value} to resume it, or another run.out_dir for a new run")
+    saved_spec = ckpt["data_spec"]
     for key in ("channels", "num_classes", "image_size"):
         if key in saved_spec and saved_spec[key] != spec[key]:
             raise UserError(f"checkpoint {path} expects {key}={saved_spec[key]}, but this data gives {key}={spec[key]}; use the checkpoint's data settings")
+
+
+def load_state(obj, state: dict, path, key: str) -> None:
+    """`obj.load_state_dict(state)` (optimizer, scheduler, scaler) with an error naming the entry."""
+    try:
+        obj.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise UserError(f"checkpoint {path}: its '{key}' state does not fit this run ({type(exc).__name__}: "
+                        f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); resume with the config it was trained with") from None
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
@@ -90,13 +103,64 @@ def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
     model.load_state_dict(state)
 
 
-def read_checkpoint(path, what: str = "checkpoint") -> dict:
-    ckpt = load_weights_only(path, what)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "version" not in ckpt:
-        raise UnreadableCheckpoint(f"{what} {path} is not a distcls checkpoint (no 'model'/'version' entries)")
+# What each use needs, and of which type; checked once, here, for every checkpoint distcls reads.
+_INFERENCE_KEYS = {"model": dict, "config": dict, "data_spec": dict, "version": int}
+_RESUME_KEYS = {**_INFERENCE_KEYS, "optimizer": dict, "scheduler": dict, "epoch": int, "step": int,
+                "best_metric": (int, float), "rng": dict}
+_OPTIONAL_KEYS = {"epoch_step": int, "scaler": dict, "meter": (dict, type(None)), "interval_meter": (dict, type(None)),
+                  "skipped_steps": int}
+_TYPE_NAMES = {dict: "a mapping", int: "an integer", (int, float): "a number"}
+
+
+def _is(value, types) -> bool:
+    types = types if isinstance(types, tuple) else (types,)
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
+def validate_checkpoint(ckpt, path, what: str = "checkpoint", resume: bool = True) -> dict:
+    """The structure of a loaded checkpoint: every entry its use needs, with the right type.
+
+    A file that fails is an `UnreadableCheckpoint` (so `--resume auto` falls back to an older one);
+    a newer format version is a `UserError` (upgrade distcls).
+    """
+    def bad(problem: str) -> UnreadableCheckpoint:
+        return UnreadableCheckpoint(f"{what} {path} is not a usable distcls checkpoint: {problem}")
+
+    if not isinstance(ckpt, dict):
+        raise bad(f"it holds a {type(ckpt).__name__}, not a dict of entries")
+    needed = _RESUME_KEYS if resume else _INFERENCE_KEYS
+    missing = [k for k in needed if k not in ckpt]
+    if missing:
+        raise bad(f"it lacks {', '.join(repr(k) for k in missing)}" + (" (needed to resume training)" if resume else ""))
+    for key, types in {**needed, **{k: t for k, t in _OPTIONAL_KEYS.items() if k in ckpt}}.items():
+        if not _is(ckpt[key], types):
+            raise bad(f"its '{key}' is {ckpt[key]!r:.60} ({type(ckpt[key]).__name__}), not {_TYPE_NAMES.get(types, 'a valid value')}")
     if ckpt["version"] > FORMAT_VERSION:
         raise UserError(f"{what} {path} has format version {ckpt['version']}, newer than this distcls ({FORMAT_VERSION}); upgrade distcls")
+    if ckpt["version"] < 1:
+        raise bad(f"its format version {ckpt['version']} is not one distcls wrote")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
+        raise bad("its 'model' is not a state_dict (names -> tensors)")
+    for section in ("model", "data"):
+        if not isinstance(ckpt["config"].get(section), dict) or not isinstance(ckpt["config"][section].get("name"), str):
+            raise bad(f"its 'config' lacks {section}.name")
+    for key in ("channels", "num_classes", "image_size"):
+        if not _is(ckpt["data_spec"].get(key), int) or ckpt["data_spec"][key] < 1:
+            raise bad(f"its 'data_spec' lacks a positive integer '{key}'")
+    if resume:
+        for key in ("epoch", "step", "epoch_step"):
+            if ckpt.get(key, 0) < 0:
+                raise bad(f"its '{key}' is negative ({ckpt[key]})")
+        if not {"python", "numpy", "torch"} <= ckpt["rng"].keys():
+            raise bad("its 'rng' lacks the python/numpy/torch generator states")
+        if not {"state", "param_groups"} <= ckpt["optimizer"].keys():
+            raise bad("its 'optimizer' is not an optimizer state_dict (no 'state'/'param_groups')")
     return ckpt
+
+
+def read_checkpoint(path, what: str = "checkpoint", resume: bool = True) -> dict:
+    """Load (weights-only, integrity-checked) and validate; `resume=False`: only what inference needs."""
+    return validate_checkpoint(load_weights_only(path, what), path, what, resume)
 
 
 # ------------------------------------------------------------------------- saving & finding
@@ -160,24 +224,46 @@ class CheckpointStore:
         return out
 
     def find_latest(self) -> Optional[Found]:
-        """The newest readable checkpoint: last.pt, else epoch files newest first (each skip warned)."""
+        """The newest readable checkpoint: last.pt, else epoch files newest first (each skip warned).
+
+        None when the directory holds no checkpoint at all. When it holds some but none can be
+        resumed from, that is an error naming the damaged files: a fresh start would overwrite them.
+        """
         candidates = [self.last] + [p for _, p in sorted(self.epoch_files(), reverse=True)]
+        damaged = []
         for path in candidates:
             if not path.is_file():
                 continue
             try:
-                return Found(path, read_checkpoint(path))
+                found = Found(path, read_checkpoint(path))
             except UnreadableCheckpoint as exc:
+                damaged.append((path.name, exc))
+                continue
+            for _, exc in damaged:  # warned only when falling back; otherwise the error below names them
                 self.warn(f"skipping unreadable checkpoint: {exc}")
-        return None
+            return found
+        damaged = [name for name, _ in damaged]
+        if not self.has_checkpoints():
+            return None
+        others = sorted(p.name for p in self.dir.glob("*.pt") if p.name not in damaged and p.name != self.best.name)
+        parts = [f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged" if damaged else "it has no last.pt or epoch_NNNN.pt"]
+        if self.best.is_file():
+            try:
+                epoch = read_checkpoint(self.best)["epoch"]
+                parts.append(f"best.pt (epoch {epoch}) is intact: pass --resume {self.best} to continue from it")
+            except UnreadableCheckpoint:
+                parts.append("best.pt is damaged too")
+        if others:
+            parts.append(f"also there: {', '.join(others)}")
+        raise UserError(f"no checkpoint in {self.dir} can be resumed from: {'; '.join(parts)}; nothing was overwritten "
+                        "(a fresh start would replace them: choose another run.out_dir for that)")
 
 
-def resume_reason(flag: Optional[str], env: dict) -> Optional[str]:
+def resume_reason(flag: Optional[str]) -> Optional[str]:
     """Why this run resumes: --resume, a torchrun restart, or a SLURM requeue (None: fresh start)."""
     if flag:
         return f"--resume {flag}"
-    if int(env.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
-        return f"torchrun restart #{env['TORCHELASTIC_RESTART_COUNT']}"
-    if int(env.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
-        return f"SLURM requeue #{env['SLURM_RESTART_COUNT']}"
+    for name, what in (("TORCHELASTIC_RESTART_COUNT", "torchrun restart"), ("SLURM_RESTART_COUNT", "SLURM requeue")):
+        if os.environ.get(name, "").strip() and dist._int_env(name) > 0:
+            return f"{what} #{os.environ[name]}"
     return None

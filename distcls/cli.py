@@ -16,10 +16,27 @@ from distcls.errors import ConfigError, ExitCode, Preempted, TrainingDiverged, U
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are UserErrors (one line, exit 2) instead of usage dumps."""
+    """argparse whose mistakes are UserErrors (one line, exit 2) instead of usage dumps.
+
+    Options and positionals (key.sub=value overrides, image paths) may come in any order.
+    """
 
     def error(self, message: str):
         raise UserError(f"{message}; see `{self.prog} --help`")
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _rank() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,7 +121,7 @@ class DistConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = _opt("runs/default", "directory of this run's outputs (rank 0 writes)")
-    seed: int = _opt(0, "seed of model init, data split, shuffling and augmentation", min=0)
+    seed: int = _opt(0, "seed of model init, data split, shuffling and augmentation", min=0, max=2**32 - 1)
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (also set by --debug)")
 
 
@@ -164,8 +165,10 @@ class Config:
 
 
 def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base: Optional[dict] = None) -> Config:
-    """Defaults <- YAML file (or `base` tree) <- `key.sub=value` overrides, validated."""
-    tree = dataclasses.asdict(Config()) if base is None else base
+    """Defaults <- `base` tree <- YAML file <- `key.sub=value` overrides, validated."""
+    tree = dataclasses.asdict(Config())
+    if base is not None:  # e.g. a checkpoint's stored config: keys it lacks keep their defaults
+        _deep_merge(tree, base, Config, prefix="")
     if path is not None:
         _deep_merge(tree, read_yaml(path), Config, prefix="")
     for item in overrides:
@@ -179,7 +182,13 @@ def read_yaml(path: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {path} not found{' (it is a directory)' if p.is_dir() else ''}; pass an existing YAML file to --config, e.g. configs/default.yaml")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not a text file (byte {exc.start} is not UTF-8); pass a YAML file to --config") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -299,12 +308,15 @@ def _coerce(value, typ, path: str):
             return None
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if typ is float and isinstance(value, str):
         try:  # YAML 1.1 reads 1e-4 (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if typ is float and isinstance(value, float):
+        _finite(value, path)
+        return value
     if typ is int and isinstance(value, bool) or not isinstance(value, typ):
         got = "null" if value is None else f"{value!r} ({type(value).__name__})"
         raise ConfigError(f"config key '{path}' must be {_type_name(typ)}{' or null' if optional else ''}, got {got}")
@@ -343,12 +355,20 @@ def _check_rules(value, rules, path: str) -> None:
         raise ConfigError(f"config key '{path}' must be <= {rules['max']}, got {value}")
 
 
+def _finite(value: float, path: str) -> None:
+    """NaN and +-inf pass every min/max comparison, so every float is checked for them first."""
+    if not math.isfinite(value):
+        raise ConfigError(f"config key '{path}' must be a finite number, got {value}")
+
+
 def _number_list(value, path: str, length: Optional[int] = None) -> None:
     if value is None:
         return
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or (length and len(value) != length):
         want = f"{length} numbers" if length else "a list of numbers"
         raise ConfigError(f"config key '{path}' must be {want}, got {value!r}")
+    for v in value:
+        _finite(v, path)
 
 
 def _check_cross_fields(cfg: Config) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Sequence
 
 from distcls import dist
-from distcls.cli import ArgumentParser, exit_with
+from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
 from distcls.errors import UserError
-from distcls.inference import measure_speed, restore
+from distcls.inference import check_stored_plugins, measure_speed, restore
 from distcls.io import atomic_write_text
 
 
@@ -30,17 +30,16 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (nothing else)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput and latency measurement")
     p.add_argument("--out-dir", help="write eval_<split>.json, confusion_<split>.png, per_class_<split>.png and samples_<split>.png here")
-    p.add_argument("--samples", type=int, default=16, help="images in the sample grid (with --out-dir)")
+    p.add_argument("--samples", type=positive_int, default=16, help="images in the sample grid (with --out-dir)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=/data/cifar")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    if args.samples < 0:
-        raise UserError(f"--samples must be >= 0, got {args.samples}")
     env = dist.detect()
     restored = restore(args.checkpoint, env.device, args.overrides)
+    check_stored_plugins(restored.checkpoint["config"], args.checkpoint, args.overrides, sections=("data",))
     cfg, spec = restored.cfg, restored.spec
     dist.init(env, cfg.dist.timeout_s)
     try:

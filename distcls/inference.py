@@ -11,6 +11,7 @@ from distcls import config as config_mod
 from distcls.checkpoint import load_model_state, read_checkpoint
 from distcls.config import Config
 from distcls.data import DataSpec, Preprocess
+from distcls.errors import ConfigError, UserError
 from distcls.models import build_model
 
 
@@ -23,13 +24,32 @@ class Restored:
     checkpoint: dict
 
 
+def _explicit_keys(overrides: Sequence[str]) -> set:
+    return {config_mod.parse_override(o)[0] for o in overrides}
+
+
+def check_stored_plugins(stored: dict, path, overrides: Sequence[str], sections=("model",)) -> None:
+    """A checkpoint must not choose code to import: a plug-in path stored in it ('pkg.module:builder')
+    is used only when the user names it on the command line too. `sections`: the builders to be used."""
+    explicit = _explicit_keys(overrides)
+    for section in sections:
+        name = stored[section]["name"]
+        if ":" in name and f"{section}.name" not in explicit:
+            raise UserError(f"checkpoint {path} was trained with the plug-in {section}.name={name}; a checkpoint does not choose code "
+                            f"to import: add {section}.name={name} to the command line if you trust that module")
+
+
 def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> Restored:
-    ckpt = read_checkpoint(path, "--checkpoint")
+    ckpt = read_checkpoint(path, "--checkpoint", resume=False)
     base = copy.deepcopy(ckpt["config"])
+    check_stored_plugins(base, path, overrides)
     frozen = bool(base["model"].get("freeze_backbone"))
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     base["model"]["freeze_backbone"] = False
-    cfg = config_mod.load(None, overrides, base=base)
+    try:
+        cfg = config_mod.load(None, overrides, base=base)
+    except ConfigError as exc:
+        raise UserError(f"checkpoint {path}: its stored config with your overrides is invalid: {exc}") from None
     spec = DataSpec.from_dict(ckpt["data_spec"])
     model = build_model(cfg.model, spec)
     if frozen:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import warnings
 import zipfile
@@ -72,21 +73,70 @@ def atomic_link(source, path) -> None:
     _fsync_dir(path.parent)
 
 
+_TEMP_NAMES = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+(\.link)?\.tmp$")
+
+
+def remove_stale_temps(directory) -> list[Path]:
+    """Delete temp files of this module's own naming left by a killed writer (`.NAME.<random>.tmp`).
+
+    Only call this while holding the run's out_dir lock: then no other writer is alive there.
+    """
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for p in directory.iterdir():
+        if _TEMP_NAMES.match(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _check_zip_integrity(p: Path, what: str) -> None:
+    """Read every member of a torch zip archive so its CRC-32 is checked (torch.load does not)."""
+    try:
+        with zipfile.ZipFile(p) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise UnreadableCheckpoint(f"{what} {p} is truncated or corrupt ({_first_line(exc)})") from None
+    if bad is not None:
+        raise UnreadableCheckpoint(f"{what} {p} is corrupt: its entry {bad} fails the archive's CRC-32 check (flipped bits or a torn copy)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
 def load_weights_only(path, what: str = "checkpoint"):
-    """torch.load(path, weights_only=True) on CPU, with errors a user can act on."""
+    """torch.load(path, weights_only=True) on CPU, with errors a user can act on.
+
+    A zip archive (every torch.save since 1.6) has its CRCs verified first. ANY failure to read
+    or unpickle is an `UnreadableCheckpoint`: a refusal (the file needs arbitrary unpickling) or
+    a damaged file (truncated, flipped bits, not a torch file at all).
+    """
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{what} {path} is a directory; give the path of a .pt file (e.g. {p / 'checkpoints' / 'last.pt'})")
     if not p.is_file():
         raise UserError(f"{what} {path} does not exist; check the path")
     try:
+        is_zip = zipfile.is_zipfile(p)
+    except OSError as exc:
+        raise UnreadableCheckpoint(f"{what} {path} cannot be read ({_first_line(exc)})") from None
+    if is_zip:
+        _check_zip_integrity(p, what)
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol N": the refusal below says it all
             return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnreadableCheckpoint(
-            f"refusing to load {what} {path}: it holds objects that need arbitrary unpickling (code could run); "
-            "distcls only reads weights-only files: tensors and plain Python data") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt ({first[:200]})") from None
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" in str(exc).lower():
+            raise UnreadableCheckpoint(
+                f"refusing to load {what} {path}: it holds objects that need arbitrary unpickling (code could run); "
+                "distcls only reads weights-only files: tensors and plain Python data") from None
+        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt (not a readable torch file)") from None
+    except MemoryError:
+        raise UnreadableCheckpoint(f"{what} {path} is corrupt (its sizes are implausible)") from None
+    except Exception as exc:  # the unpickler raises IndexError/KeyError/struct.error/... on garbage: all mean corrupt
+        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})") from None

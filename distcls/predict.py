@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from distcls.cli import ArgumentParser, exit_with
+from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.imagefolder import EXTENSIONS
 from distcls.data.sources import decode_image
 from distcls.errors import ExitCode, UserError
@@ -30,9 +30,11 @@ def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.predict", description="Predict the classes of image files with a distcls checkpoint.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
-    p.add_argument("--top-k", type=int, default=1, help="report the K most likely classes per image")
+    p.add_argument("--top-k", type=positive_int, default=1, help="report the K most likely classes per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line instead of tab-separated text")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    p.add_argument("--override", action="append", default=[], metavar="key.sub=value",
+                   help="config override, repeatable; e.g. --override model.name=mypkg.nets:build to allow a checkpoint's plug-in model")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files (jpg, png, ...) and/or directories of them (searched recursively)")
     return p.parse_args(argv)
 
@@ -60,12 +62,8 @@ def expand(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    restored = restore(args.checkpoint, device)
+    restored = restore(args.checkpoint, device, args.override)
     spec = restored.spec
     names = list(spec.class_names) if len(spec.class_names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
     k = min(args.top_k, spec.num_classes)

@@ -4,7 +4,7 @@ checkpoint/tracking, and owns the epoch loop, its logging, checkpoint policy and
 from __future__ import annotations
 
 import inspect
-import os
+import json
 import random
 import time
 from pathlib import Path
@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from distcls import config as config_mod
 from distcls import dist
-from distcls.checkpoint import CheckpointStore, Found, check_compatible, load_model_state, read_checkpoint, resume_reason, rng_state, set_rng_state
+from distcls.checkpoint import (CheckpointStore, Found, check_compatible, load_model_state, load_state, read_checkpoint, resume_reason,
+                                rng_state, set_rng_state)
 from distcls.config import Config
 from distcls.data import build_data, eval_loader, train_loader
 from distcls.dist import DistEnv
@@ -24,6 +25,7 @@ from distcls.engine import Meter, StepContext, Trainer, build_optimizer, build_s
 from distcls.errors import Preempted, UserError
 from distcls.io import atomic_write_text
 from distcls.models import build_model, check_forward, count_parameters
+from distcls.rundir import RunDirLock, check_outputs
 from distcls.signals import StopRequest
 from distcls.tracking import Console, MetricsLog, WandbLogger, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
@@ -61,7 +63,23 @@ class TrainingRun:
         self.console = Console(env.rank, cfg.log.console)
         self.store = CheckpointStore(self.out_dir, cfg.checkpoint.keep, env.is_main, warn=self._warn_main)
         self.metrics = MetricsLog(self.out_dir, env.is_main)
-        self.resume_point = self._find_resume(resume)
+        self.lock = RunDirLock(self.out_dir)
+        if env.is_main:  # rank 0 writes: it checks the outputs and holds the out_dir for the run's lifetime
+            check_outputs(self.out_dir)
+            self.lock.acquire()
+            if not self.lock.supported:
+                self.console.warn(f"{self.out_dir}: this filesystem does not support file locks; make sure no other run writes there")
+            for stale in self.lock.remove_stale_temps():
+                self.console.warn(f"removed {stale}: the temp file of a save that was killed")
+        try:
+            self.resume_point = self._find_resume(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release run.out_dir (also called at the end of `run`)."""
+        self.lock.release()
 
     # ----------------------------------------------------------------- setup
 
@@ -69,25 +87,59 @@ class TrainingRun:
         if self.env.is_main:
             self.console.warn(msg)
 
+    def _existing_outputs(self) -> Optional[str]:
+        if self.store.has_checkpoints():
+            return "checkpoints"
+        for name in ("summary.json", "metrics.jsonl"):
+            p = self.out_dir / name
+            if p.is_file() and p.stat().st_size:
+                return name
+        return None
+
     def _find_resume(self, flag: Optional[str]) -> Optional[Found]:
-        reason = resume_reason(flag, os.environ)
+        reason = resume_reason(flag)
         if reason is None:
-            if self.store.has_checkpoints():
+            existing = self._existing_outputs()
+            if existing:
                 raise UserError(
-                    f"run.out_dir={self.out_dir} already holds checkpoints of a run; pass --resume auto to continue it, "
+                    f"run.out_dir={self.out_dir} already holds {existing} of a run; pass --resume auto to continue it, "
                     "or choose another run.out_dir (nothing was overwritten)")
             return None
         if flag and flag != "auto":
             ckpt = read_checkpoint(flag, "--resume")
             return Found(Path(flag), ckpt)
-        found = self.store.find_latest()
+        found = self.store.find_latest()  # an error if checkpoints exist but none is usable: never overwrite them
         if found is None:
             self.console.info(f"{reason}: no checkpoint in {self.store.dir}, starting fresh")
         return found
 
+    def _finished_summary(self) -> Optional[dict]:
+        """The summary of this out_dir's run when the resume point is its final checkpoint and it was written."""
+        ck = self.resume_point.checkpoint if self.resume_point is not None else None
+        if ck is None or ck["epoch"] < self.cfg.train.epochs or ck.get("epoch_step", 0):
+            return None
+        try:
+            summary = json.loads((self.out_dir / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None  # stopped between the final checkpoint and the summary: evaluate the test split again
+        if not isinstance(summary, dict) or summary.get("global_step") != ck["step"]:
+            return None
+        return summary
+
     # ----------------------------------------------------------------- main
 
     def run(self) -> dict:
+        try:
+            finished = self._finished_summary()
+            if finished is not None:
+                self.console.info(f"the run in {self.out_dir} already finished ({self.cfg.train.epochs} epochs, "
+                                  f"test acc {finished.get('test_acc')}); nothing to do. Raise train.epochs to train longer")
+                return finished
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         cfg, env = self.cfg, self.env
         wall = time.perf_counter()
         seed_everything(cfg.run.seed)
@@ -109,25 +161,27 @@ class TrainingRun:
         scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
         trainer = Trainer(model, raw, optimizer, scheduler, scaler, cfg.train, data.preprocess, env.device)
 
-        start_epoch, start_step, best, partial, resumed_from = 0, 0, -1.0, None, None
+        start_epoch, start_step, best, partial, interval_start, resumed_from = 0, 0, -1.0, None, None, None
         wandb_id = None
         if self.resume_point is not None:
             ck, path = self.resume_point.checkpoint, self.resume_point.path
-            check_compatible(ck, path, cfg.model.name, spec.to_dict())
+            check_compatible(ck, path, cfg, spec.to_dict())
             load_model_state(raw, ck["model"], path)
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
+            load_state(optimizer, ck["optimizer"], path, "optimizer")
+            load_state(scheduler, ck["scheduler"], path, "scheduler")
             if scaler is not None and ck.get("scaler"):
-                scaler.load_state_dict(ck["scaler"])
+                load_state(scaler, ck["scaler"], path, "scaler")
             set_rng_state(ck["rng"])
             trainer.global_step, trainer.skipped_steps = ck["step"], ck.get("skipped_steps", 0)
             start_epoch, start_step, best = ck["epoch"], ck.get("epoch_step", 0), ck["best_metric"]
+            # rank 0 carries the ranks' reduced sums so far (epoch, and the current log interval); the others start at 0
             partial = Meter(**ck["meter"]) if ck.get("meter") and env.is_main and start_step else None
+            interval_start = Meter(**ck["interval_meter"]) if ck.get("interval_meter") and partial is not None else None
             wandb_id = ck.get("wandb_id")
             resumed_from = {"path": str(path), "epoch": start_epoch, "epoch_step": start_step, "step": ck["step"],
                             "world_size": ck.get("world_size", env.world_size)}
             if start_step >= steps_per_epoch:
-                start_epoch, start_step, partial = start_epoch + 1, 0, None
+                start_epoch, start_step, partial, interval_start = start_epoch + 1, 0, None, None
 
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,8 +207,9 @@ class TrainingRun:
         try:
             for epoch in range(start_epoch, cfg.train.epochs):
                 first_step = start_step if epoch == start_epoch else 0
-                meter = partial if (epoch == start_epoch and partial is not None) else Meter()
-                logged = {"meter": Meter(**meter.state_dict()), "time": time.perf_counter()}
+                resumed_here = epoch == start_epoch and partial is not None
+                meter = partial if resumed_here else Meter()
+                logged = {"meter": Meter(**(interval_start or meter).state_dict()) if resumed_here else Meter(), "time": time.perf_counter()}
                 epoch_start, steps_done = time.perf_counter(), 0
                 self.console.start_epoch(epoch, cfg.train.epochs, steps_per_epoch, first_step, cfg.data.batch_size)
 
@@ -167,12 +222,12 @@ class TrainingRun:
                         self._log_interval(ctx, logged, optimizer, wandb)
                     if ctx.stop_requested and ctx.epoch_step < steps_per_epoch:
                         # (at the epoch's last step the epoch-end check below stops after evaluation)
-                        state = self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id)
+                        state = self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id, logged["meter"])
                         path = self.store.save(state, epoch_file=False, is_best=False)
                         raise Preempted(stop.signal_name or "a stop signal on another rank", path or self.store.last)
                     if cfg.checkpoint.every_steps and ctx.global_step % cfg.checkpoint.every_steps == 0 and ctx.epoch_step < steps_per_epoch:
-                        self.store.save(self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id),
-                                        epoch_file=False, is_best=False)
+                        self.store.save(self._state(trainer, cfg, spec, epoch, ctx.epoch_step, ctx.meter, best, wandb.run_id,
+                                                    logged["meter"]), epoch_file=False, is_best=False)
                     return False
 
                 meter = trainer.train_epoch(train, epoch, first_step, meter, on_step_end, stop_flag=lambda: stop.requested)
@@ -267,9 +322,14 @@ class TrainingRun:
         logged["meter"], logged["time"] = Meter(**ctx.meter.state_dict()), now
 
     def _state(self, trainer: Trainer, cfg: Config, spec, epochs_done: int, epoch_step: int, meter: Optional[Meter],
-               best: float, wandb_id) -> dict:
-        """Everything exact resume needs; only tensors and plain Python data (weights_only loadable)."""
+               best: float, wandb_id, interval_meter: Optional[Meter] = None) -> dict:
+        """Everything exact resume needs; only tensors and plain Python data (weights_only loadable).
+
+        `meter`: the epoch's running sums; `interval_meter`: their value at the last `log.every_steps`
+        record, so the first interval record after a mid-epoch resume covers the whole interval.
+        """
         meter_state = meter.reduced(self.env.device).state_dict() if meter is not None else None
+        interval_state = interval_meter.reduced(self.env.device).state_dict() if meter is not None and interval_meter is not None else None
         return {
             "model": trainer.raw_model.state_dict(),
             "optimizer": trainer.optimizer.state_dict(),
@@ -277,6 +337,6 @@ class TrainingRun:
             "scaler": trainer.scaler.state_dict() if trainer.scaler is not None else {},
             "epoch": epochs_done, "epoch_step": epoch_step, "step": trainer.global_step,
             "best_metric": best, "config": cfg.to_dict(), "data_spec": spec.to_dict(), "rng": rng_state(),
-            "meter": meter_state, "skipped_steps": trainer.skipped_steps, "world_size": self.env.world_size,
+            "meter": meter_state, "interval_meter": interval_state, "skipped_steps": trainer.skipped_steps, "world_size": self.env.world_size,
             "wandb_id": wandb_id, "version": 1,
         }

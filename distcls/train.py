@@ -46,12 +46,13 @@ def main(argv: Sequence[str]) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     env = dist.detect(cfg.dist.device, cfg.dist.backend, debug=args.debug)
     check_launch(cfg, env)
-    run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)
-    dist.init(env, cfg.dist.timeout_s)
+    run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)  # rank 0 now holds run.out_dir
     try:
+        dist.init(env, cfg.dist.timeout_s)
         with torch.autograd.set_detect_anomaly(args.debug):
             run.run()
     finally:
+        run.close()
         dist.teardown()
     return 0
 

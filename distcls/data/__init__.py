@@ -35,11 +35,23 @@ def data_spec(raw: RawDataset, cfg: Config) -> DataSpec:
     return DataSpec(channels, len(raw.class_names), size, tuple(raw.class_names), tuple(mean), tuple(std))
 
 
+def check_labels(raw: RawDataset, name: str) -> None:
+    """Every label in [0, number of classes): a bad one would fail mid-training ("Target 200 is out of bounds")."""
+    n = len(raw.class_names)
+    for split in ("train", "val", "test"):
+        source = getattr(raw, split)
+        labels = source.labels if source is not None else None
+        if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
+            raise UserError(f"data.name={name}: the {split} split holds label {bad}, but the dataset has {n} classes (0..{n - 1}); "
+                            "fix the dataset's labels or its class names")
+
+
 def build_data(cfg: Config) -> Data:
-    builder = DATASETS.get(cfg.data.name)
-    raw = builder(cfg.data)
+    raw = DATASETS.build(cfg.data.name, cfg.data)
     if not isinstance(raw, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(raw).__name__}, not distcls.data.RawDataset")
+    check_labels(raw, cfg.data.name)
     spec = data_spec(raw, cfg)
     splits = make_splits(raw, cfg.data, cfg.run.seed)
     pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, cfg.data.augment, cfg.run.seed)

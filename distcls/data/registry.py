@@ -9,7 +9,7 @@ from typing import Callable
 
 from distcls.plugins import Registry
 
-DATASETS: Registry = Registry("dataset", "data.name")
+DATASETS: Registry = Registry("dataset", "data.name", call=("cfg",))
 
 
 def register_dataset(name: str) -> Callable:

@@ -15,13 +15,13 @@ __all__ = ["MODELS", "register_model", "build_model"]
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
-    builder = MODELS.get(cfg.name)
     try:
-        model = builder(spec, cfg, **cfg.args)
-    except TypeError as exc:
-        if cfg.args:
-            raise UserError(f"model.args {cfg.args} do not fit model.name={cfg.name} ({exc})") from None
-        raise
+        model = MODELS.build(cfg.name, spec, cfg, kwargs=cfg.args, kwargs_key="model.args")
+    except (ValueError, RuntimeError) as exc:
+        if not cfg.args:
+            raise  # a builder's own failure on its defaults: the real traceback
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"model.name={cfg.name} cannot be built with model.args={cfg.args} ({first[:200]}); fix model.args") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name={cfg.name}: the builder returned {type(model).__name__}, not an nn.Module")
     if cfg.pretrained:

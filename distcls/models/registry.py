@@ -9,7 +9,7 @@ from typing import Callable
 
 from distcls.plugins import Registry
 
-MODELS: Registry = Registry("model", "model.name")
+MODELS: Registry = Registry("model", "model.name", call=("spec", "cfg"))
 
 
 def register_model(name: str) -> Callable:

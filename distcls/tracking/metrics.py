@@ -38,7 +38,8 @@ class MetricsLog:
         """Keep only records up to global step `step` (resume); a fresh run passes -1."""
         if not self.enabled:
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step] if step >= 0 else []
+        # a test record comes after the final checkpoint: a resumed run writes it again
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step and r.get("split") != "test"] if step >= 0 else []
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:

@@ -1,7 +1,7 @@
 """`python -m distcls.predict --checkpoint P IMAGE... [--top-k K]`: classify image files.
 
-Each image is decoded like the training data (shorter side resized to the model's input size,
-center crop, the checkpoint's channels and normalization). One line per image:
+Each image is decoded like the evaluation data (shorter side resized to data.eval_resize, center
+crop of the model's input size, the checkpoint's channels and normalization). One line per image:
 `path<TAB>label<TAB>probability` (and the next K-1 guesses with --top-k).
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from distcls.cli import ArgumentParser, exit_with
+from distcls.data.images import BadImage
 from distcls.data.sources import decode_image
 from distcls.errors import UserError
 from distcls.inference import restore
@@ -40,9 +41,9 @@ def main(argv: Sequence[str]) -> int:
         if not Path(path).is_file():
             raise UserError(f"image {path} does not exist")
         try:
-            images.append(decode_image(path, spec.image_size, spec.channels))
-        except Exception as exc:  # PIL raises many types for unreadable files
-            raise UserError(f"cannot read image {path} ({type(exc).__name__}: {exc})") from None
+            images.append(decode_image(path, spec.image_size, spec.channels, restored.cfg.data.eval_resize))
+        except BadImage as exc:
+            raise UserError(f"{exc}; pass image files (jpg, png, ...)") from None
     batch = torch.stack(images).to(device)
     with torch.no_grad():
         x = restored.preprocess(batch, torch.arange(len(batch)), 0, train=False)

@@ -21,6 +21,7 @@ class Data:
     splits: Splits
     spec: DataSpec
     preprocess: Preprocess
+    skipped_files: tuple = ()  # bad image files left out before training (data.skip_bad_images=true)
 
 
 def data_spec(raw: RawDataset, cfg: Config) -> DataSpec:
@@ -40,7 +41,11 @@ def build_data(cfg: Config) -> Data:
     raw = builder(cfg.data)
     if not isinstance(raw, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(raw).__name__}, not distcls.data.RawDataset")
+    streaming = raw.train.streaming
+    if cfg.data.augment.random_resized_crop and not streaming:
+        raise ConfigError(f"data.augment.random_resized_crop applies to image folders (data.name=imagefolder), not to in-memory data.name={cfg.data.name}; "
+                          "use data.augment.crop_padding for those")
     spec = data_spec(raw, cfg)
     splits = make_splits(raw, cfg.data, cfg.run.seed)
     pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, cfg.data.augment, cfg.run.seed)
-    return Data(splits, spec, pre)
+    return Data(splits, spec, pre, tuple(raw.skipped_files))

@@ -26,9 +26,10 @@ class Restored:
 def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> Restored:
     ckpt = read_checkpoint(path, "--checkpoint")
     base = copy.deepcopy(ckpt["config"])
-    frozen = bool(base["model"].get("freeze_backbone"))
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
-    base["model"]["freeze_backbone"] = False
+    saved = config_mod.from_dict(copy.deepcopy(ckpt["config"])) if "freeze" in base["model"] else None
+    frozen = saved.model.frozen if saved is not None else bool(base["model"].get("freeze_backbone"))
+    base["model"]["freeze"], base["model"]["freeze_backbone"] = "none", None
     cfg = config_mod.load(None, overrides, base=base)
     spec = DataSpec.from_dict(ckpt["data_spec"])
     model = build_model(cfg.model, spec)

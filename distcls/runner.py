@@ -36,9 +36,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_model(cfg: Config, env: DistEnv, spec) -> tuple[nn.Module, nn.Module]:
+def prepare_model(cfg: Config, env: DistEnv, spec, log=lambda msg: None) -> tuple[nn.Module, nn.Module]:
     """(model to train: compiled and/or DDP-wrapped, raw module that owns the weights)."""
-    raw = build_model(cfg.model, spec)
+    raw = build_model(cfg.model, spec, log)
     check_forward(raw, spec, cfg.model.name)
     if cfg.train.sync_bn and env.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
@@ -94,7 +94,7 @@ class TrainingRun:
             torch.use_deterministic_algorithms(True, warn_only=env.device.type == "cuda")
         data = build_data(cfg)
         spec = data.spec
-        model, raw = prepare_model(cfg, env, spec)
+        model, raw = prepare_model(cfg, env, spec, self.console.info)
         optimizer = build_optimizer(raw, cfg.optim)
         max_steps = cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if self.debug else None)
         num_workers = 0 if self.debug else cfg.data.num_workers

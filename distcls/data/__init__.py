@@ -1,7 +1,10 @@
 """Data: dataset registry -> seeded splits -> per-rank loaders -> batched preprocessing."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from distcls import weights
 
 from distcls.config import Config
 from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
@@ -36,7 +39,21 @@ def data_spec(raw: RawDataset, cfg: Config) -> DataSpec:
     return DataSpec(channels, len(raw.class_names), size, tuple(raw.class_names), tuple(mean), tuple(std))
 
 
+def with_pretrained_preprocessing(cfg: Config) -> Config:
+    """torchvision weights bring their own preprocessing (mean/std, crop and resize sizes);
+    keys the config leaves null take those values, keys it sets win."""
+    if not (cfg.model.pretrained or "").startswith(weights.PREFIX):
+        return cfg
+    w, d = weights.resolve(cfg.model.pretrained), cfg.data
+    norm = {"mean": list(w.mean), "std": list(w.std)} if d.mean is None and w.mean is not None else {}
+    size = {"image_size": w.crop_size} if d.image_size is None and w.crop_size else {}
+    resize = ({"eval_resize": w.resize_size} if d.eval_resize is None and w.resize_size
+              and (d.image_size is None or d.image_size == w.crop_size) else {})
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **norm, **size, **resize))
+
+
 def build_data(cfg: Config) -> Data:
+    cfg = with_pretrained_preprocessing(cfg)
     builder = DATASETS.get(cfg.data.name)
     raw = builder(cfg.data)
     if not isinstance(raw, RawDataset):

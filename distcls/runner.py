@@ -99,11 +99,11 @@ class TrainingRun:
         max_steps = cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if self.debug else None)
         num_workers = 0 if self.debug else cfg.data.num_workers
         train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
-                             num_workers, max_steps, cfg.data.prefetch_factor)
+                             num_workers, max_steps, cfg.data.prefetch_factor, cfg.data.gpu_decode)
         eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
-        val = (eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, num_workers, cfg.data.prefetch_factor)
-               if data.splits.val else None)
-        test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, num_workers, cfg.data.prefetch_factor)
+        loading = (num_workers, cfg.data.prefetch_factor, cfg.data.gpu_decode)
+        val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, *loading) if data.splits.val else None
+        test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, *loading)
         for bad in data.skipped_files[:5]:
             self._warn_main(f"skipped bad image {bad}")
         if len(data.skipped_files) > 5:

@@ -167,3 +167,29 @@ def test_image_folder_world_size_invariance(tmp_path, folder):
         assert json.loads((out / "summary.json").read_text())["world_size"] == n
     assert ck[1]["step"] == ck[2]["step"] == 2 * (29 // 8)
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
+
+
+def test_gpu_decode_path_matches_the_worker_path(folder, tmp_path):
+    # data.gpu_decode's batch assembly, run with torchvision's CPU JPEG decoder (no GPU here):
+    # the same samples, labels and keyed crops as the worker path.
+    from distcls.data import gpu_decode
+
+    data = _data(folder)
+    src, keys = data.splits.train.source, [int(k) for k in data.splits.train.indices[:6]]
+    items = [gpu_decode.read_item(src, k, True, 0, 3) for k in keys]
+    images, labels, got_keys, bad = gpu_decode.assemble(items, src, True, 0, 3, torch.device("cpu"))
+    assert not bad and got_keys.tolist() == keys
+    for img, label, k in zip(images, labels, keys):
+        ref_img, ref_label, _, _ = src.load(k, True, 0, 3)
+        assert torch.equal(img, ref_img) and int(label) == ref_label
+    with pytest.raises(UserError, match="data.gpu_decode=true needs .* CUDA"):
+        BatchLoader(data.splits.train, GlobalBatchSampler(len(data.splits.train), 8, 1, 0, seed=0), torch.device("cpu"), gpu_decode=True)
+
+
+def test_worker_hash_equals_the_batched_hash():
+    from distcls.data.augment import keyed_uniform
+    from distcls.data.images import keyed_uniform_scalar
+
+    keys = torch.tensor([0, 1, 7, 123456789, 2 ** 40])
+    batched = keyed_uniform(3, 11, keys, 101)
+    assert [keyed_uniform_scalar(3, 11, int(k), 101) for k in keys] == batched.tolist()

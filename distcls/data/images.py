@@ -7,7 +7,8 @@ min-max), never clipped.
 
 Crops are computed in the coordinates of the decoded image and applied BEFORE resizing, so only
 the pixels that are kept get resized. RandomResizedCrop's choices are a pure function of
-(seed, epoch, sample key): any rank or worker makes the same crop of the same sample.
+(seed, epoch, sample key), the same counter-based hash as the in-memory path (augment.py): any
+rank or worker makes the same crop of the same sample.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ if True:  # noqa: E402  (imports after the filter)
     from torchvision.io import decode_jpeg as _tv_decode_jpeg  # noqa: F401  (GPU decoding, see gpu_decode.py)
 import torchvision.transforms.v2.functional as TF
 
-from distcls.data.augment import keyed_uniform
 
 
 class BadImage(Exception):
@@ -161,6 +161,20 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
 Box = tuple  # (top, left, height, width) in the decoded image's pixels
 
 RRC_TRIES = 10  # as torchvision: 10 tries at a random (area, ratio), then a central fallback crop
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def keyed_uniform_scalar(seed: int, epoch: int, key: int, stream: int) -> float:
+    """augment.keyed_uniform for one key, in plain Python (a worker draws a few per image)."""
+    h = _splitmix64(_splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ epoch) ^ stream) ^ (key & _M64))
+    return (h >> 11) / float(1 << 53)
 
 
 def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
@@ -168,9 +182,8 @@ def random_resized_crop_box(height: int, width: int, scale: Sequence[float], rat
     """torchvision's RandomResizedCrop.get_params, with every draw keyed by (seed, epoch, key)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    keys = torch.tensor([key])
     for i in range(RRC_TRIES):
-        u = [float(keyed_uniform(seed, epoch, keys, 100 + 4 * i + j)[0]) for j in range(4)]
+        u = [keyed_uniform_scalar(seed, epoch, key, 100 + 4 * i + j) for j in range(4)]
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
         w = int(round(math.sqrt(target_area * aspect)))

@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from distcls.data import gpu_decode as gpu
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import UserError
@@ -42,15 +43,16 @@ class _EpochBatches:
 class _FileViewDataset(torch.utils.data.Dataset):
     """Runs in the DataLoader workers: decode + crop + resize one file (never raises for a bad file)."""
 
-    def __init__(self, view: SplitView, train: bool, seed: int):
-        self.view, self.train, self.seed = view, train, seed
+    def __init__(self, view: SplitView, train: bool, seed: int, gpu_decode: bool = False):
+        self.view, self.train, self.seed, self.gpu_decode = view, train, seed, gpu_decode
 
     def __len__(self):
         return len(self.view)
 
     def __getitem__(self, item):
         pos, epoch = item
-        return self.view.source.load(int(self.view.indices[pos]), self.train, self.seed, epoch)
+        read = gpu.read_item if self.gpu_decode else type(self.view.source).load
+        return read(self.view.source, int(self.view.indices[pos]), self.train, self.seed, epoch)
 
 
 def _collate(items):
@@ -73,9 +75,13 @@ class BatchLoader:
     """
 
     def __init__(self, view: SplitView, sampler, device: torch.device, num_workers: int = 0, train: bool = False,
-                 seed: int = 0, prefetch_factor: int = 4):
+                 seed: int = 0, prefetch_factor: int = 4, gpu_decode: bool = False):
         self.view, self.sampler, self.device = view, sampler, device
         self.num_workers, self.train, self.seed, self.prefetch_factor = num_workers, train, seed, prefetch_factor
+        if gpu_decode and (device.type != "cuda" or not view.source.streaming):
+            raise UserError("data.gpu_decode=true needs data.name=imagefolder and a CUDA training device "
+                            f"(this run: {device.type}); set data.gpu_decode=false")
+        self.gpu_decode = gpu_decode
         self.dropped: list[str] = []
         self._loader = None
         if not view.source.streaming:
@@ -89,10 +95,19 @@ class BatchLoader:
     def _data_loader(self) -> DataLoader:
         if self._loader is None:
             workers = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-            self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed), batch_sampler=_EpochBatches(self.sampler),
-                                      num_workers=self.num_workers, collate_fn=_collate,
-                                      pin_memory=self.device.type == "cuda", **workers)
+            self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed, self.gpu_decode),
+                                      batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
+                                      collate_fn=gpu.collate if self.gpu_decode else _collate,
+                                      pin_memory=self.device.type == "cuda" and not self.gpu_decode, **workers)
         return self._loader
+
+    def _batches(self):
+        if not self.gpu_decode:
+            yield from self._data_loader()
+            return
+        epoch = getattr(self.sampler, "epoch", 0)
+        for items in self._data_loader():
+            yield gpu.assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.view.source.streaming:
@@ -101,7 +116,8 @@ class BatchLoader:
                 on_dev = pos.to(self.device)
                 yield Batch(self._images[on_dev], self._labels[on_dev], self.view.indices[pos])
             return
-        for images, labels, keys, bad in self._data_loader():
+        for batch in self._batches():
+            images, labels, keys, bad = batch
             if bad:
                 if not self.view.source.skip_bad:
                     raise UserError(f"{bad[0]}; delete or replace the file, or set data.skip_bad_images=true to skip such files")
@@ -112,12 +128,13 @@ class BatchLoader:
 
 
 def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, device,
-                 num_workers: int = 0, max_steps=None, prefetch_factor: int = 4) -> BatchLoader:
+                 num_workers: int = 0, max_steps=None, prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
     sampler = GlobalBatchSampler(len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps)
-    return BatchLoader(view, sampler, device, num_workers, train=True, seed=seed, prefetch_factor=prefetch_factor)
+    return BatchLoader(view, sampler, device, num_workers, train=True, seed=seed, prefetch_factor=prefetch_factor,
+                       gpu_decode=gpu_decode)
 
 
 def eval_loader(view: SplitView, global_batch: int, world_size: int, rank: int, device, num_workers: int = 0,
-                prefetch_factor: int = 4) -> BatchLoader:
+                prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
     sampler = EvalShardSampler(len(view), max(1, global_batch // world_size), world_size, rank)
-    return BatchLoader(view, sampler, device, num_workers, prefetch_factor=prefetch_factor)
+    return BatchLoader(view, sampler, device, num_workers, prefetch_factor=prefetch_factor, gpu_decode=gpu_decode)

@@ -64,5 +64,8 @@ def build_data(cfg: Config) -> Data:
                           "use data.augment.crop_padding for those")
     spec = data_spec(raw, cfg)
     splits = make_splits(raw, cfg.data, cfg.run.seed)
-    pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, cfg.data.augment, cfg.run.seed)
+    # Image folders flip in the DataLoader workers (on the uint8 crop, same key): not again on the device.
+    flipped_in_workers = streaming and getattr(getattr(raw.train, "policy", None), "hflip", False)
+    augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
+    pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, augment, cfg.run.seed)
     return Data(splits, spec, pre, tuple(raw.skipped_files))

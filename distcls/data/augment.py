@@ -57,7 +57,7 @@ class Preprocess:
             x = self._augment(x, keys, epoch)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255.0
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255.0
-        return torch.sub(x, mean).div_(std).contiguous(memory_format=memory_format)
+        return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)  # in place: x is this batch's own float copy
 
     def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == self.channels:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from distcls.data.images import BadImage, crop_resize, sniff
+from distcls.data.images import BadImage, sniff
 from distcls.data.images import _tv_decode_jpeg as decode_jpeg
 from distcls.data.images import ImageReadMode
 
@@ -69,8 +69,7 @@ def assemble(items, source, train: bool, seed: int, epoch: int, device: torch.de
             if isinstance(full, BadImage):
                 bad.append(str(full))
                 continue
-            box = source.policy.box(full.shape[1], full.shape[2], train, seed, epoch, index)
-            img = crop_resize(full, box, source.size)
+            img = source.policy.apply(full, train, seed, epoch, index)
         out.append(img)
         labels.append(label)
         keys.append(index)

@@ -67,7 +67,7 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
         raise UserError(f"no class folders in {train_dir}; expected {train_dir}/<class>/<image files>")
     aug = cfg.augment
     policy = CropPolicy(size, cfg.eval_resize or default_eval_resize(size),
-                        (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None)
+                        (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip)
     skipped = []
 
     def source(folder: Path):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
@@ -215,6 +216,10 @@ def crop_resize(img: torch.Tensor, box: Box, size: int) -> torch.Tensor:
     crop = img[:, top:top + h, left:left + w]
     if h == size and w == size:
         return crop.contiguous()
+    if img.dtype == torch.uint8 and img.device.type == "cpu":
+        # channels_last uint8 takes torch's vectorized antialiased kernel: ~2x faster than NCHW here
+        crop = crop[None].contiguous(memory_format=torch.channels_last)
+        return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].contiguous()
     return TF.resize(crop, [size, size], antialias=True)
 
 

@@ -50,17 +50,27 @@ class CropPolicy:
     Evaluation (and training without RandomResizedCrop): resize the shorter side to `eval_resize`,
     center crop `size` (torchvision's reference convention, 256 -> 224). Training with `rrc`: a
     RandomResizedCrop of (scale, ratio) keyed by (seed, epoch, sample key). Crops happen before
-    the resize, in the decoded image's pixels.
+    the resize, in the decoded image's pixels. `hflip`: the training flip, done here on the uint8
+    crop (keyed like augment.py's, stream 3), so the batched on-device augmentation skips it.
     """
     size: int
     eval_resize: int
     rrc: Optional[tuple] = None  # ((min_scale, max_scale), (min_ratio, max_ratio)), or None
+    hflip: bool = False
 
     def box(self, height: int, width: int, train: bool, seed: int, epoch: int, key: int):
         from distcls.data.images import center_crop_box, random_resized_crop_box
         if train and self.rrc is not None:
             return random_resized_crop_box(height, width, self.rrc[0], self.rrc[1], seed, epoch, key)
         return center_crop_box(height, width, self.size, self.eval_resize)
+
+    def apply(self, img: torch.Tensor, train: bool, seed: int, epoch: int, key: int) -> torch.Tensor:
+        """uint8 [C, H, W] (any size) -> uint8 [C, size, size]: crop, resize, and when training maybe flip."""
+        from distcls.data.images import crop_resize, keyed_uniform_scalar
+        out = crop_resize(img, self.box(img.shape[1], img.shape[2], train, seed, epoch, key), self.size)
+        if train and self.hflip and keyed_uniform_scalar(seed, epoch, key, 3) < 0.5:
+            out = out.flip(-1)
+        return out
 
 
 @dataclass
@@ -87,14 +97,13 @@ class FileSource(Dataset):
 
     def load(self, index: int, train: bool = False, seed: int = 0, epoch: int = 0):
         """(uint8 [C, size, size], label, index), or (None, label, index, message) for a bad file."""
-        from distcls.data.images import BadImage, crop_resize, read_image
+        from distcls.data.images import BadImage, read_image
         path, label = self.samples[index]
         try:
             img = read_image(path, self.channels)
         except BadImage as exc:
             return None, label, index, str(exc)
-        box = self.policy.box(img.shape[1], img.shape[2], train, seed, epoch, index)
-        return crop_resize(img, box, self.size), label, index, None
+        return self.policy.apply(img, train, seed, epoch, index), label, index, None
 
     def __getitem__(self, index: int):
         img, label, index, bad = self.load(index)

@@ -27,6 +27,8 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> R
     ckpt = read_checkpoint(path, "--checkpoint")
     base = copy.deepcopy(ckpt["config"])
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
+    if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
+        base.setdefault("data", {})["image_size"] = ckpt["data_spec"]["image_size"]
     saved = config_mod.from_dict(copy.deepcopy(ckpt["config"])) if "freeze" in base["model"] else None
     frozen = saved.model.frozen if saved is not None else bool(base["model"].get("freeze_backbone"))
     base["model"]["freeze"], base["model"]["freeze_backbone"] = "none", None

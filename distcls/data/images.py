@@ -141,7 +141,8 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
         raise BadImage(f"image {path} is {'an empty file' if not data else 'not an image (unknown header)'}")
     try:
         if fmt in TORCHVISION_FORMATS:
-            t = _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY  # also CMYK, palette, alpha -> RGB/gray
+            t = _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
             if t.dim() == 4:  # animated GIF: first frame
                 t = t[0]
             t = _match_channels(to_uint8(t), channels)

@@ -388,6 +388,9 @@ def _check_cross_fields(cfg: Config) -> None:
                           "spelling of model.freeze: remove it and set model.freeze=none|backbone")
     if cfg.model.frozen and not cfg.model.pretrained:
         raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random backbone learns nothing")
+    if d.eval_resize is not None and d.image_size is not None and d.eval_resize < d.image_size:
+        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.image_size={d.image_size}: the center crop would not fit; "
+                          f"use at least {d.image_size} (or null for image_size/0.875)")
     for key in ("scale", "ratio"):
         value = getattr(d.augment, key)
         _number_list(value, f"data.augment.{key}", 2)

@@ -15,7 +15,7 @@ from distcls.data.images import BadImage, default_eval_resize, random_resized_cr
 from distcls.data.loader import BatchLoader
 from distcls.data.sampler import GlobalBatchSampler
 from distcls.data.sources import decode_image
-from distcls.errors import UserError
+from distcls.errors import ConfigError, UserError
 
 RRC = ["data.name=imagefolder", "data.image_size=16", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
        "data.split=[0.8, 0.1, 0.1]", "model.name=lenet"]
@@ -99,6 +99,16 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     Image.fromarray(np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(np.float32), mode="F").save(tmp_path / "f.tif")
     f = read_image(tmp_path / "f.tif", 1)
     assert int(f.min()) == 0 and int(f.max()) == 255 and abs(float(f.float().mean()) - 127.5) < 3
+
+
+def test_image_folder_config_errors():
+    with pytest.raises(ConfigError, match="data.eval_resize=200 is smaller than data.image_size=224"):
+        config.load(None, ["data.image_size=224", "data.eval_resize=200"])
+    with pytest.raises(ConfigError, match="data.augment.scale' must be"):
+        config.load(None, ["data.augment.scale=[0.5, 1.5]"])
+    with pytest.raises(ConfigError, match="data.augment.ratio' must be"):
+        config.load(None, ["data.augment.ratio=[2, 1]"])
+
 
 
 def _bad_folder(tmp_path):

@@ -103,10 +103,9 @@ def test_mismatched_or_unknown_weights_are_clear_errors(tmp_path, monkeypatch):
         build_model(cfg.model, DataSpec(3, 10, 32))
     with pytest.raises(UserError, match="not a torchvision weights enum"):
         build_model(config.load(None, ["model.name=resnet18", "model.pretrained=torchvision:ResNet18_Weights.NOPE"]).model, DataSpec(3, 10, 32))
-    out = tmp_path / "cli"
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
-    proc = run_distcls("train", [f"run.out_dir={out}", "model.name=resnet18", f"model.pretrained={TV_NAME}", "model.freeze=backbone",
-                                 "data.image_size=32"], env={"TORCH_HOME": str(tmp_path / "empty")})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # through the CLI: exit 2, one line
+    proc = run_distcls("train", [f"run.out_dir={tmp_path / 'cli'}", "model.name=resnet18", f"model.pretrained={TV_NAME}",
+                                 "model.freeze=backbone", "data.image_size=32"], env={"TORCH_HOME": str(tmp_path / "empty")})
     assert_user_error(proc, TV_FILE, "copy it to")
 
 

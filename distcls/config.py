@@ -31,6 +31,9 @@ class AugmentConfig:
     crop_padding: int = _opt(0, "random crop of the original size after zero-padding by this many pixels (0 = off)", min=0)
     hflip: bool = _opt(False, "random horizontal flip with probability 0.5")
     rotation_deg: float = _opt(0.0, "random rotation in [-deg, +deg] (0 = off)", min=0.0, max=180.0)
+    random_resized_crop: bool = _opt(False, "imagefolder: RandomResizedCrop to data.image_size (a random area fraction and aspect ratio, then resize), keyed by (seed, epoch, sample)")
+    scale: list = _opt([0.08, 1.0], "RandomResizedCrop: [min, max] fraction of the image area (torchvision's default)")
+    ratio: list = _opt([0.75, 1.3333333333333333], "RandomResizedCrop: [min, max] aspect ratio w/h (torchvision's default, 3/4..4/3)")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class DataConfig:
     batch_size: int = _opt(64, "GLOBAL training batch, split evenly across ranks (and accum_steps)", min=1)
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
     num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
+    prefetch_factor: int = _opt(4, "imagefolder: batches each DataLoader worker decodes ahead", min=1)
+    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.image_size (null = image_size/0.875, e.g. 256 for 224)", min=4)
+    skip_bad_images: bool = _opt(False, "imagefolder: leave out corrupt, empty or non-image files (warned, counted in summary.json) instead of stopping with an error that names them")
+    gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and crop/resize there")
     val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, and 10% more is the test split)", min=0.0, max=0.8)
     split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]")
     max_train_samples: Optional[int] = _opt(None, "use only the first N training samples after the split (null = all)", min=1)
@@ -66,9 +73,15 @@ class DataConfig:
 class ModelConfig:
     name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | a registered name | 'pkg.module:builder'")
     cifar_stem: bool = _opt(False, "ResNets: 3x3 stride-1 stem and no max-pool (for 32x32 inputs)")
-    pretrained: Optional[str] = _opt(None, "path of a local state_dict file to start from (transfer learning)")
-    freeze_backbone: bool = _opt(False, "train only the classifier head; the backbone (and its BatchNorm) stays fixed")
+    pretrained: Optional[str] = _opt(None, "weights to start from (transfer learning): a local state_dict/checkpoint file, or 'torchvision:<WEIGHTS_ENUM>' (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) read from $TORCH_HOME/hub/checkpoints/ without network")
+    freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its BatchNorm statistics) stays fixed", choices=["none", "backbone"])
+    freeze_backbone: Optional[bool] = _opt(None, "deprecated spelling of model.freeze: true = backbone, false = none (null = not set)")
     args: dict = _opt({}, "extra keyword arguments for the model builder")
+
+    @property
+    def frozen(self) -> bool:
+        """The backbone is frozen (model.freeze=backbone, or the old model.freeze_backbone=true)."""
+        return self.freeze == "backbone" or self.freeze_backbone is True
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,7 @@ class OptimConfig:
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay", min=0.0)
     betas: list = _opt([0.9, 0.999], "Adam/AdamW betas")
+    backbone_lr_scale: float = _opt(1.0, "fine-tuning: the backbone's learning rate is optim.lr times this (the classifier head gets optim.lr), e.g. 0.1", min=0.0, exclusive_min=True)
 
 
 @dataclass(frozen=True)
@@ -396,5 +410,16 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"config key 'log.wandb.tags' must be a list of non-empty strings, e.g. [baseline, cifar10], got {cfg.log.wandb.tags!r}")
     if not cfg.run.out_dir:
         raise ConfigError("run.out_dir must name a directory")
-    if cfg.model.freeze_backbone and not cfg.model.pretrained:
-        raise ConfigError("model.freeze_backbone=true needs model.pretrained=<weights file>; a frozen random backbone learns nothing")
+    if cfg.model.freeze_backbone is False and cfg.model.freeze == "backbone":
+        raise ConfigError("model.freeze_backbone=false contradicts model.freeze=backbone; model.freeze_backbone is the old "
+                          "spelling of model.freeze: remove it and set model.freeze=none|backbone")
+    if cfg.model.frozen and not cfg.model.pretrained:
+        raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random backbone learns nothing")
+    if d.eval_resize is not None and d.image_size is not None and d.eval_resize < d.image_size:
+        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.image_size={d.image_size}: the center crop would not fit; "
+                          f"use at least {d.image_size} (or null for image_size/0.875)")
+    for key in ("scale", "ratio"):
+        value = getattr(d.augment, key)
+        _number_list(value, f"data.augment.{key}", 2)
+        if not (0 < value[0] <= value[1]) or (key == "scale" and value[1] > 1):
+            raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key == 'scale' else ''}, got {value}")

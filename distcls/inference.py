@@ -43,9 +43,12 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> R
     ckpt = read_checkpoint(path, "--checkpoint", resume=False)
     base = copy.deepcopy(ckpt["config"])
     check_stored_plugins(base, path, overrides)
-    frozen = bool(base["model"].get("freeze_backbone"))
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
-    base["model"]["freeze_backbone"] = False
+    if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
+        base.setdefault("data", {})["image_size"] = ckpt["data_spec"]["image_size"]
+    saved = config_mod.from_dict(copy.deepcopy(ckpt["config"])) if "freeze" in base["model"] else None
+    frozen = saved.model.frozen if saved is not None else bool(base["model"].get("freeze_backbone"))
+    base["model"]["freeze"], base["model"]["freeze_backbone"] = "none", None
     try:
         cfg = config_mod.load(None, overrides, base=base)
     except ConfigError as exc:

@@ -1,9 +1,9 @@
 """`python -m distcls.predict --checkpoint P [--top-k K] [--json] IMAGE_OR_DIR...`: classify image files.
 
 A directory means every image file in it (extensions as for imagefolder data), recursively, in
-sorted order; other files in a directory are ignored. Each image is decoded like the training data
-(shorter side resized to the model's input size, center crop, the checkpoint's channels and
-normalization). One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
+sorted order; other files in a directory are ignored. Each image is decoded like the evaluation data
+(shorter side resized to data.eval_resize, center crop of the model's input size, the checkpoint's
+channels and normalization). One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
 guesses with --top-k), or with --json one JSON object per line:
 `{"path": ..., "label": ..., "prob": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`.
 A missing, unreadable or non-image file gets ONE `distcls: error: ...` line on stderr naming it;
@@ -90,8 +90,8 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, decode_image(path, spec.image_size, spec.channels)))
-            except Exception as exc:  # PIL raises many types for unreadable and non-image files
+                pending.append((path, decode_image(path, spec.image_size, spec.channels, restored.cfg.data.eval_resize)))
+            except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:
             failed += 1

@@ -39,9 +39,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_model(cfg: Config, env: DistEnv, spec) -> tuple[nn.Module, nn.Module]:
+def prepare_model(cfg: Config, env: DistEnv, spec, log=lambda msg: None) -> tuple[nn.Module, nn.Module]:
     """(model to train: compiled and/or DDP-wrapped, raw module that owns the weights)."""
-    raw = build_model(cfg.model, spec)
+    raw = build_model(cfg.model, spec, log)
     check_forward(raw, spec, cfg.model.name)
     if cfg.train.sync_bn and env.distributed:
         raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
@@ -147,15 +147,20 @@ class TrainingRun:
             torch.use_deterministic_algorithms(True, warn_only=env.device.type == "cuda")
         data = build_data(cfg)
         spec = data.spec
-        model, raw = prepare_model(cfg, env, spec)
+        model, raw = prepare_model(cfg, env, spec, self.console.info)
         optimizer = build_optimizer(raw, cfg.optim)
         max_steps = cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if self.debug else None)
         num_workers = 0 if self.debug else cfg.data.num_workers
         train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
-                             num_workers, max_steps)
+                             num_workers, max_steps, cfg.data.prefetch_factor, cfg.data.gpu_decode)
         eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
-        val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, num_workers) if data.splits.val else None
-        test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, num_workers)
+        loading = (num_workers, cfg.data.prefetch_factor, cfg.data.gpu_decode)
+        val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, *loading) if data.splits.val else None
+        test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, *loading)
+        for bad in data.skipped_files[:5]:
+            self._warn_main(f"skipped bad image {bad}")
+        if len(data.skipped_files) > 5:
+            self._warn_main(f"... and {len(data.skipped_files) - 5} more bad images skipped (data.skip_bad_images=true)")
         steps_per_epoch = train.sampler.steps_per_epoch
         scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
         scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
@@ -267,6 +272,10 @@ class TrainingRun:
             self.console.end_epoch()
 
         result = trainer.evaluate(test, spec.num_classes)
+        loaders = [train, test] + ([val] if val is not None else [])
+        for bad in sorted({b for loader in loaders for b in loader.dropped}):
+            self.console.warn(f"rank {env.rank}: skipped an image that failed to decode: {bad}")
+        dropped = dist.all_reduce_sum(torch.tensor([float(sum(len(l.dropped) for l in loaders))], device=env.device))
         self._record({"epoch": cfg.train.epochs, "step": trainer.global_step, "split": "test", "loss": result.loss,
                       "acc": result.acc, "lr": optimizer.param_groups[0]["lr"], "images_per_sec": 0.0, "count": result.count}, wandb)
         summary = {
@@ -277,6 +286,8 @@ class TrainingRun:
             "wall_time_s": time.perf_counter() - wall, "skipped_steps": trainer.skipped_steps,
             "global_step": trainer.global_step, "resumed_from": resumed_from,
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
+            "skipped_bad_images": len(data.skipped_files),
+            "dropped_bad_image_reads": int(dropped.item()),
         }
         plots = {}
         if env.is_main:

@@ -25,6 +25,8 @@ def data_root(tmp_path_factory):
 SHRINK = {
     "seed_d_resnet18_flowers_transfer.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
                                               "data.image_size=32", "data.batch_size=8"],
+    "seed_d_resnet18_flowers_finetune.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
+                                              "data.image_size=32", "data.batch_size=8"],
     "imagenet_resnet50.yaml": ["data.root={root}/imagenet", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=8",
                                "data.val_fraction=0.1"],
 }

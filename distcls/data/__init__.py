@@ -1,7 +1,10 @@
 """Data: dataset registry -> seeded splits -> per-rank loaders -> batched preprocessing."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from distcls import weights
 
 from distcls.config import Config
 from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
@@ -21,6 +24,7 @@ class Data:
     splits: Splits
     spec: DataSpec
     preprocess: Preprocess
+    skipped_files: tuple = ()  # bad image files left out before training (data.skip_bad_images=true)
 
 
 def data_spec(raw: RawDataset, cfg: Config) -> DataSpec:
@@ -47,12 +51,33 @@ def check_labels(raw: RawDataset, name: str) -> None:
                             "fix the dataset's labels or its class names")
 
 
+def with_pretrained_preprocessing(cfg: Config) -> Config:
+    """torchvision weights bring their own preprocessing (mean/std, crop and resize sizes);
+    keys the config leaves null take those values, keys it sets win."""
+    if not (cfg.model.pretrained or "").startswith(weights.PREFIX):
+        return cfg
+    w, d = weights.resolve(cfg.model.pretrained), cfg.data
+    norm = {"mean": list(w.mean), "std": list(w.std)} if d.mean is None and w.mean is not None else {}
+    size = {"image_size": w.crop_size} if d.image_size is None and w.crop_size else {}
+    resize = ({"eval_resize": w.resize_size} if d.eval_resize is None and w.resize_size
+              and (d.image_size is None or d.image_size == w.crop_size) else {})
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **norm, **size, **resize))
+
+
 def build_data(cfg: Config) -> Data:
+    cfg = with_pretrained_preprocessing(cfg)
     raw = DATASETS.build(cfg.data.name, cfg.data)
     if not isinstance(raw, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(raw).__name__}, not distcls.data.RawDataset")
     check_labels(raw, cfg.data.name)
+    streaming = raw.train.streaming
+    if cfg.data.augment.random_resized_crop and not streaming:
+        raise ConfigError(f"data.augment.random_resized_crop applies to image folders (data.name=imagefolder), not to in-memory data.name={cfg.data.name}; "
+                          "use data.augment.crop_padding for those")
     spec = data_spec(raw, cfg)
     splits = make_splits(raw, cfg.data, cfg.run.seed)
-    pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, cfg.data.augment, cfg.run.seed)
-    return Data(splits, spec, pre)
+    # Image folders flip in the DataLoader workers (on the uint8 crop, same key): not again on the device.
+    flipped_in_workers = streaming and getattr(getattr(raw.train, "policy", None), "hflip", False)
+    augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
+    pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, augment, cfg.run.seed)
+    return Data(splits, spec, pre, tuple(raw.skipped_files))

@@ -48,21 +48,22 @@ class Preprocess:
 
     def __call__(self, images: torch.Tensor, keys: torch.Tensor, epoch: int, train: bool,
                  memory_format=torch.contiguous_format) -> torch.Tensor:
-        x = images.float().div_(255.0)
-        x = self._match_channels(x)
+        # Pixels stay on the 0..255 scale until the end: normalization folds in the /255, so a
+        # batch costs few passes over memory (this runs in the training process, per batch).
+        x = self._match_channels(images.float())
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
         if train:
             x = self._augment(x, keys, epoch)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=memory_format)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255.0
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255.0
+        return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)  # in place: x is this batch's own float copy
 
     def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == self.channels:
             return x
         if x.shape[1] == 1 and self.channels == 3:
-            return x.expand(-1, 3, -1, -1)
+            return x.expand(-1, 3, -1, -1).contiguous()
         if x.shape[1] == 3 and self.channels == 1:
             w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
             return (x * w).sum(dim=1, keepdim=True)
@@ -81,8 +82,9 @@ class Preprocess:
             bi = torch.arange(b, device=dev)[:, None, None]
             x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
         if aug.hflip:
-            flip = (keyed_uniform(self.seed, epoch, keys, 3) < 0.5).to(dev)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            flip = (keyed_uniform(self.seed, epoch, keys, 3) < 0.5).nonzero().squeeze(1).to(dev)
+            if len(flip):
+                x.index_copy_(0, flip, x.index_select(0, flip).flip(-1))  # x is this batch's own float copy
         if aug.rotation_deg > 0:
             u = keyed_uniform(self.seed, epoch, keys, 4)
             theta = ((u * 2 - 1) * aug.rotation_deg * math.pi / 180).to(dev, x.dtype)
@@ -91,4 +93,4 @@ class Preprocess:
             mat = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
             grid = F.affine_grid(mat, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return x.contiguous()
+        return x

@@ -11,8 +11,10 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from distcls.data import gpu_decode as gpu
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
+from distcls.errors import UserError
 
 
 @dataclass
@@ -22,23 +24,66 @@ class Batch:
     keys: torch.Tensor  # int64 [B] dataset indices: the augmentation key
 
 
-class _ViewDataset(torch.utils.data.Dataset):
-    def __init__(self, view: SplitView):
-        self.view = view
+class _EpochBatches:
+    """The sampler's batches as [(position, epoch), ...]: the epoch travels with each index, so
+    persistent workers (created once) still key their random crops by the current epoch."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)
+        for positions in self.sampler:
+            yield [(p, epoch) for p in positions]
+
+
+class _FileViewDataset(torch.utils.data.Dataset):
+    """Runs in the DataLoader workers: decode + crop + resize one file (never raises for a bad file)."""
+
+    def __init__(self, view: SplitView, train: bool, seed: int, gpu_decode: bool = False):
+        self.view, self.train, self.seed, self.gpu_decode = view, train, seed, gpu_decode
 
     def __len__(self):
         return len(self.view)
 
-    def __getitem__(self, pos):
-        return self.view.source[int(self.view.indices[pos])]
+    def __getitem__(self, item):
+        pos, epoch = item
+        read = gpu.read_item if self.gpu_decode else type(self.view.source).load
+        return read(self.view.source, int(self.view.indices[pos]), self.train, self.seed, epoch)
+
+
+def _collate(items):
+    good = [it for it in items if it[0] is not None]
+    bad = [it[3] for it in items if it[0] is None]
+    if not good:
+        return None, None, None, bad
+    return (torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good], dtype=torch.long),
+            torch.tensor([it[2] for it in good], dtype=torch.long), bad)
 
 
 class BatchLoader:
-    """Iterates this rank's batches of one split; `sampler` decides which positions."""
+    """Iterates this rank's batches of one split; `sampler` decides which positions.
 
-    def __init__(self, view: SplitView, sampler, device: torch.device, num_workers: int = 0):
+    File sources stream through ONE DataLoader per split, created on first use: persistent
+    workers, `prefetch_factor` batches ahead per worker, pinned memory for CUDA. Workers return
+    uint8 images; normalization and the remaining augmentation run batched on the device.
+    A file that fails to decode is an error naming it, or (source.skip_bad) dropped from its
+    batch and listed in `dropped`.
+    """
+
+    def __init__(self, view: SplitView, sampler, device: torch.device, num_workers: int = 0, train: bool = False,
+                 seed: int = 0, prefetch_factor: int = 4, gpu_decode: bool = False):
         self.view, self.sampler, self.device = view, sampler, device
-        self.num_workers = num_workers
+        self.num_workers, self.train, self.seed, self.prefetch_factor = num_workers, train, seed, prefetch_factor
+        if gpu_decode and (device.type != "cuda" or not view.source.streaming):
+            raise UserError("data.gpu_decode=true needs data.name=imagefolder and a CUDA training device "
+                            f"(this run: {device.type}); set data.gpu_decode=false")
+        self.gpu_decode = gpu_decode
+        self.dropped: list[str] = []
+        self._loader = None
         if not view.source.streaming:
             src = view.source
             self._images = src.images[view.indices].to(device)
@@ -47,6 +92,23 @@ class BatchLoader:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def _data_loader(self) -> DataLoader:
+        if self._loader is None:
+            workers = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+            self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed, self.gpu_decode),
+                                      batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
+                                      collate_fn=gpu.collate if self.gpu_decode else _collate,
+                                      pin_memory=self.device.type == "cuda" and not self.gpu_decode, **workers)
+        return self._loader
+
+    def _batches(self):
+        if not self.gpu_decode:
+            yield from self._data_loader()
+            return
+        epoch = getattr(self.sampler, "epoch", 0)
+        for items in self._data_loader():
+            yield gpu.assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
+
     def __iter__(self) -> Iterator[Batch]:
         if not self.view.source.streaming:
             for positions in self.sampler:
@@ -54,18 +116,25 @@ class BatchLoader:
                 on_dev = pos.to(self.device)
                 yield Batch(self._images[on_dev], self._labels[on_dev], self.view.indices[pos])
             return
-        loader = DataLoader(_ViewDataset(self.view), batch_sampler=list(self.sampler), num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=False)
-        for images, labels, keys in loader:
+        for batch in self._batches():
+            images, labels, keys, bad = batch
+            if bad:
+                if not self.view.source.skip_bad:
+                    raise UserError(f"{bad[0]}; delete or replace the file, or set data.skip_bad_images=true to skip such files")
+                self.dropped.extend(bad)
+                if images is None:
+                    raise UserError(f"every image of a batch is unreadable ({bad[0]}, ...); fix or remove these files")
             yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), keys)
 
 
 def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, device,
-                 num_workers: int = 0, max_steps=None) -> BatchLoader:
+                 num_workers: int = 0, max_steps=None, prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
     sampler = GlobalBatchSampler(len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps)
-    return BatchLoader(view, sampler, device, num_workers)
+    return BatchLoader(view, sampler, device, num_workers, train=True, seed=seed, prefetch_factor=prefetch_factor,
+                       gpu_decode=gpu_decode)
 
 
-def eval_loader(view: SplitView, global_batch: int, world_size: int, rank: int, device, num_workers: int = 0) -> BatchLoader:
+def eval_loader(view: SplitView, global_batch: int, world_size: int, rank: int, device, num_workers: int = 0,
+                prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
     sampler = EvalShardSampler(len(view), max(1, global_batch // world_size), world_size, rank)
-    return BatchLoader(view, sampler, device, num_workers)
+    return BatchLoader(view, sampler, device, num_workers, prefetch_factor=prefetch_factor, gpu_decode=gpu_decode)

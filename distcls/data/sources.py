@@ -43,13 +43,50 @@ class TensorSource:
         return TensorSource(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]))
 
 
+@dataclass(frozen=True)
+class CropPolicy:
+    """How a file source turns a decoded image into a size x size training/evaluation image.
+
+    Evaluation (and training without RandomResizedCrop): resize the shorter side to `eval_resize`,
+    center crop `size` (torchvision's reference convention, 256 -> 224). Training with `rrc`: a
+    RandomResizedCrop of (scale, ratio) keyed by (seed, epoch, sample key). Crops happen before
+    the resize, in the decoded image's pixels. `hflip`: the training flip, done here on the uint8
+    crop (keyed like augment.py's, stream 3), so the batched on-device augmentation skips it.
+    """
+    size: int
+    eval_resize: int
+    rrc: Optional[tuple] = None  # ((min_scale, max_scale), (min_ratio, max_ratio)), or None
+    hflip: bool = False
+
+    def box(self, height: int, width: int, train: bool, seed: int, epoch: int, key: int):
+        from distcls.data.images import center_crop_box, random_resized_crop_box
+        if train and self.rrc is not None:
+            return random_resized_crop_box(height, width, self.rrc[0], self.rrc[1], seed, epoch, key)
+        return center_crop_box(height, width, self.size, self.eval_resize)
+
+    def apply(self, img: torch.Tensor, train: bool, seed: int, epoch: int, key: int) -> torch.Tensor:
+        """uint8 [C, H, W] (any size) -> uint8 [C, size, size]: crop, resize, and when training maybe flip."""
+        from distcls.data.images import crop_resize, keyed_uniform_scalar
+        out = crop_resize(img, self.box(img.shape[1], img.shape[2], train, seed, epoch, key), self.size)
+        if train and self.hflip and keyed_uniform_scalar(seed, epoch, key, 3) < 0.5:
+            out = out.flip(-1)
+        return out
+
+
 @dataclass
 class FileSource(Dataset):
-    """Image files decoded to uint8 [C, size, size]: shorter side resized to `size`, center crop."""
+    """Image files decoded on demand to uint8 [C, size, size] (see CropPolicy)."""
     samples: list  # [(path, label)]
     size: int
     channels: int = 3
+    policy: Optional[CropPolicy] = None  # None: resize to size/0.875, center crop
+    skip_bad: bool = False  # a file that fails to decode is dropped from its batch (warned, counted)
     streaming = True
+
+    def __post_init__(self):
+        if self.policy is None:
+            from distcls.data.images import default_eval_resize
+            self.policy = CropPolicy(self.size, default_eval_resize(self.size))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -58,23 +95,36 @@ class FileSource(Dataset):
     def labels(self) -> torch.Tensor:
         return torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
-    def __getitem__(self, index: int):
+    def load(self, index: int, train: bool = False, seed: int = 0, epoch: int = 0):
+        """(uint8 [C, size, size], label, index), or (None, label, index, message) for a bad file."""
+        from distcls.data.images import BadImage, read_image
         path, label = self.samples[index]
-        return decode_image(path, self.size, self.channels), label, index
+        try:
+            img = read_image(path, self.channels)
+        except BadImage as exc:
+            return None, label, index, str(exc)
+        return self.policy.apply(img, train, seed, epoch, index), label, index, None
+
+    def __getitem__(self, index: int):
+        img, label, index, bad = self.load(index)
+        if img is None:
+            from distcls.errors import UserError
+            raise UserError(bad)
+        return img, label, index
 
     def concat(self, other: "FileSource") -> "FileSource":
-        return FileSource(self.samples + other.samples, self.size, self.channels)
+        return FileSource(self.samples + other.samples, self.size, self.channels, self.policy, self.skip_bad)
 
 
-def decode_image(path, size: int, channels: int) -> torch.Tensor:
-    from PIL import Image
-    from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+def decode_image(path, size: int, channels: int, eval_resize: Optional[int] = None) -> torch.Tensor:
+    """One image file as distcls evaluates it: uint8 [channels, size, size] (16-bit/float scaled to 8 bits).
 
-    with Image.open(path) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        t = pil_to_tensor(img)
-    t = resize(t, size, antialias=True)
-    return center_crop(t, [size, size])
+    Raises `images.BadImage` (a message naming the file) when it cannot be decoded.
+    """
+    from distcls.data.images import crop_resize, default_eval_resize, read_image
+    img = read_image(path, channels)
+    policy = CropPolicy(size, eval_resize or default_eval_resize(size))
+    return crop_resize(img, policy.box(img.shape[1], img.shape[2], False, 0, 0, 0), size)
 
 
 Source = Union[TensorSource, FileSource]
@@ -101,6 +151,7 @@ class RawDataset:
     mean: Sequence[float]
     std: Sequence[float]
     val: Optional[Source] = None  # an official validation split, if the dataset has one
+    skipped_files: Sequence[str] = ()  # bad files left out before training (data.skip_bad_images=true)
 
 
 @dataclass(frozen=True)

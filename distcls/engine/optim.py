@@ -6,14 +6,19 @@ import math
 import torch
 
 from distcls.config import OptimConfig, SchedConfig
+from distcls.models.transfer import classifier_head, is_head
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    # No weight decay on biases and normalization parameters (1-d tensors), as in the torchvision recipes.
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Fine-tuning: the backbone learns at optim.lr * backbone_lr_scale, the classifier head at optim.lr.
+    head = classifier_head(model) if cfg.backbone_lr_scale != 1.0 else None
+    groups = []
+    for part_lr, part in ((cfg.lr, [p for n, p in named if head is None or is_head(n, head)]),
+                          (cfg.lr * cfg.backbone_lr_scale, [p for n, p in named if head is not None and not is_head(n, head)])):
+        # No weight decay on biases and normalization parameters (1-d tensors), as in the torchvision recipes.
+        groups += [{"params": [p for p in part if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": part_lr},
+                   {"params": [p for p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": part_lr}]
     groups = [g for g in groups if g["params"]]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)

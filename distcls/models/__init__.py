@@ -1,8 +1,12 @@
 """Models: registry of the seed CNNs and torchvision ResNets, plus transfer learning."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
+
+from distcls import weights
 
 from distcls.config import ModelConfig
 from distcls.data.sources import DataSpec
@@ -14,7 +18,8 @@ from distcls.models.transfer import freeze_backbone, load_pretrained
 __all__ = ["MODELS", "register_model", "build_model"]
 
 
-def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
+def build_model(cfg: ModelConfig, spec: DataSpec, log: Callable[[str], None] = lambda msg: None) -> nn.Module:
+    """The registered network for `spec`, with model.pretrained loaded (reported through `log`) and model.freeze applied."""
     try:
         model = MODELS.build(cfg.name, spec, cfg, kwargs=cfg.args, kwargs_key="model.args")
     except (ValueError, RuntimeError) as exc:
@@ -25,8 +30,9 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name={cfg.name}: the builder returned {type(model).__name__}, not an nn.Module")
     if cfg.pretrained:
-        load_pretrained(model, cfg.pretrained)
-    if cfg.freeze_backbone:
+        report = load_pretrained(model, weights.resolve(cfg.pretrained).path, cfg.pretrained)
+        log(report.summary())
+    if cfg.frozen:
         model = freeze_backbone(model)
     return model
 

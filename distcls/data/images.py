@@ -1,0 +1,228 @@
+"""Image files -> uint8 tensors: decoding, a fast validity check, and the crop geometry.
+
+Decoding uses torchvision.io (libjpeg-turbo, libpng, libwebp) for JPEG/PNG/WebP/GIF and PIL for
+the other formats. Whatever the file holds, the result is uint8 [C, H, W] with C = 1 or 3:
+16-bit images are scaled (v * 255 / 65535), float images too ([0, 1] -> [0, 255]; other ranges
+min-max), never clipped.
+
+Crops are computed in the coordinates of the decoded image and applied BEFORE resizing, so only
+the pixels that are kept get resized. RandomResizedCrop's choices are a pure function of
+(seed, epoch, sample key), the same counter-based hash as the in-memory path (augment.py): any
+rank or worker makes the same crop of the same sample.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+# torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+if True:  # noqa: E402  (imports after the filter)
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as _tv_decode
+    from torchvision.io import decode_jpeg as _tv_decode_jpeg  # noqa: F401  (GPU decoding, see gpu_decode.py)
+import torchvision.transforms.v2.functional as TF
+
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded as an image; the message names the file and what is wrong."""
+
+
+# Magic numbers of the formats distcls reads. `tail`: the bytes a complete file ends with (a
+# truncated JPEG or PNG is caught here without decoding it).
+_FORMATS = (
+    ("jpeg", b"\xff\xd8\xff", 0, None),
+    ("png", b"\x89PNG\r\n\x1a\n", 0, b"IEND\xaeB`\x82"),
+    ("gif", b"GIF8", 0, None),
+    ("webp", b"WEBP", 8, None),
+    ("bmp", b"BM", 0, None),
+    ("tiff", b"II*\x00", 0, None),
+    ("tiff", b"MM\x00*", 0, None),
+    ("pnm", b"P", 0, None),
+)
+TORCHVISION_FORMATS = {"jpeg", "png", "gif", "webp"}
+
+
+def sniff(head: bytes) -> Optional[str]:
+    for name, magic, offset, _ in _FORMATS:
+        if head[offset:offset + len(magic)] == magic and (name != "pnm" or head[1:2] in b"123456"):
+            return name
+    return None
+
+
+def check_image_file(path) -> Optional[str]:
+    """Why `path` is not a usable image (None: it looks fine). Reads the first and last bytes only."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            if not head:
+                return "empty file"
+            fmt = sniff(head)
+            if fmt is None:
+                return "not an image (unknown header)"
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 16))
+            tail = f.read()
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if fmt == "jpeg" and b"\xff\xd9" not in tail:
+        return "truncated JPEG (no end-of-image marker)"
+    if fmt == "png" and not tail.endswith(b"IEND\xaeB`\x82"):
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def to_uint8(t: torch.Tensor) -> torch.Tensor:
+    """Scale any integer/float image tensor to uint8 without clipping its range away."""
+    if t.dtype == torch.uint8:
+        return t
+    if t.dtype == torch.uint16:
+        t = t.to(torch.int32)
+    if t.dtype.is_floating_point:
+        t = t.double()
+        lo, hi = float(t.min()), float(t.max())
+        if lo >= 0 and hi <= 1:
+            return (t * 255).round_().to(torch.uint8)
+        if lo < 0 or hi > 255:
+            t = (t - lo) / max(hi - lo, 1e-12) * 255
+        return t.round_().clamp_(0, 255).to(torch.uint8)
+    t = t.long()
+    hi = int(t.max()) if t.numel() else 0
+    if hi <= 255 and int(t.min()) >= 0:
+        return t.to(torch.uint8)
+    bits = 16 if hi < 65536 else 32
+    return ((t.clamp(min=0) * 255 + (1 << (bits - 1))) // ((1 << bits) - 1)).to(torch.uint8)
+
+
+def _match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
+    if t.shape[0] == channels:
+        return t
+    if t.shape[0] in (2, 4):  # gray+alpha, RGBA: drop alpha
+        t = t[:-1]
+    if t.shape[0] == 1 and channels == 3:
+        return t.expand(3, -1, -1).contiguous()
+    if t.shape[0] == 3 and channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(3, 1, 1)
+        return (t.double() * w).sum(0, keepdim=True).round_().to(torch.uint8)
+    return t
+
+
+def _decode_pil(path, channels: int) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+            arr = np.asarray(img)
+            t = torch.from_numpy(arr.astype(np.float64 if img.mode == "F" else np.int64))[None]
+            if img.mode.startswith("I;16"):
+                t = t.to(torch.int32).clamp(0, 65535).to(torch.uint16) if hasattr(torch, "uint16") else t
+            return _match_channels(to_uint8(t), channels)
+        img = img.convert("L" if channels == 1 else "RGB")
+        return torch.from_numpy(np.array(img)).view(img.height, img.width, -1).permute(2, 0, 1).contiguous()
+
+
+def read_image(path, channels: int = 3) -> torch.Tensor:
+    """Decode an image file to uint8 [channels, H, W]; raises BadImage naming the file."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise BadImage(f"image {path} is unreadable ({exc.strerror or exc})") from None
+    fmt = sniff(data[:16])
+    if not data or fmt is None:
+        raise BadImage(f"image {path} is {'an empty file' if not data else 'not an image (unknown header)'}")
+    try:
+        if fmt in TORCHVISION_FORMATS:
+            mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY  # also CMYK, palette, alpha -> RGB/gray
+            t = _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+            if t.dim() == 4:  # animated GIF: first frame
+                t = t[0]
+            t = _match_channels(to_uint8(t), channels)
+        else:
+            t = _decode_pil(path, channels)
+    except BadImage:
+        raise
+    except Exception as exc:  # decoders raise RuntimeError, OSError, ValueError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BadImage(f"image {path} cannot be decoded ({first[:200]})") from None
+    if t.shape[0] != channels or t.shape[1] < 1 or t.shape[2] < 1:
+        raise BadImage(f"image {path} decodes to an unusable shape {tuple(t.shape)}")
+    return t
+
+
+# --------------------------------------------------------------------------- crop geometry
+
+Box = tuple  # (top, left, height, width) in the decoded image's pixels
+
+RRC_TRIES = 10  # as torchvision: 10 tries at a random (area, ratio), then a central fallback crop
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def keyed_uniform_scalar(seed: int, epoch: int, key: int, stream: int) -> float:
+    """augment.keyed_uniform for one key, in plain Python (a worker draws a few per image)."""
+    h = _splitmix64(_splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ epoch) ^ stream) ^ (key & _M64))
+    return (h >> 11) / float(1 << 53)
+
+
+def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
+                            seed: int, epoch: int, key: int) -> Box:
+    """torchvision's RandomResizedCrop.get_params, with every draw keyed by (seed, epoch, key)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for i in range(RRC_TRIES):
+        u = [keyed_uniform_scalar(seed, epoch, key, 100 + 4 * i + j) for j in range(4)]
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[2] * (height - h + 1)), height - h)
+            left = min(int(u[3] * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height  # fallback: whole image, cropped to the ratio range, centered
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def center_crop_box(height: int, width: int, size: int, resize: int) -> Box:
+    """The region that 'resize the shorter side to `resize`, center crop size x size' keeps."""
+    side = min(height, width) * size / resize  # the crop's side in the original pixels
+    h, w = min(height, max(1, round(side))), min(width, max(1, round(side)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def crop_resize(img: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """Crop `box` out of uint8 [C, H, W], then resize it (bilinear, antialiased) to size x size."""
+    top, left, h, w = box
+    crop = img[:, top:top + h, left:left + w]
+    if h == size and w == size:
+        return crop.contiguous()
+    if img.dtype == torch.uint8 and img.device.type == "cpu":
+        # channels_last uint8 takes torch's vectorized antialiased kernel: ~2x faster than NCHW here
+        crop = crop[None].contiguous(memory_format=torch.channels_last)
+        return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].contiguous()
+    return TF.resize(crop, [size, size], antialias=True)
+
+
+def default_eval_resize(size: int) -> int:
+    return int(round(size / 0.875))

@@ -1,0 +1,53 @@
+"""`model.pretrained`: where the starting weights live, and the preprocessing they were trained with.
+
+`torchvision:<WEIGHTS_ENUM>` (e.g. `torchvision:ResNet18_Weights.IMAGENET1K_V1`) names torchvision's
+published weights. They are read from the local torch hub cache, `$TORCH_HOME/hub/checkpoints/`
+(torch.hub.get_dir()), under the file name of their URL; nothing is downloaded. Anything else is
+a path to a local state_dict or distcls checkpoint file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from distcls.errors import UserError
+
+PREFIX = "torchvision:"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    path: Path
+    mean: Optional[tuple] = None  # the weights' own preprocessing (torchvision weights only)
+    std: Optional[tuple] = None
+    crop_size: Optional[int] = None
+    resize_size: Optional[int] = None
+
+
+def _enum(name: str):
+    import torchvision
+
+    try:
+        return torchvision.models.get_weight(name)
+    except (KeyError, ValueError, AttributeError):
+        raise UserError(f"model.pretrained=torchvision:{name} is not a torchvision weights enum; use the form "
+                        "torchvision:<Model>_Weights.<NAME>, e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1") from None
+
+
+def resolve(spec: str) -> Pretrained:
+    """Where `model.pretrained` points; a torchvision file missing from the cache is a UserError saying how to get it."""
+    if not spec.startswith(PREFIX):
+        return Pretrained(Path(spec))
+    import torch
+
+    weights = _enum(spec[len(PREFIX):])
+    directory = Path(torch.hub.get_dir()) / "checkpoints"
+    path = directory / weights.url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; distcls does not download: fetch "
+                        f"{weights.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)")
+    t = weights.transforms()
+    crop = getattr(t, "crop_size", None)
+    resize = getattr(t, "resize_size", None)
+    return Pretrained(path, tuple(t.mean), tuple(t.std), crop[0] if crop else None, resize[0] if resize else None)

@@ -1,9 +1,10 @@
 """`python -m distcls.predict --checkpoint P [--top-k K] [--json] IMAGE_OR_DIR...`: classify image files.
 
 A directory means every image file in it (extensions as for imagefolder data), recursively, in
-sorted order; other files in a directory are ignored. Each image is decoded like the evaluation data
-(shorter side resized to data.eval_resize, center crop of the model's input size, the checkpoint's
-channels and normalization). One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
+sorted order; other files in a directory are ignored. Each image is decoded like the checkpoint's evaluation data: for
+image folders the shorter side resized to data.eval_resize (default input size / 0.875), for the
+in-memory datasets (whose images already have the model's input size) to the input size; then a
+center crop of the input size, the checkpoint's channels and normalization. One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
 guesses with --top-k), or with --json one JSON object per line:
 `{"path": ..., "label": ..., "prob": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`.
 A missing, unreadable or non-image file gets ONE `distcls: error: ...` line on stderr naming it;
@@ -21,6 +22,7 @@ import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.imagefolder import EXTENSIONS
+from distcls.data.images import default_eval_resize
 from distcls.data.sources import decode_image
 from distcls.errors import ExitCode, UserError
 from distcls.inference import restore
@@ -60,6 +62,13 @@ def expand(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
             yield item, f"image {item} does not exist"
 
 
+def eval_resize(data_cfg, size: int) -> int:
+    """The shorter side an image is resized to before the center crop, as in the checkpoint's evaluation."""
+    if data_cfg.eval_resize is not None:
+        return data_cfg.eval_resize
+    return default_eval_resize(size) if data_cfg.name == "imagefolder" else size
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,6 +76,7 @@ def main(argv: Sequence[str]) -> int:
     spec = restored.spec
     names = list(spec.class_names) if len(spec.class_names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
     k = min(args.top_k, spec.num_classes)
+    resize = eval_resize(restored.cfg.data, spec.image_size)
     failed = 0
     pending: list[tuple[str, torch.Tensor]] = []
 
@@ -90,7 +100,7 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, decode_image(path, spec.image_size, spec.channels, restored.cfg.data.eval_resize)))
+                pending.append((path, decode_image(path, spec.image_size, spec.channels, resize)))
             except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:

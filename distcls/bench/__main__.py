@@ -1,0 +1,43 @@
+"""`python -m distcls.bench MODE [options] [--out FILE]`; `python -m distcls.bench MODE --help` per mode."""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+from distcls.bench import checkpoint, throughput
+from distcls.cli import ArgumentParser, exit_with
+
+# mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
+MODES = {
+    "checkpoint": checkpoint,
+    "throughput": throughput,
+}
+
+
+def _summary_line(module) -> str:
+    return (module.__doc__ or "").strip().split("\n")[0]
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = ArgumentParser(prog="python -m distcls.bench", description="Measurements behind distcls's performance claims.")
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True, parser_class=ArgumentParser)
+    for name, module in MODES.items():
+        sub = modes.add_parser(name, help=_summary_line(module), description=module.__doc__)
+        module.add_arguments(sub)
+        sub.add_argument("--out", help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    module = MODES[args.mode]
+    result = module.run(args)
+    text = json.dumps(result, indent=2)
+    if hasattr(module, "render"):
+        module.render(result)
+    else:
+        print(text)
+    if args.out:
+        from distcls.io import atomic_write_text
+        atomic_write_text(args.out, text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    exit_with(main)

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from distcls.bench import checkpoint, throughput
+from distcls.bench import checkpoint, compare, throughput
 from distcls.cli import ArgumentParser, exit_with
 
 # mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
 MODES = {
     "checkpoint": checkpoint,
     "throughput": throughput,
+    "compare": compare,
 }
 
 

@@ -10,11 +10,13 @@ One process, one config (`--config F key=value ...`), four figures of training i
      machine's measured matmul peak for the training dtype
 a, b and c start from the same initial weights. Each round runs a, b and c (order rotated every
 round, so drift of a shared machine hits all alike); every run excludes its warm-up steps. The
-headline ratios a/b, a/c, a/d use the medians over rounds.
+headline a/b and a/c are medians of the per-round ratios (runs seconds apart); a/d uses a's
+median. The load average before and after is recorded: on a shared machine, repeat and compare.
 """
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 
@@ -27,9 +29,10 @@ VARIANTS = {"a": "distcls (engine)", "b": "hand-written loop", "c": "DataLoader 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the built-in default config)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run (default 20)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each timed run (default 3, at least 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of a, b, c (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed run (default 2, at least 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of a, b, c (default 5)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the tutorial pipeline c (default 2, as the CIFAR-10 tutorial)")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice, one per core)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also record a torch.profiler summary of N steps of a and of b (the evidence for a gap)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. model.name=lenet data.batch_size=128")
@@ -250,6 +253,8 @@ def run(args) -> dict:
     from distcls.runner import prepare_model, seed_everything
 
     cfg = config_mod.load(args.config, [*args.overrides, "log.every_steps=0"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     env = dist.detect(cfg.dist.device, cfg.dist.backend)
     seed_everything(cfg.run.seed)
     data = build_data(cfg)
@@ -266,6 +271,7 @@ def run(args) -> dict:
             "c": TutorialRun(cfg, env, data, fresh_model(), args.workers)}
     flops = flops_per_image(initial, cfg, spec, env.device, min(cfg.data.batch_size, 16))
 
+    load_before = os.getloadavg()
     images_per_sec = {k: [] for k in runs}
     peaks = []
     order = list(runs)
@@ -275,6 +281,7 @@ def run(args) -> dict:
         peaks.append(matmul_peak(env.device, cfg.train.amp))
     peak = max(peaks, key=lambda p: p["flops_per_s"])
     median = {k: _median(v) for k, v in images_per_sec.items()}
+    per_round = {f"a/{k}": [x / y for x, y in zip(images_per_sec["a"], images_per_sec[k])] for k in ("b", "c")}
     median["d"] = peak["flops_per_s"] / flops if flops else None
 
     result = {
@@ -293,8 +300,10 @@ def run(args) -> dict:
         "median_images_per_sec": {k: round(v, 1) if v is not None else None for k, v in median.items()},
         "flops_per_image": flops,
         "matmul_peak": {**peak, "all_rounds_flops_per_s": [p["flops_per_s"] for p in peaks]},
-        "ratios": {f"a/{k}": round(median["a"] / median[k], 3) if median[k] else None for k in ("b", "c", "d")},
-        "per_round_ratios": {f"a/{k}": [round(x / y, 3) for x, y in zip(images_per_sec["a"], images_per_sec[k])] for k in ("b", "c")},
+        "ratios": {"a/b": round(_median(per_round["a/b"]), 3), "a/c": round(_median(per_round["a/c"]), 3),
+                   "a/d": round(median["a"] / median["d"], 4) if median["d"] else None},
+        "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in per_round.items()},
+        "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     if args.profile:
         result["profile"] = {"a": _profile(runs["a"], args.profile), "b": _profile(runs["b"], args.profile)}
@@ -327,6 +336,8 @@ def render(result: dict) -> None:
     console = Console() if Console().is_terminal else Console(width=150)
     console.print(table)
     r = result["ratios"]
-    console.print(f"a/b {r['a/b']}   a/c {r['a/c']}   a/d {r['a/d']}   (per round a/b {result['per_round_ratios']['a/b']}, a/c {result['per_round_ratios']['a/c']})")
+    load = result["load_average_1min"]
+    console.print(f"a/b {r['a/b']}   a/c {r['a/c']}   a/d {r['a/d']}   (medians of per-round ratios: a/b {result['per_round_ratios']['a/b']}, "
+                  f"a/c {result['per_round_ratios']['a/c']}; load average {load['before']} -> {load['after']})")
     for k, text in result.get("profile", {}).items():
         console.print(f"\ntorch.profiler, run {k} ({result['variants'][k]}):\n{text}", markup=False, highlight=False)

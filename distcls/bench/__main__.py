@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from distcls.bench import checkpoint, compare, throughput
+from distcls.bench import checkpoint, compare, scaling, throughput
 from distcls.cli import ArgumentParser, exit_with
 
 # mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
@@ -12,6 +12,7 @@ MODES = {
     "checkpoint": checkpoint,
     "throughput": throughput,
     "compare": compare,
+    "scaling": scaling,
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
-from distcls.bench import checkpoint, compare, scaling, throughput
+from distcls.bench import checkpoint, compare, scaling, startup, throughput
 from distcls.cli import ArgumentParser, exit_with
 
 # mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
@@ -13,6 +13,7 @@ MODES = {
     "throughput": throughput,
     "compare": compare,
     "scaling": scaling,
+    "startup": startup,
 }
 
 

@@ -72,7 +72,7 @@ class EngineRun:
         self.trainer = Trainer(model, raw, optimizer, scheduler, scaler, cfg.train, data.preprocess, env.device)
         self.batch, self.device, self.epoch = cfg.data.batch_size, env.device, 0
 
-    def run(self, warmup: int, steps: int, profiler=None) -> float:
+    def run(self, warmup: int, steps: int) -> float:
         from distcls.bench.handwritten import sync
 
         done, t0 = 0, None
@@ -80,8 +80,6 @@ class EngineRun:
         def on_step_end(ctx) -> bool:
             nonlocal done, t0
             done += 1
-            if profiler is not None:
-                profiler.step()
             if done == warmup:
                 sync(self.device)
                 t0 = time.perf_counter()
@@ -116,11 +114,10 @@ class HandRun:
                 idx = perm[i * b:(i + 1) * b]
                 yield self.loop.preprocess(self.images[idx]), self.labels[idx]
 
-    def run(self, warmup: int, steps: int, profiler=None) -> float:
+    def run(self, warmup: int, steps: int) -> float:
         from distcls.bench.handwritten import timed_steps
 
-        step = self.loop.step if profiler is None else (lambda x, y: (self.loop.step(x, y), profiler.step()))
-        return timed_steps(self.batches(), step, warmup, steps, self.device)
+        return timed_steps(self.batches(), self.loop.step, warmup, steps, self.device)
 
 
 def tutorial_transform(spec, augment):
@@ -180,7 +177,7 @@ class TutorialRun:
                 yield (x.to(self.device, non_blocking=True).contiguous(memory_format=self.loop.memory_format),
                        y.to(self.device, non_blocking=True))
 
-    def run(self, warmup: int, steps: int, profiler=None) -> float:
+    def run(self, warmup: int, steps: int) -> float:
         from distcls.bench.handwritten import timed_steps
 
         batches = self.batches()
@@ -230,12 +227,13 @@ def matmul_peak(device, amp: str) -> dict:
 
 
 def _profile(run, steps: int) -> str:
+    """torch.profiler's op table (sorted by self time) over `steps` steps of one run, after one warm-up step."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps)) as prof:
-        run.run(1, steps + 2, profiler=prof)
+    with profile(activities=activities) as prof:
+        run.run(1, steps)
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=15)
 

@@ -1,6 +1,7 @@
 """`python -m distcls.bench MODE [options] [--out FILE]`; `python -m distcls.bench MODE --help` per mode."""
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Sequence
 
@@ -25,7 +26,8 @@ def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="python -m distcls.bench", description="Measurements behind distcls's performance claims.")
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True, parser_class=ArgumentParser)
     for name, module in MODES.items():
-        sub = modes.add_parser(name, help=_summary_line(module), description=module.__doc__)
+        sub = modes.add_parser(name, help=_summary_line(module), description=module.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.add_argument("--out", help="also write the JSON result to this file")
     args = parser.parse_args(argv)

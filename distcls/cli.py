@@ -25,6 +25,8 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see `{self.prog} --help`")
 
     def parse_args(self, args=None, namespace=None):
+        if any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions()):
+            return super().parse_args(args, namespace)  # sub-commands (bench MODE): argparse cannot intermix those
         return self.parse_intermixed_args(args, namespace)
 
 

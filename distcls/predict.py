@@ -22,8 +22,7 @@ import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.imagefolder import EXTENSIONS
-from distcls.data.images import default_eval_resize
-from distcls.data.sources import decode_image
+from distcls.data.sources import decode_image, default_eval_resize
 from distcls.errors import ExitCode, UserError
 from distcls.inference import restore
 

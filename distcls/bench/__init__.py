@@ -1,6 +1,7 @@
-"""Benchmarks behind performance claims (`python -m distcls.bench MODE`). Each mode is a module with
-`add_arguments(parser)` and `run(args) -> dict`.
+"""`python -m distcls.bench MODE [options] [--out FILE]`: the measurements behind performance claims.
 
-TEMPORARY scaffolding of the `imagefolder` branch: the bench package with its registry lands from
-another branch; there `imagefolder.py` is registered as one more mode.
+One module per mode (see `MODES` in `distcls/bench/__main__.py`). A mode module exposes
+`add_arguments(parser)` (its own options) and `run(args) -> dict` (the JSON result, written as is
+to --out); it may also expose `render(result)` to print a table instead of the JSON. Numbers are
+measurements, never test thresholds.
 """

@@ -1,28 +1,44 @@
-"""`python -m distcls.bench imagefolder [...]`, or the older modes `checkpoint|throughput|all` (legacy.py).
-
-TEMPORARY scaffolding (see __init__.py): a registry of modes, each with add_arguments/run.
-"""
+"""`python -m distcls.bench MODE [options] [--out FILE]`; `python -m distcls.bench MODE --help` per mode."""
 from __future__ import annotations
 
+import argparse
 import json
 from typing import Sequence
 
-from distcls.bench import imagefolder, legacy
+from distcls.bench import checkpoint, compare, imagefolder, scaling, startup, throughput
 from distcls.cli import ArgumentParser, exit_with
 
-MODES = {"imagefolder": imagefolder}
+# mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
+MODES = {
+    "checkpoint": checkpoint,
+    "throughput": throughput,
+    "compare": compare,
+    "scaling": scaling,
+    "startup": startup,
+    "imagefolder": imagefolder,
+}
+
+
+def _summary_line(module) -> str:
+    return (module.__doc__ or "").strip().split("\n")[0]
 
 
 def main(argv: Sequence[str]) -> int:
-    if not argv or argv[0] not in MODES:
-        return legacy.main(argv)
-    mode = MODES[argv[0]]
-    p = ArgumentParser(prog=f"python -m distcls.bench {argv[0]}", description=mode.__doc__.split("\n\n")[0])
-    p.add_argument("--out", help="also write the JSON result to this file")
-    mode.add_arguments(p)
-    args = p.parse_args(argv[1:])
-    text = json.dumps(mode.run(args), indent=2)
-    print(text)
+    parser = ArgumentParser(prog="python -m distcls.bench", description="Measurements behind distcls's performance claims.")
+    modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True, parser_class=ArgumentParser)
+    for name, module in MODES.items():
+        sub = modes.add_parser(name, help=_summary_line(module), description=module.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.add_argument("--out", help="also write the JSON result to this file")
+    args = parser.parse_args(argv)
+    module = MODES[args.mode]
+    result = module.run(args)
+    text = json.dumps(result, indent=2)
+    if hasattr(module, "render"):
+        module.render(result)
+    else:
+        print(text)
     if args.out:
         from distcls.io import atomic_write_text
         atomic_write_text(args.out, text + "\n")

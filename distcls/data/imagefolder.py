@@ -18,9 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from distcls.config import DataConfig
-from distcls.data.images import check_image_file, default_eval_resize
 from distcls.data.registry import register_dataset
-from distcls.data.sources import CropPolicy, FileSource, RawDataset
+from distcls.data.sources import CropPolicy, FileSource, RawDataset, default_eval_resize
 from distcls.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -44,6 +43,7 @@ def _scan(folder: Path, classes: list[str]) -> list:
 def check_files(samples: list, skip_bad: bool) -> tuple[list, list]:
     """(usable samples, ["path: reason", ...] of bad ones); without skip_bad a bad file is an error."""
     with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: two small reads per file
+        from distcls.data.images import check_image_file  # torchvision.io: imported only for image folders
         reasons = list(pool.map(check_image_file, [path for path, _ in samples]))
     bad = [f"{path}: {why}" for (path, _), why in zip(samples, reasons) if why]
     if bad and not skip_bad:

@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from distcls.data.sources import default_eval_resize  # noqa: F401  (re-exported)
+
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 if True:  # noqa: E402  (imports after the filter)
@@ -223,6 +225,3 @@ def crop_resize(img: torch.Tensor, box: Box, size: int) -> torch.Tensor:
         return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].contiguous()
     return TF.resize(crop, [size, size], antialias=True)
 
-
-def default_eval_resize(size: int) -> int:
-    return int(round(size / 0.875))

@@ -11,10 +11,15 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from distcls.data import gpu_decode as gpu
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import UserError
+
+
+def _gpu():
+    """data.gpu_decode's module (torchvision.io), imported only when it is used."""
+    from distcls.data import gpu_decode
+    return gpu_decode
 
 
 @dataclass
@@ -51,7 +56,7 @@ class _FileViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         pos, epoch = item
-        read = gpu.read_item if self.gpu_decode else type(self.view.source).load
+        read = _gpu().read_item if self.gpu_decode else type(self.view.source).load
         return read(self.view.source, int(self.view.indices[pos]), self.train, self.seed, epoch)
 
 
@@ -97,7 +102,7 @@ class BatchLoader:
             workers = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
             self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed, self.gpu_decode),
                                       batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
-                                      collate_fn=gpu.collate if self.gpu_decode else _collate,
+                                      collate_fn=_gpu().collate if self.gpu_decode else _collate,
                                       pin_memory=self.device.type == "cuda" and not self.gpu_decode, **workers)
         return self._loader
 
@@ -107,7 +112,7 @@ class BatchLoader:
             return
         epoch = getattr(self.sampler, "epoch", 0)
         for items in self._data_loader():
-            yield gpu.assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
+            yield _gpu().assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.view.source.streaming:

@@ -85,7 +85,6 @@ class FileSource(Dataset):
 
     def __post_init__(self):
         if self.policy is None:
-            from distcls.data.images import default_eval_resize
             self.policy = CropPolicy(self.size, default_eval_resize(self.size))
 
     def __len__(self) -> int:
@@ -116,12 +115,17 @@ class FileSource(Dataset):
         return FileSource(self.samples + other.samples, self.size, self.channels, self.policy, self.skip_bad)
 
 
+def default_eval_resize(size: int) -> int:
+    """The evaluation resize of torchvision's reference recipe: the shorter side to size / 0.875 (224 -> 256)."""
+    return int(round(size / 0.875))
+
+
 def decode_image(path, size: int, channels: int, eval_resize: Optional[int] = None) -> torch.Tensor:
     """One image file as distcls evaluates it: uint8 [channels, size, size] (16-bit/float scaled to 8 bits).
 
     Raises `images.BadImage` (a message naming the file) when it cannot be decoded.
     """
-    from distcls.data.images import crop_resize, default_eval_resize, read_image
+    from distcls.data.images import crop_resize, read_image
     img = read_image(path, channels)
     policy = CropPolicy(size, eval_resize or default_eval_resize(size))
     return crop_resize(img, policy.box(img.shape[1], img.shape[2], False, 0, 0, 0), size)

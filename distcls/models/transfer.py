@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.ops import FrozenBatchNorm2d
 
 from dataclasses import dataclass, field
 
@@ -82,6 +81,8 @@ def freeze_backbone(model: nn.Module) -> nn.Module:
 
 
 def _freeze_batchnorm(module: nn.Module, head: str, prefix: str = "") -> nn.Module:
+    from torchvision.ops import FrozenBatchNorm2d  # lazily: torchvision.ops imports torch._dynamo (~1 s)
+
     for name, child in module.named_children():
         full = prefix + name
         if isinstance(child, nn.BatchNorm2d) and not full.startswith(head):

@@ -1,0 +1,43 @@
+"""What the bench modes share: running distcls as a user would (subprocesses, real torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def train_cmd(args, nproc: int = 1) -> list:
+    if nproc == 1:
+        return [sys.executable, "-m", "distcls.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distcls.train", *args]
+
+
+def child_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def summary(out: Path) -> dict:
+    return json.loads((Path(out) / "summary.json").read_text())
+
+
+def run_train(args, nproc: int = 1) -> None:
+    subprocess.run(train_cmd(args, nproc), check=True, env=child_env(), stdout=subprocess.DEVNULL)
+
+
+def machine() -> dict:
+    """The machine a result was measured on (written into every result)."""
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return info

@@ -1,0 +1,149 @@
+"""`python -m distcls.bench MODE`: every mode runs on a tiny config and writes well-formed JSON.
+
+Benchmarks are not tests: no timing is a pass/fail condition here. What is checked is that each
+mode runs, that its JSON holds every figure it promises (finite, positive, one per round), that
+the headline ratios are what the per-round figures say, and that start-up stays lazy.
+"""
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, assert_ok, child_env, run_distcls
+from distcls.bench.__main__ import MODES, main
+from distcls.cli import run_cli
+
+TINY = ["data.batch_size=32", "data.val_fraction=0"]
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _bench(tmp_path, *argv) -> dict:
+    out = tmp_path / "bench.json"
+    assert run_cli(main, [*argv, "--out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def test_every_mode_module_has_the_mode_interface():
+    for name, module in MODES.items():
+        assert callable(module.add_arguments) and callable(module.run), name
+
+
+def test_compare_writes_every_figure_and_ratio(tmp_path, capsys):
+    r = _bench(tmp_path, "compare", "--steps", "2", "--warmup", "1", "--rounds", "2", "--workers", "0", "--threads", "1",
+               *TINY, "data.augment.crop_padding=1", "data.augment.hflip=true")
+    assert r["mode"] == "compare" and r["setup"]["batch_size"] == 32 and r["setup"]["augment"]["crop_padding"] == 1
+    for k in "abc":
+        assert len(r["images_per_sec"][k]) == 2 and all(map(_positive, r["images_per_sec"][k])), k
+    assert _positive(r["flops_per_image"]) and _positive(r["matmul_peak"]["flops_per_s"])
+    assert r["median_images_per_sec"]["d"] == pytest.approx(r["matmul_peak"]["flops_per_s"] / r["flops_per_image"], rel=1e-3)
+    for k in ("a/b", "a/c"):
+        assert r["ratios"][k] == pytest.approx(statistics.median(r["per_round_ratios"][k]), abs=2e-3)
+    assert 0 < r["ratios"]["a/d"] < 1  # nothing trains faster than its own FLOP ceiling
+    printed = capsys.readouterr().out
+    assert "a/b" in printed and "hand-written loop" in printed  # the table, not only the file
+
+
+def test_compare_flops_per_image_match_the_counted_convolutions():
+    from distcls import config
+    from distcls.bench.compare import flops_per_image
+    from distcls.data.sources import DataSpec
+    from distcls.models import build_model
+
+    cfg = config.load(None, ["model.name=lenet"])
+    model = build_model(cfg.model, DataSpec(3, 10, 32))
+    # LeNet forward: conv1 6x28x28x(3*25) + conv2 16x10x10x(6*25) + fc 400*120 + 120*84 + 84*10 MACs; backward = 2x forward
+    # (the first layer's input needs no gradient: its backward is one product, not two)
+    conv1 = 6 * 28 * 28 * 3 * 25
+    forward = conv1 + 16 * 10 * 10 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10
+    assert flops_per_image(model, cfg, DataSpec(3, 10, 32), torch.device("cpu"), 4) == 2 * (3 * forward - conv1)
+
+
+def test_compare_refuses_what_it_cannot_measure(capsys):
+    assert run_cli(main, ["compare", "--rounds", "0"]) == 2
+    assert run_cli(main, ["compare", "train.accum_steps=2"]) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 2 and all(l.startswith("distcls: error: ") for l in lines)
+    assert "--rounds" in lines[0] and "accum_steps" in lines[1]
+
+
+def test_handwritten_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
+    from distcls.bench.handwritten import augment
+
+    x = torch.rand(16, 3, 6, 6)
+    out = augment(x, 2, False, 0.0)
+    padded = F.pad(x, (2, 2, 2, 2))
+    for b in range(16):
+        assert any(torch.equal(out[b], padded[b, :, oy:oy + 6, ox:ox + 6]) for oy in range(5) for ox in range(5))
+    flipped = augment(x, 0, True, 0.0)
+    assert all(torch.equal(flipped[b], x[b]) or torch.equal(flipped[b], x[b].flip(-1)) for b in range(16))
+    assert not torch.equal(flipped, x) and not torch.equal(flipped, x.flip(-1))  # 2^-15 chance of all-equal flips
+
+
+def test_import_distcls_train_loads_nothing_heavy():
+    code = ("import sys, distcls.train; heavy = ('torchvision', 'wandb', 'matplotlib', 'sklearn', 'torch._dynamo');"
+            "print(' '.join(m for m in heavy if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    assert_ok(proc)
+    assert proc.stdout.split() == []
+
+
+def test_digits_read_from_the_bundled_csv_equal_scikit_learns_load_digits():
+    from sklearn.datasets import load_digits
+
+    from distcls.data.digits import _digits_arrays
+
+    images, labels = _digits_arrays()
+    ref = load_digits()
+    assert (images == ref.images).all() and (labels == ref.target).all()
+
+
+@pytest.mark.slow
+def test_startup_writes_import_and_first_step_times(tmp_path):
+    r = _bench(tmp_path, "startup", "--repeats", "1", "--case", "cnn2, digits")
+    assert set(r["import_s"]) == {"python (no import)", "torch", "distcls.train"}
+    assert all(_positive(v) for k, v in r["import_s"].items() if k != "python (no import)")
+    first, exit_s = r["command_to_first_step_s"]["cnn2, digits"], r["command_to_exit_s"]["cnn2, digits"]
+    assert _positive(first) and first <= exit_s
+    assert r["heavy_modules_loaded_by_import_distcls_train"] == []
+
+
+@pytest.mark.slow
+def test_scaling_runs_world_size_1_and_2_beside_the_hand_written_ddp_loop(tmp_path):
+    r = _bench(tmp_path, "scaling", "--epochs", "2", "--rounds", "1", "model.name=cnn2", *TINY)
+    for k in ("distcls_w1", "distcls_w2", "hand_w1", "hand_w2"):
+        assert len(r["images_per_sec"][k]) == 1 and _positive(r["images_per_sec"][k][0]), k
+    assert r["ratios"]["distcls_w2/w1"] == pytest.approx(r["images_per_sec"]["distcls_w2"][0] / r["images_per_sec"]["distcls_w1"][0], abs=2e-3)
+    assert r["distcls_test_acc"]["distcls_w1"] == r["distcls_test_acc"]["distcls_w2"]  # world-size invariant training
+
+
+@pytest.mark.slow
+def test_throughput_cli_writes_json(tmp_path):
+    out = tmp_path / "t.json"
+    proc = run_distcls("bench", ["throughput", "--epochs", "1", "--out", out, "model.name=cnn2", *TINY], timeout=300)
+    assert_ok(proc)
+    r = json.loads(out.read_text())
+    assert r == json.loads(proc.stdout) and _positive(r["world_1_images_per_sec"]) and _positive(r["world_2_images_per_sec"])
+
+
+@pytest.mark.slow
+def test_checkpoint_mode_writes_json(tmp_path):
+    r = _bench(tmp_path, "checkpoint", "--repeats", "1")
+    assert r["resnet18_checkpoint_mb"] > 40 and _positive(r["resnet18_save_s_median"])
+    assert r["sigterm_exit_code"] == 3
+
+
+def test_imagefolder_writes_both_pipelines_rates(tmp_path):
+    r = _bench(tmp_path, "imagefolder", "--images", "60", "--classes", "2", "--workers", "1", "--batch", "8", "--size", "32",
+               "--repeats", "1", "--steps", "0")
+    assert r["images"] == 60 and r["workers"] == 1 and r["crop"] == 32
+    rates = r["pipeline_images_per_sec"]
+    assert {"distcls", "torchvision"} <= set(rates), rates
+    assert "train_resnet18_images_per_sec" not in r  # --steps 0 skips the end-to-end measurement

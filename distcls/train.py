@@ -51,6 +51,9 @@ def main(argv: Sequence[str]) -> int:
         dist.init(env, cfg.dist.timeout_s)
         with torch.autograd.set_detect_anomaly(args.debug):
             run.run()
+        # Every rank leaves together: rank 0 may still be writing the summary and plots, and a gloo
+        # rank that tore down its process group meanwhile was seen to abort at exit under load.
+        dist.barrier()
     finally:
         run.close()
         dist.teardown()

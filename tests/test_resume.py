@@ -146,6 +146,7 @@ def test_resume_at_a_different_world_size(tmp_path):
     a, b = load_ckpt(two / "checkpoints/last.pt"), load_ckpt(one / "checkpoints/last.pt")
     assert b["world_size"] == 1 and a["world_size"] == 2
     assert max_weight_diff(a["model"], b["model"]) <= 1e-5
+    assert "saved at world size 2; resuming at world size 1" in proc.stdout + proc.stderr  # said in the log
 
 
 def test_truncated_last_falls_back_to_previous_checkpoint(reference, tmp_path):

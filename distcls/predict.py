@@ -23,7 +23,7 @@ import torch
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.imagefolder import EXTENSIONS
 from distcls.data.sources import decode_image, default_eval_resize
-from distcls.errors import ExitCode, UserError
+from distcls.errors import ExitCode
 from distcls.inference import restore
 
 

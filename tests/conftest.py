@@ -44,6 +44,18 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+def train_at_world_sizes(tmp_path, args, sizes=(1, 2)) -> dict:
+    """The same run at each world size (torchrun for more than 1): {world size: its last.pt}."""
+    import json
+    checkpoints = {}
+    for n in sizes:
+        out = tmp_path / f"w{n}"
+        assert_ok(run_distcls("train", [f"run.out_dir={out}", *args], nproc=n))
+        assert json.loads((out / "summary.json").read_text())["world_size"] == n
+        checkpoints[n] = load_ckpt(out / "checkpoints/last.pt")
+    return checkpoints
+
+
 def assert_ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
 

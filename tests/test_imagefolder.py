@@ -1,14 +1,11 @@
 """Image folders: keyed RandomResizedCrop, evaluation crops, decoding, bad files (generated files only)."""
-import json
-import math
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import fakedata
-from conftest import FAST, assert_ok, load_ckpt, max_weight_diff, run_distcls, train_in_process
+from conftest import FAST, load_ckpt, max_weight_diff, train_at_world_sizes, train_in_process
 from distcls import config
 from distcls.data import build_data, train_loader
 from distcls.data.images import BadImage, default_eval_resize, random_resized_crop_box, read_image
@@ -169,12 +166,7 @@ def test_image_folder_resume_is_exact(tmp_path, folder):
 @pytest.mark.slow
 def test_image_folder_world_size_invariance(tmp_path, folder):
     common = [*FAST, f"data.root={folder}", *RRC, "data.batch_size=8", "train.epochs=2", "data.num_workers=1"]
-    ck = {}
-    for n in (1, 2):
-        out = tmp_path / f"w{n}"
-        assert_ok(run_distcls("train", [f"run.out_dir={out}", *common], nproc=n))
-        ck[n] = load_ckpt(out / "checkpoints/last.pt")
-        assert json.loads((out / "summary.json").read_text())["world_size"] == n
+    ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * (29 // 8)
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
 

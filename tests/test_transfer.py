@@ -1,12 +1,10 @@
 """Transfer learning as users do it: pre-train, then frozen feature extraction or fine-tuning on a
 generated image folder with another number of classes; torchvision weights from a local hub cache."""
-import json
-
 import pytest
 import torch
 
 import fakedata
-from conftest import FAST, assert_ok, assert_user_error, load_ckpt, max_weight_diff, run_distcls, train_in_process
+from conftest import FAST, assert_user_error, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes, train_in_process
 from distcls import config
 from distcls.data import DataSpec
 from distcls.engine import build_optimizer
@@ -122,11 +120,6 @@ def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
     common = [*FAST, "data.name=imagefolder", f"data.root={flowers}", "data.image_size=16", "data.split=[0.75, 0, 0.25]",
               "model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={pretrained}", "model.freeze=backbone",
               "train.epochs=2", "data.batch_size=6", "data.augment.random_resized_crop=true", "data.augment.hflip=true"]
-    ck = {}
-    for n in (1, 2):
-        out = tmp_path / f"w{n}"
-        assert_ok(run_distcls("train", [f"run.out_dir={out}", *common], nproc=n))
-        ck[n] = load_ckpt(out / "checkpoints/last.pt")
-        assert json.loads((out / "summary.json").read_text())["world_size"] == n
+    ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * 3
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5

@@ -34,6 +34,9 @@ distcls_job_id() {  # the id scontrol requeue needs (array jobs: ARRAYID_TASKID)
   fi
 }
 
+# The scripts pass --cpus-per-task to srun explicitly: srun of some Slurm releases (22.05 among
+# them) does not take it from the batch allocation, and the training step would then get one core
+# per task for all its ranks and data-loading workers.
 distcls_run_requeueable() {  # usage: distcls_run_requeueable srun [SRUN_ARG...] COMMAND [ARG...]
   local child rc
   DISTCLS_SIGNALLED=0

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from distcls import dist
-from distcls.errors import UserError
+from distcls.errors import UserError, first_line
 from distcls.io import UnreadableCheckpoint, atomic_link, atomic_write_bytes, load_weights_only
 
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def load_state(obj, state: dict, path, key: str) -> None:
         obj.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         raise UserError(f"checkpoint {path}: its '{key}' state does not fit this run ({type(exc).__name__}: "
-                        f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}); resume with the config it was trained with") from None
+                        f"{first_line(exc, default='')}); resume with the config it was trained with") from None
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path) -> None:

@@ -3,6 +3,7 @@
 A `UserError` means bad config, bad usage or missing data: the CLI prints ONE line
 `distcls: error: <message>` and exits with code 2, never a traceback.
 """
+from __future__ import annotations
 
 
 class ExitCode:
@@ -11,6 +12,14 @@ class ExitCode:
     USAGE = 2  # bad config / bad usage / missing data or checkpoint
     PREEMPTED = 3  # SIGTERM/SIGUSR1/Ctrl-C: a resumable checkpoint was saved
     DIVERGED = 4  # non-finite loss with train.nonfinite=abort
+
+
+def first_line(exc: BaseException, default: str | None = None, limit: int = 200) -> str:
+    """An exception's first message line for a one-line error (`default`, else its type name, if it has none)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if default is None else default
+    return text.splitlines()[0][:limit]
 
 
 class UserError(Exception):

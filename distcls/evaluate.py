@@ -64,7 +64,7 @@ def main(argv: Sequence[str]) -> int:
 
 
 def build_report(args, result, spec, speed, world_size: int) -> dict:
-    names = list(spec.class_names) if len(spec.class_names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
+    names = spec.labels
     return {"checkpoint": str(args.checkpoint), "split": args.split, "count": result.count, "acc": result.acc,
             "top5_acc": result.top5_acc, "loss": result.loss, "world_size": world_size,
             "per_class_acc": dict(zip(names, result.per_class_acc)),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -74,8 +76,6 @@ def measure_speed(model: torch.nn.Module, preprocess: Preprocess, images: torch.
     runs after 5 warm-ups, median and 95th percentile in milliseconds. Each timed call ends with a
     device synchronization, so the numbers are wall-clock, not queued kernel launches.
     """
-    import time
-
     device = images.device
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     was_training = model.training
@@ -107,7 +107,6 @@ def measure_speed(model: torch.nn.Module, preprocess: Preprocess, images: torch.
         times.append((time.perf_counter() - t0) * 1000.0)
     model.train(was_training)
     times.sort()
-    import statistics
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     return {"device": f"{device} ({name})", "batch_size": batch_size, "images_per_sec": throughput,
             "latency_ms_batch1": {"median": statistics.median(times), "p95": times[min(len(times) - 1, int(0.95 * len(times)))],

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from distcls.errors import UserError
+from distcls.errors import UserError, first_line
 
 
 class UnreadableCheckpoint(UserError):
@@ -98,14 +98,9 @@ def _check_zip_integrity(p: Path, what: str) -> None:
         with zipfile.ZipFile(p) as archive:
             bad = archive.testzip()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-        raise UnreadableCheckpoint(f"{what} {p} is truncated or corrupt ({_first_line(exc)})") from None
+        raise UnreadableCheckpoint(f"{what} {p} is truncated or corrupt ({first_line(exc)})") from None
     if bad is not None:
         raise UnreadableCheckpoint(f"{what} {p} is corrupt: its entry {bad} fails the archive's CRC-32 check (flipped bits or a torn copy)")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def load_weights_only(path, what: str = "checkpoint"):
@@ -123,7 +118,7 @@ def load_weights_only(path, what: str = "checkpoint"):
     try:
         is_zip = zipfile.is_zipfile(p)
     except OSError as exc:
-        raise UnreadableCheckpoint(f"{what} {path} cannot be read ({_first_line(exc)})") from None
+        raise UnreadableCheckpoint(f"{what} {path} cannot be read ({first_line(exc)})") from None
     if is_zip:
         _check_zip_integrity(p, what)
     try:
@@ -139,4 +134,4 @@ def load_weights_only(path, what: str = "checkpoint"):
     except MemoryError:
         raise UnreadableCheckpoint(f"{what} {path} is corrupt (its sizes are implausible)") from None
     except Exception as exc:  # the unpickler raises IndexError/KeyError/struct.error/... on garbage: all mean corrupt
-        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {_first_line(exc)})") from None
+        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first_line(exc)})") from None

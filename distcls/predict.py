@@ -73,7 +73,7 @@ def main(argv: Sequence[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     restored = restore(args.checkpoint, device, args.override)
     spec = restored.spec
-    names = list(spec.class_names) if len(spec.class_names) == spec.num_classes else [str(i) for i in range(spec.num_classes)]
+    names = spec.labels
     k = min(args.top_k, spec.num_classes)
     resize = eval_resize(restored.cfg.data, spec.image_size)
     failed = 0

@@ -15,6 +15,7 @@ import torch
 from distcls.data.images import BadImage, sniff
 from distcls.data.images import _tv_decode_jpeg as decode_jpeg
 from distcls.data.images import ImageReadMode
+from distcls.errors import first_line
 
 
 def read_item(source, index: int, train: bool, seed: int, epoch: int):
@@ -41,7 +42,7 @@ def _decode_each(data: list, paths: list, mode, device) -> list:
         try:
             out.append(decode_jpeg(d, mode=mode, device=device))
         except RuntimeError as exc:
-            out.append(BadImage(f"image {path} cannot be decoded on the GPU ({str(exc).strip().splitlines()[0][:200]})"))
+            out.append(BadImage(f"image {path} cannot be decoded on the GPU ({first_line(exc)})"))
     return out
 
 

@@ -158,6 +158,11 @@ class RawDataset:
     skipped_files: Sequence[str] = ()  # bad files left out before training (data.skip_bad_images=true)
 
 
+def class_labels(names: Sequence[str], num_classes: int) -> list:
+    """`names` when there is one per class, else "0".."num_classes-1"."""
+    return list(names) if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about its inputs; stored in every checkpoint."""
@@ -167,6 +172,11 @@ class DataSpec:
     class_names: tuple = field(default=())
     mean: tuple = ()
     std: tuple = ()
+
+    @property
+    def labels(self) -> list:
+        """The class names to print: `class_names`, or "0".."n-1" when the dataset names no classes."""
+        return class_labels(self.class_names, self.num_classes)
 
     def to_dict(self) -> dict:
         return {"channels": self.channels, "num_classes": self.num_classes, "image_size": self.image_size,

@@ -10,7 +10,7 @@ from distcls import weights
 
 from distcls.config import ModelConfig
 from distcls.data.sources import DataSpec
-from distcls.errors import UserError
+from distcls.errors import UserError, first_line
 from distcls.models import resnet, seed_nets  # noqa: F401  (register builders)
 from distcls.models.registry import MODELS, register_model
 from distcls.models.transfer import freeze_backbone, load_pretrained
@@ -25,8 +25,7 @@ def build_model(cfg: ModelConfig, spec: DataSpec, log: Callable[[str], None] = l
     except (ValueError, RuntimeError) as exc:
         if not cfg.args:
             raise  # a builder's own failure on its defaults: the real traceback
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model.name={cfg.name} cannot be built with model.args={cfg.args} ({first[:200]}); fix model.args") from None
+        raise UserError(f"model.name={cfg.name} cannot be built with model.args={cfg.args} ({first_line(exc)}); fix model.args") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name={cfg.name}: the builder returned {type(model).__name__}, not an nn.Module")
     if cfg.pretrained:
@@ -51,7 +50,7 @@ def check_forward(model: nn.Module, spec: DataSpec, name: str) -> None:
     try:
         out = model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=next(model.parameters()).device))
     except RuntimeError as exc:
-        raise UserError(f"model.name={name} does not accept {spec.channels}x{spec.image_size}x{spec.image_size} inputs ({str(exc).splitlines()[0]}); change data.image_size") from None
+        raise UserError(f"model.name={name} does not accept {spec.channels}x{spec.image_size}x{spec.image_size} inputs ({first_line(exc)}); change data.image_size") from None
     finally:
         model.train(was_training)
     if out.shape[-1] != spec.num_classes:

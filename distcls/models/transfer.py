@@ -11,10 +11,10 @@ never a silent skip (inside the head it is expected: another number of classes).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
-
-from dataclasses import dataclass, field
 
 from distcls.errors import UserError
 from distcls.io import load_weights_only

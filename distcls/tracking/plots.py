@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from distcls.data.sources import class_labels
 from distcls.io import atomic_write_bytes
 
 CURVES, LR, CONFUSION, PER_CLASS, SAMPLES = "curves", "lr", "confusion", "per_class", "samples"
@@ -41,10 +42,6 @@ def _save(fig, path, dpi: int = 100) -> Path:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
-
-
-def class_names(names: Sequence[str], num_classes: int) -> list:
-    return list(names) if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 # ------------------------------------------------------------------------- curves from metrics.jsonl
@@ -152,7 +149,7 @@ def _class_ticks(ax, names: list, axis: str) -> None:
 def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:
     plt = _pyplot()
     n = confusion.shape[0]
-    names = class_names(names, n)
+    names = class_labels(names, n)
     counts = confusion.double()
     rows = counts / counts.sum(1, keepdim=True).clamp(min=1)
     side = min(24.0, max(5.0, 0.14 * n + 3)) if n > 12 else max(5.0, 0.5 * n + 2)
@@ -177,7 +174,7 @@ def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: s
 def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:
     plt = _pyplot()
     n = confusion.shape[0]
-    names = class_names(names, n)
+    names = class_labels(names, n)
     counts = confusion.double()
     totals = counts.sum(1)
     acc = (counts.diag() / totals.clamp(min=1)).tolist()
@@ -221,7 +218,7 @@ def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, spli
     x = src.preprocess(batch.images.to(src.device), batch.keys.to(src.device), 0, train=False)
     pred = src.model(x).float().argmax(1).cpu()
     src.model.train(was_training)
-    names = class_names(names, max(len(names), int(pred.max()) + 1, int(batch.labels.max()) + 1))
+    names = class_labels(names, max(len(names), int(pred.max()) + 1, int(batch.labels.max()) + 1))
     cols = min(8, len(pred))
     rows = -(-len(pred) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.5 * cols, 1.75 * rows + 0.4), squeeze=False)

@@ -25,7 +25,7 @@ import torch
 
 from distcls import dist
 from distcls.errors import UserError, first_line
-from distcls.io import UnreadableCheckpoint, atomic_link, atomic_write_bytes, load_weights_only
+from distcls.atomic_files import UnreadableCheckpoint, atomic_link, atomic_write_bytes, load_weights_only
 
 FORMAT_VERSION = 1
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")

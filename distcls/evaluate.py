@@ -19,7 +19,7 @@ from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
 from distcls.errors import UserError
 from distcls.inference import check_stored_plugins, measure_speed, restore
-from distcls.io import atomic_write_text
+from distcls.atomic_files import atomic_write_text
 
 
 def parse_args(argv: Sequence[str]):

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from distcls.errors import UserError
-from distcls.io import remove_stale_temps
+from distcls.atomic_files import remove_stale_temps
 
 LOCK_NAME = ".distcls.lock"
 SUBDIRS = ("checkpoints",)

@@ -23,7 +23,7 @@ from distcls.data import build_data, eval_loader, train_loader
 from distcls.dist import DistEnv
 from distcls.engine import Meter, StepContext, Trainer, build_optimizer, build_scheduler
 from distcls.errors import Preempted, UserError
-from distcls.io import atomic_write_text
+from distcls.atomic_files import atomic_write_text
 from distcls.models import build_model, check_forward, count_parameters
 from distcls.rundir import RunDirLock, check_outputs
 from distcls.signals import StopRequest

@@ -169,7 +169,7 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     script = f"""
 import os, sys
-import distcls.io as dio
+import distcls.atomic_files as dio
 from distcls import train
 from distcls.cli import run_cli
 calls = {{"n": 0}}

@@ -18,7 +18,7 @@ from conftest import FAST, ROOT, assert_ok, assert_user_error, child_env, load_c
 from distcls import config, dist, evaluate, predict, train
 from distcls.cli import run_cli
 from distcls.errors import ConfigError, UserError
-from distcls.io import UnreadableCheckpoint, load_weights_only
+from distcls.atomic_files import UnreadableCheckpoint, load_weights_only
 from distcls.tracking.metrics import read_jsonl
 import fakedata
 

@@ -40,7 +40,7 @@ def main(argv: Sequence[str]) -> int:
     else:
         print(text)
     if args.out:
-        from distcls.io import atomic_write_text
+        from distcls.atomic_files import atomic_write_text
         atomic_write_text(args.out, text + "\n")
     return 0
 

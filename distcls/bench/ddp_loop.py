@@ -70,7 +70,7 @@ def main(argv: Sequence[str]) -> int:
         batches = _batches(images, labels, cfg.data.batch_size, env.world_size, env.rank, env.device, loop, cfg.run.seed)
         local_ips = timed_steps(batches, loop.step, steps_per_epoch, (args.epochs - 1) * steps_per_epoch, env.device)
         if env.rank == 0:
-            from distcls.io import atomic_write_text
+            from distcls.atomic_files import atomic_write_text
             atomic_write_text(args.out, json.dumps({"world_size": env.world_size, "images_per_sec": local_ips * env.world_size,
                                                     "steps_per_epoch": steps_per_epoch, "timed_epochs": args.epochs - 1}) + "\n")
     finally:

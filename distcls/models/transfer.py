@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from distcls.errors import UserError
-from distcls.io import load_weights_only
+from distcls.atomic_files import load_weights_only
 
 
 def classifier_head(model: nn.Module) -> str:

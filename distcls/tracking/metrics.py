@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from distcls.io import atomic_write_text
+from distcls.atomic_files import atomic_write_text
 
 REQUIRED = ("epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time")
 

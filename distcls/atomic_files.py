@@ -4,9 +4,13 @@ Every write goes to a temp file in the same directory, is fsync'ed, renamed over
 the directory is fsync'ed: a crash at any moment leaves either the old file or the new one.
 Every torch file is read with `weights_only=True`; a file that needs arbitrary unpickling is
 refused and its code never runs.
+
+Tests only: `inject_fault(fn)` makes every atomic write in this process call `fn(stage, path, tmp)`
+at its named stages, so a test can crash or fail a write at an exact point (see its docstring).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -14,6 +18,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -35,6 +40,32 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+FaultHook = Callable[[str, Path, Path], None]
+_fault_hook: Optional[FaultHook] = None  # tests only, set by inject_fault; None in every real run
+
+
+@contextlib.contextmanager
+def inject_fault(fn: FaultHook) -> Iterator[FaultHook]:
+    """Tests only: while the context is open, every `atomic_write_bytes`/`atomic_write_text` in
+    this process calls `fn(stage, path, tmp)` (`path` the target, `tmp` its temp file) at:
+
+    - "written": the temp file holds all the bytes and is fsync'ed; the target is untouched.
+      An exception raised here takes the writer's own failure path (temp removed, target kept);
+      `os._exit` here is a machine dying before the rename (truncate `tmp` first for a torn write).
+    - "replaced": the temp file has been renamed over the target and the directory fsync'ed.
+
+    The hook sees every atomic write (config.yaml, metrics.jsonl, summary.json, checkpoints...):
+    pick the one you mean by `path.name`. The previous hook (normally none) is restored on exit.
+    Unused, the cost is one `is None` test per write.
+    """
+    global _fault_hook
+    previous, _fault_hook = _fault_hook, fn
+    try:
+        yield fn
+    finally:
+        _fault_hook = previous
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,11 +75,15 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if _fault_hook is not None:
+            _fault_hook("written", path, Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+    if _fault_hook is not None:
+        _fault_hook("replaced", path, Path(tmp))
 
 
 def atomic_write_text(path, text: str) -> None:

@@ -167,32 +167,29 @@ def test_truncated_last_falls_back_to_previous_checkpoint(reference, tmp_path):
 
 def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
+    # The 2nd write of last.pt (epoch 2's save) dies with half its bytes on disk, before the rename;
+    # every other atomic write (config.yaml, metrics.jsonl, summary.json, links) goes through untouched.
     script = f"""
 import os, sys
-import distcls.atomic_files as dio
-from distcls import train
+from distcls import atomic_files, train
 from distcls.cli import run_cli
-calls = {{"n": 0}}
-real_fdopen = os.fdopen
-class HalfWriter:
-    def __init__(self, f): self.f = f
-    def __enter__(self): return self
-    def __exit__(self, *a): return False
-    def write(self, data):
-        self.f.write(data[: len(data) // 2]); self.f.flush()
-        os._exit(9)  # the machine dies mid-write
-def crashing_fdopen(fd, mode="r", *a, **k):
-    calls["n"] += 1
-    f = real_fdopen(fd, mode, *a, **k)
-    return HalfWriter(f) if calls["n"] == 4 else f
-dio.os.fdopen = crashing_fdopen
-sys.exit(run_cli(train.main, {[f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0"]!r}))
+writes_of_last = []
+def machine_dies_mid_write(stage, path, tmp):
+    if stage == "written" and path.name == "last.pt":
+        writes_of_last.append(path)
+        if len(writes_of_last) == 2:
+            os.truncate(tmp, tmp.stat().st_size // 2)  # the torn temp file a dying machine leaves
+            os._exit(9)
+with atomic_files.inject_fault(machine_dies_mid_write):
+    code = run_cli(train.main, {[f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0"]!r})
+sys.exit(code)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9
     ck = load_ckpt(out / "checkpoints/last.pt")  # the previous save is intact
     assert ck["epoch"] == 1
-    assert list((out / "checkpoints").glob(".last.pt.*.tmp"))  # the torn temp file, never renamed
+    torn = list((out / "checkpoints").glob(".last.pt.*.tmp"))  # the torn temp file, never renamed
+    assert len(torn) == 1 and torn[0].stat().st_size < (out / "checkpoints/last.pt").stat().st_size
     resumed = run_distcls("train", [f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0", "--resume", "auto"])
     assert_ok(resumed)
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 3

@@ -101,7 +101,7 @@ class SchedConfig:
     warmup_epochs: float = _opt(0.0, "linear warmup length in epochs (fractions allowed)", min=0.0)
     step_epochs: int = _opt(30, "step schedule: multiply by gamma every this many epochs", min=1)
     gamma: float = _opt(0.1, "step schedule factor", min=0.0, max=1.0)
-    min_lr: float = _opt(0.0, "cosine schedule floor", min=0.0)
+    min_lr: float = _opt(0.0, "cosine schedule floor: the lr training ends at (at most optim.lr; a backbone under optim.backbone_lr_scale ends at this times that)", min=0.0)
 
 
 @dataclass(frozen=True)
@@ -402,6 +402,9 @@ def _check_cross_fields(cfg: Config) -> None:
     _number_list(cfg.optim.betas, "optim.betas", 2)
     if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.sched.name == "cosine" and cfg.sched.min_lr > cfg.optim.lr:
+        raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} is above optim.lr={cfg.optim.lr}: the cosine schedule would rise "
+                          "instead of decay; set sched.min_lr <= optim.lr (it is the lr the cosine ends at)")
     if cfg.data.batch_size % cfg.train.accum_steps:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is not divisible by train.accum_steps={cfg.train.accum_steps}; "

@@ -1,0 +1,142 @@
+"""The learning-rate schedule as training builds and drives it: build_optimizer + build_scheduler,
+one scheduler.step() after every optimizer step, the lr read from optimizer.param_groups."""
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from distcls import config
+from distcls.engine import build_optimizer, build_scheduler
+from distcls.errors import ConfigError
+
+SPE = 10  # optimizer steps per epoch
+
+
+def _model():
+    # A backbone (conv) and an nn.Linear classifier head, each with a weight (decayed) and a bias (not).
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3))
+
+
+def _build(overrides, epochs, spe=SPE):
+    cfg = config.load(None, list(overrides))
+    optimizer = build_optimizer(_model(), cfg.optim)
+    return cfg, optimizer, build_scheduler(optimizer, cfg.sched, cfg.optim, spe, epochs)
+
+
+def _drive(optimizer, scheduler, steps):
+    """Per step, the lr of every param group that optimizer step used; then the lrs after the last step."""
+    used = []
+    for _ in range(steps):
+        used.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return used, [g["lr"] for g in optimizer.param_groups]
+
+
+def _lrs(overrides, epochs, spe=SPE):
+    cfg, optimizer, scheduler = _build(overrides, epochs, spe)
+    used, after = _drive(optimizer, scheduler, spe * epochs)
+    return cfg, [u[0] for u in used], after[0]
+
+
+def test_warmup_rises_linearly_from_lr_over_warmup_steps_to_lr():
+    _, used, _ = _lrs(["optim.lr=0.1", "sched.name=constant", "sched.warmup_epochs=1.5"], epochs=3)
+    warmup = 15
+    assert used[:warmup] == pytest.approx([0.1 * (k + 1) / warmup for k in range(warmup)], rel=1e-12)
+    assert used[0] == pytest.approx(0.1 / warmup, rel=1e-12) and used[warmup - 1] == pytest.approx(0.1, rel=1e-12)
+    assert used[warmup:] == pytest.approx([0.1] * (3 * SPE - warmup), rel=1e-12)
+
+
+def test_no_warmup_starts_at_the_peak_lr():
+    _, used, _ = _lrs(["optim.lr=0.1", "sched.name=constant"], epochs=2)
+    assert used == [0.1] * 2 * SPE
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 1])
+@pytest.mark.parametrize("min_lr", [0.0, 0.002])
+def test_cosine_decays_from_lr_to_exactly_min_lr_at_the_end_of_training(warmup_epochs, min_lr):
+    lr, epochs = 0.1, 5
+    _, used, after = _lrs([f"optim.lr={lr}", "sched.name=cosine", f"sched.warmup_epochs={warmup_epochs}",
+                           f"sched.min_lr={min_lr}"], epochs)
+    warmup, total = warmup_epochs * SPE, epochs * SPE
+    cosine = used[warmup:]
+    expected = [min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * k / (total - warmup))) for k in range(total - warmup)]
+    assert cosine == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert cosine[0] == pytest.approx(lr, rel=1e-12)  # the warmup ends at the peak, unchanged by the floor
+    assert all(a > b for a, b in zip(cosine, cosine[1:]))
+    assert min(cosine) > min_lr  # every optimizer step trains at more than the floor ...
+    assert after == pytest.approx(min_lr, rel=1e-12, abs=1e-15)  # ... and the lr training ends at is the floor
+    if warmup:
+        assert used[:warmup] == pytest.approx([lr * (k + 1) / warmup for k in range(warmup)], rel=1e-12)
+
+
+def test_cosine_floor_is_the_end_lr_however_long_the_run():
+    for epochs, spe in ((1, 1), (1, 7), (3, 4), (40, 13)):
+        _, used, after = _lrs(["optim.lr=0.05", "sched.name=cosine", "sched.min_lr=0.001"], epochs, spe)
+        assert used[0] == pytest.approx(0.05, rel=1e-12)
+        assert after == pytest.approx(0.001, rel=1e-12)
+        assert all(0.001 < u <= 0.05 for u in used)
+
+
+def test_min_lr_above_the_peak_lr_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"sched\.min_lr=0\.2 is above optim\.lr=0\.1"):
+        config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2"])
+    config.load(None, ["optim.lr=0.1", "sched.min_lr=0.1"])  # equal: a constant schedule, allowed
+    config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2", "sched.name=step"])  # min_lr is the cosine's only
+
+
+def test_step_schedule_multiplies_by_gamma_every_step_epochs_counting_warmup():
+    lr, epochs = 0.1, 7
+    _, used, after = _lrs([f"optim.lr={lr}", "sched.name=step", "sched.step_epochs=2", "sched.gamma=0.5",
+                           "sched.warmup_epochs=1", "sched.min_lr=0.05"], epochs)  # min_lr: cosine only, ignored
+    assert used[:SPE] == pytest.approx([lr * (k + 1) / SPE for k in range(SPE)], rel=1e-12)
+    assert used[SPE:] == pytest.approx([lr * 0.5 ** (k // (2 * SPE)) for k in range(SPE, epochs * SPE)], rel=1e-12)
+    assert [used[k] for k in (19, 20, 39, 40, 60)] == pytest.approx([lr, lr / 2, lr / 2, lr / 4, lr / 8], rel=1e-12)
+    assert after == pytest.approx(lr / 8, rel=1e-12)
+
+
+def test_constant_schedule_ignores_min_lr():
+    _, used, after = _lrs(["optim.lr=0.1", "sched.name=constant", "sched.min_lr=0.05"], epochs=2)
+    assert used == [0.1] * 2 * SPE and after == 0.1
+
+
+@pytest.mark.parametrize("sched", ["cosine", "step", "constant"])
+def test_backbone_groups_keep_their_lr_ratio_through_the_schedule(sched):
+    cfg, optimizer, scheduler = _build(["optim.lr=0.1", "optim.backbone_lr_scale=0.1", f"sched.name={sched}",
+                                        "sched.warmup_epochs=1", "sched.step_epochs=1", "sched.min_lr=0.001"], epochs=4)
+    shapes = [tuple(g["params"][0].shape) for g in optimizer.param_groups]
+    assert shapes == [(3, 2), (3,), (2, 1, 3, 3), (2,)]  # head weight, head bias, backbone weight, backbone bias
+    used, after = _drive(optimizer, scheduler, 4 * SPE)
+    for lrs in used + [after]:
+        head, backbone = lrs[:2], lrs[2:]
+        assert head[0] == head[1] and backbone[0] == backbone[1]
+        assert backbone[0] == pytest.approx(0.1 * head[0], rel=1e-12)
+    peak = 0.1 * (0.1 if sched == "step" else 1.0)  # step: gamma 0.1 after step_epochs=1
+    assert used[SPE][0] == pytest.approx(peak, rel=1e-12) and used[SPE][2] == pytest.approx(0.1 * peak, rel=1e-12)
+    if sched == "cosine":  # the floor scales too: the backbone ends at min_lr * backbone_lr_scale
+        assert after == pytest.approx([0.001, 0.001, 0.0001, 0.0001], rel=1e-12)
+
+
+@pytest.mark.parametrize("sched", ["cosine", "step"])
+def test_state_dict_round_trip_mid_schedule_resumes_to_identical_lrs(sched):
+    overrides = ["optim.lr=0.1", "optim.backbone_lr_scale=0.5", f"sched.name={sched}", "sched.warmup_epochs=1.5",
+                 "sched.step_epochs=1", "sched.min_lr=0.003"]
+    epochs = 4
+    _, optimizer, scheduler = _build(overrides, epochs)
+    uninterrupted, end = _drive(optimizer, scheduler, epochs * SPE)
+
+    for stop in (13, 15, 27):  # in the warmup, at its end, mid-decay
+        _, optimizer, scheduler = _build(overrides, epochs)
+        first, _ = _drive(optimizer, scheduler, stop)
+        buf = io.BytesIO()  # as a checkpoint holds them: a weights-only torch file
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        _, optimizer, scheduler = _build(overrides, epochs)  # a fresh process: built from the config, then restored
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rest, resumed_end = _drive(optimizer, scheduler, epochs * SPE - stop)
+        assert first + rest == uninterrupted  # bitwise the same lrs, every group, every step
+        assert resumed_end == end

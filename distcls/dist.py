@@ -92,9 +92,12 @@ def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = 
     elif _is_srun_rank():
         launcher = "slurm"  # srun started one task per GPU
         rank, world, local_rank = _slurm_layout()
-        os.environ.setdefault("MASTER_ADDR", first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost")))
-        job_id = _int_env("SLURM_JOB_ID") if "SLURM_JOB_ID" in os.environ else 0
-        os.environ.setdefault("MASTER_PORT", str(20000 + job_id % 20000))
+        # the user's MASTER_ADDR/MASTER_PORT win, and then the nodelist and job id are not even parsed
+        if "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost"))
+        if "MASTER_PORT" not in os.environ:
+            job_id = _int_env("SLURM_JOB_ID") if "SLURM_JOB_ID" in os.environ else 0
+            os.environ["MASTER_PORT"] = str(20000 + job_id % 20000)
     else:
         launcher, rank, world, local_rank = "single", 0, 1, 0
     if debug and world > 1:

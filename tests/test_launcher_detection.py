@@ -4,10 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from conftest import assert_user_error, run_distcls
 from distcls import dist
-from distcls.errors import UserError
+from distcls.errors import ConfigError, UserError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
@@ -87,3 +88,85 @@ def test_bad_slurm_variable_is_one_error_line(tmp_path):
     proc = run_distcls("train", [f"run.out_dir={tmp_path}"], env={k: str(v) for k, v in srun_task(0, 0, "abc").items()})
     assert_user_error(proc, "SLURM_NTASKS='abc' is not an integer")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"RANK": 0, "WORLD_SIZE": 1}, (0, 0, 1)),  # torchrun --nproc_per_node=1
+    ({"RANK": 5, "WORLD_SIZE": 8, "LOCAL_RANK": 1, "TORCHELASTIC_RESTART_COUNT": 2}, (5, 1, 8)),  # after a restart
+    ({"RANK": 1, "WORLD_SIZE": 2}, (1, 0, 2)),  # no LOCAL_RANK: local rank 0
+])
+def test_torchrun_ranks(launch_env, values, expected):
+    launch_env(**values)
+    env = dist.detect("cpu")
+    assert env.launcher == "torchrun" and (env.rank, env.local_rank, env.world_size) == expected
+    assert env.is_main == (expected[0] == 0) and env.distributed == (expected[2] > 1)
+
+
+@pytest.mark.parametrize("values, name", [({"RANK": "x", "WORLD_SIZE": 2}, "RANK"), ({"RANK": 0, "WORLD_SIZE": "2.0"}, "WORLD_SIZE"),
+                                          ({"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": ""}, "LOCAL_RANK")])
+def test_non_integer_torchrun_variable_is_a_clear_error(launch_env, values, name):
+    launch_env(**values)
+    with pytest.raises(UserError, match=f"environment variable {name}=.* is not an integer"):
+        dist.detect("cpu")
+
+
+def test_explicit_master_address_and_port_win_over_the_nodelist(launch_env):
+    # the nodelist error says "set MASTER_ADDR explicitly": that must then work, even with a nodelist distcls cannot parse
+    launch_env(**srun_task(1, 1, 2, SLURM_JOB_NODELIST="[broken"), MASTER_ADDR="10.0.0.7", MASTER_PORT=29511)
+    env = dist.detect("cpu")
+    assert (env.launcher, env.rank, env.world_size) == ("slurm", 1, 2)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("10.0.0.7", "29511")
+
+
+def test_srun_without_a_nodelist_rendezvous_locally(launch_env):
+    launch_env(**srun_task(0, 0, 2))
+    del os.environ["SLURM_JOB_NODELIST"], os.environ["SLURM_JOB_ID"]
+    dist.detect("cpu")
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("localhost", "20000")
+
+
+def test_debug_under_a_multi_process_launcher_is_a_config_error(launch_env):
+    launch_env(RANK=0, WORLD_SIZE=2)
+    with pytest.raises(ConfigError, match="--debug runs one process, but the launcher started 2"):
+        dist.detect("cpu", debug=True)
+    launch_env(RANK=0, WORLD_SIZE=1)
+    assert dist.detect("cpu", debug=True).world_size == 1
+
+
+@pytest.fixture
+def gpus(monkeypatch):
+    """Pretend this node has N visible CUDA GPUs (torch.cuda only: nothing here touches torch.distributed)."""
+    def visible(n):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return visible
+
+
+@pytest.mark.parametrize("task, count, index", [
+    ({"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 1}, 2, 1),  # torchrun: local rank -> GPU index
+    (srun_task(3, 1, 4, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=2), 2, 1),  # srun tasks seeing the node's GPUs
+    (srun_task(3, 1, 4, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=2), 1, 0),  # srun bound one GPU per task
+    ({}, 4, 0),  # one process
+])
+def test_each_rank_gets_its_gpu_and_nccl(launch_env, gpus, task, count, index):
+    launch_env(**task)
+    gpus(count)
+    env = dist.detect("auto")
+    assert (env.device, env.backend) == (torch.device("cuda", index), "nccl")
+    assert dist.detect("cpu").device == torch.device("cpu") and dist.detect("cpu").backend == "gloo"
+
+
+def test_more_processes_per_node_than_gpus_is_a_clear_error(launch_env, gpus):
+    launch_env(RANK=2, WORLD_SIZE=3, LOCAL_RANK=2)
+    gpus(2)
+    with pytest.raises(UserError, match="local rank 2 has no GPU \\(this node has 2 visible\\)"):
+        dist.detect("auto")
+
+
+def test_cuda_or_nccl_asked_for_without_a_gpu_are_config_errors(launch_env, gpus):
+    gpus(0)
+    assert dist.detect("auto").device == torch.device("cpu")
+    with pytest.raises(ConfigError, match="dist.device=cuda but no CUDA GPU is visible"):
+        dist.detect("cuda")
+    with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA GPUs"):
+        dist.detect("auto", "nccl")

@@ -18,7 +18,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 @pytest.fixture
 def launch_env(monkeypatch):
     for name in LAUNCHER_VARS:
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch then restores each variable, also those detect() sets (MASTER_ADDR, MASTER_PORT)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
 
     def setenv(**values):
         for k, v in values.items():

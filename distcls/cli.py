@@ -2,7 +2,7 @@
 
 A `UserError` anywhere -> `distcls: error: <message>` on stderr and exit 2 (no traceback).
 A `ConfigError` is printed by rank 0 only (every rank sees the same one).
-Preemption -> exit 3; divergence -> exit 4; anything else -> the real traceback, exit 1.
+A run stopped by a signal returns exit 3 itself; divergence -> exit 4; anything else -> the real traceback, exit 1.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-from distcls.errors import ConfigError, ExitCode, Preempted, TrainingDiverged, UserError
+from distcls.errors import ConfigError, ExitCode, TrainingDiverged, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -48,7 +48,8 @@ def _rank() -> int:
     return 0
 
 
-def _line(prefix: str, message: str) -> None:
+def report(prefix: str, message: str) -> None:
+    """`distcls: <prefix>: [rank N] <message>` on stderr, one line."""
     rank = _rank()
     tag = f"[rank {rank}] " if rank else ""
     print(f"distcls: {prefix}: {tag}{' '.join(str(message).split())}", file=sys.stderr, flush=True)
@@ -60,21 +61,18 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
         return main(args) or ExitCode.OK
     except ConfigError as exc:
         if _rank() == 0:
-            _line("error", exc)
+            report("error", exc)
         return ExitCode.USAGE
     except UserError as exc:
         if debug_flag in args:
             traceback.print_exc()
-        _line("error", exc)
+        report("error", exc)
         return ExitCode.USAGE
-    except Preempted as exc:
-        _line("stopped", f"{exc}; resume with --resume auto (same run.out_dir)")
-        return ExitCode.PREEMPTED
     except TrainingDiverged as exc:
-        _line("error", exc)
+        report("error", exc)
         return ExitCode.DIVERGED
     except KeyboardInterrupt:
-        _line("stopped", "interrupted (second Ctrl-C) before a checkpoint could be saved")
+        report("stopped", "interrupted (second Ctrl-C) before a checkpoint could be saved")
         return 130
 
 

@@ -32,12 +32,3 @@ class ConfigError(UserError):
 
 class TrainingDiverged(Exception):
     """The loss became non-finite and `train.nonfinite=abort` asked to stop."""
-
-
-class Preempted(Exception):
-    """A stop signal arrived; a checkpoint at the exact sample position was saved."""
-
-    def __init__(self, signal_name: str, checkpoint_path):
-        super().__init__(f"stopped by {signal_name}; checkpoint saved to {checkpoint_path}")
-        self.signal_name = signal_name
-        self.checkpoint_path = checkpoint_path

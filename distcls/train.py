@@ -11,9 +11,9 @@ import torch
 
 from distcls import config as config_mod
 from distcls import dist
-from distcls.cli import ArgumentParser, exit_with
-from distcls.errors import ConfigError
-from distcls.runner import DEBUG_STEPS_PER_EPOCH, TrainingRun
+from distcls.cli import ArgumentParser, exit_with, report
+from distcls.errors import ConfigError, ExitCode
+from distcls.runner import DEBUG_STEPS_PER_EPOCH, Stopped, TrainingRun
 
 EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
     f"  {path:28s} {help} [default: {default!r}]" for path, default, help in config_mod.describe())
@@ -50,14 +50,18 @@ def main(argv: Sequence[str]) -> int:
     try:
         dist.init(env, cfg.dist.timeout_s)
         with torch.autograd.set_detect_anomaly(args.debug):
-            run.run()
+            outcome = run.run()
         # Every rank leaves together: rank 0 may still be writing the summary and plots, and a gloo
         # rank that tore down its process group meanwhile was seen to abort at exit under load.
         dist.barrier()
     finally:
         run.close()
         dist.teardown()
-    return 0
+    if isinstance(outcome, Stopped):
+        report("stopped", f"stopped by {outcome.signal_name}; checkpoint saved to {outcome.checkpoint}; "
+                          "resume with --resume auto (same run.out_dir)")
+        return ExitCode.PREEMPTED
+    return ExitCode.OK
 
 
 def cli() -> None:

@@ -80,11 +80,19 @@ def out_dir(tmp_path) -> Path:
     return tmp_path / "run"
 
 
-def train_in_process(out_dir, *overrides, resume=None) -> dict:
-    """One single-process run through the real TrainingRun (no subprocess start-up cost)."""
+def run_in_process(out_dir, *overrides, resume=None):
+    """One single-process run through the real TrainingRun (no subprocess start-up cost): its
+    summary, or `runner.Stopped` when a signal stopped it."""
     from distcls import config, dist
     from distcls.runner import TrainingRun
 
     cfg = config.load(None, [f"run.out_dir={out_dir}", *FAST, *overrides])
     env = dist.detect(cfg.dist.device, cfg.dist.backend)
     return TrainingRun(cfg, env, resume=resume).run()
+
+
+def train_in_process(out_dir, *overrides, resume=None) -> dict:
+    """`run_in_process` that must finish: its summary."""
+    outcome = run_in_process(out_dir, *overrides, resume=resume)
+    assert isinstance(outcome, dict), f"the run did not finish: {outcome}"
+    return outcome

@@ -9,7 +9,7 @@ from distcls import config
 from distcls.config import AugmentConfig, TrainConfig
 from distcls.data import SplitView, TensorSource, train_loader
 from distcls.data.augment import Preprocess
-from distcls.engine import Trainer, build_optimizer, lr_factor
+from distcls.engine import Precision, Progress, Trainer, build_optimizer, lr_factor
 from conftest import load_ckpt, max_weight_diff, train_in_process
 
 
@@ -29,20 +29,25 @@ def test_accumulating_2x32_equals_one_batch_of_64(tmp_path):
 def _tiny_trainer(amp: str, clip, lr=1.0):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) if amp == "fp16" else None
+    precision = Precision(amp, torch.device("cpu"))  # fp16: GradScaler with torch's initial scale 2**16
     cfg = TrainConfig(amp=amp, clip_grad_norm=clip)
     pre = Preprocess(1, 4, (0.5,), (0.25,), AugmentConfig(), 0)
     src = TensorSource(torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.arange(64) % 4)
     loader = train_loader(SplitView(src, torch.arange(64)), 32, 1, 0, 0, torch.device("cpu"), max_steps=1)
-    return Trainer(model, model, opt, sched, scaler, cfg, pre, torch.device("cpu")), loader, model
+    return Trainer(model, model, opt, sched, precision, cfg, pre, torch.device("cpu")), loader, model
+
+
+def train_one_epoch(trainer, loader):
+    for _ in trainer.train_epoch(loader, Progress(torch.device("cpu"))):
+        pass
 
 
 def test_clipping_under_fp16_scaler_clips_the_unscaled_gradient():
     trainer, loader, model = _tiny_trainer("fp16", clip=0.01)
     before = [p.detach().clone() for p in model.parameters()]
-    trainer.train_epoch(loader, epoch=0)
+    train_one_epoch(trainer, loader)
     grad_norm = torch.norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
     step_norm = torch.norm(torch.stack([(p.detach() - b).norm() for p, b in zip(model.parameters(), before)])).item()
     # Unscaled then clipped: the gradient norm is the clip value, and SGD(lr=1) moved the weights by it.
@@ -50,7 +55,7 @@ def test_clipping_under_fp16_scaler_clips_the_unscaled_gradient():
     assert grad_norm == pytest.approx(0.01, rel=1e-3)
     assert step_norm == pytest.approx(0.01, rel=1e-2)
     unclipped, loader2, model2 = _tiny_trainer("none", clip=None)
-    unclipped.train_epoch(loader2, epoch=0)
+    train_one_epoch(unclipped, loader2)
     assert torch.norm(torch.stack([p.grad.norm() for p in model2.parameters()])).item() > 0.1
 
 

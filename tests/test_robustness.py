@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT, assert_ok, assert_user_error, child_env, load_ckpt, run_distcls, train_in_process
+from conftest import FAST, ROOT, assert_ok, assert_user_error, child_env, load_ckpt, run_distcls, run_in_process, train_in_process
 from distcls import config, dist, evaluate, predict, train
 from distcls.cli import run_cli
 from distcls.errors import ConfigError, UserError
@@ -550,9 +550,9 @@ def test_interval_record_after_a_mid_epoch_resume_equals_the_uninterrupted_one(t
     args = ["model.name=stop_model:build", "log.every_steps=4", "train.epochs=1", "train.max_steps_per_epoch=14"]
     train_in_process(tmp_path / "ref", *args)
     out = tmp_path / "stopped"
-    from distcls.errors import Preempted
-    with pytest.raises(Preempted):
-        train_in_process(out, *args, "model.args.stop_at=10")  # SIGTERM in step 10: saved at epoch_step 10
+    from distcls.runner import Stopped
+    stopped = run_in_process(out, *args, "model.args.stop_at=10")  # SIGTERM in step 10: saved at epoch_step 10
+    assert isinstance(stopped, Stopped) and stopped.signal_name == "SIGTERM"
     assert load_ckpt(out / "checkpoints/last.pt")["epoch_step"] == 10
     train_in_process(out, *args, resume="auto")
 

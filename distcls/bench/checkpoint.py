@@ -29,7 +29,7 @@ def bench_checkpoint(workdir: Path, repeats: int) -> dict:
     import torch
     import torchvision
 
-    from distcls.checkpoint import CheckpointStore, rng_state
+    from distcls.checkpoint import CheckpointFiles, rng_state
 
     model = torchvision.models.resnet18(num_classes=1000)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -37,11 +37,11 @@ def bench_checkpoint(workdir: Path, repeats: int) -> dict:
     opt.step()  # momentum buffers exist, as in a real checkpoint
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {}, "scaler": {}, "epoch": 1, "step": 1,
              "epoch_step": 0, "best_metric": 0.0, "config": {}, "data_spec": {}, "rng": rng_state(), "version": 1}
-    store = CheckpointStore(workdir / "ckpt", keep=1, is_main=True)
+    store = CheckpointFiles(workdir / "ckpt", keep=1)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        store.save(state, epoch_file=False, is_best=False)
+        store.write(state, epoch_file=False, best_file=False)
         times.append(time.perf_counter() - t)
     size_mb = store.last.stat().st_size / 2 ** 20
 

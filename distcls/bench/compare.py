@@ -58,38 +58,33 @@ def _check(args, cfg, env, data) -> None:
 class EngineRun:
     """a: distcls's own Trainer.train_epoch on distcls's own loader, wired as runner.TrainingRun wires it."""
 
-    def __init__(self, cfg, env, data, model, raw):
-        import torch
-
+    def __init__(self, cfg, env, data, model, module):
         from distcls.data import train_loader
-        from distcls.engine import Trainer, build_optimizer, build_scheduler
+        from distcls.engine import Precision, Progress, Trainer, build_optimizer, build_scheduler
 
-        optimizer = build_optimizer(raw, cfg.optim)
+        optimizer = build_optimizer(module, cfg.optim)
         self.loader = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
                                    cfg.data.num_workers)
         scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, self.loader.sampler.steps_per_epoch, cfg.train.epochs)
-        scaler = torch.amp.GradScaler(env.device.type) if cfg.train.amp == "fp16" else None
-        self.trainer = Trainer(model, raw, optimizer, scheduler, scaler, cfg.train, data.preprocess, env.device)
-        self.batch, self.device, self.epoch = cfg.data.batch_size, env.device, 0
+        self.trainer = Trainer(model, module, optimizer, scheduler, Precision(cfg.train.amp, env.device), cfg.train,
+                               data.preprocess, env.device)
+        self.progress = Progress(env.device)
+        self.batch, self.device = cfg.data.batch_size, env.device
 
     def run(self, warmup: int, steps: int) -> float:
         from distcls.bench.handwritten import sync
 
         done, t0 = 0, None
-
-        def on_step_end(ctx) -> bool:
-            nonlocal done, t0
-            done += 1
-            if done == warmup:
-                sync(self.device)
-                t0 = time.perf_counter()
-            return done == warmup + steps
-
-        while done < warmup + steps:
-            self.trainer.train_epoch(self.loader, self.epoch, on_step_end=on_step_end)
-            self.epoch += 1
-        sync(self.device)
-        return steps * self.batch / (time.perf_counter() - t0)
+        while True:
+            for _ in self.trainer.train_epoch(self.loader, self.progress):
+                done += 1
+                if done == warmup:
+                    sync(self.device)
+                    t0 = time.perf_counter()
+                if done == warmup + steps:
+                    sync(self.device)
+                    return steps * self.batch / (time.perf_counter() - t0)
+            self.progress.finish_epoch()
 
 
 class HandRun:
@@ -258,14 +253,14 @@ def run(args) -> dict:
     data = build_data(cfg)
     _check(args, cfg, env, data)
     spec = data.spec
-    model, raw = prepare_model(cfg, env, spec)
-    initial = copy.deepcopy(raw)  # b and c start from the same weights as a
+    model, module = prepare_model(cfg, env, spec)
+    initial = copy.deepcopy(module)  # b and c start from the same weights as a
 
     def fresh_model():
         m = copy.deepcopy(initial)
         return torch.compile(m) if cfg.train.compile else m
 
-    runs = {"a": EngineRun(cfg, env, data, model, raw), "b": HandRun(cfg, env, data, fresh_model()),
+    runs = {"a": EngineRun(cfg, env, data, model, module), "b": HandRun(cfg, env, data, fresh_model()),
             "c": TutorialRun(cfg, env, data, fresh_model(), args.workers)}
     flops = flops_per_image(initial, cfg, spec, env.device, min(cfg.data.batch_size, 16))
 

@@ -1,5 +1,8 @@
-"""Engine: optimizers, schedules and the train/eval steps (math only; no files)."""
+"""Engine: optimizers and schedules, precision, progress, and the train/eval steps (math only; no files)."""
 from distcls.engine.optim import build_optimizer, build_scheduler, lr_factor
-from distcls.engine.trainer import AMP_DTYPES, EvalResult, Meter, StepContext, Trainer, evaluate
+from distcls.engine.precision import Precision, autocast
+from distcls.engine.progress import Progress, RunningSums, Totals
+from distcls.engine.trainer import EvalResult, StepEnd, Trainer, evaluate
 
-__all__ = ["AMP_DTYPES", "EvalResult", "Meter", "StepContext", "Trainer", "evaluate", "build_optimizer", "build_scheduler", "lr_factor"]
+__all__ = ["EvalResult", "Precision", "Progress", "RunningSums", "StepEnd", "Totals", "Trainer", "autocast", "evaluate",
+           "build_optimizer", "build_scheduler", "lr_factor"]

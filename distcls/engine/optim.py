@@ -20,11 +20,34 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         groups += [{"params": [p for p in part if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": part_lr},
                    {"params": [p for p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": part_lr}]
     groups = [g for g in groups if g["params"]]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
-    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    optimizer = OPTIMIZERS[cfg.name](groups, cfg)
+    if cfg.name == "sgd" and cfg.momentum:
+        # Zero momentum buffers before the first step (m = 0 * momentum + g equals torch's first
+        # step, m = g): a fused SGD whose FIRST update is skipped (found_inf) would otherwise keep
+        # the uninitialized buffers it allocated for it.
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
+
+
+def _fused(make):
+    """Build with torch's fused kernel (one launch per step; it can skip an update on the device,
+    see engine/precision.py), or the default implementation where fused is not available."""
+    def build(groups, cfg: OptimConfig):
+        try:
+            return make(groups, cfg, fused=True)
+        except (RuntimeError, ValueError, TypeError):
+            return make(groups, cfg)
+    return build
+
+
+OPTIMIZERS = {
+    "sgd": _fused(lambda groups, cfg, **kw: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                                             nesterov=cfg.nesterov and cfg.momentum > 0, **kw)),
+    "adam": _fused(lambda groups, cfg, **kw: torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kw)),
+    "adamw": _fused(lambda groups, cfg, **kw: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kw)),
+}
 
 
 def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> float:

@@ -3,15 +3,20 @@
 One optimizer step = `accum_steps` micro-batches of this rank's slice of the global batch.
 Gradient all-reduce is skipped (DDP `no_sync`, set before the forward) on all but the last
 micro-step; the loss is divided by accum_steps so the gradient is the global-batch mean at any
-world size. AMP: autocast bf16/fp16; fp16 uses a GradScaler, and gradients are unscaled before
-clipping. A non-finite loss on any rank is agreed on by all ranks (skip or abort together).
+world size. Mixed precision, clipping and the guarded update are `Precision`'s (precision.py).
+
+A step never makes the host wait for the device. Its communication is DDP's gradient all-reduce
+and ONE all-reduce of two flags (this rank's loss is non-finite; this rank got a stop signal),
+both queued like any kernel. The update is skipped on the device when the agreed flag (or the
+all-reduced gradients' norm) is non-finite. The host reads the agreed flags later: on CUDA one
+step late, after the next step is queued (`flag_lag=1`), at the epoch's last step at once; on the
+CPU at once (there is nothing to overlap). The running loss/accuracy sums stay on the device.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -20,37 +25,38 @@ import torch.nn.functional as F
 from distcls import dist
 from distcls.config import TrainConfig
 from distcls.data import Batch, BatchLoader, Preprocess
+from distcls.engine.precision import Precision, autocast
+from distcls.engine.progress import Progress
 from distcls.errors import TrainingDiverged
 
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+@dataclass(frozen=True)
+class StepEnd:
+    """Yielded by `Trainer.train_epoch` after each optimizer step (already in `progress`) is queued."""
+    stop_requested: bool  # a stop signal on some rank, agreed by every rank at the same step
 
 
-@dataclass
-class Meter:
-    """Sums over samples (never means of means): loss_sum, correct, count; reduced across ranks."""
-    loss_sum: float = 0.0
-    correct: float = 0.0
-    count: float = 0.0
+class HostCopy:
+    """The values of a small device tensor, copied to the host without waiting for the device.
 
-    def add(self, loss_sum: float, correct: float, count: float) -> None:
-        self.loss_sum += loss_sum
-        self.correct += correct
-        self.count += count
+    `values()` waits only for the work queued before the copy (on CUDA, through an event), so
+    reading the previous step's copy after queueing the next step costs no stall.
+    """
 
-    def reduced(self, device) -> "Meter":
-        t = dist.all_reduce_sum(torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64, device=device))
-        return Meter(*t.tolist())
+    def __init__(self, tensor: torch.Tensor, step: int):
+        self.step = step
+        if tensor.device.type == "cuda":
+            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = tensor, None
 
-    @property
-    def loss(self) -> float:
-        return self.loss_sum / max(self.count, 1)
-
-    @property
-    def acc(self) -> float:
-        return self.correct / max(self.count, 1)
-
-    def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count}
+    def values(self) -> list:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
 
 
 @dataclass
@@ -67,106 +73,87 @@ class EvalResult:
         return (self.confusion.diag().double() / totals).tolist()
 
 
-@dataclass
-class StepContext:
-    """What the step-end hook sees after optimizer step `epoch_step` (1-based within the epoch)."""
-    epoch: int
-    epoch_step: int
-    global_step: int
-    meter: Meter  # this rank's running sums for the epoch so far
-    skipped_steps: int
-    stop_requested: bool  # True on every rank if `stop_flag()` was True on any rank
-
-
-def autocast(device: torch.device, amp_dtype):
-    """Mixed-precision context for `amp_dtype` (None: full precision)."""
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
-
-
 class Trainer:
-    def __init__(self, model: nn.Module, raw_model: nn.Module, optimizer, scheduler, scaler: Optional[torch.amp.GradScaler],
-                 cfg: TrainConfig, preprocess: Preprocess, device: torch.device):
-        self.model, self.raw_model = model, raw_model
-        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+    """`model` is what runs the forward (DDP and/or compiled); `module` is the plain nn.Module
+    that owns the weights (evaluated, saved, loaded)."""
+
+    def __init__(self, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                 precision: Precision, cfg: TrainConfig, preprocess: Preprocess, device: torch.device,
+                 flag_lag: Optional[int] = None):
+        self.model, self.module = model, module
+        self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
         self.cfg, self.preprocess, self.device = cfg, preprocess, device
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.global_step = 0
-        self.skipped_steps = 0
+        self.flag_lag = (1 if device.type == "cuda" else 0) if flag_lag is None else flag_lag
+        self.params = [p for p in model.parameters() if p.requires_grad]
 
-    def autocast(self):
-        return autocast(self.device, self.amp_dtype)
+    def train_epoch(self, loader: BatchLoader, progress: Progress, stop_signal: Callable[[], bool] = lambda: False
+                    ) -> Iterator[StepEnd]:
+        """Train epoch `progress.epoch` from `progress.epoch_step` to its end, one yield per step.
 
-    def _micro_batches(self, batch: Batch, epoch: int):
-        x = self.preprocess(batch.images, batch.keys, epoch, train=True, memory_format=self.memory_format)
-        n = self.cfg.accum_steps
-        return zip(x.chunk(n), batch.labels.chunk(n))
-
-    def train_epoch(self, loader: BatchLoader, epoch: int, start_step: int = 0, meter: Optional[Meter] = None,
-                    on_step_end: Optional[Callable[[StepContext], bool]] = None,
-                    stop_flag: Callable[[], bool] = lambda: False) -> Meter:
-        """Train one epoch (from `start_step`); stops early when `on_step_end` returns True.
-
-        `stop_flag` (e.g. "a signal arrived") is agreed across ranks in the same all-reduce as the
-        non-finite check, so each step costs one small collective, not two.
+        Collective (every rank): each step all-reduces gradients and flags. The caller may stop
+        iterating when `stop_requested` (all ranks see it at the same step). With
+        `train.nonfinite=abort`, a non-finite step raises TrainingDiverged (its update was skipped).
         """
         self.model.train()
-        meter = meter or Meter()
-        loader.sampler.set_epoch(epoch, start_step)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for i, batch in enumerate(loader):
-            self.optimizer.zero_grad(set_to_none=True)
-            step_loss, step_correct, step_count = 0.0, 0.0, 0
-            micro = list(self._micro_batches(batch, epoch))
-            for j, (x, y) in enumerate(micro):
-                last = j == len(micro) - 1
-                sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-                with sync:
-                    with self.autocast():
-                        logits = self.model(x)
-                        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
-                    scaled = loss / len(micro)
-                    (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                step_loss += loss.detach().item() * len(y)
-                step_correct += (logits.detach().argmax(1) == y).sum().item()
-                step_count += len(y)
-            flags = torch.tensor([0.0 if math.isfinite(step_loss) else 1.0, 1.0 if stop_flag() else 0.0], device=self.device)
-            nonfinite, stop = (dist.all_reduce_sum(flags) > 0).tolist()
-            if nonfinite:
-                if self.cfg.nonfinite == "abort":
-                    raise TrainingDiverged(
-                        f"non-finite loss at epoch {epoch + 1}, step {start_step + i + 1}; lower optim.lr, set "
-                        "train.clip_grad_norm, use train.amp=bf16 instead of fp16, or train.nonfinite=skip")
-                self.optimizer.zero_grad(set_to_none=True)
-                self.skipped_steps += 1
-            else:
-                if self.scaler:
-                    self.scaler.unscale_(self.optimizer)
-                if self.cfg.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
-                if self.scaler:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                meter.add(step_loss, step_correct, step_count)
-            self.scheduler.step()
-            self.global_step += 1
-            if on_step_end and on_step_end(StepContext(epoch, start_step + i + 1, self.global_step, meter, self.skipped_steps, stop)):
-                break
-        return meter
+        loader.sampler.set_epoch(progress.epoch, progress.epoch_step)
+        last_step = loader.sampler.steps_per_epoch
+        unread: list[HostCopy] = []
+        for batch in loader:
+            flags = self._step(batch, progress, stop_signal())
+            progress.epoch_step += 1
+            progress.global_step += 1
+            unread.append(HostCopy(flags, progress.epoch_step))
+            ready = len(unread) > self.flag_lag or progress.epoch_step >= last_step
+            stop = any([self._agreed_stop(unread.pop(0), progress) for _ in range(len(unread) if ready else 0)])
+            yield StepEnd(stop_requested=stop)
+            if stop:
+                return
+        for flags in unread:  # a loader shorter than the sampler's count: still agree on every step
+            self._agreed_stop(flags, progress)
 
-    def evaluate(self, loader: BatchLoader, num_classes: int) -> EvalResult:
-        dist.average_buffers(self.raw_model)  # BatchNorm statistics equal on every rank before evaluating
-        return evaluate(self.raw_model, loader, self.preprocess, num_classes, self.amp_dtype, self.memory_format)
+    def _step(self, batch: Batch, progress: Progress, stop_signal: bool) -> torch.Tensor:
+        """Queue one optimizer step; returns the agreed [skipped, stop] flags (device)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        x = self.preprocess(batch.images, batch.keys, progress.epoch, train=True, memory_format=self.memory_format)
+        micro = list(zip(x.chunk(self.cfg.accum_steps), batch.labels.chunk(self.cfg.accum_steps)))
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        for j, (xs, ys) in enumerate(micro):
+            sync = contextlib.nullcontext() if j == len(micro) - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with self.precision.autocast():
+                    logits = self.model(xs)
+                    loss = F.cross_entropy(logits.float(), ys, label_smoothing=self.cfg.label_smoothing)
+                self.precision.backward(loss / len(micro))
+            loss_sum += loss.detach().double() * len(ys)
+            correct += (logits.detach().argmax(1) == ys).sum()
+        count = loss_sum.new_full((), float(len(batch.labels)))
+        # One all-reduce agrees on both flags; no host read here.
+        flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop_signal))]))
+        skipped = self.precision.step(self.optimizer, self.params, self.cfg.clip_grad_norm, skip=flags[0] > 0)
+        progress.epoch_sums.add_(torch.stack([loss_sum, correct.double(), count]), keep=~skipped)
+        progress.skipped += skipped
+        self.scheduler.step()
+        return torch.stack([skipped.double(), flags[1]])
+
+    def _agreed_stop(self, flags: HostCopy, progress: Progress) -> bool:
+        skipped, stop = flags.values()
+        if skipped and self.cfg.nonfinite == "abort":
+            raise TrainingDiverged(
+                f"non-finite loss at epoch {progress.epoch + 1}, step {flags.step}; lower optim.lr, set "
+                "train.clip_grad_norm, use train.amp=bf16 instead of fp16, or train.nonfinite=skip")
+        return stop > 0
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_classes: int,
              amp_dtype=None, memory_format=torch.contiguous_format) -> EvalResult:
-    """Exact evaluation: every sample once at any world size; sums reduced across ranks.
+    """Exact evaluation: every sample once at any world size. Collective (every rank): the sums
+    are all-reduced at the end.
 
-    `model` is the plain module (not DDP: ranks may run different numbers of batches here).
+    `model` is the plain module (not DDP: ranks may run different numbers of batches here). Its
+    BatchNorm statistics must already be equal on every rank (the run averages them at epoch end).
     """
     device = loader.device
     was_training = model.training
@@ -188,4 +175,3 @@ def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_
     count = int(confusion.sum())
     return EvalResult(loss=float(totals[0]) / max(count, 1), acc=float(confusion.diag().sum()) / max(count, 1),
                       count=count, confusion=confusion, top5_acc=float(totals[1]) / max(count, 1) if num_classes > 5 else None)
-

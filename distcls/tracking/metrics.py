@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from distcls.atomic_files import atomic_write_text
 
 REQUIRED = ("epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time")
+
+
+def metric_record(split: str, epoch: int, step: int, loss: float, acc: float, lr: float, images_per_sec: float = 0.0,
+                  **extra) -> dict:
+    """One record of metrics.jsonl. `extra`: `epoch_step` (a log.every_steps train record),
+    `skipped_steps` (an epoch's train record), `count` (val/test)."""
+    return {"epoch": epoch, "step": step, "split": split, "loss": loss, "acc": acc, "lr": lr,
+            "images_per_sec": images_per_sec, **extra, "time": time.time()}
 
 
 def read_jsonl(path) -> list[dict]:

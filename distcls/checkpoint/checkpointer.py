@@ -1,0 +1,142 @@
+"""The checkpointer: one owner for what a checkpoint holds, when one is written, and how a run
+is restored from one.
+
+    checkpointer = Checkpointer(files, components, progress, policy, metadata, is_main)
+    checkpointer.load(resume_point)                 # every component, the mirror image of save
+    checkpointer.maybe_save(SaveReason.STEP)        # after every step: the policy decides
+
+`components` maps a checkpoint key to an object with `state_dict()` / `load_state_dict(state)`
+(model weights, optimizer, scheduler, precision, RNG). `Progress` is saved beside them, its fields
+at the top level of the file (format 1: ck["epoch"], ck["step"], ...).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+import torch
+
+from distcls import dist
+from distcls.checkpoint.files import CheckpointFiles, ResumePoint
+from distcls.checkpoint.format import FORMAT_VERSION, check_compatible, model_mismatch
+from distcls.errors import UserError, first_line
+
+if TYPE_CHECKING:
+    from distcls.engine.progress import Progress
+
+
+class SaveReason(enum.Enum):
+    STEP = "step"  # after an optimizer step, mid-epoch
+    EPOCH_END = "epoch_end"  # after the epoch's evaluation (progress.epoch counts it)
+    STOP = "stop"  # a stop signal: always saved, at the step boundary where every rank stopped
+
+
+@dataclass(frozen=True)
+class SavePolicy:
+    every_steps: int  # 0: no mid-epoch saves
+    every_epochs: int  # 0: no epoch_NNNN.pt files
+    epochs: int
+    steps_per_epoch: int
+    has_val: bool  # best.pt follows validation accuracy; without validation it is the final weights
+
+    def decide(self, progress: "Progress", reason: SaveReason, new_best: bool = False) -> Optional[tuple[bool, bool]]:
+        """(write epoch_NNNN.pt, write best.pt) when this moment calls for a save, else None."""
+        if progress.epoch_step:  # mid-epoch: only last.pt
+            due = reason is SaveReason.STOP or (reason is SaveReason.STEP and self.every_steps > 0
+                                                and progress.global_step % self.every_steps == 0
+                                                and progress.epoch_step < self.steps_per_epoch)  # the epoch end saves that one
+            return (False, False) if due else None
+        if reason is SaveReason.STEP:
+            return None
+        final = progress.epoch == self.epochs
+        periodic = bool(self.every_epochs) and progress.epoch % self.every_epochs == 0
+        epoch_file = bool(self.every_epochs) and (periodic or final)
+        best_file = new_best or (not self.has_val and final)
+        if final or periodic or best_file or reason is SaveReason.STOP:
+            return epoch_file, best_file
+        return None
+
+
+class StateMismatch(ValueError):
+    """A saved state that does not fit the component being restored."""
+
+
+class ModuleWeights:
+    """An nn.Module's weights as a component; a mismatch names the tensors that differ."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        problem = model_mismatch(self.module, state)
+        if problem:
+            raise StateMismatch(problem)
+        self.module.load_state_dict(state)
+
+
+class OptimizerState:
+    """An optimizer as a component. Hyperparameters and buffers come from the checkpoint; how the
+    step runs (fused/foreach kernels) stays as this run built it."""
+    IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        built = [{k: g[k] for k in self.IMPLEMENTATION if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state)
+        for group, flags in zip(self.optimizer.param_groups, built):
+            group.update(flags)
+
+
+class Checkpointer:
+    def __init__(self, files: CheckpointFiles, components: dict, progress: "Progress", policy: SavePolicy,
+                 metadata: dict, is_main: bool):
+        self.files, self.components, self.progress, self.policy = files, components, progress, policy
+        self.metadata = {**metadata, "version": FORMAT_VERSION}  # config, data_spec, world_size
+        self.is_main = is_main
+
+    def state_dict(self) -> dict:
+        """The checkpoint's content (local: no communication). Tensors and plain data only."""
+        state = {key: component.state_dict() for key, component in self.components.items()}
+        state.update(self.progress.state_dict())
+        state.update(self.metadata)
+        return state
+
+    def load(self, point: ResumePoint) -> None:
+        """Restore every component and the progress from a validated checkpoint (every rank reads it)."""
+        ck, path = point.checkpoint, point.path
+        check_compatible(ck, path, self.metadata["config"], self.metadata["data_spec"])
+        for key, component in self.components.items():
+            try:
+                component.load_state_dict(ck.get(key) or {})
+            except StateMismatch as exc:
+                raise UserError(f"checkpoint {path} does not fit the {key}: {exc}") from None
+            except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+                raise UserError(f"checkpoint {path}: its '{key}' state does not fit this run ({type(exc).__name__}: "
+                                f"{first_line(exc, default='')}); resume with the config it was trained with") from None
+        self.progress.load_state_dict(ck, self.policy.steps_per_epoch)
+
+    def maybe_save(self, reason: SaveReason, new_best: bool = False) -> Optional[Path]:
+        """Collective (every rank, same arguments): save if the policy says this moment needs it."""
+        files = self.policy.decide(self.progress, reason, new_best)
+        if files is None:
+            return None
+        return self.save(*files)
+
+    def save(self, epoch_file: bool = False, best_file: bool = False) -> Optional[Path]:
+        """Collective (every rank): agree the running sums (mid-epoch), rank 0 writes, all wait at a
+        barrier. Returns last.pt, or None if nothing was written (rank != 0, or non-finite weights)."""
+        if self.progress.epoch_step:
+            self.progress.agree_sums()
+        written = self.files.write(self.state_dict(), epoch_file, best_file) if self.is_main else None
+        dist.barrier()
+        return written

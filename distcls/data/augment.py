@@ -161,17 +161,8 @@ class Preprocess:
         raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
 
     def _augment(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
-        aug, dev = self.augment, x.device
-        if draws.crop_y is not None:
-            pad = aug.crop_padding
-            b, _, h, w = x.shape
-            padded = F.pad(x, (pad, pad, pad, pad))
-            rows = (draws.crop_y[:, None] + torch.arange(h, device=dev)[None, :])  # B,H
-            cols = (draws.crop_x[:, None] + torch.arange(w, device=dev)[None, :])  # B,W
-            bi = torch.arange(b, device=dev)[:, None, None]
-            x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-        if draws.flip is not None:
-            x = torch.where(draws.flip[:, None, None, None], x.flip(-1), x)  # no host sync (no nonzero())
+        if draws.crop_y is not None or draws.flip is not None:
+            x = self._crop_flip(x, draws)
         if draws.angle is not None:
             theta = draws.angle.to(x.dtype)
             cos, sin = torch.cos(theta), torch.sin(theta)
@@ -180,3 +171,18 @@ class Preprocess:
             grid = F.affine_grid(mat, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return x
+
+    def _crop_flip(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Crop (zero padding, then a window at the drawn offsets), then flip the drawn samples: two
+        gathers, rows then columns, with the flip folded into the column index (no host sync)."""
+        b, c, h, w = x.shape
+        cols = torch.arange(w, device=x.device).expand(b, w)
+        if draws.flip is not None:
+            cols = torch.where(draws.flip[:, None], cols.flip(-1), cols)
+        if draws.crop_y is not None:
+            pad = self.augment.crop_padding
+            x = F.pad(x, (pad, pad, pad, pad))
+            rows = draws.crop_y[:, None] + torch.arange(h, device=x.device)
+            x = x.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * pad))
+            cols = draws.crop_x[:, None] + cols
+        return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))

@@ -62,7 +62,7 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> R
         model = freeze_backbone(model)  # same module types (FrozenBatchNorm2d) as when it was saved
     load_model_state(model, ckpt["model"], path)
     model.to(device).eval()
-    pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, cfg.data.augment, cfg.run.seed)
+    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed)  # no training: no per-epoch draw table
     return Restored(cfg, spec, model, pre, ckpt)
 
 

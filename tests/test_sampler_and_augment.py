@@ -1,10 +1,14 @@
 """The sampler contract and keyed augmentation: independent of world size, rank and batching."""
+import math
+
 import pytest
 import torch
 
 from distcls.config import AugmentConfig
-from distcls.data.augment import Preprocess
+from distcls.data.augment import Preprocess, keyed_uniform
+from distcls.data.loader import eval_loader, train_loader
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
+from distcls.data.sources import DataSpec, SplitView, TensorSource
 from distcls.errors import ConfigError
 
 
@@ -76,3 +80,56 @@ def test_crop_flip_are_real_transforms():
     # every output is a 1-pixel (or zero) shift of the input with zero padding
     shifted = {tuple(o.round().long().flatten().tolist()) for o in crop[:, 0]}
     assert 3 <= len(shifted) <= 9
+
+
+def test_epoch_draw_table_holds_the_keyed_uniform_draws_of_every_key():
+    aug = AugmentConfig(crop_padding=4, hflip=True, rotation_deg=20)
+    g = torch.Generator().manual_seed(1)
+    for seed, epoch in [(0, 0), (7, 3), (123456789, 41)]:
+        pre = Preprocess(3, 8, (0.5,) * 3, (0.25,) * 3, aug, seed, num_keys=3000)
+        keys = torch.randint(0, 3000, (257,), generator=g)
+        got = pre.epoch_table(epoch, torch.device("cpu")).index(keys)
+        u = {s: keyed_uniform(seed, epoch, keys, s) for s in (1, 2, 3, 4)}
+        assert torch.equal(got.crop_y, (u[1] * 9).long()) and torch.equal(got.crop_x, (u[2] * 9).long())
+        assert torch.equal(got.flip, u[3] < 0.5)
+        assert got.angle.dtype == torch.float64 and torch.equal(got.angle, (u[4] * 2 - 1) * 20 * math.pi / 180)
+        assert got.crop_y.unique().numel() == 9 and 0.3 < got.flip.float().mean() < 0.7  # real draws, not constants
+    only_flip = Preprocess(3, 8, (0.5,) * 3, (0.25,) * 3, AugmentConfig(hflip=True), 0, num_keys=10).epoch_table(0, torch.device("cpu"))
+    assert only_flip.flip is not None and only_flip.crop_y is None and only_flip.crop_x is None and only_flip.angle is None
+
+
+def test_preprocess_with_the_epoch_table_equals_hashing_per_batch():
+    aug = AugmentConfig(crop_padding=3, hflip=True, rotation_deg=15)
+    spec = DataSpec(3, 10, 16, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))
+    table = Preprocess.from_spec(spec, aug, seed=5, num_keys=1000)
+    per_batch = Preprocess.from_spec(spec, aug, seed=5)
+    assert per_batch == Preprocess(3, 16, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3), aug, 5)
+    g = torch.Generator().manual_seed(2)
+    images = torch.randint(0, 256, (48, 3, 12, 12), dtype=torch.uint8, generator=g)
+    for epoch in (0, 1, 0):  # the table follows the epoch (and back)
+        keys = torch.randint(0, 1000, (48,), generator=g)
+        assert torch.equal(table(images, keys, epoch, train=True), per_batch(images, keys, epoch, train=True))
+    assert torch.equal(table(images, keys, 0, train=False), per_batch(images, keys, 0, train=False))
+    assert table == Preprocess.from_spec(spec, aug, seed=5, num_keys=1000)  # the device cache is not part of its value
+
+
+def _in_memory_view(n=40, size=4):
+    images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    source = TensorSource(images, torch.arange(n) % 3)
+    return SplitView(source, torch.arange(1, n, 2))  # keys (source indices) differ from positions (split indices)
+
+
+def test_in_memory_batches_carry_device_keys_equal_to_the_split_indices_of_their_positions():
+    view = _in_memory_view()
+    loader = train_loader(view, 6, 2, 1, seed=4, device=torch.device("cpu"))
+    loader.sampler.set_epoch(2)
+    positions = list(loader.sampler)
+    batches = list(loader)
+    assert len(batches) == len(positions) == 3
+    for batch, pos in zip(batches, positions):
+        assert torch.equal(batch.keys, view.indices[pos])
+        assert torch.equal(batch.images, view.source.images[batch.keys]) and torch.equal(batch.labels, view.source.labels[batch.keys])
+    # On another device every field of a batch is there (the meta device stands in for a GPU).
+    meta = train_loader(view, 6, 2, 1, seed=4, device=torch.device("meta"))
+    assert all(t.device.type == "meta" for b in meta for t in (b.images, b.labels, b.keys))
+    assert [len(b.keys) for b in eval_loader(view, 8, 1, 0, torch.device("meta"))] == [8, 8, 4]

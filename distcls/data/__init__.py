@@ -79,5 +79,6 @@ def build_data(cfg: Config) -> Data:
     # Image folders flip in the DataLoader workers (on the uint8 crop, same key): not again on the device.
     flipped_in_workers = streaming and getattr(getattr(raw.train, "policy", None), "hflip", False)
     augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
-    pre = Preprocess(spec.channels, spec.image_size, spec.mean, spec.std, augment, cfg.run.seed)
+    # Training keys index the train split's source: the per-epoch draw table covers all of them.
+    pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=len(splits.train.source))
     return Data(splits, spec, pre, tuple(raw.skipped_files))

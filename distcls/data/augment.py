@@ -4,17 +4,23 @@ Input: a uint8 batch [B, C, H, W] and each sample's key (its index in the datase
 normalized float images. Every random choice is a pure function of (seed, epoch, key, stream),
 computed with a counter-based hash, so a sample is augmented identically whichever rank, worker
 or batch position handles it: world-size invariance and exact resume need nothing else.
+
+Nothing here makes the host wait for the device: the normalization constants are made once per
+device, and when the number of keys is known the draws of a whole epoch (every key) are hashed
+once on the host and copied to the device in one non-blocking copy; a batch only indexes them.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
+from distcls.data.sources import DataSpec
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -37,14 +43,75 @@ def keyed_uniform(seed: int, epoch: int, keys: torch.Tensor, stream: int) -> tor
     return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) / float(1 << 53))
 
 
+# The hash streams of the batched augmentation (image folders' worker-side flip uses stream 3 too).
+CROP_Y_STREAM, CROP_X_STREAM, FLIP_STREAM, ROTATION_STREAM = 1, 2, 3, 4
+
+
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without making the host wait (pinned, non-blocking for CUDA)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@dataclass(frozen=True)
+class Draws:
+    """The random choices of one epoch for a list of keys, one row per key; None: stream unused.
+
+    crop_y/crop_x: int64 offsets into the padded image in [0, 2 * crop_padding]; flip: bool;
+    angle: float64 radians in [-rotation_deg, +rotation_deg].
+    """
+    crop_y: Optional[torch.Tensor] = None
+    crop_x: Optional[torch.Tensor] = None
+    flip: Optional[torch.Tensor] = None
+    angle: Optional[torch.Tensor] = None
+
+    @classmethod
+    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor) -> "Draws":
+        """On the host (numpy hash), only the streams `aug` uses."""
+        crop_y = crop_x = flip = angle = None
+        if aug.crop_padding > 0:
+            span = 2 * aug.crop_padding + 1
+            crop_y = (keyed_uniform(seed, epoch, keys, CROP_Y_STREAM) * span).long()
+            crop_x = (keyed_uniform(seed, epoch, keys, CROP_X_STREAM) * span).long()
+        if aug.hflip:
+            flip = keyed_uniform(seed, epoch, keys, FLIP_STREAM) < 0.5
+        if aug.rotation_deg > 0:
+            angle = (keyed_uniform(seed, epoch, keys, ROTATION_STREAM) * 2 - 1) * aug.rotation_deg * math.pi / 180
+        return cls(crop_y, crop_x, flip, angle)
+
+    def _map(self, fn) -> "Draws":
+        return Draws(*(None if t is None else fn(t) for t in (self.crop_y, self.crop_x, self.flip, self.angle)))
+
+    def to(self, device: torch.device) -> "Draws":
+        return self._map(lambda t: host_to_device(t, device))
+
+    def index(self, rows: torch.Tensor) -> "Draws":
+        """The draws of the keys `rows` (a tensor on this table's device): a gather, no host sync."""
+        return self._map(lambda t: t[rows])
+
+
 @dataclass(frozen=True)
 class Preprocess:
+    """uint8 batch -> normalized (and, when training, augmented) float batch on the batch's device.
+
+    `num_keys` (the size of the training source: every key is below it) lets a training batch
+    index a per-epoch table of draws kept on the device; without it (evaluation, predict) the
+    draws are hashed per batch on the host, the same numbers either way.
+    """
     channels: int  # target channels
     image_size: int  # target square size
     mean: tuple
     std: tuple
     augment: AugmentConfig
     seed: int
+    num_keys: Optional[int] = None
+    # Per device: normalization constants, and the current epoch's draws. Not part of the value.
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None) -> "Preprocess":
+        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys)
 
     def __call__(self, images: torch.Tensor, keys: torch.Tensor, epoch: int, train: bool,
                  memory_format=torch.contiguous_format) -> torch.Tensor:
@@ -54,10 +121,34 @@ class Preprocess:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
         if train:
-            x = self._augment(x, keys, epoch)
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255.0
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) * 255.0
+            x = self._augment(x, self.draws(keys, epoch, x.device))
+        mean, std = self._constant("norm", x, lambda dt: (torch.tensor(self.mean, dtype=dt).view(1, -1, 1, 1) * 255.0,
+                                                          torch.tensor(self.std, dtype=dt).view(1, -1, 1, 1) * 255.0))
         return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)  # in place: x is this batch's own float copy
+
+    def draws(self, keys: torch.Tensor, epoch: int, device: torch.device) -> Draws:
+        """The augmentation draws of `keys` (on the host or on `device`) for `epoch`, on `device`."""
+        if self.num_keys is None:
+            return Draws.hashed(self.augment, self.seed, epoch, keys).to(device)
+        return self.epoch_table(epoch, device).index(keys.to(device, non_blocking=True))
+
+    def epoch_table(self, epoch: int, device: torch.device) -> Draws:
+        """The draws of every key 0..num_keys-1 for `epoch` on `device`: hashed and copied once per epoch."""
+        slot = ("draws", device)
+        cached = self._cache.get(slot)
+        if cached is None or cached[0] != epoch:
+            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys)).to(device)
+            cached = self._cache[slot] = (epoch, table)
+        return cached[1]
+
+    def _constant(self, name: str, like: torch.Tensor, make):
+        """`make(dtype)`'s host tensors (one or a tuple) on `like`'s device, in its dtype: made and copied once."""
+        slot = (name, like.device, like.dtype)
+        if slot not in self._cache:
+            made = make(like.dtype)
+            self._cache[slot] = tuple(host_to_device(t, like.device) for t in made) if isinstance(made, tuple) \
+                else host_to_device(made, like.device)
+        return self._cache[slot]
 
     def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == self.channels:
@@ -65,32 +156,33 @@ class Preprocess:
         if x.shape[1] == 1 and self.channels == 3:
             return x.expand(-1, 3, -1, -1).contiguous()
         if x.shape[1] == 3 and self.channels == 1:
-            w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+            w = self._constant("gray", x, lambda dt: torch.tensor([0.299, 0.587, 0.114], dtype=dt).view(1, 3, 1, 1))
             return (x * w).sum(dim=1, keepdim=True)
         raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
 
-    def _augment(self, x: torch.Tensor, keys: torch.Tensor, epoch: int) -> torch.Tensor:
-        aug, dev = self.augment, x.device
-        if aug.crop_padding > 0:
-            pad = aug.crop_padding
-            b, _, h, w = x.shape
-            oy = (keyed_uniform(self.seed, epoch, keys, 1) * (2 * pad + 1)).long().to(dev)
-            ox = (keyed_uniform(self.seed, epoch, keys, 2) * (2 * pad + 1)).long().to(dev)
-            padded = F.pad(x, (pad, pad, pad, pad))
-            rows = (oy[:, None] + torch.arange(h, device=dev)[None, :])  # B,H
-            cols = (ox[:, None] + torch.arange(w, device=dev)[None, :])  # B,W
-            bi = torch.arange(b, device=dev)[:, None, None]
-            x = padded.permute(0, 2, 3, 1)[bi, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-        if aug.hflip:
-            flip = (keyed_uniform(self.seed, epoch, keys, 3) < 0.5).nonzero().squeeze(1).to(dev)
-            if len(flip):
-                x.index_copy_(0, flip, x.index_select(0, flip).flip(-1))  # x is this batch's own float copy
-        if aug.rotation_deg > 0:
-            u = keyed_uniform(self.seed, epoch, keys, 4)
-            theta = ((u * 2 - 1) * aug.rotation_deg * math.pi / 180).to(dev, x.dtype)
+    def _augment(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        if draws.crop_y is not None or draws.flip is not None:
+            x = self._crop_flip(x, draws)
+        if draws.angle is not None:
+            theta = draws.angle.to(x.dtype)
             cos, sin = torch.cos(theta), torch.sin(theta)
             zero = torch.zeros_like(cos)
             mat = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
             grid = F.affine_grid(mat, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         return x
+
+    def _crop_flip(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+        """Crop (zero padding, then a window at the drawn offsets), then flip the drawn samples: two
+        gathers, rows then columns, with the flip folded into the column index (no host sync)."""
+        b, c, h, w = x.shape
+        cols = torch.arange(w, device=x.device).expand(b, w)
+        if draws.flip is not None:
+            cols = torch.where(draws.flip[:, None], cols.flip(-1), cols)
+        if draws.crop_y is not None:
+            pad = self.augment.crop_padding
+            x = F.pad(x, (pad, pad, pad, pad))
+            rows = draws.crop_y[:, None] + torch.arange(h, device=x.device)
+            x = x.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w + 2 * pad))
+            cols = draws.crop_x[:, None] + cols
+        return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))

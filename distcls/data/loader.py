@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from distcls.data.augment import host_to_device
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import UserError
@@ -26,7 +27,7 @@ def _gpu():
 class Batch:
     images: torch.Tensor  # uint8 [B, C, H, W] on device
     labels: torch.Tensor  # int64 [B] on device
-    keys: torch.Tensor  # int64 [B] dataset indices: the augmentation key
+    keys: torch.Tensor  # int64 [B] on device: indices into the split's source, the augmentation key
 
 
 class _EpochBatches:
@@ -93,6 +94,7 @@ class BatchLoader:
             src = view.source
             self._images = src.images[view.indices].to(device)
             self._labels = src.labels[view.indices].to(device)
+            self._keys = view.indices.to(device)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -114,12 +116,19 @@ class BatchLoader:
         for items in self._data_loader():
             yield _gpu().assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
 
+    def _epoch_positions(self) -> list:
+        """The sampler's batches of this epoch as device tensors: ONE non-blocking copy per epoch
+        (pinned for CUDA), so no batch waits for a host-to-device copy."""
+        batches = list(self.sampler)
+        if not batches:
+            return []
+        flat = torch.tensor([p for positions in batches for p in positions], dtype=torch.long)
+        return list(torch.split(host_to_device(flat, self.device), [len(positions) for positions in batches]))
+
     def __iter__(self) -> Iterator[Batch]:
         if not self.view.source.streaming:
-            for positions in self.sampler:
-                pos = torch.tensor(positions, dtype=torch.long)
-                on_dev = pos.to(self.device)
-                yield Batch(self._images[on_dev], self._labels[on_dev], self.view.indices[pos])
+            for pos in self._epoch_positions():
+                yield Batch(self._images[pos], self._labels[pos], self._keys[pos])
             return
         for batch in self._batches():
             images, labels, keys, bad = batch
@@ -129,7 +138,8 @@ class BatchLoader:
                 self.dropped.extend(bad)
                 if images is None:
                     raise UserError(f"every image of a batch is unreadable ({bad[0]}, ...); fix or remove these files")
-            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), keys)
+            yield Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
+                        keys.to(self.device, non_blocking=True))
 
 
 def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, device,

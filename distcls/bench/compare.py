@@ -221,8 +221,25 @@ def matmul_peak(device, amp: str) -> dict:
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "flops_per_s": 2 * n ** 3 / best}
 
 
-def _profile(run, steps: int) -> str:
-    """torch.profiler's op table (sorted by self time) over `steps` steps of one run, after one warm-up step."""
+# Ops and CUDA runtime calls that make the host wait for the device (a `.item()`, `.tolist()` of a
+# device tensor, `nonzero`, a blocking copy, an explicit synchronize).
+HOST_SYNC_EVENTS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize",
+                    "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+def host_syncs(events) -> dict:
+    """{event name: count} of HOST_SYNC_EVENTS among torch.profiler's function events."""
+    counts = {}
+    for e in events:
+        if e.name in HOST_SYNC_EVENTS:
+            counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
+
+
+def _profile(run, steps: int) -> dict:
+    """torch.profiler over `steps` steps of one run, after one warm-up step: the op table (sorted
+    by self time) and the host-sync calls counted (the run's own timing adds one synchronize at
+    each end on CUDA)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -230,7 +247,7 @@ def _profile(run, steps: int) -> str:
     with profile(activities=activities) as prof:
         run.run(1, steps)
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=15)
+    return {"steps": steps, "host_syncs": host_syncs(prof.events()), "table": prof.key_averages().table(sort_by=sort, row_limit=15)}
 
 
 def _median(xs):
@@ -332,5 +349,6 @@ def render(result: dict) -> None:
     load = result["load_average_1min"]
     console.print(f"a/b {r['a/b']}   a/c {r['a/c']}   a/d {r['a/d']}   (medians of per-round ratios: a/b {result['per_round_ratios']['a/b']}, "
                   f"a/c {result['per_round_ratios']['a/c']}; load average {load['before']} -> {load['after']})")
-    for k, text in result.get("profile", {}).items():
-        console.print(f"\ntorch.profiler, run {k} ({result['variants'][k]}):\n{text}", markup=False, highlight=False)
+    for k, prof in result.get("profile", {}).items():
+        console.print(f"\ntorch.profiler, run {k} ({result['variants'][k]}), {prof['steps']} steps; host-sync calls: "
+                      f"{prof['host_syncs'] or 'none'}\n{prof['table']}", markup=False, highlight=False)

@@ -100,7 +100,7 @@ class Trainer:
         last_step = loader.sampler.steps_per_epoch
         unread: list[HostCopy] = []
         for batch in loader:
-            flags = self._step(batch, progress, stop_signal())
+            flags = self._step(batch, progress, stop_signal)
             progress.epoch_step += 1
             progress.global_step += 1
             unread.append(HostCopy(flags, progress.epoch_step))
@@ -112,7 +112,7 @@ class Trainer:
         for flags in unread:  # a loader shorter than the sampler's count: still agree on every step
             self._agreed_stop(flags, progress)
 
-    def _step(self, batch: Batch, progress: Progress, stop_signal: bool) -> torch.Tensor:
+    def _step(self, batch: Batch, progress: Progress, stop_signal: Callable[[], bool]) -> torch.Tensor:
         """Queue one optimizer step; returns the agreed [skipped, stop] flags (device)."""
         self.optimizer.zero_grad(set_to_none=True)
         x = self.preprocess(batch.images, batch.keys, progress.epoch, train=True, memory_format=self.memory_format)
@@ -129,8 +129,8 @@ class Trainer:
             loss_sum += loss.detach().double() * len(ys)
             correct += (logits.detach().argmax(1) == ys).sum()
         count = loss_sum.new_full((), float(len(batch.labels)))
-        # One all-reduce agrees on both flags; no host read here.
-        flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop_signal))]))
+        # One all-reduce agrees on both flags (the signal checked as late as possible); no host read here.
+        flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop_signal()))]))
         skipped = self.precision.step(self.optimizer, self.params, self.cfg.clip_grad_norm, skip=flags[0] > 0)
         progress.epoch_sums.add_(torch.stack([loss_sum, correct.double(), count]), keep=~skipped)
         progress.skipped += skipped

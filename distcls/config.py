@@ -218,11 +218,11 @@ def read_yaml(path: str) -> dict:
 def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item or item.startswith("="):
         raise ConfigError(f"override '{item}' is not of the form key.sub=value (e.g. optim.lr=0.05)")
-    key, raw = item.split("=", 1)
+    key, text = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
-        value = raw
+        value = text
     return key.strip(), value
 
 
@@ -405,10 +405,7 @@ def _check_cross_fields(cfg: Config) -> None:
     if cfg.sched.name == "cosine" and cfg.sched.min_lr > cfg.optim.lr:
         raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} is above optim.lr={cfg.optim.lr}: the cosine schedule would rise "
                           "instead of decay; set sched.min_lr <= optim.lr (it is the lr the cosine ends at)")
-    if cfg.data.batch_size % cfg.train.accum_steps:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by train.accum_steps={cfg.train.accum_steps}; "
-            "the global batch is split into equal micro-batches")
+    check_batch_split(cfg.data.batch_size, 1, cfg.train.accum_steps)  # again with the world size at launch
     if not all(isinstance(t, str) and t for t in cfg.log.wandb.tags):
         raise ConfigError(f"config key 'log.wandb.tags' must be a list of non-empty strings, e.g. [baseline, cifar10], got {cfg.log.wandb.tags!r}")
     if not cfg.run.out_dir:
@@ -426,3 +423,12 @@ def _check_cross_fields(cfg: Config) -> None:
         _number_list(value, f"data.augment.{key}", 2)
         if not (0 < value[0] <= value[1]) or (key == "scale" and value[1] > 1):
             raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key == 'scale' else ''}, got {value}")
+
+
+def check_batch_split(global_batch: int, world_size: int, accum_steps: int = 1) -> None:
+    """The one check that the global batch splits into equal micro-batches on every rank."""
+    parts = world_size * accum_steps
+    if global_batch % parts:
+        raise ConfigError(
+            f"data.batch_size={global_batch} is the GLOBAL batch: it must split evenly over {world_size} processes x "
+            f"{accum_steps} accumulation steps; use a multiple of {parts}, e.g. data.batch_size={global_batch - global_batch % parts or parts}")

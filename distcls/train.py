@@ -32,10 +32,7 @@ def parse_args(argv: Sequence[str]):
 
 def check_launch(cfg, env: dist.DistEnv) -> None:
     """Config checks that need the world size and device, still before any process group exists."""
-    if cfg.data.batch_size % (env.world_size * cfg.train.accum_steps):
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch: it must split evenly over {env.world_size} processes x "
-            f"{cfg.train.accum_steps} accumulation steps; use a multiple of {env.world_size * cfg.train.accum_steps}")
+    config_mod.check_batch_split(cfg.data.batch_size, env.world_size, cfg.train.accum_steps)
     if cfg.train.sync_bn and env.distributed and env.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); "
                           "set train.sync_bn=false for CPU runs")

@@ -51,7 +51,7 @@ def test_batch_not_divisible_by_world_size(tmp_path):
     assert proc.returncode != 0
     errors = [l for l in proc.stderr.splitlines() if l.startswith("distcls: error:")]
     assert errors == ["distcls: error: data.batch_size=63 is the GLOBAL batch: it must split evenly over 2 processes x 1 "
-                      "accumulation steps; use a multiple of 2"]
+                      "accumulation steps; use a multiple of 2, e.g. data.batch_size=62"]
     assert not out.exists()
 
 

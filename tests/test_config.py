@@ -28,7 +28,7 @@ def test_default_yaml_is_the_builtin_default():
     ("optim.lr=0", "'optim.lr' must be > 0"),
     ("train.amp=fp8", "must be one of none | bf16 | fp16"),
     ("data.split=[0.5, 0.5, 0.5]", "summing to 1"),
-    ("train.accum_steps=3", "not divisible by train.accum_steps=3"),
+    ("train.accum_steps=3", "split evenly over 1 processes x 3 accumulation steps"),
     ("data.mean=[0.5]", "set both data.mean and data.std"),
     ("train.sync_bn=1", "must be true or false"),
     ("data", "not of the form key.sub=value"),

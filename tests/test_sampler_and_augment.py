@@ -42,7 +42,7 @@ def test_epochs_shuffle_differently_and_resume_continues_at_the_next_batch():
 
 
 def test_global_batch_must_divide_by_world_size():
-    with pytest.raises(ConfigError, match="divisible by the world size 4"):
+    with pytest.raises(ConfigError, match="split evenly over 4 processes"):
         GlobalBatchSampler(100, 10, 4, 0, 0)
 
 

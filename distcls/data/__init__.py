@@ -27,23 +27,23 @@ class Data:
     skipped_files: tuple = ()  # bad image files left out before training (data.skip_bad_images=true)
 
 
-def data_spec(raw: RawDataset, cfg: Config) -> DataSpec:
+def data_spec(dataset: RawDataset, cfg: Config) -> DataSpec:
     d = cfg.data
-    channels = d.channels or raw.train.channels
-    size = d.image_size or raw.train.size
-    mean, std = (d.mean, d.std) if d.mean is not None else (raw.mean, raw.std)
+    channels = d.channels or dataset.train.channels
+    size = d.image_size or dataset.train.size
+    mean, std = (d.mean, d.std) if d.mean is not None else (dataset.mean, dataset.std)
     if len(mean) == 1 and channels == 3:
         mean, std = list(mean) * 3, list(std) * 3
     if len(mean) != channels:
         raise ConfigError(f"data.mean/data.std have {len(mean)} values but the images have {channels} channels; give one per channel")
-    return DataSpec(channels, len(raw.class_names), size, tuple(raw.class_names), tuple(mean), tuple(std))
+    return DataSpec(channels, len(dataset.class_names), size, tuple(dataset.class_names), tuple(mean), tuple(std))
 
 
-def check_labels(raw: RawDataset, name: str) -> None:
+def check_labels(dataset: RawDataset, name: str) -> None:
     """Every label in [0, number of classes): a bad one would fail mid-training ("Target 200 is out of bounds")."""
-    n = len(raw.class_names)
+    n = len(dataset.class_names)
     for split in ("train", "val", "test"):
-        source = getattr(raw, split)
+        source = getattr(dataset, split)
         labels = source.labels if source is not None else None
         if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
             bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
@@ -66,19 +66,19 @@ def with_pretrained_preprocessing(cfg: Config) -> Config:
 
 def build_data(cfg: Config) -> Data:
     cfg = with_pretrained_preprocessing(cfg)
-    raw = DATASETS.build(cfg.data.name, cfg.data)
-    if not isinstance(raw, RawDataset):
-        raise UserError(f"data.name={cfg.data.name}: the builder returned {type(raw).__name__}, not distcls.data.RawDataset")
-    check_labels(raw, cfg.data.name)
-    streaming = raw.train.streaming
+    dataset = DATASETS.build(cfg.data.name, cfg.data)
+    if not isinstance(dataset, RawDataset):
+        raise UserError(f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset")
+    check_labels(dataset, cfg.data.name)
+    streaming = dataset.train.streaming
     if cfg.data.augment.random_resized_crop and not streaming:
         raise ConfigError(f"data.augment.random_resized_crop applies to image folders (data.name=imagefolder), not to in-memory data.name={cfg.data.name}; "
                           "use data.augment.crop_padding for those")
-    spec = data_spec(raw, cfg)
-    splits = make_splits(raw, cfg.data, cfg.run.seed)
+    spec = data_spec(dataset, cfg)
+    splits = make_splits(dataset, cfg.data, cfg.run.seed)
     # Image folders flip in the DataLoader workers (on the uint8 crop, same key): not again on the device.
-    flipped_in_workers = streaming and getattr(getattr(raw.train, "policy", None), "hflip", False)
+    flipped_in_workers = streaming and getattr(getattr(dataset.train, "policy", None), "hflip", False)
     augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
     pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=len(splits.train.source))
-    return Data(splits, spec, pre, tuple(raw.skipped_files))
+    return Data(splits, spec, pre, tuple(dataset.skipped_files))

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 
+from distcls.config import check_batch_split
 from distcls.errors import ConfigError
 
 
@@ -28,10 +29,7 @@ class GlobalBatchSampler:
 
     def __init__(self, num_samples: int, global_batch: int, world_size: int, rank: int,
                  seed: int, shuffle: bool = True, max_steps: int | None = None):
-        if global_batch % world_size:
-            raise ConfigError(
-                f"data.batch_size={global_batch} is the GLOBAL batch and must be divisible by the "
-                f"world size {world_size}; use a multiple of {world_size}, e.g. data.batch_size={global_batch - global_batch % world_size or world_size}")
+        check_batch_split(global_batch, world_size)
         if num_samples < global_batch:
             raise ConfigError(
                 f"the training split has {num_samples} samples, fewer than one global batch "

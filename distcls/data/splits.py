@@ -25,11 +25,11 @@ def _perm(n: int, seed: int, salt: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + salt))
 
 
-def make_splits(raw: RawDataset, cfg: DataConfig, seed: int) -> Splits:
-    if cfg.split is not None or raw.test is None:
+def make_splits(dataset: RawDataset, cfg: DataConfig, seed: int) -> Splits:
+    if cfg.split is not None or dataset.test is None:
         # Pool every official split and re-split: data.split, or [0.9 - v, v, 0.1] when there is no test set.
-        pooled = raw.train
-        for extra in (raw.val, raw.test):
+        pooled = dataset.train
+        for extra in (dataset.val, dataset.test):
             if extra is not None:
                 pooled = pooled.concat(extra)
         fractions = cfg.split or [NO_TEST_SPLIT_TRAIN - cfg.val_fraction, cfg.val_fraction, 1 - NO_TEST_SPLIT_TRAIN]
@@ -41,16 +41,16 @@ def make_splits(raw: RawDataset, cfg: DataConfig, seed: int) -> Splits:
         val = SplitView(pooled, order[n_train:n_train + n_val].sort().values) if n_val else None
         test = SplitView(pooled, order[n_train + n_val:].sort().values)
     else:
-        test = SplitView(raw.test, torch.arange(len(raw.test)))
-        if raw.val is not None:
-            train = SplitView(raw.train, torch.arange(len(raw.train)))
-            val = SplitView(raw.val, torch.arange(len(raw.val)))
+        test = SplitView(dataset.test, torch.arange(len(dataset.test)))
+        if dataset.val is not None:
+            train = SplitView(dataset.train, torch.arange(len(dataset.train)))
+            val = SplitView(dataset.val, torch.arange(len(dataset.val)))
         else:
-            n = len(raw.train)
+            n = len(dataset.train)
             n_val = int(round(cfg.val_fraction * n))
             order = _perm(n, seed, 2)
-            train = SplitView(raw.train, order[n_val:].sort().values)
-            val = SplitView(raw.train, order[:n_val].sort().values) if n_val else None
+            train = SplitView(dataset.train, order[n_val:].sort().values)
+            val = SplitView(dataset.train, order[:n_val].sort().values) if n_val else None
     if len(train) == 0 or len(test) == 0:
         raise ConfigError(f"the split leaves {len(train)} training and {len(test)} test samples; change data.split / data.val_fraction")
     return Splits(train.truncated(cfg.max_train_samples),

@@ -110,11 +110,11 @@ class Progress:
         self.global_step, self.best_metric = state["step"], state["best_metric"]
         self.skipped.fill_(state.get("skipped_steps", 0))
         self.wandb_id = state.get("wandb_id")
-        epoch_totals = logged = None
+        epoch_totals = logged_totals = None
         if self.epoch_step and self.is_main and state.get("meter"):  # the others start at 0: sums stay exact
             epoch_totals = Totals(**state["meter"])
-            logged = Totals(**state["interval_meter"]) if state.get("interval_meter") else None
-        self.start_epoch_sums(epoch_totals, logged)
+            logged_totals = Totals(**state["interval_meter"]) if state.get("interval_meter") else None
+        self.start_epoch_sums(epoch_totals, logged_totals)
         if self.epoch_step >= steps_per_epoch:  # saved at an epoch's last step, before its evaluation
             self.finish_epoch()
             self.start_epoch_sums()

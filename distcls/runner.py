@@ -27,7 +27,7 @@ from distcls.config import Config
 from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
 from distcls.dist import DistEnv
-from distcls.engine import EvalResult, Precision, Progress, Totals, Trainer, build_optimizer, build_scheduler, evaluate
+from distcls.engine import EvalResult, HostCopy, Precision, Progress, Totals, Trainer, build_optimizer, build_scheduler, evaluate
 from distcls.errors import UserError
 from distcls.models import build_model, check_forward, count_parameters
 from distcls.rundir import RunDirLock, check_outputs
@@ -100,6 +100,7 @@ class TrainingRun:
         self.lock = RunDirLock(self.out_dir)
         self._interval_start = 0.0  # perf_counter at the last log.every_steps record (or the epoch's start)
         self._train_images, self._train_seconds = 0, 0.0  # this process's training throughput, for the summary
+        self._bar_copy, self._bar_time = None, 0.0  # the progress bar's in-flight copy of the running sums
         if env.is_main:  # rank 0 writes: it checks the outputs and holds the out_dir for the run's lifetime
             check_outputs(self.out_dir)
             self.lock.acquire()
@@ -198,7 +199,7 @@ class TrainingRun:
             self.console.start_epoch(epoch, cfg.train.epochs, parts.train.sampler.steps_per_epoch, first_step, cfg.data.batch_size)
             stopping = False
             for step in parts.trainer.train_epoch(parts.train, progress, lambda: stop.requested):
-                self.console.advance(lr=parts.lr)
+                self._advance_bar(parts)
                 if cfg.log.every_steps and progress.global_step % cfg.log.every_steps == 0:
                     self._log_train_interval(parts)
                 if step.stop_requested:
@@ -283,6 +284,22 @@ class TrainingRun:
         parts.wandb.log(record)
         return record
 
+    BAR_READ_SECONDS = 0.5
+
+    def _advance_bar(self, parts: RunParts) -> None:
+        """The terminal bar (rank 0). Its running loss/accuracy are rank 0's own sums, copied to the
+        host without waiting every BAR_READ_SECONDS and shown once the copy has landed: no stall, no
+        collective."""
+        if not self.console.fancy:
+            return
+        sums = ()
+        if self._bar_copy is not None and self._bar_copy.ready():
+            sums, self._bar_copy = self._bar_copy.values(), None
+        now = time.perf_counter()
+        if self._bar_copy is None and now - self._bar_time >= self.BAR_READ_SECONDS:
+            self._bar_copy, self._bar_time = HostCopy(parts.progress.epoch_sums.values.clone()), now
+        self.console.advance(*sums, lr=parts.lr)
+
     def _log_train_interval(self, parts: RunParts) -> None:
         """Collective: the train record of the steps since the previous one (log.every_steps)."""
         progress, now = parts.progress, time.perf_counter()
@@ -314,6 +331,7 @@ class TrainingRun:
             val_record = self._record(parts, "val", epoch, result, count=result.count)
         progress.finish_epoch()
         progress.start_epoch_sums()
+        self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
                                progress.best_metric if parts.val is not None else None, new_best)
         return new_best

@@ -43,7 +43,7 @@ class HostCopy:
     reading the previous step's copy after queueing the next step costs no stall.
     """
 
-    def __init__(self, tensor: torch.Tensor, step: int):
+    def __init__(self, tensor: torch.Tensor, step: int = 0):
         self.step = step
         if tensor.device.type == "cuda":
             self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
@@ -52,6 +52,10 @@ class HostCopy:
             self._ready.record()
         else:
             self._host, self._ready = tensor, None
+
+    def ready(self) -> bool:
+        """The copy has landed: `values()` will not wait."""
+        return self._ready is None or self._ready.query()
 
     def values(self) -> list:
         if self._ready is not None:

@@ -208,14 +208,17 @@ class TrainingRun:
                 checkpointer.maybe_save(SaveReason.STEP)
             self.console.end_epoch()
             if stopping and progress.epoch_step < parts.train.sampler.steps_per_epoch:  # mid-epoch
-                return Stopped(stop.signal_name or "a stop signal on another rank", checkpointer.save() or self.files.last)
+                return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP))
             images = (progress.epoch_step - first_step) * cfg.data.batch_size
             new_best = self._end_epoch(parts, images, time.perf_counter() - epoch_start)
             if stopping:
-                return Stopped(stop.signal_name or "a stop signal on another rank",
-                               checkpointer.maybe_save(SaveReason.STOP, new_best) or self.files.last)
+                return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP, new_best))
             checkpointer.maybe_save(SaveReason.EPOCH_END, new_best)
         return None
+
+    def _stopped(self, stop: StopRequest, saved: Optional[Path]) -> Stopped:
+        # every rank stops; only rank 0 wrote the file (and knows it was written: non-finite weights are not)
+        return Stopped(stop.signal_name or "a stop signal on another rank", saved or self.files.last)
 
     # ----------------------------------------------------------------- setup
 

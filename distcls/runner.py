@@ -293,14 +293,13 @@ class TrainingRun:
         """The terminal bar (rank 0). Its running loss/accuracy are rank 0's own sums, copied to the
         host without waiting every BAR_READ_SECONDS and shown once the copy has landed: no stall, no
         collective."""
-        if not self.console.fancy:
-            return
         sums = ()
-        if self._bar_copy is not None and self._bar_copy.ready():
-            sums, self._bar_copy = self._bar_copy.values(), None
-        now = time.perf_counter()
-        if self._bar_copy is None and now - self._bar_time >= self.BAR_READ_SECONDS:
-            self._bar_copy, self._bar_time = HostCopy(parts.progress.epoch_sums.values.clone()), now
+        if self.console.fancy:
+            if self._bar_copy is not None and self._bar_copy.ready():
+                sums, self._bar_copy = self._bar_copy.values(), None
+            now = time.perf_counter()
+            if self._bar_copy is None and now - self._bar_time >= self.BAR_READ_SECONDS:
+                self._bar_copy, self._bar_time = HostCopy(parts.progress.epoch_sums.values.clone()), now
         self.console.advance(*sums, lr=parts.lr)
 
     def _log_train_interval(self, parts: RunParts) -> None:

@@ -115,7 +115,7 @@ class TrainConfig:
     channels_last: bool = _opt(False, "channels_last memory format")
     compile: bool = _opt(False, "torch.compile the model")
     max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
-    nonfinite: str = _opt("abort", "non-finite loss: skip the step (and count it) or abort", choices=["skip", "abort"])
+    nonfinite: str = _opt("abort", "non-finite loss (or, without fp16, gradient norm): skip the step (and count it) or abort", choices=["skip", "abort"])
 
 
 @dataclass(frozen=True)

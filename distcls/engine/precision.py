@@ -55,12 +55,12 @@ class Precision:
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if clip_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(params, clip_grad_norm, norm)
-        finite = torch.isfinite(norm)  # unscaled gradients: an fp16 overflow shows here too
-        self._guarded_step(optimizer, (skip | ~finite).float())
+        skipped = skip | ~torch.isfinite(norm)  # unscaled gradients: an fp16 overflow shows here too
+        self._guarded_step(optimizer, skipped.float())
         if self.scaler is not None:
             self.scaler.update()  # lowers the scale after an overflow (its own check in unscale_), else may grow it
             return skip
-        return skip | ~finite
+        return skipped
 
     @staticmethod
     def _guarded_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:

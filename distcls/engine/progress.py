@@ -47,7 +47,7 @@ class RunningSums:
 
     def add_(self, step_sums: torch.Tensor, keep: torch.Tensor) -> None:
         """Add one step's [loss_sum, correct, count] where `keep` (a device bool) is True."""
-        self.values.add_(torch.where(keep, step_sums, torch.zeros_like(step_sums)))
+        self.values.add_(torch.where(keep, step_sums, 0.0))
 
     def agree(self) -> Totals:
         """Collective (every rank): the sums over all ranks, read to the host."""

@@ -121,17 +121,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         x = self.preprocess(batch.images, batch.keys, progress.epoch, train=True, memory_format=self.memory_format)
         micro = list(zip(x.chunk(self.cfg.accum_steps), batch.labels.chunk(self.cfg.accum_steps)))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        loss_sum = correct = 0  # become device tensors at the first micro-batch
         for j, (xs, ys) in enumerate(micro):
             sync = contextlib.nullcontext() if j == len(micro) - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.precision.autocast():
                     logits = self.model(xs)
                     loss = F.cross_entropy(logits.float(), ys, label_smoothing=self.cfg.label_smoothing)
-                self.precision.backward(loss / len(micro))
-            loss_sum += loss.detach().double() * len(ys)
-            correct += (logits.detach().argmax(1) == ys).sum()
+                self.precision.backward(loss / len(micro) if len(micro) > 1 else loss)
+            loss_sum = loss_sum + loss.detach().double() * len(ys)
+            correct = correct + (logits.detach().argmax(1) == ys).sum()
         count = loss_sum.new_full((), float(len(batch.labels)))
         # One all-reduce agrees on both flags (the signal checked as late as possible); no host read here.
         flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop_signal()))]))

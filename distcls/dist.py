@@ -1,8 +1,8 @@
 """Where am I running? torchrun, SLURM srun tasks, or a single process.
 
 This is the only module that initializes or tears down torch.distributed. It also holds the
-few collective helpers the rest of the code uses, so they all behave the same with one process
-(no process group: the helpers are identities).
+few collective helpers the rest of the code uses (each says "Collective": call it on every rank),
+so they all behave the same with one process (no process group: the helpers are identities).
 """
 from __future__ import annotations
 
@@ -143,24 +143,21 @@ def active() -> bool:
 
 
 def barrier() -> None:
+    """Collective: every rank waits here for the others."""
     if active():
         tdist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum across ranks (in place) and return it; identity in a single process."""
+    """Collective: sum across ranks (in place) and return it; identity in a single process.
+    Queued like a kernel: it does not make the host wait for the device."""
     if active():
         tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on at least one."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_sum(t).item() > 0)
-
-
 def broadcast_object(obj, src: int = 0):
+    """Collective: rank `src`'s picklable `obj` on every rank."""
     if not active():
         return obj
     box = [obj]
@@ -169,7 +166,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def average_buffers(module: torch.nn.Module) -> None:
-    """Average floating-point buffers (BatchNorm running stats) so every rank evaluates the same model."""
+    """Collective: average floating-point buffers (BatchNorm running stats) so every rank evaluates
+    and saves the same model. The training run calls it once per epoch end (runner._end_epoch)."""
     if not active():
         return
     world = tdist.get_world_size()

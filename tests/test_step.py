@@ -128,17 +128,34 @@ def _trainer(model, nonfinite="skip", flag_lag=None, steps=6):
     return Trainer(model, model, opt, sched, Precision("none", CPU), TrainConfig(nonfinite=nonfinite), pre, CPU, flag_lag), loader
 
 
-@pytest.mark.parametrize("flag_lag, stopped_at", [(0, 3), (1, 4)])
-def test_a_stop_signal_is_agreed_at_once_on_cpu_and_one_step_late_when_deferred(flag_lag, stopped_at):
+@pytest.mark.parametrize("flag_lag", [0, 1])
+@pytest.mark.parametrize("signal_step", [1, 2, 3])
+def test_a_stop_signal_is_agreed_at_once_on_cpu_and_one_step_late_when_deferred(flag_lag, signal_step):
     trainer, loader = _trainer(NaNAt(), flag_lag=flag_lag)
     progress, calls = Progress(CPU), {"n": 0}
 
-    def signal_in_step_3():
+    def signal():
         calls["n"] += 1
-        return calls["n"] >= 3
+        return calls["n"] >= signal_step
 
-    ends = [(progress.epoch_step, end.stop_requested) for end in trainer.train_epoch(loader, progress, signal_in_step_3)]
-    assert ends[-1] == (stopped_at, True) and not any(stop for _, stop in ends[:-1])
+    ends = [(progress.epoch_step, end.stop_requested) for end in trainer.train_epoch(loader, progress, signal)]
+    assert ends[-1] == (signal_step + flag_lag, True) and not any(stop for _, stop in ends[:-1])
+
+
+def test_with_a_lag_the_host_never_reads_the_step_it_just_queued():
+    trainer, loader = _trainer(NaNAt(), flag_lag=1, steps=6)
+    progress, read = Progress(CPU), []
+    agreed_stop = trainer._agreed_stop
+
+    def recording(flags, progress):
+        read.append((progress.epoch_step, flags.step))
+        return agreed_stop(flags, progress)
+
+    trainer._agreed_stop = recording
+    for _ in trainer.train_epoch(loader, progress):
+        pass
+    # at step k the previous step's flags; at the epoch's last step its own too
+    assert read == [(2, 1), (3, 2), (4, 3), (5, 4), (6, 5), (6, 6)]
 
 
 @pytest.mark.parametrize("flag_lag", [0, 1])

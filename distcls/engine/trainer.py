@@ -108,8 +108,13 @@ class Trainer:
             progress.epoch_step += 1
             progress.global_step += 1
             unread.append(HostCopy(flags, progress.epoch_step))
-            ready = len(unread) > self.flag_lag or progress.epoch_step >= last_step
-            stop = any([self._agreed_stop(unread.pop(0), progress) for _ in range(len(unread) if ready else 0)])
+            # The flags the host may read now: all but the newest `flag_lag` steps' (whose work may
+            # still run), and at the epoch's last step all of them (the epoch's end is agreed).
+            readable = len(unread) if progress.epoch_step >= last_step else len(unread) - self.flag_lag
+            stop = False
+            for read in unread[:max(readable, 0)]:
+                stop = self._agreed_stop(read, progress) or stop
+            del unread[:max(readable, 0)]
             yield StepEnd(stop_requested=stop)
             if stop:
                 return

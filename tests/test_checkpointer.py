@@ -143,3 +143,23 @@ def test_a_state_that_does_not_fit_names_the_component(tmp_path):
     saved["model"]["1.weight"] = torch.zeros(9, 16)
     with pytest.raises(UserError, match="does not fit the model: 1 tensors differ in shape"):
         fresh.load(ResumePoint(tmp_path / "x.pt", saved))
+
+
+def test_an_optimizer_state_saved_without_fused_kernels_is_placed_as_the_fused_optimizer_keeps_it():
+    """torch places a loaded `step` by the SAVED groups' flags. Saved without fused kernels (by a
+    distcls before Engine v2) it would stay as saved: on a GPU a CPU tensor, which CUDA's fused
+    Adam refuses at the first step after the resume. On the CPU the placement shows in the dtype:
+    the fused policy makes every `step` float32 on the parameter's device."""
+    model = nn.Linear(4, 2)
+    old = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)  # build_optimizer's groups, not fused
+    model(torch.ones(1, 4)).sum().backward()
+    old.step()
+    saved = old.state_dict()
+    assert not any(g.get("fused") for g in saved["param_groups"])
+    for s in saved["state"].values():
+        s["step"] = s["step"].double()  # a placement the fused policy would change
+    fused = build_optimizer(model, config.load(None, ["optim.name=adam"]).optim)
+    OptimizerState(fused).load_state_dict(saved)
+    assert all(g["fused"] for g in fused.param_groups)
+    steps = [fused.state[p]["step"] for p in model.parameters()]
+    assert all(s.dtype == torch.float32 and s.device == p.device and float(s) == 1.0 for s, p in zip(steps, model.parameters()))

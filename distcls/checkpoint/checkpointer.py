@@ -92,7 +92,11 @@ class OptimizerState:
 
     def load_state_dict(self, state: dict) -> None:
         built = [{k: g[k] for k in self.IMPLEMENTATION if k in g} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state)
+        # torch places each saved tensor by the SAVED groups' flags: a `step` saved without fused
+        # kernels would stay a CPU tensor, which CUDA's fused Adam/AdamW refuse ("Expected all
+        # tensors to be on the same device ... state_steps"). Give it this run's flags first.
+        groups = [{**saved, **flags} for saved, flags in zip(state["param_groups"], built)] + state["param_groups"][len(built):]
+        self.optimizer.load_state_dict({**state, "param_groups": groups})
         for group, flags in zip(self.optimizer.param_groups, built):
             group.update(flags)
 

@@ -251,7 +251,8 @@ class TrainingRun:
             self.files, {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
                          "scaler": precision, "rng": GlobalRNG()}, progress,
             SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, steps_per_epoch, val is not None),
-            {"config": cfg.to_dict(), "data_spec": spec.to_dict(), "world_size": env.world_size}, env.is_main)
+            {"config": cfg.to_dict(), "data_spec": spec.to_dict(), "world_size": env.world_size}, env.is_main,
+            before_save=lambda: trainer.check_diverged(progress))
         resumed_from = None
         if self.resume_point is not None:
             saved = self.resume_point.checkpoint

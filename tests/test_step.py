@@ -213,3 +213,21 @@ def test_a_steady_state_step_reads_nothing_from_the_device():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         progress.skipped.item()
     assert host_syncs(prof.events())
+
+
+def test_with_the_gpus_flag_lag_an_aborting_run_saves_nothing_after_its_diverged_step(tmp_path, monkeypatch):
+    """On a GPU the host reads a step's flags one step late; a checkpoint due at the diverged step
+    must not be written first (`--resume auto`, e.g. a torchrun restart, would go on past it as if
+    the step had been skipped)."""
+    from conftest import run_in_process
+    from distcls import runner
+
+    class Lagging(Trainer):  # the CUDA default, on the CPU
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, flag_lag=1)
+
+    monkeypatch.setattr(runner, "Trainer", Lagging)
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1, step 4"):
+        run_in_process(tmp_path / "run", "model.name=nan_model:build", "model.args.nan_steps=[4]", "train.nonfinite=abort",
+                       "checkpoint.every_steps=4", "train.epochs=1", "train.max_steps_per_epoch=10")
+    assert not list((tmp_path / "run").glob("checkpoints/*.pt"))

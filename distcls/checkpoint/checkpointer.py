@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
@@ -103,10 +103,11 @@ class OptimizerState:
 
 class Checkpointer:
     def __init__(self, files: CheckpointFiles, components: dict, progress: "Progress", policy: SavePolicy,
-                 metadata: dict, is_main: bool):
+                 metadata: dict, is_main: bool, before_save: Callable[[], None] = lambda: None):
         self.files, self.components, self.progress, self.policy = files, components, progress, policy
         self.metadata = {**metadata, "version": FORMAT_VERSION}  # config, data_spec, world_size
         self.is_main = is_main
+        self.before_save = before_save  # may raise to refuse the save (the trainer's check of unread non-finite flags)
 
     def state_dict(self) -> dict:
         """The checkpoint's content (local: no communication). Tensors and plain data only."""
@@ -139,6 +140,7 @@ class Checkpointer:
     def save(self, epoch_file: bool = False, best_file: bool = False) -> Optional[Path]:
         """Collective (every rank): agree the running sums (mid-epoch), rank 0 writes, all wait at a
         barrier. Returns last.pt, or None if nothing was written (rank != 0, or non-finite weights)."""
+        self.before_save()
         if self.progress.epoch_step:
             self.progress.agree_sums()
         written = self.files.write(self.state_dict(), epoch_file, best_file) if self.is_main else None

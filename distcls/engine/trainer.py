@@ -90,6 +90,7 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.flag_lag = (1 if device.type == "cuda" else 0) if flag_lag is None else flag_lag
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self._unread: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
 
     def train_epoch(self, loader: BatchLoader, progress: Progress, stop_signal: Callable[[], bool] = lambda: False
                     ) -> Iterator[StepEnd]:
@@ -102,7 +103,7 @@ class Trainer:
         self.model.train()
         loader.sampler.set_epoch(progress.epoch, progress.epoch_step)
         last_step = loader.sampler.steps_per_epoch
-        unread: list[HostCopy] = []
+        unread = self._unread = []
         for batch in loader:
             flags = self._step(batch, progress, stop_signal)
             progress.epoch_step += 1
@@ -144,6 +145,16 @@ class Trainer:
         progress.skipped += skipped
         self.scheduler.step()
         return torch.stack([skipped.double(), flags[1]])
+
+    def check_diverged(self, progress: Progress) -> None:
+        """With `train.nonfinite=abort`: raise TrainingDiverged if a step whose flags the host has
+        not read yet was non-finite. Waits for those steps: for the moments that wait anyway (a
+        checkpoint save), so that an aborting run never saves the state after its diverged step,
+        which a resume would continue from as if the step had been skipped. Local: the flags are
+        already agreed, every rank raises at the same call."""
+        if self.cfg.nonfinite == "abort":
+            for flags in self._unread:
+                self._agreed_stop(flags, progress)
 
     def _agreed_stop(self, flags: HostCopy, progress: Progress) -> bool:
         skipped, stop = flags.values()

@@ -402,9 +402,6 @@ def _check_cross_fields(cfg: Config) -> None:
     _number_list(cfg.optim.betas, "optim.betas", 2)
     if not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"config key 'optim.betas' must be two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.sched.name == "cosine" and cfg.sched.min_lr > cfg.optim.lr:
-        raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} is above optim.lr={cfg.optim.lr}: the cosine schedule would rise "
-                          "instead of decay; set sched.min_lr <= optim.lr (it is the lr the cosine ends at)")
     check_batch_split(cfg.data.batch_size, 1, cfg.train.accum_steps)  # again with the world size at launch
     if not all(isinstance(t, str) and t for t in cfg.log.wandb.tags):
         raise ConfigError(f"config key 'log.wandb.tags' must be a list of non-empty strings, e.g. [baseline, cifar10], got {cfg.log.wandb.tags!r}")
@@ -423,6 +420,14 @@ def _check_cross_fields(cfg: Config) -> None:
         _number_list(value, f"data.augment.{key}", 2)
         if not (0 < value[0] <= value[1]) or (key == "scale" and value[1] > 1):
             raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key == 'scale' else ''}, got {value}")
+
+
+def check_schedule(cfg: Config) -> None:
+    """Training only (train.check_launch), not every config load: a checkpoint's stored config that
+    predates this check must still load for evaluate, predict and plot."""
+    if cfg.sched.name == "cosine" and cfg.sched.min_lr > cfg.optim.lr:
+        raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} is above optim.lr={cfg.optim.lr}: the cosine schedule would rise "
+                          "instead of decay; set sched.min_lr <= optim.lr (it is the lr the cosine ends at)")
 
 
 def check_batch_split(global_batch: int, world_size: int, accum_steps: int = 1) -> None:

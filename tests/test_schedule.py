@@ -82,9 +82,28 @@ def test_cosine_floor_is_the_end_lr_however_long_the_run():
 
 def test_min_lr_above_the_peak_lr_is_a_config_error():
     with pytest.raises(ConfigError, match=r"sched\.min_lr=0\.2 is above optim\.lr=0\.1"):
-        config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2"])
-    config.load(None, ["optim.lr=0.1", "sched.min_lr=0.1"])  # equal: a constant schedule, allowed
-    config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2", "sched.name=step"])  # min_lr is the cosine's only
+        config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2"]))
+    config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.1"]))  # equal: a constant schedule, allowed
+    config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2", "sched.name=step"]))  # min_lr is the cosine's only
+
+
+def test_min_lr_above_the_peak_lr_stops_training_but_not_evaluating_an_older_checkpoint(tmp_path, capsys):
+    """Training before this check accepted it: such a checkpoint must still evaluate."""
+    from conftest import train_in_process
+    from distcls import evaluate, train
+    from distcls.cli import run_cli
+
+    train_in_process(tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=1")
+    path = tmp_path / "run/checkpoints/last.pt"
+    ck = torch.load(path, weights_only=True)
+    ck["config"]["sched"]["min_lr"] = ck["config"]["optim"]["lr"] * 2  # as written by a distcls without the check
+    torch.save(ck, path)
+    assert run_cli(evaluate.main, ["--checkpoint", str(path)]) == 0
+    capsys.readouterr()
+    code = run_cli(train.main, [f"run.out_dir={tmp_path / 'new'}", "optim.lr=0.1", "sched.min_lr=0.2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sched.min_lr=0.2 is above optim.lr=0.1" in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
 
 
 def test_step_schedule_multiplies_by_gamma_every_step_epochs_counting_warmup():

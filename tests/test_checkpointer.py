@@ -43,6 +43,16 @@ def test_save_policy(epoch, epoch_step, step, reason, new_best, expected):
     assert POLICY.decide(progress_at(epoch, epoch_step, step), reason, new_best) == expected
 
 
+def test_every_steps_whose_step_ends_an_epoch_is_saved_at_the_epoch_end():
+    """checkpoint.every_steps=10 with 10 steps per epoch and every_epochs=0: the due step is the
+    epoch's last, which the mid-epoch rule leaves to the epoch end; the epoch end must save it."""
+    policy = SavePolicy(every_steps=10, every_epochs=0, epochs=5, steps_per_epoch=10, has_val=True)
+    assert policy.decide(progress_at(0, 10, 10), SaveReason.STEP) is None
+    assert policy.decide(progress_at(1, 0, 10), SaveReason.EPOCH_END) == (False, False)
+    assert policy.decide(progress_at(1, 0, 10), SaveReason.EPOCH_END, new_best=True) == (False, True)
+    assert SavePolicy(15, 0, 5, 10, True).decide(progress_at(1, 0, 10), SaveReason.EPOCH_END) is None
+
+
 def test_without_validation_the_final_save_is_the_best_file():
     policy = SavePolicy(every_steps=0, every_epochs=0, epochs=3, steps_per_epoch=10, has_val=False)
     assert policy.decide(progress_at(3, 0, 30), SaveReason.EPOCH_END) == (False, True)

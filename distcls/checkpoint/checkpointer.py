@@ -54,7 +54,8 @@ class SavePolicy:
         periodic = bool(self.every_epochs) and progress.epoch % self.every_epochs == 0
         epoch_file = bool(self.every_epochs) and (periodic or final)
         best_file = new_best or (not self.has_val and final)
-        if final or periodic or best_file or reason is SaveReason.STOP:
+        step_due = self.every_steps > 0 and progress.global_step % self.every_steps == 0  # its step was the epoch's last
+        if final or periodic or best_file or step_due or reason is SaveReason.STOP:
             return epoch_file, best_file
         return None
 

@@ -156,6 +156,14 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Collective: True on every rank if `flag` is True on at least one (a host read: off the step path)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
 def broadcast_object(obj, src: int = 0):
     """Collective: rank `src`'s picklable `obj` on every rank."""
     if not active():

@@ -211,6 +211,7 @@ class TrainingRun:
                 return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP))
             images = (progress.epoch_step - first_step) * cfg.data.batch_size
             new_best = self._end_epoch(parts, images, time.perf_counter() - epoch_start)
+            stopping = dist.any_rank(stopping or stop.requested, self.env.device)  # also a signal during validation
             if stopping:
                 return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP, new_best))
             checkpointer.maybe_save(SaveReason.EPOCH_END, new_best)

@@ -564,6 +564,26 @@ def test_interval_record_after_a_mid_epoch_resume_equals_the_uninterrupted_one(t
     assert resumed == ref  # the record at step 12 covers steps 9-12, across the checkpoint at step 10
 
 
+def _stop_in_first_validation(tmp_path, monkeypatch, epochs):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    args = ["model.name=stop_model:build", f"train.epochs={epochs}", "train.max_steps_per_epoch=5"]
+    from distcls.runner import Stopped
+    out = tmp_path / "run"
+    stopped = run_in_process(out, *args, "model.args.stop_at_eval=2")  # SIGTERM in epoch 1's first validation batch
+    assert isinstance(stopped, Stopped) and stopped.signal_name == "SIGTERM"
+    ck = load_ckpt(out / "checkpoints/last.pt")
+    assert (ck["epoch"], ck["epoch_step"], ck["step"]) == (1, 0, 5)  # saved at that epoch's end, not a step later
+    return train_in_process(out, *args, resume="auto")
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_a_signal_during_validation_stops_at_that_epochs_end(tmp_path, monkeypatch, epochs):
+    """A stop signal that arrives while the epoch end evaluates is agreed there (one explicit
+    all-reduce per epoch): the run saves at that epoch's end and exits 3, also after its last epoch."""
+    summary = _stop_in_first_validation(tmp_path, monkeypatch, epochs)
+    assert summary["epochs_completed"] == epochs and summary["global_step"] == 5 * epochs
+
+
 # ----------------------------------------------------------------------------- 18. options and overrides in any order
 
 

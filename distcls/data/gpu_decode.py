@@ -15,6 +15,7 @@ import torch
 from distcls.data.images import BadImage, sniff
 from distcls.data.images import _tv_decode_jpeg as decode_jpeg
 from distcls.data.images import ImageReadMode
+from distcls.data.augment import host_to_device
 from distcls.errors import first_line
 
 
@@ -76,5 +77,5 @@ def assemble(items, source, train: bool, seed: int, epoch: int, device: torch.de
         keys.append(index)
     if not out:
         return None, None, None, bad
-    return (torch.stack(out), torch.tensor(labels, dtype=torch.long, device=device),
+    return (torch.stack(out), host_to_device(torch.tensor(labels, dtype=torch.long), device),
             torch.tensor(keys, dtype=torch.long), bad)

@@ -160,7 +160,8 @@ class Trainer:
         skipped, stop = flags.values()
         if skipped and self.cfg.nonfinite == "abort":
             raise TrainingDiverged(
-                f"non-finite loss at epoch {progress.epoch + 1}, step {flags.step}; lower optim.lr, set "
+                f"non-finite loss at epoch {progress.epoch + 1}, step {flags.step} (a NaN/Inf loss on some rank, or, "
+                "without fp16, in the gradients); lower optim.lr, set "
                 "train.clip_grad_norm, use train.amp=bf16 instead of fp16, or train.nonfinite=skip")
         return stop > 0
 
@@ -185,7 +186,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_
         with autocast(device, amp_dtype):
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, batch.labels, reduction="sum").double()
-        confusion += torch.bincount(batch.labels * num_classes + logits.argmax(1), minlength=num_classes ** 2).double()
+        cells = batch.labels * num_classes + logits.argmax(1)
+        confusion.scatter_add_(0, cells, torch.ones_like(cells, dtype=confusion.dtype))  # bincount would sync on CUDA
         if num_classes > 5:
             top5 += (logits.topk(5, dim=1).indices == batch.labels[:, None]).any(1).sum().double()
     model.train(was_training)

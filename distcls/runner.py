@@ -334,7 +334,6 @@ class TrainingRun:
             progress.best_metric = max(progress.best_metric, result.acc)
             val_record = self._record(parts, "val", epoch, result, count=result.count)
         progress.finish_epoch()
-        progress.start_epoch_sums()
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
                                progress.best_metric if parts.val is not None else None, new_best)

@@ -41,9 +41,10 @@ class RunningSums:
     """[loss_sum, correct, count] of this rank as one float64 tensor on the device."""
 
     def __init__(self, device: torch.device, start: Optional[Totals] = None):
-        values = (start.loss_sum, start.correct, start.count) if start is not None else (0.0, 0.0, 0.0)
-        self.values = torch.tensor(values, dtype=torch.float64, device=device) if start is not None \
-            else torch.zeros(3, dtype=torch.float64, device=device)
+        if start is None:
+            self.values = torch.zeros(3, dtype=torch.float64, device=device)  # a fill: no host-to-device copy
+        else:
+            self.values = torch.tensor([start.loss_sum, start.correct, start.count], dtype=torch.float64, device=device)
 
     def add_(self, step_sums: torch.Tensor, keep: torch.Tensor) -> None:
         """Add one step's [loss_sum, correct, count] where `keep` (a device bool) is True."""
@@ -92,7 +93,9 @@ class Progress:
         return int(self.skipped.item())
 
     def finish_epoch(self) -> None:
+        """The epoch is done (its records and checkpoint read the sums before): the next starts at 0."""
         self.epoch, self.epoch_step = self.epoch + 1, 0
+        self.start_epoch_sums()
 
     # ------------------------------------------------------------- checkpoint state
     # Format 1 keeps these at the checkpoint's top level: ck["epoch"], ck["step"], ...
@@ -117,4 +120,3 @@ class Progress:
         self.start_epoch_sums(epoch_totals, logged_totals)
         if self.epoch_step >= steps_per_epoch:  # saved at an epoch's last step, before its evaluation
             self.finish_epoch()
-            self.start_epoch_sums()

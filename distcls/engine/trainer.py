@@ -111,11 +111,11 @@ class Trainer:
             unread.append(HostCopy(flags, progress.epoch_step))
             # The flags the host may read now: all but the newest `flag_lag` steps' (whose work may
             # still run), and at the epoch's last step all of them (the epoch's end is agreed).
-            readable = len(unread) if progress.epoch_step >= last_step else len(unread) - self.flag_lag
+            readable = len(unread) if progress.epoch_step >= last_step else max(0, len(unread) - self.flag_lag)
             stop = False
-            for read in unread[:max(readable, 0)]:
+            for read in unread[:readable]:
                 stop = self._agreed_stop(read, progress) or stop
-            del unread[:max(readable, 0)]
+            del unread[:readable]
             yield StepEnd(stop_requested=stop)
             if stop:
                 return

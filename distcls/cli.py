@@ -1,18 +1,26 @@
 """What every distcls command shares: argument errors as one line, exit codes, tracebacks.
 
 A `UserError` anywhere -> `distcls: error: <message>` on stderr and exit 2 (no traceback).
-A `ConfigError` is printed by rank 0 only (every rank sees the same one).
 A run stopped by a signal returns exit 3 itself; divergence -> exit 4; anything else -> the real traceback, exit 1.
+
+Under a launcher (torchrun, srun) every rank usually meets the same error, but one line must reach
+the user whichever rank fails first. Rank 0 reports at once and exits; any other rank waits up to
+PEER_REPORT_GRACE_S before it reports and exits itself. When rank 0 exits first, the launcher
+(torchrun's agent, srun --kill-on-bad-exit) ends the waiting ranks, so only rank 0's line is
+printed; an error that only a non-zero rank meets still gets that rank's line after the wait.
+Exiting at once on rank 1 (the old way) let the launcher kill rank 0 before it had printed.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 import traceback
 from typing import Callable, Sequence
 
-from distcls.errors import ConfigError, ExitCode, TrainingDiverged, UserError
+from distcls.errors import ExitCode, TrainingDiverged, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -41,11 +49,40 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _rank() -> int:
-    for name in ("RANK", "SLURM_PROCID"):
+# How long a non-zero rank leaves rank 0 to report an error that every rank meets (seconds).
+PEER_REPORT_GRACE_S = 20.0
+
+
+def _env_int(*names: str, default: int) -> int:
+    """The first of `names` set to a non-negative integer (torchrun's before srun's), else `default`."""
+    for name in names:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
-    return 0
+    return default
+
+
+def _rank() -> int:
+    return _env_int("RANK", "SLURM_PROCID", default=0)
+
+
+def _world_size() -> int:
+    return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+
+
+def _leave_rank_0_time_to_report() -> None:
+    """On a non-zero rank of a multi-process launch: wait (bounded) so that rank 0 reports the shared
+    error first and the launcher ends this rank; the default signal actions apply while waiting,
+    so the launcher's SIGTERM ends it at once even if a stop handler was still installed."""
+    if _rank() == 0 or _world_size() < 2:
+        return
+    for name in ("SIGTERM", "SIGINT", "SIGUSR1"):
+        sig = getattr(signal, name, None)
+        if sig is not None:
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except ValueError:  # not the main thread: nothing was installed here either
+                pass
+    time.sleep(PEER_REPORT_GRACE_S)
 
 
 def report(prefix: str, message: str) -> None:
@@ -59,16 +96,14 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(args) or ExitCode.OK
-    except ConfigError as exc:
-        if _rank() == 0:
-            report("error", exc)
-        return ExitCode.USAGE
-    except UserError as exc:
+    except UserError as exc:  # ConfigError included
         if debug_flag in args:
             traceback.print_exc()
+        _leave_rank_0_time_to_report()
         report("error", exc)
         return ExitCode.USAGE
-    except TrainingDiverged as exc:
+    except TrainingDiverged as exc:  # every rank agreed on it: rank 0 reports it
+        _leave_rank_0_time_to_report()
         report("error", exc)
         return ExitCode.DIVERGED
     except KeyboardInterrupt:

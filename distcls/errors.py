@@ -27,7 +27,7 @@ class UserError(Exception):
 
 
 class ConfigError(UserError):
-    """A config problem: every rank sees the same one, so only rank 0 reports it."""
+    """A config problem: every rank meets the same one (cli.run_cli makes rank 0 report it)."""
 
 
 class TrainingDiverged(Exception):

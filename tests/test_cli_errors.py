@@ -1,5 +1,7 @@
 """Bad input: exit code 2, ONE `distcls: error:` line that says what to do, no traceback,
 nothing written outside (or even inside) run.out_dir."""
+import os
+import re
 import subprocess
 
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from distcls import train
 from distcls.cli import run_cli
 
-from conftest import assert_ok, assert_user_error, run_distcls
+from conftest import ROOT, assert_ok, assert_user_error, run_distcls
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -77,3 +79,60 @@ def test_debug_mode_runs_a_few_steps(tmp_path):
     proc = run_distcls("train", ["--debug", "train.epochs=1", f"run.out_dir={tmp_path / 'dbg'}"])
     assert_ok(proc)
     assert "5 steps/epoch" in proc.stdout
+
+
+DELAY_ONE_RANK = """import os, time
+if os.environ.get("RANK") == os.environ.get("DISTCLS_TEST_DELAYED_RANK"):
+    time.sleep(float(os.environ["DISTCLS_TEST_DELAY_S"]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delayed_rank", [0, 1])
+def test_a_config_error_under_torchrun_prints_one_line_whichever_rank_fails_first(tmp_path, delayed_rank):
+    """The ranks' order is forced: a sitecustomize delays one rank's start by 4 s, so the other meets
+    the error first. With rank 0 delayed, rank 1 used to exit at once and torchrun killed rank 0
+    before it printed: no line at all."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(DELAY_ONE_RANK)
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]),
+           "DISTCLS_TEST_DELAYED_RANK": str(delayed_rank), "DISTCLS_TEST_DELAY_S": "4"}
+    proc = run_distcls("train", ["train.sync_bn=true", f"run.out_dir={tmp_path / 'o'}"], nproc=2, env=env)
+    assert [l for l in proc.stderr.splitlines() if l.startswith("distcls: error:")] == [
+        "distcls: error: train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); set train.sync_bn=false for CPU runs"]
+    assert proc.returncode != 0
+    assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-3000:]  # torchrun's report: a user error
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rank, world, waits, tag", [("0", "2", False, ""), ("1", "2", True, "[rank 1] "),
+                                                     ("0", "1", False, ""), (None, None, False, "")])
+def test_only_a_non_zero_rank_waits_before_it_reports(monkeypatch, capsys, rank, world, waits, tag):
+    """In process: a non-zero rank sleeps PEER_REPORT_GRACE_S (so rank 0 reports first), then still
+    reports its own error (an error only it met is never lost), with the default SIGTERM action."""
+    import signal
+
+    from distcls import cli
+    from distcls.errors import ConfigError
+
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    for name in ("SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    slept = []
+    monkeypatch.setattr(cli.time, "sleep", slept.append)
+    handler = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        def fail(argv):
+            raise ConfigError("bad key")
+        assert cli.run_cli(fail, []) == 2
+        sigterm_action = signal.getsignal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert slept == ([cli.PEER_REPORT_GRACE_S] if waits else [])
+    assert (sigterm_action == signal.SIG_DFL) == waits
+    assert capsys.readouterr().err == f"distcls: error: {tag}bad key\n"

@@ -1,0 +1,126 @@
+"""Model EMA (engine/ema.py): the numbers against direct computations, its state, its schedule."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from distcls.engine.ema import EMASchedule, ModelEMA, adjusted_decay
+
+
+def toy(batchnorm: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3), *( [nn.BatchNorm2d(4)] if batchnorm else []), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)]
+    return nn.Sequential(*layers)
+
+
+def train_steps(model, steps, on_step):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        x = torch.randn(8, 3, 8, 8, generator=gen)
+        y = torch.randint(0, 5, (8,), generator=gen)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        on_step(step)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_ema_equals_the_direct_formula_and_torchs_averaged_model(batchnorm):
+    model, decay = toy(batchnorm), 0.9
+    ema = ModelEMA(model, decay)
+    torch_ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    reference = {}
+
+    def on_step(step):
+        ema.update(model)
+        torch_ema.update_parameters(model)
+        for name, value in model.state_dict().items():
+            if not value.is_floating_point():
+                reference[name] = value.clone()
+            elif step == 1:
+                reference[name] = value.clone()  # the first update copies
+            else:
+                reference[name] = decay * reference[name] + (1 - decay) * value
+
+    train_steps(model, 6, on_step)
+    got = ema.module.state_dict()
+    assert got.keys() == reference.keys()
+    for name, value in got.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6)
+            assert torch.equal(value, torch_ema.module.state_dict()[name]), name  # torch's own EMA, bit for bit
+        else:
+            assert torch.equal(value, reference[name])  # num_batches_tracked follows the model
+    assert ema.updates == 6 and int(ema.n_averaged) == 6
+    if batchnorm:  # BatchNorm's running statistics are averaged, not copied
+        assert not torch.equal(got["1.running_mean"], model.state_dict()["1.running_mean"])
+
+
+def test_the_ema_is_not_the_model_and_gets_no_gradients():
+    model = toy(True)
+    ema = ModelEMA(model, 0.5)
+    assert all(not p.requires_grad for p in ema.module.parameters())
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(ema.module.parameters(), model.parameters()))
+
+
+def test_copy_updates_then_averaging():
+    model = toy(False)
+    ema = ModelEMA(model, 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(2.0)
+    ema.update(model, copy=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(4.0)
+    ema.update(model, copy=True)
+    assert all(torch.all(p == 4.0) for p in ema.module.parameters())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(0.0)
+    ema.update(model)
+    assert all(torch.all(p == 2.0) for p in ema.module.parameters())
+
+
+def test_state_round_trip_continues_bitwise():
+    model = toy(True)
+    ema = ModelEMA(model, 0.8)
+    train_steps(model, 3, lambda step: ema.update(model))
+    saved = copy.deepcopy(ema.state_dict())
+    assert set(saved) == {"weights", "updates"} and saved["updates"] == 3
+    assert not any(k.startswith("module.") for k in saved["weights"])  # a plain state_dict, loadable by the model
+
+    restored = ModelEMA(toy(True), 0.8)
+    restored.load_state_dict(saved)
+    assert restored.updates == 3 and int(restored.n_averaged) == 3
+    twin = copy.deepcopy(model)
+    train_steps(model, 2, lambda step: ema.update(model))
+    train_steps(twin, 2, lambda step: restored.update(twin))
+    for (name, a), b in zip(ema.module.state_dict().items(), restored.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_an_ema_of_another_structure_is_refused():
+    ema = ModelEMA(toy(False), 0.9)
+    with pytest.raises(ValueError, match="differ in structure"):
+        ema.update(toy(True))
+
+
+def test_the_ema_mirrors_a_syncbatchnorm_conversion():
+    """Built after the conversion, the EMA holds SyncBatchNorm layers too (and the same tensors)."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(toy(True))
+    ema = ModelEMA(model, 0.9)
+    assert [type(m) for m in ema.module.modules()] == [type(m) for m in model.modules()]
+
+
+def test_schedule_and_torchvision_decay_adjustment():
+    schedule = EMASchedule(every_steps=4, warmup_steps=8)
+    assert [s for s in range(1, 17) if schedule.due(s)] == [4, 8, 12, 16]
+    assert [schedule.copies(s) for s in (4, 8, 12)] == [True, True, False]
+    # torchvision's V2 ResNet-50 recipe: decay 0.99998, 32 steps, global batch 1024, 600 epochs
+    assert adjusted_decay(0.99998, 1024, 32, 600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
+    assert adjusted_decay(0.5, 1024, 32, 1) == 0.0  # alpha capped at 1

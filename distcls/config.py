@@ -90,7 +90,9 @@ class OptimConfig:
     lr: float = _opt(0.05, "peak learning rate", min=0.0, exclusive_min=True)
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(5e-4, "weight decay", min=0.0)
+    weight_decay: float = _opt(5e-4, "weight decay of tensors with 2+ dims; 1-d tensors (biases, normalization parameters) get none unless the next two keys set theirs", min=0.0)
+    norm_weight_decay: Optional[float] = _opt(None, "weight decay of normalization layers' weights and biases (BatchNorm, LayerNorm, GroupNorm, ... found by module type), e.g. 0.0 (null = the rule of optim.weight_decay: none for these 1-d tensors)", min=0.0)
+    bias_weight_decay: Optional[float] = _opt(None, "weight decay of the other layers' biases (parameters named bias outside normalization layers), e.g. 2e-5 (null = none)", min=0.0)
     betas: list = _opt([0.9, 0.999], "Adam/AdamW betas")
     backbone_lr_scale: float = _opt(1.0, "fine-tuning: the backbone's learning rate is optim.lr times this (the classifier head gets optim.lr), e.g. 0.1", min=0.0, exclusive_min=True)
 

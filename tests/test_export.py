@@ -1,6 +1,8 @@
 """python -m distcls.export: each format reloads and agrees with the eager model on real validation
 images (digits, offline), takes uint8 [N, C, S, S] with a dynamic batch, has its normalization
 baked in, and every bad input is one line with exit 2 and nothing written."""
+import importlib.util
+
 import pytest
 import torch
 
@@ -66,7 +68,7 @@ def test_the_input_contract_uint8_0_255_normalization_baked_in(tmp_path, checkpo
         want = restored.model.eval()((images.float() / 255 - mean) / std)
         got = _load("exported", out)(images)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if all(__import__("importlib").util.find_spec(n) for n in export.ONNX_PACKAGES):
+    if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES):
         import onnxruntime
         onnx_file = tmp_path / "m.onnx"
         assert export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(onnx_file), "--check-images", "0"]) == 0
@@ -91,7 +93,7 @@ def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, checkpoint, 
     _one_line_error(capsys, ["--checkpoint", str(tmp_path / "none.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.ts")], "does not exist")
     _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "data.name=synthetic"], "10 classes", "--check-images 0")
     _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "--tolerance", "-1"], "--tolerance must be a positive")
-    real_find_spec = __import__("importlib").util.find_spec
+    real_find_spec = importlib.util.find_spec
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
     _one_line_error(capsys, [*ck, "--format", "onnx", "--out", str(tmp_path / "m.onnx")], "needs the packages onnxscript", "pip install 'distcls[export]'")
     assert list(tmp_path.iterdir()) == []

@@ -102,6 +102,7 @@ def test_frozen_transfer_of_a_non_resnet_from_the_hub_cache(tmp_path, monkeypatc
 def test_torchvision_models_train_at_world_size_2(tmp_path):
     for name in ("resnet101", "mobilenet_v3_small"):
         out = tmp_path / name
-        assert_ok(run_distcls("train", [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY], nproc=2))
+        # 32x32: at 16x16 ResNet-101's last stage is 1x1, and BatchNorm over 2 values per rank (batch 4 / 2 ranks) diverges
+        assert_ok(run_distcls("train", [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"], nproc=2))
         assert json.loads((out / "summary.json").read_text())["world_size"] == 2
         assert load_ckpt(out / "checkpoints/last.pt")["model"][{"resnet101": "fc.weight"}.get(name, "classifier.3.weight")].shape[0] == 5

@@ -39,6 +39,9 @@ import torch.nn.functional as F
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import UserError
 
+# Which weights: the checkpoint's `model` state_dict (restore()). When checkpoints hold an EMA,
+# `--ema` is restoring that state_dict instead; nothing below depends on which one it is.
+
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
 
@@ -130,13 +133,13 @@ EXPORTERS = {
 # --------------------------------------------------------------------------- main
 
 
-def check_images(restored, n: int, overrides: Sequence[str]) -> tuple[torch.Tensor, str]:
+def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple[torch.Tensor, str]:
     """Up to `n` images of the checkpoint's validation split (else test) as the exported model takes
     them, uint8 [n, C, S, S] on the CPU, and where they come from."""
     from distcls.data import build_data, eval_loader
     from distcls.inference import check_stored_plugins
 
-    check_stored_plugins(restored.checkpoint["config"], "--checkpoint", overrides, sections=("data",))
+    check_stored_plugins(restored.checkpoint["config"], path, overrides, sections=("data",))
     data = build_data(restored.cfg)
     if (data.spec.channels, data.spec.num_classes) != (restored.spec.channels, restored.spec.num_classes):
         raise UserError(f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
@@ -176,7 +179,7 @@ def main(argv: Sequence[str]) -> int:
 
     restored = restore(args.checkpoint, torch.device("cpu"), args.overrides)
     spec = restored.spec
-    images, source = check_images(restored, args.check_images, args.overrides) if args.check_images else (None, "")
+    images, source = check_images(restored, args.checkpoint, args.check_images, args.overrides) if args.check_images else (None, "")
     module = ExportedClassifier(restored.model, spec.mean, spec.std).eval()
     example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)  # 2: a batch dim that is not 1
     write, load = EXPORTERS[args.format]

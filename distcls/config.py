@@ -71,11 +71,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | a registered name | 'pkg.module:builder'")
+    name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | torchvision:<classifier> (any of torchvision.models.list_models(module=torchvision.models), e.g. torchvision:convnext_tiny) | a registered name | 'pkg.module:builder'")
     cifar_stem: bool = _opt(False, "ResNets: 3x3 stride-1 stem and no max-pool (for 32x32 inputs)")
     pretrained: Optional[str] = _opt(None, "weights to start from (transfer learning): a local state_dict/checkpoint file, or 'torchvision:<WEIGHTS_ENUM>' (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) read from $TORCH_HOME/hub/checkpoints/ without network")
     freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its BatchNorm statistics) stays fixed", choices=["none", "backbone"])
     freeze_backbone: Optional[bool] = _opt(None, "deprecated spelling of model.freeze: true = backbone, false = none (null = not set)")
+    dropout: Optional[float] = _opt(None, "torchvision:<name> models whose builder takes it: the classifier's dropout probability (null = the builder's default)", min=0.0, max=1.0)
+    drop_path: Optional[float] = _opt(None, "torchvision:<name> models whose builder takes it: stochastic depth probability (stochastic_depth_prob; null = the builder's default)", min=0.0, max=1.0)
     args: dict = _opt({}, "extra keyword arguments for the model builder")
 
     @property
@@ -90,7 +92,9 @@ class OptimConfig:
     lr: float = _opt(0.05, "peak learning rate", min=0.0, exclusive_min=True)
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(5e-4, "weight decay", min=0.0)
+    weight_decay: float = _opt(5e-4, "weight decay of tensors with 2+ dims; 1-d tensors (biases, normalization parameters) get none unless the next two keys set theirs", min=0.0)
+    norm_weight_decay: Optional[float] = _opt(None, "weight decay of normalization layers' weights and biases (BatchNorm, LayerNorm, GroupNorm, ... found by module type), e.g. 0.0 (null = the rule of optim.weight_decay: none for these 1-d tensors)", min=0.0)
+    bias_weight_decay: Optional[float] = _opt(None, "weight decay of the other layers' biases (parameters named bias outside normalization layers), e.g. 2e-5 (null = none)", min=0.0)
     betas: list = _opt([0.9, 0.999], "Adam/AdamW betas")
     backbone_lr_scale: float = _opt(1.0, "fine-tuning: the backbone's learning rate is optim.lr times this (the classifier head gets optim.lr), e.g. 0.1", min=0.0, exclusive_min=True)
 
@@ -410,6 +414,11 @@ def _check_cross_fields(cfg: Config) -> None:
     if cfg.model.freeze_backbone is False and cfg.model.freeze == "backbone":
         raise ConfigError("model.freeze_backbone=false contradicts model.freeze=backbone; model.freeze_backbone is the old "
                           "spelling of model.freeze: remove it and set model.freeze=none|backbone")
+    m = cfg.model
+    if (m.dropout is not None or m.drop_path is not None) and ":" not in m.name:
+        key = "model.dropout" if m.dropout is not None else "model.drop_path"
+        raise ConfigError(f"{key} applies to model.name=torchvision:<name> (and plug-ins 'pkg.module:builder', which read it), "
+                          f"not to model.name={m.name}; set {key}=null or use model.args")
     if cfg.model.frozen and not cfg.model.pretrained:
         raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random backbone learns nothing")
     if d.eval_resize is not None and d.image_size is not None and d.eval_resize < d.image_size:

@@ -33,10 +33,13 @@ def _explicit_keys(overrides: Sequence[str]) -> set:
 def check_stored_plugins(stored: dict, path, overrides: Sequence[str], sections=("model",)) -> None:
     """A checkpoint must not choose code to import: a plug-in path stored in it ('pkg.module:builder')
     is used only when the user names it on the command line too. `sections`: the builders to be used."""
+    from distcls.data import DATASETS
+    from distcls.models import MODELS
+
     explicit = _explicit_keys(overrides)
     for section in sections:
         name = stored[section]["name"]
-        if ":" in name and f"{section}.name" not in explicit:
+        if {"model": MODELS, "data": DATASETS}[section].is_import_path(name) and f"{section}.name" not in explicit:
             raise UserError(f"checkpoint {path} was trained with the plug-in {section}.name={name}; a checkpoint does not choose code "
                             f"to import: add {section}.name={name} to the command line if you trust that module")
 

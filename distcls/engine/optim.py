@@ -9,17 +9,55 @@ from distcls.config import OptimConfig, SchedConfig
 from distcls.models.transfer import classifier_head, is_head
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+# Normalization layers, found by module type as in torchvision's references (`set_weight_decay`);
+# SyncBatchNorm is a _BatchNorm, torchvision's LayerNorm2d (ConvNeXt) a LayerNorm.
+NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.GroupNorm,
+               torch.nn.LayerNorm, torch.nn.LocalResponseNorm, *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()))
+
+
+def decay_classes(model: torch.nn.Module) -> dict:
+    """{parameter: "norm" | "bias" | "other"}: "norm" for a parameter of a normalization layer (weight
+    and bias), "bias" for any other parameter named bias, "other" for the rest."""
+    classes = {}
+    for module in model.modules():
+        for local, p in module.named_parameters(recurse=False):
+            classes.setdefault(p, "norm" if isinstance(module, NORM_LAYERS) else "bias" if local == "bias" else "other")
+    return classes
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list:
+    """The optimizer's parameter groups: learning rate by part (head / backbone), weight decay by kind.
+
+    Weight decay: optim.norm_weight_decay for normalization layers' parameters and
+    optim.bias_weight_decay for the other biases when set; otherwise (null, and for every other
+    parameter) optim.weight_decay for tensors of 2+ dims and none for 1-d ones (biases and
+    normalization parameters: distcls's rule before these keys, the groups of older checkpoints).
+    """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    kind = decay_classes(model)
+    explicit = {"norm": cfg.norm_weight_decay, "bias": cfg.bias_weight_decay}
+
+    def bucket(p) -> str:
+        k = kind.get(p, "other")
+        if explicit.get(k) is not None:
+            return k
+        return "decay" if p.ndim > 1 else "no_decay"
+
+    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "norm": cfg.norm_weight_decay, "bias": cfg.bias_weight_decay}
     # Fine-tuning: the backbone learns at optim.lr * backbone_lr_scale, the classifier head at optim.lr.
     head = classifier_head(model) if cfg.backbone_lr_scale != 1.0 else None
     groups = []
     for part_lr, part in ((cfg.lr, [p for n, p in named if head is None or is_head(n, head)]),
                           (cfg.lr * cfg.backbone_lr_scale, [p for n, p in named if head is not None and not is_head(n, head)])):
-        # No weight decay on biases and normalization parameters (1-d tensors), as in the torchvision recipes.
-        groups += [{"params": [p for p in part if p.ndim > 1], "weight_decay": cfg.weight_decay, "lr": part_lr},
-                   {"params": [p for p in part if p.ndim <= 1], "weight_decay": 0.0, "lr": part_lr}]
-    groups = [g for g in groups if g["params"]]
+        # A fixed order of groups, each kept only when it has parameters: with both keys null these are
+        # the two groups per part distcls always built, so older checkpoints' optimizer states still load.
+        for name in ("decay", "no_decay", "norm", "bias"):
+            groups.append({"params": [p for p in part if bucket(p) == name], "weight_decay": decay[name], "lr": part_lr})
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
     optimizer = OPTIMIZERS[cfg.name](groups, cfg)
     if cfg.name == "sgd" and cfg.momentum:
         # Zero momentum buffers before the first step (m = 0 * momentum + g equals torch's first

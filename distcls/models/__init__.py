@@ -1,4 +1,5 @@
-"""Models: registry of the seed CNNs and torchvision ResNets, plus transfer learning."""
+"""Models: registry of the seed CNNs, torchvision ResNets and any torchvision classifier by name
+(`torchvision:<name>`), plus transfer learning."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,9 +12,9 @@ from distcls import weights
 from distcls.config import ModelConfig
 from distcls.data.sources import DataSpec
 from distcls.errors import UserError, first_line
-from distcls.models import resnet, seed_nets  # noqa: F401  (register builders)
+from distcls.models import resnet, seed_nets, torchvision_zoo  # noqa: F401  (register builders)
 from distcls.models.registry import MODELS, register_model
-from distcls.models.transfer import freeze_backbone, load_pretrained
+from distcls.models.transfer import classifier_head, freeze_backbone, head_outputs, load_pretrained
 
 __all__ = ["MODELS", "register_model", "build_model"]
 
@@ -32,7 +33,13 @@ def build_model(cfg: ModelConfig, spec: DataSpec, log: Callable[[str], None] = l
         report = load_pretrained(model, weights.resolve(cfg.pretrained).path, cfg.pretrained)
         log(report.summary())
     if cfg.frozen:
+        head = classifier_head(model)
+        if head_outputs(model, head) != spec.num_classes:
+            raise UserError(f"model.name={cfg.name}: its classifier head, the last nn.Linear ({head}), outputs {head_outputs(model, head)} "
+                            f"values, not the data's {spec.num_classes} classes; model.freeze=backbone cannot tell which layer to train")
         model = freeze_backbone(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log(f"model.freeze=backbone: only the classifier head {head} trains ({trainable:,} of {sum(p.numel() for p in model.parameters()):,} parameters)")
     return model
 
 

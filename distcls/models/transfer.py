@@ -3,7 +3,9 @@
 `model.freeze=backbone` ("fixed feature extraction"): every layer but the classifier head stops
 learning, and its BatchNorm layers become FrozenBatchNorm2d (statistics fixed too).
 `model.freeze=none` with `optim.backbone_lr_scale` < 1: fine-tuning, the backbone at a lower lr.
-The head is the last nn.Linear of the network (torchvision's `fc`, or the seed nets' final layer).
+The head is the last nn.Linear of the network (torchvision's `fc`, `classifier.3` of MobileNetV3,
+`heads.head` of ViT, or the seed nets' final layer); a network without one (SqueezeNet) has its
+last 1x1 nn.Conv2d as head.
 
 Loading says what it did: tensors loaded, tensors left at init (the new head), tensors of the
 file the model does not have; a same-name tensor of another shape outside the head is an error,
@@ -21,10 +23,17 @@ from distcls.atomic_files import load_weights_only
 
 
 def classifier_head(model: nn.Module) -> str:
+    """The name of the classifier head: the last nn.Linear, else the last 1x1 nn.Conv2d."""
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    names = names or [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     if not names:
-        raise UserError("model.freeze=backbone and optim.backbone_lr_scale need a model whose classifier head is an nn.Linear layer")
+        raise UserError("model.freeze=backbone and optim.backbone_lr_scale need a model whose classifier head is an nn.Linear (or 1x1 nn.Conv2d) layer")
     return names[-1]
+
+
+def head_outputs(model: nn.Module, head: str) -> int:
+    layer = model.get_submodule(head)
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def is_head(name: str, head: str) -> bool:

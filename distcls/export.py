@@ -1,0 +1,224 @@
+"""`python -m distcls.export --checkpoint P --format onnx|torchscript|exported --out FILE [key.sub=value ...]`
+
+Deploys a trained checkpoint as one self-contained model file:
+- the network in eval mode (BatchNorm uses its running statistics, dropout is off) with the
+  checkpoint's normalization baked in;
+- INPUT: a uint8 tensor [N, C, S, S], pixel values 0..255, channels as the checkpoint's data (RGB,
+  or 1 for grayscale), S = the checkpoint's input size (data.image_size; the evaluation crop for
+  image folders): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
+- OUTPUT: float32 logits [N, num_classes] (softmax them for probabilities), classes in the order
+  of the checkpoint's data_spec.class_names.
+
+Formats: `onnx` (torch.onnx.export's default dynamo exporter, opset of torch's choosing; needs the
+`export` extra: pip install 'distcls[export]' for onnx, onnxscript and onnxruntime), `torchscript`
+(torch.jit.trace; load with torch.jit.load), `exported` (torch.export, a .pt2 file; load with
+torch.export.load(FILE).module()).
+
+At the end the file is loaded back (ONNX through onnxruntime) and run on a batch of real images
+of the checkpoint's dataset (its validation split, else test; --check-images of them, resized to
+S x S as evaluation does and rounded to uint8): the maximum absolute difference of its logits from
+the eager model's (the same path as `evaluate`: Preprocess, then the model) is printed, and a
+difference above --tolerance is an error; the file is written next to --out first and moved into
+place only after that check passed, so a failed export leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from distcls.cli import ArgumentParser, exit_with
+from distcls.errors import UserError
+
+# Which weights: the checkpoint's `model` state_dict (restore()). When checkpoints hold an EMA,
+# `--ema` is restoring that state_dict instead; nothing below depends on which one it is.
+
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+
+
+class ExportedClassifier(nn.Module):
+    """uint8 [N, C, S, S] images -> logits: the checkpoint's normalization (as Preprocess does it: on the
+    0..255 scale, subtract mean*255, divide by std*255), then the network."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.model = model.eval()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() - self.mean) / self.std)
+
+
+def parse_args(argv: Sequence[str]):
+    p = ArgumentParser(prog="python -m distcls.export", description="Export a distcls checkpoint for deployment (ONNX, TorchScript or torch.export).",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
+    p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="onnx (onnxruntime etc.), torchscript (torch.jit.load), exported (torch.export.load)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx, model.ts, model.pt2 (replaced if it exists)")
+    p.add_argument("--check-images", type=int, default=16, metavar="N",
+                   help="validation images to compare the exported model with the eager one on (0 = no check, no dataset needed)")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted absolute difference of a logit in that check")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=/data/cifar (where the check images are)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the formats
+# Each: (write(module, example, path), load(path) -> callable on a uint8 CPU tensor returning logits).
+
+
+def _batch_dim():
+    return torch.export.Dim("batch", min=1, max=65536)
+
+
+def _write_exported(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: _batch_dim()}}, strict=False)
+    torch.export.save(program, str(path))
+
+
+def _load_exported(path: Path) -> Callable:
+    return torch.export.load(str(path)).module()
+
+
+def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript in favour of torch.export; still the format many runtimes load
+        traced = torch.jit.trace(module, example, check_trace=False)
+        traced.save(str(path))
+
+
+def _load_torchscript(path: Path) -> Callable:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
+def _need_onnx() -> None:
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"--format onnx needs the packages {', '.join(missing)}: pip install 'distcls[export]' "
+                        f"(or pip install {' '.join(missing)}); or choose --format torchscript|exported")
+
+
+def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+    big = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > 1.8 * 2**30  # protobuf's 2 GiB limit
+    program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+                                dynamic_shapes={"images": {0: _batch_dim()}}, verbose=False, external_data=big)
+    program.save(str(path), external_data=big)  # big: the weights go to FILE.data beside it
+
+
+def _load_onnx(path: Path) -> Callable:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+
+
+EXPORTERS = {
+    "onnx": (_write_onnx, _load_onnx),
+    "torchscript": (_write_torchscript, _load_torchscript),
+    "exported": (_write_exported, _load_exported),
+}
+
+
+# --------------------------------------------------------------------------- main
+
+
+def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple[torch.Tensor, str]:
+    """Up to `n` images of the checkpoint's validation split (else test) as the exported model takes
+    them, uint8 [n, C, S, S] on the CPU, and where they come from."""
+    from distcls.data import build_data, eval_loader
+    from distcls.inference import check_stored_plugins
+
+    check_stored_plugins(restored.checkpoint["config"], path, overrides, sections=("data",))
+    data = build_data(restored.cfg)
+    if (data.spec.channels, data.spec.num_classes) != (restored.spec.channels, restored.spec.num_classes):
+        raise UserError(f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
+                        f"{restored.spec.channels} / {restored.spec.num_classes}; point the overrides at its dataset, or --check-images 0")
+    split = "val" if data.splits.val is not None and len(data.splits.val) else "test"
+    view = getattr(data.splits, split).truncated(n)
+    images = next(iter(eval_loader(view, len(view), 1, 0, torch.device("cpu")))).images
+    pre = restored.preprocess
+    x = pre._match_channels(images.float())  # the model's channels and size, as evaluation brings them there
+    if x.shape[-1] != pre.image_size or x.shape[-2] != pre.image_size:
+        x = F.interpolate(x, size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8), f"{len(x)} {split} images of {restored.cfg.data.name}"
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    if out.is_dir():
+        raise UserError(f"--out {out} is a directory; give a file name, e.g. {out / 'model.onnx'}")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: directory {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"--out {out}: directory {out.parent} is not writable")
+    if fmt == "exported" and out.suffix != ".pt2":
+        raise UserError(f"--format exported writes a torch.export archive, whose name must end in .pt2 (torch.export.load needs it): e.g. --out {out.with_suffix('.pt2')}")
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    if args.check_images < 0:
+        raise UserError(f"--check-images must be >= 0, got {args.check_images}")
+    if not args.tolerance > 0:
+        raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
+    out = Path(args.out)
+    _check_out(out, args.format)
+    if args.format == "onnx":
+        _need_onnx()
+    from distcls.inference import restore
+
+    restored = restore(args.checkpoint, torch.device("cpu"), args.overrides)
+    spec = restored.spec
+    images, source = check_images(restored, args.checkpoint, args.check_images, args.overrides) if args.check_images else (None, "")
+    module = ExportedClassifier(restored.model, spec.mean, spec.std).eval()
+    example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)  # 2: a batch dim that is not 1
+    write, load = EXPORTERS[args.format]
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # beside --out: moved into place after the check
+    try:
+        staged = staging / out.name
+        write(module, example, staged)
+        exported = load(staged)
+        with torch.no_grad():
+            probe = torch.randint(0, 256, (3, *example.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+            got = exported(probe)  # another batch size than the example's: the batch dimension is dynamic
+            if tuple(got.shape) != (3, spec.num_classes):
+                raise RuntimeError(f"the exported model returned shape {tuple(got.shape)} for a batch of 3, expected (3, {spec.num_classes})")
+            if images is not None:
+                eager = restored.model(restored.preprocess(images, torch.arange(len(images)), 0, train=False))
+                diff = (exported(images).float() - eager.float()).abs().max().item()
+                agree = int((exported(images).argmax(1) == eager.argmax(1)).sum())
+        if images is not None and not diff <= args.tolerance:
+            raise UserError(f"the exported model differs from the eager one by up to {diff:.3g} on {source} (--tolerance {args.tolerance:g}); "
+                            "nothing was written")
+        for f in sorted(staging.iterdir()):  # FILE (and FILE.data for a big ONNX model)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"wrote {out} ({args.format}): input uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}] (0..255, batch N dynamic), "
+          f"output float32 logits [N, {spec.num_classes}]")
+    if images is None:
+        print("check: skipped (--check-images 0)")
+    else:
+        print(f"check: max abs difference of the logits from the eager model {diff:.3g} on {source} "
+              f"(tolerance {args.tolerance:g}); top-1 agrees on {agree}/{len(images)}")
+    return 0
+
+
+def cli() -> None:
+    exit_with(main)
+
+
+if __name__ == "__main__":
+    cli()

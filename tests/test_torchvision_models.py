@@ -1,0 +1,108 @@
+"""model.name=torchvision:<name>: any torchvision classifier, sized to the data, trained, frozen for
+transfer from torchvision weights in a local hub cache, restored for inference; bad names and
+arguments are one-line errors."""
+import json
+
+import pytest
+import torch
+import torchvision
+
+import fakedata
+from conftest import FAST, assert_ok, assert_user_error, load_ckpt, run_distcls, train_in_process
+from distcls import config
+from distcls.data import DataSpec
+from distcls.errors import ConfigError, UserError
+from distcls.models import build_model, check_forward
+
+TINY = ["data.name=synthetic", "data.synthetic.size=16", "data.synthetic.train_samples=8", "data.synthetic.test_samples=4",
+        "data.synthetic.num_classes=5", "data.val_fraction=0", "data.batch_size=4", "train.epochs=1", "train.max_steps_per_epoch=1",
+        "optim.lr=0.01", "checkpoint.every_epochs=0"]
+
+
+def _build(name, spec=DataSpec(3, 5, 32), *overrides, log=None):
+    return build_model(config.load(None, [f"model.name=torchvision:{name}", *overrides]).model, spec, log or (lambda m: None))
+
+
+@pytest.mark.parametrize("name,head", [("resnet101", "fc.weight"), ("mobilenet_v3_small", "classifier.3.weight")])
+def test_trains_a_step_on_cpu_and_restores_for_inference(tmp_path, name, head):
+    torch.manual_seed(0)
+    start = _build(name, DataSpec(3, 5, 16)).state_dict()  # run.seed=0 builds the same initial weights
+    summary = train_in_process(tmp_path / "run", f"model.name=torchvision:{name}", *TINY)
+    assert summary["epochs_completed"] == 1
+    trained = load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"]
+    assert trained[head].shape[0] == 5  # num_classes from the data
+    assert not torch.equal(trained[head], start[head])  # the step changed the head
+    if name == "resnet101":
+        return  # 170 MB of weights: restoring is the same code as for the small one
+    from distcls.inference import restore  # a torchvision: name is not a plug-in import: no override needed
+    restored = restore(str(tmp_path / "run/checkpoints/last.pt"), torch.device("cpu"))
+    assert torch.equal(restored.model.state_dict()[head], trained[head]) and not restored.model.training
+
+
+def test_grayscale_data_gets_a_one_channel_stem():
+    spec = DataSpec(1, 10, 32)
+    net = _build("mobilenet_v3_small", spec)
+    assert net.features[0][0].weight.shape == (16, 1, 3, 3)
+    check_forward(net, spec, "torchvision:mobilenet_v3_small")
+    assert _build("vit_b_32", spec).conv_proj.in_channels == 1
+    with pytest.raises(ConfigError, match="set data.channels=3"):  # pretrained RGB stem: repeat the images instead
+        _build("mobilenet_v3_small", spec, "model.pretrained=w.pth")
+
+
+def test_input_size_dropout_and_drop_path_reach_the_builder():
+    vit = _build("vit_b_32")
+    assert vit.image_size == 32 and vit.encoder.pos_embedding.shape == (1, 2, 768)  # 1 patch + the class token
+    with pytest.raises(ConfigError, match=r"cannot be built for 40x40 images .*Input shape indivisible by patch size"):
+        _build("vit_b_32", DataSpec(3, 5, 40))
+    assert _build("mobilenet_v3_small", DataSpec(3, 5, 32), "model.dropout=0.3").classifier[2].p == 0.3
+    convnext = _build("convnext_tiny", DataSpec(3, 5, 32), "model.drop_path=0.3")
+    assert convnext.features[7][2].stochastic_depth.p == pytest.approx(0.3)  # the last block gets the full rate
+    with pytest.raises(ConfigError, match=r"model.dropout does not fit model.name=torchvision:resnet101 .*unexpected keyword argument 'dropout'"):
+        _build("resnet101", DataSpec(3, 5, 32), "model.dropout=0.1")
+    with pytest.raises(ConfigError, match="model.drop_path applies to model.name=torchvision:<name>"):
+        config.load(None, ["model.name=cnn3", "model.drop_path=0.1"])
+    with pytest.raises(ConfigError, match="model.args.num_classes cannot be set"):
+        _build("resnet18", DataSpec(3, 5, 32), "model.args.num_classes=7")
+
+
+def test_unknown_names_list_close_matches(tmp_path):
+    with pytest.raises(ConfigError, match="close matches: torchvision:resnet101, "):
+        _build("resnet1010")
+    with pytest.raises(ConfigError, match=r"model.name=resnet101; did you mean torchvision:resnet101\?"):
+        build_model(config.load(None, ["model.name=resnet101"]).model, DataSpec(3, 5, 32))
+    proc = run_distcls("train", [f"run.out_dir={tmp_path / 'o'}", "model.name=torchvision:mobilenet_v3_smal"])
+    assert_user_error(proc, "model.name=torchvision:mobilenet_v3_smal is not a torchvision classifier",
+                      "close matches: torchvision:mobilenet_v3_small")
+    assert not (tmp_path / "o").exists()
+
+
+def test_frozen_transfer_of_a_non_resnet_from_the_hub_cache(tmp_path, monkeypatch):
+    """MobileNetV3 from 'torchvision weights' in $TORCH_HOME: only the head classifier.3 trains; every
+    other tensor, BatchNorm statistics included, stays bitwise the file's."""
+    enum = "MobileNet_V3_Small_Weights.IMAGENET1K_V1"
+    file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    weights = torch.load(fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "mobilenet_v3_small"), weights_only=True)
+    logged = []
+    _build("mobilenet_v3_small", DataSpec(3, 3, 32), f"model.pretrained=torchvision:{enum}", "model.freeze=backbone", log=logged.append)
+    assert "loaded 2" in logged[0] and "left at init: classifier.3.weight, classifier.3.bias" in logged[0]
+    assert logged[1].startswith("model.freeze=backbone: only the classifier head classifier.3 trains (3,075 of ")
+    flowers = fakedata.write_imagefolder(tmp_path / "flowers", per_class=4, size=20)
+    train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={flowers}", "data.image_size=32", "data.split=[0.75, 0, 0.25]",
+                     "model.name=torchvision:mobilenet_v3_small", f"model.pretrained=torchvision:{enum}", "model.freeze=backbone",
+                     "data.batch_size=3", "train.epochs=1", "train.max_steps_per_epoch=2", "optim.lr=0.1")
+    after = load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"]
+    backbone = [k for k in after if not k.startswith("classifier.3.")]
+    assert any("running_mean" in k for k in backbone) and len(backbone) > 200
+    assert all(torch.equal(after[k], weights[k]) for k in backbone)
+    assert after["classifier.3.weight"].shape == (3, 1024)
+
+
+@pytest.mark.slow
+def test_torchvision_models_train_at_world_size_2(tmp_path):
+    for name in ("resnet101", "mobilenet_v3_small"):
+        out = tmp_path / name
+        # 32x32: at 16x16 ResNet-101's last stage is 1x1, and BatchNorm over 2 values per rank (batch 4 / 2 ranks) diverges
+        assert_ok(run_distcls("train", [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"], nproc=2))
+        assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+        assert load_ckpt(out / "checkpoints/last.pt")["model"][{"resnet101": "fc.weight"}.get(name, "classifier.3.weight")].shape[0] == 5

@@ -34,6 +34,16 @@ class AugmentConfig:
     random_resized_crop: bool = _opt(False, "imagefolder: RandomResizedCrop to data.image_size (a random area fraction and aspect ratio, then resize), keyed by (seed, epoch, sample)")
     scale: list = _opt([0.08, 1.0], "RandomResizedCrop: [min, max] fraction of the image area (torchvision's default)")
     ratio: list = _opt([0.75, 1.3333333333333333], "RandomResizedCrop: [min, max] aspect ratio w/h (torchvision's default, 3/4..4/3)")
+    policy: str = _opt("none", "automatic augmentation policy, batched on the device and keyed by (seed, epoch, sample): trivialaugment (torchvision TrivialAugmentWide), randaugment (RandAugment(num_ops, magnitude)), autoaugment (AutoAugment, ImageNet policy)",
+                       choices=["none", "trivialaugment", "randaugment", "autoaugment"])
+    num_ops: int = _opt(2, "randaugment: ops applied in sequence per image", min=0, max=16)
+    magnitude: int = _opt(9, "randaugment: magnitude bin of every op, in [0, num_magnitude_bins)", min=0)
+    num_magnitude_bins: int = _opt(31, "trivialaugment/randaugment: number of magnitude bins (torchvision's default 31)", min=2)
+    policy_interpolation: str = _opt("bilinear", "interpolation of the policies' shear/translate/rotate (torchvision's reference recipe: bilinear; the transform's default: nearest)", choices=["bilinear", "nearest"])
+    erase_prob: float = _opt(0.0, "random erasing probability per image (torchvision RandomErasing p; 0 = off), applied after normalization", min=0.0, max=1.0)
+    erase_scale: list = _opt([0.02, 0.33], "random erasing: [min, max] fraction of the image area (torchvision's default)")
+    erase_ratio: list = _opt([0.3, 3.3], "random erasing: [min, max] aspect ratio h/w (torchvision's default)")
+    erase_value: float = _opt(0.0, "random erasing: the value written, in normalized units (0 = the dataset mean, torchvision's value=0 after Normalize)")
 
 
 @dataclass(frozen=True)
@@ -415,11 +425,14 @@ def _check_cross_fields(cfg: Config) -> None:
     if d.eval_resize is not None and d.image_size is not None and d.eval_resize < d.image_size:
         raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.image_size={d.image_size}: the center crop would not fit; "
                           f"use at least {d.image_size} (or null for image_size/0.875)")
-    for key in ("scale", "ratio"):
+    for key in ("scale", "ratio", "erase_scale", "erase_ratio"):
         value = getattr(d.augment, key)
         _number_list(value, f"data.augment.{key}", 2)
-        if not (0 < value[0] <= value[1]) or (key == "scale" and value[1] > 1):
-            raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key == 'scale' else ''}, got {value}")
+        if not (0 < value[0] <= value[1]) or (key.endswith("scale") and value[1] > 1):
+            raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key.endswith('scale') else ''}, got {value}")
+    if d.augment.magnitude >= d.augment.num_magnitude_bins:
+        raise ConfigError(f"data.augment.magnitude={d.augment.magnitude} must be below data.augment.num_magnitude_bins={d.augment.num_magnitude_bins} "
+                          "(bins are numbered from 0); lower the magnitude or raise the number of bins")
 
 
 def check_schedule(cfg: Config) -> None:

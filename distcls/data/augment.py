@@ -11,6 +11,7 @@ once on the host and copied to the device in one non-blocking copy; a batch only
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
+from distcls.data import policies
 from distcls.data.sources import DataSpec
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -59,17 +61,23 @@ class Draws:
     """The random choices of one epoch for a list of keys, one row per key; None: stream unused.
 
     crop_y/crop_x: int64 offsets into the padded image in [0, 2 * crop_padding]; flip: bool;
-    angle: float64 radians in [-rotation_deg, +rotation_deg].
+    angle: float64 radians in [-rotation_deg, +rotation_deg]; ops/mags: the policy's op ids int64
+    and signed magnitudes float64 [N, layers] (policies.py); erase: int64 [N, 4] boxes (top, left,
+    h, w; h = 0: not erased) in the size x size image.
     """
     crop_y: Optional[torch.Tensor] = None
     crop_x: Optional[torch.Tensor] = None
     flip: Optional[torch.Tensor] = None
     angle: Optional[torch.Tensor] = None
+    ops: Optional[torch.Tensor] = None
+    mags: Optional[torch.Tensor] = None
+    erase: Optional[torch.Tensor] = None
 
     @classmethod
-    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor) -> "Draws":
-        """On the host (numpy hash), only the streams `aug` uses."""
-        crop_y = crop_x = flip = angle = None
+    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor, size: int = 0) -> "Draws":
+        """On the host (numpy hash), only the streams `aug` uses; `size`: the (square) image size
+        the policy and erasing see."""
+        crop_y = crop_x = flip = angle = ops = mags = erase = None
         if aug.crop_padding > 0:
             span = 2 * aug.crop_padding + 1
             crop_y = (keyed_uniform(seed, epoch, keys, CROP_Y_STREAM) * span).long()
@@ -78,10 +86,16 @@ class Draws:
             flip = keyed_uniform(seed, epoch, keys, FLIP_STREAM) < 0.5
         if aug.rotation_deg > 0:
             angle = (keyed_uniform(seed, epoch, keys, ROTATION_STREAM) * 2 - 1) * aug.rotation_deg * math.pi / 180
-        return cls(crop_y, crop_x, flip, angle)
+        uniform = lambda stream: keyed_uniform(seed, epoch, keys, stream).numpy()  # noqa: E731
+        spec = policies.policy_spec(aug, size, size)
+        if spec is not None:
+            ops, mags = spec.draw(uniform)
+        if aug.erase_prob > 0:
+            erase = policies.erase_boxes(uniform, aug.erase_prob, aug.erase_scale, aug.erase_ratio, size, size)
+        return cls(crop_y, crop_x, flip, angle, ops, mags, erase)
 
     def _map(self, fn) -> "Draws":
-        return Draws(*(None if t is None else fn(t) for t in (self.crop_y, self.crop_x, self.flip, self.angle)))
+        return Draws(*(None if t is None else fn(t) for t in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
     def to(self, device: torch.device) -> "Draws":
         return self._map(lambda t: host_to_device(t, device))
@@ -120,16 +134,20 @@ class Preprocess:
         x = self._match_channels(images.float())
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        draws = self.draws(keys, epoch, x.device) if train else None
         if train:
-            x = self._augment(x, self.draws(keys, epoch, x.device))
+            x = self._augment(x, draws)
         mean, std = self._constant("norm", x, lambda dt: (torch.tensor(self.mean, dtype=dt).view(1, -1, 1, 1) * 255.0,
                                                           torch.tensor(self.std, dtype=dt).view(1, -1, 1, 1) * 255.0))
-        return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)  # in place: x is this batch's own float copy
+        x = x.sub_(mean).div_(std)  # in place: x is this batch's own float copy
+        if train and draws.erase is not None:  # after normalization, as torchvision's recipe (value 0 = the mean)
+            x = policies.erase(x, draws.erase, self.augment.erase_value)
+        return x.contiguous(memory_format=memory_format)
 
     def draws(self, keys: torch.Tensor, epoch: int, device: torch.device) -> Draws:
         """The augmentation draws of `keys` (on the host or on `device`) for `epoch`, on `device`."""
         if self.num_keys is None:
-            return Draws.hashed(self.augment, self.seed, epoch, keys).to(device)
+            return Draws.hashed(self.augment, self.seed, epoch, keys, self.image_size).to(device)
         return self.epoch_table(epoch, device).index(keys.to(device, non_blocking=True))
 
     def epoch_table(self, epoch: int, device: torch.device) -> Draws:
@@ -137,7 +155,7 @@ class Preprocess:
         slot = ("draws", device)
         cached = self._cache.get(slot)
         if cached is None or cached[0] != epoch:
-            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys)).to(device)
+            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys), self.image_size).to(device)
             cached = self._cache[slot] = (epoch, table)
         return cached[1]
 
@@ -170,6 +188,8 @@ class Preprocess:
             mat = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
             grid = F.affine_grid(mat, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if draws.ops is not None:  # on the uint8 grid, after crop and flip, as torchvision's recipe
+            x = policies.apply_policy(x, draws.ops, draws.mags, self.augment.policy_interpolation)
         return x
 
     def _crop_flip(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:

@@ -47,6 +47,15 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class MixConfig:
+    mixup_alpha: float = _opt(0.0, "Mixup: lambda ~ Beta(alpha, alpha) (0 = off; torchvision's reference --mixup-alpha 0.2)", min=0.0)
+    cutmix_alpha: float = _opt(0.0, "CutMix: lambda ~ Beta(alpha, alpha), a box of area 1 - lambda pasted from the partner (0 = off; --cutmix-alpha 1.0)", min=0.0)
+    prob: float = _opt(1.0, "probability that a pair is mixed at all (timm's mixup prob)", min=0.0, max=1.0)
+    switch_prob: float = _opt(0.5, "with both alphas on: probability of CutMix instead of Mixup (timm's switch_prob)", min=0.0, max=1.0)
+    mode: str = _opt("pair", "pair: samples 2i and 2i+1 of the global batch mix with each other, one lambda per pair (timm's 'pair'); elem: each sample draws its own lambda and mixes in that same neighbour", choices=["pair", "elem"])
+
+
+@dataclass(frozen=True)
 class SyntheticConfig:
     train_samples: int = _opt(512, "training samples of the synthetic dataset", min=1)
     test_samples: int = _opt(128, "test samples of the synthetic dataset", min=1)
@@ -76,6 +85,7 @@ class DataConfig:
     mean: Optional[list] = _opt(None, "per-channel normalization mean (null = the dataset's own statistics)")
     std: Optional[list] = _opt(None, "per-channel normalization std (null = the dataset's own statistics)")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

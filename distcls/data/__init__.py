@@ -9,6 +9,7 @@ from distcls import weights
 from distcls.config import Config
 from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
 from distcls.data.augment import Preprocess
+from distcls.data.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
 from distcls.data.registry import DATASETS, register_dataset
 from distcls.data.sources import DataSpec, FileSource, RawDataset, SplitView, TensorSource
@@ -80,5 +81,7 @@ def build_data(cfg: Config) -> Data:
     flipped_in_workers = streaming and getattr(getattr(dataset.train, "policy", None), "hflip", False)
     augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
-    pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=len(splits.train.source))
+    num_keys = len(splits.train.source)
+    mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, spec.image_size, cfg.run.seed, num_keys)
+    pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=num_keys, mix=mix)
     return Data(splits, spec, pre, tuple(dataset.skipped_files))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
 from distcls.data import policies
+from distcls.data.mix import Mix
 from distcls.data.sources import DataSpec
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -120,12 +121,23 @@ class Preprocess:
     augment: AugmentConfig
     seed: int
     num_keys: Optional[int] = None
+    mix: Optional[Mix] = None  # Mixup/CutMix of training batches (train_batch), after normalization and erasing
     # Per device: normalization constants, and the current epoch's draws. Not part of the value.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None) -> "Preprocess":
-        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys)
+    def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None,
+                  mix: Optional[Mix] = None) -> "Preprocess":
+        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys, mix)
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, epoch: int,
+                    memory_format=torch.contiguous_format) -> tuple:
+        """A training batch: (augmented normalized images, targets): the int64 labels, or with
+        Mixup/CutMix soft targets float32 [B, classes] (label smoothing folded in)."""
+        x = self(images, keys, epoch, train=True)
+        if self.mix is not None:
+            x, labels = self.mix(x, labels, keys, epoch)
+        return x.contiguous(memory_format=memory_format), labels
 
     def __call__(self, images: torch.Tensor, keys: torch.Tensor, epoch: int, train: bool,
                  memory_format=torch.contiguous_format) -> torch.Tensor:

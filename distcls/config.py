@@ -84,6 +84,7 @@ class DataConfig:
     max_eval_samples: Optional[int] = _opt(None, "use only the first N val/test samples (null = all)", min=1)
     mean: Optional[list] = _opt(None, "per-channel normalization mean (null = the dataset's own statistics)")
     std: Optional[list] = _opt(None, "per-channel normalization std (null = the dataset's own statistics)")
+    repeats: int = _opt(1, "repeated augmentation (torchvision --ra-reps): each global batch holds batch_size/repeats samples, each `repeats` times with its own augmentation key, the copies on different ranks; epochs keep their number of steps", min=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

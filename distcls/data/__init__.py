@@ -81,7 +81,7 @@ def build_data(cfg: Config) -> Data:
     flipped_in_workers = streaming and getattr(getattr(dataset.train, "policy", None), "hflip", False)
     augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
-    num_keys = len(splits.train.source)
+    num_keys = len(splits.train.source) * cfg.data.repeats  # copy j of sample i has key i + j * source size
     mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, spec.image_size, cfg.run.seed, num_keys)
     pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=num_keys, mix=mix)
     return Data(splits, spec, pre, tuple(dataset.skipped_files))

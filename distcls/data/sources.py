@@ -94,15 +94,17 @@ class FileSource(Dataset):
     def labels(self) -> torch.Tensor:
         return torch.tensor([label for _, label in self.samples], dtype=torch.long)
 
-    def load(self, index: int, train: bool = False, seed: int = 0, epoch: int = 0):
-        """(uint8 [C, size, size], label, index), or (None, label, index, message) for a bad file."""
+    def load(self, index: int, train: bool = False, seed: int = 0, epoch: int = 0, key: Optional[int] = None):
+        """(uint8 [C, size, size], label, key, None), or (None, label, key, message) for a bad file;
+        `key` (default: index) keys the random crop and flip (a repeated copy has its own)."""
+        key = index if key is None else key
         from distcls.data.images import BadImage, read_image
         path, label = self.samples[index]
         try:
             img = read_image(path, self.channels)
         except BadImage as exc:
-            return None, label, index, str(exc)
-        return self.policy.apply(img, train, seed, epoch, index), label, index, None
+            return None, label, key, str(exc)
+        return self.policy.apply(img, train, seed, epoch, key), label, key, None
 
     def __getitem__(self, index: int):
         img, label, index, bad = self.load(index)

@@ -75,7 +75,10 @@ class DataConfig:
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
     num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
     prefetch_factor: int = _opt(4, "imagefolder: batches each DataLoader worker decodes ahead", min=1)
-    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.image_size (null = image_size/0.875, e.g. 256 for 224)", min=4)
+    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.eval_crop_size (torchvision Resize + CenterCrop; null = eval crop/0.875, e.g. 256 for 224)", min=4)
+    train_crop_size: Optional[int] = _opt(None, "training image size (FixRes: e.g. 176 with eval_crop_size 224 and eval_resize 232; null = data.image_size)", min=4)
+    eval_crop_size: Optional[int] = _opt(None, "evaluation (and predict) image size, the model's input size (null = data.image_size)", min=4)
+    interpolation: str = _opt("bilinear", "resizing of crops and evaluation images, always antialiased (torchvision's --interpolation)", choices=["bilinear", "bicubic"])
     skip_bad_images: bool = _opt(False, "imagefolder: leave out corrupt, empty or non-image files (warned, counted in summary.json) instead of stopping with an error that names them")
     gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and crop/resize there")
     val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, and 10% more is the test split)", min=0.0, max=0.8)
@@ -433,9 +436,11 @@ def _check_cross_fields(cfg: Config) -> None:
                           "spelling of model.freeze: remove it and set model.freeze=none|backbone")
     if cfg.model.frozen and not cfg.model.pretrained:
         raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random backbone learns nothing")
-    if d.eval_resize is not None and d.image_size is not None and d.eval_resize < d.image_size:
-        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.image_size={d.image_size}: the center crop would not fit; "
-                          f"use at least {d.image_size} (or null for image_size/0.875)")
+    eval_crop = d.eval_crop_size or d.image_size
+    if d.eval_resize is not None and eval_crop is not None and d.eval_resize < eval_crop:
+        which = "data.eval_crop_size" if d.eval_crop_size else "data.image_size"
+        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than {which}={eval_crop}: the center crop would not fit; "
+                          f"use at least {eval_crop} (or null for {which}/0.875)")
     for key in ("scale", "ratio", "erase_scale", "erase_ratio"):
         value = getattr(d.augment, key)
         _number_list(value, f"data.augment.{key}", 2)

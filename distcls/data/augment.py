@@ -122,13 +122,20 @@ class Preprocess:
     seed: int
     num_keys: Optional[int] = None
     mix: Optional[Mix] = None  # Mixup/CutMix of training batches (train_batch), after normalization and erasing
+    train_size: Optional[int] = None  # training image size (FixRes; None: image_size)
+    interpolation: str = "bilinear"  # of the resize to the target size (antialiased)
     # Per device: normalization constants, and the current epoch's draws. Not part of the value.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None,
-                  mix: Optional[Mix] = None) -> "Preprocess":
-        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys, mix)
+                  mix: Optional[Mix] = None, train_size: Optional[int] = None, interpolation: str = "bilinear") -> "Preprocess":
+        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys, mix,
+                   train_size, interpolation)
+
+    @property
+    def train_image_size(self) -> int:
+        return self.train_size or self.image_size
 
     def train_batch(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, epoch: int,
                     memory_format=torch.contiguous_format) -> tuple:
@@ -144,8 +151,9 @@ class Preprocess:
         # Pixels stay on the 0..255 scale until the end: normalization folds in the /255, so a
         # batch costs few passes over memory (this runs in the training process, per batch).
         x = self._match_channels(images.float())
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        size = self.train_image_size if train else self.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=True)
         draws = self.draws(keys, epoch, x.device) if train else None
         if train:
             x = self._augment(x, draws)
@@ -159,7 +167,7 @@ class Preprocess:
     def draws(self, keys: torch.Tensor, epoch: int, device: torch.device) -> Draws:
         """The augmentation draws of `keys` (on the host or on `device`) for `epoch`, on `device`."""
         if self.num_keys is None:
-            return Draws.hashed(self.augment, self.seed, epoch, keys, self.image_size).to(device)
+            return Draws.hashed(self.augment, self.seed, epoch, keys, self.train_image_size).to(device)
         return self.epoch_table(epoch, device).index(keys.to(device, non_blocking=True))
 
     def epoch_table(self, epoch: int, device: torch.device) -> Draws:
@@ -167,7 +175,7 @@ class Preprocess:
         slot = ("draws", device)
         cached = self._cache.get(slot)
         if cached is None or cached[0] != epoch:
-            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys), self.image_size).to(device)
+            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys), self.train_image_size).to(device)
             cached = self._cache[slot] = (epoch, table)
         return cached[1]
 

@@ -28,7 +28,7 @@ def _batch(b=16, size=16, seed=0):
 def test_targets_sum_to_one_and_mix_the_partners_labels(mode, smoothing):
     mix = _mix(mixup=0.2, cutmix=1.0, mode=mode, smoothing=smoothing)
     x, y, keys = _batch()
-    _, t = mix(x, y, keys, epoch=1)
+    _, t = mix(x.clone(), y, keys, epoch=1)
     assert torch.allclose(t.sum(1), torch.ones(len(y)), atol=1e-6) and (t >= 0).all()
     partner = torch.arange(len(y)) ^ 1
     support = t > smoothing / C + 1e-6
@@ -43,7 +43,7 @@ def test_cutmix_lambda_equals_the_kept_area_fraction():
     y[1::2] = (y[0::2] + 1) % C  # partners have different labels
     keys = torch.arange(b)
     own = torch.arange(b, dtype=torch.float32).view(-1, 1, 1, 1).expand(b, 3, size, size).contiguous()
-    out, t = mix(own, y, keys, epoch=0)
+    out, t = mix(own.clone(), y, keys, epoch=0)
     partner = torch.arange(b) ^ 1
     kept = (out == own).float().mean(dim=(1, 2, 3))
     pasted = (out == own[partner]).float().mean(dim=(1, 2, 3))
@@ -58,7 +58,7 @@ def test_mixup_blends_images_and_targets_with_one_lambda_per_pair():
     mix = _mix(mixup=0.4)
     x, y, keys = _batch()
     y[1::2] = (y[0::2] + 3) % C
-    out, t = mix(x, y, keys, epoch=2)
+    out, t = mix(x.clone(), y, keys, epoch=2)
     partner = torch.arange(len(y)) ^ 1
     lam = t[torch.arange(len(y)), y]
     assert torch.allclose(out, x * lam.view(-1, 1, 1, 1) + x[partner] * (1 - lam.view(-1, 1, 1, 1)), atol=1e-6)
@@ -71,12 +71,23 @@ def test_mixing_at_world_size_two_equals_world_size_one():
     for kwargs in (dict(mixup=0.2, cutmix=1.0), dict(mixup=0.8, cutmix=1.0, mode="elem", prob=0.7)):
         mix = _mix(**kwargs, smoothing=0.1)
         x, y, keys = _batch(b=24)
-        one_x, one_t = mix(x, y, keys, epoch=4)
+        one_x, one_t = mix(x.clone(), y, keys, epoch=4)
         for world in (2, 4):
             per = len(y) // world
-            parts = [mix(x[r * per:(r + 1) * per], y[r * per:(r + 1) * per], keys[r * per:(r + 1) * per], epoch=4) for r in range(world)]
+            parts = [mix(x[r * per:(r + 1) * per].clone(), y[r * per:(r + 1) * per], keys[r * per:(r + 1) * per], epoch=4) for r in range(world)]
             assert torch.equal(torch.cat([p[0] for p in parts]), one_x)
             assert torch.equal(torch.cat([p[1] for p in parts]), one_t)
+
+
+def test_the_cpu_rows_path_equals_the_whole_batch_path():
+    mix = _mix(mixup=0.4, cutmix=1.0, prob=0.8)
+    x, y, keys = _batch(b=32)
+    t = mix.table(3, x.device)
+    pos = torch.arange(32)
+    lam, box = t.lam[keys[pos & ~1]], t.box[keys[pos & ~1]]
+    cut = (box[:, 1] > box[:, 0]) & (box[:, 3] > box[:, 2])
+    assert cut.any() and (~cut & (lam < 1)).any() and (lam == 1).any()
+    assert torch.equal(Mix._mix_rows(x.clone(), pos ^ 1, lam, cut, box), Mix._mix_all(x.clone(), pos ^ 1, lam, cut, box))
 
 
 def test_lambda_follows_beta_and_prob_switch_prob_hold():

@@ -33,24 +33,37 @@ MAGNITUDES = {
 BLEND_AND_SHEAR = [-0.99, -0.5, -0.1, 0.0, 0.3, 0.9, 0.99]
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "masked"])
 @pytest.mark.parametrize("interpolation", ["bilinear", "nearest"])
 @pytest.mark.parametrize("op", P.OPS)
-def test_each_op_equals_torchvision_within_one_level(op, interpolation):
+def test_each_op_equals_torchvision_within_one_level(op, interpolation, grouped):
     """Every sample of a batch draws `op` at a different magnitude (and one sample draws
-    Identity), and each equals torchvision's uint8 op on that image alone within 1 level."""
+    Identity), and each equals torchvision's uint8 op on that image alone within 1 level; both
+    ways of running a batch (CPU: per op kind on its samples; accelerators: masked whole batch)."""
     images = torch.cat([_images(), _images(c=3, seed=1)])
     mags = MAGNITUDES.get(op, BLEND_AND_SHEAR)
     mags = (mags * math.ceil(len(images) / len(mags)))[:len(images)]
     ops = torch.full((len(images),), P.OP_ID[op])
     ops[-1] = P.OP_ID["Identity"]  # a neighbour that did not draw the op stays untouched
     ref = v2.AutoAugment(interpolation=interpolation)  # its _apply_image_or_video_transform calls v2.functional
-    got = P.apply_ops(images.float(), ops, torch.tensor(mags, dtype=torch.float64), interpolation)
+    got = P.apply_ops(images.float(), ops, torch.tensor(mags, dtype=torch.float64), interpolation, grouped)
     for i, img in enumerate(images):
         name = P.OPS[int(ops[i])]
         want = ref._apply_image_or_video_transform(img, name, float(mags[i]), interpolation=ref.interpolation, fill=ref._fill)
         diff = (got[i] - want.float()).abs().max().item()
         assert diff <= 1, f"{name} at magnitude {mags[i]}: differs by {diff} levels"
     assert torch.equal(got[-1], images[-1].float())
+
+
+def test_grouped_and_masked_batches_agree_on_mixed_ops():
+    images = torch.cat([_images(seed=s) for s in range(4)])
+    g = torch.Generator().manual_seed(0)
+    ops = torch.randint(0, len(P.OPS), (len(images),), generator=g)
+    mags = torch.rand(len(images), generator=g, dtype=torch.float64) * 0.9
+    mags = torch.where(ops == P.OP_ID["Posterize"], torch.randint(1, 9, (len(images),), generator=g).double(), mags)
+    a = P.apply_ops(images.float(), ops, mags, grouped=True)
+    b = P.apply_ops(images.float(), ops, mags, grouped=False)
+    assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.001
 
 
 def test_one_channel_images_equal_torchvision():
@@ -149,7 +162,7 @@ def test_erase_probability_and_batched_erase_equal_torchvision_erase():
     x = torch.randn(6, 3, 20, 20)
     some = P.erase_boxes(_uniform(torch.arange(6), seed=5), 1.0, (0.02, 0.33), (0.3, 3.3), 20, 20)
     some[0] = 0  # one sample not erased
-    got = P.erase(x, some, 0.5)
+    got = P.erase(x.clone(), some, 0.5)
     for i in range(6):
         t, l, bh, bw = some[i].tolist()
         want = TF.erase(x[i], t, l, bh, bw, torch.tensor(0.5)) if bh else x[i]

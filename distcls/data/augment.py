@@ -156,7 +156,9 @@ class Preprocess:
             x = F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=True)
         draws = self.draws(keys, epoch, x.device) if train else None
         if train:
-            x = self._augment(x, draws)
+            # still uint8 values (not resized, not turned gray): the policy need not round them first
+            on_grid = images.dtype == torch.uint8 and tuple(images.shape[-2:]) == (size, size) and images.shape[1] in (1, self.channels)
+            x = self._augment(x, draws, on_grid)
         mean, std = self._constant("norm", x, lambda dt: (torch.tensor(self.mean, dtype=dt).view(1, -1, 1, 1) * 255.0,
                                                           torch.tensor(self.std, dtype=dt).view(1, -1, 1, 1) * 255.0))
         x = x.sub_(mean).div_(std)  # in place: x is this batch's own float copy
@@ -198,7 +200,7 @@ class Preprocess:
             return (x * w).sum(dim=1, keepdim=True)
         raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
 
-    def _augment(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, draws: Draws, on_grid: bool = False) -> torch.Tensor:
         if draws.crop_y is not None or draws.flip is not None:
             x = self._crop_flip(x, draws)
         if draws.angle is not None:
@@ -209,7 +211,8 @@ class Preprocess:
             grid = F.affine_grid(mat, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if draws.ops is not None:  # on the uint8 grid, after crop and flip, as torchvision's recipe
-            x = policies.apply_policy(x, draws.ops, draws.mags, self.augment.policy_interpolation)
+            on_grid = on_grid and draws.angle is None  # a rotation interpolates
+            x = policies.apply_policy(x, draws.ops, draws.mags, self.augment.policy_interpolation, on_grid)
         return x
 
     def _crop_flip(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:

@@ -7,8 +7,8 @@ the pairs a single process would. Each pair's choices (mixed or not, CutMix or M
 box) are drawn from the key of its FIRST sample, from the same counter-based hash as the other
 augmentation (augment.py), in a per-epoch table on the device: no collective, no host sync.
 
-mode=pair: one lambda per pair, both partners mixed symmetrically (a' = lam a + (1 - lam) b,
-b' = lam b + (1 - lam) a; CutMix pastes the same box both ways). mode=elem: each sample draws its
+mode=pair: one lambda per pair, both partners mixed symmetrically (a' = lerp(b, a, lam) =
+lam a + (1 - lam) b, b' = lam b + (1 - lam) a; CutMix pastes the same box both ways). mode=elem: each sample draws its
 own choices from its own key and mixes in its partner (timm's 'elem' with the fixed neighbour as
 the partner instead of the reversed batch, which would cross ranks). timm's 'batch' mode (one
 lambda for the whole batch, partner = reversed batch) is not offered: its partner of a sample
@@ -107,9 +107,26 @@ class Mix:
             cached = self._cache[slot] = (epoch, self.hashed(epoch, torch.arange(self.num_keys)).to(device))
         return cached[1]
 
+    @staticmethod
+    def _mix_all(x, partner, lam, cut, box):
+        other = x.index_select(0, partner)
+        out = _lerp(x, other, torch.where(cut, torch.ones_like(lam), lam))
+        return _paste(out, other, torch.where(cut[:, None], box, torch.zeros_like(box)))
+
+    @staticmethod
+    def _mix_rows(x, partner, lam, cut, box):
+        """The same numbers as _mix_all, computed for the mixed rows only and written into x
+        after every row was read."""
+        blend = torch.nonzero((lam < 1) & ~cut).flatten()
+        paste = torch.nonzero(cut).flatten()
+        blended = _lerp(x.index_select(0, blend), x.index_select(0, partner.index_select(0, blend)), lam.index_select(0, blend))
+        pasted = _paste(x.index_select(0, paste), x.index_select(0, partner.index_select(0, paste)), box.index_select(0, paste))
+        return x.index_copy_(0, blend, blended).index_copy_(0, paste, pasted)
+
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, epoch: int):
-        """(mixed images, soft targets float32 [B, classes]). A trailing unpaired sample (a batch
-        shortened by a skipped bad file) is its own partner, i.e. left unmixed."""
+        """(mixed images, soft targets float32 [B, classes]); x may be written into (the caller's
+        own copy). A trailing unpaired sample (a batch shortened by a skipped bad file) is its own
+        partner, i.e. left unmixed."""
         b = x.shape[0]
         pos = torch.arange(b, device=x.device)
         partner = pos ^ 1
@@ -119,15 +136,12 @@ class Mix:
         rows = keys.to(x.device)[owner]
         lam, box = t.lam[rows], t.box[rows]
         lam = torch.where(partner == pos, torch.ones_like(lam), lam)
-        other = x[partner]
-        mixed = x * lam.to(x.dtype).view(-1, 1, 1, 1) + other * (1.0 - lam).to(x.dtype).view(-1, 1, 1, 1)
-        h, w = x.shape[-2:]
         y1, y2, x1, x2 = box.unbind(1)
-        rr, cc = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-        in_box = (((rr >= y1[:, None]) & (rr < y2[:, None]))[:, :, None] & ((cc >= x1[:, None]) & (cc < x2[:, None]))[:, None, :])
         cut = (y2 > y1) & (x2 > x1) & (partner != pos)  # CutMix (its lam is the kept area); else Mixup or none
-        pasted = torch.where(in_box.unsqueeze(1), other, x)
-        out = torch.where(cut.view(-1, 1, 1, 1), pasted, mixed)
+        if x.device.type == "cpu":  # only the mixed samples, in place (the host knows which at once)
+            out = self._mix_rows(x, partner, lam, cut, box)
+        else:  # the whole batch, no host sync: lam = 1 leaves a sample exactly as it is
+            out = self._mix_all(x, partner, lam, cut, box)
         off = self.label_smoothing / self.num_classes
         on = 1.0 - self.label_smoothing + off
         one_hot = torch.full((b, self.num_classes), off, dtype=torch.float32, device=x.device)
@@ -135,6 +149,20 @@ class Mix:
         lam32 = lam.to(torch.float32).view(-1, 1)
         targets = one_hot * lam32 + one_hot[partner] * (1.0 - lam32)
         return out, targets
+
+
+def _paste(x, other, box):
+    """x with each sample's box (y1, y2, x1, x2) taken from `other`."""
+    h, w = x.shape[-2:]
+    y1, y2, x1, x2 = box.unbind(1)
+    rr, cc = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    in_box = ((rr >= y1[:, None]) & (rr < y2[:, None]))[:, :, None] & ((cc >= x1[:, None]) & (cc < x2[:, None]))[:, None, :]
+    return torch.where(in_box.unsqueeze(1), other, x)
+
+
+def _lerp(x, other, lam):
+    """Mixup: lam x + (1 - lam) partner, as torch.lerp(partner, x, lam) (lam = 1: x exactly)."""
+    return torch.lerp(other, x, lam.to(x.dtype).view(-1, 1, 1, 1))
 
 
 def dominant_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -187,23 +187,78 @@ def erase_boxes(uniform: Callable[[int], np.ndarray], prob: float, scale, ratio,
 # --------------------------------------------------------------------------- batched ops (device)
 
 
-def apply_policy(x: torch.Tensor, ops: torch.Tensor, mags: torch.Tensor, interpolation: str = "bilinear") -> torch.Tensor:
-    """x: float [B, C, H, W] with values in 0..255 (rounded here to the uint8 grid first);
-    ops int64 [B, L], mags float64 [B, L] (on x's device). Layer by layer, each sample gets its op."""
-    x = x.round().clamp_(0, 255)
+def apply_policy(x: torch.Tensor, ops: torch.Tensor, mags: torch.Tensor, interpolation: str = "bilinear",
+                 on_grid: bool = False) -> torch.Tensor:
+    """x: float [B, C, H, W] with values in 0..255 (rounded here to the uint8 grid first unless
+    `on_grid`: they are uint8 values already); ops int64 [B, L], mags float64 [B, L] (on x's
+    device). Layer by layer, each sample gets its op."""
+    if not on_grid:
+        x = x.round().clamp_(0, 255)
     for layer in range(ops.shape[1]):
         x = apply_ops(x, ops[:, layer], mags[:, layer], interpolation)
     return x
 
 
-def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, interpolation: str = "bilinear") -> torch.Tensor:
-    """One op per sample (ids in OPS, signed magnitude as torchvision's policies pass it)."""
+def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, interpolation: str = "bilinear",
+              grouped: Optional[bool] = None) -> torch.Tensor:
+    """One op per sample (ids in OPS, signed magnitude as torchvision's policies pass it); may
+    write into x (the caller's own copy).
+
+    On the CPU each op kind runs on the samples that drew it (a loop over the op kinds, never over
+    images: the host knows the ids at once). On an accelerator every kind runs over the whole
+    batch with identity parameters for the others, so that nothing waits for the device to say
+    which samples drew what. Both give each sample the same result whatever its batch holds.
+    `grouped` (None: by the device) picks the way, for tests."""
+    if x.device.type == "cpu" if grouped is None else grouped:
+        return _apply_grouped(x, op, mag, interpolation)
     x = _geometric(x, op, mag, interpolation)
     x = _blend(x, op, mag)
     x = _posterize_solarize(x, op, mag)
     x = torch.where((op == OP_ID["AutoContrast"]).view(-1, 1, 1, 1), autocontrast(x), x)
     x = torch.where((op == OP_ID["Equalize"]).view(-1, 1, 1, 1), equalize(x), x)
     return x
+
+
+_GROUPS = (GEOMETRIC, ("Brightness",), ("Color",), ("Contrast",), ("Sharpness",), ("Posterize", "Solarize", "Invert"),
+           ("AutoContrast",), ("Equalize",))
+
+
+def _apply_grouped(x, op, mag, interpolation):
+    """In place: each group reads its rows of x and writes them back; the groups are disjoint."""
+    out = x
+    for group in _GROUPS:
+        rows = torch.nonzero(_is(op, *group)).flatten()
+        if rows.numel() == 0:
+            continue
+        xs, ops, ms = x.index_select(0, rows), op.index_select(0, rows), mag.index_select(0, rows)
+        name = group[0]
+        if group is GEOMETRIC:
+            ys = _geometric(xs, ops, ms, interpolation, every_sample=True)
+        elif name in BLENDS:
+            if name == "Color" and x.shape[1] == 1:  # adjust_saturation leaves 1-channel images alone
+                continue
+            ys = _blend_with(xs, ms, _DEGENERATE[name](xs))
+        elif name == "Posterize":
+            ys = _posterize_solarize(xs, ops, ms)
+        elif name == "AutoContrast":
+            ys = autocontrast(xs)
+        else:
+            ys = equalize(xs)
+        out.index_copy_(0, rows, ys)
+    return out
+
+
+def _blend_with(x, mag, degenerate):
+    ratio = (1.0 + mag).to(x.dtype).view(-1, 1, 1, 1)
+    return (x * ratio).add_(degenerate * (1.0 - ratio)).clamp_(0, 255).floor_()
+
+
+_DEGENERATE = {
+    "Brightness": lambda x: torch.zeros((), dtype=x.dtype, device=x.device),
+    "Color": lambda x: _gray_floor(x),
+    "Contrast": lambda x: _gray_floor(x).mean(dim=(1, 2, 3), keepdim=True),
+    "Sharpness": lambda x: _sharpness_degenerate(x),
+}
 
 
 def _is(op: torch.Tensor, *names) -> torch.Tensor:
@@ -237,7 +292,7 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return base.view(1, height * width, 3).expand(theta.shape[0], -1, -1).bmm(scaled).view(-1, height, width, 2)
 
 
-def _geometric(x, op, mag, interpolation):
+def _geometric(x, op, mag, interpolation, every_sample: bool = False):
     b, _, h, w = x.shape
     m = mag.to(torch.float64)
     zero = torch.zeros_like(m)
@@ -253,7 +308,7 @@ def _geometric(x, op, mag, interpolation):
         center_x=torch.where(is_shear, zero - 0.5 * w, zero), center_y=torch.where(is_shear, zero - 0.5 * h, zero))
     grid = affine_grid(theta.to(x.dtype), h, w)
     moved = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False).round_()
-    return torch.where(_is(op, *GEOMETRIC).view(-1, 1, 1, 1), moved, x)
+    return moved if every_sample else torch.where(_is(op, *GEOMETRIC).view(-1, 1, 1, 1), moved, x)
 
 
 def _gray_floor(x):
@@ -268,10 +323,11 @@ def _sharpness_degenerate(x):
     c, h, w = x.shape[1:]
     if h <= 2 or w <= 2:
         return x
-    a, b5 = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b5, a], [a, a, a]], dtype=x.dtype, device=x.device).expand(c, 1, 3, 3)
+    # (sum of the 3x3 neighbourhood + 4 x centre) / 13 by shifted adds: a depthwise conv is slow on CPUs
+    rows = x[..., :-2, :] + x[..., 1:-1, :] + x[..., 2:, :]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:]
     out = x.clone()
-    out[..., 1:-1, 1:-1] = F.conv2d(x, kernel, groups=c).round_()
+    out[..., 1:-1, 1:-1] = box.add_(x[..., 1:-1, 1:-1], alpha=4.0).div_(13.0).round_()
     return out
 
 
@@ -314,8 +370,12 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
     """PIL's equalize per (sample, channel): 256-bin histograms from one scatter_add, a LUT gather."""
     b, c, h, w = x.shape
     flat = x.reshape(b * c, h * w).long()
-    hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device)
-    hist.scatter_add_(1, flat, torch.ones_like(flat))
+    if x.device.type == "cpu":  # one bincount over (row, value) pairs: much faster than scatter_add here
+        offsets = torch.arange(b * c, device=x.device).view(-1, 1) * 256
+        hist = torch.bincount((flat + offsets).flatten(), minlength=b * c * 256).view(b * c, 256)
+    else:  # bincount would make the host wait for the device (it reads the maximum)
+        hist = torch.zeros(b * c, 256, dtype=torch.long, device=x.device)
+        hist.scatter_add_(1, flat, torch.ones_like(flat))
     cum = hist.cumsum(1)
     last = cum.argmax(1, keepdim=True)
     step = (h * w - hist.gather(1, last)) // 255
@@ -326,7 +386,7 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def erase(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Tensor:
-    """Set each sample's box (top, left, h, w; h = 0: none) to `value`: two broadcast masks, one where."""
+    """Set each sample's box (top, left, h, w; h = 0: none) to `value`, in place: two broadcast masks, one fill."""
     _, _, h, w = x.shape
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)
@@ -334,7 +394,7 @@ def erase(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Ten
     in_rows = (rows >= top[:, None]) & (rows < (top + bh)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + bw)[:, None])
     mask = (in_rows[:, :, None] & in_cols[:, None, :]).unsqueeze(1)
-    return x.masked_fill(mask, value)
+    return x.masked_fill_(mask, value)  # x is the batch's own float copy
 
 
 def policy_spec(aug, height: int, width: int) -> Optional[PolicySpec]:

@@ -78,7 +78,7 @@ def test_one_channel_images_equal_torchvision():
 
 
 def _uniform(keys, seed=0, epoch=0):
-    return lambda stream: keyed_uniform(seed, epoch, keys, stream).numpy()
+    return lambda stream, rows=None: keyed_uniform(seed, epoch, keys if rows is None else keys[torch.from_numpy(rows)], stream).numpy()
 
 
 def test_trivialaugment_draws_cover_torchvision_space_uniformly():

@@ -87,7 +87,8 @@ class Draws:
             flip = keyed_uniform(seed, epoch, keys, FLIP_STREAM) < 0.5
         if aug.rotation_deg > 0:
             angle = (keyed_uniform(seed, epoch, keys, ROTATION_STREAM) * 2 - 1) * aug.rotation_deg * math.pi / 180
-        uniform = lambda stream: keyed_uniform(seed, epoch, keys, stream).numpy()  # noqa: E731
+        def uniform(stream: int, rows=None) -> np.ndarray:  # the keyed uniforms of every key (or of keys[rows])
+            return keyed_uniform(seed, epoch, keys if rows is None else keys[torch.from_numpy(rows)], stream).numpy()
         spec = policies.policy_spec(aug, size, size)
         if spec is not None:
             ops, mags = spec.draw(uniform)

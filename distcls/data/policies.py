@@ -163,24 +163,28 @@ def _magnitude_table(space: Space, names: list, num_bins: int, height: int, widt
 
 def erase_boxes(uniform: Callable[[int], np.ndarray], prob: float, scale, ratio, height: int, width: int) -> torch.Tensor:
     """torchvision RandomErasing.make_params per key, vectorized: int64 [N, 4] (top, left, h, w);
-    h = w = 0 where nothing is erased (the coin, or 10 tries without a fitting box)."""
-    coin = uniform(ERASE_STREAM)
+    h = w = 0 where nothing is erased (the coin, or 10 tries without a fitting box).
+    `uniform(stream, rows)`: the keyed uniforms of the keys at `rows` (None: every key); each try
+    hashes only the keys still undecided (most are decided by the coin or the first try)."""
+    coin = uniform(ERASE_STREAM, None)
     n = len(coin)
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     box = np.zeros((n, 4), dtype=np.int64)
-    found = coin >= prob  # not erased at all: treated as already decided
+    pending = np.nonzero(coin < prob)[0]  # the keys to erase, until a box fits
     for t in range(ERASE_TRIES):
-        u = [uniform(ERASE_STREAM + 1 + 4 * t + j) for j in range(4)]
+        if len(pending) == 0:
+            break
+        u = [uniform(ERASE_STREAM + 1 + 4 * t + j, pending) for j in range(4)]
         erase_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
         h = np.round(np.sqrt(erase_area * aspect)).astype(np.int64)  # numpy rounds half to even, as Python's round
         w = np.round(np.sqrt(erase_area / aspect)).astype(np.int64)
-        fits = ~found & (h < height) & (w < width)
+        fits = (h < height) & (w < width)
         top = np.minimum((u[2] * (height - h + 1)).astype(np.int64), height - h)
         left = np.minimum((u[3] * (width - w + 1)).astype(np.int64), width - w)
-        box[fits] = np.stack([top, left, h, w], 1)[fits]
-        found |= fits
+        box[pending[fits]] = np.stack([top, left, h, w], 1)[fits]
+        pending = pending[~fits]
     return torch.from_numpy(box)
 
 

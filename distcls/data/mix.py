@@ -93,8 +93,13 @@ class Mix:
             cut = u[1] < self.switch_prob
         else:
             cut = np.full(len(keys), self.cutmix_alpha > 0)
-        lam_mix = _beta(self.mixup_alpha, u[2]) if self.mixup_alpha > 0 else np.ones(len(keys))
-        lam_cut = _beta(self.cutmix_alpha, u[2]) if self.cutmix_alpha > 0 else np.ones(len(keys))
+        # Beta's inverse CDF is the slow part: only where that lambda is used
+        lam_mix, lam_cut = np.ones(len(keys)), np.ones(len(keys))
+        use_mix, use_cut = mixed & ~cut, mixed & cut
+        if self.mixup_alpha > 0:
+            lam_mix[use_mix] = _beta(self.mixup_alpha, u[2][use_mix])
+        if self.cutmix_alpha > 0:
+            lam_cut[use_cut] = _beta(self.cutmix_alpha, u[2][use_cut])
         y1, y2, x1, x2, kept = cutmix_box(lam_cut, u[3], u[4], self.image_size, self.image_size)
         lam = np.where(mixed, np.where(cut, kept, lam_mix), 1.0)
         box = np.where((mixed & cut)[:, None], np.stack([y1, y2, x1, x2], 1), 0)

@@ -34,6 +34,25 @@ class AugmentConfig:
     random_resized_crop: bool = _opt(False, "imagefolder: RandomResizedCrop to data.image_size (a random area fraction and aspect ratio, then resize), keyed by (seed, epoch, sample)")
     scale: list = _opt([0.08, 1.0], "RandomResizedCrop: [min, max] fraction of the image area (torchvision's default)")
     ratio: list = _opt([0.75, 1.3333333333333333], "RandomResizedCrop: [min, max] aspect ratio w/h (torchvision's default, 3/4..4/3)")
+    policy: str = _opt("none", "automatic augmentation policy, batched on the device and keyed by (seed, epoch, sample): trivialaugment (torchvision TrivialAugmentWide), randaugment (RandAugment(num_ops, magnitude)), autoaugment (AutoAugment, ImageNet policy)",
+                       choices=["none", "trivialaugment", "randaugment", "autoaugment"])
+    num_ops: int = _opt(2, "randaugment: ops applied in sequence per image", min=0, max=16)
+    magnitude: int = _opt(9, "randaugment: magnitude bin of every op, in [0, num_magnitude_bins)", min=0)
+    num_magnitude_bins: int = _opt(31, "trivialaugment/randaugment: number of magnitude bins (torchvision's default 31)", min=2)
+    policy_interpolation: str = _opt("bilinear", "interpolation of the policies' shear/translate/rotate (torchvision's reference recipe: bilinear; the transform's default: nearest)", choices=["bilinear", "nearest"])
+    erase_prob: float = _opt(0.0, "random erasing probability per image (torchvision RandomErasing p; 0 = off), applied after normalization", min=0.0, max=1.0)
+    erase_scale: list = _opt([0.02, 0.33], "random erasing: [min, max] fraction of the image area (torchvision's default)")
+    erase_ratio: list = _opt([0.3, 3.3], "random erasing: [min, max] aspect ratio h/w (torchvision's default)")
+    erase_value: float = _opt(0.0, "random erasing: the value written, in normalized units (0 = the dataset mean, torchvision's value=0 after Normalize)")
+
+
+@dataclass(frozen=True)
+class MixConfig:
+    mixup_alpha: float = _opt(0.0, "Mixup: lambda ~ Beta(alpha, alpha) (0 = off; torchvision's reference --mixup-alpha 0.2)", min=0.0)
+    cutmix_alpha: float = _opt(0.0, "CutMix: lambda ~ Beta(alpha, alpha), a box of area 1 - lambda pasted from the partner (0 = off; --cutmix-alpha 1.0)", min=0.0)
+    prob: float = _opt(1.0, "probability that a pair is mixed at all (timm's mixup prob)", min=0.0, max=1.0)
+    switch_prob: float = _opt(0.5, "with both alphas on: probability of CutMix instead of Mixup (timm's switch_prob)", min=0.0, max=1.0)
+    mode: str = _opt("pair", "pair: samples 2i and 2i+1 of the global batch mix with each other, one lambda per pair (timm's 'pair'); elem: each sample draws its own lambda and mixes in that same neighbour", choices=["pair", "elem"])
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,10 @@ class DataConfig:
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
     num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
     prefetch_factor: int = _opt(4, "imagefolder: batches each DataLoader worker decodes ahead", min=1)
-    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.image_size (null = image_size/0.875, e.g. 256 for 224)", min=4)
+    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.eval_crop_size (torchvision Resize + CenterCrop; null = eval crop/0.875, e.g. 256 for 224)", min=4)
+    train_crop_size: Optional[int] = _opt(None, "training image size (FixRes: e.g. 176 with eval_crop_size 224 and eval_resize 232; null = data.image_size)", min=4)
+    eval_crop_size: Optional[int] = _opt(None, "evaluation (and predict) image size, the model's input size (null = data.image_size)", min=4)
+    interpolation: str = _opt("bilinear", "resizing of crops and evaluation images, always antialiased (torchvision's --interpolation)", choices=["bilinear", "bicubic"])
     skip_bad_images: bool = _opt(False, "imagefolder: leave out corrupt, empty or non-image files (warned, counted in summary.json) instead of stopping with an error that names them")
     gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and crop/resize there")
     val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, and 10% more is the test split)", min=0.0, max=0.8)
@@ -65,7 +87,9 @@ class DataConfig:
     max_eval_samples: Optional[int] = _opt(None, "use only the first N val/test samples (null = all)", min=1)
     mean: Optional[list] = _opt(None, "per-channel normalization mean (null = the dataset's own statistics)")
     std: Optional[list] = _opt(None, "per-channel normalization std (null = the dataset's own statistics)")
+    repeats: int = _opt(1, "repeated augmentation (torchvision --ra-reps): each global batch holds batch_size/repeats samples, each `repeats` times with its own augmentation key, the copies on different ranks; epochs keep their number of steps", min=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -421,14 +445,19 @@ def _check_cross_fields(cfg: Config) -> None:
                           f"not to model.name={m.name}; set {key}=null or use model.args")
     if cfg.model.frozen and not cfg.model.pretrained:
         raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random backbone learns nothing")
-    if d.eval_resize is not None and d.image_size is not None and d.eval_resize < d.image_size:
-        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than data.image_size={d.image_size}: the center crop would not fit; "
-                          f"use at least {d.image_size} (or null for image_size/0.875)")
-    for key in ("scale", "ratio"):
+    eval_crop = d.eval_crop_size or d.image_size
+    if d.eval_resize is not None and eval_crop is not None and d.eval_resize < eval_crop:
+        which = "data.eval_crop_size" if d.eval_crop_size else "data.image_size"
+        raise ConfigError(f"data.eval_resize={d.eval_resize} is smaller than {which}={eval_crop}: the center crop would not fit; "
+                          f"use at least {eval_crop} (or null for {which}/0.875)")
+    for key in ("scale", "ratio", "erase_scale", "erase_ratio"):
         value = getattr(d.augment, key)
         _number_list(value, f"data.augment.{key}", 2)
-        if not (0 < value[0] <= value[1]) or (key == "scale" and value[1] > 1):
-            raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key == 'scale' else ''}, got {value}")
+        if not (0 < value[0] <= value[1]) or (key.endswith("scale") and value[1] > 1):
+            raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key.endswith('scale') else ''}, got {value}")
+    if d.augment.magnitude >= d.augment.num_magnitude_bins:
+        raise ConfigError(f"data.augment.magnitude={d.augment.magnitude} must be below data.augment.num_magnitude_bins={d.augment.num_magnitude_bins} "
+                          "(bins are numbered from 0); lower the magnitude or raise the number of bins")
 
 
 def check_schedule(cfg: Config) -> None:

@@ -65,7 +65,7 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> R
         model = freeze_backbone(model)  # same module types (FrozenBatchNorm2d) as when it was saved
     load_model_state(model, ckpt["model"], path)
     model.to(device).eval()
-    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed)  # no training: no per-epoch draw table
+    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, interpolation=cfg.data.interpolation)  # no training: no draw table
     return Restored(cfg, spec, model, pre, ckpt)
 
 

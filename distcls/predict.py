@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, decode_image(path, spec.image_size, spec.channels, resize)))
+                pending.append((path, decode_image(path, spec.image_size, spec.channels, resize, restored.cfg.data.interpolation)))
             except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:

@@ -235,7 +235,7 @@ class TrainingRun:
         max_steps = cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if self.debug else None)
         loading = (0 if self.debug else cfg.data.num_workers, cfg.data.prefetch_factor, cfg.data.gpu_decode)
         train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
-                             loading[0], max_steps, *loading[1:])
+                             loading[0], max_steps, *loading[1:], repeats=cfg.data.repeats)
         eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
         val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, *loading) if data.splits.val else None
         test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, *loading)

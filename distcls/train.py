@@ -34,6 +34,10 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
     """Config checks of a training run (some need the world size and device), still before any process group exists."""
     config_mod.check_batch_split(cfg.data.batch_size, env.world_size, cfg.train.accum_steps)
     config_mod.check_schedule(cfg)
+    mix = cfg.data.mix
+    if (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and (cfg.data.batch_size // env.world_size) % 2:
+        raise ConfigError(f"data.mix pairs samples 2i and 2i+1 of the global batch, so each of the {env.world_size} processes needs an even "
+                          f"share of data.batch_size={cfg.data.batch_size}; use a multiple of {2 * env.world_size}")
     if cfg.train.sync_bn and env.distributed and env.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); "
                           "set train.sync_bn=false for CPU runs")

@@ -150,3 +150,10 @@ def test_imagefolder_writes_both_pipelines_rates(tmp_path):
     rates = r["pipeline_images_per_sec"]
     assert {"distcls", "torchvision"} <= set(rates), rates
     assert "train_resnet18_images_per_sec" not in r  # --steps 0 skips the end-to-end measurement
+
+
+def test_augment_writes_both_pipelines_rates(tmp_path):
+    r = _bench(tmp_path, "augment", "--images", "16", "--size", "32", "--batch", "8", "--workers", "1", "--repeats", "1")
+    assert _positive(r["distcls_images_per_s"]) and _positive(r["torchvision_images_per_s"])
+    assert r["per_core_ratio"] == pytest.approx(r["distcls_per_core"] / r["torchvision_per_core"])
+    assert r["distcls_cores"] == 1 and r["torchvision_workers"] == 1

@@ -133,3 +133,69 @@ def test_in_memory_batches_carry_device_keys_equal_to_the_split_indices_of_their
     meta = train_loader(view, 6, 2, 1, seed=4, device=torch.device("meta"))
     assert all(t.device.type == "meta" for b in meta for t in (b.images, b.labels, b.keys))
     assert [len(b.keys) for b in eval_loader(view, 8, 1, 0, torch.device("meta"))] == [8, 8, 4]
+
+
+def _epoch_repeats(n, g, world, k, seed=0, epoch=1):
+    per_rank = []
+    for r in range(world):
+        s = GlobalBatchSampler(n, g, world, r, seed, repeats=k)
+        s.set_epoch(epoch)
+        per_rank.append(list(s))
+    return per_rank
+
+
+@pytest.mark.parametrize("k, world", [(2, 2), (3, 3), (4, 2), (2, 4)])
+def test_repeated_augmentation_copies_have_own_keys_land_on_different_ranks_in_one_global_order(k, world):
+    n, g = 240, 24
+    one = [sum(batches, []) for batches in zip(*_epoch_repeats(n, g, 1, k))]
+    per_rank = _epoch_repeats(n, g, world, k)
+    assert [sum(parts, []) for parts in zip(*per_rank)] == one  # same global order at any world size
+    assert len(one) == n // g  # epochs keep their number of steps (torchvision's RASampler)
+    for step, batch in enumerate(one):
+        samples = [p % n for p in batch]
+        copies = [p // n for p in batch]
+        assert all(samples.count(s) == k for s in samples)  # each sample k times per batch
+        assert sorted({(s, c) for s, c in zip(samples, copies)}) == sorted(zip(samples, copies))  # k distinct keys
+        for s in set(samples):
+            ranks = {r for r in range(world) for p in per_rank[r][step] if p % n == s}
+            assert len(ranks) == min(k, world)  # spread over as many ranks as there are copies
+    flat = [p % n for b in one for p in b]
+    assert len(set(flat)) == len(flat) // k  # distinct samples this epoch: N // k
+
+
+def test_repeats_must_divide_the_global_batch():
+    with pytest.raises(ConfigError, match="data.batch_size=10 must be a multiple of 4"):
+        GlobalBatchSampler(100, 10, 1, 0, 0, repeats=4)
+
+
+def test_repeated_copies_get_different_augmentation_keys_in_memory():
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    view = SplitView(TensorSource(images, torch.arange(40) % 10), torch.arange(5, 35))
+    loader = train_loader(view, 8, 1, 0, seed=3, device=torch.device("cpu"), repeats=2)
+    loader.sampler.set_epoch(0)
+    for batch in loader:
+        first, second = batch.keys[:4], batch.keys[4:]
+        assert torch.equal(second, first + 40)  # copy 1: key + source size
+        assert torch.equal(batch.images[:4], batch.images[4:]) and torch.equal(batch.labels[:4], batch.labels[4:])
+        assert torch.equal(batch.images[:4], images[first])
+
+
+def test_repeated_copies_of_image_files_are_cropped_by_their_own_keys(tmp_path):
+    from fakedata import write_imagefolder
+
+    from distcls.data.imagefolder import _classes, _scan
+    from distcls.data.sources import CropPolicy, FileSource
+    root = write_imagefolder(tmp_path / "flowers", per_class=4)
+    samples = _scan(root, _classes(root))
+    source = FileSource(samples, 16, 3, CropPolicy(16, 18, ((0.08, 1.0), (0.75, 4 / 3)), hflip=True))
+    view = SplitView(source, torch.arange(len(samples)))
+    loader = train_loader(view, 4, 1, 0, seed=1, device=torch.device("cpu"), repeats=2)
+    loader.sampler.set_epoch(2)
+    batches = list(loader)
+    for batch in batches:
+        assert torch.equal(batch.keys[2:], batch.keys[:2] + len(samples))
+        assert torch.equal(batch.labels[2:], batch.labels[:2])
+    key = int(batches[0].keys[2])
+    img = source.load(key % len(samples), True, 1, 2, key=key)[0]
+    assert torch.equal(batches[0].images[2], img)  # the copy's crop is keyed by its own key
+    assert any(not torch.equal(b.images[:2], b.images[2:]) for b in batches)

@@ -9,6 +9,7 @@ from distcls import weights
 from distcls.config import Config
 from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
 from distcls.data.augment import Preprocess
+from distcls.data.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
 from distcls.data.registry import DATASETS, register_dataset
 from distcls.data.sources import DataSpec, FileSource, RawDataset, SplitView, TensorSource
@@ -30,7 +31,7 @@ class Data:
 def data_spec(dataset: RawDataset, cfg: Config) -> DataSpec:
     d = cfg.data
     channels = d.channels or dataset.train.channels
-    size = d.image_size or dataset.train.size
+    size = d.eval_crop_size or d.image_size or dataset.train.size
     mean, std = (d.mean, d.std) if d.mean is not None else (dataset.mean, dataset.std)
     if len(mean) == 1 and channels == 3:
         mean, std = list(mean) * 3, list(std) * 3
@@ -80,5 +81,11 @@ def build_data(cfg: Config) -> Data:
     flipped_in_workers = streaming and getattr(getattr(dataset.train, "policy", None), "hflip", False)
     augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
-    pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=len(splits.train.source))
+    num_keys = len(splits.train.source) * cfg.data.repeats  # copy j of sample i has key i + j * source size
+    train_size = cfg.data.train_crop_size or cfg.data.image_size or dataset.train.size  # FixRes: may differ from spec.image_size
+    if streaming:
+        train_size = dataset.train.policy.train_size or dataset.train.policy.size
+    mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, train_size, cfg.run.seed, num_keys)
+    pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=num_keys, mix=mix,
+                               train_size=train_size, interpolation=cfg.data.interpolation)
     return Data(splits, spec, pre, tuple(dataset.skipped_files))

@@ -11,6 +11,7 @@ once on the host and copied to the device in one non-blocking copy; a batch only
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
+from distcls.data import policies
+from distcls.data.mix import Mix
 from distcls.data.sources import DataSpec
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -59,17 +62,23 @@ class Draws:
     """The random choices of one epoch for a list of keys, one row per key; None: stream unused.
 
     crop_y/crop_x: int64 offsets into the padded image in [0, 2 * crop_padding]; flip: bool;
-    angle: float64 radians in [-rotation_deg, +rotation_deg].
+    angle: float64 radians in [-rotation_deg, +rotation_deg]; ops/mags: the policy's op ids int64
+    and signed magnitudes float64 [N, layers] (policies.py); erase: int64 [N, 4] boxes (top, left,
+    h, w; h = 0: not erased) in the size x size image.
     """
     crop_y: Optional[torch.Tensor] = None
     crop_x: Optional[torch.Tensor] = None
     flip: Optional[torch.Tensor] = None
     angle: Optional[torch.Tensor] = None
+    ops: Optional[torch.Tensor] = None
+    mags: Optional[torch.Tensor] = None
+    erase: Optional[torch.Tensor] = None
 
     @classmethod
-    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor) -> "Draws":
-        """On the host (numpy hash), only the streams `aug` uses."""
-        crop_y = crop_x = flip = angle = None
+    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor, size: int = 0) -> "Draws":
+        """On the host (numpy hash), only the streams `aug` uses; `size`: the (square) image size
+        the policy and erasing see."""
+        crop_y = crop_x = flip = angle = ops = mags = erase = None
         if aug.crop_padding > 0:
             span = 2 * aug.crop_padding + 1
             crop_y = (keyed_uniform(seed, epoch, keys, CROP_Y_STREAM) * span).long()
@@ -78,10 +87,17 @@ class Draws:
             flip = keyed_uniform(seed, epoch, keys, FLIP_STREAM) < 0.5
         if aug.rotation_deg > 0:
             angle = (keyed_uniform(seed, epoch, keys, ROTATION_STREAM) * 2 - 1) * aug.rotation_deg * math.pi / 180
-        return cls(crop_y, crop_x, flip, angle)
+        def uniform(stream: int, rows=None) -> np.ndarray:  # the keyed uniforms of every key (or of keys[rows])
+            return keyed_uniform(seed, epoch, keys if rows is None else keys[torch.from_numpy(rows)], stream).numpy()
+        spec = policies.policy_spec(aug, size, size)
+        if spec is not None:
+            ops, mags = spec.draw(uniform)
+        if aug.erase_prob > 0:
+            erase = policies.erase_boxes(uniform, aug.erase_prob, aug.erase_scale, aug.erase_ratio, size, size)
+        return cls(crop_y, crop_x, flip, angle, ops, mags, erase)
 
     def _map(self, fn) -> "Draws":
-        return Draws(*(None if t is None else fn(t) for t in (self.crop_y, self.crop_x, self.flip, self.angle)))
+        return Draws(*(None if t is None else fn(t) for t in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
     def to(self, device: torch.device) -> "Draws":
         return self._map(lambda t: host_to_device(t, device))
@@ -106,30 +122,55 @@ class Preprocess:
     augment: AugmentConfig
     seed: int
     num_keys: Optional[int] = None
+    mix: Optional[Mix] = None  # Mixup/CutMix of training batches (train_batch), after normalization and erasing
+    train_size: Optional[int] = None  # training image size (FixRes; None: image_size)
+    interpolation: str = "bilinear"  # of the resize to the target size (antialiased)
     # Per device: normalization constants, and the current epoch's draws. Not part of the value.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None) -> "Preprocess":
-        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys)
+    def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None,
+                  mix: Optional[Mix] = None, train_size: Optional[int] = None, interpolation: str = "bilinear") -> "Preprocess":
+        return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys, mix,
+                   train_size, interpolation)
+
+    @property
+    def train_image_size(self) -> int:
+        return self.train_size or self.image_size
+
+    def train_batch(self, images: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, epoch: int,
+                    memory_format=torch.contiguous_format) -> tuple:
+        """A training batch: (augmented normalized images, targets): the int64 labels, or with
+        Mixup/CutMix soft targets float32 [B, classes] (label smoothing folded in)."""
+        x = self(images, keys, epoch, train=True)
+        if self.mix is not None:
+            x, labels = self.mix(x, labels, keys, epoch)
+        return x.contiguous(memory_format=memory_format), labels
 
     def __call__(self, images: torch.Tensor, keys: torch.Tensor, epoch: int, train: bool,
                  memory_format=torch.contiguous_format) -> torch.Tensor:
         # Pixels stay on the 0..255 scale until the end: normalization folds in the /255, so a
         # batch costs few passes over memory (this runs in the training process, per batch).
         x = self._match_channels(images.float())
-        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        size = self.train_image_size if train else self.image_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=True)
+        draws = self.draws(keys, epoch, x.device) if train else None
         if train:
-            x = self._augment(x, self.draws(keys, epoch, x.device))
+            # still uint8 values (not resized, not turned gray): the policy need not round them first
+            on_grid = images.dtype == torch.uint8 and tuple(images.shape[-2:]) == (size, size) and images.shape[1] in (1, self.channels)
+            x = self._augment(x, draws, on_grid)
         mean, std = self._constant("norm", x, lambda dt: (torch.tensor(self.mean, dtype=dt).view(1, -1, 1, 1) * 255.0,
                                                           torch.tensor(self.std, dtype=dt).view(1, -1, 1, 1) * 255.0))
-        return x.sub_(mean).div_(std).contiguous(memory_format=memory_format)  # in place: x is this batch's own float copy
+        x = x.sub_(mean).div_(std)  # in place: x is this batch's own float copy
+        if train and draws.erase is not None:  # after normalization, as torchvision's recipe (value 0 = the mean)
+            x = policies.erase(x, draws.erase, self.augment.erase_value)
+        return x.contiguous(memory_format=memory_format)
 
     def draws(self, keys: torch.Tensor, epoch: int, device: torch.device) -> Draws:
         """The augmentation draws of `keys` (on the host or on `device`) for `epoch`, on `device`."""
         if self.num_keys is None:
-            return Draws.hashed(self.augment, self.seed, epoch, keys).to(device)
+            return Draws.hashed(self.augment, self.seed, epoch, keys, self.train_image_size).to(device)
         return self.epoch_table(epoch, device).index(keys.to(device, non_blocking=True))
 
     def epoch_table(self, epoch: int, device: torch.device) -> Draws:
@@ -137,7 +178,7 @@ class Preprocess:
         slot = ("draws", device)
         cached = self._cache.get(slot)
         if cached is None or cached[0] != epoch:
-            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys)).to(device)
+            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys), self.train_image_size).to(device)
             cached = self._cache[slot] = (epoch, table)
         return cached[1]
 
@@ -160,7 +201,7 @@ class Preprocess:
             return (x * w).sum(dim=1, keepdim=True)
         raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
 
-    def _augment(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:
+    def _augment(self, x: torch.Tensor, draws: Draws, on_grid: bool = False) -> torch.Tensor:
         if draws.crop_y is not None or draws.flip is not None:
             x = self._crop_flip(x, draws)
         if draws.angle is not None:
@@ -170,6 +211,9 @@ class Preprocess:
             mat = torch.stack([torch.stack([cos, -sin, zero], -1), torch.stack([sin, cos, zero], -1)], 1)
             grid = F.affine_grid(mat, list(x.shape), align_corners=False)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if draws.ops is not None:  # on the uint8 grid, after crop and flip, as torchvision's recipe
+            on_grid = on_grid and draws.angle is None  # a rotation interpolates
+            x = policies.apply_policy(x, draws.ops, draws.mags, self.augment.policy_interpolation, on_grid)
         return x
 
     def _crop_flip(self, x: torch.Tensor, draws: Draws) -> torch.Tensor:

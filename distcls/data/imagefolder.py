@@ -57,7 +57,8 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) or set data.root")
-    size = cfg.image_size or 224
+    size = cfg.eval_crop_size or cfg.image_size or 224  # the model's input size (evaluation)
+    train_size = cfg.train_crop_size or cfg.image_size or 224
     channels = cfg.channels or 3
     train_dir = root / "train" if (root / "train").is_dir() else root
     classes = _classes(train_dir)
@@ -67,7 +68,8 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
         raise UserError(f"no class folders in {train_dir}; expected {train_dir}/<class>/<image files>")
     aug = cfg.augment
     policy = CropPolicy(size, cfg.eval_resize or default_eval_resize(size),
-                        (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip)
+                        (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip,
+                        train_size, cfg.interpolation)
     skipped = []
 
     def source(folder: Path):

@@ -213,15 +213,21 @@ def center_crop_box(height: int, width: int, size: int, resize: int) -> Box:
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def crop_resize(img: torch.Tensor, box: Box, size: int) -> torch.Tensor:
-    """Crop `box` out of uint8 [C, H, W], then resize it (bilinear, antialiased) to size x size."""
+def crop_resize(img: torch.Tensor, box: Box, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Crop `box` out of uint8 [C, H, W], then resize it (bilinear or bicubic, antialiased) to size x size."""
     top, left, h, w = box
     crop = img[:, top:top + h, left:left + w]
     if h == size and w == size:
         return crop.contiguous()
-    if img.dtype == torch.uint8 and img.device.type == "cpu":
+    if img.dtype == torch.uint8 and img.device.type == "cpu" and interpolation == "bilinear":
         # channels_last uint8 takes torch's vectorized antialiased kernel: ~2x faster than NCHW here
         crop = crop[None].contiguous(memory_format=torch.channels_last)
         return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].contiguous()
-    return TF.resize(crop, [size, size], antialias=True)
+    return TF.resize(crop, [size, size], interpolation=TF.InterpolationMode(interpolation), antialias=True)
+
+
+def resize_center_crop(img: torch.Tensor, resize: int, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """torchvision's Resize(resize) (shorter side, antialiased) + CenterCrop(size) on uint8 [C, H, W]."""
+    out = TF.resize(img, [resize], interpolation=TF.InterpolationMode(interpolation), antialias=True)
+    return TF.center_crop(out, [size, size]).contiguous()
 

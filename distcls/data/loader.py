@@ -27,7 +27,7 @@ def _gpu():
 class Batch:
     images: torch.Tensor  # uint8 [B, C, H, W] on device
     labels: torch.Tensor  # int64 [B] on device
-    keys: torch.Tensor  # int64 [B] on device: indices into the split's source, the augmentation key
+    keys: torch.Tensor  # int64 [B] on device: the augmentation key, index into the split's source (+ copy * source size with data.repeats)
 
 
 class _EpochBatches:
@@ -57,8 +57,11 @@ class _FileViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         pos, epoch = item
-        read = _gpu().read_item if self.gpu_decode else type(self.view.source).load
-        return read(self.view.source, int(self.view.indices[pos]), self.train, self.seed, epoch)
+        copy, pos = divmod(pos, len(self.view))  # repeated augmentation: copy j of position pos (sampler.py)
+        index = int(self.view.indices[pos])
+        if self.gpu_decode:
+            return _gpu().read_item(self.view.source, index, self.train, self.seed, epoch)
+        return self.view.source.load(index, self.train, self.seed, epoch, key=index + copy * len(self.view.source))
 
 
 def _collate(items):
@@ -127,8 +130,11 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.view.source.streaming:
+            n = len(self.view)
             for pos in self._epoch_positions():
-                yield Batch(self._images[pos], self._labels[pos], self._keys[pos])
+                # repeated augmentation (sampler.py): copy j of pos has the key source index + j * source size
+                copy, pos = pos.div(n, rounding_mode="floor"), pos.remainder(n)
+                yield Batch(self._images[pos], self._labels[pos], self._keys[pos] + copy * len(self.view.source))
             return
         for batch in self._batches():
             images, labels, keys, bad = batch
@@ -143,8 +149,11 @@ class BatchLoader:
 
 
 def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, device,
-                 num_workers: int = 0, max_steps=None, prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
-    sampler = GlobalBatchSampler(len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps)
+                 num_workers: int = 0, max_steps=None, prefetch_factor: int = 4, gpu_decode: bool = False,
+                 repeats: int = 1) -> BatchLoader:
+    if repeats > 1 and gpu_decode:
+        raise UserError("data.repeats > 1 does not work with data.gpu_decode=true yet; set data.gpu_decode=false or data.repeats=1")
+    sampler = GlobalBatchSampler(len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps, repeats=repeats)
     return BatchLoader(view, sampler, device, num_workers, train=True, seed=seed, prefetch_factor=prefetch_factor,
                        gpu_decode=gpu_decode)
 

@@ -6,6 +6,15 @@ W takes the r-th of W equal, contiguous slices of every global batch. So 1 proce
 processes see the same global batches in the same order, and step s of epoch e is the same
 samples whoever computes it. `start_step` resumes inside an epoch at the exact next batch.
 
+Repeated augmentation (`repeats` = k > 1, torchvision's RASampler / --ra-reps): each global
+batch is G/k distinct samples (the next ones of the permutation) laid out k times,
+[s1..sm, s1..sm, ...]; copy j of a sample is emitted as position p + j * N, so its augmentation
+key differs per copy (the loader decodes p = position % N, j = position // N). Copies sit G/k
+apart in the global batch, hence on different ranks whenever the world size is at least k (and
+spread evenly below that), and the global order does not depend on the world size. An epoch
+keeps N // G steps (as torchvision's RASampler keeps the epoch's length): about N / k distinct
+samples per epoch, each k times.
+
 Evaluation: every position exactly once, no padding. Rank r takes a contiguous shard (sizes
 differ by at most one); callers reduce SUMS across ranks, never means.
 """
@@ -28,8 +37,12 @@ class GlobalBatchSampler:
     """Yields this rank's slice (a list of positions) of each global batch of an epoch."""
 
     def __init__(self, num_samples: int, global_batch: int, world_size: int, rank: int,
-                 seed: int, shuffle: bool = True, max_steps: int | None = None):
+                 seed: int, shuffle: bool = True, max_steps: int | None = None, repeats: int = 1):
         check_batch_split(global_batch, world_size)
+        if global_batch % repeats:
+            raise ConfigError(f"data.repeats={repeats} lays out each global batch as data.batch_size/repeats distinct samples repeated; "
+                              f"data.batch_size={global_batch} must be a multiple of {repeats}")
+        self.repeats = repeats
         if num_samples < global_batch:
             raise ConfigError(
                 f"the training split has {num_samples} samples, fewer than one global batch "
@@ -54,8 +67,11 @@ class GlobalBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()
         lo = self.rank * self.local_batch
+        distinct = self.global_batch // self.repeats
         for step in range(self.start_step, self.steps_per_epoch):
-            batch = order[step * self.global_batch:(step + 1) * self.global_batch]
+            batch = order[step * distinct:(step + 1) * distinct]
+            if self.repeats > 1:
+                batch = torch.cat([batch + copy * self.num_samples for copy in range(self.repeats)])
             yield batch[lo:lo + self.local_batch].tolist()
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from distcls import dist
 from distcls.config import TrainConfig
 from distcls.data import Batch, BatchLoader, Preprocess
+from distcls.engine.loss import TrainingLoss
 from distcls.engine.precision import Precision, autocast
 from distcls.engine.progress import Progress
 from distcls.errors import TrainingDiverged
@@ -90,6 +91,7 @@ class Trainer:
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.flag_lag = (1 if device.type == "cuda" else 0) if flag_lag is None else flag_lag
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.loss = TrainingLoss(cfg.label_smoothing)  # hard labels, or Mixup/CutMix soft targets
         self._unread: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
 
     def train_epoch(self, loader: BatchLoader, progress: Progress, stop_signal: Callable[[], bool] = lambda: False
@@ -125,18 +127,18 @@ class Trainer:
     def _step(self, batch: Batch, progress: Progress, stop_signal: Callable[[], bool]) -> torch.Tensor:
         """Queue one optimizer step; returns the agreed [skipped, stop] flags (device)."""
         self.optimizer.zero_grad(set_to_none=True)
-        x = self.preprocess(batch.images, batch.keys, progress.epoch, train=True, memory_format=self.memory_format)
-        micro = list(zip(x.chunk(self.cfg.accum_steps), batch.labels.chunk(self.cfg.accum_steps)))
+        x, targets = self.preprocess.train_batch(batch.images, batch.labels, batch.keys, progress.epoch, self.memory_format)
+        micro = list(zip(x.chunk(self.cfg.accum_steps), targets.chunk(self.cfg.accum_steps)))
         loss_sum = correct = 0  # become device tensors at the first micro-batch
         for j, (xs, ys) in enumerate(micro):
             sync = contextlib.nullcontext() if j == len(micro) - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.precision.autocast():
                     logits = self.model(xs)
-                    loss = F.cross_entropy(logits.float(), ys, label_smoothing=self.cfg.label_smoothing)
+                    loss = self.loss(logits.float(), ys)
                 self.precision.backward(loss / len(micro) if len(micro) > 1 else loss)
             loss_sum = loss_sum + loss.detach().double() * len(ys)
-            correct = correct + (logits.detach().argmax(1) == ys).sum()
+            correct = correct + self.loss.correct(logits.detach(), ys)
         count = loss_sum.new_full((), float(len(batch.labels)))
         # One all-reduce agrees on both flags (the signal checked as late as possible); no host read here.
         flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop_signal()))]))

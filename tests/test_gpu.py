@@ -32,6 +32,9 @@ from distcls.data import SplitView, TensorSource, train_loader
 from distcls.data.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, backends, build_optimizer, build_scheduler
 
+# cuBLAS reads its workspace setting when it starts; the deterministic resume test needs the fixed
+# one (backends.configure sets it for a run's own process, which here is this one, started earlier)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 CUDA = torch.cuda.is_available()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False): "
                                                               "run `python -m pytest -m gpu tests` on a GPU machine, see README 'GPU check'")]
@@ -338,24 +341,68 @@ def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channe
     assert error <= 1e-3, f"the update differs from eager contiguous float32's by {error:.2e} (relative)"
 
 
-# ----------------------------------------------------------------------------- 6. one rank under torchrun
+# ----------------------------------------------------------------------------- 6. a 1-rank process group
 
-@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "gloo", id="cpu-gloo", marks=pytest.mark.slow),
-                                            pytest.param("cuda", "nccl", id="cuda-nccl", marks=GPU)])
-def test_a_one_rank_process_group_trains_and_checkpoints(tmp_path, device, backend):
+GROUP_RUN = [*SYN[:-1], "train.epochs=2", "train.max_steps_per_epoch=3", "checkpoint.every_steps=2"]
+
+
+@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "gloo", id="cpu-gloo"), pytest.param("cuda", "nccl", id="cuda-nccl", marks=GPU)])
+def test_a_one_rank_process_group_trains_and_checkpoints_through_ddp(tmp_path, monkeypatch, device, backend):
+    """distcls forms no process group at world size 1 (`torchrun --nproc_per_node=1` is one plain
+    process: the test below), so this test forms a real 1-rank group itself and has the run treat
+    world size 1 as distributed: DDP's gradient all-reduce (and on CUDA SyncBatchNorm), the step's
+    flag all-reduce, the agreed sums, BatchNorm averaging and the epoch-end agreement all go
+    through `backend`. It trains, saves mid-epoch and epoch checkpoints, resumes, and reaches the
+    plain single process's weights."""
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from distcls.dist import DistEnv
+
+    args = [f"dist.device={device}", *GROUP_RUN]
+    plain = train_in_process(tmp_path / "plain", *args)
+    wrapped = []
+
+    class RecordingDDP(DistributedDataParallel):
+        def __init__(self, module, *a, **kw):
+            super().__init__(module, *a, **kw)
+            wrapped.append(self)
+
+    monkeypatch.setattr(DistEnv, "distributed", property(lambda self: True))
+    monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", RecordingDDP)
+    kwargs = {"device_id": torch.device("cuda", 0)} if backend == "nccl" else {}
+    tdist.init_process_group(backend, store=tdist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1, **kwargs)
+    try:
+        group = [*args, f"dist.backend={backend}", *(["train.sync_bn=true"] if device == "cuda" else [])]
+        summary = train_in_process(tmp_path / "group", *group)
+        ck = load_ckpt(tmp_path / "group/checkpoints/last.pt")
+        resumed = train_in_process(tmp_path / "group", *group, "train.epochs=3", resume="auto")
+    finally:
+        tdist.destroy_process_group()
+    assert len(wrapped) == 2  # one DDP model per run (the run, the resumed one)
+    assert summary["epochs_completed"] == 2 and summary["world_size"] == 1
+    assert resumed["epochs_completed"] == 3 and resumed["resumed_from"]["epoch"] == 2
+    ref = load_ckpt(tmp_path / "plain/checkpoints/last.pt")
+    assert ck["step"] == 6 and not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert (tmp_path / "group/checkpoints/epoch_0001.pt").exists()
+    tolerance = 1e-4 if device == "cuda" else 1e-6  # cuda: SyncBatchNorm's own kernels against BatchNorm's
+    assert max_weight_diff(ck["model"], ref["model"]) <= tolerance
+
+
+@pytest.mark.parametrize("device", DEVICES_SLOW_ON_CPU)
+def test_torchrun_with_one_process_trains_checkpoints_and_resumes_on_the_device(tmp_path, device):
     out = tmp_path / "run"
     visible = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"} if device == "cuda" else None
-    proc = run_distcls("train", [f"run.out_dir={out}", *FAST, "train.epochs=2", "train.max_steps_per_epoch=4", "checkpoint.every_steps=3",
-                                 f"dist.device={device}", f"dist.backend={backend}", "log.console=plain"],
-                       torchrun_args=["--max-restarts=0"], env=visible, timeout=240)
+    common = [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=4", f"dist.device={device}", "log.console=plain"]
+    proc = run_distcls("train", [*common, "train.epochs=2", "checkpoint.every_steps=3"], torchrun_args=["--max-restarts=0"],
+                       env=visible, timeout=240)
     assert_ok(proc)
-    assert f"(torchrun, {device}, {backend})" in proc.stdout, proc.stdout[-2000:]
+    assert f"(torchrun, {device}, no process group)" in proc.stdout, proc.stdout[-2000:]  # world size 1: one plain process
     ck = load_ckpt(out / "checkpoints/last.pt")
     assert (ck["epoch"], ck["step"], ck["world_size"]) == (2, 8, 1)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    resumed = run_distcls("train", [f"run.out_dir={out}", *FAST, "train.epochs=3", "train.max_steps_per_epoch=4",
-                                    f"dist.device={device}", f"dist.backend={backend}", "--resume", "auto"],
-                          torchrun_args=["--max-restarts=0"], env=visible, timeout=240)
+    resumed = run_distcls("train", [*common, "train.epochs=3", "--resume", "auto"], torchrun_args=["--max-restarts=0"],
+                          env=visible, timeout=240)
     assert_ok(resumed)
     assert load_ckpt(out / "checkpoints/last.pt")["step"] == 12
 

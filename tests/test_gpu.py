@@ -306,42 +306,13 @@ def test_gpu_decode_loader_yields_the_cpu_loaders_batches(tmp_path):
         assert mean <= DECODE_MEAN_TOLERANCE and p99 <= DECODE_P99_TOLERANCE, (mean, p99)
 
 
-# ----------------------------------------------------------------------------- 5. channels_last and compile
-
+# in-memory CIFAR-shaped runs of the last three sections (tf32 last: GROUP_RUN leaves it out)
 SYN = ["data.name=synthetic", "data.synthetic.size=16", "data.synthetic.channels=3", "data.synthetic.train_samples=192",
        "data.synthetic.test_samples=32", "data.val_fraction=0", "model.name=cnn3", "model.args.batch_norm=true",
        "train.epochs=1", "train.max_steps_per_epoch=3", "optim.lr=0.1", "train.tf32=false"]
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)])
-@pytest.mark.parametrize("channels_last,compile", [
-    (True, False), pytest.param(False, True, marks=pytest.mark.slow), pytest.param(True, True, marks=pytest.mark.slow)])
-def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channels_last, compile):
-    """A run with train.channels_last / train.compile trains, saves plain weights (channels_last
-    strides kept, no _orig_mod. prefix) and reaches eager contiguous float32's weights to 1e-3
-    of the update. (Compile on the CPU takes minutes on a small machine: slow there.)"""
-    args = [f"dist.device={device}", *SYN]
-    train_in_process(tmp_path / "ref", *args)
-    summary = train_in_process(tmp_path / "run", *args, f"train.channels_last={str(channels_last).lower()}",
-                               f"train.compile={str(compile).lower()}")
-    assert summary["epochs_completed"] == 1 and summary["global_step"] == 3
-    ref, got = load_ckpt(tmp_path / "ref/checkpoints/last.pt")["model"], load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"]
-    assert ref.keys() == got.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in got)
-    convs = [k for k, v in got.items() if v.dim() == 4]
-    assert convs and all(got[k].is_contiguous(memory_format=torch.channels_last) == channels_last for k in convs)
-    from distcls.data import build_data
-    from distcls.models import build_model
-    from distcls.runner import seed_everything
-
-    cfg = config.load(None, args)
-    seed_everything(cfg.run.seed)  # as the run: seed, data, then the model
-    init = build_model(cfg.model, build_data(cfg).spec).state_dict()
-    weights = [k for k in got if got[k].is_floating_point() and "running" not in k]
-    error = _relative_change_error([init[k].double() for k in weights], [got[k].double() for k in weights], [ref[k].double() for k in weights])
-    assert error <= 1e-3, f"the update differs from eager contiguous float32's by {error:.2e} (relative)"
-
-
-# ----------------------------------------------------------------------------- 6. a 1-rank process group
+# ----------------------------------------------------------------------------- 5. a 1-rank process group
 
 GROUP_RUN = [*SYN[:-1], "train.epochs=2", "train.max_steps_per_epoch=3", "checkpoint.every_steps=2"]
 
@@ -407,7 +378,7 @@ def test_torchrun_with_one_process_trains_checkpoints_and_resumes_on_the_device(
     assert load_ckpt(out / "checkpoints/last.pt")["step"] == 12
 
 
-# ----------------------------------------------------------------------------- 7. exact resume, deterministic
+# ----------------------------------------------------------------------------- 6. exact resume, deterministic
 
 class StoppingNet(nn.Module):
     """A conv + BatchNorm net (no op without a deterministic CUDA kernel) that sends its own process
@@ -457,3 +428,33 @@ def test_deterministic_mid_epoch_resume_is_bitwise(tmp_path, device, amp):
                        f"two uninterrupted runs differ too ({max_weight_diff(ref['model'], control):.3e}): kernels not deterministic"))
     for index, state in ref["optimizer"]["state"].items():
         assert all(torch.equal(v, got["optimizer"]["state"][index][k]) for k, v in state.items() if torch.is_tensor(v)), index
+
+
+# ----------------------------------------------------------------------------- 7. channels_last and compile (last: compiling is the slowest)
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)])
+@pytest.mark.parametrize("channels_last,compile", [
+    (True, False), pytest.param(True, True, marks=pytest.mark.slow)])  # one compile: each costs ~20-40 s on the GPU machine
+def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channels_last, compile):
+    """A run with train.channels_last / train.compile trains, saves plain weights (channels_last
+    strides kept, no _orig_mod. prefix) and reaches eager contiguous float32's weights to 1e-3
+    of the update. (Compile on the CPU takes minutes on a small machine: slow there.)"""
+    args = [f"dist.device={device}", *SYN]
+    train_in_process(tmp_path / "ref", *args)
+    summary = train_in_process(tmp_path / "run", *args, f"train.channels_last={str(channels_last).lower()}",
+                               f"train.compile={str(compile).lower()}")
+    assert summary["epochs_completed"] == 1 and summary["global_step"] == 3
+    ref, got = load_ckpt(tmp_path / "ref/checkpoints/last.pt")["model"], load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"]
+    assert ref.keys() == got.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in got)
+    convs = [k for k, v in got.items() if v.dim() == 4]
+    assert convs and all(got[k].is_contiguous(memory_format=torch.channels_last) == channels_last for k in convs)
+    from distcls.data import build_data
+    from distcls.models import build_model
+    from distcls.runner import seed_everything
+
+    cfg = config.load(None, args)
+    seed_everything(cfg.run.seed)  # as the run: seed, data, then the model
+    init = build_model(cfg.model, build_data(cfg).spec).state_dict()
+    weights = [k for k in got if got[k].is_floating_point() and "running" not in k]
+    error = _relative_change_error([init[k].double() for k in weights], [got[k].double() for k in weights], [ref[k].double() for k in weights])
+    assert error <= 1e-3, f"the update differs from eager contiguous float32's by {error:.2e} (relative)"

@@ -142,6 +142,8 @@ class TrainConfig:
     sync_bn: bool = _opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
     channels_last: bool = _opt(False, "channels_last memory format")
     compile: bool = _opt(False, "torch.compile the model")
+    cudnn_benchmark: bool = _opt(False, "cuDNN times its convolution algorithms per input shape and keeps the fastest (off under run.deterministic)")
+    tf32: Optional[bool] = _opt(None, "CUDA float32 matmuls and convolutions on TF32 tensor cores (true) or in full float32 (false); null = torch's defaults (TF32 for convolutions only)")
     max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
     nonfinite: str = _opt("abort", "non-finite loss (or, without fp16, gradient norm): skip the step (and count it) or abort", choices=["skip", "abort"])
 

@@ -27,6 +27,7 @@ from distcls.config import Config
 from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
 from distcls.dist import DistEnv
+from distcls.engine import backends
 from distcls.engine import EvalResult, HostCopy, Precision, Progress, Totals, Trainer, build_optimizer, build_scheduler, evaluate
 from distcls.errors import UserError
 from distcls.models import build_model, check_forward, count_parameters
@@ -226,8 +227,7 @@ class TrainingRun:
     def _setup(self) -> RunParts:
         cfg, env = self.cfg, self.env
         seed_everything(cfg.run.seed)
-        if cfg.run.deterministic or self.debug:
-            torch.use_deterministic_algorithms(True, warn_only=env.device.type == "cuda")
+        backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or self.debug, env.device)
         data = build_data(cfg)
         spec = data.spec
         model, module = prepare_model(cfg, env, spec, self.console.info)

@@ -157,3 +157,61 @@ def test_augment_writes_both_pipelines_rates(tmp_path):
     assert _positive(r["distcls_images_per_s"]) and _positive(r["torchvision_images_per_s"])
     assert r["per_core_ratio"] == pytest.approx(r["distcls_per_core"] / r["torchvision_per_core"])
     assert r["distcls_cores"] == 1 and r["torchvision_workers"] == 1
+
+# ----------------------------------------------------------------------------- gpu: issue 18's device check
+
+def test_gpu_check_smoke_runs_a_part_and_lists_the_gpu_only_ones(tmp_path, capsys):
+    """`bench gpu` without CUDA (here forced with --cpu-smoke): the reduced plan runs for real, the
+    GPU-only parts are listed as skipped with the reason, one JSON, one table."""
+    r = _bench(tmp_path, "gpu", "--cpu-smoke", "--parts", "startup,compare:r18,compare:r50-compile")
+    assert r["mode"] == "gpu" and r["smoke"] is True and not r["cuda"]
+    parts = {p["name"]: p for p in r["parts"]}
+    assert list(parts) == ["startup", "compare:r18", "compare:r50-compile"]
+    startup = parts["startup"]
+    assert startup["status"] == "ok", startup
+    first, exits = startup["result"]["command_to_first_step_s"], startup["result"]["command_to_exit_s"]
+    assert len(exits) == 1 and _positive(exits[0]) and 0 < first[0] <= exits[0]
+    assert "train.amp=bf16" in startup["command"] and "configs/seed_a_cnn2_fashion_mnist.yaml" in " ".join(startup["command"])
+    for name in ("compare:r18", "compare:r50-compile"):
+        assert parts[name]["status"] == "skipped" and parts[name]["reason"] == "GPU only: no CUDA device"
+    printed = capsys.readouterr().out
+    assert "GPU only: no CUDA device" in printed and "distcls GPU check" in printed
+
+
+def test_gpu_check_skips_what_the_budget_cannot_hold_and_says_how_to_run_it(tmp_path, capsys):
+    r = _bench(tmp_path, "gpu", "--cpu-smoke", "--budget-s", "1", "--parts", "tests,startup")
+    assert [(p["name"], p["status"]) for p in r["parts"]] == [("tests", "skipped"), ("startup", "skipped")]
+    assert all(p["reason"].startswith("out of budget") and f"--parts {p['name']}" in p["reason"] for p in r["parts"])
+    assert run_cli(main, ["gpu", "--parts", "tests,bogus"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("distcls: error: --parts: unknown part(s) ['bogus']")
+
+
+def test_gpu_check_reads_pytests_counts_and_failures(tmp_path):
+    from distcls.bench.gpu_check import _pytest_counts
+
+    xml = tmp_path / "r.xml"
+    xml.write_text('<testsuites><testsuite><testcase name="a"/><testcase name="b"><failure message="assert 1 == 2"/></testcase>'
+                   '<testcase name="c"><skipped message="needs a CUDA GPU"/></testcase><testcase name="d"><error message="boom"/>'
+                   '</testcase></testsuite></testsuites>')
+    r = _pytest_counts(xml)
+    assert (r["passed"], r["failed"], r["skipped"]) == (1, 2, 1)
+    assert r["failures"] == [{"test": "b", "message": "assert 1 == 2"}, {"test": "d", "message": "boom"}]
+    assert r["skip_reasons"] == ["needs a CUDA GPU"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+    """The whole reduced plan: the GPU tests run and skip with their reason, compare, imagefolder
+    and startup measure on the CPU."""
+    r = _bench(tmp_path, "gpu", "--cpu-smoke")
+    parts = {p["name"]: p for p in r["parts"]}
+    assert {n: p["status"] for n, p in parts.items() if not n.startswith("compare:r")} == {
+        "tests": "ok", "compare:smoke": "ok", "imagefolder": "ok", "startup": "ok"}
+    tests = parts["tests"]["result"]
+    assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] > 0
+    assert any("needs a CUDA GPU" in reason for reason in tests["skip_reasons"])
+    assert 0 < parts["compare:smoke"]["result"]["ratios"]["a/b"]
+    train = parts["imagefolder"]["result"]["train_resnet18_images_per_sec"]
+    assert set(train["ratio_over_synthetic"]) == {"distcls", "torchvision"} and _positive(train["synthetic"]["median"])
+    assert all(p["status"] == "skipped" for n, p in parts.items() if n.startswith("compare:r"))

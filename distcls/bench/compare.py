@@ -260,12 +260,14 @@ def run(args) -> dict:
     from distcls import config as config_mod
     from distcls import dist
     from distcls.data import build_data
+    from distcls.engine import backends
     from distcls.runner import prepare_model, seed_everything
 
     cfg = config_mod.load(args.config, [*args.overrides, "log.every_steps=0"])
     if args.threads:
         torch.set_num_threads(args.threads)
     env = dist.detect(cfg.dist.device, cfg.dist.backend)
+    switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic, env.device)  # as a run sets them
     seed_everything(cfg.run.seed)
     data = build_data(cfg)
     _check(args, cfg, env, data)
@@ -300,7 +302,7 @@ def run(args) -> dict:
                   "cifar_stem": cfg.model.cifar_stem, "data": cfg.data.name,
                   "image": [spec.channels, spec.image_size, spec.image_size], "train_samples": len(data.splits.train),
                   "batch_size": cfg.data.batch_size, "optimizer": cfg.optim.name, "amp": cfg.train.amp,
-                  "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "clip_grad_norm": cfg.train.clip_grad_norm,
+                  "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "backends": switches, "clip_grad_norm": cfg.train.clip_grad_norm,
                   "augment": {"crop_padding": cfg.data.augment.crop_padding, "hflip": cfg.data.augment.hflip,
                               "rotation_deg": cfg.data.augment.rotation_deg},
                   "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds, "dataloader_workers": args.workers,
@@ -320,6 +322,14 @@ def run(args) -> dict:
     return result
 
 
+def _backends_note(switches) -> str:
+    if not switches:
+        return ""
+    tf32 = switches["tf32"]
+    return (f", cudnn.benchmark {'on' if switches['cudnn_benchmark'] else 'off'}, TF32 matmul {'on' if tf32['matmul'] else 'off'}"
+            f" / conv {'on' if tf32['conv'] else 'off'}")
+
+
 def render(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -327,7 +337,8 @@ def render(result: dict) -> None:
     s = result["setup"]
     aug = ", ".join(f"{k}={v}" for k, v in s["augment"].items() if v) or "none"
     title = (f"{s['model']}{' (CIFAR stem)' if s['cifar_stem'] else ''} on {s['data']} {'x'.join(map(str, s['image']))}, batch {s['batch_size']}, "
-             f"{s['optimizer']}, amp {s['amp']}{', channels_last' if s['channels_last'] else ''}, augment {aug}, {s['device']} "
+             f"{s['optimizer']}, amp {s['amp']}{', channels_last' if s['channels_last'] else ''}{', compile' if s['compile'] else ''}"
+             f"{_backends_note(s.get('backends'))}, augment {aug}, {s['device']} "
              f"({s['torch_threads']} threads); {s['rounds']} rounds x {s['timed_steps']} steps after {s['warmup_steps']} warm-up")
     table = Table(title=title, title_justify="left")
     for col in ("", "run", "images/s (median)", "per round", "a / run"):

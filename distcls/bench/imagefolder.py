@@ -8,7 +8,9 @@ at the same worker count, alternating the two pipelines `--repeats` times (the m
   ImageFolder (PIL) -> RandomResizedCrop -> RandomHorizontalFlip -> PILToTensor -> ToDtype(float)
   -> Normalize in the workers.
 - end-to-end train images/s: the same loaders feeding `--steps` SGD steps of a torchvision
-  ResNet (`--model`), fp32 on the CPU (channels_last off).
+  ResNet (`--model`), fp32 on the CPU (`--amp bf16 --channels-last` for the GPU recipe), beside
+  the same steps on one random batch already on the device: the model's synthetic-input capacity
+  (each loader's ratio to it is what the input pipeline leaves of the model's speed).
 - with `--transfer`: `python -m distcls.train` train images/s of the seed D configs (frozen
   backbone vs fine-tuning) on the same folder, from a generated ResNet-18 weights file.
 Numbers are printed as JSON; they are never test thresholds.
@@ -40,6 +42,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"], help="model of the end-to-end measurement")
     p.add_argument("--steps", type=int, default=6, help="optimizer steps of the end-to-end measurement (0 = skip it)")
     p.add_argument("--train-batch", type=int, default=32, help="batch of the end-to-end measurement")
+    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast dtype of the end-to-end measurement")
+    p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs in the end-to-end measurement")
+    p.add_argument("--root", help="measure this existing image folder (<root>/<class>/*.jpg) instead of generating one")
     p.add_argument("--transfer", action="store_true", help="also time distcls.train with the seed D frozen and fine-tuning configs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (with cuda also --gpu-decode on/off is measured)")
 
@@ -107,7 +112,8 @@ def torchvision_loader(root: Path, args, batch: int, device: torch.device):
 
 def _time_epoch(epochs, consume=None, max_batches=None) -> tuple[float, int]:
     n, t = 0, time.perf_counter()
-    for i, (x, y) in enumerate(next(epochs)):
+    batches = next(epochs)
+    for i, (x, y) in enumerate(batches):
         if consume is not None:
             consume(x, y)
         n += len(y)
@@ -115,7 +121,23 @@ def _time_epoch(epochs, consume=None, max_batches=None) -> tuple[float, int]:
             break
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return n, time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    for _ in batches:  # the rest of the epoch, untimed: no worker is still decoding into the next measurement
+        pass
+    return n, seconds
+
+
+def synthetic_batches(batch: int, size: int, classes: int, device: torch.device):
+    """One random batch on the device, served an epoch's worth of times: the model's capacity."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, classes, (batch,), generator=g).to(device)
+
+    def epochs():
+        while True:
+            yield ((x, y) for _ in range(1000))
+
+    return epochs(), batch * 1000
 
 
 def pipeline_rates(root: Path, args, device: torch.device, variants: dict) -> dict:
@@ -135,20 +157,26 @@ def train_rates(root: Path, args, device: torch.device, variants: dict) -> dict:
 
     rates = {name: [] for name in variants}
     loaders = {name: make(root, args, args.train_batch, device) for name, make in variants.items()}
+    rates["synthetic"], loaders["synthetic"] = [], synthetic_batches(args.train_batch, args.size, args.classes, device)
     torch.manual_seed(0)
-    model = getattr(torchvision.models, args.model)(num_classes=args.classes).to(device)
+    fmt = torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+    model = getattr(torchvision.models, args.model)(num_classes=args.classes).to(device, memory_format=fmt)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    dtype = torch.bfloat16 if getattr(args, "amp", "none") == "bf16" else None
 
     def step(x, y):
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x.contiguous(memory_format=fmt)).float(), y)
+        loss.backward()
         opt.step()
 
+    epoch_steps = loaders["distcls"][1] // args.train_batch  # the synthetic input runs as many steps as a loader's epoch
     for name, (epochs, _) in loaders.items():
         _time_epoch(epochs, step, max_batches=2)  # warm-up
     for _ in range(max(1, args.repeats - 1)):
         for name, (epochs, _) in loaders.items():
-            n, s = _time_epoch(epochs, step, max_batches=args.steps)
+            n, s = _time_epoch(epochs, step, max_batches=min(args.steps, epoch_steps))
             rates[name].append(n / s)
     return rates
 
@@ -179,6 +207,9 @@ def transfer_rates(root: Path, workdir: Path, args) -> dict:
 def _summarize(rates: dict, ours: str, theirs: str) -> dict:
     out = {name: {"median": round(statistics.median(v), 1), "all": [round(x, 1) for x in v]} for name, v in rates.items()}
     out["ratio_distcls_over_torchvision"] = round(statistics.median(rates[ours]) / statistics.median(rates[theirs]), 3)
+    if "synthetic" in rates:
+        capacity = statistics.median(rates["synthetic"])
+        out["ratio_over_synthetic"] = {name: round(statistics.median(v) / capacity, 3) for name, v in rates.items() if name != "synthetic"}
     return out
 
 
@@ -191,12 +222,16 @@ def run(args) -> dict:
               "workers": args.workers, "crop": args.size, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="distcls-bench-imagefolder-") as tmp:
         t = time.perf_counter()
-        root = write_jpegs(Path(tmp) / "images", args.images, args.classes)
+        root = Path(args.root) if args.root else write_jpegs(Path(tmp) / "images", args.images, args.classes)
+        if args.root:
+            result["root"], result["images"] = str(root), sum(1 for _ in root.rglob("*.jpg"))
+            result["classes"] = args.classes = sum(1 for d in root.iterdir() if d.is_dir())
         result["generate_s"] = round(time.perf_counter() - t, 1)
         result["jpeg_mb"] = round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2 ** 20, 1)
         result["pipeline_images_per_sec"] = _summarize(pipeline_rates(root, args, device, variants), "distcls", "torchvision")
         if args.steps:
             result[f"train_{args.model}_images_per_sec"] = _summarize(train_rates(root, args, device, variants), "distcls", "torchvision")
+            result["train_setup"] = {"model": args.model, "batch": args.train_batch, "amp": args.amp, "channels_last": args.channels_last}
         if args.transfer:
             result["transfer_resnet18"] = transfer_rates(root, Path(tmp), args)
     return result

@@ -211,8 +211,9 @@ def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_i
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
     proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
-                                    "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0"])
+                                    "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0", "log.plots=true"])
     assert proc.returncode == 0, proc.stderr
+    assert "plots not written" not in proc.stderr and (out / "plots/curves.png").is_file()  # null points are gaps
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epoch1 = [r for r in records if r["split"] == "train" and r["epoch"] == 1]
     assert epoch1 == [r for r in epoch1 if r["loss"] is None and r["acc"] is None] and len(epoch1) == 1

@@ -60,8 +60,9 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
         # Every rank leaves together: rank 0 may still be writing the summary and plots, and a gloo
         # rank that tore down its process group meanwhile was seen to abort at exit under load.
         dist.barrier()
-    except CheckpointWriteFailed as exc:  # rank 0's save: one line, its own exit code (not a user's mistake)
-        report("error", exc)
+    except CheckpointWriteFailed as exc:  # rank 0's save: one line (rank 0's), its own exit code (not a user's mistake)
+        if env.is_main:
+            report("error", exc)
         return ExitCode.WRITE_FAILED
     finally:
         run.close()

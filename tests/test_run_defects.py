@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT, assert_user_error, child_env, load_ckpt, run_in_process, train_in_process
+from conftest import FAST, ROOT, assert_user_error, child_env, load_ckpt, run_distcls, run_in_process, train_in_process
 from distcls import atomic_files, evaluate, predict, train
 from distcls.cli import run_cli
 from distcls.runner import Stopped
@@ -174,6 +174,18 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_what_is_safe(tm
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 1  # the previous save, whole
     assert not list((out / "checkpoints").glob(".*.tmp"))
     assert cli(capsys, train.main, [*args, "--resume", "auto"]).returncode == 0
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_save_under_torchrun_stops_every_rank_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = run_distcls("train", [f"run.out_dir={out}", *FAST, "model.name=full_disk_model:build", "train.epochs=3",
+                                 "train.max_steps_per_epoch=3"], nproc=2, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("distcls: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"distcls: error: could not save checkpoint {out / 'checkpoints/last.pt'}"), proc.stderr
+    # rank 0 exits 5 (torchrun's root cause); every rank learnt of the failure at the save, none fails on a broken collective
+    assert "exitcode  : 5" in proc.stderr and "RuntimeError" not in proc.stderr and "DistBackendError" not in proc.stderr
+    assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------- #8: nonfinite=skip, JSON

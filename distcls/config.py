@@ -146,6 +146,7 @@ class TrainConfig:
     tf32: Optional[bool] = _opt(None, "CUDA float32 matmuls and convolutions on TF32 tensor cores (true) or in full float32 (false); null = torch's defaults (TF32 for convolutions only)")
     max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
     nonfinite: str = _opt("abort", "non-finite loss (or, without fp16, gradient norm): skip the step (and count it) or abort", choices=["skip", "abort"])
+    max_skipped_fraction: float = _opt(0.5, "train.nonfinite=skip: stop (exit 4) when more than this fraction of an epoch's steps were skipped (1.0 = never stop)", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ class ExitCode:
     CRASH = 1  # an unexpected failure: the real traceback is printed
     USAGE = 2  # bad config / bad usage / missing data or checkpoint
     PREEMPTED = 3  # SIGTERM/SIGUSR1/Ctrl-C: a resumable checkpoint was saved
-    DIVERGED = 4  # non-finite loss with train.nonfinite=abort
+    DIVERGED = 4  # non-finite loss with train.nonfinite=abort (or skipped steps above train.max_skipped_fraction)
+    WRITE_FAILED = 5  # a checkpoint could not be written (disk full, I/O error); the previous one is intact
 
 
 def first_line(exc: BaseException, default: str | None = None, limit: int = 200) -> str:
@@ -32,3 +33,8 @@ class ConfigError(UserError):
 
 class TrainingDiverged(Exception):
     """The loss became non-finite and `train.nonfinite=abort` asked to stop."""
+
+
+class CheckpointWriteFailed(UserError):
+    """A checkpoint save failed in the filesystem (disk full, quota, I/O error): the message names the
+    file, the disk and what is still safe. `python -m distcls.train` exits with ExitCode.WRITE_FAILED."""

@@ -9,7 +9,7 @@ at batch 1 (median, p95). `--json` prints the whole report as one JSON object on
 from __future__ import annotations
 
 import argparse
-import json
+from distcls import json_out
 from pathlib import Path
 from typing import Sequence
 
@@ -74,7 +74,7 @@ def build_report(args, result, spec, speed, world_size: int) -> dict:
 
 def report(args, payload: dict, result, spec, view, restored, device) -> None:
     if args.json:
-        print(json.dumps(payload))
+        print(json_out.dumps(payload))
     else:
         print(f"{args.split} accuracy {result.acc:.4f} ({int(result.confusion.diag().sum())}/{result.count}), loss {result.loss:.4f}"
               + (f", top-5 accuracy {result.top5_acc:.4f}" if result.top5_acc is not None else ""))
@@ -92,7 +92,7 @@ def report(args, payload: dict, result, spec, view, restored, device) -> None:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     split = args.split
-    atomic_write_text(out / f"eval_{split}.json", json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out / f"eval_{split}.json", json_out.dumps(payload, indent=2) + "\n")
     written = [out / f"eval_{split}.json",
                plot_confusion(result.confusion, payload["class_names"], out / f"confusion_{split}.png", split),
                plot_per_class(result.confusion, payload["class_names"], out / f"per_class_{split}.png", split)]

@@ -13,7 +13,7 @@ the other files are still predicted, and the exit code is 2 if any file failed, 
 from __future__ import annotations
 
 import argparse
-import json
+from distcls import json_out
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -90,7 +90,7 @@ def main(argv: Sequence[str]) -> int:
         for (path, _), ps, idx in zip(pending, top_p.tolist(), top_i.tolist()):
             if args.json:
                 guesses = [{"label": names[i], "prob": p} for p, i in zip(ps, idx)]
-                print(json.dumps({"path": path, "label": guesses[0]["label"], "prob": guesses[0]["prob"], "top_k": guesses}))
+                print(json_out.dumps({"path": path, "label": guesses[0]["label"], "prob": guesses[0]["prob"], "top_k": guesses}))
             else:
                 print(path + "".join(f"\t{names[i]}\t{p:.4f}" for p, i in zip(ps, idx)))
         sys.stdout.flush()

@@ -32,6 +32,7 @@ from distcls.engine import EvalResult, HostCopy, Precision, Progress, Totals, Tr
 from distcls.errors import UserError
 from distcls.models import build_model, check_forward, count_parameters
 from distcls.rundir import RunDirLock, check_outputs
+from distcls.run_checks import check_resume_config, check_skipped_steps
 from distcls.signals import StopRequest
 from distcls.tracking import Console, MetricsLog, WandbLogger, metric_record, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
@@ -165,8 +166,15 @@ class TrainingRun:
 
     # ----------------------------------------------------------------- the run
 
-    def run(self) -> Union[dict, Stopped]:
-        """Collective. The summary of the finished run, or `Stopped` (a checkpoint was saved)."""
+    def run(self, stop: Optional[StopRequest] = None) -> Union[dict, Stopped]:
+        """Collective. The summary of the finished run, or `Stopped` (a checkpoint was saved).
+
+        Stop signals are caught from here on (`stop`, installed now; a caller that passes its own
+        keeps it installed after the run, see train.main): one during the setup stops the run at
+        its first step, one in the loop at the step boundary, one after the last training step lets
+        the run finish (test evaluation, summary, plots: bounded work a resume would only redo)."""
+        own_stop = stop is None
+        stop = (stop or StopRequest()).install()
         try:
             finished = self._finished_summary()
             if finished is not None:
@@ -175,25 +183,26 @@ class TrainingRun:
                 return finished
             wall = time.perf_counter()
             parts = self._setup()
-            stop = StopRequest().install()
             try:
                 stopped = self._loop(parts, stop)
             except BaseException:
                 parts.wandb.stop(preempted=False)
                 raise
             finally:
-                stop.uninstall()
                 self.console.end_epoch()
             if stopped is not None:
                 parts.wandb.stop(preempted=True)
                 return stopped
             return self._finish(parts, wall)
         finally:
+            if own_stop:
+                stop.uninstall()
             self.close()
 
     def _loop(self, parts: RunParts, stop: StopRequest) -> Optional[Stopped]:
         """Collective. The epochs from the resume point on; `Stopped` when a signal ended the run."""
         cfg, progress, checkpointer = self.cfg, parts.progress, parts.checkpointer
+        self._skipped_before = progress.skipped_steps  # steps skipped before this process's first epoch
         for epoch in range(progress.epoch, cfg.train.epochs):
             first_step, epoch_start = progress.epoch_step, time.perf_counter()
             self._interval_start = epoch_start
@@ -210,13 +219,20 @@ class TrainingRun:
             self.console.end_epoch()
             if stopping and progress.epoch_step < parts.train.sampler.steps_per_epoch:  # mid-epoch
                 return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP))
-            images = (progress.epoch_step - first_step) * cfg.data.batch_size
-            new_best = self._end_epoch(parts, images, time.perf_counter() - epoch_start)
+            steps = progress.epoch_step - first_step
+            new_best = self._end_epoch(parts, steps * cfg.data.batch_size, time.perf_counter() - epoch_start)
+            self._check_skipped(progress, epoch + 1, steps)
             stopping = dist.any_rank(stopping or stop.requested, self.env.device)  # also a signal during validation
             if stopping:
                 return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP, new_best))
             checkpointer.maybe_save(SaveReason.EPOCH_END, new_best)
         return None
+
+    def _check_skipped(self, progress: Progress, epoch: int, steps: int) -> None:
+        """train.nonfinite=skip: warn about this epoch's skipped steps; stop when they dominate (run_checks)."""
+        total = progress.skipped_steps  # agreed on every rank: every rank warns or raises alike
+        skipped, self._skipped_before = total - self._skipped_before, total
+        check_skipped_steps(epoch, skipped, steps, self.cfg.train, self._warn_main, total)
 
     def _stopped(self, stop: StopRequest, saved: Optional[Path]) -> Stopped:
         # every rank stops; only rank 0 wrote the file (and knows it was written: non-finite weights are not)
@@ -257,7 +273,8 @@ class TrainingRun:
         resumed_from = None
         if self.resume_point is not None:
             saved = self.resume_point.checkpoint
-            checkpointer.load(self.resume_point)
+            checkpointer.load(self.resume_point)  # refuses another model, optimizer or data shape
+            check_resume_config(saved, self.resume_point.path, cfg)  # then a changed position or schedule (nothing written yet)
             resumed_from = {"path": str(self.resume_point.path), "epoch": saved["epoch"], "epoch_step": saved.get("epoch_step", 0),
                             "step": saved["step"], "world_size": saved.get("world_size", env.world_size)}
         if env.is_main:

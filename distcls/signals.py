@@ -27,7 +27,8 @@ class StopRequest:
         self.signal_name = self.signal_name or name
 
     def install(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
+        """Catch the signals (from the main thread; again on an installed request: a no-op)."""
+        if not self._previous and threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
                 sig = getattr(signal, name, None)
                 if sig is not None:

@@ -5,15 +5,16 @@ or alone (one process, GPU if there is one, else CPU).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from distcls import config as config_mod
 from distcls import dist
 from distcls.cli import ArgumentParser, exit_with, report
-from distcls.errors import ConfigError, ExitCode
+from distcls.errors import CheckpointWriteFailed, ConfigError, ExitCode
 from distcls.runner import DEBUG_STEPS_PER_EPOCH, Stopped, TrainingRun
+from distcls.signals import StopRequest
 
 EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
     f"  {path:28s} {help} [default: {default!r}]" for path, default, help in config_mod.describe())
@@ -43,31 +44,48 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
                           "set train.sync_bn=false for CPU runs")
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
+    """`stop`: the process's stop request, which `cli` keeps installed until the process exits (a
+    second SIGTERM after the save must not kill it); in-process callers leave it None (the handlers
+    are restored on return)."""
+    own_stop = stop is None
+    stop = stop or StopRequest()
     args = parse_args(argv)
     cfg = config_mod.load(args.config, args.overrides)
     env = dist.detect(cfg.dist.device, cfg.dist.backend, debug=args.debug)
     check_launch(cfg, env)
     run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)  # rank 0 now holds run.out_dir
     try:
+        # The handlers are installed by run.run, after the rendezvous: a signal while a rank waits
+        # for the others (a blocking C++ call, deaf to Python's handlers) still ends it at once.
         dist.init(env, cfg.dist.timeout_s)
         with torch.autograd.set_detect_anomaly(args.debug):
-            outcome = run.run()
+            outcome = run.run(stop)
         # Every rank leaves together: rank 0 may still be writing the summary and plots, and a gloo
         # rank that tore down its process group meanwhile was seen to abort at exit under load.
         dist.barrier()
+    except CheckpointWriteFailed as exc:  # rank 0's save: one line (rank 0's), its own exit code (not a user's mistake)
+        if env.is_main:
+            report("error", exc)
+        return ExitCode.WRITE_FAILED
     finally:
         run.close()
         dist.teardown()
+        if own_stop:
+            stop.uninstall()
     if isinstance(outcome, Stopped):
         report("stopped", f"stopped by {outcome.signal_name}; checkpoint saved to {outcome.checkpoint}; "
                           "resume with --resume auto (same run.out_dir)")
         return ExitCode.PREEMPTED
+    if stop.requested:  # after the last training step: the run finished its test evaluation, summary and plots
+        report("done", f"{stop.signal_name} arrived after the last training step; the run finished and everything is "
+                       f"written to {cfg.run.out_dir} (checkpoints, summary.json{', plots' if cfg.log.plots else ''}); nothing to resume")
     return ExitCode.OK
 
 
 def cli() -> None:
-    exit_with(main)
+    stop = StopRequest()  # installed by the run; never uninstalled: kept until the process exits
+    exit_with(lambda argv: main(argv, stop))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from distcls import dist
 from distcls.checkpoint.files import CheckpointFiles, ResumePoint
 from distcls.checkpoint.format import FORMAT_VERSION, check_compatible, model_mismatch
-from distcls.errors import UserError, first_line
+from distcls.errors import CheckpointWriteFailed, UserError, first_line
 
 if TYPE_CHECKING:
     from distcls.engine.progress import Progress
@@ -139,11 +139,19 @@ class Checkpointer:
         return self.save(*files)
 
     def save(self, epoch_file: bool = False, best_file: bool = False) -> Optional[Path]:
-        """Collective (every rank): agree the running sums (mid-epoch), rank 0 writes, all wait at a
-        barrier. Returns last.pt, or None if nothing was written (rank != 0, or non-finite weights)."""
+        """Collective (every rank): agree the running sums (mid-epoch), rank 0 writes, all wait for it.
+        Returns last.pt, or None if nothing was written (rank != 0, or non-finite weights). A write the
+        filesystem refused raises CheckpointWriteFailed on every rank (rank 0's names the file)."""
         self.before_save()
         if self.progress.epoch_step:
             self.progress.agree_sums()
-        written = self.files.write(self.state_dict(), epoch_file, best_file) if self.is_main else None
-        dist.barrier()
+        written, failure = None, None
+        if self.is_main:
+            try:
+                written = self.files.write(self.state_dict(), epoch_file, best_file)
+            except CheckpointWriteFailed as exc:
+                failure = exc
+        # The wait for rank 0 is also how every rank learns that its write failed: all stop together.
+        if dist.any_rank(failure is not None, self.progress.device):
+            raise failure or CheckpointWriteFailed("rank 0 could not save the checkpoint (its error line names the file and the disk)")
         return written

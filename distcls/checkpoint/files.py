@@ -10,7 +10,9 @@ that inode, so the older names keep their content. Only rank 0 calls `write`.
 from __future__ import annotations
 
 import io
+import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +21,7 @@ import torch
 
 from distcls.atomic_files import UnreadableCheckpoint, atomic_link, atomic_write_bytes
 from distcls.checkpoint.format import all_finite, read_checkpoint
-from distcls.errors import UserError
+from distcls.errors import CheckpointWriteFailed, UserError
 
 _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
 
@@ -54,13 +56,33 @@ class CheckpointFiles:
             return None
         buf = io.BytesIO()
         torch.save(state, buf)
-        atomic_write_bytes(self.last, buf.getvalue())  # written once; the other names link to it
-        if epoch_file and self.keep:
-            atomic_link(self.last, self.dir / f"epoch_{state['epoch']:04d}.pt")
-            self._prune()
-        if best_file:
-            atomic_link(self.last, self.best)
+        had_last = self.last.is_file()
+        try:
+            atomic_write_bytes(self.last, buf.getvalue())  # written once; the other names link to it
+        except OSError as exc:
+            safe = (f"the previous checkpoint {self.last} is intact (a save never replaces it with a partial file): resume "
+                    "from it with --resume auto" if had_last else "no earlier checkpoint exists: nothing of this run can be resumed")
+            raise self.write_failed(self.last, exc, safe) from None
+        try:
+            if epoch_file and self.keep:
+                atomic_link(self.last, self.dir / f"epoch_{state['epoch']:04d}.pt")
+                self._prune()
+            if best_file:
+                atomic_link(self.last, self.best)
+        except OSError as exc:
+            raise self.write_failed(Path(exc.filename or self.dir), exc, f"this save's {self.last} was written and is intact: "
+                                    "resume from it with --resume auto") from None
         return self.last
+
+    def write_failed(self, path: Path, exc: OSError, safe: str) -> CheckpointWriteFailed:
+        """The one-line error of a save the filesystem refused (ENOSPC, EDQUOT, EIO...): file, disk, what is safe."""
+        try:
+            free = f"{shutil.disk_usage(self.dir).free / 2**20:,.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        return CheckpointWriteFailed(f"could not save checkpoint {path}: {reason} (the disk holding {self.dir}: {free}); {safe}; "
+                                     "free space there (or move the run elsewhere) before resuming")
 
     def _prune(self) -> None:
         files = sorted(self.epoch_files(), reverse=True)

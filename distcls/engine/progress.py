@@ -24,11 +24,12 @@ class Totals:
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.count, 1)
+        """NaN when no sample counted (every step skipped): recorded as null, never as a loss of 0."""
+        return self.loss_sum / self.count if self.count else float("nan")
 
     @property
     def acc(self) -> float:
-        return self.correct / max(self.count, 1)
+        return self.correct / self.count if self.count else float("nan")
 
     def minus(self, other: "Totals") -> "Totals":
         return Totals(self.loss_sum - other.loss_sum, self.correct - other.correct, self.count - other.count)

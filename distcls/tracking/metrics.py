@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from distcls.atomic_files import atomic_write_text
+from distcls.json_out import dumps
 
 REQUIRED = ("epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time")
 
@@ -49,14 +50,14 @@ class MetricsLog:
             return
         # a test record comes after the final checkpoint: a resumed run writes it again
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step and r.get("split") != "test"] if step >= 0 else []
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         missing = [k for k in REQUIRED if k not in record]
         assert not missing, f"metrics record lacks {missing}"
-        line = (json.dumps(record) + "\n").encode()
+        line = (dumps(record) + "\n").encode()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -66,4 +67,4 @@ class MetricsLog:
 
 
 def write_summary(out_dir, summary: dict) -> None:
-    atomic_write_text(Path(out_dir) / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(Path(out_dir) / "summary.json", dumps(summary, indent=2) + "\n")

@@ -80,7 +80,7 @@ def plot_curves(records: list, path) -> Path:
             ax.plot([r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="val (epoch)")
         if test:
             ax.plot([test[-1]["epoch"]], [test[-1][key]], "*", color="tab:green", ms=12, label=f"test {test[-1][key]:.4f}")
-        values = [v for line in ax.lines for v in line.get_ydata()]
+        values = [float(v) for line in ax.lines for v in line.get_ydata() if v is not None and math.isfinite(v)]  # null: no sample
         if key == "loss" and values and min(values) > 0 and max(values) / min(values) > 30:
             ax.set_yscale("log")  # so a small train/val gap (overfitting) stays visible late in training
             label += " (log scale)"

@@ -1,0 +1,104 @@
+"""Checks at the edges of a training run, each one small function:
+
+- `check_resume_config`: a resume whose config changes what the checkpoint's position or
+  optimizer state means is refused, naming the key (README, "Resume, preemption and faults").
+- `check_skipped_steps`: with `train.nonfinite=skip`, one warning line per epoch that skipped
+  steps, and a stop (TrainingDiverged, exit 4) when skipped steps dominate an epoch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from distcls.config import Config, TrainConfig
+from distcls.errors import ConfigError, TrainingDiverged
+
+# The checkpoint's position is (epoch, epoch_step): the sample at epoch_step * data.batch_size of
+# the epoch's seeded order of the training split. These keys change that order, the split, or how
+# many samples a step or an epoch holds, so the same numbers would name another sample (and the lr
+# schedule, which counts steps, another point). A resume with any of them changed is refused.
+POSITION_KEYS = (
+    "data.name", "data.batch_size", "data.val_fraction", "data.split", "data.max_train_samples",
+    "data.repeats", "data.augment.repeats",  # repeated augmentation, where the schema has it
+    "train.max_steps_per_epoch", "run.seed",
+)
+SYNTHETIC_KEYS = ("data.synthetic.train_samples", "data.synthetic.test_samples", "data.synthetic.num_classes")
+# The optimizer's hyperparameters and the lr schedule come from the checkpoint on resume (its
+# optimizer state and schedule position): a changed value would be written to config.yaml but not
+# run. Like torchvision's and timm's --resume, distcls continues the checkpoint's schedule; a new lr
+# is a new run from the checkpoint's weights (model.pretrained=CHECKPOINT).
+SCHEDULE_SECTIONS = ("optim", "sched")
+
+
+def _get(tree: dict, path: str):
+    """The value at a dot path, or KeyError when a section or key is absent (an older config)."""
+    for part in path.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            raise KeyError(path)
+        tree = tree[part]
+    return tree
+
+
+def _keys_to_compare(saved: dict, current: dict) -> list[str]:
+    keys = list(POSITION_KEYS)
+    if current.get("data", {}).get("name") == "synthetic":
+        keys += SYNTHETIC_KEYS
+    for section in SCHEDULE_SECTIONS:
+        keys += [f"{section}.{k}" for k in current.get(section, {})]
+    return keys
+
+
+def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, new value) of every refused key that differs; keys either config lacks are skipped."""
+    changed = []
+    for key in _keys_to_compare(saved, current):
+        try:
+            old, new = _get(saved, key), _get(current, key)
+        except KeyError:
+            continue
+        if old != new:
+            changed.append((key, old, new))
+    return changed
+
+
+def check_resume_config(checkpoint: dict, path, cfg: Config) -> None:
+    """Refuse to resume `checkpoint` (read from `path`) when `cfg` changes a key of POSITION_KEYS
+    or of the optimizer/schedule: one ConfigError naming the key, both values and what to do."""
+    changed = changed_resume_keys(checkpoint.get("config") or {}, cfg.to_dict())
+    if not changed:
+        return
+    key, old, new = changed[0]
+    epoch, epoch_step = checkpoint.get("epoch", 0), checkpoint.get("epoch_step", 0)
+    where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
+    if key.split(".")[0] in SCHEDULE_SECTIONS:
+        why = ("a resume continues the checkpoint's optimizer state and lr schedule, so the new value would not run; "
+               f"resume with {key}={_show(old)}, or start a new run from its weights with the new value: "
+               f"model.pretrained={path} {key}={_show(new)} run.out_dir=NEW_DIR")
+    else:
+        why = (f"its saved position ({where}) counts samples of the seeded training order, which {key} changes, so the run "
+               f"would continue at another sample and another point of the lr schedule; resume with {key}={_show(old)} "
+               "(the world size, train.accum_steps and train.epochs may change), or start a new run from its weights: "
+               f"model.pretrained={path} run.out_dir=NEW_DIR")
+    also = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
+    raise ConfigError(f"checkpoint {path} was saved with {key}={_show(old)}, but this run says {key}={_show(new)}{also}; {why}")
+
+
+def _show(value) -> str:
+    text = "null" if value is None else str(value).replace(" ", "")
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_skipped_steps(epoch: int, skipped: int, steps: int, train: TrainConfig, warn: Callable[[str], None],
+                        skipped_total: Optional[int] = None) -> None:
+    """After epoch `epoch` (1-based) ran `steps` steps of which `skipped` were skipped as non-finite:
+    warn (one line), and raise TrainingDiverged when more than train.max_skipped_fraction of them
+    were skipped (every rank holds the same agreed counts, so every rank raises)."""
+    if not skipped:
+        return
+    total = f"; {skipped_total} in all" if skipped_total is not None and skipped_total != skipped else ""
+    if skipped > train.max_skipped_fraction * steps:
+        raise TrainingDiverged(
+            f"epoch {epoch}: {skipped} of {steps} steps skipped as non-finite (train.nonfinite=skip), more than "
+            f"train.max_skipped_fraction={train.max_skipped_fraction:g}: the model is not training; lower optim.lr, set "
+            "train.clip_grad_norm or use train.amp=bf16 instead of fp16 (no checkpoint is saved at this epoch's end)")
+    warn(f"epoch {epoch}: {skipped} of {steps} steps skipped as non-finite loss or gradients (train.nonfinite=skip){total}; "
+         f"the run stops if more than train.max_skipped_fraction={train.max_skipped_fraction:g} of an epoch's steps are skipped")

@@ -1,0 +1,25 @@
+"""A plug-in model (model.name=full_disk_model:build) whose build makes this process's disk "full"
+from the N-th write of checkpoints/last.pt on (model.args.full_at_save, through atomic_files'
+fault hook): a full disk during a save, also under torchrun, where only rank 0 writes."""
+import errno
+import os
+
+import torch.nn as nn
+
+from distcls import atomic_files
+
+_KEEP = []
+
+
+def build(spec, cfg, full_at_save: int = 2):
+    writes = []
+
+    def disk_full(stage, path, tmp):
+        if stage == "written" and path.name == "last.pt":
+            writes.append(path)
+            if len(writes) >= full_at_save:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+
+    _KEEP.append(atomic_files.inject_fault(disk_full))
+    _KEEP[-1].__enter__()  # for the rest of this process (kept: a collected context would restore the hook)
+    return nn.Sequential(nn.Flatten(), nn.Linear(spec.channels * spec.image_size ** 2, spec.num_classes))

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -77,6 +78,24 @@ def test_class_plots_stay_readable_for_100_classes(tmp_path):
     w, h = assert_png(plot_confusion(confusion, names, tmp_path / "c.png"), min_side=800, max_side=3000)
     w2, h2 = assert_png(plot_per_class(confusion, names, tmp_path / "p.png"), min_side=500, max_side=3000)
     assert h2 > 1200  # one readable bar per class
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_output_has_the_umasks_mode(tmp_path, mask, mode):
+    """A team reads each other's runs: config.yaml, metrics.jsonl, summary.json, checkpoints
+    (best/epoch ones are hard links of last.pt) and plots get 0666 less the umask, as open() would."""
+    previous = os.umask(mask)
+    try:
+        train_in_process(tmp_path / "run", "train.epochs=2", "log.plots=true", "checkpoint.keep=2")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "run"
+    files = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt", "plots/curves.png"):
+        assert name in files, sorted(files)
+    assert any(name.startswith("checkpoints/epoch") for name in files), sorted(files)
+    wrong = {name: oct(m) for name, m in files.items() if m != mode and name != ".lock"}
+    assert not wrong, f"want {oct(mode)} under umask {oct(mask)}: {wrong}"
 
 
 # ------------------------------------------------------------------------- console

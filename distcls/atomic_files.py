@@ -170,7 +170,8 @@ def load_weights_only(path, what: str = "checkpoint"):
     """
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"{what} {path} is a directory; give the path of a .pt file (e.g. {p / 'checkpoints' / 'last.pt'})")
+        hint = p / "last.pt" if p.name == "checkpoints" or (p / "last.pt").is_file() else p / "checkpoints" / "last.pt"
+        raise UserError(f"{what} {path} is a directory; give the path of a .pt file (e.g. {hint})")
     if not p.is_file():
         raise UserError(f"{what} {path} does not exist; check the path")
     try:

@@ -66,6 +66,27 @@ def test_plot_cli_on_a_run_without_checkpoints_draws_the_curves(run, tmp_path, c
     assert_png(partial / "plots" / "curves.png")
 
 
+def test_odd_lines_in_metrics_jsonl_are_skipped_by_plot_and_resume(run, tmp_path):
+    """#11 (issue 19): valid JSON that is not a record (not an object, a text loss) crashed
+    `plot` and `train --resume auto`."""
+    import shutil
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    good = (copy / "metrics.jsonl").read_text()
+    record = json.loads(good.splitlines()[0])
+    odd = ["3", "[1, 2]", '"note"', "null", json.dumps({**record, "loss": "high"}), json.dumps({**record, "step": "7"}),
+           json.dumps({**record, "split": 5}), json.dumps({**record, "acc": True})]
+    (copy / "metrics.jsonl").write_text(good + "\n".join(odd) + "\n")
+    from distcls import plot
+    from distcls.tracking import read_jsonl
+    assert read_jsonl(copy / "metrics.jsonl") == [json.loads(line) for line in good.splitlines()]
+    assert plot.main([str(copy), "--no-eval"]) == 0
+    summary = train_in_process(copy, "train.epochs=3", "log.every_steps=10", resume="auto")
+    assert summary["epochs_completed"] == 3
+    assert all(json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines())
+
+
 def test_plot_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert_user_error(run_distcls("plot", [tmp_path]), "not a distcls run directory")
 

@@ -183,12 +183,22 @@ def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base:
     tree = dataclasses.asdict(Config())
     if base is not None:  # e.g. a checkpoint's stored config: keys it lacks keep their defaults
         _deep_merge(tree, base, Config, prefix="")
+    given = {}  # what the user wrote (YAML file, then overrides): dotted key -> value
     if path is not None:
-        _deep_merge(tree, read_yaml(path), Config, prefix="")
+        data = read_yaml(path)
+        _deep_merge(tree, data, Config, prefix="")
+        model = data.get("model")
+        if isinstance(model, dict) and "freeze" in model:
+            given["model.freeze"] = model["freeze"]
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key.split("."), value, Config)
-    return from_dict(tree)
+        given[key] = value
+    cfg = from_dict(tree)
+    if given.get("model.freeze") == "none" and cfg.model.freeze_backbone is True:
+        raise ConfigError("model.freeze=none contradicts model.freeze_backbone=true; model.freeze_backbone is the old "
+                          "spelling of model.freeze: remove it and set model.freeze=none|backbone")
+    return cfg
 
 
 def read_yaml(path: str) -> dict:
@@ -420,6 +430,17 @@ def _check_cross_fields(cfg: Config) -> None:
         _number_list(value, f"data.augment.{key}", 2)
         if not (0 < value[0] <= value[1]) or (key == "scale" and value[1] > 1):
             raise ConfigError(f"config key 'data.augment.{key}' must be [min, max] with 0 < min <= max{' <= 1' if key == 'scale' else ''}, got {value}")
+
+
+def check_transfer(cfg: Config) -> None:
+    """Training only, like check_schedule: checkpoints of runs that predate it still evaluate."""
+    if cfg.optim.backbone_lr_scale != 1.0 and not cfg.model.pretrained:
+        raise ConfigError(f"optim.backbone_lr_scale={cfg.optim.backbone_lr_scale} needs model.pretrained=<weights file or "
+                          "torchvision:WEIGHTS>: it slows the backbone's learning to keep pretrained features; a random "
+                          "backbone has none. Remove it, or set model.pretrained")
+    if cfg.optim.backbone_lr_scale != 1.0 and cfg.model.frozen:
+        raise ConfigError(f"optim.backbone_lr_scale={cfg.optim.backbone_lr_scale} has no effect with model.freeze=backbone "
+                          "(the backbone does not learn); remove it, or set model.freeze=none to fine-tune")
 
 
 def check_schedule(cfg: Config) -> None:

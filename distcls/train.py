@@ -34,6 +34,7 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
     """Config checks of a training run (some need the world size and device), still before any process group exists."""
     config_mod.check_batch_split(cfg.data.batch_size, env.world_size, cfg.train.accum_steps)
     config_mod.check_schedule(cfg)
+    config_mod.check_transfer(cfg)
     if cfg.train.sync_bn and env.distributed and env.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); "
                           "set train.sync_bn=false for CPU runs")

@@ -201,6 +201,32 @@ def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base:
     return cfg
 
 
+MAX_CONFIG_VALUES = 100_000  # after YAML alias expansion; a "billion laughs" file is refused before it is copied
+
+
+def _expanded_size(data, limit: int) -> int:
+    """How many values `data` holds once every YAML alias is expanded (counted, not expanded:
+    an aliased object is counted once per use from a memo by id), stopping past `limit`."""
+    memo: dict = {}
+
+    def size(obj) -> int:
+        if not isinstance(obj, (dict, list)):
+            return 1
+        if id(obj) in memo:
+            return memo[id(obj)]
+        memo[id(obj)] = limit + 1  # a self-referencing alias (&a [*a]) is infinite
+        items = obj.items() if isinstance(obj, dict) else ((None, v) for v in obj)
+        total = 1
+        for key, value in items:
+            total += size(key) + size(value) if key is not None else size(value)
+            if total > limit:
+                break
+        memo[id(obj)] = total
+        return total
+
+    return size(data)
+
+
 def read_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -220,6 +246,9 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax") from None
     if data is None:
         return {}
+    if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases "
+                          "(*name repeating &name); a distcls config has a few hundred: remove the nested aliases")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...), not a {type(data).__name__}")
     return data

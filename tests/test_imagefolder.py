@@ -317,3 +317,25 @@ def test_worker_hash_equals_the_batched_hash():
     keys = torch.tensor([0, 1, 7, 123456789, 2 ** 40])
     batched = keyed_uniform(3, 11, keys, 101)
     assert [keyed_uniform_scalar(3, 11, int(k), 101) for k in keys] == batched.tolist()
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_named_readably(tmp_path, capsys):
+    """#6 (issue 19): such a folder broke the end-of-run plots (a warning), `plot` and
+    `evaluate --out-dir` (TypeError traceback)."""
+    import os
+    from distcls import evaluate, plot
+    from distcls.cli import run_cli
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=6, size=24)
+    os.rename(root / "roses", os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9"))
+    out = tmp_path / "run"
+    summary = train_in_process(out, f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet",
+                               "train.epochs=1", "log.plots=true", "data.batch_size=4")
+    assert sorted(summary["per_class_test_acc"]) == ["caf\\xe9", "daisy", "tulips"]
+    captured = capsys.readouterr()
+    assert "plots not written" not in captured.out + captured.err
+    for name in ("confusion.png", "per_class.png"):
+        (out / "plots" / name).unlink()
+    assert run_cli(plot.main, [str(out)]) == 0
+    assert (out / "plots" / "confusion.png").is_file()
+    assert run_cli(evaluate.main, ["--checkpoint", str(out / "checkpoints/last.pt"), "--out-dir", str(tmp_path / "eval"), "--no-speed"]) == 0
+    assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["class_names"] == ["caf\\xe9", "daisy", "tulips"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from distcls.config import DataConfig
 from distcls.data.registry import register_dataset
-from distcls.data.sources import CropPolicy, FileSource, RawDataset, default_eval_resize
+from distcls.data.sources import CropPolicy, FileSource, RawDataset, default_eval_resize, printable_name
 from distcls.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -123,4 +123,5 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     if test is None and val is not None:
         test, val = val, None
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
-    return RawDataset(train=train, test=test, val=val, class_names=classes, mean=mean, std=std, skipped_files=tuple(skipped))
+    # The class names a person reads (console, plots, predict, JSON); the files keep their own names.
+    return RawDataset(train=train, test=test, val=val, class_names=[printable_name(c) for c in classes], mean=mean, std=std, skipped_files=tuple(skipped))

@@ -15,6 +15,7 @@ import os
 import pickle
 import re
 import tempfile
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -66,12 +67,34 @@ def inject_fault(fn: FaultHook) -> Iterator[FaultHook]:
         _fault_hook = previous
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc/self/status has it since 4.7);
+    elsewhere set and restored at once under a lock (os.umask is the only portable reader)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+_umask_lock = threading.Lock()
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` atomically, with the mode a plain open() would give (0666 less the
+    umask: 0644 under umask 022), not mkstemp's 0600, so a team can read each other's runs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -147,7 +170,8 @@ def load_weights_only(path, what: str = "checkpoint"):
     """
     p = Path(path)
     if p.is_dir():
-        raise UserError(f"{what} {path} is a directory; give the path of a .pt file (e.g. {p / 'checkpoints' / 'last.pt'})")
+        hint = p / "last.pt" if p.name == "checkpoints" or (p / "last.pt").is_file() else p / "checkpoints" / "last.pt"
+        raise UserError(f"{what} {path} is a directory; give the path of a .pt file (e.g. {hint})")
     if not p.is_file():
         raise UserError(f"{what} {path} does not exist; check the path")
     try:

@@ -214,12 +214,48 @@ def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base:
     tree = dataclasses.asdict(Config())
     if base is not None:  # e.g. a checkpoint's stored config: keys it lacks keep their defaults
         _deep_merge(tree, base, Config, prefix="")
+    given = {}  # what the user wrote (YAML file, then overrides): dotted key -> value
     if path is not None:
-        _deep_merge(tree, read_yaml(path), Config, prefix="")
+        data = read_yaml(path)
+        _deep_merge(tree, data, Config, prefix="")
+        model = data.get("model")
+        if isinstance(model, dict) and "freeze" in model:
+            given["model.freeze"] = model["freeze"]
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key.split("."), value, Config)
-    return from_dict(tree)
+        given[key] = value
+    cfg = from_dict(tree)
+    if given.get("model.freeze") == "none" and cfg.model.freeze_backbone is True:
+        raise ConfigError("model.freeze=none contradicts model.freeze_backbone=true; model.freeze_backbone is the old "
+                          "spelling of model.freeze: remove it and set model.freeze=none|backbone")
+    return cfg
+
+
+MAX_CONFIG_VALUES = 100_000  # after YAML alias expansion; a "billion laughs" file is refused before it is copied
+
+
+def _expanded_size(data, limit: int) -> int:
+    """How many values `data` holds once every YAML alias is expanded (counted, not expanded:
+    an aliased object is counted once per use from a memo by id), stopping past `limit`."""
+    memo: dict = {}
+
+    def size(obj) -> int:
+        if not isinstance(obj, (dict, list)):
+            return 1
+        if id(obj) in memo:
+            return memo[id(obj)]
+        memo[id(obj)] = limit + 1  # a self-referencing alias (&a [*a]) is infinite
+        items = obj.items() if isinstance(obj, dict) else ((None, v) for v in obj)
+        total = 1
+        for key, value in items:
+            total += size(key) + size(value) if key is not None else size(value)
+            if total > limit:
+                break
+        memo[id(obj)] = total
+        return total
+
+    return size(data)
 
 
 def read_yaml(path: str) -> dict:
@@ -241,6 +277,9 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax") from None
     if data is None:
         return {}
+    if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases "
+                          "(*name repeating &name); a distcls config has a few hundred: remove the nested aliases")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...), not a {type(data).__name__}")
     return data
@@ -461,6 +500,17 @@ def _check_cross_fields(cfg: Config) -> None:
     if d.augment.magnitude >= d.augment.num_magnitude_bins:
         raise ConfigError(f"data.augment.magnitude={d.augment.magnitude} must be below data.augment.num_magnitude_bins={d.augment.num_magnitude_bins} "
                           "(bins are numbered from 0); lower the magnitude or raise the number of bins")
+
+
+def check_transfer(cfg: Config) -> None:
+    """Training only, like check_schedule: checkpoints of runs that predate it still evaluate."""
+    if cfg.optim.backbone_lr_scale != 1.0 and not cfg.model.pretrained:
+        raise ConfigError(f"optim.backbone_lr_scale={cfg.optim.backbone_lr_scale} needs model.pretrained=<weights file or "
+                          "torchvision:WEIGHTS>: it slows the backbone's learning to keep pretrained features; a random "
+                          "backbone has none. Remove it, or set model.pretrained")
+    if cfg.optim.backbone_lr_scale != 1.0 and cfg.model.frozen:
+        raise ConfigError(f"optim.backbone_lr_scale={cfg.optim.backbone_lr_scale} has no effect with model.freeze=backbone "
+                          "(the backbone does not learn); remove it, or set model.freeze=none to fine-tune")
 
 
 def check_schedule(cfg: Config) -> None:

@@ -23,8 +23,23 @@ def first_line(exc: BaseException, default: str | None = None, limit: int = 200)
     return text.splitlines()[0][:limit]
 
 
+MAX_MESSAGE = 2000  # characters of one error line: a huge value (e.g. from a YAML file) is cut in its middle
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE) -> str:
+    """`message`, or its head and tail with the middle left out when it is longer than `limit`."""
+    if len(message) <= limit:
+        return message
+    keep = (limit - 60) // 2
+    return f"{message[:keep]} ... ({len(message) - 2 * keep:,} characters left out) ... {message[-keep:]}"
+
+
 class UserError(Exception):
-    """A mistake the user can fix; the message says what is wrong and how to fix it."""
+    """A mistake the user can fix; the message says what is wrong and how to fix it (at most
+    MAX_MESSAGE characters: a longer one is cut in its middle, so the fix at its end stays)."""
+
+    def __init__(self, message="", *args):
+        super().__init__(bounded(message) if isinstance(message, str) else message, *args)
 
 
 class ConfigError(UserError):

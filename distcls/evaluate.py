@@ -20,6 +20,7 @@ from distcls.engine import evaluate
 from distcls.errors import UserError
 from distcls.inference import check_stored_plugins, measure_speed, restore
 from distcls.atomic_files import atomic_write_text
+from distcls.rundir import check_output_dir
 
 
 def parse_args(argv: Sequence[str]):
@@ -37,6 +38,8 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    if args.out_dir:
+        check_output_dir(args.out_dir, "--out-dir")  # before the work, not after it
     env = dist.detect()
     restored = restore(args.checkpoint, env.device, args.overrides)
     check_stored_plugins(restored.checkpoint["config"], args.checkpoint, args.overrides, sections=("data",))

@@ -16,13 +16,14 @@ import torch
 
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import UserError
+from distcls.rundir import check_output_dir
 
 
 def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.plot", description="Make a run's plots (OUT_DIR/plots/*.png) from its files.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("out_dir", metavar="OUT_DIR", help="the run's run.out_dir (holds metrics.jsonl, config.yaml, checkpoints/)")
-    p.add_argument("--checkpoint", help="checkpoint for the test-set plots (default: OUT_DIR/checkpoints/last.pt, else best.pt)")
+    p.add_argument("--checkpoint", help="one of OUT_DIR's checkpoints for the test-set plots (default: OUT_DIR/checkpoints/last.pt, else best.pt)")
     p.add_argument("--no-eval", action="store_true", help="only the curves and the schedule (no checkpoint, no data)")
     p.add_argument("--samples", type=int, default=16, help="images in the sample grid (0 = no grid)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for the data, e.g. data.root=/data/cifar")
@@ -55,6 +56,14 @@ def test_pictures(checkpoint, overrides, samples: int):
     return result.confusion, spec.class_names, src
 
 
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     from distcls.tracking.plots import write_run_plots
@@ -66,6 +75,11 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"{out} holds no metrics.jsonl or config.yaml: not a distcls run directory")
     if args.samples < 0:
         raise UserError(f"--samples must be >= 0, got {args.samples}")
+    check_output_dir(out / "plots", "the plots folder")  # before the evaluation, not after it
+    if args.checkpoint and not args.no_eval and not _inside(Path(args.checkpoint), out):
+        raise UserError(f"--checkpoint {args.checkpoint} is not one of {out}'s checkpoints: its test-set plots would replace this "
+                        f"run's; plot its own run (python -m distcls.plot RUN_DIR), or write its plots elsewhere with "
+                        f"python -m distcls.evaluate --checkpoint {args.checkpoint} --out-dir DIR")
     confusion, names, src, problem = None, (), None, None
     if not args.no_eval:
         checkpoint = args.checkpoint or default_checkpoint(out)

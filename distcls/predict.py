@@ -1,7 +1,8 @@
 """`python -m distcls.predict --checkpoint P [--top-k K] [--json] IMAGE_OR_DIR...`: classify image files.
 
 A directory means every image file in it (extensions as for imagefolder data), recursively, in
-sorted order; other files in a directory are ignored. Each image is decoded like the checkpoint's evaluation data: for
+sorted order; other files in a directory are ignored, and so are directories named like images and
+names starting with "." (hidden files, macOS `._` files): the rule of image-folder data too. Each image is decoded like the checkpoint's evaluation data: for
 image folders the shorter side resized to data.eval_resize (default input size / 0.875), for the
 in-memory datasets (whose images already have the model's input size) to the input size; then a
 center crop of the input size, the checkpoint's channels and normalization. One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
@@ -21,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
-from distcls.data.imagefolder import EXTENSIONS
+from distcls.data.imagefolder import EXTENSIONS, image_files
 from distcls.data.sources import decode_image, default_eval_resize
 from distcls.errors import ExitCode
 from distcls.inference import restore
@@ -49,8 +50,7 @@ def expand(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            files = image_files(p)
             if not files:
                 yield item, f"directory {item} holds no image files ({', '.join(sorted(EXTENSIONS))})"
             for f in files:

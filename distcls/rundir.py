@@ -15,6 +15,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from distcls.errors import UserError
 from distcls.atomic_files import remove_stale_temps
@@ -32,9 +33,66 @@ def _probe_writable(directory: Path, what: str) -> None:
         raise UserError(f"{what} {directory} is not writable ({exc.strerror or exc}); fix its permissions or choose another run.out_dir") from None
 
 
+NAME_MAX, PATH_MAX = 255, 4095  # bytes, Linux's limits (os.pathconf where the filesystem says otherwise)
+
+
+def path_name_problem(path) -> Optional[str]:
+    """Why `path` cannot name a file (a component or the whole path too long), or None."""
+    path = Path(path)
+    for part in path.parts:
+        n = len(os.fsencode(part))
+        if n > NAME_MAX:
+            return f"its part {part[:24]}... is {n} bytes long; a file or directory name has at most {NAME_MAX}"
+    n = len(os.fsencode(str(path.absolute())))
+    if n > PATH_MAX:
+        return f"it is {n} bytes long; a path has at most {PATH_MAX}"
+    return None
+
+
+def check_output_dir(directory, what: str) -> None:
+    """Refuse a directory distcls would write files into that cannot be created or written
+    (`what` names it for the user, e.g. "--out-dir"); writes nothing. Call it before the work."""
+    d = Path(directory)
+    problem = path_name_problem(d)
+    if problem:
+        raise UserError(f"{what} {d} cannot be used: {problem}; choose a shorter path")
+    try:
+        existing = d
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UserError(f"{what} {d} cannot be {'used' if existing == d else 'created'}: {existing} is a file, not a directory; choose another path")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"{what} {d} cannot be {'written' if existing == d else 'created'}: {existing} is not writable; "
+                            "fix its permissions or choose another path")
+    except OSError as exc:
+        raise UserError(f"{what} {d} cannot be used ({exc.strerror or exc}); choose another path") from None
+
+
+def check_output_file(path, what: str) -> None:
+    """Refuse a file path distcls would write that is a directory or whose folder cannot be written."""
+    p = Path(path)
+    problem = path_name_problem(p)
+    if problem:
+        raise UserError(f"{what} {p} cannot be used: {problem}; choose a shorter path")
+    if p.is_dir():
+        raise UserError(f"{what} {p} is a directory; give a file path (e.g. {p / 'result.json'})")
+    check_output_dir(p.parent, f"{what} {p}: its folder")
+
+
 def check_outputs(out_dir) -> None:
     """Refuse an out_dir whose outputs cannot be written; writes nothing."""
     out = Path(out_dir)
+    problem = path_name_problem(out)
+    if problem:
+        raise UserError(f"run.out_dir={out} cannot be used: {problem}; choose a shorter run.out_dir")
+    try:
+        _check_run_outputs(out)
+    except OSError as exc:
+        raise UserError(f"run.out_dir={out} cannot be used ({exc.strerror or exc}); choose another run.out_dir") from None
+
+
+def _check_run_outputs(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"run.out_dir={out} is a file, not a directory; choose another run.out_dir")
     if not out.exists():

@@ -39,6 +39,7 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
     if (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and (cfg.data.batch_size // env.world_size) % 2:
         raise ConfigError(f"data.mix pairs samples 2i and 2i+1 of the global batch, so each of the {env.world_size} processes needs an even "
                           f"share of data.batch_size={cfg.data.batch_size}; use a multiple of {2 * env.world_size}")
+    config_mod.check_transfer(cfg)
     if cfg.train.sync_bn and env.distributed and env.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); "
                           "set train.sync_bn=false for CPU runs")

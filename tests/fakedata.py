@@ -98,3 +98,20 @@ def write_resnet_weights(path, arch: str = "resnet18", num_classes: int = 1000) 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return path
+
+
+def write_damaged_png(path, size: int = 24) -> Path:
+    """A PNG whose header and IEND are intact but whose compressed pixels are zeroed (issue 19 #1):
+    libpng reports an error on it, which crashed torchvision's decoder (SIGSEGV)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    i = data.find(b"IDAT")
+    data[i + 8:i + 40] = bytes(32)
+    path = Path(path)
+    path.write_bytes(bytes(data))
+    return path

@@ -1,4 +1,6 @@
 """The atomic writer's fault-injection seam: a failed write keeps the old file and leaves no temp behind."""
+import os
+import stat
 import pytest
 
 from distcls import atomic_files
@@ -73,3 +75,34 @@ def test_nested_hooks_restore_the_outer_one(tmp_path):
     assert [name for _, name, _ in inner_seen] == ["a", "a"]
     assert [name for _, name, _ in outer_seen] == ["b", "b"]
     assert atomic_files._fault_hook is None
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for one test (pytest runs tests in one thread), restored after."""
+    previous = os.umask(0o022)
+    os.umask(previous)
+    yield lambda mask: os.umask(mask)
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_and_links_keep_the_umasks_mode(tmp_path, umask, mask, mode):
+    umask(mask)
+    assert atomic_files.current_umask() == mask
+    atomic_write_bytes(tmp_path / "a.pt", b"x")
+    atomic_write_text(tmp_path / "b.json", "{}")
+    atomic_files.atomic_link(tmp_path / "a.pt", tmp_path / "best.pt")
+    for name in ("a.pt", "b.json", "best.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
+@pytest.mark.parametrize("given, hint", [("run", "run/checkpoints/last.pt"), ("run/checkpoints", "run/checkpoints/last.pt"),
+                                         ("other", "other/last.pt")])
+def test_a_directory_given_as_a_checkpoint_hints_at_its_last_pt(tmp_path, given, hint):
+    """#17 (issue 19): `--checkpoint RUN/checkpoints` suggested RUN/checkpoints/checkpoints/last.pt."""
+    (tmp_path / "run/checkpoints").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other/last.pt").write_bytes(b"")
+    with pytest.raises(atomic_files.UserError, match=rf"is a directory; give the path of a \.pt file \(e\.g\. {tmp_path / hint}\)$"):
+        atomic_files.load_weights_only(tmp_path / given)

@@ -62,3 +62,21 @@ def test_every_key_is_described():
     keys = {r[0] for r in rows}
     assert {"data.batch_size", "train.amp", "model.cifar_stem", "checkpoint.every_steps", "dist.timeout_s"} <= keys
     assert all(help for _, _, help in rows)
+
+
+def test_yaml_alias_bombs_and_huge_values_make_a_short_error(tmp_path):
+    """#16 (issue 19): a 7-line YAML alias bomb gave a 58 MB error line and 1.44 GB of memory."""
+    levels = ['&l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 6)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("data:\n  mean: [" + ",\n    ".join(levels) + "]\n")  # 9**6 = 531,441 strings in l5 once expanded
+    with pytest.raises(ConfigError) as info:
+        config.load(str(bomb))
+    assert "expands to more than 100,000 values through YAML aliases" in str(info.value) and len(str(info.value)) < 400
+    huge = tmp_path / "huge.yaml"
+    huge.write_text(f"optim:\n  lr: \"{'z' * 100_000}\"\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(huge))
+    message = str(info.value)
+    assert len(message) <= 2000 and message.startswith("config key 'optim.lr' must be a number")
+    assert "characters left out" in message

@@ -4,6 +4,7 @@ import json
 import pytest
 from PIL import Image
 
+import fakedata
 from conftest import assert_ok, assert_user_error, run_distcls, train_in_process
 
 
@@ -102,6 +103,20 @@ def test_predict_reports_a_corrupt_file_and_predicts_the_rest(trained, tmp_path,
     assert [line.split("\t")[0] for line in stdout.splitlines()] == [str(folder / "a.png"), str(folder / "sub" / "c.png")]
     code, stdout, stderr = in_process("predict", ["--checkpoint", out / "checkpoints/best.pt", folder / "a.png", folder / "sub"], capsys)
     assert code == 0 and stderr == "" and len(stdout.splitlines()) == 2
+
+
+def test_predict_names_a_damaged_png_and_keeps_the_other_predictions(trained, tmp_path):
+    """#1 (issue 19): torchvision's PNG decoder segfaulted (exit 139) and every prediction was lost."""
+    out, _ = trained
+    good = [tmp_path / "a.png", tmp_path / "c.png"]
+    for p in good:
+        Image.new("L", (8, 8), 120).save(p)
+    bad = fakedata.write_damaged_png(tmp_path / "b.png")
+    proc = run_distcls("predict", ["--checkpoint", out / "checkpoints/best.pt", good[0], bad, good[1]])
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = proc.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("distcls: error: cannot read image") and str(bad) in errors[0]
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [str(p) for p in good]
 
 
 @pytest.mark.slow

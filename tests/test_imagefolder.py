@@ -1,16 +1,22 @@
 """Image folders: keyed RandomResizedCrop, evaluation crops, decoding, bad files (generated files only)."""
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import fakedata
-from conftest import FAST, load_ckpt, max_weight_diff, train_at_world_sizes, train_in_process
+from conftest import (FAST, assert_ok, assert_user_error, child_env, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
+                      train_in_process)
 from distcls import config
 from distcls.data import build_data, train_loader
 from distcls.data.images import BadImage, default_eval_resize, random_resized_crop_box, read_image
 from distcls.data.loader import BatchLoader
 from distcls.data.sampler import GlobalBatchSampler
+from distcls.data.sources import SplitView
 from distcls.data.sources import decode_image
 from distcls.errors import ConfigError, UserError
 
@@ -152,6 +158,122 @@ def test_a_file_that_fails_to_decode_mid_epoch_is_named_or_dropped(tmp_path):
             assert len(loader.dropped) == 1 and len(batches[0].labels) == len(view) - 1
 
 
+def test_a_damaged_png_is_a_named_bad_file_not_a_crash(tmp_path):
+    """#1 (issue 19): torchvision's PNG decoder segfaulted on it; the process, or the DataLoader
+    worker, died and the file was never named."""
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
+    bad = fakedata.write_damaged_png(root / "daisy" / "zz_damaged.png")
+    probe = subprocess.run([sys.executable, "-c", f"from distcls.data.images import read_image; read_image({str(bad)!r})"],
+                           env=child_env(), capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 1, (probe.returncode, probe.stderr[-2000:])  # -11 was the segfault
+    assert f"BadImage: image {bad} cannot be decoded" in probe.stderr
+    for skip in (False, True):
+        source = _data(root, f"data.skip_bad_images={str(skip).lower()}").splits.train.source
+        assert any(p == str(bad) for p, _ in source.samples)  # its header and IEND pass the pre-training check
+        view = SplitView(source, torch.arange(len(source)))
+        loader = BatchLoader(view, GlobalBatchSampler(len(view), len(view), 1, 0, seed=0), torch.device("cpu"),
+                             num_workers=2, train=True)
+        if not skip:
+            with pytest.raises(UserError, match="zz_damaged.png cannot be decoded.*skip_bad_images=true"):
+                list(loader)
+        else:
+            batches = list(loader)
+            assert len(loader.dropped) == 1 and "zz_damaged.png" in loader.dropped[0]
+            assert len(batches[0].labels) == len(view) - 1
+
+
+def test_training_in_the_main_process_skips_a_damaged_png(tmp_path):
+    """#1: with data.num_workers=0 the decoder runs in the training process itself."""
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24, layout="split")  # 12 in train/
+    bad = fakedata.write_damaged_png(root / "train" / "roses" / "zz_damaged.png")
+    args = [f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet", "data.val_fraction=0",
+            "data.batch_size=13", "train.epochs=1", "data.num_workers=0", "log.plots=false", f"run.out_dir={tmp_path / 'run'}"]
+    skipped = run_distcls("train", [*args, "data.skip_bad_images=true"])
+    assert_ok(skipped)
+    assert json.loads((tmp_path / "run/summary.json").read_text())["dropped_bad_image_reads"] == 1
+    refused = run_distcls("train", [*args, f"run.out_dir={tmp_path / 'run2'}"])
+    assert_user_error(refused, f"{bad} cannot be decoded", "data.skip_bad_images=true")
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares width x height RGB pixels (its pixel data is a few bytes)."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_every_format_has_the_same_pixel_limit(tmp_path):
+    """#19 (issue 19): a 190 KB PNG took 1.7 GB; BMP had Pillow's limit, PNG and JPEG none."""
+    from distcls.data.images import MAX_PIXELS
+    side = 9500  # 90,250,000 pixels: just over MAX_PIXELS (89,478,485)
+    assert side * side > MAX_PIXELS > 9400 * 9400
+    small = tmp_path / "small.jpg"
+    Image.new("RGB", (40, 30), (10, 20, 30)).save(small)
+    data = bytearray(small.read_bytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = side.to_bytes(2, "big") + side.to_bytes(2, "big")  # the frame's height and width
+    files = {"big.jpg": bytes(data), "big.png": _png_declaring(side, side), "huge.png": _png_declaring(30000, 30000)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(BadImage, match=rf"image .*{name} has .*pixels, more than distcls decodes \(89,478,485"):
+            read_image(tmp_path / name, 3)
+    with pytest.raises(BadImage, match="9500 x 9500 = 90,250,000 pixels"):
+        read_image(tmp_path / "big.png", 3)
+    assert read_image(small, 3).shape == (3, 30, 40)
+
+
+def test_image_folders_and_predict_share_one_file_rule(tmp_path):
+    """#13, #19 (issue 19): .gif was documented but not read; a directory named like an image and
+    macOS's `._` files stopped training while predict's walk skipped them."""
+    from distcls.predict import expand
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
+    Image.new("P", (30, 20), 3).save(root / "daisy" / "anim.gif")
+    (root / "roses" / "looks_like.jpg").mkdir()
+    Image.new("RGB", (30, 20)).save(root / "roses" / "looks_like.jpg" / "inside.png")
+    (root / "roses" / "._img_000.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble metadata")
+    (root / "tulips" / ".thumbs").mkdir()
+    Image.new("RGB", (30, 20)).save(root / "tulips" / ".thumbs" / "t.jpg")
+    source = _data(root).splits.train.source
+    read = sorted(path for path, _ in source.samples)
+    assert len(read) == 12 + 2
+    assert str(root / "daisy" / "anim.gif") in read and str(root / "roses" / "looks_like.jpg" / "inside.png") in read
+    assert not any("._" in p or ".thumbs" in p for p in read)
+    assert read_image(root / "daisy" / "anim.gif", 3).shape == (3, 20, 30)
+    assert sorted(path for path, problem in expand([str(root)]) if problem is None) == read
+
+
+def test_class_folders_that_cannot_train_a_classifier_are_errors(tmp_path):
+    """#12, #19 (issue 19): an empty class folder (or one of non-images) became a class with
+    accuracy 0 on 0 samples, one class folder trained a 1-class classifier, and a val/ class
+    absent from train/ was dropped silently."""
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
+    (root / "lilies").mkdir()
+    with pytest.raises(UserError, match=r"class folder .*/lilies holds no images .*add its images or remove the folder"):
+        _data(root)
+    (root / "lilies" / "readme.txt").write_text("not an image")
+    with pytest.raises(UserError, match=r"class folder .*/lilies holds no images"):
+        _data(root)
+    (root / "lilies" / "readme.txt").unlink()
+    (root / "lilies").rmdir()
+    bad = root / "tulips"
+    for p in bad.iterdir():
+        p.write_bytes(b"")
+    with pytest.raises(UserError, match=r"class folder .*/tulips holds no usable images"):
+        _data(root, "data.skip_bad_images=true")
+    one = fakedata.write_imagefolder(tmp_path / "one", classes=("cats",), per_class=6, size=24)
+    with pytest.raises(UserError, match=r"holds one class folder \(cats\); a classifier needs at least 2 classes"):
+        _data(one)
+    split = fakedata.write_imagefolder(tmp_path / "split", per_class=4, size=24, layout="split")
+    (split / "val" / "lilies").mkdir()
+    Image.new("RGB", (30, 20)).save(split / "val" / "lilies" / "x.png")
+    with pytest.raises(UserError, match=r"class folder .*val/lilies has no counterpart in the training classes"):
+        build_data(config.load(None, [f"data.root={split}", "data.name=imagefolder", "data.image_size=16"]))
+
+
 def test_image_folder_resume_is_exact(tmp_path, folder):
     common = [f"data.root={folder}", *RRC, "data.batch_size=8", "sched.name=constant", "data.augment.rotation_deg=5"]
     full = train_in_process(tmp_path / "full", *common, "train.epochs=2")
@@ -195,3 +317,25 @@ def test_worker_hash_equals_the_batched_hash():
     keys = torch.tensor([0, 1, 7, 123456789, 2 ** 40])
     batched = keyed_uniform(3, 11, keys, 101)
     assert [keyed_uniform_scalar(3, 11, int(k), 101) for k in keys] == batched.tolist()
+
+
+def test_a_class_folder_whose_name_is_not_utf8_is_named_readably(tmp_path, capsys):
+    """#6 (issue 19): such a folder broke the end-of-run plots (a warning), `plot` and
+    `evaluate --out-dir` (TypeError traceback)."""
+    import os
+    from distcls import evaluate, plot
+    from distcls.cli import run_cli
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=6, size=24)
+    os.rename(root / "roses", os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9"))
+    out = tmp_path / "run"
+    summary = train_in_process(out, f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet",
+                               "train.epochs=1", "log.plots=true", "data.batch_size=4")
+    assert sorted(summary["per_class_test_acc"]) == ["caf\\xe9", "daisy", "tulips"]
+    captured = capsys.readouterr()
+    assert "plots not written" not in captured.out + captured.err
+    for name in ("confusion.png", "per_class.png"):
+        (out / "plots" / name).unlink()
+    assert run_cli(plot.main, [str(out)]) == 0
+    assert (out / "plots" / "confusion.png").is_file()
+    assert run_cli(evaluate.main, ["--checkpoint", str(out / "checkpoints/last.pt"), "--out-dir", str(tmp_path / "eval"), "--no-speed"]) == 0
+    assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["class_names"] == ["caf\\xe9", "daisy", "tulips"]

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -65,6 +66,27 @@ def test_plot_cli_on_a_run_without_checkpoints_draws_the_curves(run, tmp_path, c
     assert_png(partial / "plots" / "curves.png")
 
 
+def test_odd_lines_in_metrics_jsonl_are_skipped_by_plot_and_resume(run, tmp_path):
+    """#11 (issue 19): valid JSON that is not a record (not an object, a text loss) crashed
+    `plot` and `train --resume auto`."""
+    import shutil
+    out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    good = (copy / "metrics.jsonl").read_text()
+    record = json.loads(good.splitlines()[0])
+    odd = ["3", "[1, 2]", '"note"', "null", json.dumps({**record, "loss": "high"}), json.dumps({**record, "step": "7"}),
+           json.dumps({**record, "split": 5}), json.dumps({**record, "acc": True})]
+    (copy / "metrics.jsonl").write_text(good + "\n".join(odd) + "\n")
+    from distcls import plot
+    from distcls.tracking import read_jsonl
+    assert read_jsonl(copy / "metrics.jsonl") == [json.loads(line) for line in good.splitlines()]
+    assert plot.main([str(copy), "--no-eval"]) == 0
+    summary = train_in_process(copy, "train.epochs=3", "log.every_steps=10", resume="auto")
+    assert summary["epochs_completed"] == 3
+    assert all(json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines())
+
+
 def test_plot_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert_user_error(run_distcls("plot", [tmp_path]), "not a distcls run directory")
 
@@ -77,6 +99,24 @@ def test_class_plots_stay_readable_for_100_classes(tmp_path):
     w, h = assert_png(plot_confusion(confusion, names, tmp_path / "c.png"), min_side=800, max_side=3000)
     w2, h2 = assert_png(plot_per_class(confusion, names, tmp_path / "p.png"), min_side=500, max_side=3000)
     assert h2 > 1200  # one readable bar per class
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_every_output_has_the_umasks_mode(tmp_path, mask, mode):
+    """A team reads each other's runs: config.yaml, metrics.jsonl, summary.json, checkpoints
+    (best/epoch ones are hard links of last.pt) and plots get 0666 less the umask, as open() would."""
+    previous = os.umask(mask)
+    try:
+        train_in_process(tmp_path / "run", "train.epochs=2", "log.plots=true", "checkpoint.keep=2")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "run"
+    files = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt", "plots/curves.png"):
+        assert name in files, sorted(files)
+    assert any(name.startswith("checkpoints/epoch") for name in files), sorted(files)
+    wrong = {name: oct(m) for name, m in files.items() if m != mode and name != ".lock"}
+    assert not wrong, f"want {oct(mode)} under umask {oct(mask)}: {wrong}"
 
 
 # ------------------------------------------------------------------------- console

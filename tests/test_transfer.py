@@ -123,3 +123,21 @@ def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
     ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * 3
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
+
+
+def test_transfer_keys_that_would_be_silently_ignored_are_config_errors(tmp_path):
+    """#19 (issue 19): model.freeze=none with model.freeze_backbone=true (which froze the backbone),
+    and optim.backbone_lr_scale without pretrained weights, were accepted without a word."""
+    with pytest.raises(ConfigError, match="model.freeze=none contradicts model.freeze_backbone=true"):
+        config.load(None, ["model.freeze=none", "model.freeze_backbone=true", "model.pretrained=x.pth"])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model:\n  freeze: none\n  pretrained: x.pth\n")
+    with pytest.raises(ConfigError, match="model.freeze=none contradicts"):
+        config.load(str(yaml_file), ["model.freeze_backbone=true"])
+    assert config.load(None, ["model.freeze_backbone=true", "model.pretrained=x.pth"]).model.frozen  # the old spelling alone
+    out = tmp_path / "run"
+    proc = run_distcls("train", [f"run.out_dir={out}", "optim.backbone_lr_scale=0.1"])
+    assert_user_error(proc, "optim.backbone_lr_scale=0.1 needs model.pretrained")
+    assert not out.exists()
+    stored = config.load(None, ["optim.backbone_lr_scale=0.1"])  # a checkpoint's stored config still loads (evaluate, predict)
+    assert stored.optim.backbone_lr_scale == 0.1

@@ -34,6 +34,9 @@ def main(argv: Sequence[str]) -> int:
         module.add_arguments(sub)
         sub.add_argument("--out", help="also write the JSON result to this file")
     args = parser.parse_args(argv)
+    if args.out:
+        from distcls.rundir import check_output_file
+        check_output_file(args.out, "--out")  # before the measurement, not after it
     module = MODES[args.mode]
     result = module.run(args)
     text = json.dumps(result, indent=2)

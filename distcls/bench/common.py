@@ -26,7 +26,15 @@ def summary(out: Path) -> dict:
 
 
 def run_train(args, nproc: int = 1) -> None:
-    subprocess.run(train_cmd(args, nproc), check=True, env=child_env(), stdout=subprocess.DEVNULL)
+    """`python -m distcls.train args` (torchrun for nproc > 1); a failure is a UserError quoting its error line."""
+    from distcls.errors import UserError
+
+    proc = subprocess.run(train_cmd(args, nproc), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        reason = next((l for l in lines if l.startswith("distcls: error: ")), lines[-1] if lines else "")
+        raise UserError(f"distcls.train ({nproc} process{'es' if nproc > 1 else ''}) exited {proc.returncode}: "
+                        f"{reason.removeprefix('distcls: error: ')[:500]}")
 
 
 def machine() -> dict:

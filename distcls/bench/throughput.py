@@ -13,6 +13,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
+    from distcls import config
+    config.load(None, list(args.overrides))  # a bad override is one line now, not a failed run later
     result = {"mode": "throughput", "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="distcls-bench-") as tmp:
         for nproc in (1, 2):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from distcls.data.images import BadImage, sniff
+from distcls.data.images import BadImage, check_pixels, sniff
 from distcls.data.images import _tv_decode_jpeg as decode_jpeg
 from distcls.data.images import ImageReadMode
 from distcls.data.augment import host_to_device
@@ -28,6 +28,10 @@ def read_item(source, index: int, train: bool, seed: int, epoch: int):
     except OSError as exc:
         return "bad", f"image {path} is unreadable ({exc.strerror or exc})", label, index, path
     if sniff(data[:16]) == "jpeg":
+        try:
+            check_pixels(data, path)
+        except BadImage as exc:
+            return "bad", str(exc), label, index, path
         return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), label, index, path
     img, label, index, bad = source.load(index, train, seed, epoch)
     return ("bad", bad, label, index, path) if img is None else ("image", img, label, index, path)

@@ -19,10 +19,21 @@ from pathlib import Path
 
 from distcls.config import DataConfig
 from distcls.data.registry import register_dataset
-from distcls.data.sources import CropPolicy, FileSource, RawDataset, default_eval_resize
+from distcls.data.sources import CropPolicy, FileSource, RawDataset, default_eval_resize, printable_name
 from distcls.errors import UserError
 
-EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, recursively, in sorted order: FILES with an image extension.
+
+    The one rule of image-folder data and of predict's directory walk: a directory named like an
+    image (`x.jpg/`) is not an image (the files in it are), and every name starting with "." is
+    skipped, hidden files and folders alike, macOS's `._x.jpg` (AppleDouble metadata) among them.
+    """
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def _classes(folder: Path) -> list[str]:
@@ -34,10 +45,35 @@ def _scan(folder: Path, classes: list[str]) -> list:
     for label, name in enumerate(classes):
         class_dir = folder / name
         if class_dir.is_dir():
-            samples += [(str(p), label) for p in sorted(class_dir.rglob("*")) if p.suffix.lower() in EXTENSIONS]
+            samples += [(str(p), label) for p in image_files(class_dir)]
     if not samples:
         raise UserError(f"no images ({', '.join(sorted(EXTENSIONS))}) found under {folder}/<class>/; put each class's images in its own folder")
     return samples
+
+
+def _check_classes(folder: Path, classes: list[str], samples: list, skipped: int) -> None:
+    """Every class of train/ holds at least one usable image, and there are at least 2 classes."""
+    if len(classes) < 2:
+        raise UserError(f"{folder} holds one class folder ({classes[0]}); a classifier needs at least 2 classes, "
+                        f"each in its own folder {folder}/<class>/")
+    counts = [0] * len(classes)
+    for _, label in samples:
+        counts[label] += 1
+    empty = [name for name, n in zip(classes, counts) if n == 0]
+    if empty:
+        why = " usable" if skipped else ""
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise UserError(f"class folder {folder / empty[0]}{more} holds no{why} images ({', '.join(sorted(EXTENSIONS))}); "
+                        "add its images or remove the folder (a class without training images cannot be learned)")
+
+
+def _check_no_new_classes(folder: Path, classes: list[str]) -> None:
+    """A val/ or test/ class folder that train/ lacks would be dropped silently: an error instead."""
+    new = sorted(set(_classes(folder)) - set(classes))
+    if new:
+        more = f" (and {len(new) - 1} more)" if len(new) > 1 else ""
+        raise UserError(f"class folder {folder / new[0]}{more} has no counterpart in the training classes; "
+                        f"add {new[0]}/ to the training folder, or remove it from {folder}")
 
 
 def check_files(samples: list, skip_bad: bool) -> tuple[list, list]:
@@ -75,14 +111,19 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     def source(folder: Path):
         if train_dir == root and folder != root or not folder.is_dir():
             return None
+        if folder != train_dir:
+            _check_no_new_classes(folder, classes)
         samples, bad = check_files(_scan(folder, classes), cfg.skip_bad_images)
         skipped.extend(bad)
         if not samples:
             raise UserError(f"every image under {folder} is unreadable; nothing to train on")
+        if folder == train_dir:
+            _check_classes(folder, classes, samples, len(bad))
         return FileSource(samples, size, channels, policy, cfg.skip_bad_images)
 
     train, val, test = source(train_dir), source(root / "val"), source(root / "test")
     if test is None and val is not None:
         test, val = val, None
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
-    return RawDataset(train=train, test=test, val=val, class_names=classes, mean=mean, std=std, skipped_files=tuple(skipped))
+    # The class names a person reads (console, plots, predict, JSON); the files keep their own names.
+    return RawDataset(train=train, test=test, val=val, class_names=[printable_name(c) for c in classes], mean=mean, std=std, skipped_files=tuple(skipped))

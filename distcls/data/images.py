@@ -1,9 +1,14 @@
 """Image files -> uint8 tensors: decoding, a fast validity check, and the crop geometry.
 
-Decoding uses torchvision.io (libjpeg-turbo, libpng, libwebp) for JPEG/PNG/WebP/GIF and PIL for
-the other formats. Whatever the file holds, the result is uint8 [C, H, W] with C = 1 or 3:
-16-bit images are scaled (v * 255 / 65535), float images too ([0, 1] -> [0, 255]; other ranges
-min-max), never clipped.
+Decoding uses torchvision.io (libjpeg-turbo, giflib, libwebp) for JPEG/GIF/WebP and Pillow for PNG
+and the other formats. PNG goes through Pillow because torchvision's libpng decoder crashes the
+process (SIGSEGV) on a damaged PNG (a fuzz of 150 damaged PNGs: 132 segfaults) where Pillow raises
+OSError; its JPEG/GIF/WebP decoders raised cleanly on every damaged file of the same fuzz. Whatever
+the file holds, the result is uint8 [C, H, W] with C = 1 or 3: 16-bit images are scaled
+(v * 255 / 65535; 16-bit colour PNGs: Pillow's 8-bit reduction, within 1 of it), float images too
+([0, 1] -> [0, 255]; other ranges min-max), never clipped. An image of more than MAX_PIXELS pixels
+(any format, read from its header before decoding) is a bad image: one such file could take
+gigabytes in every DataLoader worker.
 
 Crops are computed in the coordinates of the decoded image and applied BEFORE resizing, so only
 the pixels that are kept get resized. RandomResizedCrop's choices are a pure function of
@@ -12,13 +17,17 @@ rank or worker makes the same crop of the same sample.
 """
 from __future__ import annotations
 
+import io
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from distcls.errors import first_line
 
 from distcls.data.sources import default_eval_resize  # noqa: F401  (re-exported)
 
@@ -48,7 +57,11 @@ _FORMATS = (
     ("tiff", b"MM\x00*", 0, None),
     ("pnm", b"P", 0, None),
 )
-TORCHVISION_FORMATS = {"jpeg", "png", "gif", "webp"}
+TORCHVISION_FORMATS = {"jpeg", "gif", "webp"}  # PNG: Pillow (see the module's docstring)
+
+# Pillow's Image.MAX_IMAGE_PIXELS (the size above which it warns of a decompression bomb): about
+# 9,460 x 9,460 pixels, 268 MB as uint8 RGB. Larger images are refused, in every format alike.
+MAX_PIXELS = 89_478_485
 
 
 def sniff(head: bytes) -> Optional[str]:
@@ -116,11 +129,69 @@ def _match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
     return t
 
 
-def _decode_pil(path, channels: int) -> torch.Tensor:
-    import numpy as np
+def _open_pil(data: bytes, path):
+    """Pillow's lazy open (the header only) with the pixel limit applied: a PIL image to `load()`."""
     from PIL import Image
 
-    with Image.open(path) as img:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, in our words
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:  # beyond 2 x MAX_PIXELS Pillow refuses by itself
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            _refuse_pixels(path, int(found.group(1)) if found else None)
+    if img.width * img.height > MAX_PIXELS:
+        _refuse_pixels(path, img.width * img.height, img.size)
+    return img
+
+
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start-of-frame: C0-CF but DHT, JPG, DAC
+
+
+def _jpeg_size(data: bytes):
+    """(width, height) from a JPEG's start-of-frame segment, or None (Pillow's open then decides)."""
+    i, n = 2, len(data)
+    while i + 9 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in _SOF_MARKERS:
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            i += 2
+            continue
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def check_pixels(data: bytes, path) -> None:
+    """Raise BadImage when the image's header declares more than MAX_PIXELS (reads the header only)."""
+    size = _jpeg_size(data) if data[:3] == b"\xff\xd8\xff" else None  # the hot path: 2 us instead of Pillow's 40
+    if size is not None:
+        if size[0] * size[1] > MAX_PIXELS:
+            _refuse_pixels(path, size[0] * size[1], size)
+        return
+    try:
+        _open_pil(data, path).close()
+    except BadImage:
+        raise
+    except Exception as exc:  # Pillow cannot parse the header: the file is damaged
+        raise BadImage(f"image {path} cannot be decoded ({first_line(exc)[:200]})") from None
+
+
+def _refuse_pixels(path, pixels, size=None):
+    what = f"{size[0]} x {size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels" if pixels else "too many pixels"
+    raise BadImage(f"image {path} has {what}, more than distcls decodes ({MAX_PIXELS:,}, Pillow's decompression-bomb "
+                   "limit); downscale it")
+
+
+def _decode_pil(data: bytes, path, channels: int) -> torch.Tensor:
+    import numpy as np
+
+    with _open_pil(data, path) as img:
         img.load()
         if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
             arr = np.asarray(img)
@@ -128,8 +199,11 @@ def _decode_pil(path, channels: int) -> torch.Tensor:
             if img.mode.startswith("I;16"):
                 t = t.to(torch.int32).clamp(0, 65535).to(torch.uint16) if hasattr(torch, "uint16") else t
             return _match_channels(to_uint8(t), channels)
-        img = img.convert("L" if channels == 1 else "RGB")
-        return torch.from_numpy(np.array(img)).view(img.height, img.width, -1).permute(2, 0, 1).contiguous()
+        mode = "L" if channels == 1 else "RGB"
+        if img.mode != mode:
+            img = img.convert(mode)
+        # [C, H, W] over the HWC pixels (channels-last strides): crop_resize works in that layout anyway
+        return torch.from_numpy(np.array(img)).view(img.height, img.width, -1).permute(2, 0, 1)
 
 
 def read_image(path, channels: int = 3) -> torch.Tensor:
@@ -143,13 +217,14 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
         raise BadImage(f"image {path} is {'an empty file' if not data else 'not an image (unknown header)'}")
     try:
         if fmt in TORCHVISION_FORMATS:
+            check_pixels(data, path)
             mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY  # also CMYK, palette, alpha -> RGB/gray
             t = _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
             if t.dim() == 4:  # animated GIF: first frame
                 t = t[0]
             t = _match_channels(to_uint8(t), channels)
         else:
-            t = _decode_pil(path, channels)
+            t = _decode_pil(data, path, channels)
     except BadImage:
         raise
     except Exception as exc:  # decoders raise RuntimeError, OSError, ValueError, ...

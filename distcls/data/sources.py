@@ -170,9 +170,20 @@ class RawDataset:
     skipped_files: Sequence[str] = ()  # bad files left out before training (data.skip_bad_images=true)
 
 
+def printable_name(name: str) -> str:
+    """A class name any console, JSON file or font can show: a folder name that is not valid UTF-8
+    (Python reads its bytes as surrogate escapes) gets them as \\xNN, e.g. b'caf\\xe9' -> 'caf\\xe9'."""
+    if not isinstance(name, str):
+        return str(name)
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def class_labels(names: Sequence[str], num_classes: int) -> list:
-    """`names` when there is one per class, else "0".."num_classes-1"."""
-    return list(names) if len(names) == num_classes else [str(i) for i in range(num_classes)]
+    """`names` (printable) when there is one per class, else "0".."num_classes-1"."""
+    return [printable_name(n) for n in names] if len(names) == num_classes else [str(i) for i in range(num_classes)]
 
 
 @dataclass(frozen=True)

@@ -26,16 +26,35 @@ def metric_record(split: str, epoch: int, step: int, loss: float, acc: float, lr
             "images_per_sec": images_per_sec, **extra, "time": time.time()}
 
 
+_INTEGERS = ("epoch", "step", "epoch_step", "skipped_steps", "count")
+_NUMBERS = ("loss", "acc", "lr", "images_per_sec", "time")
+
+
+def is_record(r) -> bool:
+    """A line distcls could have written: an object with a split, integer epoch/step and numbers
+    (or null) where numbers belong. Anything else (a list, a text loss, a hand-added note) is
+    skipped when the file is read, like a torn last line."""
+    if not isinstance(r, dict) or r.get("split") not in ("train", "val", "test"):
+        return False
+    if any(not isinstance(r.get(k, 0), int) or isinstance(r.get(k), bool) for k in _INTEGERS) or "step" not in r:
+        return False
+    return all(r.get(k) is None or isinstance(r[k], (int, float)) and not isinstance(r[k], bool) for k in _NUMBERS)
+
+
 def read_jsonl(path) -> list[dict]:
+    """metrics.jsonl's records, without the lines that are not records (see is_record); a line
+    that is not JSON (the torn last line of a crash) is skipped too."""
     records = []
     p = Path(path)
     if not p.is_file():
         return records
-    for line in p.read_text().splitlines():
+    for line in p.read_text(errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            r = json.loads(line)
         except json.JSONDecodeError:
             continue  # torn last line of a crash
+        if is_record(r):
+            records.append(r)
     return records
 
 

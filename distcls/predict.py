@@ -22,7 +22,7 @@ import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.imagefolder import EXTENSIONS
-from distcls.data.sources import decode_image, default_eval_resize
+from distcls.data.file_source import default_eval_resize, load_eval_image
 from distcls.errors import ExitCode
 from distcls.inference import restore
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, decode_image(path, spec.image_size, spec.channels, resize)))
+                pending.append((path, load_eval_image(path, spec.image_size, spec.channels, resize)))
             except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:

@@ -12,8 +12,9 @@ import torch
 from distcls import config as config_mod
 from distcls import dist
 from distcls.cli import ArgumentParser, exit_with, report
+from distcls.components import DEBUG_STEPS_PER_EPOCH
 from distcls.errors import ConfigError, ExitCode
-from distcls.runner import DEBUG_STEPS_PER_EPOCH, Stopped, TrainingRun
+from distcls.runner import Stopped, TrainingRun
 
 EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
     f"  {path:28s} {help} [default: {default!r}]" for path, default, help in config_mod.describe())

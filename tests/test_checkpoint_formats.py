@@ -67,3 +67,21 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     epoch_records = lambda run: [(r["split"], r["loss"], r["acc"]) for r in read_jsonl(tmp_path / run / "metrics.jsonl")  # noqa: E731
                                  if "epoch_step" not in r and r["split"] == "train" and r["epoch"] == 1]
     assert epoch_records("resumed") == epoch_records("plain")  # the first epoch's loss includes steps 1-4 of the fixture
+
+
+def test_reading_a_format_1_checkpoint_gives_the_format_2_layout():
+    from distcls.checkpoint import read_checkpoint
+    ck = read_checkpoint(MID_EPOCH)
+    assert ck["progress"] == {"epoch": 0, "epoch_step": 4, "global_step": 4, "best_metric": -1.0, "skipped_steps": 0,
+                              "wandb_id": None, "epoch_totals": load_ckpt(MID_EPOCH)["meter"],
+                              "logged_totals": load_ckpt(MID_EPOCH)["interval_meter"]}
+    assert ck["progress"]["epoch_totals"]["count"] == 128 and "meter" not in ck
+
+
+def test_a_top_level_copy_that_disagrees_with_the_progress_is_refused():
+    from distcls.atomic_files import UnreadableCheckpoint
+    from distcls.checkpoint import read_checkpoint, validate_checkpoint
+    ck = read_checkpoint(MID_EPOCH)
+    ck["step"] = 5
+    with pytest.raises(UnreadableCheckpoint, match="its 'step' \\(5\\) differs from its progress's global_step \\(4\\)"):
+        validate_checkpoint(ck, "x.pt")

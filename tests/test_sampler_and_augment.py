@@ -8,7 +8,8 @@ from distcls.config import AugmentConfig
 from distcls.data.augment import Preprocess, keyed_uniform
 from distcls.data.loader import eval_loader, train_loader
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
-from distcls.data.sources import DataSpec, SplitView, TensorSource
+from distcls.data.sources import SplitView, TensorSource
+from distcls.spec import DataSpec
 from distcls.errors import ConfigError
 
 

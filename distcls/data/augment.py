@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
-from distcls.data.sources import DataSpec
+from distcls.copies import host_to_device
+from distcls.spec import DataSpec
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -45,13 +46,6 @@ def keyed_uniform(seed: int, epoch: int, keys: torch.Tensor, stream: int) -> tor
 
 # The hash streams of the batched augmentation (image folders' worker-side flip uses stream 3 too).
 CROP_Y_STREAM, CROP_X_STREAM, FLIP_STREAM, ROTATION_STREAM = 1, 2, 3, 4
-
-
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor onto `device` without making the host wait (pinned, non-blocking for CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 @dataclass(frozen=True)

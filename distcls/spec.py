@@ -1,0 +1,36 @@
+"""What a model needs to know about its inputs (channels, classes, size, normalization): the one
+piece of the data that models, checkpoints and inference share, importable without the data package."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+
+def class_labels(names: Sequence[str], num_classes: int) -> list:
+    """`names` when there is one per class, else "0".."num_classes-1"."""
+    return list(names) if len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about its inputs; stored in every checkpoint."""
+    channels: int
+    num_classes: int
+    image_size: int
+    class_names: tuple = field(default=())
+    mean: tuple = ()
+    std: tuple = ()
+
+    @property
+    def labels(self) -> list:
+        """The class names to print: `class_names`, or "0".."n-1" when the dataset names no classes."""
+        return class_labels(self.class_names, self.num_classes)
+
+    def to_dict(self) -> dict:
+        return {"channels": self.channels, "num_classes": self.num_classes, "image_size": self.image_size,
+                "class_names": list(self.class_names), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSpec":
+        return cls(int(d["channels"]), int(d["num_classes"]), int(d["image_size"]),
+                   tuple(d.get("class_names", ())), tuple(d.get("mean", ())), tuple(d.get("std", ())))

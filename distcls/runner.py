@@ -1,5 +1,5 @@
-"""One training run, start to finish: wires config -> dist -> data -> models -> engine ->
-checkpoint/tracking (`_setup`), runs the epoch loop (`_loop`, one screen), and writes the results.
+"""One training run, start to finish: builds the components (components.py) and restores, sets up
+the outputs and announces (`_setup`), runs the epoch loop (`_loop`, one screen), and writes the results.
 
 Functions that communicate say "Collective" in their docstring; each is called on every rank at
 the same point of the run, so none can hang on a rank that skipped it.
@@ -20,8 +20,8 @@ from distcls.atomic_files import atomic_write_text
 from distcls.checkpoint import CheckpointFiles, ResumePoint, SaveReason, read_checkpoint, resume_reason
 from distcls.components import Components, build_components
 from distcls.config import Config
-from distcls.dist import DistEnv
 from distcls.copies import HostCopy
+from distcls.dist import DistEnv
 from distcls.engine import EvalResult, Progress, Totals, evaluate
 from distcls.errors import UserError
 from distcls.models import count_parameters
@@ -29,6 +29,7 @@ from distcls.rundir import RunDirLock, check_outputs
 from distcls.signals import StopRequest
 from distcls.tracking import Console, MetricsLog, WandbLogger, metric_record, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
+
 
 @dataclass(frozen=True)
 class EpochEnd:

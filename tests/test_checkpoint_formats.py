@@ -8,7 +8,6 @@ format of every checkpoint written before format 2), in one process on the CPU:
   6 steps, log.every_steps=2, stopped by SIGTERM after step 4 of the first epoch.
 """
 import json
-import shutil
 from pathlib import Path
 
 import pytest

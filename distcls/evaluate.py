@@ -42,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
         check_output_dir(args.out_dir, "--out-dir")  # before the work, not after it
     env = dist.detect()
     restored = restore(args.checkpoint, env.device, args.overrides)
-    check_stored_plugins(restored.checkpoint["config"], args.checkpoint, args.overrides, sections=("data",))
+    check_stored_plugins(restored.checkpoint.config, args.checkpoint, args.overrides, sections=("data",))
     cfg, spec = restored.cfg, restored.spec
     dist.init(env, cfg.dist.timeout_s)
     try:

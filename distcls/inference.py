@@ -10,11 +10,13 @@ from typing import Sequence
 import torch
 
 from distcls import config as config_mod
-from distcls.checkpoint import load_model_state, read_checkpoint
+from distcls.checkpoint import ResumePoint, read_checkpoint
+from distcls.checkpoint.checkpointer import ModuleWeights, load_components
 from distcls.config import Config
-from distcls.data import DataSpec, Preprocess
+from distcls.data import Preprocess
 from distcls.errors import ConfigError, UserError
 from distcls.models import build_model
+from distcls.spec import DataSpec
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Restored:
     spec: DataSpec
     model: torch.nn.Module
     preprocess: Preprocess
-    checkpoint: dict
+    checkpoint: ResumePoint
 
 
 def _explicit_keys(overrides: Sequence[str]) -> set:
@@ -45,28 +47,28 @@ def check_stored_plugins(stored: dict, path, overrides: Sequence[str], sections=
 
 
 def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> Restored:
-    ckpt = read_checkpoint(path, "--checkpoint", resume=False)
-    base = copy.deepcopy(ckpt["config"])
+    point = ResumePoint(path, read_checkpoint(path, "--checkpoint", resume=False))
+    base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
-        base.setdefault("data", {})["image_size"] = ckpt["data_spec"]["image_size"]
-    saved = config_mod.from_dict(copy.deepcopy(ckpt["config"])) if "freeze" in base["model"] else None
+        base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]
+    saved = config_mod.from_dict(copy.deepcopy(point.config)) if "freeze" in base["model"] else None
     frozen = saved.model.frozen if saved is not None else bool(base["model"].get("freeze_backbone"))
     base["model"]["freeze"], base["model"]["freeze_backbone"] = "none", None
     try:
         cfg = config_mod.load(None, overrides, base=base)
     except ConfigError as exc:
         raise UserError(f"checkpoint {path}: its stored config with your overrides is invalid: {exc}") from None
-    spec = DataSpec.from_dict(ckpt["data_spec"])
+    spec = DataSpec.from_dict(point.data_spec)
     model = build_model(cfg.model, spec)
     if frozen:
         from distcls.models.transfer import freeze_backbone
         model = freeze_backbone(model)  # same module types (FrozenBatchNorm2d) as when it was saved
-    load_model_state(model, ckpt["model"], path)
+    load_components(point, {"model": ModuleWeights(model)})  # as a resume restores it
     model.to(device).eval()
-    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, interpolation=cfg.data.interpolation)  # no training: no draw table
-    return Restored(cfg, spec, model, pre, ckpt)
+    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, interpolation=cfg.data.interpolation)  # no training: no per-epoch draw table
+    return Restored(cfg, spec, model, pre, point)
 
 
 @torch.no_grad()

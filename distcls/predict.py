@@ -22,8 +22,8 @@ from typing import Iterator, Sequence
 import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
+from distcls.data.file_source import default_eval_resize, load_eval_image
 from distcls.data.imagefolder import EXTENSIONS, image_files
-from distcls.data.sources import decode_image, default_eval_resize
 from distcls.errors import ExitCode
 from distcls.inference import restore
 
@@ -99,7 +99,7 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, decode_image(path, spec.image_size, spec.channels, resize, restored.cfg.data.interpolation)))
+                pending.append((path, load_eval_image(path, spec.image_size, spec.channels, resize, restored.cfg.data.interpolation)))
             except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from distcls.checkpoint import ResumePoint
 from distcls.config import Config, TrainConfig
 from distcls.errors import ConfigError, TrainingDiverged
 
@@ -60,14 +61,14 @@ def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, o
     return changed
 
 
-def check_resume_config(checkpoint: dict, path, cfg: Config) -> None:
-    """Refuse to resume `checkpoint` (read from `path`) when `cfg` changes a key of POSITION_KEYS
-    or of the optimizer/schedule: one ConfigError naming the key, both values and what to do."""
-    changed = changed_resume_keys(checkpoint.get("config") or {}, cfg.to_dict())
+def check_resume_config(point: ResumePoint, cfg: Config) -> None:
+    """Refuse to resume from `point` when `cfg` changes a key of POSITION_KEYS or of the
+    optimizer/schedule: one ConfigError naming the key, both values and what to do."""
+    changed = changed_resume_keys(point.config or {}, cfg.to_dict())
     if not changed:
         return
+    path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
     key, old, new = changed[0]
-    epoch, epoch_step = checkpoint.get("epoch", 0), checkpoint.get("epoch_step", 0)
     where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
     if key.split(".")[0] in SCHEDULE_SECTIONS:
         why = ("a resume continues the checkpoint's optimizer state and lr schedule, so the new value would not run; "

@@ -1,68 +1,42 @@
-"""One training run, start to finish: wires config -> dist -> data -> models -> engine ->
-checkpoint/tracking (`_setup`), runs the epoch loop (`_loop`, one screen), and writes the results.
+"""One training run, start to finish: builds the components (components.py) and restores, sets up
+the outputs and announces (`_setup`), runs the epoch loop (`_loop`, one screen), and writes the results.
 
 Functions that communicate say "Collective" in their docstring; each is called on every rank at
 the same point of the run, so none can hang on a rank that skipped it.
 """
 from __future__ import annotations
 
-import inspect
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 import torch
-import torch.nn as nn
 
 from distcls import config as config_mod
 from distcls import dist
 from distcls.atomic_files import atomic_write_text
-from distcls.checkpoint import CheckpointFiles, Checkpointer, GlobalRNG, ResumePoint, SaveReason, read_checkpoint, resume_reason
-from distcls.checkpoint.checkpointer import ModuleWeights, OptimizerState, SavePolicy
+from distcls.checkpoint import CheckpointFiles, ResumePoint, SaveReason, read_checkpoint, resume_reason
+from distcls.components import Components, build_components
 from distcls.config import Config
-from distcls.data import Data, build_data, eval_loader, train_loader
-from distcls.data.loader import BatchLoader
+from distcls.copies import HostCopy
 from distcls.dist import DistEnv
-from distcls.engine import backends
-from distcls.engine import EvalResult, HostCopy, Precision, Progress, Totals, Trainer, build_optimizer, build_scheduler, evaluate
+from distcls.engine import EvalResult, Progress, Totals, evaluate
 from distcls.errors import UserError
-from distcls.models import build_model, check_forward, count_parameters
+from distcls.models import count_parameters
 from distcls.rundir import RunDirLock, check_outputs
 from distcls.run_checks import check_resume_config, check_skipped_steps
 from distcls.signals import StopRequest
 from distcls.tracking import Console, MetricsLog, WandbLogger, metric_record, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
 
-DEBUG_STEPS_PER_EPOCH = 5
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_model(cfg: Config, env: DistEnv, spec, log=lambda msg: None) -> tuple[nn.Module, nn.Module]:
-    """(model to train: compiled and/or DDP-wrapped, plain module that owns the weights)."""
-    module = build_model(cfg.model, spec, log)
-    check_forward(module, spec, cfg.model.name)
-    if cfg.train.sync_bn and env.distributed:
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    module = module.to(env.device)
-    if cfg.train.channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    model = torch.compile(module) if cfg.train.compile else module
-    if env.distributed:
-        # BatchNorm buffers are not synced in forward; the run averages them at every epoch end instead.
-        ddp = inspect.signature(nn.parallel.DistributedDataParallel).parameters
-        buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp else {"broadcast_buffers": False}
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True, **buffers)
-    return model, module
+@dataclass(frozen=True)
+class EpochEnd:
+    """What an epoch's end found: a new best validation accuracy; a stop agreed by every rank."""
+    new_best: bool
+    stop: bool
 
 
 @dataclass
@@ -70,26 +44,6 @@ class Stopped:
     """The run stopped at a step boundary on a signal; `checkpoint` resumes it exactly."""
     signal_name: str
     checkpoint: Optional[Path]
-
-
-@dataclass
-class RunParts:
-    """Everything `_setup` builds, for the loop and the final evaluation."""
-    data: Data
-    train: BatchLoader
-    val: Optional[BatchLoader]
-    test: BatchLoader
-    module: nn.Module
-    optimizer: torch.optim.Optimizer
-    trainer: Trainer
-    progress: Progress
-    checkpointer: Checkpointer
-    wandb: WandbLogger
-    resumed_from: Optional[dict]
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
 
 
 class TrainingRun:
@@ -103,6 +57,8 @@ class TrainingRun:
         self._interval_start = 0.0  # perf_counter at the last log.every_steps record (or the epoch's start)
         self._train_images, self._train_seconds = 0, 0.0  # this process's training throughput, for the summary
         self._bar_copy, self._bar_time = None, 0.0  # the progress bar's in-flight copy of the running sums
+        self.wandb: Optional[WandbLogger] = None  # started by _setup
+        self.resumed_from: Optional[dict] = None  # what summary.json says of the resume point
         if env.is_main:  # rank 0 writes: it checks the outputs and holds the out_dir for the run's lifetime
             check_outputs(self.out_dir)
             self.lock.acquire()
@@ -153,14 +109,14 @@ class TrainingRun:
 
     def _finished_summary(self) -> Optional[dict]:
         """The summary of this out_dir's run when the resume point is its final checkpoint and it was written."""
-        saved = self.resume_point.checkpoint if self.resume_point is not None else None
-        if saved is None or saved["epoch"] < self.cfg.train.epochs or saved.get("epoch_step", 0):
+        point = self.resume_point
+        if point is None or point.epoch < self.cfg.train.epochs or point.epoch_step:
             return None
         try:
             summary = json.loads((self.out_dir / "summary.json").read_text())
         except (OSError, ValueError):
             return None  # stopped between the final checkpoint and the summary: evaluate the test split again
-        if not isinstance(summary, dict) or summary.get("global_step") != saved["step"]:
+        if not isinstance(summary, dict) or summary.get("global_step") != point.global_step:
             return None
         return summary
 
@@ -186,12 +142,12 @@ class TrainingRun:
             try:
                 stopped = self._loop(parts, stop)
             except BaseException:
-                parts.wandb.stop(preempted=False)
+                self.wandb.stop(preempted=False)
                 raise
             finally:
                 self.console.end_epoch()
             if stopped is not None:
-                parts.wandb.stop(preempted=True)
+                self.wandb.stop(preempted=True)
                 return stopped
             return self._finish(parts, wall)
         finally:
@@ -199,33 +155,32 @@ class TrainingRun:
                 stop.uninstall()
             self.close()
 
-    def _loop(self, parts: RunParts, stop: StopRequest) -> Optional[Stopped]:
+    def _loop(self, parts: Components, stop: StopRequest) -> Optional[Stopped]:
         """Collective. The epochs from the resume point on; `Stopped` when a signal ended the run."""
         cfg, progress, checkpointer = self.cfg, parts.progress, parts.checkpointer
+        saved = None
         self._skipped_before = progress.skipped_steps  # steps skipped before this process's first epoch
-        for epoch in range(progress.epoch, cfg.train.epochs):
-            first_step, epoch_start = progress.epoch_step, time.perf_counter()
-            self._interval_start = epoch_start
-            self.console.start_epoch(epoch, cfg.train.epochs, parts.train.sampler.steps_per_epoch, first_step, cfg.data.batch_size)
-            stopping = False
-            for step in parts.trainer.train_epoch(parts.train, progress, lambda: stop.requested):
+        while progress.epoch < cfg.train.epochs and not stop.agreed:
+            first_step, started = progress.epoch_step, time.perf_counter()
+            self._start_epoch(parts, started)
+            for _ in parts.trainer.train_epoch(parts.train, progress, stop):  # one optimizer step each, queued on the device
                 self._advance_bar(parts)
                 if cfg.log.every_steps and progress.global_step % cfg.log.every_steps == 0:
-                    self._log_train_interval(parts)
-                if step.stop_requested:
-                    stopping = True
-                    break
-                checkpointer.maybe_save(SaveReason.STEP)
+                    self._log_train_interval(parts)  # Collective: reads the running sums of every rank
+                if not stop.agreed:  # (a stop is saved below, where the loop ends)
+                    checkpointer.maybe_save(SaveReason.STEP)  # Collective; checkpoint.every_steps
             self.console.end_epoch()
-            if stopping and progress.epoch_step < parts.train.sampler.steps_per_epoch:  # mid-epoch
-                return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP))
-            steps = progress.epoch_step - first_step
-            new_best = self._end_epoch(parts, steps * cfg.data.batch_size, time.perf_counter() - epoch_start)
-            self._check_skipped(progress, epoch + 1, steps)
-            stopping = dist.any_rank(stopping or stop.requested, self.env.device)  # also a signal during validation
-            if stopping:
-                return self._stopped(stop, checkpointer.maybe_save(SaveReason.STOP, new_best))
-            checkpointer.maybe_save(SaveReason.EPOCH_END, new_best)
+            if stop.agreed and progress.mid_epoch:  # stopped inside the epoch: saved exactly there, no epoch end
+                saved = checkpointer.maybe_save(SaveReason.STOP)
+            else:
+                steps = progress.epoch_step - first_step
+                end = self._end_epoch(parts, stop, images=steps * cfg.data.batch_size, seconds=time.perf_counter() - started)
+                self._check_skipped(progress, progress.epoch + 1, steps)  # may stop the run: before this epoch's save
+                progress.finish_epoch()  # from here a save resumes at the next epoch's start
+                saved = checkpointer.maybe_save(SaveReason.STOP if end.stop else SaveReason.EPOCH_END, end.new_best)
+        if stop.agreed:
+            # every rank stops; only rank 0 wrote the file (and knows it was written: non-finite weights are not)
+            return Stopped(stop.signal_name or "a stop signal on another rank", saved or self.files.last)
         return None
 
     def _check_skipped(self, progress: Progress, epoch: int, steps: int) -> None:
@@ -234,81 +189,66 @@ class TrainingRun:
         skipped, self._skipped_before = total - self._skipped_before, total
         check_skipped_steps(epoch, skipped, steps, self.cfg.train, self._warn_main, total)
 
-    def _stopped(self, stop: StopRequest, saved: Optional[Path]) -> Stopped:
-        # every rank stops; only rank 0 wrote the file (and knows it was written: non-finite weights are not)
-        return Stopped(stop.signal_name or "a stop signal on another rank", saved or self.files.last)
-
     # ----------------------------------------------------------------- setup
 
-    def _setup(self) -> RunParts:
-        cfg, env = self.cfg, self.env
-        seed_everything(cfg.run.seed)
-        backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or self.debug, env.device)
-        data = build_data(cfg)
-        spec = data.spec
-        model, module = prepare_model(cfg, env, spec, self.console.info)
-        optimizer = build_optimizer(module, cfg.optim)
-        max_steps = cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if self.debug else None)
-        loading = (0 if self.debug else cfg.data.num_workers, cfg.data.prefetch_factor, cfg.data.gpu_decode)
-        train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
-                             loading[0], max_steps, *loading[1:], repeats=cfg.data.repeats)
-        eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
-        val = eval_loader(data.splits.val, eval_batch, env.world_size, env.rank, env.device, *loading) if data.splits.val else None
-        test = eval_loader(data.splits.test, eval_batch, env.world_size, env.rank, env.device, *loading)
+    def _setup(self) -> Components:
+        """Collective: build the components, restore the resume point, set up the outputs, announce."""
+        parts = build_components(self.cfg, self.env, self.debug, self.files, self.console.info)
+        self.resumed_from = self._restore(parts) if self.resume_point is not None else None
+        self._prepare_outputs(parts.progress)
+        self.wandb = WandbLogger(self.cfg.log.wandb, str(self.out_dir), self.cfg.to_dict(), self.env.is_main,
+                                 parts.progress.wandb_id, warn=self.console.warn)
+        parts.progress.wandb_id = self.wandb.run_id  # kept in every checkpoint: a resumed run continues the same wandb run
+        self._announce(parts)
+        return parts
+
+    def _restore(self, parts: Components) -> dict:
+        """Every component from the resume point (every rank reads it); what `summary.json` says of it."""
+        point = self.resume_point
+        parts.checkpointer.load(point)  # refuses another model, optimizer or data shape
+        check_resume_config(point, self.cfg)  # then a changed position or schedule (nothing written yet)
+        return {"path": str(point.path), "epoch": point.epoch, "epoch_step": point.epoch_step, "step": point.global_step,
+                "world_size": point.world_size or self.env.world_size}
+
+    def _prepare_outputs(self, progress: Progress) -> None:
+        """Rank 0: config.yaml, and metrics.jsonl without the records past the resume point."""
+        if self.env.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out_dir / "config.yaml", config_mod.to_yaml(self.cfg))
+            self.metrics.truncate_after(progress.global_step if self.resumed_from else -1)
+
+    def _announce(self, parts: Components) -> None:
+        cfg, env, data, spec, progress = self.cfg, self.env, parts.data, parts.data.spec, parts.progress
         for bad in data.skipped_files[:5]:
             self._warn_main(f"skipped bad image {bad}")
         if len(data.skipped_files) > 5:
             self._warn_main(f"... and {len(data.skipped_files) - 5} more bad images skipped (data.skip_bad_images=true)")
-        steps_per_epoch = train.sampler.steps_per_epoch
-        scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
-        precision = Precision(cfg.train.amp, env.device)
-        trainer = Trainer(model, module, optimizer, scheduler, precision, cfg.train, data.preprocess, env.device)
-        progress = Progress(env.device, env.is_main)
-        checkpointer = Checkpointer(
-            self.files, {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
-                         "scaler": precision, "rng": GlobalRNG()}, progress,
-            SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, steps_per_epoch, val is not None),
-            {"config": cfg.to_dict(), "data_spec": spec.to_dict(), "world_size": env.world_size}, env.is_main,
-            before_save=lambda: trainer.check_diverged(progress))
-        resumed_from = None
-        if self.resume_point is not None:
-            saved = self.resume_point.checkpoint
-            checkpointer.load(self.resume_point)  # refuses another model, optimizer or data shape
-            check_resume_config(saved, self.resume_point.path, cfg)  # then a changed position or schedule (nothing written yet)
-            resumed_from = {"path": str(self.resume_point.path), "epoch": saved["epoch"], "epoch_step": saved.get("epoch_step", 0),
-                            "step": saved["step"], "world_size": saved.get("world_size", env.world_size)}
-        if env.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out_dir / "config.yaml", config_mod.to_yaml(cfg))
-            self.metrics.truncate_after(progress.global_step if resumed_from else -1)
-        wandb = WandbLogger(cfg.log.wandb, str(self.out_dir), cfg.to_dict(), env.is_main, progress.wandb_id, warn=self.console.warn)
-        progress.wandb_id = wandb.run_id
-        total, trainable = count_parameters(module)
+        total, trainable = count_parameters(parts.module)
         self.console.info(
             f"distcls: {cfg.model.name} ({total:,} parameters, {trainable:,} trainable) on {cfg.data.name} "
             f"{spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes | train {len(data.splits.train)} / "
             f"val {len(data.splits.val) if data.splits.val else 0} / test {len(data.splits.test)} | world {env.world_size} "
             f"({env.launcher}, {env.device.type}, {env.backend if env.distributed else 'no process group'}) | "
-            f"global batch {cfg.data.batch_size}, {steps_per_epoch} steps/epoch")
-        if resumed_from:
-            self.console.info(f"resumed from {resumed_from['path']} at epoch {progress.epoch + 1}, step {progress.epoch_step} of the epoch")
-            if resumed_from["world_size"] != env.world_size:
-                self.console.info(f"the checkpoint was saved at world size {resumed_from['world_size']}; resuming at world size "
+            f"global batch {cfg.data.batch_size}, {parts.train.sampler.steps_per_epoch} steps/epoch")
+        resumed = self.resumed_from
+        if resumed:
+            self.console.info(f"resumed from {resumed['path']} at epoch {progress.epoch + 1}, step {progress.epoch_step} of the epoch")
+            if resumed["world_size"] != env.world_size:
+                self.console.info(f"the checkpoint was saved at world size {resumed['world_size']}; resuming at world size "
                                   f"{env.world_size} (same global batch {cfg.data.batch_size}, same sample order)")
-        return RunParts(data, train, val, test, module, optimizer, trainer, progress, checkpointer, wandb, resumed_from)
 
     # ----------------------------------------------------------------- records
 
-    def _record(self, parts: RunParts, split: str, epoch: int, totals: Union[Totals, EvalResult], **extra) -> dict:
+    def _record(self, parts: Components, split: str, epoch: int, totals: Union[Totals, EvalResult], **extra) -> dict:
         """One metrics.jsonl line (rank 0) and wandb entry; the only place records are assembled."""
         record = metric_record(split, epoch, parts.progress.global_step, totals.loss, totals.acc, parts.lr, **extra)
         self.metrics.write(record)
-        parts.wandb.log(record)
+        self.wandb.log(record)
         return record
 
     BAR_READ_SECONDS = 0.5
 
-    def _advance_bar(self, parts: RunParts) -> None:
+    def _advance_bar(self, parts: Components) -> None:
         """The terminal bar (rank 0). Its running loss/accuracy are rank 0's own sums, copied to the
         host without waiting every BAR_READ_SECONDS and shown once the copy has landed: no stall, no
         collective."""
@@ -321,7 +261,7 @@ class TrainingRun:
                 self._bar_copy, self._bar_time = HostCopy(parts.progress.epoch_sums.values.clone()), now
         self.console.advance(*sums, lr=parts.lr)
 
-    def _log_train_interval(self, parts: RunParts) -> None:
+    def _log_train_interval(self, parts: Components) -> None:
         """Collective: the train record of the steps since the previous one (log.every_steps)."""
         progress, now = parts.progress, time.perf_counter()
         totals = progress.agree_sums()
@@ -334,9 +274,14 @@ class TrainingRun:
             self.console.info(f"epoch {progress.epoch + 1} step {progress.epoch_step} loss {interval.loss:.4f} acc {interval.acc:.4f} "
                               f"| {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}")
 
-    def _end_epoch(self, parts: RunParts, images: int, seconds: float) -> bool:
+    def _start_epoch(self, parts: Components, started: float) -> None:
+        self._interval_start = started
+        self.console.start_epoch(parts.progress.epoch, self.cfg.train.epochs, parts.train.sampler.steps_per_epoch,
+                                 parts.progress.epoch_step, self.cfg.data.batch_size)
+
+    def _end_epoch(self, parts: Components, stop: StopRequest, images: int, seconds: float) -> EpochEnd:
         """Collective: the epoch's train record, BatchNorm statistics averaged (the one place they
-        are), validation. Advances `progress` past the epoch; True when validation accuracy is a new best."""
+        are), validation, and a stop signal agreed (one that came during the evaluation too)."""
         progress, cfg = parts.progress, self.cfg
         epoch = progress.epoch + 1
         dist.average_buffers(parts.module)
@@ -346,24 +291,23 @@ class TrainingRun:
         new_best, val_record = False, None
         if parts.val is not None:
             result = evaluate(parts.module, parts.val, parts.data.preprocess, parts.data.spec.num_classes,
-                              parts.trainer.precision.dtype, parts.trainer.memory_format)
+                              parts.precision.dtype, parts.trainer.memory_format)
             new_best = result.acc > progress.best_metric
             progress.best_metric = max(progress.best_metric, result.acc)
             val_record = self._record(parts, "val", epoch, result, count=result.count)
-        progress.finish_epoch()
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
                                progress.best_metric if parts.val is not None else None, new_best)
-        return new_best
+        return EpochEnd(new_best=new_best, stop=stop.agree(self.env.device))
 
     # ----------------------------------------------------------------- the end
 
-    def _finish(self, parts: RunParts, wall: float) -> dict:
+    def _finish(self, parts: Components, wall: float) -> dict:
         """Collective: test evaluation, summary.json, plots, wandb summary."""
         cfg, env, progress, spec = self.cfg, self.env, parts.progress, parts.data.spec
         result = evaluate(parts.module, parts.test, parts.data.preprocess, spec.num_classes,
-                          parts.trainer.precision.dtype, parts.trainer.memory_format)
-        loaders = [parts.train, parts.test] + ([parts.val] if parts.val is not None else [])
+                          parts.precision.dtype, parts.trainer.memory_format)
+        loaders = parts.loaders
         for bad in sorted({b for loader in loaders for b in loader.dropped}):
             self.console.warn(f"rank {env.rank}: skipped an image that failed to decode: {bad}")
         dropped = dist.all_reduce_sum(torch.tensor([float(sum(len(loader.dropped) for loader in loaders))], device=env.device))
@@ -375,7 +319,7 @@ class TrainingRun:
             "world_size": env.world_size, "global_batch_size": cfg.data.batch_size,
             "train_images_per_sec": self._train_images / self._train_seconds if self._train_seconds else None,
             "wall_time_s": time.perf_counter() - wall, "skipped_steps": progress.skipped_steps,
-            "global_step": progress.global_step, "resumed_from": parts.resumed_from,
+            "global_step": progress.global_step, "resumed_from": self.resumed_from,
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
             "skipped_bad_images": len(parts.data.skipped_files),
             "dropped_bad_image_reads": int(dropped.item()),
@@ -384,13 +328,13 @@ class TrainingRun:
         if env.is_main:
             write_summary(self.out_dir, summary)
             plots = self._plots(result, parts) if cfg.log.plots else {}
-        parts.wandb.finish(summary, progress.global_step, plots)
+        self.wandb.finish(summary, progress.global_step, plots)
         self.console.info(f"done: test acc {result.acc:.4f} on {result.count} samples"
                           + (f", best val acc {best:.4f}" if best >= 0 else "") + f"; outputs in {self.out_dir}")
         self.console.summary(summary_rows(summary, self.out_dir, plots))
         return summary
 
-    def _plots(self, result: EvalResult, parts: RunParts) -> dict:
+    def _plots(self, result: EvalResult, parts: Components) -> dict:
         """<out_dir>/plots/*.png from this run's files and final test result (rank 0); never fails the run."""
         try:
             return write_run_plots(self.out_dir, result.confusion, parts.data.spec.class_names,

@@ -8,17 +8,27 @@ from __future__ import annotations
 import signal
 import threading
 
+from distcls import dist
+
 
 class StopRequest:
+    """`requested`: this process got a stop signal. `agreed`: every rank knows that some rank got
+    one, at the same step (set by the training step that agreed it, or by `agree`)."""
     SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.agreed = False
         self._previous = {}
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+    def agree(self, device) -> bool:
+        """Collective (every rank): `agreed` from every rank's signal so far (one all-reduce)."""
+        self.agreed = dist.any_rank(self.agreed or self.requested, device)
+        return self.agreed
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name

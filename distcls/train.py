@@ -12,8 +12,9 @@ import torch
 from distcls import config as config_mod
 from distcls import dist
 from distcls.cli import ArgumentParser, exit_with, report
+from distcls.components import DEBUG_STEPS_PER_EPOCH
 from distcls.errors import CheckpointWriteFailed, ConfigError, ExitCode
-from distcls.runner import DEBUG_STEPS_PER_EPOCH, Stopped, TrainingRun
+from distcls.runner import Stopped, TrainingRun
 from distcls.signals import StopRequest
 
 EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(

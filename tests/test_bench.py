@@ -57,7 +57,7 @@ def test_compare_writes_every_figure_and_ratio(tmp_path, capsys):
 def test_compare_flops_per_image_match_the_counted_convolutions():
     from distcls import config
     from distcls.bench.compare import flops_per_image
-    from distcls.data.sources import DataSpec
+    from distcls.spec import DataSpec
     from distcls.models import build_model
 
     cfg = config.load(None, ["model.name=lenet"])

@@ -19,12 +19,12 @@ CPU = torch.device("cpu")
 
 
 def progress_at(epoch, epoch_step, global_step) -> Progress:
-    p = Progress(CPU)
+    p = Progress(CPU, steps_per_epoch=10)
     p.epoch, p.epoch_step, p.global_step = epoch, epoch_step, global_step
     return p
 
 
-POLICY = SavePolicy(every_steps=4, every_epochs=2, epochs=5, steps_per_epoch=10, has_val=True)
+POLICY = SavePolicy(every_steps=4, every_epochs=2, epochs=5, has_val=True)
 
 
 @pytest.mark.parametrize("epoch, epoch_step, step, reason, new_best, expected", [
@@ -46,15 +46,15 @@ def test_save_policy(epoch, epoch_step, step, reason, new_best, expected):
 def test_every_steps_whose_step_ends_an_epoch_is_saved_at_the_epoch_end():
     """checkpoint.every_steps=10 with 10 steps per epoch and every_epochs=0: the due step is the
     epoch's last, which the mid-epoch rule leaves to the epoch end; the epoch end must save it."""
-    policy = SavePolicy(every_steps=10, every_epochs=0, epochs=5, steps_per_epoch=10, has_val=True)
+    policy = SavePolicy(every_steps=10, every_epochs=0, epochs=5, has_val=True)
     assert policy.decide(progress_at(0, 10, 10), SaveReason.STEP) is None
     assert policy.decide(progress_at(1, 0, 10), SaveReason.EPOCH_END) == (False, False)
     assert policy.decide(progress_at(1, 0, 10), SaveReason.EPOCH_END, new_best=True) == (False, True)
-    assert SavePolicy(15, 0, 5, 10, True).decide(progress_at(1, 0, 10), SaveReason.EPOCH_END) is None
+    assert SavePolicy(15, 0, 5, True).decide(progress_at(1, 0, 10), SaveReason.EPOCH_END) is None
 
 
 def test_without_validation_the_final_save_is_the_best_file():
-    policy = SavePolicy(every_steps=0, every_epochs=0, epochs=3, steps_per_epoch=10, has_val=False)
+    policy = SavePolicy(every_steps=0, every_epochs=0, epochs=3, has_val=False)
     assert policy.decide(progress_at(3, 0, 30), SaveReason.EPOCH_END) == (False, True)
     assert policy.decide(progress_at(2, 0, 20), SaveReason.EPOCH_END) is None
     assert policy.decide(progress_at(0, 4, 4), SaveReason.STEP) is None  # every_steps=0: no mid-epoch saves
@@ -95,7 +95,7 @@ def _parts(tmp_path, amp="fp16", optim="sgd"):
     optimizer = build_optimizer(module, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch=4, epochs=3)
     precision = Precision(amp, CPU)
-    progress = Progress(CPU)
+    progress = Progress(CPU, steps_per_epoch=4)
     src = TensorSource(torch.randint(0, 256, (64, 1, 4, 4), dtype=torch.uint8), torch.arange(64) % 4)
     loader = train_loader(SplitView(src, torch.arange(64)), 16, 1, 0, 0, CPU)
     pre = Preprocess(1, 4, (0.5,), (0.25,), AugmentConfig(), 0)
@@ -103,7 +103,7 @@ def _parts(tmp_path, amp="fp16", optim="sgd"):
     checkpointer = Checkpointer(
         CheckpointFiles(tmp_path, keep=1), {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer),
                                             "scheduler": scheduler, "scaler": precision, "rng": GlobalRNG()},
-        progress, SavePolicy(0, 1, 3, 4, False), {"config": cfg.to_dict(), "data_spec": {"channels": 1, "num_classes": 4,
+        progress, SavePolicy(0, 1, 3, False), {"config": cfg.to_dict(), "data_spec": {"channels": 1, "num_classes": 4,
                                                                                           "image_size": 4}, "world_size": 1}, True)
     return trainer, loader, progress, checkpointer
 
@@ -120,14 +120,14 @@ def test_save_then_load_restores_every_component_and_training_continues_identica
     _steps(trainer, loader, progress, 3)  # mid-epoch
     path = checkpointer.save()
     saved = read_checkpoint(path)
-    assert saved["epoch"] == 0 and saved["epoch_step"] == 3 and saved["step"] == 3 and saved["meter"]["count"] == 48
+    assert saved["epoch"] == 0 and saved["epoch_step"] == 3 and saved["step"] == 3 and saved["progress"]["epoch_totals"]["count"] == 48
 
     fresh_trainer, _, fresh_progress, fresh = _parts(tmp_path / "b", amp, optim)
     from distcls.checkpoint import ResumePoint
     fresh.load(ResumePoint(path, {**saved, "optimizer": {**saved["optimizer"], "param_groups": [
         {**g, "fused": None} for g in saved["optimizer"]["param_groups"]]}}))  # as saved by a distcls without fused kernels
     again = fresh.state_dict()
-    for key in ("epoch", "epoch_step", "step", "best_metric", "skipped_steps", "meter", "interval_meter", "scaler"):
+    for key in ("epoch", "epoch_step", "step", "best_metric", "progress", "scaler"):  # progress: skipped_steps, the running sums, ...
         assert again[key] == saved[key], key
     assert all(torch.equal(again["model"][k], saved["model"][k]) for k in saved["model"])
     assert again["scheduler"] == saved["scheduler"]

@@ -8,7 +8,7 @@ from torchvision.transforms import v2
 from distcls import config
 from distcls.data import build_data
 from distcls.data.loader import eval_loader, train_loader
-from distcls.data.sources import CropPolicy, decode_image
+from distcls.data.file_source import CropPolicy, load_eval_image
 from distcls.errors import ConfigError
 
 
@@ -37,7 +37,7 @@ def test_predict_decodes_like_evaluation(tmp_path):
     path = tmp_path / "a.png"
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
     want = v2.Compose([v2.Resize(232, antialias=True), v2.CenterCrop(176)])(img)
-    assert (decode_image(path, 176, 3, 232).int() - want.int()).abs().max() <= 1
+    assert (load_eval_image(path, 176, 3, 232).int() - want.int()).abs().max() <= 1
 
 
 def _imagefolder(tmp_path, n=6):

@@ -450,7 +450,7 @@ def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channe
     assert convs and all(got[k].is_contiguous(memory_format=torch.channels_last) == channels_last for k in convs)
     from distcls.data import build_data
     from distcls.models import build_model
-    from distcls.runner import seed_everything
+    from distcls.components import seed_everything
 
     cfg = config.load(None, args)
     seed_everything(cfg.run.seed)  # as the run: seed, data, then the model

@@ -13,11 +13,11 @@ from conftest import (FAST, assert_ok, assert_user_error, child_env, load_ckpt, 
                       train_in_process)
 from distcls import config
 from distcls.data import build_data, train_loader
-from distcls.data.images import BadImage, default_eval_resize, random_resized_crop_box, read_image
+from distcls.data.file_source import default_eval_resize, load_eval_image
+from distcls.data.images import BadImage, random_resized_crop_box, read_image
 from distcls.data.loader import BatchLoader
 from distcls.data.sampler import GlobalBatchSampler
 from distcls.data.sources import SplitView
-from distcls.data.sources import decode_image
 from distcls.errors import ConfigError, UserError
 
 RRC = ["data.name=imagefolder", "data.image_size=16", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
@@ -82,12 +82,12 @@ def test_evaluation_resizes_to_eval_resize_then_center_crops(tmp_path):
     def ref(resize, size):
         return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])(chw).float()
 
-    ours = decode_image(tmp_path / "x.png", 48, 3, eval_resize=64).float()
+    ours = load_eval_image(tmp_path / "x.png", 48, 3, eval_resize=64).float()
     assert ours.shape == (3, 48, 48)
     assert (ours - ref(64, 48)).abs().mean() < 2.0  # crop-then-resize: the same region, within resampling error
     assert (ours - ref(48, 48)).abs().mean() > 8.0  # (a plain resize to 48 would be another image)
-    default = decode_image(tmp_path / "x.png", 48, 3)  # default eval_resize = 48 / 0.875 = 55 (224 -> 256)
-    assert torch.equal(default, decode_image(tmp_path / "x.png", 48, 3, eval_resize=55))
+    default = load_eval_image(tmp_path / "x.png", 48, 3)  # default eval_resize = 48 / 0.875 = 55 (224 -> 256)
+    assert torch.equal(default, load_eval_image(tmp_path / "x.png", 48, 3, eval_resize=55))
     assert default_eval_resize(224) == 256
 
 

@@ -231,7 +231,7 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
     summary = train_in_process(out, *wb, resume="auto")
     assert "wandb has no API key" not in capsys.readouterr().err
 
-    run_id = load_ckpt(out / "checkpoints/last.pt")["wandb_id"]
+    run_id = load_ckpt(out / "checkpoints/last.pt")["progress"]["wandb_id"]
     dirs = sorted((out / "wandb").glob("offline-run-*"))
     assert len(dirs) == 2 and all(d.name.endswith(run_id) for d in dirs)  # one folder per process start, ONE run
     steps, run_names, test_acc, keys = [], set(), None, set()

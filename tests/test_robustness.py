@@ -364,8 +364,8 @@ def _make_out(tmp_path, kind) -> Path:
 def test_unusable_out_dir_fails_before_data_and_model_are_built(tmp_path, capsys, monkeypatch, kind, fragment):
     """#10: checked before the data is read (the data builder must not even be reached)."""
     out = _make_out(tmp_path, kind)
-    import distcls.runner
-    monkeypatch.setattr(distcls.runner, "build_data", lambda cfg: pytest.fail("data was built before the out_dir check"))
+    import distcls.components
+    monkeypatch.setattr(distcls.components, "build_data", lambda cfg: pytest.fail("data was built before the out_dir check"))
     assert_user_error(cli(capsys, train.main, [f"run.out_dir={out}", *FAST]), fragment)
 
 

@@ -8,7 +8,8 @@ from distcls.config import AugmentConfig
 from distcls.data.augment import Preprocess, keyed_uniform
 from distcls.data.loader import eval_loader, train_loader
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
-from distcls.data.sources import DataSpec, SplitView, TensorSource
+from distcls.data.sources import SplitView, TensorSource
+from distcls.spec import DataSpec
 from distcls.errors import ConfigError
 
 
@@ -184,7 +185,7 @@ def test_repeated_copies_of_image_files_are_cropped_by_their_own_keys(tmp_path):
     from fakedata import write_imagefolder
 
     from distcls.data.imagefolder import _classes, _scan
-    from distcls.data.sources import CropPolicy, FileSource
+    from distcls.data.file_source import CropPolicy, FileSource
     root = write_imagefolder(tmp_path / "flowers", per_class=4)
     samples = _scan(root, _classes(root))
     source = FileSource(samples, 16, 3, CropPolicy(16, 18, ((0.08, 1.0), (0.75, 4 / 3)), hflip=True))

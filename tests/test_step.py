@@ -12,6 +12,7 @@ from distcls.data import SplitView, TensorSource, train_loader
 from distcls.data.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, build_optimizer, build_scheduler
 from distcls.errors import TrainingDiverged
+from distcls.signals import StopRequest
 
 CPU = torch.device("cpu")
 
@@ -118,6 +119,19 @@ class NaNAt(nn.Module):
         return out
 
 
+class SignalAtCall(StopRequest):
+    """A stop signal that arrives when the step checks for it the `n`-th time."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    @property
+    def requested(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.n
+
+
 def _trainer(model, nonfinite="skip", flag_lag=None, steps=6):
     opt = _optimizer(model)
     cfg = config.load(None, [])
@@ -132,26 +146,21 @@ def _trainer(model, nonfinite="skip", flag_lag=None, steps=6):
 @pytest.mark.parametrize("signal_step", [1, 2, 3])
 def test_a_stop_signal_is_agreed_at_once_on_cpu_and_one_step_late_when_deferred(flag_lag, signal_step):
     trainer, loader = _trainer(NaNAt(), flag_lag=flag_lag)
-    progress, calls = Progress(CPU), {"n": 0}
-
-    def signal():
-        calls["n"] += 1
-        return calls["n"] >= signal_step
-
+    progress, signal = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch), SignalAtCall(signal_step)
     ends = [(progress.epoch_step, end.stop_requested) for end in trainer.train_epoch(loader, progress, signal)]
     assert ends[-1] == (signal_step + flag_lag, True) and not any(stop for _, stop in ends[:-1])
 
 
 def test_with_a_lag_the_host_never_reads_the_step_it_just_queued():
     trainer, loader = _trainer(NaNAt(), flag_lag=1, steps=6)
-    progress, read = Progress(CPU), []
-    agreed_stop = trainer._agreed_stop
+    progress, read = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch), []
+    read_flags = trainer._read_flags
 
     def recording(flags, progress):
         read.append((progress.epoch_step, flags.step))
-        return agreed_stop(flags, progress)
+        return read_flags(flags, progress)
 
-    trainer._agreed_stop = recording
+    trainer._read_flags = recording
     for _ in trainer.train_epoch(loader, progress):
         pass
     # at step k the previous step's flags; at the epoch's last step its own too
@@ -161,12 +170,7 @@ def test_with_a_lag_the_host_never_reads_the_step_it_just_queued():
 @pytest.mark.parametrize("flag_lag", [0, 1])
 def test_a_stop_in_the_epochs_last_step_is_agreed_at_that_step(flag_lag):
     trainer, loader = _trainer(NaNAt(), flag_lag=flag_lag, steps=4)
-    progress, calls = Progress(CPU), {"n": 0}
-
-    def signal_in_step_4():
-        calls["n"] += 1
-        return calls["n"] >= 4
-
+    progress, signal_in_step_4 = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch), SignalAtCall(4)
     ends = [end.stop_requested for end in trainer.train_epoch(loader, progress, signal_in_step_4)]
     assert ends == [False, False, False, True]
 
@@ -175,7 +179,7 @@ def test_a_stop_in_the_epochs_last_step_is_agreed_at_that_step(flag_lag):
 def test_nonfinite_skip_counts_and_never_reaches_the_weights(flag_lag):
     model = NaNAt(nan_calls={2, 5})
     trainer, loader = _trainer(model, flag_lag=flag_lag)
-    progress = Progress(CPU)
+    progress = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch)
     for _ in trainer.train_epoch(loader, progress):
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert progress.skipped_steps == 2 and progress.global_step == 6
@@ -186,7 +190,7 @@ def test_nonfinite_skip_counts_and_never_reaches_the_weights(flag_lag):
 def test_nonfinite_abort_names_the_step_and_stops_within_the_lag(flag_lag):
     model = NaNAt(nan_calls={3})
     trainer, loader = _trainer(model, nonfinite="abort", flag_lag=flag_lag)
-    progress = Progress(CPU)
+    progress = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch)
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1, step 3"):
         for _ in trainer.train_epoch(loader, progress):
             pass
@@ -199,7 +203,7 @@ def test_a_steady_state_step_reads_nothing_from_the_device():
     from torch.profiler import ProfilerActivity, profile
 
     trainer, loader = _trainer(NaNAt(), flag_lag=1, steps=8)
-    progress = Progress(CPU)
+    progress = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch)
     steps = trainer.train_epoch(loader, progress)
     next(steps)  # warm-up step: first-use allocations
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -220,13 +224,13 @@ def test_with_the_gpus_flag_lag_an_aborting_run_saves_nothing_after_its_diverged
     must not be written first (`--resume auto`, e.g. a torchrun restart, would go on past it as if
     the step had been skipped)."""
     from conftest import run_in_process
-    from distcls import runner
+    from distcls import components
 
     class Lagging(Trainer):  # the CUDA default, on the CPU
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs, flag_lag=1)
 
-    monkeypatch.setattr(runner, "Trainer", Lagging)
+    monkeypatch.setattr(components, "Trainer", Lagging)
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1, step 4"):
         run_in_process(tmp_path / "run", "model.name=nan_model:build", "model.args.nan_steps=[4]", "train.nonfinite=abort",
                        "checkpoint.every_steps=4", "train.epochs=1", "train.max_steps_per_epoch=10")

@@ -1,7 +1,8 @@
 """distcls's training step beside a hand-written loop, the tutorial DataLoader pipeline and the FLOP ceiling.
 
 One process, one config (`--config F key=value ...`), four figures of training images/s:
-  a  distcls: the real engine (runner.prepare_model, engine.Trainer.train_epoch, data.train_loader)
+  a  distcls: the real engine, built as a run builds it (components.build_components: loader, model,
+     optimizer, precision, Trainer.train_epoch)
   b  a minimal hand-written loop on the same in-memory batches: same model, optimizer, AMP,
      clipping and augmentation (batched, on the device), no engine
   c  the tutorial pipeline: per-sample PIL images -> torchvision transforms.v2 (same augmentation,
@@ -46,7 +47,7 @@ def _check(args, cfg, env, data) -> None:
     if cfg.train.accum_steps != 1:
         raise UserError("compare measures train.accum_steps=1 (the hand-written loop has no accumulation)")
     view = data.splits.train
-    if view.source.streaming:
+    if view.source.decoded_on_demand:
         raise UserError(f"compare needs an in-memory dataset (digits, mnist, fashion_mnist, cifar10, cifar100, synthetic), not data.name={cfg.data.name}")
     spec = data.spec
     if tuple(view.source.images.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
@@ -56,19 +57,11 @@ def _check(args, cfg, env, data) -> None:
 
 
 class EngineRun:
-    """a: distcls's own Trainer.train_epoch on distcls's own loader, wired as runner.TrainingRun wires it."""
+    """a: distcls's own Trainer.train_epoch on distcls's own loader: the components a run trains
+    with (components.build_components, as runner.TrainingRun builds them)."""
 
-    def __init__(self, cfg, env, data, model, module):
-        from distcls.data import train_loader
-        from distcls.engine import Precision, Progress, Trainer, build_optimizer, build_scheduler
-
-        optimizer = build_optimizer(module, cfg.optim)
-        self.loader = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
-                                   cfg.data.num_workers)
-        scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, self.loader.sampler.steps_per_epoch, cfg.train.epochs)
-        self.trainer = Trainer(model, module, optimizer, scheduler, Precision(cfg.train.amp, env.device), cfg.train,
-                               data.preprocess, env.device)
-        self.progress = Progress(env.device)
+    def __init__(self, cfg, env, parts):
+        self.trainer, self.loader, self.progress = parts.trainer, parts.train, parts.progress
         self.batch, self.device = cfg.data.batch_size, env.device
 
     def run(self, warmup: int, steps: int) -> float:
@@ -259,27 +252,22 @@ def run(args) -> dict:
 
     from distcls import config as config_mod
     from distcls import dist
-    from distcls.data import build_data
-    from distcls.engine import backends
-    from distcls.runner import prepare_model, seed_everything
+    from distcls.components import build_components
 
     cfg = config_mod.load(args.config, [*args.overrides, "log.every_steps=0"])
     if args.threads:
         torch.set_num_threads(args.threads)
     env = dist.detect(cfg.dist.device, cfg.dist.backend)
-    switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic, env.device)  # as a run sets them
-    seed_everything(cfg.run.seed)
-    data = build_data(cfg)
+    parts = build_components(cfg, env)  # sets the device's switches (engine/backends.py) as a run does
+    data, spec, switches = parts.data, parts.data.spec, parts.switches
     _check(args, cfg, env, data)
-    spec = data.spec
-    model, module = prepare_model(cfg, env, spec)
-    initial = copy.deepcopy(module)  # b and c start from the same weights as a
+    initial = copy.deepcopy(parts.module)  # b and c start from the same weights as a
 
     def fresh_model():
         m = copy.deepcopy(initial)
         return torch.compile(m) if cfg.train.compile else m
 
-    runs = {"a": EngineRun(cfg, env, data, model, module), "b": HandRun(cfg, env, data, fresh_model()),
+    runs = {"a": EngineRun(cfg, env, parts), "b": HandRun(cfg, env, data, fresh_model()),
             "c": TutorialRun(cfg, env, data, fresh_model(), args.workers)}
     flops = flops_per_image(initial, cfg, spec, env.device, min(cfg.data.batch_size, 16))
 

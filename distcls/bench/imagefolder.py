@@ -236,9 +236,3 @@ def run(args) -> dict:
             result["transfer_resnet18"] = transfer_rates(root, Path(tmp), args)
     return result
 
-
-if __name__ == "__main__":
-    from distcls.bench.__main__ import main
-    from distcls.cli import exit_with
-
-    exit_with(lambda argv: main(["imagefolder", *argv]))

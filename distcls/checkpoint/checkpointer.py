@@ -5,22 +5,23 @@ is restored from one.
     checkpointer.load(resume_point)                 # every component, the mirror image of save
     checkpointer.maybe_save(SaveReason.STEP)        # after every step: the policy decides
 
-`components` maps a checkpoint key to an object with `state_dict()` / `load_state_dict(state)`
-(model weights, optimizer, scheduler, precision, RNG). `Progress` is saved beside them, its fields
-at the top level of the file (format 1: ck["epoch"], ck["step"], ...).
+`components` maps a checkpoint key (a component of format.ENTRIES) to an object with
+`state_dict()` / `load_state_dict(state)`: model weights, optimizer, scheduler, precision, RNG.
+`progress` is one more, saved under "progress" (and its epoch/step copied to the file's top level
+for readers, format.PROGRESS_SUMMARY); the checkpointer also asks it where the run is.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 
 from distcls import dist
 from distcls.checkpoint.files import CheckpointFiles, ResumePoint
-from distcls.checkpoint.format import FORMAT_VERSION, check_compatible, model_mismatch
+from distcls.checkpoint.format import COMPONENTS, FORMAT_VERSION, check_compatible, model_mismatch, progress_summary
 from distcls.errors import CheckpointWriteFailed, UserError, first_line
 
 if TYPE_CHECKING:
@@ -33,30 +34,33 @@ class SaveReason(enum.Enum):
     STOP = "stop"  # a stop signal: always saved, at the step boundary where every rank stopped
 
 
+class SaveFiles(NamedTuple):
+    """The names a save writes besides last.pt."""
+    epoch_file: bool  # epoch_NNNN.pt
+    best_file: bool  # best.pt
+
+
 @dataclass(frozen=True)
 class SavePolicy:
     every_steps: int  # 0: no mid-epoch saves
     every_epochs: int  # 0: no epoch_NNNN.pt files
     epochs: int
-    steps_per_epoch: int
     has_val: bool  # best.pt follows validation accuracy; without validation it is the final weights
 
-    def decide(self, progress: "Progress", reason: SaveReason, new_best: bool = False) -> Optional[tuple[bool, bool]]:
-        """(write epoch_NNNN.pt, write best.pt) when this moment calls for a save, else None."""
-        if progress.epoch_step:  # mid-epoch: only last.pt
-            due = reason is SaveReason.STOP or (reason is SaveReason.STEP and self.every_steps > 0
-                                                and progress.global_step % self.every_steps == 0
-                                                and progress.epoch_step < self.steps_per_epoch)  # the epoch end saves that one
-            return (False, False) if due else None
-        if reason is SaveReason.STEP:
-            return None
+    def decide(self, progress: "Progress", reason: SaveReason, new_best: bool = False) -> Optional[SaveFiles]:
+        """The files to write when this moment calls for a save, else None."""
+        if reason is SaveReason.STEP:  # mid-epoch: last.pt every `every_steps` (an epoch's last step is its end's to save)
+            due = progress.mid_epoch and self.every_steps > 0 and progress.global_step % self.every_steps == 0
+            return SaveFiles(False, False) if due else None
+        if progress.mid_epoch:  # a stop inside an epoch: last.pt
+            return SaveFiles(False, False)
         final = progress.epoch == self.epochs
         periodic = bool(self.every_epochs) and progress.epoch % self.every_epochs == 0
         epoch_file = bool(self.every_epochs) and (periodic or final)
         best_file = new_best or (not self.has_val and final)
         step_due = self.every_steps > 0 and progress.global_step % self.every_steps == 0  # its step was the epoch's last
         if final or periodic or best_file or step_due or reason is SaveReason.STOP:
-            return epoch_file, best_file
+            return SaveFiles(epoch_file, best_file)
         return None
 
 
@@ -102,49 +106,52 @@ class OptimizerState:
             group.update(flags)
 
 
+def load_components(point: ResumePoint, components: dict) -> None:
+    """Restore each component from its saved state; a state that does not fit is a UserError naming it.
+    The one route from a checkpoint into live objects (resume and inference)."""
+    for key, component in components.items():
+        try:
+            component.load_state_dict(point.state(key))
+        except StateMismatch as exc:
+            raise UserError(f"checkpoint {point.path} does not fit the {key}: {exc}") from None
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise UserError(f"checkpoint {point.path}: its '{key}' state does not fit this run ({type(exc).__name__}: "
+                            f"{first_line(exc, default='')}); resume with the config it was trained with") from None
+
+
 class Checkpointer:
     def __init__(self, files: CheckpointFiles, components: dict, progress: "Progress", policy: SavePolicy,
-                 metadata: dict, is_main: bool, before_save: Callable[[], None] = lambda: None):
-        self.files, self.components, self.progress, self.policy = files, components, progress, policy
+                 metadata: dict, is_main: bool, before_save: Callable[["Progress"], None] = lambda progress: None):
+        self.files, self.progress, self.policy = files, progress, policy
+        self.components = {**components, "progress": progress}
+        unknown = set(self.components) - set(COMPONENTS)
+        assert not unknown, f"not components of the checkpoint format (format.ENTRIES): {sorted(unknown)}"
         self.metadata = {**metadata, "version": FORMAT_VERSION}  # config, data_spec, world_size
         self.is_main = is_main
-        self.before_save = before_save  # may raise to refuse the save (the trainer's check of unread non-finite flags)
+        self.before_save = before_save  # called with the progress; may raise to refuse the save (Trainer.check_diverged)
 
     def state_dict(self) -> dict:
         """The checkpoint's content (local: no communication). Tensors and plain data only."""
         state = {key: component.state_dict() for key, component in self.components.items()}
-        state.update(self.progress.state_dict())
-        state.update(self.metadata)
-        return state
+        return {**state, **progress_summary(state["progress"]), **self.metadata}
 
     def load(self, point: ResumePoint) -> None:
-        """Restore every component and the progress from a validated checkpoint (every rank reads it)."""
-        ck, path = point.checkpoint, point.path
-        check_compatible(ck, path, self.metadata["config"], self.metadata["data_spec"])
-        for key, component in self.components.items():
-            try:
-                component.load_state_dict(ck.get(key) or {})
-            except StateMismatch as exc:
-                raise UserError(f"checkpoint {path} does not fit the {key}: {exc}") from None
-            except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-                raise UserError(f"checkpoint {path}: its '{key}' state does not fit this run ({type(exc).__name__}: "
-                                f"{first_line(exc, default='')}); resume with the config it was trained with") from None
-        self.progress.load_state_dict(ck, self.policy.steps_per_epoch)
+        """Restore every component, progress included, from a validated checkpoint (every rank reads it)."""
+        check_compatible(point.config, point.data_spec, point.path, self.metadata["config"], self.metadata["data_spec"])
+        load_components(point, self.components)
 
     def maybe_save(self, reason: SaveReason, new_best: bool = False) -> Optional[Path]:
         """Collective (every rank, same arguments): save if the policy says this moment needs it."""
         files = self.policy.decide(self.progress, reason, new_best)
-        if files is None:
-            return None
-        return self.save(*files)
+        return self.save(*files) if files is not None else None
 
     def save(self, epoch_file: bool = False, best_file: bool = False) -> Optional[Path]:
         """Collective (every rank): agree the running sums (mid-epoch), rank 0 writes, all wait for it.
         Returns last.pt, or None if nothing was written (rank != 0, or non-finite weights). A write the
         filesystem refused raises CheckpointWriteFailed on every rank (rank 0's names the file)."""
-        self.before_save()
-        if self.progress.epoch_step:
-            self.progress.agree_sums()
+        self.before_save(self.progress)
+        if self.progress.mid_epoch:
+            self.progress.agree_sums()  # rank 0 saves every rank's sums so far
         written, failure = None, None
         if self.is_main:
             try:

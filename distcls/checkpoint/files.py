@@ -28,9 +28,41 @@ _EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt$")
 
 @dataclass
 class ResumePoint:
-    """A validated checkpoint and the file it came from."""
+    """A validated checkpoint (format-2 layout, see format.py; `read_checkpoint` upgrades older
+    ones) and the file it came from: to resume from, or (read with resume=False) to evaluate."""
     path: Path
     checkpoint: dict
+
+    def state(self, component: str) -> dict:
+        """The saved state of one component ({} when the file has none, e.g. a scaler never saved)."""
+        return self.checkpoint.get(component) or {}
+
+    @property
+    def config(self) -> dict:
+        return self.checkpoint["config"]
+
+    @property
+    def data_spec(self) -> dict:
+        return self.checkpoint["data_spec"]
+
+    @property
+    def epoch(self) -> int:
+        """Epochs completed."""
+        return self.checkpoint["progress"]["epoch"]
+
+    @property
+    def epoch_step(self) -> int:
+        """Optimizer steps into the next epoch (0: saved at an epoch end)."""
+        return self.checkpoint["progress"]["epoch_step"]
+
+    @property
+    def global_step(self) -> int:
+        return self.checkpoint["progress"]["global_step"]
+
+    @property
+    def world_size(self) -> Optional[int]:
+        """The world size it was saved at (None: not recorded)."""
+        return self.checkpoint.get("world_size")
 
 
 class CheckpointFiles:
@@ -123,7 +155,7 @@ class CheckpointFiles:
         parts = [f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged" if damaged else "it has no last.pt or epoch_NNNN.pt"]
         if self.best.is_file():
             try:
-                epoch = read_checkpoint(self.best)["epoch"]
+                epoch = ResumePoint(self.best, read_checkpoint(self.best)).epoch
                 parts.append(f"best.pt (epoch {epoch}) is intact: pass --resume {self.best} to continue from it")
             except UnreadableCheckpoint:
                 parts.append("best.pt is damaged too")

@@ -1,16 +1,26 @@
-"""The checkpoint format: what a file holds, how it is checked, and the pieces saved with it.
+"""The checkpoint format: what a file holds (ENTRIES, the one table that saving, loading,
+validation and inference derive from), how it is checked, and the pieces saved with it.
 
 A checkpoint is a plain dict of tensors and Python data, loadable with
-`torch.load(path, weights_only=True)`; nothing is ever loaded any other way. Format 1 keys:
-model, optimizer, scheduler, scaler (fp16 loss scale; {} otherwise), rng, the Progress fields at
-the top level (epoch, epoch_step, step, best_metric, skipped_steps, meter, interval_meter,
-wandb_id), config, data_spec, world_size, version.
+`torch.load(path, weights_only=True)`; nothing is ever loaded any other way. Format 2:
+- components, each the `state_dict()` of one stateful object of the run, restored by its
+  `load_state_dict` (checkpointer.py): model (the plain module's state_dict, no `module.`/
+  `_orig_mod.` prefix), optimizer, scheduler, scaler (Precision: the fp16 loss scale; {}
+  otherwise), rng (GlobalRNG), progress (Progress: epoch, epoch_step, global_step, best_metric,
+  skipped_steps, wandb_id, and mid-epoch the running sums epoch_totals, logged_totals);
+- the run: config, data_spec, world_size, version;
+- where the run is, for readers of the file (copies of progress's, never restored from):
+  epoch, epoch_step, step (= progress.global_step), best_metric.
+Format 1 (every checkpoint written before format 2) had no `progress`: its fields lay at the top
+level, some under other names (step, meter, interval_meter). `read_checkpoint` upgrades a
+format-1 file to the format-2 layout, so nothing else knows format 1.
 """
 from __future__ import annotations
 
 import os
 import random
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -19,8 +29,7 @@ from distcls import dist
 from distcls.atomic_files import UnreadableCheckpoint, load_weights_only
 from distcls.errors import UserError
 
-FORMAT_VERSION = 1
-
+FORMAT_VERSION = 2
 
 # ------------------------------------------------------------------------- RNG state
 
@@ -67,17 +76,15 @@ def all_finite(state_dict: dict) -> bool:
     return all(torch.isfinite(v).all().item() for v in state_dict.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
 
 
-def check_compatible(ckpt: dict, path, config: dict, spec: dict) -> None:
+def check_compatible(saved_config: dict, saved_spec: dict, path, config: dict, spec: dict) -> None:
     """A checkpoint from another model, optimizer or data shape is refused, naming what differs.
 
     `config`/`spec`: this run's, as plain dicts (Config.to_dict(), DataSpec.to_dict())."""
-    saved = ckpt["config"]
     for section, key in (("model", "name"), ("optim", "name")):
-        value, wanted = (saved.get(section) or {}).get(key), config[section][key]
+        value, wanted = (saved_config.get(section) or {}).get(key), config[section][key]
         if value is not None and value != wanted:
             raise UserError(f"checkpoint {path} was trained with {section}.{key}={value}, but the config says {section}.{key}={wanted}; "
                             f"use {section}.{key}={value} to resume it, or another run.out_dir for a new run")
-    saved_spec = ckpt["data_spec"]
     for key in ("channels", "num_classes", "image_size"):
         if key in saved_spec and saved_spec[key] != spec[key]:
             raise UserError(f"checkpoint {path} expects {key}={saved_spec[key]}, but this data gives {key}={spec[key]}; use the checkpoint's data settings")
@@ -100,20 +107,93 @@ def model_mismatch(model: torch.nn.Module, state: dict) -> Optional[str]:
     return "; ".join(parts) or None
 
 
-def load_model_state(model: torch.nn.Module, state: dict, path) -> None:
-    problem = model_mismatch(model, state)
-    if problem:
-        raise UserError(f"checkpoint {path} does not fit the model: {problem}")
-    model.load_state_dict(state)
+# ------------------------------------------------------------------------- the table
+
+INFERENCE, RESUME, OPTIONAL = "inference", "resume", "optional"  # who needs an entry: evaluate/predict (and training), training, nobody
 
 
-# What each use needs, and of which type; checked once, here, for every checkpoint distcls reads.
-_INFERENCE_KEYS = {"model": dict, "config": dict, "data_spec": dict, "version": int}
-_RESUME_KEYS = {**_INFERENCE_KEYS, "optimizer": dict, "scheduler": dict, "epoch": int, "step": int,
-                "best_metric": (int, float), "rng": dict}
-_OPTIONAL_KEYS = {"epoch_step": int, "scaler": dict, "meter": (dict, type(None)), "interval_meter": (dict, type(None)),
-                  "skipped_steps": int}
+@dataclass(frozen=True)
+class Entry:
+    """One top-level entry of a checkpoint."""
+    key: str
+    types: Union[type, tuple]
+    needed_by: str  # INFERENCE, RESUME or OPTIONAL
+    component: bool = False  # the state_dict() of a stateful object, restored by its load_state_dict()
+    check: Optional[Callable[[Any], Optional[str]]] = None  # what is wrong with a value of the right type (None: nothing)
+
+
+def _state_dict(value: dict) -> Optional[str]:
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()):
+        return "is not a state_dict (names -> tensors)"
+    return None
+
+
+def _optimizer(value: dict) -> Optional[str]:
+    return None if {"state", "param_groups"} <= value.keys() else "is not an optimizer state_dict (no 'state'/'param_groups')"
+
+
+def _rng(value: dict) -> Optional[str]:
+    return None if {"python", "numpy", "torch"} <= value.keys() else "lacks the python/numpy/torch generator states"
+
+
+_PROGRESS_FIELDS = {"epoch": int, "epoch_step": int, "global_step": int, "best_metric": (int, float), "skipped_steps": int,
+                    "wandb_id": (str, type(None)), "epoch_totals": (dict, type(None)), "logged_totals": (dict, type(None))}
+
+
+def _progress(value: dict) -> Optional[str]:
+    for field, types in _PROGRESS_FIELDS.items():
+        if field not in value or not _is(value[field], types):
+            return f"lacks a valid '{field}' ({value.get(field)!r:.40})"
+        if types is int and value[field] < 0:
+            return f"has a negative '{field}' ({value[field]})"
+    return None
+
+
+def _config(value: dict) -> Optional[str]:
+    for section in ("model", "data"):
+        if not isinstance(value.get(section), dict) or not isinstance(value[section].get("name"), str):
+            return f"lacks {section}.name"
+    return None
+
+
+def _data_spec(value: dict) -> Optional[str]:
+    for key in ("channels", "num_classes", "image_size"):
+        if not _is(value.get(key), int) or value[key] < 1:
+            return f"lacks a positive integer '{key}'"
+    return None
+
+
+def _nonnegative(value: int) -> Optional[str]:
+    return f"is negative ({value})" if value < 0 else None
+
+
+# Format 2, in the order a problem is reported. A new component (e.g. model EMA) is one more
+# `component=True` entry here, and its object in the checkpointer's components (components.py).
+ENTRIES = (
+    Entry("model", dict, INFERENCE, component=True, check=_state_dict),
+    Entry("config", dict, INFERENCE, check=_config),
+    Entry("data_spec", dict, INFERENCE, check=_data_spec),
+    Entry("version", int, INFERENCE),
+    Entry("optimizer", dict, RESUME, component=True, check=_optimizer),
+    Entry("scheduler", dict, RESUME, component=True),
+    Entry("epoch", int, RESUME, check=_nonnegative),
+    Entry("step", int, RESUME, check=_nonnegative),
+    Entry("best_metric", (int, float), RESUME),
+    Entry("rng", dict, RESUME, component=True, check=_rng),
+    Entry("progress", dict, RESUME, component=True, check=_progress),
+    Entry("epoch_step", int, OPTIONAL, check=_nonnegative),
+    Entry("scaler", dict, OPTIONAL, component=True),
+    Entry("world_size", int, OPTIONAL),
+)
+COMPONENTS = tuple(e.key for e in ENTRIES if e.component)
+# The top-level copies of Progress's fields (DESIGN's contract: a reader finds epoch and step without
+# knowing the components): top-level key -> progress field. Written at every save, never restored from.
+PROGRESS_SUMMARY = {"epoch": "epoch", "epoch_step": "epoch_step", "step": "global_step", "best_metric": "best_metric"}
 _TYPE_NAMES = {dict: "a mapping", int: "an integer", (int, float): "a number"}
+
+
+def progress_summary(progress_state: dict) -> dict:
+    return {key: progress_state[field] for key, field in PROGRESS_SUMMARY.items()}
 
 
 def _is(value, types) -> bool:
@@ -121,8 +201,24 @@ def _is(value, types) -> bool:
     return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
 
 
+def upgrade_format_1(ckpt: dict) -> dict:
+    """A format-1 checkpoint in the format-2 layout (and version): its top-level Progress fields
+    gathered under `progress` (missing ones stay missing, for validation to name)."""
+    old = {"epoch": "epoch", "epoch_step": "epoch_step", "global_step": "step", "best_metric": "best_metric",
+           "skipped_steps": "skipped_steps", "wandb_id": "wandb_id", "epoch_totals": "meter", "logged_totals": "interval_meter"}
+    defaults = {"epoch_step": 0, "skipped_steps": 0, "wandb_id": None, "epoch_totals": None, "logged_totals": None}
+    progress = {field: ckpt.get(key, defaults.get(field)) for field, key in old.items() if key in ckpt or field in defaults}
+    upgraded = {k: v for k, v in ckpt.items() if k not in ("skipped_steps", "wandb_id", "meter", "interval_meter")}
+    upgraded["version"] = 2
+    if "epoch" in ckpt:
+        upgraded["progress"] = progress
+        upgraded.setdefault("epoch_step", 0)
+    return upgraded
+
+
 def validate_checkpoint(ckpt, path, what: str = "checkpoint", resume: bool = True) -> dict:
-    """The structure of a loaded checkpoint: every entry its use needs, with the right type.
+    """The structure of a loaded checkpoint, from ENTRIES: every entry its use needs, with the
+    right type and content. Returns it in the format-2 layout (a format-1 file upgraded).
 
     A file that fails is an `UnreadableCheckpoint` (so `--resume auto` falls back to an older one);
     a newer format version is a `UserError` (upgrade distcls).
@@ -132,38 +228,34 @@ def validate_checkpoint(ckpt, path, what: str = "checkpoint", resume: bool = Tru
 
     if not isinstance(ckpt, dict):
         raise bad(f"it holds a {type(ckpt).__name__}, not a dict of entries")
-    needed = _RESUME_KEYS if resume else _INFERENCE_KEYS
-    missing = [k for k in needed if k not in ckpt]
+    if _is(ckpt.get("version"), int) and ckpt["version"] == 1:
+        ckpt = upgrade_format_1(ckpt)
+    needed = [e for e in ENTRIES if e.needed_by == INFERENCE or (resume and e.needed_by == RESUME)]
+    missing = [e.key for e in needed if e.key not in ckpt]
     if missing:
         raise bad(f"it lacks {', '.join(repr(k) for k in missing)}" + (" (needed to resume training)" if resume else ""))
-    for key, types in {**needed, **{k: t for k, t in _OPTIONAL_KEYS.items() if k in ckpt}}.items():
-        if not _is(ckpt[key], types):
-            raise bad(f"its '{key}' is {ckpt[key]!r:.60} ({type(ckpt[key]).__name__}), not {_TYPE_NAMES.get(types, 'a valid value')}")
+    checked = needed + [e for e in ENTRIES if e.needed_by == OPTIONAL and e.key in ckpt]
+    for e in checked:
+        if not _is(ckpt[e.key], e.types):
+            raise bad(f"its '{e.key}' is {ckpt[e.key]!r:.60} ({type(ckpt[e.key]).__name__}), not {_TYPE_NAMES.get(e.types, 'a valid value')}")
     if ckpt["version"] > FORMAT_VERSION:
         raise UserError(f"{what} {path} has format version {ckpt['version']}, newer than this distcls ({FORMAT_VERSION}); upgrade distcls")
     if ckpt["version"] < 1:
         raise bad(f"its format version {ckpt['version']} is not one distcls wrote")
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt["model"].items()):
-        raise bad("its 'model' is not a state_dict (names -> tensors)")
-    for section in ("model", "data"):
-        if not isinstance(ckpt["config"].get(section), dict) or not isinstance(ckpt["config"][section].get("name"), str):
-            raise bad(f"its 'config' lacks {section}.name")
-    for key in ("channels", "num_classes", "image_size"):
-        if not _is(ckpt["data_spec"].get(key), int) or ckpt["data_spec"][key] < 1:
-            raise bad(f"its 'data_spec' lacks a positive integer '{key}'")
+    for e in checked:
+        problem = e.check(ckpt[e.key]) if e.check is not None else None
+        if problem:
+            raise bad(f"its '{e.key}' {problem}")
     if resume:
-        for key in ("epoch", "step", "epoch_step"):
-            if ckpt.get(key, 0) < 0:
-                raise bad(f"its '{key}' is negative ({ckpt[key]})")
-        if not {"python", "numpy", "torch"} <= ckpt["rng"].keys():
-            raise bad("its 'rng' lacks the python/numpy/torch generator states")
-        if not {"state", "param_groups"} <= ckpt["optimizer"].keys():
-            raise bad("its 'optimizer' is not an optimizer state_dict (no 'state'/'param_groups')")
+        for key, field in PROGRESS_SUMMARY.items():
+            if ckpt.get(key, 0) != ckpt["progress"][field]:
+                raise bad(f"its '{key}' ({ckpt[key]}) differs from its progress's {field} ({ckpt['progress'][field]})")
     return ckpt
 
 
 def read_checkpoint(path, what: str = "checkpoint", resume: bool = True) -> dict:
-    """Load (weights-only, integrity-checked) and validate; `resume=False`: only what inference needs."""
+    """Load (weights-only, integrity-checked) and validate; `resume=False`: only what inference needs.
+    The result has the format-2 layout whatever the file's format."""
     return validate_checkpoint(load_weights_only(path, what), path, what, resume)
 
 

@@ -12,9 +12,11 @@ from distcls.data.augment import Preprocess
 from distcls.data.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
 from distcls.data.registry import DATASETS, register_dataset
-from distcls.data.sources import DataSpec, FileSource, RawDataset, SplitView, TensorSource
+from distcls.data.file_source import FileSource
+from distcls.data.sources import RawDataset, SplitView, TensorSource
 from distcls.data.splits import Splits, make_splits
 from distcls.errors import ConfigError, UserError
+from distcls.spec import DataSpec
 
 __all__ = ["Batch", "BatchLoader", "DataSpec", "Data", "FileSource", "RawDataset", "SplitView", "TensorSource",
            "build_data", "data_spec", "register_dataset", "train_loader", "eval_loader", "Preprocess"]
@@ -66,24 +68,25 @@ def with_pretrained_preprocessing(cfg: Config) -> Config:
 
 
 def build_data(cfg: Config) -> Data:
+    """Collective under torchrun when data.download=true (fetch.py: a barrier and a broadcast)."""
     cfg = with_pretrained_preprocessing(cfg)
     dataset = DATASETS.build(cfg.data.name, cfg.data)
     if not isinstance(dataset, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset")
     check_labels(dataset, cfg.data.name)
-    streaming = dataset.train.streaming
-    if cfg.data.augment.random_resized_crop and not streaming:
+    from_files = dataset.train.decoded_on_demand
+    if cfg.data.augment.random_resized_crop and not from_files:
         raise ConfigError(f"data.augment.random_resized_crop applies to image folders (data.name=imagefolder), not to in-memory data.name={cfg.data.name}; "
                           "use data.augment.crop_padding for those")
     spec = data_spec(dataset, cfg)
     splits = make_splits(dataset, cfg.data, cfg.run.seed)
     # Image folders flip in the DataLoader workers (on the uint8 crop, same key): not again on the device.
-    flipped_in_workers = streaming and getattr(getattr(dataset.train, "policy", None), "hflip", False)
+    flipped_in_workers = from_files and getattr(getattr(dataset.train, "policy", None), "hflip", False)
     augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
     num_keys = len(splits.train.source) * cfg.data.repeats  # copy j of sample i has key i + j * source size
     train_size = cfg.data.train_crop_size or cfg.data.image_size or dataset.train.size  # FixRes: may differ from spec.image_size
-    if streaming:
+    if from_files:
         train_size = dataset.train.policy.train_size or dataset.train.policy.size
     mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, train_size, cfg.run.seed, num_keys)
     pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=num_keys, mix=mix,

@@ -21,40 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
+from distcls.copies import host_to_device
 from distcls.data import policies
+from distcls.data.keys import keyed_uniform  # noqa: F401  (the keyed draws' one hash)
 from distcls.data.mix import Mix
-from distcls.data.sources import DataSpec
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-    x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-    x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-    return x ^ (x >> np.uint64(31))
-
-
-def keyed_uniform(seed: int, epoch: int, keys: torch.Tensor, stream: int) -> torch.Tensor:
-    """Uniform [0, 1) float64 per key; same (seed, epoch, key, stream) -> same number."""
-    k = keys.detach().cpu().numpy().astype(np.uint64)
-    with np.errstate(over="ignore"):
-        h = _splitmix64(np.full_like(k, np.uint64(seed)))
-        h = _splitmix64(h ^ np.uint64(epoch))
-        h = _splitmix64(h ^ np.uint64(stream))
-        h = _splitmix64(h ^ k)
-    return torch.from_numpy((h >> np.uint64(11)).astype(np.float64) / float(1 << 53))
-
+from distcls.spec import DataSpec
 
 # The hash streams of the batched augmentation (image folders' worker-side flip uses stream 3 too).
 CROP_Y_STREAM, CROP_X_STREAM, FLIP_STREAM, ROTATION_STREAM = 1, 2, 3, 4
-
-
-def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor onto `device` without making the host wait (pinned, non-blocking for CUDA)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from distcls.errors import UserError
 
 
 def download_with_torchvision(dataset: str, root: str) -> None:
+    """Collective (every rank): rank 0 downloads, all wait at a barrier, rank 0's error (if any)
+    is broadcast, so every rank raises the same UserError."""
     import torchvision.datasets as tvd
 
     classes = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100, "mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST}

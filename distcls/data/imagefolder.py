@@ -19,7 +19,9 @@ from pathlib import Path
 
 from distcls.config import DataConfig
 from distcls.data.registry import register_dataset
-from distcls.data.sources import CropPolicy, FileSource, RawDataset, default_eval_resize, printable_name
+from distcls.data.file_source import CropPolicy, FileSource, default_eval_resize
+from distcls.data.sources import RawDataset
+from distcls.spec import printable_name
 from distcls.errors import UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}

@@ -29,8 +29,6 @@ import torch.nn.functional as F
 
 from distcls.errors import first_line
 
-from distcls.data.sources import default_eval_resize  # noqa: F401  (re-exported)
-
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 if True:  # noqa: E402  (imports after the filter)

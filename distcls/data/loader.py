@@ -11,13 +11,13 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from distcls.data.augment import host_to_device
+from distcls.copies import host_to_device
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import UserError
 
 
-def _gpu():
+def _gpu_decode_module():
     """data.gpu_decode's module (torchvision.io), imported only when it is used."""
     from distcls.data import gpu_decode
     return gpu_decode
@@ -60,7 +60,7 @@ class _FileViewDataset(torch.utils.data.Dataset):
         copy, pos = divmod(pos, len(self.view))  # repeated augmentation: copy j of position pos (sampler.py)
         index = int(self.view.indices[pos])
         if self.gpu_decode:
-            return _gpu().read_item(self.view.source, index, self.train, self.seed, epoch)
+            return _gpu_decode_module().read_item(self.view.source, index, self.train, self.seed, epoch)
         return self.view.source.load(index, self.train, self.seed, epoch, key=index + copy * len(self.view.source))
 
 
@@ -87,13 +87,13 @@ class BatchLoader:
                  seed: int = 0, prefetch_factor: int = 4, gpu_decode: bool = False):
         self.view, self.sampler, self.device = view, sampler, device
         self.num_workers, self.train, self.seed, self.prefetch_factor = num_workers, train, seed, prefetch_factor
-        if gpu_decode and (device.type != "cuda" or not view.source.streaming):
+        if gpu_decode and (device.type != "cuda" or not view.source.decoded_on_demand):
             raise UserError("data.gpu_decode=true needs data.name=imagefolder and a CUDA training device "
                             f"(this run: {device.type}); set data.gpu_decode=false")
         self.gpu_decode = gpu_decode
         self.dropped: list[str] = []
         self._loader = None
-        if not view.source.streaming:
+        if not view.source.decoded_on_demand:
             src = view.source
             self._images = src.images[view.indices].to(device)
             self._labels = src.labels[view.indices].to(device)
@@ -107,7 +107,7 @@ class BatchLoader:
             workers = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
             self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed, self.gpu_decode),
                                       batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
-                                      collate_fn=_gpu().collate if self.gpu_decode else _collate,
+                                      collate_fn=_gpu_decode_module().collate if self.gpu_decode else _collate,
                                       pin_memory=self.device.type == "cuda" and not self.gpu_decode, **workers)
         return self._loader
 
@@ -117,7 +117,7 @@ class BatchLoader:
             return
         epoch = getattr(self.sampler, "epoch", 0)
         for items in self._data_loader():
-            yield _gpu().assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
+            yield _gpu_decode_module().assemble(items, self.view.source, self.train, self.seed, epoch, self.device)
 
     def _epoch_positions(self) -> list:
         """The sampler's batches of this epoch as device tensors: ONE non-blocking copy per epoch
@@ -129,7 +129,7 @@ class BatchLoader:
         return list(torch.split(host_to_device(flat, self.device), [len(positions) for positions in batches]))
 
     def __iter__(self) -> Iterator[Batch]:
-        if not self.view.source.streaming:
+        if not self.view.source.decoded_on_demand:
             n = len(self.view)
             for pos in self._epoch_positions():
                 # repeated augmentation (sampler.py): copy j of pos has the key source index + j * source size

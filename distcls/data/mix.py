@@ -26,7 +26,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-MIX_STREAM = 400  # hash streams 400..409 (augment.keyed_uniform)
+from distcls.copies import host_to_device
+from distcls.data.keys import keyed_uniform
+
+MIX_STREAM = 400  # hash streams 400..409 (keys.keyed_uniform)
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,6 @@ class MixTable:
     box: torch.Tensor
 
     def to(self, device) -> "MixTable":
-        from distcls.data.augment import host_to_device
         return MixTable(*(host_to_device(t, device) for t in (self.mixed, self.lam, self.box)))
 
 
@@ -86,7 +88,6 @@ class Mix:
                    label_smoothing, num_classes, image_size, seed, num_keys)
 
     def hashed(self, epoch: int, keys: torch.Tensor) -> MixTable:
-        from distcls.data.augment import keyed_uniform
         u = [keyed_uniform(self.seed, epoch, keys, MIX_STREAM + j).numpy() for j in range(5)]
         mixed = u[0] < self.prob
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:

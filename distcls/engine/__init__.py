@@ -2,7 +2,7 @@
 from distcls.engine.optim import build_optimizer, build_scheduler, lr_factor
 from distcls.engine.precision import Precision, autocast
 from distcls.engine.progress import Progress, RunningSums, Totals
-from distcls.engine.trainer import EvalResult, HostCopy, StepEnd, Trainer, evaluate
+from distcls.engine.trainer import EvalResult, StepEnd, Trainer, evaluate
 
-__all__ = ["EvalResult", "HostCopy", "Precision", "Progress", "RunningSums", "StepEnd", "Totals", "Trainer", "autocast", "evaluate",
+__all__ = ["EvalResult", "Precision", "Progress", "RunningSums", "StepEnd", "Totals", "Trainer", "autocast", "evaluate",
            "build_optimizer", "build_scheduler", "lr_factor"]

@@ -60,9 +60,11 @@ class RunningSums:
 @dataclass
 class Progress:
     """epoch: epochs completed; epoch_step: optimizer steps into the current epoch (the exact sample
-    position); global_step; best_metric (-1: none yet); skipped_steps (non-finite, agreed by all ranks)."""
+    position); global_step; best_metric (-1: none yet); skipped_steps (non-finite, agreed by all ranks).
+    A checkpoint component (state_dict / load_state_dict, saved under "progress")."""
     device: torch.device
     is_main: bool = True
+    steps_per_epoch: Optional[int] = None  # the train loader's; None: unknown (a Progress outside a run)
     epoch: int = 0
     epoch_step: int = 0
     global_step: int = 0
@@ -89,6 +91,12 @@ class Progress:
         return self.epoch_totals
 
     @property
+    def mid_epoch(self) -> bool:
+        """Inside an epoch: some of its steps done, not all (after the last one the epoch's end is
+        due: its records, evaluation and `finish_epoch`)."""
+        return 0 < self.epoch_step and (self.steps_per_epoch is None or self.epoch_step < self.steps_per_epoch)
+
+    @property
     def skipped_steps(self) -> int:
         """Steps skipped so far: identical on every rank, read from the device (a host sync)."""
         return int(self.skipped.item())
@@ -98,26 +106,25 @@ class Progress:
         self.epoch, self.epoch_step = self.epoch + 1, 0
         self.start_epoch_sums()
 
-    # ------------------------------------------------------------- checkpoint state
-    # Format 1 keeps these at the checkpoint's top level: ck["epoch"], ck["step"], ...
+    # ------------------------------------------------------------- checkpoint component
 
     def state_dict(self) -> dict:
         """Host data only; call `agree_sums` first (on every rank) for a mid-epoch save."""
-        mid_epoch = self.epoch_step > 0
-        return {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.global_step,
+        mid_epoch = self.mid_epoch
+        return {"epoch": self.epoch, "epoch_step": self.epoch_step, "global_step": self.global_step,
                 "best_metric": self.best_metric, "skipped_steps": self.skipped_steps, "wandb_id": self.wandb_id,
-                "meter": self.epoch_totals.state_dict() if mid_epoch else None,
-                "interval_meter": self.logged_totals.state_dict() if mid_epoch else None}
+                "epoch_totals": self.epoch_totals.state_dict() if mid_epoch else None,
+                "logged_totals": self.logged_totals.state_dict() if mid_epoch else None}
 
-    def load_state_dict(self, state: dict, steps_per_epoch: int) -> None:
-        self.epoch, self.epoch_step = state["epoch"], state.get("epoch_step", 0)
-        self.global_step, self.best_metric = state["step"], state["best_metric"]
-        self.skipped.fill_(state.get("skipped_steps", 0))
-        self.wandb_id = state.get("wandb_id")
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.epoch_step = state["epoch"], state["epoch_step"]
+        self.global_step, self.best_metric = state["global_step"], state["best_metric"]
+        self.skipped.fill_(state["skipped_steps"])
+        self.wandb_id = state["wandb_id"]
         epoch_totals = logged_totals = None
-        if self.epoch_step and self.is_main and state.get("meter"):  # the others start at 0: sums stay exact
-            epoch_totals = Totals(**state["meter"])
-            logged_totals = Totals(**state["interval_meter"]) if state.get("interval_meter") else None
+        if self.epoch_step and self.is_main and state["epoch_totals"]:  # the others start at 0: sums stay exact
+            epoch_totals = Totals(**state["epoch_totals"])
+            logged_totals = Totals(**state["logged_totals"]) if state["logged_totals"] else None
         self.start_epoch_sums(epoch_totals, logged_totals)
-        if self.epoch_step >= steps_per_epoch:  # saved at an epoch's last step, before its evaluation
+        if self.steps_per_epoch is not None and self.epoch_step >= self.steps_per_epoch:  # saved at an epoch's last step, before its evaluation
             self.finish_epoch()

@@ -11,12 +11,15 @@ both queued like any kernel. The update is skipped on the device when the agreed
 all-reduced gradients' norm) is non-finite. The host reads the agreed flags later: on CUDA one
 step late, after the next step is queued (`flag_lag=1`), at the epoch's last step at once; on the
 CPU at once (there is nothing to overlap). The running loss/accuracy sums stay on the device.
+
+    for step in trainer.train_epoch(loader, progress, stop):   # one yield per optimizer step
+        ...                                                     # stop.agreed: every rank stops here
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -24,44 +27,19 @@ import torch.nn.functional as F
 
 from distcls import dist
 from distcls.config import TrainConfig
+from distcls.copies import HostCopy
 from distcls.data import Batch, BatchLoader, Preprocess
 from distcls.engine.loss import TrainingLoss
 from distcls.engine.precision import Precision, autocast
 from distcls.engine.progress import Progress
 from distcls.errors import TrainingDiverged
+from distcls.signals import StopRequest
 
 
 @dataclass(frozen=True)
 class StepEnd:
     """Yielded by `Trainer.train_epoch` after each optimizer step (already in `progress`) is queued."""
     stop_requested: bool  # a stop signal on some rank, agreed by every rank at the same step
-
-
-class HostCopy:
-    """The values of a small device tensor, copied to the host without waiting for the device.
-
-    `values()` waits only for the work queued before the copy (on CUDA, through an event), so
-    reading the previous step's copy after queueing the next step costs no stall.
-    """
-
-    def __init__(self, tensor: torch.Tensor, step: int = 0):
-        self.step = step
-        if tensor.device.type == "cuda":
-            self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            self._host.copy_(tensor, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-        else:
-            self._host, self._ready = tensor, None
-
-    def ready(self) -> bool:
-        """The copy has landed: `values()` will not wait."""
-        return self._ready is None or self._ready.query()
-
-    def values(self) -> list:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return self._host.tolist()
 
 
 @dataclass
@@ -92,45 +70,46 @@ class Trainer:
         self.flag_lag = (1 if device.type == "cuda" else 0) if flag_lag is None else flag_lag
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss = TrainingLoss(cfg.label_smoothing)  # hard labels, or Mixup/CutMix soft targets
-        self._unread: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
+        self._unread_flags: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
 
-    def train_epoch(self, loader: BatchLoader, progress: Progress, stop_signal: Callable[[], bool] = lambda: False
-                    ) -> Iterator[StepEnd]:
+    def train_epoch(self, loader: BatchLoader, progress: Progress, stop: Optional[StopRequest] = None) -> Iterator[StepEnd]:
         """Train epoch `progress.epoch` from `progress.epoch_step` to its end, one yield per step.
 
-        Collective (every rank): each step all-reduces gradients and flags. The caller may stop
-        iterating when `stop_requested` (all ranks see it at the same step). With
-        `train.nonfinite=abort`, a non-finite step raises TrainingDiverged (its update was skipped).
+        Collective (every rank): each step all-reduces gradients and flags. When the flags say a
+        rank got a stop signal, `stop.agreed` is set and the epoch ends after that step's yield
+        (every rank at the same step). With `train.nonfinite=abort`, a non-finite step raises
+        TrainingDiverged (its update was skipped).
         """
+        stop = stop if stop is not None else StopRequest()
         self.model.train()
         loader.sampler.set_epoch(progress.epoch, progress.epoch_step)
-        last_step = loader.sampler.steps_per_epoch
-        unread = self._unread = []
+        unread = self._unread_flags = []
         for batch in loader:
-            flags = self._step(batch, progress, stop_signal)
+            flags = self._step(batch, progress, stop)  # queued: the host does not wait for the step
             progress.epoch_step += 1
             progress.global_step += 1
             unread.append(HostCopy(flags, progress.epoch_step))
             # The flags the host may read now: all but the newest `flag_lag` steps' (whose work may
             # still run), and at the epoch's last step all of them (the epoch's end is agreed).
-            readable = len(unread) if progress.epoch_step >= last_step else max(0, len(unread) - self.flag_lag)
-            stop = False
-            for read in unread[:readable]:
-                stop = self._agreed_stop(read, progress) or stop
+            readable = max(0, len(unread) - self.flag_lag) if progress.mid_epoch else len(unread)
+            for landed in unread[:readable]:
+                stop.agreed = self._read_flags(landed, progress) or stop.agreed
             del unread[:readable]
-            yield StepEnd(stop_requested=stop)
-            if stop:
+            yield StepEnd(stop_requested=stop.agreed)
+            if stop.agreed:
                 return
         for flags in unread:  # a loader shorter than the sampler's count: still agree on every step
-            self._agreed_stop(flags, progress)
+            self._read_flags(flags, progress)
 
-    def _step(self, batch: Batch, progress: Progress, stop_signal: Callable[[], bool]) -> torch.Tensor:
-        """Queue one optimizer step; returns the agreed [skipped, stop] flags (device)."""
+    def _step(self, batch: Batch, progress: Progress, stop: StopRequest) -> torch.Tensor:
+        """Collective: queue one optimizer step (DDP's gradient all-reduce, one all-reduce of the
+        flags); returns the agreed [skipped, stop] flags (device). Reads nothing from the device."""
         self.optimizer.zero_grad(set_to_none=True)
         x, targets = self.preprocess.train_batch(batch.images, batch.labels, batch.keys, progress.epoch, self.memory_format)
         micro = list(zip(x.chunk(self.cfg.accum_steps), targets.chunk(self.cfg.accum_steps)))
         loss_sum = correct = 0  # become device tensors at the first micro-batch
         for j, (xs, ys) in enumerate(micro):
+            # Gradients are all-reduced at the last micro-batch's backward only (DDP's no_sync before).
             sync = contextlib.nullcontext() if j == len(micro) - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.precision.autocast():
@@ -141,7 +120,7 @@ class Trainer:
             correct = correct + self.loss.correct(logits.detach(), ys)
         count = loss_sum.new_full((), float(len(batch.labels)))
         # One all-reduce agrees on both flags (the signal checked as late as possible); no host read here.
-        flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop_signal()))]))
+        flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop.requested))]))
         skipped = self.precision.step(self.optimizer, self.params, self.cfg.clip_grad_norm, skip=flags[0] > 0)
         progress.epoch_sums.add_(torch.stack([loss_sum, correct.double(), count]), keep=~skipped)
         progress.skipped += skipped
@@ -155,10 +134,12 @@ class Trainer:
         which a resume would continue from as if the step had been skipped. Local: the flags are
         already agreed, every rank raises at the same call."""
         if self.cfg.nonfinite == "abort":
-            for flags in self._unread:
-                self._agreed_stop(flags, progress)
+            for flags in self._unread_flags:
+                self._read_flags(flags, progress)
 
-    def _agreed_stop(self, flags: HostCopy, progress: Progress) -> bool:
+    def _read_flags(self, flags: HostCopy, progress: Progress) -> bool:
+        """A step's agreed flags, read on the host: raises TrainingDiverged for a non-finite step
+        under train.nonfinite=abort; True when some rank got a stop signal."""
         skipped, stop = flags.values()
         if skipped and self.cfg.nonfinite == "abort":
             raise TrainingDiverged(

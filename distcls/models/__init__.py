@@ -10,7 +10,7 @@ import torch.nn as nn
 from distcls import weights
 
 from distcls.config import ModelConfig
-from distcls.data.sources import DataSpec
+from distcls.spec import DataSpec
 from distcls.errors import UserError, first_line
 from distcls.models import resnet, seed_nets, torchvision_zoo  # noqa: F401  (register builders)
 from distcls.models.registry import MODELS, register_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from distcls.config import ModelConfig
-from distcls.data.sources import DataSpec
+from distcls.spec import DataSpec
 from distcls.models.registry import register_model
 
 

@@ -23,7 +23,7 @@ import functools
 import torch.nn as nn
 
 from distcls.config import ModelConfig
-from distcls.data.sources import DataSpec
+from distcls.spec import DataSpec
 from distcls.errors import ConfigError, first_line
 from distcls.models.registry import MODELS
 

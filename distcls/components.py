@@ -1,0 +1,139 @@
+"""The run's components, built from the config and this process's DistEnv.
+
+    parts = build_components(cfg, env)      # data, loaders, model, optimizer, ..., checkpointer
+
+Building only builds: nothing is restored from a checkpoint, written, logged or printed (the
+runner does those as separate steps after it). `runner.TrainingRun`, `bench compare` and the
+tests all build through here, so what they measure and test is what a run trains with.
+"""
+from __future__ import annotations
+
+import inspect
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from distcls.checkpoint import CheckpointFiles, Checkpointer, GlobalRNG
+from distcls.checkpoint.checkpointer import ModuleWeights, OptimizerState, SavePolicy
+from distcls.config import Config
+from distcls.data import Data, build_data, eval_loader, train_loader
+from distcls.data.loader import BatchLoader
+from distcls.dist import DistEnv
+from distcls.engine import Precision, Progress, Trainer, backends, build_optimizer, build_scheduler
+from distcls.models import build_model, check_forward
+
+DEBUG_STEPS_PER_EPOCH = 5
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_model(cfg: Config, env: DistEnv, spec, log: Callable[[str], None] = lambda msg: None) -> tuple[nn.Module, nn.Module]:
+    """(model to train: compiled and/or DDP-wrapped, plain module that owns the weights).
+
+    Collective under torchrun: constructing DistributedDataParallel broadcasts rank 0's weights."""
+    module = build_model(cfg.model, spec, log)
+    check_forward(module, spec, cfg.model.name)
+    if cfg.train.sync_bn and env.distributed:
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    module = module.to(env.device)
+    if cfg.train.channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    model = torch.compile(module) if cfg.train.compile else module
+    if env.distributed:
+        # BatchNorm buffers are not synced in forward; the run averages them at every epoch end instead.
+        ddp = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp else {"broadcast_buffers": False}
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                                    gradient_as_bucket_view=True, **buffers)
+    return model, module
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How this process's loaders read batches: the `data.*` loader keys, with --debug's changes."""
+    num_workers: int = 0
+    prefetch_factor: int = 4
+    gpu_decode: bool = False
+    max_steps_per_epoch: Optional[int] = None  # training only: stop each epoch after this many optimizer steps
+
+    @classmethod
+    def from_config(cls, cfg: Config, debug: bool = False) -> "LoaderSettings":
+        return cls(num_workers=0 if debug else cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+                   gpu_decode=cfg.data.gpu_decode,
+                   max_steps_per_epoch=cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if debug else None))
+
+
+@dataclass
+class Components:
+    """A run's components. `model` runs the forward (compiled and/or the DDP wrapper); `module`
+    is the plain nn.Module that owns the weights (evaluated, saved, loaded)."""
+    data: Data
+    train: BatchLoader
+    val: Optional[BatchLoader]
+    test: BatchLoader
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    precision: Precision
+    trainer: Trainer
+    progress: Progress
+    checkpointer: Checkpointer
+    switches: dict = field(default_factory=dict)  # the device's math switches as set (engine/backends.py)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def loaders(self) -> list[BatchLoader]:
+        return [self.train, self.test] + ([self.val] if self.val is not None else [])
+
+
+def build_loaders(cfg: Config, env: DistEnv, data: Data, settings: LoaderSettings) -> tuple:
+    """(train, val or None, test): this rank's loaders of the splits."""
+    s = settings
+    train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
+                         s.num_workers, s.max_steps_per_epoch, s.prefetch_factor, s.gpu_decode, repeats=cfg.data.repeats)
+    eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
+
+    def evaluation(view):
+        return eval_loader(view, eval_batch, env.world_size, env.rank, env.device, s.num_workers, s.prefetch_factor, s.gpu_decode)
+
+    return train, evaluation(data.splits.val) if data.splits.val else None, evaluation(data.splits.test)
+
+
+def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Optional[CheckpointFiles] = None,
+                     log: Callable[[str], None] = lambda msg: None) -> Components:
+    """Collective under torchrun (a dataset download's barrier and broadcast, DDP's broadcast of
+    the initial weights): every rank builds, in the same order. `files`: where the checkpointer
+    writes (default: run.out_dir's checkpoints/); `log`: model building's messages."""
+    seed_everything(cfg.run.seed)
+    switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or debug, env.device)
+    data = build_data(cfg)
+    model, module = prepare_model(cfg, env, data.spec, log)
+    optimizer = build_optimizer(module, cfg.optim)
+    train, val, test = build_loaders(cfg, env, data, LoaderSettings.from_config(cfg, debug))
+    steps_per_epoch = train.sampler.steps_per_epoch
+    scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
+    precision = Precision(cfg.train.amp, env.device)
+    trainer = Trainer(model, module, optimizer, scheduler, precision, cfg.train, data.preprocess, env.device)
+    progress = Progress(env.device, env.is_main, steps_per_epoch)
+    checkpointer = Checkpointer(
+        files or CheckpointFiles(cfg.run.out_dir, cfg.checkpoint.keep),
+        {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
+         "scaler": precision, "rng": GlobalRNG()}, progress,
+        SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, val is not None),
+        {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size}, env.is_main,
+        # A save first waits for the steps whose flags the host has not read: an aborting run
+        # (train.nonfinite=abort) raises there instead of saving the state after its diverged step.
+        before_save=trainer.check_diverged)
+    return Components(data, train, val, test, model, module, optimizer, scheduler, precision, trainer, progress, checkpointer, switches)

@@ -23,7 +23,7 @@ from distcls.config import Config
 from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
 from distcls.dist import DistEnv
-from distcls.engine import Precision, Progress, Trainer, backends, build_optimizer, build_scheduler
+from distcls.engine import EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
 from distcls.models import build_model, check_forward
 
 DEBUG_STEPS_PER_EPOCH = 5
@@ -88,6 +88,7 @@ class Components:
     progress: Progress
     checkpointer: Checkpointer
     switches: dict = field(default_factory=dict)  # the device's math switches as set (engine/backends.py)
+    ema: Optional[ModelEMA] = None  # model EMA (train.ema.enabled), on every rank
 
     @property
     def lr(self) -> float:
@@ -111,6 +112,18 @@ def build_loaders(cfg: Config, env: DistEnv, data: Data, settings: LoaderSetting
     return train, evaluation(data.splits.val) if data.splits.val else None, evaluation(data.splits.test)
 
 
+def build_ema(cfg: Config, module: nn.Module, steps_per_epoch: int) -> tuple[Optional[ModelEMA], Optional[EMASchedule]]:
+    """(the model EMA, when it updates), or (None, None) without train.ema.enabled. Built from the plain
+    module that trains: after SyncBatchNorm conversion and the move to the device (same layer types,
+    same device), before compile/DDP (which keep its parameter tensors)."""
+    e = cfg.train.ema
+    if not e.enabled:
+        return None, None
+    decay = adjusted_decay(e.decay, cfg.data.batch_size, e.every_steps, cfg.train.epochs) if e.adjust_decay else e.decay
+    warmup = int(round(cfg.sched.warmup_epochs * steps_per_epoch)) if e.warmup_copy else 0
+    return ModelEMA(module, decay), EMASchedule(e.every_steps, warmup)
+
+
 def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Optional[CheckpointFiles] = None,
                      log: Callable[[str], None] = lambda msg: None) -> Components:
     """Collective under torchrun (a dataset download's barrier and broadcast, DDP's broadcast of
@@ -125,15 +138,17 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     steps_per_epoch = train.sampler.steps_per_epoch
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
     precision = Precision(cfg.train.amp, env.device)
-    trainer = Trainer(model, module, optimizer, scheduler, precision, cfg.train, data.preprocess, env.device)
+    ema, ema_schedule = build_ema(cfg, module, steps_per_epoch)
+    trainer = Trainer(model, module, optimizer, scheduler, precision, cfg.train, data.preprocess, env.device,
+                      ema=ema, ema_schedule=ema_schedule)
     progress = Progress(env.device, env.is_main, steps_per_epoch)
     checkpointer = Checkpointer(
         files or CheckpointFiles(cfg.run.out_dir, cfg.checkpoint.keep),
         {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
-         "scaler": precision, "rng": GlobalRNG()}, progress,
+         "scaler": precision, "rng": GlobalRNG(), **({"ema": ema} if ema is not None else {})}, progress,
         SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, val is not None),
         {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size}, env.is_main,
         # A save first waits for the steps whose flags the host has not read: an aborting run
         # (train.nonfinite=abort) raises there instead of saving the state after its diverged step.
         before_save=trainer.check_diverged)
-    return Components(data, train, val, test, model, module, optimizer, scheduler, precision, trainer, progress, checkpointer, switches)
+    return Components(data, train, val, test, model, module, optimizer, scheduler, precision, trainer, progress, checkpointer, switches, ema)

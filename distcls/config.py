@@ -133,6 +133,15 @@ class SchedConfig:
 
 
 @dataclass(frozen=True)
+class EMAConfig:
+    enabled: bool = _opt(False, "keep an exponential moving average of the weights (model EMA): evaluated beside them every epoch and at the end, saved in checkpoints, used by evaluate/predict/export --ema")
+    decay: float = _opt(0.9999, "EMA decay per update: ema = decay * ema + (1 - decay) * weights", min=0.0, max=1.0)
+    every_steps: int = _opt(32, "update the EMA every N optimizer steps (torchvision's --model-ema-steps)", min=1)
+    warmup_copy: bool = _opt(True, "during sched.warmup_epochs the EMA copies the weights instead of averaging them (torchvision resets it while the lr warms up)")
+    adjust_decay: bool = _opt(False, "torchvision's decay adjustment: alpha = (1 - decay) * data.batch_size * every_steps / train.epochs (capped at 1), decay = 1 - alpha; decay is then torchvision's --model-ema-decay")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _opt(15, "training epochs", min=1)
     amp: str = _opt("none", "mixed precision", choices=["none", "bf16", "fp16"])
@@ -145,6 +154,7 @@ class TrainConfig:
     cudnn_benchmark: bool = _opt(False, "cuDNN times its convolution algorithms per input shape and keeps the fastest (off under run.deterministic)")
     tf32: Optional[bool] = _opt(None, "CUDA float32 matmuls and convolutions on TF32 tensor cores (true) or in full float32 (false); null = torch's defaults (TF32 for convolutions only)")
     max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     nonfinite: str = _opt("abort", "non-finite loss (or, without fp16, gradient norm): skip the step (and count it) or abort", choices=["skip", "abort"])
     max_skipped_fraction: float = _opt(0.5, "train.nonfinite=skip: stop (exit 4) when more than this fraction of an epoch's steps were skipped (1.0 = never stop)", min=0.0, max=1.0)
 
@@ -154,6 +164,7 @@ class CheckpointConfig:
     every_epochs: int = _opt(1, "save a checkpoint every N epochs (0 = only last/best at the end)", min=0)
     every_steps: int = _opt(0, "also save a mid-epoch checkpoint every N optimizer steps (0 = off)", min=0)
     keep: int = _opt(3, "keep the last N epoch checkpoints besides last.pt and best.pt", min=0)
+    best_metric: str = _opt("val_acc", "what best.pt follows: val_acc (the weights' validation accuracy) or val_ema_acc (the EMA's, needs train.ema.enabled=true)", choices=["val_acc", "val_ema_acc"])
 
 
 @dataclass(frozen=True)
@@ -475,6 +486,9 @@ def _check_cross_fields(cfg: Config) -> None:
     check_batch_split(cfg.data.batch_size, 1, cfg.train.accum_steps)  # again with the world size at launch
     if not all(isinstance(t, str) and t for t in cfg.log.wandb.tags):
         raise ConfigError(f"config key 'log.wandb.tags' must be a list of non-empty strings, e.g. [baseline, cifar10], got {cfg.log.wandb.tags!r}")
+    if cfg.checkpoint.best_metric == "val_ema_acc" and not cfg.train.ema.enabled:
+        raise ConfigError("checkpoint.best_metric=val_ema_acc follows the EMA's validation accuracy: set train.ema.enabled=true, "
+                          "or checkpoint.best_metric=val_acc")
     if not cfg.run.out_dir:
         raise ConfigError("run.out_dir must name a directory")
     if cfg.model.freeze_backbone is False and cfg.model.freeze == "backbone":

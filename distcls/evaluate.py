@@ -27,6 +27,7 @@ def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.evaluate", description="Evaluate a distcls checkpoint on a data split.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (nothing else)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput and latency measurement")
@@ -41,7 +42,7 @@ def main(argv: Sequence[str]) -> int:
     if args.out_dir:
         check_output_dir(args.out_dir, "--out-dir")  # before the work, not after it
     env = dist.detect()
-    restored = restore(args.checkpoint, env.device, args.overrides)
+    restored = restore(args.checkpoint, env.device, args.overrides, ema=args.ema)
     check_stored_plugins(restored.checkpoint.config, args.checkpoint, args.overrides, sections=("data",))
     cfg, spec = restored.cfg, restored.spec
     dist.init(env, cfg.dist.timeout_s)
@@ -68,7 +69,7 @@ def main(argv: Sequence[str]) -> int:
 
 def build_report(args, result, spec, speed, world_size: int) -> dict:
     names = spec.labels
-    return {"checkpoint": str(args.checkpoint), "split": args.split, "count": result.count, "acc": result.acc,
+    return {"checkpoint": str(args.checkpoint), "weights": "ema" if args.ema else "model", "split": args.split, "count": result.count, "acc": result.acc,
             "top5_acc": result.top5_acc, "loss": result.loss, "world_size": world_size,
             "per_class_acc": dict(zip(names, result.per_class_acc)),
             "per_class_count": dict(zip(names, result.confusion.sum(1).tolist())),

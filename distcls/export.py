@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import UserError
 
-# Which weights: the checkpoint's `model` state_dict (restore()). When checkpoints hold an EMA,
-# `--ema` is restoring that state_dict instead; nothing below depends on which one it is.
+# Which weights: the checkpoint's `model` state_dict, or with --ema its model EMA's (restore());
+# nothing below depends on which one it is.
 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -63,6 +63,7 @@ def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.export", description="Export a distcls checkpoint for deployment (ONNX, TorchScript or torch.export).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
     p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="onnx (onnxruntime etc.), torchscript (torch.jit.load), exported (torch.export.load)")
     p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx, model.ts, model.pt2 (replaced if it exists)")
     p.add_argument("--check-images", type=int, default=16, metavar="N",
@@ -139,7 +140,7 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
     from distcls.data import build_data, eval_loader
     from distcls.inference import check_stored_plugins
 
-    check_stored_plugins(restored.checkpoint["config"], path, overrides, sections=("data",))
+    check_stored_plugins(restored.checkpoint.config, path, overrides, sections=("data",))
     data = build_data(restored.cfg)
     if (data.spec.channels, data.spec.num_classes) != (restored.spec.channels, restored.spec.num_classes):
         raise UserError(f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
@@ -177,7 +178,7 @@ def main(argv: Sequence[str]) -> int:
         _need_onnx()
     from distcls.inference import restore
 
-    restored = restore(args.checkpoint, torch.device("cpu"), args.overrides)
+    restored = restore(args.checkpoint, torch.device("cpu"), args.overrides, ema=args.ema)
     spec = restored.spec
     images, source = check_images(restored, args.checkpoint, args.check_images, args.overrides) if args.check_images else (None, "")
     module = ExportedClassifier(restored.model, spec.mean, spec.std).eval()

@@ -46,8 +46,22 @@ def check_stored_plugins(stored: dict, path, overrides: Sequence[str], sections=
                             f"to import: add {section}.name={name} to the command line if you trust that module")
 
 
-def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> Restored:
+class EMAWeights:
+    """Loads a checkpoint's `ema` entry ({'weights': state_dict, 'updates': n}) into a plain module."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.weights = ModuleWeights(module)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.weights.load_state_dict(state["weights"])
+
+
+def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema: bool = False) -> Restored:
+    """The checkpoint's model in eval mode on `device`: its trained weights, or with `ema` its
+    model EMA's (train.ema.enabled)."""
     point = ResumePoint(path, read_checkpoint(path, "--checkpoint", resume=False))
+    if ema and not point.state("ema"):
+        raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema")
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
@@ -65,7 +79,7 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = ()) -> R
     if frozen:
         from distcls.models.transfer import freeze_backbone
         model = freeze_backbone(model)  # same module types (FrozenBatchNorm2d) as when it was saved
-    load_components(point, {"model": ModuleWeights(model)})  # as a resume restores it
+    load_components(point, {"ema": EMAWeights(model)} if ema else {"model": ModuleWeights(model)})  # as a resume restores it
     model.to(device).eval()
     pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, interpolation=cfg.data.interpolation)  # no training: no per-epoch draw table
     return Restored(cfg, spec, model, pre, point)

@@ -32,6 +32,7 @@ def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.predict", description="Predict the classes of image files with a distcls checkpoint.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
     p.add_argument("--top-k", type=positive_int, default=1, help="report the K most likely classes per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line instead of tab-separated text")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
@@ -71,7 +72,7 @@ def eval_resize(data_cfg, size: int) -> int:
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    restored = restore(args.checkpoint, device, args.override)
+    restored = restore(args.checkpoint, device, args.override, ema=args.ema)
     spec = restored.spec
     names = spec.labels
     k = min(args.top_k, spec.num_classes)

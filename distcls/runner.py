@@ -285,37 +285,50 @@ class TrainingRun:
         progress, cfg = parts.progress, self.cfg
         epoch = progress.epoch + 1
         dist.average_buffers(parts.module)
+        if parts.ema is not None:
+            dist.average_buffers(parts.ema.module)  # its BatchNorm statistics too: every rank evaluates and saves the same EMA
         train_record = self._record(parts, "train", epoch, progress.agree_sums(), images_per_sec=images / max(seconds, 1e-9),
                                     skipped_steps=progress.skipped_steps)
         self._train_images, self._train_seconds = self._train_images + images, self._train_seconds + seconds
         new_best, val_record = False, None
         if parts.val is not None:
-            result = evaluate(parts.module, parts.val, parts.data.preprocess, parts.data.spec.num_classes,
-                              parts.precision.dtype, parts.trainer.memory_format)
-            new_best = result.acc > progress.best_metric
-            progress.best_metric = max(progress.best_metric, result.acc)
-            val_record = self._record(parts, "val", epoch, result, count=result.count)
+            result = self._evaluate(parts, parts.module, parts.val)
+            ema = self._evaluate(parts, parts.ema.module, parts.val) if parts.ema is not None else None
+            followed = (ema if cfg.checkpoint.best_metric == "val_ema_acc" else result).acc  # what best.pt follows
+            new_best = followed > progress.best_metric
+            progress.best_metric = max(progress.best_metric, followed)
+            val_record = self._record(parts, "val", epoch, result, count=result.count, **self._ema_fields(ema))
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
                                progress.best_metric if parts.val is not None else None, new_best)
         return EpochEnd(new_best=new_best, stop=stop.agree(self.env.device))
+
+    def _evaluate(self, parts: Components, module, loader) -> EvalResult:
+        """Collective: `module` (the weights or the EMA) on `loader`, every sample counted once."""
+        return evaluate(module, loader, parts.data.preprocess, parts.data.spec.num_classes, parts.precision.dtype,
+                        parts.trainer.memory_format)
+
+    @staticmethod
+    def _ema_fields(ema: Optional[EvalResult]) -> dict:
+        """The EMA's numbers beside the weights' in a val/test record (none without train.ema)."""
+        return {} if ema is None else {"ema_loss": ema.loss, "ema_acc": ema.acc}
 
     # ----------------------------------------------------------------- the end
 
     def _finish(self, parts: Components, wall: float) -> dict:
         """Collective: test evaluation, summary.json, plots, wandb summary."""
         cfg, env, progress, spec = self.cfg, self.env, parts.progress, parts.data.spec
-        result = evaluate(parts.module, parts.test, parts.data.preprocess, spec.num_classes,
-                          parts.precision.dtype, parts.trainer.memory_format)
+        result = self._evaluate(parts, parts.module, parts.test)
+        ema = self._evaluate(parts, parts.ema.module, parts.test) if parts.ema is not None else None
         loaders = parts.loaders
         for bad in sorted({b for loader in loaders for b in loader.dropped}):
             self.console.warn(f"rank {env.rank}: skipped an image that failed to decode: {bad}")
         dropped = dist.all_reduce_sum(torch.tensor([float(sum(len(loader.dropped) for loader in loaders))], device=env.device))
-        self._record(parts, "test", cfg.train.epochs, result, count=result.count)
+        self._record(parts, "test", cfg.train.epochs, result, count=result.count, **self._ema_fields(ema))
         best = progress.best_metric
         summary = {
             "test_acc": result.acc, "test_loss": result.loss, "test_count": result.count,
-            "best_val_acc": best if best >= 0 else None, "epochs_completed": cfg.train.epochs,
+            "best_val_acc": best if best >= 0 else None, "best_metric": cfg.checkpoint.best_metric, "epochs_completed": cfg.train.epochs,
             "world_size": env.world_size, "global_batch_size": cfg.data.batch_size,
             "train_images_per_sec": self._train_images / self._train_seconds if self._train_seconds else None,
             "wall_time_s": time.perf_counter() - wall, "skipped_steps": progress.skipped_steps,
@@ -323,6 +336,7 @@ class TrainingRun:
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
             "skipped_bad_images": len(parts.data.skipped_files),
             "dropped_bad_image_reads": int(dropped.item()),
+            **({} if ema is None else {"ema_test_acc": ema.acc, "ema_test_loss": ema.loss}),
         }
         plots = {}
         if env.is_main:

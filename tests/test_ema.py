@@ -124,3 +124,64 @@ def test_schedule_and_torchvision_decay_adjustment():
     # torchvision's V2 ResNet-50 recipe: decay 0.99998, 32 steps, global batch 1024, 600 epochs
     assert adjusted_decay(0.99998, 1024, 32, 600) == pytest.approx(1 - 2e-5 * 1024 * 32 / 600)
     assert adjusted_decay(0.5, 1024, 32, 1) == 0.0  # alpha capped at 1
+
+
+# ----------------------------------------------------------------------------- in a training run
+
+def test_a_run_keeps_evaluates_and_saves_the_ema(out_dir):
+    """decay 0 and an update every step: the EMA is the weights, bit for bit (lerp with weight 1
+    returns the end point exactly), so every EMA number equals the weights' number."""
+    from conftest import load_ckpt, train_in_process
+    from distcls.tracking.metrics import read_jsonl
+
+    summary = train_in_process(out_dir, "train.epochs=2", "train.ema.enabled=true", "train.ema.decay=0.0", "train.ema.every_steps=1")
+    ck = load_ckpt(out_dir / "checkpoints/last.pt")
+    assert ck["ema"]["updates"] == ck["step"] == summary["global_step"]
+    assert ck["ema"]["weights"].keys() == ck["model"].keys()
+    assert all(torch.equal(ck["ema"]["weights"][k], ck["model"][k]) for k in ck["model"])
+    val = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "val"]
+    assert len(val) == 2 and all(r["ema_acc"] == r["acc"] and r["ema_loss"] == r["loss"] for r in val)
+    assert summary["ema_test_acc"] == summary["test_acc"] and summary["best_metric"] == "val_acc"
+
+
+def test_best_pt_follows_the_chosen_metric_and_evaluate_takes_ema(out_dir, capsys):
+    import json
+
+    from conftest import load_ckpt, train_in_process
+    from distcls import evaluate
+    from distcls.cli import run_cli
+    from distcls.tracking.metrics import read_jsonl
+
+    summary = train_in_process(out_dir, "train.epochs=3", "train.ema.enabled=true", "train.ema.decay=0.9", "train.ema.every_steps=2",
+                               "checkpoint.best_metric=val_ema_acc")
+    val = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "val"]
+    best = max(val, key=lambda r: r["ema_acc"])  # the first epoch reaching it
+    assert summary["best_val_acc"] == best["ema_acc"] and summary["best_metric"] == "val_ema_acc"
+    assert load_ckpt(out_dir / "checkpoints/best.pt")["epoch"] == best["epoch"]
+    capsys.readouterr()
+    assert run_cli(evaluate.main, ["--checkpoint", str(out_dir / "checkpoints/last.pt"), "--ema", "--json", "--no-speed"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["weights"] == "ema" and report["acc"] == summary["ema_test_acc"]
+
+
+def test_ema_errors_are_one_line(tmp_path, capsys):
+    import subprocess
+
+    from conftest import assert_user_error, train_in_process
+    from distcls import evaluate, train
+    from distcls.cli import run_cli
+
+    code = run_cli(train.main, ["checkpoint.best_metric=val_ema_acc", f"run.out_dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "checkpoint.best_metric=val_ema_acc", "train.ema.enabled=true")
+    plain = tmp_path / "plain"
+    train_in_process(plain, "train.epochs=1", "train.max_steps_per_epoch=2")
+    capsys.readouterr()
+    code = run_cli(evaluate.main, ["--checkpoint", str(plain / "checkpoints/last.pt"), "--ema"])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "leave out --ema")
+    # resuming a run without EMA with train.ema.enabled=true: the checkpoint has none to continue
+    code = run_cli(train.main, [f"run.out_dir={plain}", "train.epochs=2", "train.max_steps_per_epoch=2", "log.every_steps=0",
+                                "data.batch_size=32", "log.plots=false", "train.ema.enabled=true", "--resume", str(plain / "checkpoints/last.pt")])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "train.ema.enabled=false")

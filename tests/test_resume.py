@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow  # multi-process runs, signals and kill -9
 
 # Slow enough that a signal lands mid-epoch: 128 steps per epoch with a record (and fsync) per step.
 LONG = ["data.name=synthetic", "data.synthetic.train_samples=2048", "data.synthetic.size=16", "data.batch_size=16",
-        "model.args.width=16", "optim.lr=0.01", "train.epochs=3", "log.every_steps=1"]
+        "model.args.width=16", "optim.lr=0.01", "train.epochs=3", "log.every_steps=1",
+        "train.ema.enabled=true", "train.ema.every_steps=3", "train.ema.decay=0.9"]  # the model EMA resumes exactly too
 STEPS_PER_EPOCH = 2048 * 9 // 10 // 16  # 115: val_fraction 0.1 of the synthetic train set
 
 
@@ -66,6 +67,7 @@ def test_resume_after_epoch_is_bitwise_identical(reference, tmp_path):
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
+    assert a["ema"]["updates"] == b["ema"]["updates"] and all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -86,6 +88,7 @@ def test_stop_signal_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_p
     assert_ok(resumed)
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"])  # and the model EMA
     # the resumed run's log reads like one run: one record per step, no duplicates
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train" and "epoch_step" in r]
     assert steps == list(range(1, 3 * STEPS_PER_EPOCH + 1))
@@ -120,6 +123,7 @@ def test_kill_9_worker_under_torchrun_restarts_and_matches_uninterrupted(referen
     assert summary["resumed_from"] is not None and summary["resumed_from"]["step"] >= 40  # restarted from a step checkpoint
     a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert max_weight_diff(a["model"], b["model"]) == 0.0
+    assert max_weight_diff(a["ema"]["weights"], b["ema"]["weights"]) == 0.0
 
 
 def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp_path):
@@ -134,6 +138,12 @@ def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp
     assert_ok(run_distcls("train", [f"run.out_dir={out}", *TWO_RANK, "--resume", "auto"], nproc=2))
     a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert max_weight_diff(a["model"], b["model"]) == 0.0
+    assert max_weight_diff(a["ema"]["weights"], b["ema"]["weights"]) == 0.0
+    # Both ranks restored the EMA (each evaluates its shard of val/test with its own): the EMA's
+    # numbers equal the uninterrupted run's, not only rank 0's saved weights.
+    ema = {run: [(r["split"], r["ema_loss"], r["ema_acc"]) for r in read_jsonl(run / "metrics.jsonl") if r["split"] in ("val", "test")]
+           for run in (reference2, out)}
+    assert ema[out] == ema[reference2] and len(ema[out]) == 3
 
 
 def test_resume_at_a_different_world_size(tmp_path):

@@ -149,6 +149,14 @@ def _progress(value: dict) -> Optional[str]:
     return None
 
 
+def _ema(value: dict) -> Optional[str]:
+    if not isinstance(value.get("weights"), dict) or _state_dict(value["weights"]):
+        return "lacks its 'weights' state_dict"
+    if not _is(value.get("updates"), int) or value["updates"] < 0:
+        return f"lacks a non-negative 'updates' count ({value.get('updates')!r:.40})"
+    return None
+
+
 def _config(value: dict) -> Optional[str]:
     for section in ("model", "data"):
         if not isinstance(value.get(section), dict) or not isinstance(value[section].get("name"), str):
@@ -183,6 +191,7 @@ ENTRIES = (
     Entry("progress", dict, RESUME, component=True, check=_progress),
     Entry("epoch_step", int, OPTIONAL, check=_nonnegative),
     Entry("scaler", dict, OPTIONAL, component=True),
+    Entry("ema", dict, OPTIONAL, component=True, check=_ema),  # model EMA (train.ema): {'weights': state_dict, 'updates': n}
     Entry("world_size", int, OPTIONAL),
 )
 COMPONENTS = tuple(e.key for e in ENTRIES if e.component)

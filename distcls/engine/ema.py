@@ -95,6 +95,9 @@ class ModelEMA(AveragedModel):
         return {"weights": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict, strict: bool = True, assign: bool = False):
+        if not state:
+            raise ValueError("the checkpoint holds no EMA weights (it was trained with train.ema.enabled=false); "
+                             "resume it with train.ema.enabled=false, or start a new run from its weights")
         self.module.load_state_dict(state["weights"], strict=strict)
         self.updates = int(state["updates"])
         self.n_averaged.fill_(self.updates)

@@ -23,6 +23,8 @@ def epoch_line(epoch: int, epochs: int, train: dict, val: Optional[dict], second
     text = f"epoch {epoch}/{epochs} train loss {train['loss']:.4f} acc {train['acc']:.4f}"
     if val is not None:
         text += f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}"
+        if "ema_acc" in val:
+            text += f", ema loss {val['ema_loss']:.4f} acc {val['ema_acc']:.4f}"
         if best is not None:
             text += f" (best {best:.4f}{', new best' if is_best else ''})"
     return text + f" | {seconds:.1f} s, {train['images_per_sec']:.0f} img/s, lr {train['lr']:.3g}"
@@ -34,6 +36,7 @@ def summary_rows(summary: dict, out_dir, plots: dict) -> list:
         return "n/a" if v is None else format(v, fmt)
     rows = [("test accuracy", f"{summary['test_acc']:.4f} ({summary['test_count']} images)"),
             ("best val accuracy", num(summary.get("best_val_acc"), ".4f")),
+            *([("EMA test accuracy", num(summary["ema_test_acc"], ".4f"))] if "ema_test_acc" in summary else []),
             ("epochs / steps", f"{summary['epochs_completed']} / {summary['global_step']}"),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),
             ("train images/s", num(summary.get("train_images_per_sec"), ",.0f") + f" (world size {summary['world_size']}, global batch {summary['global_batch_size']})")]

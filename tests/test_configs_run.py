@@ -29,6 +29,8 @@ SHRINK = {
                                               "data.image_size=32", "data.batch_size=8"],
     "imagenet_resnet50.yaml": ["data.root={root}/imagenet", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=8",
                                "data.val_fraction=0.1"],
+    "imagenet_resnet50_tv_v2.yaml": ["data.root={root}/imagenet", "data.train_crop_size=24", "data.eval_crop_size=32",
+                                     "data.eval_resize=37", "data.batch_size=8", "data.eval_batch_size=8", "data.val_fraction=0.1"],
 }
 
 

@@ -117,10 +117,21 @@ def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = 
     return DistEnv(launcher, rank, local_rank, world, device, backend)
 
 
+def _bind_world_defaults_early() -> None:
+    """torch.distributed.nn.functional binds `group.WORLD` as a default argument when it is first
+    imported (DDP's constructor imports it): imported after init_process_group, ten functions keep
+    the live process group for the rest of the process, so destroy_process_group cannot free it and
+    gloo's worker and socket-loop threads run on into interpreter shutdown, where a rank was seen to
+    abort ("terminate called without an active exception") after a finished run. Imported here,
+    before any group exists, those defaults are None (the default group, looked up at call time)."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init(env: DistEnv, timeout_s: int) -> None:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.distributed and not tdist.is_initialized():
+        _bind_world_defaults_early()
         kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
         # torch's own env:// rendezvous store, with keys scoped to this torchrun attempt: after a

@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -83,16 +85,48 @@ def _cuda_index(launcher: str, local_rank: int) -> int:
     return local_rank
 
 
+def _torchrun_layout() -> tuple:
+    """(rank, world size, local rank) from torchrun-style variables (torchrun, or set by hand), checked:
+    a rank outside the world, or a world without a rendezvous address, is a launch mistake."""
+    rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
+    local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+    fix = "start distcls with torchrun (it sets these), or unset RANK/WORLD_SIZE/LOCAL_RANK to run one process"
+    if world < 1:
+        raise UserError(f"environment variable WORLD_SIZE={world} must be >= 1; {fix}")
+    if not 0 <= rank < world:
+        raise UserError(f"environment variable RANK={rank} must be in 0..{world - 1} (WORLD_SIZE={world}); {fix}")
+    local_world = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world
+    if not 0 <= local_rank < min(local_world, world) or local_rank > rank:
+        raise UserError(f"environment variable LOCAL_RANK={local_rank} does not fit RANK={rank}, WORLD_SIZE={world}"
+                        f"{f', LOCAL_WORLD_SIZE={local_world}' if 'LOCAL_WORLD_SIZE' in os.environ else ''}; {fix}")
+    if world > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise UserError(f"RANK={rank}, WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+                            f"the ranks cannot find each other; set MASTER_ADDR and MASTER_PORT (the address and a free port of rank 0's host), "
+                            "or start distcls with torchrun")
+        _master_port()
+    return rank, world, local_rank
+
+
+def _master_port() -> int:
+    port = _int_env("MASTER_PORT")
+    if not 1 <= port <= 65535:
+        raise UserError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535); set a free port of rank 0's host")
+    return port
+
+
 def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = False) -> DistEnv:
     """Read the launcher's environment; no process group is created here."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         launcher = "torchrun"
-        rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
-        local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        rank, world, local_rank = _torchrun_layout()
     elif _is_srun_rank():
         launcher = "slurm"  # srun started one task per GPU
         rank, world, local_rank = _slurm_layout()
         # the user's MASTER_ADDR/MASTER_PORT win, and then the nodelist and job id are not even parsed
+        if "MASTER_PORT" in os.environ:
+            _master_port()
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost"))
         if "MASTER_PORT" not in os.environ:
@@ -137,11 +171,40 @@ def init(env: DistEnv, timeout_s: int) -> None:
         # torch's own env:// rendezvous store, with keys scoped to this torchrun attempt: after a
         # worker restart the agent's store still holds the dead attempt's gloo addresses, and a
         # rank that read one of those failed with "connectFullMesh ... Connection refused".
-        store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        tdist.init_process_group(
-            backend=env.backend, store=tdist.PrefixStore(f"distcls/attempt_{attempt}", store),
-            rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        waiting = f"rank {env.rank} waiting for {env.world_size - 1} more process{'es' if env.world_size > 2 else ''} at {where}"
+        notice = _WaitNotice(f"distcls: {waiting} (dist.timeout_s={timeout_s})", timeout_s)
+        try:
+            store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            tdist.init_process_group(
+                backend=env.backend, store=tdist.PrefixStore(f"distcls/attempt_{attempt}", store),
+                rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+        except tdist.DistError as exc:
+            reason = " ".join(str(exc).split("\n")[0].split())[:200]
+            raise UserError(f"{waiting}: the process group did not form within dist.timeout_s={timeout_s} s ({reason}); "
+                            f"start all {env.world_size} processes with the same MASTER_ADDR and MASTER_PORT "
+                            "(torchrun does), or raise dist.timeout_s") from None
+        finally:
+            notice.cancel()
+
+
+class _WaitNotice:
+    """Says once on stderr what a rank waits for, when forming the process group takes longer than
+    `AFTER_S` (torchrun's ranks start together and never show it; a rank started by hand, or an
+    srun task whose peers are late, does). A short dist.timeout_s ends in the error line instead."""
+    AFTER_S = 5.0
+
+    def __init__(self, message: str, timeout_s: int):
+        self._timer = None
+        if timeout_s > 2 * self.AFTER_S:
+            self._timer = threading.Timer(self.AFTER_S, lambda: print(message, file=sys.stderr, flush=True))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def teardown() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
+from distcls import nodelist as nodelist_mod
 from distcls.errors import ConfigError, UserError
 
 
@@ -45,14 +45,8 @@ def _int_env(name: str) -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR explicitly")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """First host of a SLURM nodelist, as SLURM expands it: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    return nodelist_mod.hostnames(nodelist)[0]
 
 
 def _is_srun_rank() -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -199,10 +200,14 @@ def test_impossible_launcher_variables_are_clear_errors(launch_env, values, frag
                                               ({"RANK": -1, "WORLD_SIZE": 2}, "RANK=-1 must be in 0..1"),
                                               ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
                                               ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set")])
-def test_impossible_launcher_variables_are_one_error_line(tmp_path, values, fragment):
+def test_impossible_launcher_variables_are_one_error_line(launch_env, tmp_path, capsys, values, fragment):
     # before: a non-finite-loss abort (exit 4), tracebacks, or a silent wait for dist.timeout_s
-    proc = run_distcls("train", [f"run.out_dir={tmp_path / 'run'}"], env={k: str(v) for k, v in values.items()})
-    assert_user_error(proc, fragment)
+    # (in process: the same `python -m distcls.train` path, run_cli + train.main, without a new interpreter)
+    from distcls import train
+    from distcls.cli import run_cli
+    launch_env(**values)
+    code = run_cli(train.main, [f"run.out_dir={tmp_path / 'run'}"])
+    assert_user_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), fragment)
     assert not (tmp_path / "run").exists()
 
 

@@ -167,7 +167,9 @@ def init(env: DistEnv, timeout_s: int) -> None:
         # rank that read one of those failed with "connectFullMesh ... Connection refused".
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         waiting = f"rank {env.rank} waiting for {env.world_size - 1} more process{'es' if env.world_size > 2 else ''} at {where}"
-        notice = _WaitNotice(f"distcls: {waiting} (dist.timeout_s={timeout_s})", timeout_s)
+        # torchrun's agent started every rank itself and reports a rank that fails: no notice there
+        notice = _WaitNotice(f"distcls: {waiting} (dist.timeout_s={timeout_s})", timeout_s,
+                             enabled="TORCHELASTIC_RUN_ID" not in os.environ)
         try:
             store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -185,13 +187,15 @@ def init(env: DistEnv, timeout_s: int) -> None:
 
 class _WaitNotice:
     """Says once on stderr what a rank waits for, when forming the process group takes longer than
-    `AFTER_S` (torchrun's ranks start together and never show it; a rank started by hand, or an
-    srun task whose peers are late, does). A short dist.timeout_s ends in the error line instead."""
+    `AFTER_S`: a rank started by hand, or an srun task whose peers are late. Not under torchrun,
+    whose agent starts the ranks together and reports the one that fails (a rank slow to start on
+    a loaded node would only add a line to every run's output). A short dist.timeout_s ends in
+    the error line instead."""
     AFTER_S = 5.0
 
-    def __init__(self, message: str, timeout_s: int):
+    def __init__(self, message: str, timeout_s: int, enabled: bool = True):
         self._timer = None
-        if timeout_s > 2 * self.AFTER_S:
+        if enabled and timeout_s > 2 * self.AFTER_S:
             self._timer = threading.Timer(self.AFTER_S, lambda: print(message, file=sys.stderr, flush=True))
             self._timer.daemon = True
             self._timer.start()

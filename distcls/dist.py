@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
+import sys
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as tdist
 
+from distcls import nodelist as nodelist_mod
 from distcls.errors import ConfigError, UserError
 
 
@@ -43,14 +45,8 @@ def _int_env(name: str) -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
-    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not m:
-        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}; set MASTER_ADDR explicitly")
-    prefix, ranges = m.group(1), m.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """First host of a SLURM nodelist, as SLURM expands it: 'gpu[03-05,09],cpu1' -> 'gpu03'."""
+    return nodelist_mod.hostnames(nodelist)[0]
 
 
 def _is_srun_rank() -> bool:
@@ -83,16 +79,48 @@ def _cuda_index(launcher: str, local_rank: int) -> int:
     return local_rank
 
 
+def _torchrun_layout() -> tuple:
+    """(rank, world size, local rank) from torchrun-style variables (torchrun, or set by hand), checked:
+    a rank outside the world, or a world without a rendezvous address, is a launch mistake."""
+    rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
+    local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+    fix = "start distcls with torchrun (it sets these), or unset RANK/WORLD_SIZE/LOCAL_RANK to run one process"
+    if world < 1:
+        raise UserError(f"environment variable WORLD_SIZE={world} must be >= 1; {fix}")
+    if not 0 <= rank < world:
+        raise UserError(f"environment variable RANK={rank} must be in 0..{world - 1} (WORLD_SIZE={world}); {fix}")
+    local_world = _int_env("LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in os.environ else world
+    if not 0 <= local_rank < min(local_world, world) or local_rank > rank:
+        raise UserError(f"environment variable LOCAL_RANK={local_rank} does not fit RANK={rank}, WORLD_SIZE={world}"
+                        f"{f', LOCAL_WORLD_SIZE={local_world}' if 'LOCAL_WORLD_SIZE' in os.environ else ''}; {fix}")
+    if world > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise UserError(f"RANK={rank}, WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
+                            f"the ranks cannot find each other; set MASTER_ADDR and MASTER_PORT (the address and a free port of rank 0's host), "
+                            "or start distcls with torchrun")
+        _master_port()
+    return rank, world, local_rank
+
+
+def _master_port() -> int:
+    port = _int_env("MASTER_PORT")
+    if not 1 <= port <= 65535:
+        raise UserError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535); set a free port of rank 0's host")
+    return port
+
+
 def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = False) -> DistEnv:
     """Read the launcher's environment; no process group is created here."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         launcher = "torchrun"
-        rank, world = _int_env("RANK"), _int_env("WORLD_SIZE")
-        local_rank = _int_env("LOCAL_RANK") if "LOCAL_RANK" in os.environ else 0
+        rank, world, local_rank = _torchrun_layout()
     elif _is_srun_rank():
         launcher = "slurm"  # srun started one task per GPU
         rank, world, local_rank = _slurm_layout()
         # the user's MASTER_ADDR/MASTER_PORT win, and then the nodelist and job id are not even parsed
+        if "MASTER_PORT" in os.environ:
+            _master_port()
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = first_host(os.environ.get("SLURM_JOB_NODELIST", "localhost"))
         if "MASTER_PORT" not in os.environ:
@@ -117,20 +145,64 @@ def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = 
     return DistEnv(launcher, rank, local_rank, world, device, backend)
 
 
+def _bind_world_defaults_early() -> None:
+    """torch.distributed.nn.functional binds `group.WORLD` as a default argument when it is first
+    imported (DDP's constructor imports it): imported after init_process_group, ten functions keep
+    the live process group for the rest of the process, so destroy_process_group cannot free it and
+    gloo's worker and socket-loop threads run on into interpreter shutdown, where a rank was seen to
+    abort ("terminate called without an active exception") after a finished run. Imported here,
+    before any group exists, those defaults are None (the default group, looked up at call time)."""
+    import torch.distributed.nn.functional  # noqa: F401
+
+
 def init(env: DistEnv, timeout_s: int) -> None:
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     if env.distributed and not tdist.is_initialized():
+        _bind_world_defaults_early()
         kwargs = {"device_id": env.device} if env.backend == "nccl" else {}
         timeout = datetime.timedelta(seconds=timeout_s)
         # torch's own env:// rendezvous store, with keys scoped to this torchrun attempt: after a
         # worker restart the agent's store still holds the dead attempt's gloo addresses, and a
         # rank that read one of those failed with "connectFullMesh ... Connection refused".
-        store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        tdist.init_process_group(
-            backend=env.backend, store=tdist.PrefixStore(f"distcls/attempt_{attempt}", store),
-            rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        waiting = f"rank {env.rank} waiting for {env.world_size - 1} more process{'es' if env.world_size > 2 else ''} at {where}"
+        # torchrun's agent started every rank itself and reports a rank that fails: no notice there
+        notice = _WaitNotice(f"distcls: {waiting} (dist.timeout_s={timeout_s})", timeout_s,
+                             enabled="TORCHELASTIC_RUN_ID" not in os.environ)
+        try:
+            store, _, _ = next(tdist.rendezvous("env://", rank=env.rank, world_size=env.world_size, timeout=timeout))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            tdist.init_process_group(
+                backend=env.backend, store=tdist.PrefixStore(f"distcls/attempt_{attempt}", store),
+                rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
+        except tdist.DistError as exc:
+            reason = " ".join(str(exc).split("\n")[0].split())[:200]
+            raise UserError(f"{waiting}: the process group did not form within dist.timeout_s={timeout_s} s ({reason}); "
+                            f"start all {env.world_size} processes with the same MASTER_ADDR and MASTER_PORT "
+                            "(torchrun does), or raise dist.timeout_s") from None
+        finally:
+            notice.cancel()
+
+
+class _WaitNotice:
+    """Says once on stderr what a rank waits for, when forming the process group takes longer than
+    `AFTER_S`: a rank started by hand, or an srun task whose peers are late. Not under torchrun,
+    whose agent starts the ranks together and reports the one that fails (a rank slow to start on
+    a loaded node would only add a line to every run's output). A short dist.timeout_s ends in
+    the error line instead."""
+    AFTER_S = 5.0
+
+    def __init__(self, message: str, timeout_s: int, enabled: bool = True):
+        self._timer = None
+        if enabled and timeout_s > 2 * self.AFTER_S:
+            self._timer = threading.Timer(self.AFTER_S, lambda: print(message, file=sys.stderr, flush=True))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 def teardown() -> None:

@@ -47,8 +47,14 @@ distcls_run_requeueable() {  # usage: distcls_run_requeueable srun [SRUN_ARG...]
   while :; do
     wait "$child"
     rc=$?
-    kill -0 "$child" 2>/dev/null || break  # wait was interrupted by the trap: keep waiting
+    kill -0 "$child" 2>/dev/null || break  # still running: wait was interrupted by the trap, keep waiting
   done
+  # The step may have exited while the trap ran: then the wait above returned 138 (interrupted by
+  # USR1), not its status. bash keeps a child's status until it is waited for, so ask once more
+  # (an older bash that already handed it out answers 127: keep the status we have).
+  wait "$child"
+  local again=$?
+  [ "$again" != 127 ] && rc=$again
   trap - USR1
   echo "distcls-slurm: training step exited with $rc at $(date +%T)"
   if [ "$DISTCLS_SIGNALLED" = 1 ] && [ "$rc" != 0 ]; then

@@ -30,7 +30,7 @@ def distcls_cmd(module: str, args, nproc: int = 1, torchrun_args=()) -> list:
             "-m", f"distcls.{module}", *args]
 
 
-def run_distcls(module: str, args, nproc: int = 1, cwd=None, env=None, timeout: int = 300, torchrun_args=()):
+def run_distcls(module: str, args, nproc: int = 1, cwd=None, env=None, timeout: int = 900, torchrun_args=()):
     return subprocess.run(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=cwd or ROOT,
                           env=child_env(env), capture_output=True, text=True, timeout=timeout)
 

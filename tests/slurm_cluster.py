@@ -44,7 +44,7 @@ def ensure_installed() -> None:
         raise ClusterUnavailable("SLURM is not installed and installing it needs root and apt-get "
                                  f"(apt-get install {' '.join(PACKAGES)})")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise ClusterUnavailable(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")

@@ -2,9 +2,10 @@
 import json
 
 import pytest
+import torch
 
 import fakedata
-from conftest import ROOT, assert_ok, load_ckpt, run_distcls
+from conftest import ROOT, load_ckpt
 
 CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 
@@ -38,15 +39,28 @@ def test_every_config_is_covered():
     assert len(CONFIGS) >= 9 and "default.yaml" in CONFIGS
 
 
+@pytest.fixture
+def same_torch_flags():
+    """A config may turn on torch's deterministic algorithms (run.deterministic): process-wide, so undone after."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_runs_one_short_epoch(name, data_root, tmp_path):
+def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys, same_torch_flags):
+    # in process, through the same run_cli + train.main that `python -m distcls.train` runs: ten
+    # interpreter starts fewer (a few seconds each); test_cli_errors.py covers the real process
+    from distcls import train
+    from distcls.cli import run_cli
+
     out = tmp_path / "out"
     extra = [a.replace("{root}", str(data_root)) for a in SHRINK.get(name, ["data.batch_size=8"])]
     args = ["--config", ROOT / "configs" / name, f"data.root={data_root}", *extra, "train.epochs=1",
             "train.max_steps_per_epoch=2", "data.max_eval_samples=16", "data.num_workers=0", f"run.out_dir={out}",
             "train.sync_bn=false", "log.every_steps=1"]
-    proc = run_distcls("train", args)
-    assert_ok(proc)
+    code = run_cli(train.main, [str(a) for a in args])
+    assert code == 0, capsys.readouterr().err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and 0.0 <= summary["test_acc"] <= 1.0
     ck = load_ckpt(out / "checkpoints/last.pt")

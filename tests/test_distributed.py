@@ -1,9 +1,11 @@
 """Guarantees across world sizes, with real gloo process groups (torchrun, 2 ranks)."""
 import json
+import subprocess
+import sys
 
 import pytest
 
-from conftest import FAST, assert_ok, load_ckpt, max_weight_diff, run_distcls
+from conftest import FAST, ROOT, assert_ok, child_env, load_ckpt, max_weight_diff, run_distcls
 
 pytestmark = pytest.mark.slow  # multi-process runs, signals and kill -9
 
@@ -54,3 +56,19 @@ def test_other_ranks_print_no_progress(tmp_path):
     assert_ok(proc)
     assert proc.stdout.count("done: test acc") == 1  # rank 0 only
     assert "world 2 (torchrun, cpu, gloo)" in proc.stdout
+
+
+def test_no_gloo_thread_outlives_the_run(tmp_path):
+    # A process group that destroy_process_group cannot free (torch.distributed.nn.functional, first
+    # imported by DDP, binds the live WORLD group as a default argument) kept gloo's worker and
+    # socket-loop threads running into interpreter shutdown, where a rank was seen to abort
+    # ("terminate called without an active exception") after a finished run.
+    report = tmp_path / "threads"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests/exit_threads.py"), str(report), f"run.out_dir={tmp_path / 'run'}", *FAST,
+                           "data.max_train_samples=256", "data.max_eval_samples=64", "train.epochs=1"],
+                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    for rank in (0, 1):
+        threads = (tmp_path / f"threads.{rank}").read_text().split()
+        assert not [t for t in threads if "gloo" in t], f"rank {rank} still runs {threads}"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from distcls.errors import ConfigError, UserError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",
                  "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_STEP_ID", "SLURM_JOB_ID", "SLURM_JOB_NODELIST",
-                 "SLURM_NNODES", "SLURM_NTASKS_PER_NODE")
+                 "SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE")
+MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}  # torchrun always sets both
 
 
 @pytest.fixture
@@ -39,14 +41,14 @@ def test_no_launcher_is_one_process(launch_env):
 
 
 def test_torchrun_variables(launch_env):
-    launch_env(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1)
+    launch_env(RANK=3, WORLD_SIZE=4, LOCAL_RANK=1, **MASTER)
     env = dist.detect("cpu")
     assert (env.launcher, env.rank, env.local_rank, env.world_size, env.backend) == ("torchrun", 3, 1, 4, "gloo")
 
 
 def test_torchrun_inside_an_srun_task_is_torchrun(launch_env):
     # multi_node.sbatch: srun starts one torchrun per node; its workers see both sets of variables
-    launch_env(**srun_task(1, 0, 2, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=1), RANK=2, WORLD_SIZE=4, LOCAL_RANK=0)
+    launch_env(**srun_task(1, 0, 2, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=1), RANK=2, WORLD_SIZE=4, LOCAL_RANK=0, **MASTER)
     env = dist.detect("cpu")
     assert (env.launcher, env.rank, env.world_size) == ("torchrun", 2, 4)
 
@@ -94,8 +96,8 @@ def test_bad_slurm_variable_is_one_error_line(tmp_path):
 
 @pytest.mark.parametrize("values, expected", [
     ({"RANK": 0, "WORLD_SIZE": 1}, (0, 0, 1)),  # torchrun --nproc_per_node=1
-    ({"RANK": 5, "WORLD_SIZE": 8, "LOCAL_RANK": 1, "TORCHELASTIC_RESTART_COUNT": 2}, (5, 1, 8)),  # after a restart
-    ({"RANK": 1, "WORLD_SIZE": 2}, (1, 0, 2)),  # no LOCAL_RANK: local rank 0
+    ({"RANK": 5, "WORLD_SIZE": 8, "LOCAL_RANK": 1, "TORCHELASTIC_RESTART_COUNT": 2, **MASTER}, (5, 1, 8)),  # after a restart
+    ({"RANK": 1, "WORLD_SIZE": 2, **MASTER}, (1, 0, 2)),  # no LOCAL_RANK: local rank 0
 ])
 def test_torchrun_ranks(launch_env, values, expected):
     launch_env(**values)
@@ -128,7 +130,7 @@ def test_srun_without_a_nodelist_rendezvous_locally(launch_env):
 
 
 def test_debug_under_a_multi_process_launcher_is_a_config_error(launch_env):
-    launch_env(RANK=0, WORLD_SIZE=2)
+    launch_env(RANK=0, WORLD_SIZE=2, **MASTER)
     with pytest.raises(ConfigError, match="--debug runs one process, but the launcher started 2"):
         dist.detect("cpu", debug=True)
     launch_env(RANK=0, WORLD_SIZE=1)
@@ -145,7 +147,7 @@ def gpus(monkeypatch):
 
 
 @pytest.mark.parametrize("task, count, index", [
-    ({"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 1}, 2, 1),  # torchrun: local rank -> GPU index
+    ({"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 1, **MASTER}, 2, 1),  # torchrun: local rank -> GPU index
     (srun_task(3, 1, 4, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=2), 2, 1),  # srun tasks seeing the node's GPUs
     (srun_task(3, 1, 4, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=2), 1, 0),  # srun bound one GPU per task
     ({}, 4, 0),  # one process
@@ -159,7 +161,7 @@ def test_each_rank_gets_its_gpu_and_nccl(launch_env, gpus, task, count, index):
 
 
 def test_more_processes_per_node_than_gpus_is_a_clear_error(launch_env, gpus):
-    launch_env(RANK=2, WORLD_SIZE=3, LOCAL_RANK=2)
+    launch_env(RANK=2, WORLD_SIZE=3, LOCAL_RANK=2, **MASTER)
     gpus(2)
     with pytest.raises(UserError, match="local rank 2 has no GPU \\(this node has 2 visible\\)"):
         dist.detect("auto")
@@ -172,3 +174,71 @@ def test_cuda_or_nccl_asked_for_without_a_gpu_are_config_errors(launch_env, gpus
         dist.detect("cuda")
     with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA GPUs"):
         dist.detect("auto", "nccl")
+
+
+@pytest.mark.parametrize("values, fragment", [
+    ({"RANK": 1, "WORLD_SIZE": 1}, "RANK=1 must be in 0..0 (WORLD_SIZE=1)"),
+    ({"RANK": -1, "WORLD_SIZE": 2, **MASTER}, "RANK=-1 must be in 0..1"),
+    ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
+    ({"RANK": 2, "WORLD_SIZE": 4, "LOCAL_RANK": 3, **MASTER}, "LOCAL_RANK=3 does not fit RANK=2, WORLD_SIZE=4"),
+    ({"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 2, "LOCAL_WORLD_SIZE": 2, **MASTER}, "LOCAL_RANK=2 does not fit"),
+    ({"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": -1, **MASTER}, "LOCAL_RANK=-1 does not fit"),
+    ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set"),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7"}, "MASTER_PORT is not set"),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": 70000}, "MASTER_PORT=70000 is not a TCP port"),
+    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
+    (srun_task(1, 1, 2, MASTER_PORT=0), "MASTER_PORT=0 is not a TCP port"),
+])
+def test_impossible_launcher_variables_are_clear_errors(launch_env, values, fragment):
+    launch_env(**values)
+    with pytest.raises(UserError) as info:
+        dist.detect("cpu")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("values, fragment", [({"RANK": 1, "WORLD_SIZE": 1}, "RANK=1 must be in 0..0"),
+                                              ({"RANK": -1, "WORLD_SIZE": 2}, "RANK=-1 must be in 0..1"),
+                                              ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
+                                              ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set")])
+def test_impossible_launcher_variables_are_one_error_line(launch_env, tmp_path, capsys, values, fragment):
+    # before: a non-finite-loss abort (exit 4), tracebacks, or a silent wait for dist.timeout_s
+    # (in process: the same `python -m distcls.train` path, run_cli + train.main, without a new interpreter)
+    from distcls import train
+    from distcls.cli import run_cli
+    launch_env(**values)
+    code = run_cli(train.main, [f"run.out_dir={tmp_path / 'run'}"])
+    assert_user_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_peers_never_come_ends_in_one_error_line(tmp_path):
+    # before: a silent wait, then a DistStoreError traceback
+    port = _free_port()
+    proc = run_distcls("train", [f"run.out_dir={tmp_path / 'run'}", "dist.timeout_s=2"],
+                       env={"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert_user_error(proc, f"rank 0 waiting for 1 more process at 127.0.0.1:{port}: the process group did not form within "
+                            "dist.timeout_s=2 s", "start all 2 processes with the same MASTER_ADDR and MASTER_PORT")
+
+
+@pytest.mark.slow
+def test_a_waiting_rank_says_what_it_waits_for(tmp_path):
+    import subprocess
+    from conftest import child_env, distcls_cmd
+    port = _free_port()
+    env = child_env({"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    # the notice comes after 5 s of waiting; dist.timeout_s (the error) bounds the test if it never does
+    with subprocess.Popen(distcls_cmd("train", [f"run.out_dir={tmp_path / 'run'}", "dist.timeout_s=300", "data.batch_size=63"]), env=env,
+                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True) as proc:
+        try:
+            first = proc.stderr.readline().strip()
+        finally:
+            proc.kill()
+    assert first == f"distcls: rank 0 waiting for 2 more processes at 127.0.0.1:{port} (dist.timeout_s=300)"

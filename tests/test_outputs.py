@@ -230,6 +230,10 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")
     summary = train_in_process(out, *wb, resume="auto")
     assert "wandb has no API key" not in capsys.readouterr().err
+    # run.finish() only informs wandb's service process, which closes the run's .wandb file later:
+    # read the files once the service is gone (what a process's exit waits for), not while it may still write
+    import wandb
+    wandb.teardown()
 
     run_id = load_ckpt(out / "checkpoints/last.pt")["progress"]["wandb_id"]
     dirs = sorted((out / "wandb").glob("offline-run-*"))

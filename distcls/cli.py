@@ -20,7 +20,7 @@ import time
 import traceback
 from typing import Callable, Sequence
 
-from distcls.errors import ExitCode, TrainingDiverged, UserError
+from distcls.errors import ExitCode, SecondInterrupt, TrainingDiverged, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -106,8 +106,12 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
         _leave_rank_0_time_to_report()
         report("error", exc)
         return ExitCode.DIVERGED
-    except KeyboardInterrupt:
-        report("stopped", "interrupted (second Ctrl-C) before a checkpoint could be saved")
+    except SecondInterrupt:
+        report("stopped", "interrupted (second Ctrl-C) before a checkpoint could be saved; the previous checkpoint, if any, "
+                          "is intact: resume with --resume auto")
+        return 130
+    except KeyboardInterrupt:  # a first Ctrl-C before the run caught signals: while starting up or waiting for the other ranks
+        report("stopped", "interrupted (Ctrl-C) while starting up, before training began; nothing was written")
         return 130
 
 

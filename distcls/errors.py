@@ -46,6 +46,10 @@ class ConfigError(UserError):
     """A config problem: every rank meets the same one (cli.run_cli makes rank 0 report it)."""
 
 
+class SecondInterrupt(KeyboardInterrupt):
+    """A second Ctrl-C while the first one's stop was under way: interrupt at once."""
+
+
 class TrainingDiverged(Exception):
     """The loss became non-finite and `train.nonfinite=abort` asked to stop."""
 

@@ -9,6 +9,7 @@ import signal
 import threading
 
 from distcls import dist
+from distcls.errors import SecondInterrupt
 
 
 class StopRequest:
@@ -33,7 +34,7 @@ class StopRequest:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if name == "SIGINT" and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt
+            raise SecondInterrupt
         self.signal_name = self.signal_name or name
 
     def install(self) -> "StopRequest":

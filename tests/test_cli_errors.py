@@ -141,3 +141,26 @@ def test_only_a_non_zero_rank_waits_before_it_reports(monkeypatch, capsys, rank,
     assert slept == ([cli.PEER_REPORT_GRACE_S] if waits else [])
     assert (sigterm_action == signal.SIG_DFL) == waits
     assert capsys.readouterr().err == f"distcls: error: {tag}bad key\n"
+
+
+@pytest.mark.parametrize("interrupt, words", [(KeyboardInterrupt, "while starting up, before training began; nothing was written"),
+                                              ("second", "second Ctrl-C")])
+def test_a_ctrl_c_outside_the_run_says_which_one_it_was(capsys, interrupt, words):
+    """A first Ctrl-C before the run installs its handlers used to be reported as a 'second Ctrl-C'."""
+    import signal as signal_mod
+
+    from distcls.signals import StopRequest
+
+    def main(argv):
+        if interrupt is KeyboardInterrupt:
+            raise KeyboardInterrupt  # Python's default SIGINT handler, before StopRequest.install
+        stop = StopRequest().install()
+        try:
+            stop._handle(signal_mod.SIGINT, None)  # the first one only asks to stop
+            stop._handle(signal_mod.SIGINT, None)  # the second interrupts
+        finally:
+            stop.uninstall()
+
+    assert run_cli(main, []) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("distcls: stopped: interrupted") and words in err[0]

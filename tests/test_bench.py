@@ -38,7 +38,8 @@ def test_every_mode_module_has_the_mode_interface():
 
 def test_compare_writes_every_figure_and_ratio(tmp_path, capsys):
     r = _bench(tmp_path, "compare", "--steps", "2", "--warmup", "1", "--rounds", "2", "--workers", "0", "--threads", "1",
-               "--profile", "3", *TINY, "data.augment.crop_padding=1", "data.augment.hflip=true")
+               "--profile", "3", *TINY, "data.augment.crop_padding=1", "data.augment.hflip=true",
+               "train.ema.enabled=true", "train.ema.every_steps=1")
     assert r["mode"] == "compare" and r["setup"]["batch_size"] == 32 and r["setup"]["augment"]["crop_padding"] == 1
     for k in "abc":
         assert len(r["images_per_sec"][k]) == 2 and all(map(_positive, r["images_per_sec"][k])), k
@@ -48,10 +49,11 @@ def test_compare_writes_every_figure_and_ratio(tmp_path, capsys):
         assert r["ratios"][k] == pytest.approx(statistics.median(r["per_round_ratios"][k]), abs=2e-3)
     assert 0 < r["ratios"]["a/d"] < 1  # nothing trains faster than its own FLOP ceiling
     assert r["profile"]["a"]["steps"] == 3 and "aten::" in r["profile"]["a"]["table"]
-    assert r["profile"]["a"]["host_syncs"] == {}  # distcls's step reads nothing from the device
+    assert r["profile"]["a"]["host_syncs"] == {}  # distcls's step reads nothing from the device, its EMA update neither
+    assert r["ema"]["every_steps"] == 1 and _positive(r["ema"]["update_ms"]) and 0 < r["ema"]["update_over_step"] < 1
     printed = capsys.readouterr().out
     assert "a/b" in printed and "hand-written loop" in printed  # the table, not only the file
-    assert "host-sync calls: none" in printed
+    assert "host-sync calls: none" in printed and "model EMA:" in printed
 
 
 def test_compare_flops_per_image_match_the_counted_convolutions():

@@ -305,9 +305,31 @@ def run(args) -> dict:
         "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in per_round.items()},
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
+    if parts.ema is not None:  # train.ema.enabled: a includes the EMA updates; their own cost, measured here
+        result["ema"] = _ema_cost(parts, cfg, median["a"])
     if args.profile:
         result["profile"] = {"a": _profile(runs["a"], args.profile), "b": _profile(runs["b"], args.profile)}
     return result
+
+
+def _ema_cost(parts, cfg, images_per_sec: float, updates: int = 50) -> dict:
+    """The model EMA's update (train.ema) timed alone, as a fraction of a's step: per update, and
+    per step at train.ema.every_steps (a's figure already includes the updates at that interval)."""
+    from distcls.bench.handwritten import sync
+
+    device = next(parts.module.parameters()).device
+    for _ in range(3):
+        parts.ema.update(parts.module)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(updates):
+        parts.ema.update(parts.module)
+    sync(device)
+    update_s = (time.perf_counter() - t0) / updates
+    step_s = cfg.data.batch_size / images_per_sec
+    every = cfg.train.ema.every_steps
+    return {"update_ms": round(update_s * 1e3, 4), "step_ms": round(step_s * 1e3, 3), "every_steps": every,
+            "update_over_step": round(update_s / step_s, 4), "per_step_at_every_steps": round(update_s / every / step_s, 5)}
 
 
 def _backends_note(switches) -> str:
@@ -348,6 +370,10 @@ def render(result: dict) -> None:
     load = result["load_average_1min"]
     console.print(f"a/b {r['a/b']}   a/c {r['a/c']}   a/d {r['a/d']}   (medians of per-round ratios: a/b {result['per_round_ratios']['a/b']}, "
                   f"a/c {result['per_round_ratios']['a/c']}; load average {load['before']} -> {load['after']})")
+    if "ema" in result:
+        e = result["ema"]
+        console.print(f"model EMA: {e['update_ms']:.3f} ms per update = {e['update_over_step']:.2%} of a's {e['step_ms']:.1f} ms step; "
+                      f"every {e['every_steps']} steps: {e['per_step_at_every_steps']:.3%} per step")
     for k, prof in result.get("profile", {}).items():
         console.print(f"\ntorch.profiler, run {k} ({result['variants'][k]}), {prof['steps']} steps; host-sync calls: "
                       f"{prof['host_syncs'] or 'none'}\n{prof['table']}", markup=False, highlight=False)

@@ -28,6 +28,15 @@ SYNTHETIC_KEYS = ("data.synthetic.train_samples", "data.synthetic.test_samples",
 # run. Like torchvision's and timm's --resume, distcls continues the checkpoint's schedule; a new lr
 # is a new run from the checkpoint's weights (model.pretrained=CHECKPOINT).
 SCHEDULE_SECTIONS = ("optim", "sched")
+# What the checkpoint's model EMA and best value mean: without train.ema the resumed run would drop
+# the EMA it carries (and --ema on its checkpoints would fail); a changed checkpoint.best_metric
+# would compare the other metric with the saved best value, so best.pt would follow neither.
+# (train.ema.enabled=true on a checkpoint without an EMA is refused when the EMA is restored.)
+BEST_KEYS = {
+    "train.ema.enabled": "the checkpoint carries a model EMA that this run would drop (its later checkpoints would have none for --ema)",
+    "checkpoint.best_metric": "the checkpoint's best value (and best.pt) follows the saved metric; this run would compare the other "
+                              "metric with it, so best.pt would follow neither",
+}
 
 
 def _get(tree: dict, path: str):
@@ -45,7 +54,7 @@ def _keys_to_compare(saved: dict, current: dict) -> list[str]:
         keys += SYNTHETIC_KEYS
     for section in SCHEDULE_SECTIONS:
         keys += [f"{section}.{k}" for k in current.get(section, {})]
-    return keys
+    return keys + list(BEST_KEYS)
 
 
 def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -70,7 +79,10 @@ def check_resume_config(point: ResumePoint, cfg: Config) -> None:
     path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
     key, old, new = changed[0]
     where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
-    if key.split(".")[0] in SCHEDULE_SECTIONS:
+    if key in BEST_KEYS:
+        why = (f"{BEST_KEYS[key]}; resume with {key}={_show(old)}, or start a new run from its weights: "
+               f"model.pretrained={path} run.out_dir=NEW_DIR")
+    elif key.split(".")[0] in SCHEDULE_SECTIONS:
         why = ("a resume continues the checkpoint's optimizer state and lr schedule, so the new value would not run; "
                f"resume with {key}={_show(old)}, or start a new run from its weights with the new value: "
                f"model.pretrained={path} {key}={_show(new)} run.out_dir=NEW_DIR")
@@ -84,7 +96,7 @@ def check_resume_config(point: ResumePoint, cfg: Config) -> None:
 
 
 def _show(value) -> str:
-    text = "null" if value is None else str(value).replace(" ", "")
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value).replace(" ", "")
     return text if len(text) <= 60 else text[:57] + "..."
 
 

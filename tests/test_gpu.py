@@ -202,13 +202,13 @@ def _count_host_syncs(device: str, steps: int = 5) -> tuple[dict, int, list]:
     model = NaNOnCalls(_net())
     trainer, loader = _trainer(device, model, steps=steps + 3, flag_lag=1)
     progress, reads = Progress(trainer.device), []
-    agreed_stop = trainer._agreed_stop
+    read_flags = trainer._read_flags
 
     def recording(flags, progress):
         reads.append((flags.step, progress.epoch_step))
-        return agreed_stop(flags, progress)
+        return read_flags(flags, progress)
 
-    trainer._agreed_stop = recording
+    trainer._read_flags = recording
     it = trainer.train_epoch(loader, progress)
     next(it), next(it)  # warm-up: first-use allocations, cuDNN/cuBLAS handles
     reads.clear()

@@ -73,10 +73,16 @@ def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, o
 def check_resume_config(point: ResumePoint, cfg: Config) -> None:
     """Refuse to resume from `point` when `cfg` changes a key of POSITION_KEYS or of the
     optimizer/schedule: one ConfigError naming the key, both values and what to do."""
+    path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
+    trained = epoch + (1 if epoch_step else 0)  # epochs the checkpoint has trained in (its last one maybe in part)
+    if cfg.train.epochs < trained:
+        where = f"{epoch} epochs and {epoch_step} steps of epoch {epoch + 1}" if epoch_step else f"{epoch} epochs"
+        raise ConfigError(f"checkpoint {path} has trained {where}, more than train.epochs={cfg.train.epochs}: the run cannot go back "
+                          f"(its summary would misstate what trained); resume with train.epochs={max(trained, cfg.train.epochs + 1)} or more, "
+                          f"or evaluate it: python -m distcls.evaluate --checkpoint {path}")
     changed = changed_resume_keys(point.config or {}, cfg.to_dict())
     if not changed:
         return
-    path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
     key, old, new = changed[0]
     where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
     if key in BEST_KEYS:

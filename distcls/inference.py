@@ -66,7 +66,8 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
     data = base.setdefault("data", {})
-    if data.get("eval_resize") is None and base["model"].get("pretrained"):  # torchvision weights chose the run's eval resize
+    if data.get("eval_resize") is None and data.get("name") == "imagefolder" and base["model"].get("pretrained"):
+        # torchvision weights chose the run's eval resize (image folders only: in-memory data is resized whole)
         data["eval_resize"] = weights.eval_resize(base["model"]["pretrained"], data.get("image_size"))
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing

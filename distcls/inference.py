@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from distcls import config as config_mod
+from distcls import weights
 from distcls.checkpoint import ResumePoint, read_checkpoint
 from distcls.checkpoint.checkpointer import ModuleWeights, load_components
 from distcls.config import Config
@@ -64,6 +65,10 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema")
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
+    data = base.setdefault("data", {})
+    if data.get("eval_resize") is None and data.get("name") == "imagefolder" and base["model"].get("pretrained"):
+        # torchvision weights chose the run's eval resize (image folders only: in-memory data is resized whole)
+        data["eval_resize"] = weights.eval_resize(base["model"]["pretrained"], data.get("image_size"))
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
         base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]

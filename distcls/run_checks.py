@@ -28,6 +28,15 @@ SYNTHETIC_KEYS = ("data.synthetic.train_samples", "data.synthetic.test_samples",
 # run. Like torchvision's and timm's --resume, distcls continues the checkpoint's schedule; a new lr
 # is a new run from the checkpoint's weights (model.pretrained=CHECKPOINT).
 SCHEDULE_SECTIONS = ("optim", "sched")
+# What the checkpoint's model EMA and best value mean: without train.ema the resumed run would drop
+# the EMA it carries (and --ema on its checkpoints would fail); a changed checkpoint.best_metric
+# would compare the other metric with the saved best value, so best.pt would follow neither.
+# (train.ema.enabled=true on a checkpoint without an EMA is refused when the EMA is restored.)
+BEST_KEYS = {
+    "train.ema.enabled": "the checkpoint carries a model EMA that this run would drop (its later checkpoints would have none for --ema)",
+    "checkpoint.best_metric": "the checkpoint's best value (and best.pt) follows the saved metric; this run would compare the other "
+                              "metric with it, so best.pt would follow neither",
+}
 
 
 def _get(tree: dict, path: str):
@@ -45,7 +54,7 @@ def _keys_to_compare(saved: dict, current: dict) -> list[str]:
         keys += SYNTHETIC_KEYS
     for section in SCHEDULE_SECTIONS:
         keys += [f"{section}.{k}" for k in current.get(section, {})]
-    return keys
+    return keys + list(BEST_KEYS)
 
 
 def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -64,13 +73,22 @@ def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, o
 def check_resume_config(point: ResumePoint, cfg: Config) -> None:
     """Refuse to resume from `point` when `cfg` changes a key of POSITION_KEYS or of the
     optimizer/schedule: one ConfigError naming the key, both values and what to do."""
+    path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
+    trained = epoch + (1 if epoch_step else 0)  # epochs the checkpoint has trained in (its last one maybe in part)
+    if cfg.train.epochs < trained:
+        where = f"{epoch} epochs and {epoch_step} steps of epoch {epoch + 1}" if epoch_step else f"{epoch} epochs"
+        raise ConfigError(f"checkpoint {path} has trained {where}, more than train.epochs={cfg.train.epochs}: the run cannot go back "
+                          f"(its summary would misstate what trained); resume with train.epochs={max(trained, cfg.train.epochs + 1)} or more, "
+                          f"or evaluate it: python -m distcls.evaluate --checkpoint {path}")
     changed = changed_resume_keys(point.config or {}, cfg.to_dict())
     if not changed:
         return
-    path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
     key, old, new = changed[0]
     where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
-    if key.split(".")[0] in SCHEDULE_SECTIONS:
+    if key in BEST_KEYS:
+        why = (f"{BEST_KEYS[key]}; resume with {key}={_show(old)}, or start a new run from its weights: "
+               f"model.pretrained={path} run.out_dir=NEW_DIR")
+    elif key.split(".")[0] in SCHEDULE_SECTIONS:
         why = ("a resume continues the checkpoint's optimizer state and lr schedule, so the new value would not run; "
                f"resume with {key}={_show(old)}, or start a new run from its weights with the new value: "
                f"model.pretrained={path} {key}={_show(new)} run.out_dir=NEW_DIR")
@@ -84,7 +102,7 @@ def check_resume_config(point: ResumePoint, cfg: Config) -> None:
 
 
 def _show(value) -> str:
-    text = "null" if value is None else str(value).replace(" ", "")
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value).replace(" ", "")
     return text if len(text) <= 60 else text[:57] + "..."
 
 

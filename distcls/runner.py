@@ -110,7 +110,7 @@ class TrainingRun:
     def _finished_summary(self) -> Optional[dict]:
         """The summary of this out_dir's run when the resume point is its final checkpoint and it was written."""
         point = self.resume_point
-        if point is None or point.epoch < self.cfg.train.epochs or point.epoch_step:
+        if point is None or point.epoch != self.cfg.train.epochs or point.epoch_step:  # more epochs than train.epochs: refused at the restore
             return None
         try:
             summary = json.loads((self.out_dir / "summary.json").read_text())

@@ -48,6 +48,24 @@ def resolve(spec: str) -> Pretrained:
         raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; distcls does not download: fetch "
                         f"{weights.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)")
     t = weights.transforms()
-    crop = getattr(t, "crop_size", None)
-    resize = getattr(t, "resize_size", None)
-    return Pretrained(path, tuple(t.mean), tuple(t.std), crop[0] if crop else None, resize[0] if resize else None)
+    crop, resize = _sizes(t)
+    return Pretrained(path, tuple(t.mean), tuple(t.std), crop, resize)
+
+
+def _sizes(transforms) -> tuple:
+    crop = getattr(transforms, "crop_size", None)
+    resize = getattr(transforms, "resize_size", None)
+    return crop[0] if crop else None, resize[0] if resize else None
+
+
+def eval_resize(spec: str, image_size: Optional[int]) -> Optional[int]:
+    """The evaluation resize that torchvision weights `spec` gave a run whose data.eval_resize was
+    null and data.image_size `image_size` (data.with_pretrained_preprocessing's rule), from the
+    weights' metadata only (the file need not be here, as for evaluate/predict); None: no such resize."""
+    if not spec.startswith(PREFIX):
+        return None
+    try:
+        crop, resize = _sizes(_enum(spec[len(PREFIX):]).transforms())
+    except UserError:  # an enum this torchvision lacks: its sizes are unknown here
+        return None
+    return resize if resize and (image_size is None or image_size == crop) else None

@@ -15,15 +15,14 @@ def test_loader_settings_follow_the_config_and_debug():
 
 
 def test_the_builder_wires_every_checkpoint_component_and_writes_nothing(tmp_path):
-    cfg = config.load(None, [f"run.out_dir={tmp_path / 'run'}", "model.args.width=2", "train.max_steps_per_epoch=3"])
+    cfg = config.load(None, [f"run.out_dir={tmp_path / 'run'}", "model.args.width=2", "train.max_steps_per_epoch=3",
+                                   "train.ema.enabled=true"])
     parts = build_components(cfg, dist.detect(cfg.dist.device, cfg.dist.backend))
     assert parts.train.sampler.steps_per_epoch == parts.progress.steps_per_epoch == 3
-    assert set(parts.checkpointer.components) == set(COMPONENTS) - {"ema"}  # model, optimizer, scheduler, scaler, rng, progress
-    assert parts.ema is None and parts.trainer.ema is None
-    with_ema = build_components(config.load(None, [f"run.out_dir={tmp_path / 'run'}", "model.args.width=2", "train.ema.enabled=true"]),
-                                dist.detect(cfg.dist.device, cfg.dist.backend))
-    assert set(with_ema.checkpointer.components) == set(COMPONENTS)  # the model EMA too
-    assert with_ema.checkpointer.components["ema"] is with_ema.ema is with_ema.trainer.ema
+    assert set(parts.checkpointer.components) == set(COMPONENTS)  # model, optimizer, scheduler, scaler, rng, progress, ema
+    assert parts.checkpointer.components["ema"] is parts.ema is parts.trainer.ema
+    plain = build_components(config.load(None, [f"run.out_dir={tmp_path / 'run'}", "model.args.width=2"]), dist.detect("cpu", "auto"))
+    assert set(plain.checkpointer.components) == set(COMPONENTS) - {"ema"} and plain.ema is None  # train.ema off: no entry
     assert parts.checkpointer.before_save == parts.trainer.check_diverged  # a save first checks the unread steps
     assert parts.module is parts.model and parts.trainer.module is parts.module  # one process: no DDP wrapper
     assert parts.val is not None and len(parts.loaders) == 3

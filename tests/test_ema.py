@@ -185,3 +185,25 @@ def test_ema_errors_are_one_line(tmp_path, capsys):
                                 "data.batch_size=32", "log.plots=false", "train.ema.enabled=true", "--resume", str(plain / "checkpoints/last.pt")])
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "train.ema.enabled=false")
+
+
+@pytest.mark.parametrize("overrides, key, saved", [
+    (["train.ema.enabled=false", "checkpoint.best_metric=val_acc"], "train.ema.enabled", "true"),  # would drop the EMA
+    (["checkpoint.best_metric=val_acc"], "checkpoint.best_metric", "val_ema_acc"),  # would compare val_acc with the EMA's best
+])
+def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(tmp_path, capsys, overrides, key, saved):
+    import subprocess
+
+    from conftest import FAST, assert_user_error, train_in_process
+    from distcls import train
+    from distcls.cli import run_cli
+
+    out = tmp_path / "run"
+    run = ["train.max_steps_per_epoch=2", "train.ema.enabled=true", "checkpoint.best_metric=val_ema_acc"]
+    train_in_process(out, "train.epochs=1", *run)
+    before = (out / "checkpoints/last.pt").read_bytes()
+    capsys.readouterr()
+    code = run_cli(train.main, [f"run.out_dir={out}", *FAST, *run, "train.epochs=2", *overrides, "--resume", "auto"])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), f"was saved with {key}={saved}", f"resume with {key}={saved}")
+    assert (out / "checkpoints/last.pt").read_bytes() == before

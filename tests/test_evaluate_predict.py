@@ -143,3 +143,28 @@ def test_predict_prints_a_line_per_image(trained, tmp_path):
     assert sum(float(f) for f in fields[2::2]) <= 1.0 + 1e-6
     missing = run_distcls("predict", ["--checkpoint", out / "checkpoints/best.pt", tmp_path / "nope.png"])
     assert_user_error(missing, "nope.png does not exist")
+
+
+def test_evaluate_resizes_as_the_run_did_when_torchvision_weights_chose_the_resize(tmp_path):
+    """A run from torchvision weights whose eval resize is not data.image_size / 0.875 (ResNet-50 V2:
+    crop 224, resize 232) evaluated its test split at the weights' resize (data.eval_resize left null);
+    evaluate/predict restore the checkpoint without the weights file and must resize the same way."""
+    import torch
+    import torchvision
+
+    from distcls import config
+    from distcls.inference import restore
+    from distcls.spec import DataSpec
+
+    cfg = config.load(None, ["data.name=imagefolder", f"data.root={tmp_path}", "model.name=torchvision:resnet50",
+                             "model.pretrained=torchvision:ResNet50_Weights.IMAGENET1K_V2"])
+    spec = DataSpec(3, 2, 224, ("a", "b"), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    model = torchvision.models.resnet50(num_classes=2)
+    path = tmp_path / "inference.pt"
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "data_spec": spec.to_dict(), "version": 2}, path)
+    restored = restore(str(path), torch.device("cpu"))
+    assert restored.cfg.data.eval_resize == 232  # the weights' (torchvision's Resize(232) + CenterCrop(224)), not 256
+    assert restore(str(path), torch.device("cpu"), ["data.eval_resize=240"]).cfg.data.eval_resize == 240  # an explicit value wins
+    cfg = config.load(None, ["data.name=synthetic", "model.name=torchvision:resnet50", "model.pretrained=torchvision:ResNet50_Weights.IMAGENET1K_V2"])
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "data_spec": spec.to_dict(), "version": 2}, path)
+    assert restore(str(path), torch.device("cpu")).cfg.data.eval_resize is None  # in-memory data: resized whole, as in training

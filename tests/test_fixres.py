@@ -87,3 +87,21 @@ def test_image_size_still_sets_both_sizes_and_in_memory_data_resizes_per_phase()
 def test_eval_resize_smaller_than_the_eval_crop_is_a_config_error():
     with pytest.raises(ConfigError, match="data.eval_resize=200 is smaller than data.eval_crop_size=224"):
         config.load(None, ["data.eval_crop_size=224", "data.eval_resize=200"])
+
+
+def test_a_model_that_cannot_take_the_training_size_is_one_line_before_training(tmp_path, capsys):
+    """FixRes needs global pooling: LeNet's flatten takes one size. A smaller data.train_crop_size was
+    a RuntimeError traceback at the first training step (exit 1); now one line at the build, nothing written."""
+    import subprocess
+
+    from conftest import assert_user_error
+    from distcls import train
+    from distcls.cli import run_cli
+
+    out = tmp_path / "run"
+    code = run_cli(train.main, [f"run.out_dir={out}", "model.name=lenet", "data.name=synthetic", "data.synthetic.size=32",
+                                "data.train_crop_size=24", "data.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=1"])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "model.name=lenet takes 32x32 inputs but not the training size 24x24",
+                      "data.train_crop_size", "global pooling")
+    assert not out.exists()

@@ -89,6 +89,20 @@ def test_a_resume_may_change_accum_steps_and_epochs(stopped_mid_epoch, capsys):
     assert json.loads((out / "summary.json").read_text())["global_step"] == 3 * 6
 
 
+@pytest.mark.parametrize("summary", [True, False])
+def test_a_resume_with_fewer_epochs_than_the_checkpoint_trained_is_refused(tmp_path, capsys, summary):
+    """train.epochs below the checkpoint's epochs cannot be resumed: the run would write a summary of
+    train.epochs epochs for weights trained longer (was: exit 0, 'epochs / steps: 1 / 12')."""
+    out = tmp_path / "run"
+    train_in_process(out, *SHORT)  # 2 epochs of 6 steps
+    if not summary:
+        (out / "summary.json").unlink()  # stopped between the final save and the summary
+    before = {p: p.read_bytes() for p in (out / "checkpoints/last.pt", out / "metrics.jsonl")}
+    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=6", "train.epochs=1", "--resume", "auto"])
+    assert_user_error(proc, "has trained 2 epochs, more than train.epochs=1", "resume with train.epochs=2", "distcls.evaluate")
+    assert {p: p.read_bytes() for p in before} == before
+
+
 # ----------------------------------------------------------------------------- #4: signals outside the training loop
 
 

@@ -37,6 +37,10 @@ BEST_KEYS = {
     "checkpoint.best_metric": "the checkpoint's best value (and best.pt) follows the saved metric; this run would compare the other "
                               "metric with it, so best.pt would follow neither",
 }
+# How the checkpoint's EMA averages: a change would continue it under another rule than the one it
+# was built with (train.epochs too when train.ema.adjust_decay derives the decay from it).
+_EMA_RULE = "the checkpoint's model EMA was averaged with the saved value; this run would continue it under another rule"
+EMA_KEYS = {f"train.ema.{k}": _EMA_RULE for k in ("decay", "every_steps", "warmup_copy", "adjust_decay")}
 
 
 def _get(tree: dict, path: str):
@@ -54,6 +58,9 @@ def _keys_to_compare(saved: dict, current: dict) -> list[str]:
         keys += SYNTHETIC_KEYS
     for section in SCHEDULE_SECTIONS:
         keys += [f"{section}.{k}" for k in current.get(section, {})]
+    ema = (current.get("train") or {}).get("ema") or {}
+    if ema.get("enabled"):
+        keys += list(EMA_KEYS) + (["train.epochs"] if ema.get("adjust_decay") else [])
     return keys + list(BEST_KEYS)
 
 
@@ -85,8 +92,11 @@ def check_resume_config(point: ResumePoint, cfg: Config) -> None:
         return
     key, old, new = changed[0]
     where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
-    if key in BEST_KEYS:
-        why = (f"{BEST_KEYS[key]}; resume with {key}={_show(old)}, or start a new run from its weights: "
+    if key == "train.epochs":
+        key_why = "train.ema.adjust_decay=true derives the EMA's decay from train.epochs, so " + _EMA_RULE
+        why = f"{key_why}; resume with {key}={_show(old)}, or start a new run from its weights: model.pretrained={path} run.out_dir=NEW_DIR"
+    elif key in BEST_KEYS or key in EMA_KEYS:
+        why = (f"{BEST_KEYS.get(key) or EMA_KEYS[key]}; resume with {key}={_show(old)}, or start a new run from its weights: "
                f"model.pretrained={path} run.out_dir=NEW_DIR")
     elif key.split(".")[0] in SCHEDULE_SECTIONS:
         why = ("a resume continues the checkpoint's optimizer state and lr schedule, so the new value would not run; "

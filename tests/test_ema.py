@@ -187,11 +187,13 @@ def test_ema_errors_are_one_line(tmp_path, capsys):
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "train.ema.enabled=false")
 
 
-@pytest.mark.parametrize("overrides, key, saved", [
-    (["train.ema.enabled=false", "checkpoint.best_metric=val_acc"], "train.ema.enabled", "true"),  # would drop the EMA
-    (["checkpoint.best_metric=val_acc"], "checkpoint.best_metric", "val_ema_acc"),  # would compare val_acc with the EMA's best
+@pytest.mark.parametrize("trained_with, overrides, key, saved", [
+    ([], ["train.ema.enabled=false", "checkpoint.best_metric=val_acc"], "train.ema.enabled", "true"),  # would drop the EMA
+    ([], ["checkpoint.best_metric=val_acc"], "checkpoint.best_metric", "val_ema_acc"),  # would compare val_acc with the EMA's best
+    ([], ["train.ema.decay=0.5"], "train.ema.decay", "0.9999"),  # would continue the EMA under another decay
+    (["train.ema.adjust_decay=true"], ["train.ema.adjust_decay=true"], "train.epochs", "1"),  # the adjusted decay depends on it
 ])
-def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(tmp_path, capsys, overrides, key, saved):
+def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(tmp_path, capsys, trained_with, overrides, key, saved):
     import subprocess
 
     from conftest import FAST, assert_user_error, train_in_process
@@ -200,7 +202,7 @@ def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(
 
     out = tmp_path / "run"
     run = ["train.max_steps_per_epoch=2", "train.ema.enabled=true", "checkpoint.best_metric=val_ema_acc"]
-    train_in_process(out, "train.epochs=1", *run)
+    train_in_process(out, "train.epochs=1", *run, *trained_with)
     before = (out / "checkpoints/last.pt").read_bytes()
     capsys.readouterr()
     code = run_cli(train.main, [f"run.out_dir={out}", *FAST, *run, "train.epochs=2", *overrides, "--resume", "auto"])

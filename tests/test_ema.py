@@ -157,6 +157,8 @@ def test_best_pt_follows_the_chosen_metric_and_evaluate_takes_ema(out_dir, capsy
     val = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "val"]
     best = max(val, key=lambda r: r["ema_acc"])  # the first epoch reaching it
     assert summary["best_val_acc"] == best["ema_acc"] and summary["best_metric"] == "val_ema_acc"
+    from distcls.tracking.console import summary_rows
+    assert ("best val accuracy (EMA)", f"{best['ema_acc']:.4f}") in summary_rows(summary, out_dir, {})  # the final table says which
     assert load_ckpt(out_dir / "checkpoints/best.pt")["epoch"] == best["epoch"]
     capsys.readouterr()
     assert run_cli(evaluate.main, ["--checkpoint", str(out_dir / "checkpoints/last.pt"), "--ema", "--json", "--no-speed"]) == 0

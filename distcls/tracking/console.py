@@ -35,7 +35,7 @@ def summary_rows(summary: dict, out_dir, plots: dict) -> list:
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
     rows = [("test accuracy", f"{summary['test_acc']:.4f} ({summary['test_count']} images)"),
-            ("best val accuracy", num(summary.get("best_val_acc"), ".4f")),
+            ("best val accuracy" + (" (EMA)" if summary.get("best_metric") == "val_ema_acc" else ""), num(summary.get("best_val_acc"), ".4f")),
             *([("EMA test accuracy", num(summary["ema_test_acc"], ".4f"))] if "ema_test_acc" in summary else []),
             ("epochs / steps", f"{summary['epochs_completed']} / {summary['global_step']}"),
             ("wall time", f"{summary['wall_time_s']:.1f} s"),

@@ -13,7 +13,7 @@ from distcls import config as config_mod
 from distcls.checkpoint import ResumePoint, read_checkpoint
 from distcls.checkpoint.checkpointer import ModuleWeights, load_components
 from distcls.config import Config
-from distcls.data import Preprocess
+from distcls.data import Preprocess, with_pretrained_preprocessing
 from distcls.errors import ConfigError, UserError
 from distcls.models import build_model
 from distcls.spec import DataSpec
@@ -64,6 +64,7 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema")
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
+    trained_from = base["model"].get("pretrained")  # torchvision weights: their preprocessing was the run's
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
         base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]
@@ -74,6 +75,7 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         cfg = config_mod.load(None, overrides, base=base)
     except ConfigError as exc:
         raise UserError(f"checkpoint {path}: its stored config with your overrides is invalid: {exc}") from None
+    cfg = with_pretrained_preprocessing(cfg, trained_from or "")  # e.g. eval_resize 232 of V2 weights, as the run evaluated
     spec = DataSpec.from_dict(point.data_spec)
     model = build_model(cfg.model, spec)
     if frozen:

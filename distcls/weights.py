@@ -47,7 +47,20 @@ def resolve(spec: str) -> Pretrained:
     if not path.is_file():
         raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; distcls does not download: fetch "
                         f"{weights.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)")
+    return Pretrained(path, *_preprocessing(weights))
+
+
+def preprocessing(spec: str) -> Optional[Pretrained]:
+    """The preprocessing of torchvision weights `spec` (path None: the file need not exist, e.g.
+    when a checkpoint trained from them is evaluated); None for any other `model.pretrained`."""
+    if not spec or not spec.startswith(PREFIX):
+        return None
+    return Pretrained(None, *_preprocessing(_enum(spec[len(PREFIX):])))
+
+
+def _preprocessing(weights) -> tuple:
+    """(mean, std, crop size, resize size) of a torchvision weights enum's transforms."""
     t = weights.transforms()
     crop = getattr(t, "crop_size", None)
     resize = getattr(t, "resize_size", None)
-    return Pretrained(path, tuple(t.mean), tuple(t.std), crop[0] if crop else None, resize[0] if resize else None)
+    return tuple(t.mean), tuple(t.std), crop[0] if crop else None, resize[0] if resize else None

@@ -87,3 +87,50 @@ def test_image_size_still_sets_both_sizes_and_in_memory_data_resizes_per_phase()
 def test_eval_resize_smaller_than_the_eval_crop_is_a_config_error():
     with pytest.raises(ConfigError, match="data.eval_resize=200 is smaller than data.eval_crop_size=224"):
         config.load(None, ["data.eval_crop_size=224", "data.eval_resize=200"])
+
+
+V2_WEIGHTS = "RegNet_Y_400MF_Weights.IMAGENET1K_V2"  # crop 224, resize 232
+
+
+def _hub_file(tmp_path, monkeypatch):
+    """An (empty) file where torchvision weights are looked up: the preprocessing needs no content."""
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    path = tmp_path / "th/hub/checkpoints" / torchvision.models.get_weight(V2_WEIGHTS).url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+
+
+def test_pretrained_weights_resize_applies_only_to_their_own_crop(tmp_path, monkeypatch):
+    """The weights' eval resize (232) belongs to their crop (224): with data.eval_crop_size=288 it gave
+    a 288 crop of a 232 image, a zero-padded border."""
+    from distcls.data import with_pretrained_preprocessing
+    _hub_file(tmp_path, monkeypatch)
+    base = ["model.name=torchvision:regnet_y_400mf", f"model.pretrained=torchvision:{V2_WEIGHTS}"]
+    assert with_pretrained_preprocessing(config.load(None, base)).data.eval_resize == 232
+    assert with_pretrained_preprocessing(config.load(None, [*base, "data.eval_crop_size=224"])).data.eval_resize == 232
+    d = with_pretrained_preprocessing(config.load(None, [*base, "data.eval_crop_size=288"])).data
+    assert d.eval_resize is None and d.image_size == 224  # default resize 288 / 0.875 then, as without weights
+
+
+def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as_its_run(tmp_path, monkeypatch):
+    """A run from V2 weights evaluated at resize 232 (the weights' preprocessing); evaluate/predict/export
+    restore without model.pretrained and used 256 (crop / 0.875): other numbers than the run's."""
+    from conftest import train_in_process
+    from distcls.inference import restore
+    from distcls.predict import eval_resize
+    root = _imagefolder(tmp_path, n=2)
+    train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=2",
+                     "data.split=[0.5,0,0.5]", "model.name=resnet18", "train.epochs=1", "train.max_steps_per_epoch=1")
+    # as if trained from the weights at their 224 (the weights file itself is not needed any more)
+    path = tmp_path / "run/checkpoints/last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["config"]["model"]["pretrained"] = f"torchvision:{V2_WEIGHTS}"
+    ckpt["config"]["data"]["image_size"] = None
+    ckpt["data_spec"]["image_size"] = 224
+    torch.save(ckpt, path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    restored = restore(str(path), torch.device("cpu"))
+    assert restored.cfg.data.eval_resize == 232 and restored.cfg.model.pretrained is None
+    assert eval_resize(restored.cfg.data, restored.spec.image_size) == 232
+    assert build_data(restored.cfg).splits.test.source.policy.eval_resize == 232

@@ -60,9 +60,14 @@ def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None)
     keys the config leaves null take those values, keys it sets win. `pretrained` (default
     model.pretrained): the weights a checkpoint was trained from, for evaluate/predict/export,
     which restore the checkpoint's weights instead (the file need not exist any more)."""
-    w = weights.preprocessing(cfg.model.pretrained if pretrained is None else pretrained)
-    if w is None:
-        return cfg
+    if pretrained is None:  # training: the file must be there (resolve says where to put it)
+        if not (cfg.model.pretrained or "").startswith(weights.PREFIX):
+            return cfg
+        w = weights.resolve(cfg.model.pretrained)
+    else:
+        w = weights.preprocessing(pretrained)
+        if w is None:
+            return cfg
     d = cfg.data
     norm = {"mean": list(w.mean), "std": list(w.std)} if d.mean is None and w.mean is not None else {}
     size = {"image_size": w.crop_size} if d.image_size is None and w.crop_size else {}

@@ -134,3 +134,13 @@ def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as
     assert restored.cfg.data.eval_resize == 232 and restored.cfg.model.pretrained is None
     assert eval_resize(restored.cfg.data, restored.spec.image_size) == 232
     assert build_data(restored.cfg).splits.test.source.policy.eval_resize == 232
+
+
+def test_predict_ignores_eval_resize_for_in_memory_data_as_evaluation_does():
+    """In-memory data evaluates each whole image resized to the input size; predict resized a file's
+    shorter side to data.eval_resize (set by the user, or by torchvision weights' 232) and cropped."""
+    from distcls.predict import eval_resize
+    assert eval_resize(config.load(None, ["data.name=synthetic", "data.image_size=32", "data.eval_resize=40"]).data, 32) == 32
+    assert eval_resize(config.load(None, ["data.name=cifar10", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 224
+    assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 232
+    assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224"]).data, 224) == 256

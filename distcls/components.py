@@ -35,12 +35,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_model(cfg: Config, env: DistEnv, spec, log: Callable[[str], None] = lambda msg: None) -> tuple[nn.Module, nn.Module]:
+def prepare_model(cfg: Config, env: DistEnv, spec, log: Callable[[str], None] = lambda msg: None,
+                  train_size: Optional[int] = None) -> tuple[nn.Module, nn.Module]:
     """(model to train: compiled and/or DDP-wrapped, plain module that owns the weights).
 
     Collective under torchrun: constructing DistributedDataParallel broadcasts rank 0's weights."""
     module = build_model(cfg.model, spec, log)
-    check_forward(module, spec, cfg.model.name)
+    check_forward(module, spec, cfg.model.name, train_size)
     if cfg.train.sync_bn and env.distributed:
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     module = module.to(env.device)
@@ -132,7 +133,7 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     seed_everything(cfg.run.seed)
     switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or debug, env.device)
     data = build_data(cfg)
-    model, module = prepare_model(cfg, env, data.spec, log)
+    model, module = prepare_model(cfg, env, data.spec, log, train_size=data.preprocess.train_image_size)
     optimizer = build_optimizer(module, cfg.optim)
     train, val, test = build_loaders(cfg, env, data, LoaderSettings.from_config(cfg, debug))
     steps_per_epoch = train.sampler.steps_per_epoch

@@ -144,3 +144,13 @@ def test_predict_ignores_eval_resize_for_in_memory_data_as_evaluation_does():
     assert eval_resize(config.load(None, ["data.name=cifar10", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 224
     assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 232
     assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224"]).data, 224) == 256
+
+
+def test_a_fixed_size_network_with_a_smaller_training_size_is_one_error_line(tmp_path):
+    """lenet (a Linear on the flattened features) at train 16 / eval 24: a RuntimeError traceback at the first step."""
+    from conftest import train_in_process
+    from distcls.errors import UserError
+    with pytest.raises(UserError, match=r"model.name=lenet takes 24x24 evaluation inputs but not the 16x16 training images .*global pooling"):
+        train_in_process(tmp_path / "run", "data.name=synthetic", "data.synthetic.size=24", "data.synthetic.train_samples=16",
+                         "data.synthetic.test_samples=8", "data.batch_size=8", "train.epochs=1", "model.name=lenet",
+                         "data.train_crop_size=16", "data.eval_crop_size=24")

@@ -2,7 +2,7 @@
 (`torchvision:<name>`), plus transfer learning."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -50,14 +50,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def check_forward(model: nn.Module, spec: DataSpec, name: str) -> None:
-    """One tiny forward pass so a shape mistake is a clear error before training starts."""
+def check_forward(model: nn.Module, spec: DataSpec, name: str, train_size: Optional[int] = None) -> None:
+    """One tiny forward pass so a shape mistake is a clear error before training starts; also at
+    the training size when it differs (FixRes: data.train_crop_size, e.g. a fixed-size classifier)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        out = model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=next(model.parameters()).device))
+        out = model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=device))
     except RuntimeError as exc:
         raise UserError(f"model.name={name} does not accept {spec.channels}x{spec.image_size}x{spec.image_size} inputs ({first_line(exc)}); change data.image_size") from None
+    try:
+        if train_size and train_size != spec.image_size:
+            model(torch.zeros(1, spec.channels, train_size, train_size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise UserError(f"model.name={name} takes {spec.image_size}x{spec.image_size} evaluation inputs but not the {train_size}x{train_size} "
+                        f"training images ({first_line(exc)}); training and evaluation at different sizes (data.train_crop_size, "
+                        "data.eval_crop_size) need a network with global pooling (e.g. the ResNets): use one size, or such a network") from None
     finally:
         model.train(was_training)
     if out.shape[-1] != spec.num_classes:

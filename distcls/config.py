@@ -286,9 +286,18 @@ def read_yaml(path: str) -> dict:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    except RecursionError:
+        data = RecursionError
     if data is None:
         return {}
-    if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+    try:
+        expanded = 0 if data is RecursionError else _expanded_size(data, MAX_CONFIG_VALUES)
+    except RecursionError:
+        data = RecursionError
+    if data is RecursionError:
+        raise ConfigError(f"config file {path} nests its values too deeply (hundreds of [ or {{ levels); "
+                          "a distcls config nests a few levels: fix the file")
+    if expanded > MAX_CONFIG_VALUES:
         raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases "
                           "(*name repeating &name); a distcls config has a few hundred: remove the nested aliases")
     if not isinstance(data, dict):
@@ -304,6 +313,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}=... nests its value too deeply (hundreds of [ or {{ levels); give a plain value") from None
     return key.strip(), value
 
 

@@ -80,3 +80,13 @@ def test_yaml_alias_bombs_and_huge_values_make_a_short_error(tmp_path):
     message = str(info.value)
     assert len(message) <= 2000 and message.startswith("config key 'optim.lr' must be a number")
     assert "characters left out" in message
+
+
+def test_deeply_nested_values_make_a_short_error_not_a_recursion_traceback(tmp_path):
+    """A value nested thousands of levels deep ([[[[...]]]]) made PyYAML raise RecursionError: a traceback."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data:\n  mean: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="config file .*deep.yaml nests its values too deeply"):
+        config.load(str(deep))
+    with pytest.raises(ConfigError, match=r"override data.mean=\.\.\. nests its value too deeply"):
+        config.load(None, ["data.mean=" + "[" * 5000 + "]" * 5000])

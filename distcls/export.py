@@ -4,8 +4,8 @@ Deploys a trained checkpoint as one self-contained model file:
 - the network in eval mode (BatchNorm uses its running statistics, dropout is off) with the
   checkpoint's normalization baked in;
 - INPUT: a uint8 tensor [N, C, S, S], pixel values 0..255, channels as the checkpoint's data (RGB,
-  or 1 for grayscale), S = the checkpoint's input size (data.image_size; the evaluation crop for
-  image folders): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
+  or 1 for grayscale), S = the checkpoint's input size (its evaluation size: data.eval_crop_size,
+  default data.image_size; not a FixRes run's data.train_crop_size): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
 - OUTPUT: float32 logits [N, num_classes] (softmax them for probabilities), classes in the order
   of the checkpoint's data_spec.class_names.
 

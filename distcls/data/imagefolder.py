@@ -14,6 +14,7 @@ data.skip_bad_images=true, it is left out (the same files on every rank) and cou
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,11 +32,23 @@ def image_files(folder: Path) -> list[Path]:
     """The image files under `folder`, recursively, in sorted order: FILES with an image extension.
 
     The one rule of image-folder data and of predict's directory walk: a directory named like an
-    image (`x.jpg/`) is not an image (the files in it are), and every name starting with "." is
-    skipped, hidden files and folders alike, macOS's `._x.jpg` (AppleDouble metadata) among them.
+    image (`x.jpg/`) is not an image (the files in it are), every name starting with "." is
+    skipped, hidden files and folders alike, macOS's `._x.jpg` (AppleDouble metadata) among them,
+    and symbolic links to folders are followed (torchvision's ImageFolder does).
     """
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    found, seen = [], set()
+    # Symbolic links to folders are followed, as torchvision's ImageFolder does (os.walk(followlinks=True));
+    # each real folder is read once, so a link to an ancestor cannot loop.
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / f for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS
+                  and os.path.isfile(os.path.join(top, f))]
+    return sorted(found)
 
 
 def _classes(folder: Path) -> list[str]:

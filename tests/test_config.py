@@ -90,3 +90,14 @@ def test_deeply_nested_values_make_a_short_error_not_a_recursion_traceback(tmp_p
         config.load(str(deep))
     with pytest.raises(ConfigError, match=r"override data.mean=\.\.\. nests its value too deeply"):
         config.load(None, ["data.mean=" + "[" * 5000 + "]" * 5000])
+
+
+def test_a_key_written_twice_in_a_section_is_an_error_not_silently_dropped(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `augment:` line silently dropped the first's keys."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("data:\n  name: synthetic\n  augment: {hflip: true}\n  augment: {policy: trivialaugment}\n")
+    with pytest.raises(ConfigError, match="dup.yaml is not valid YAML at line 4, column 3: the key 'augment' is written twice"):
+        config.load(str(dup))
+    merged = tmp_path / "merge.yaml"  # a merge key's values may be overridden: that is what it is for
+    merged.write_text("data:\n  <<: {name: synthetic, batch_size: 8}\n  batch_size: 16\n")
+    assert config.load(str(merged)).data.batch_size == 16

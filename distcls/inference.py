@@ -75,7 +75,10 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         cfg = config_mod.load(None, overrides, base=base)
     except ConfigError as exc:
         raise UserError(f"checkpoint {path}: its stored config with your overrides is invalid: {exc}") from None
-    cfg = with_pretrained_preprocessing(cfg, trained_from or "")  # e.g. eval_resize 232 of V2 weights, as the run evaluated
+    try:
+        cfg = with_pretrained_preprocessing(cfg, trained_from or "")  # e.g. eval_resize 232 of V2 weights, as the run evaluated
+    except UserError:  # weights this torchvision no longer names: the stored config's sizes as they are
+        pass
     spec = DataSpec.from_dict(point.data_spec)
     model = build_model(cfg.model, spec)
     if frozen:

@@ -154,3 +154,12 @@ def test_a_fixed_size_network_with_a_smaller_training_size_is_one_error_line(tmp
         train_in_process(tmp_path / "run", "data.name=synthetic", "data.synthetic.size=24", "data.synthetic.train_samples=16",
                          "data.synthetic.test_samples=8", "data.batch_size=8", "train.epochs=1", "model.name=lenet",
                          "data.train_crop_size=16", "data.eval_crop_size=24")
+
+
+def test_eval_resize_smaller_than_the_default_eval_crop_of_image_folders_is_an_error(tmp_path):
+    """data.eval_resize=200 without a crop size: image folders evaluate a 224 crop, and the config check
+    (which sees no crop size) let a 224 crop of a 200 image through, its border zero-padded."""
+    root = _imagefolder(tmp_path, n=4)
+    with pytest.raises(ConfigError, match="data.eval_resize=200 is smaller than the evaluation crop 224"):
+        build_data(config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=200"]))
+    assert build_data(config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=224"])).spec.image_size == 224

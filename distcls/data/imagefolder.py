@@ -23,7 +23,7 @@ from distcls.data.registry import register_dataset
 from distcls.data.file_source import CropPolicy, FileSource, default_eval_resize
 from distcls.data.sources import RawDataset
 from distcls.spec import printable_name
-from distcls.errors import UserError
+from distcls.errors import ConfigError, UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
@@ -109,6 +109,9 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     if not root.is_dir():
         raise UserError(f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) or set data.root")
     size = cfg.eval_crop_size or cfg.image_size or 224  # the model's input size (evaluation)
+    if cfg.eval_resize is not None and cfg.eval_resize < size:  # config.py checks the sizes it sees; here with the defaults
+        raise ConfigError(f"data.eval_resize={cfg.eval_resize} is smaller than the evaluation crop {size} (data.eval_crop_size, "
+                          f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a smaller data.eval_crop_size")
     train_size = cfg.train_crop_size or cfg.image_size or 224
     channels = cfg.channels or 3
     train_dir = root / "train" if (root / "train").is_dir() else root

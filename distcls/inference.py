@@ -15,7 +15,7 @@ from distcls.checkpoint.checkpointer import ModuleWeights, load_components
 from distcls.config import Config
 from distcls.data import Preprocess, with_pretrained_preprocessing
 from distcls.errors import ConfigError, UserError
-from distcls.models import build_model
+from distcls.models import build_model, torchvision_zoo
 from distcls.spec import DataSpec
 
 
@@ -65,6 +65,10 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
     trained_from = base["model"].get("pretrained")  # torchvision weights: their preprocessing was the run's
+    name = base["model"].get("name") or ""
+    if name.startswith(torchvision_zoo.PREFIX):  # and the builder arguments they came with (googlenet's transform_input)
+        base["model"]["args"] = {**torchvision_zoo.weights_args(name[len(torchvision_zoo.PREFIX):], trained_from),
+                                 **(base["model"].get("args") or {})}
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
         base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]

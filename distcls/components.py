@@ -38,7 +38,6 @@ def seed_everything(seed: int) -> None:
 def prepare_model(cfg: Config, env: DistEnv, spec, log: Callable[[str], None] = lambda msg: None,
                   train_size: Optional[int] = None) -> tuple[nn.Module, nn.Module]:
     """(model to train: compiled and/or DDP-wrapped, plain module that owns the weights).
-    `train_size`: the training image size when it differs from spec.image_size (FixRes), checked too.
 
     Collective under torchrun: constructing DistributedDataParallel broadcasts rank 0's weights."""
     module = build_model(cfg.model, spec, log)
@@ -134,7 +133,7 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     seed_everything(cfg.run.seed)
     switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or debug, env.device)
     data = build_data(cfg)
-    model, module = prepare_model(cfg, env, data.spec, log, data.preprocess.train_image_size)
+    model, module = prepare_model(cfg, env, data.spec, log, train_size=data.preprocess.train_image_size)
     optimizer = build_optimizer(module, cfg.optim)
     train, val, test = build_loaders(cfg, env, data, LoaderSettings.from_config(cfg, debug))
     steps_per_epoch = train.sampler.steps_per_epoch

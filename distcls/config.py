@@ -269,6 +269,24 @@ def _expanded_size(data, limit: int) -> int:
     return size(data)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one
+    silently: a second `augment:` line dropped every key of the first). Merge keys (<<) may repeat."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is written twice in one section "
+                                                            "(the first would be ignored): keep one", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -280,15 +298,24 @@ def read_yaml(path: str) -> dict:
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read ({exc.strerror or exc}); check its permissions") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}; fix the syntax") from None
+    except RecursionError:
+        data = RecursionError
     if data is None:
         return {}
-    if _expanded_size(data, MAX_CONFIG_VALUES) > MAX_CONFIG_VALUES:
+    try:
+        expanded = 0 if data is RecursionError else _expanded_size(data, MAX_CONFIG_VALUES)
+    except RecursionError:
+        data = RecursionError
+    if data is RecursionError:
+        raise ConfigError(f"config file {path} nests its values too deeply (hundreds of [ or {{ levels); "
+                          "a distcls config nests a few levels: fix the file")
+    if expanded > MAX_CONFIG_VALUES:
         raise ConfigError(f"config file {path} expands to more than {MAX_CONFIG_VALUES:,} values through YAML aliases "
                           "(*name repeating &name); a distcls config has a few hundred: remove the nested aliases")
     if not isinstance(data, dict):
@@ -304,6 +331,8 @@ def parse_override(item: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}=... nests its value too deeply (hundreds of [ or {{ levels); give a plain value") from None
     return key.strip(), value
 
 

@@ -4,8 +4,8 @@ Deploys a trained checkpoint as one self-contained model file:
 - the network in eval mode (BatchNorm uses its running statistics, dropout is off) with the
   checkpoint's normalization baked in;
 - INPUT: a uint8 tensor [N, C, S, S], pixel values 0..255, channels as the checkpoint's data (RGB,
-  or 1 for grayscale), S = the checkpoint's input size (data.image_size; the evaluation crop for
-  image folders): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
+  or 1 for grayscale), S = the checkpoint's input size (its evaluation size: data.eval_crop_size,
+  default data.image_size; not a FixRes run's data.train_crop_size): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
 - OUTPUT: float32 logits [N, num_classes] (softmax them for probabilities), classes in the order
   of the checkpoint's data_spec.class_names.
 
@@ -156,6 +156,10 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
 
 
 def _check_out(out: Path, fmt: str) -> None:
+    from distcls.rundir import path_name_problem
+    problem = path_name_problem(out)
+    if problem:
+        raise UserError(f"--out {out} cannot be used: {problem}; choose a shorter path")
     if out.is_dir():
         raise UserError(f"--out {out} is a directory; give a file name, e.g. {out / 'model.onnx'}")
     if not out.parent.is_dir():
@@ -184,7 +188,7 @@ def main(argv: Sequence[str]) -> int:
     module = ExportedClassifier(restored.model, spec.mean, spec.std).eval()
     example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)  # 2: a batch dim that is not 1
     write, load = EXPORTERS[args.format]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # beside --out: moved into place after the check
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", dir=out.parent))  # beside --out: moved into place after the check
     try:
         staged = staging / out.name
         write(module, example, staged)

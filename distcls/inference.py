@@ -10,13 +10,12 @@ from typing import Sequence
 import torch
 
 from distcls import config as config_mod
-from distcls import weights
 from distcls.checkpoint import ResumePoint, read_checkpoint
 from distcls.checkpoint.checkpointer import ModuleWeights, load_components
 from distcls.config import Config
-from distcls.data import Preprocess
+from distcls.data import Preprocess, with_pretrained_preprocessing
 from distcls.errors import ConfigError, UserError
-from distcls.models import build_model
+from distcls.models import build_model, torchvision_zoo
 from distcls.spec import DataSpec
 
 
@@ -65,10 +64,11 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema")
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
-    data = base.setdefault("data", {})
-    if data.get("eval_resize") is None and data.get("name") == "imagefolder" and base["model"].get("pretrained"):
-        # torchvision weights chose the run's eval resize (image folders only: in-memory data is resized whole)
-        data["eval_resize"] = weights.eval_resize(base["model"]["pretrained"], data.get("image_size"))
+    trained_from = base["model"].get("pretrained")  # torchvision weights: their preprocessing was the run's
+    name = base["model"].get("name") or ""
+    if name.startswith(torchvision_zoo.PREFIX):  # and the builder arguments they came with (googlenet's transform_input)
+        base["model"]["args"] = {**torchvision_zoo.weights_args(name[len(torchvision_zoo.PREFIX):], trained_from),
+                                 **(base["model"].get("args") or {})}
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
         base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]
@@ -79,6 +79,10 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         cfg = config_mod.load(None, overrides, base=base)
     except ConfigError as exc:
         raise UserError(f"checkpoint {path}: its stored config with your overrides is invalid: {exc}") from None
+    try:
+        cfg = with_pretrained_preprocessing(cfg, trained_from or "")  # e.g. eval_resize 232 of V2 weights, as the run evaluated
+    except UserError:  # weights this torchvision no longer names: the stored config's sizes as they are
+        pass
     spec = DataSpec.from_dict(point.data_spec)
     model = build_model(cfg.model, spec)
     if frozen:

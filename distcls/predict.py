@@ -64,9 +64,9 @@ def expand(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
 
 def eval_resize(data_cfg, size: int) -> int:
     """The shorter side an image is resized to before the center crop, as in the checkpoint's evaluation."""
-    if data_cfg.eval_resize is not None:
-        return data_cfg.eval_resize
-    return default_eval_resize(size) if data_cfg.name == "imagefolder" else size
+    if data_cfg.name != "imagefolder":  # in-memory data evaluates the whole image at the input size: eval_resize is not used
+        return size
+    return data_cfg.eval_resize if data_cfg.eval_resize is not None else default_eval_resize(size)
 
 
 def main(argv: Sequence[str]) -> int:

@@ -47,25 +47,20 @@ def resolve(spec: str) -> Pretrained:
     if not path.is_file():
         raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; distcls does not download: fetch "
                         f"{weights.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)")
+    return Pretrained(path, *_preprocessing(weights))
+
+
+def preprocessing(spec: str) -> Optional[Pretrained]:
+    """The preprocessing of torchvision weights `spec` (path None: the file need not exist, e.g.
+    when a checkpoint trained from them is evaluated); None for any other `model.pretrained`."""
+    if not spec or not spec.startswith(PREFIX):
+        return None
+    return Pretrained(None, *_preprocessing(_enum(spec[len(PREFIX):])))
+
+
+def _preprocessing(weights) -> tuple:
+    """(mean, std, crop size, resize size) of a torchvision weights enum's transforms."""
     t = weights.transforms()
-    crop, resize = _sizes(t)
-    return Pretrained(path, tuple(t.mean), tuple(t.std), crop, resize)
-
-
-def _sizes(transforms) -> tuple:
-    crop = getattr(transforms, "crop_size", None)
-    resize = getattr(transforms, "resize_size", None)
-    return crop[0] if crop else None, resize[0] if resize else None
-
-
-def eval_resize(spec: str, image_size: Optional[int]) -> Optional[int]:
-    """The evaluation resize that torchvision weights `spec` gave a run whose data.eval_resize was
-    null and data.image_size `image_size` (data.with_pretrained_preprocessing's rule), from the
-    weights' metadata only (the file need not be here, as for evaluate/predict); None: no such resize."""
-    if not spec.startswith(PREFIX):
-        return None
-    try:
-        crop, resize = _sizes(_enum(spec[len(PREFIX):]).transforms())
-    except UserError:  # an enum this torchvision lacks: its sizes are unknown here
-        return None
-    return resize if resize and (image_size is None or image_size == crop) else None
+    crop = getattr(t, "crop_size", None)
+    resize = getattr(t, "resize_size", None)
+    return tuple(t.mean), tuple(t.std), crop[0] if crop else None, resize[0] if resize else None

@@ -80,3 +80,24 @@ def test_yaml_alias_bombs_and_huge_values_make_a_short_error(tmp_path):
     message = str(info.value)
     assert len(message) <= 2000 and message.startswith("config key 'optim.lr' must be a number")
     assert "characters left out" in message
+
+
+def test_deeply_nested_values_make_a_short_error_not_a_recursion_traceback(tmp_path):
+    """A value nested thousands of levels deep ([[[[...]]]]) made PyYAML raise RecursionError: a traceback."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("data:\n  mean: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="config file .*deep.yaml nests its values too deeply"):
+        config.load(str(deep))
+    with pytest.raises(ConfigError, match=r"override data.mean=\.\.\. nests its value too deeply"):
+        config.load(None, ["data.mean=" + "[" * 5000 + "]" * 5000])
+
+
+def test_a_key_written_twice_in_a_section_is_an_error_not_silently_dropped(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `augment:` line silently dropped the first's keys."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("data:\n  name: synthetic\n  augment: {hflip: true}\n  augment: {policy: trivialaugment}\n")
+    with pytest.raises(ConfigError, match="dup.yaml is not valid YAML at line 4, column 3: the key 'augment' is written twice"):
+        config.load(str(dup))
+    merged = tmp_path / "merge.yaml"  # a merge key's values may be overridden: that is what it is for
+    merged.write_text("data:\n  <<: {name: synthetic, batch_size: 8}\n  batch_size: 16\n")
+    assert config.load(str(merged)).data.batch_size == 16

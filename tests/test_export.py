@@ -111,3 +111,14 @@ class _Off(export.ExportedClassifier):
 
     def forward(self, images):
         return super().forward(images) + 0.5
+
+
+def test_an_out_name_too_long_for_the_filesystem_is_one_line_and_a_long_legal_one_exports(tmp_path, checkpoint, capsys):
+    """--out with a 300-byte name raised OSError (File name too long) from is_dir; a legal 250-byte one
+    failed in the staging folder's name (.NAME.xxxxxxxx, over 255 bytes)."""
+    ck = ["--checkpoint", str(checkpoint), "--format", "torchscript", "--check-images", "0"]
+    _one_line_error(capsys, [*ck, "--out", str(tmp_path / ("a" * 300 + ".ts"))], "is 303 bytes long", "choose a shorter path")
+    assert list(tmp_path.iterdir()) == []
+    out = tmp_path / ("b" * 247 + ".ts")
+    assert export.main([*ck, "--out", str(out)]) == 0
+    assert list(tmp_path.iterdir()) == [out] and _load("torchscript", out)(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)).shape == (1, 10)

@@ -89,19 +89,77 @@ def test_eval_resize_smaller_than_the_eval_crop_is_a_config_error():
         config.load(None, ["data.eval_crop_size=224", "data.eval_resize=200"])
 
 
-def test_a_model_that_cannot_take_the_training_size_is_one_line_before_training(tmp_path, capsys):
-    """FixRes needs global pooling: LeNet's flatten takes one size. A smaller data.train_crop_size was
-    a RuntimeError traceback at the first training step (exit 1); now one line at the build, nothing written."""
-    import subprocess
+V2_WEIGHTS = "RegNet_Y_400MF_Weights.IMAGENET1K_V2"  # crop 224, resize 232
 
-    from conftest import assert_user_error
-    from distcls import train
-    from distcls.cli import run_cli
 
-    out = tmp_path / "run"
-    code = run_cli(train.main, [f"run.out_dir={out}", "model.name=lenet", "data.name=synthetic", "data.synthetic.size=32",
-                                "data.train_crop_size=24", "data.batch_size=8", "train.epochs=1", "train.max_steps_per_epoch=1"])
-    err = capsys.readouterr().err
-    assert_user_error(subprocess.CompletedProcess([], code, "", err), "model.name=lenet takes 32x32 inputs but not the training size 24x24",
-                      "data.train_crop_size", "global pooling")
-    assert not out.exists()
+def _hub_file(tmp_path, monkeypatch):
+    """An (empty) file where torchvision weights are looked up: the preprocessing needs no content."""
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    path = tmp_path / "th/hub/checkpoints" / torchvision.models.get_weight(V2_WEIGHTS).url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+
+
+def test_pretrained_weights_resize_applies_only_to_their_own_crop(tmp_path, monkeypatch):
+    """The weights' eval resize (232) belongs to their crop (224): with data.eval_crop_size=288 it gave
+    a 288 crop of a 232 image, a zero-padded border."""
+    from distcls.data import with_pretrained_preprocessing
+    _hub_file(tmp_path, monkeypatch)
+    base = ["model.name=torchvision:regnet_y_400mf", f"model.pretrained=torchvision:{V2_WEIGHTS}"]
+    assert with_pretrained_preprocessing(config.load(None, base)).data.eval_resize == 232
+    assert with_pretrained_preprocessing(config.load(None, [*base, "data.eval_crop_size=224"])).data.eval_resize == 232
+    d = with_pretrained_preprocessing(config.load(None, [*base, "data.eval_crop_size=288"])).data
+    assert d.eval_resize is None and d.image_size == 224  # default resize 288 / 0.875 then, as without weights
+
+
+def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as_its_run(tmp_path, monkeypatch):
+    """A run from V2 weights evaluated at resize 232 (the weights' preprocessing); evaluate/predict/export
+    restore without model.pretrained and used 256 (crop / 0.875): other numbers than the run's."""
+    from conftest import train_in_process
+    from distcls.inference import restore
+    from distcls.predict import eval_resize
+    root = _imagefolder(tmp_path, n=2)
+    train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=2",
+                     "data.split=[0.5,0,0.5]", "model.name=resnet18", "train.epochs=1", "train.max_steps_per_epoch=1")
+    # as if trained from the weights at their 224 (the weights file itself is not needed any more)
+    path = tmp_path / "run/checkpoints/last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["model"]["pretrained"] = f"torchvision:{V2_WEIGHTS}"
+    ckpt["config"]["data"]["image_size"] = None
+    ckpt["data_spec"]["image_size"] = 224
+    torch.save(ckpt, path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    restored = restore(str(path), torch.device("cpu"))
+    assert restored.cfg.data.eval_resize == 232 and restored.cfg.model.pretrained is None
+    assert eval_resize(restored.cfg.data, restored.spec.image_size) == 232
+    assert build_data(restored.cfg).splits.test.source.policy.eval_resize == 232
+
+
+def test_predict_ignores_eval_resize_for_in_memory_data_as_evaluation_does():
+    """In-memory data evaluates each whole image resized to the input size; predict resized a file's
+    shorter side to data.eval_resize (set by the user, or by torchvision weights' 232) and cropped."""
+    from distcls.predict import eval_resize
+    assert eval_resize(config.load(None, ["data.name=synthetic", "data.image_size=32", "data.eval_resize=40"]).data, 32) == 32
+    assert eval_resize(config.load(None, ["data.name=cifar10", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 224
+    assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 232
+    assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224"]).data, 224) == 256
+
+
+def test_a_fixed_size_network_with_a_smaller_training_size_is_one_error_line(tmp_path):
+    """lenet (a Linear on the flattened features) at train 16 / eval 24: a RuntimeError traceback at the first step."""
+    from conftest import train_in_process
+    from distcls.errors import UserError
+    with pytest.raises(UserError, match=r"model.name=lenet takes 24x24 evaluation inputs but not the 16x16 training images .*global pooling"):
+        train_in_process(tmp_path / "run", "data.name=synthetic", "data.synthetic.size=24", "data.synthetic.train_samples=16",
+                         "data.synthetic.test_samples=8", "data.batch_size=8", "train.epochs=1", "model.name=lenet",
+                         "data.train_crop_size=16", "data.eval_crop_size=24")
+
+
+def test_eval_resize_smaller_than_the_default_eval_crop_of_image_folders_is_an_error(tmp_path):
+    """data.eval_resize=200 without a crop size: image folders evaluate a 224 crop, and the config check
+    (which sees no crop size) let a 224 crop of a 200 image through, its border zero-padded."""
+    root = _imagefolder(tmp_path, n=4)
+    with pytest.raises(ConfigError, match="data.eval_resize=200 is smaller than the evaluation crop 224"):
+        build_data(config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=200"]))
+    assert build_data(config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=224"])).spec.image_size == 224

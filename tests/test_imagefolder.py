@@ -246,6 +246,23 @@ def test_image_folders_and_predict_share_one_file_rule(tmp_path):
     assert sorted(path for path, problem in expand([str(root)]) if problem is None) == read
 
 
+def test_symbolic_links_to_folders_are_followed_once_as_torchvision_imagefolder(tmp_path):
+    """A class folder holding a link to another folder of its images (train/cat/more -> /data/cats2):
+    the images there were silently left out (pathlib's rglob does not follow links; torchvision's
+    ImageFolder does). A link back to an ancestor reads each real folder once."""
+    import torchvision
+    from distcls.data.imagefolder import image_files
+    root = fakedata.write_imagefolder(tmp_path / "f", per_class=2, size=24)
+    extra = fakedata.write_imagefolder(tmp_path / "extra", classes=("more",), per_class=3, size=24) / "more"
+    (root / "daisy" / "more").symlink_to(extra, target_is_directory=True)
+    assert len(torchvision.datasets.ImageFolder(str(root)).samples) == 9
+    assert sorted(path for path, _ in _data(root).splits.train.source.samples) == sorted(
+        str(p) for p in [*image_files(root / "roses"), *image_files(root / "tulips"), *image_files(root / "daisy")])
+    assert len(image_files(root / "daisy")) == 5
+    (extra / "loop").symlink_to(root, target_is_directory=True)
+    assert len(image_files(root / "daisy")) == 5 + 4  # roses/ and tulips/ through the loop, daisy/ not again
+
+
 def test_class_folders_that_cannot_train_a_classifier_are_errors(tmp_path):
     """#12, #19 (issue 19): an empty class folder (or one of non-images) became a class with
     accuracy 0 on 0 samples, one class folder trained a 1-class classifier, and a val/ class

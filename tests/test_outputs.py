@@ -279,3 +279,13 @@ def test_wandb_mode_comes_from_the_environment_and_online_needs_a_key(tmp_path):
     assert resolve_mode("online", {**no_key, "WANDB_MODE": "disabled"}) == ("disabled", None)
     assert resolve_mode("offline", {**no_key, "WANDB_DISABLED": "true"}) == ("disabled", None)
     assert resolve_mode("disabled", {**no_key, "WANDB_MODE": "offline"}) == ("offline", None)
+
+
+def test_metrics_lines_that_python_cannot_parse_are_skipped(tmp_path):
+    """A line nested past the recursion limit (RecursionError) or an integer of over 4,300 digits
+    (ValueError, not JSONDecodeError) crashed read_jsonl, hence plot and train --resume auto."""
+    from distcls.tracking import read_jsonl
+    good = {"epoch": 1, "step": 2, "split": "train", "loss": 0.5, "acc": 0.5, "lr": 0.1, "images_per_sec": 1.0, "time": 1.0}
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps(good) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n" + '{"split": "train", "step": ' + "1" * 5000 + "}\n")
+    assert read_jsonl(path) == [good]

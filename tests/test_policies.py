@@ -104,6 +104,16 @@ def test_randaugment_uses_the_fixed_magnitude_and_num_ops():
     assert set(post.tolist()) == {float((8 - (torch.arange(31) / 7.5)).round().int()[9])}
 
 
+def test_randaugment_with_zero_ops_is_the_identity():
+    """num_ops=0 is in the schema (torchvision's RandAugment(num_ops=0) returns the image): it raised
+    ValueError (np.stack of no layers) in the first training batch."""
+    aug = AugmentConfig(policy="randaugment", num_ops=0)
+    images = _images(b=4, h=24, w=24)
+    pre = Preprocess(3, 24, (0.5,) * 3, (0.25,) * 3, aug, seed=3, num_keys=10)
+    plain = Preprocess(3, 24, (0.5,) * 3, (0.25,) * 3, AugmentConfig(), seed=3, num_keys=10)
+    assert torch.equal(pre(images, torch.arange(4), 0, train=True), plain(images, torch.arange(4), 0, train=True))
+
+
 def test_autoaugment_draws_only_imagenet_sub_policies():
     ops, mags = P.PolicySpec("autoaugment", height=32, width=32).draw(_uniform(torch.arange(4000)))
     pairs = {(P.OP_ID[a[0]], P.OP_ID[b[0]]) for a, b in P.IMAGENET_POLICY}

@@ -106,3 +106,30 @@ def test_torchvision_models_train_at_world_size_2(tmp_path):
         assert_ok(run_distcls("train", [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"], nproc=2))
         assert json.loads((out / "summary.json").read_text())["world_size"] == 2
         assert load_ckpt(out / "checkpoints/last.pt")["model"][{"resnet101": "fc.weight"}.get(name, "classifier.3.weight")].shape[0] == 5
+
+
+def test_googlenet_from_torchvision_weights_normalizes_its_input_as_torchvision(tmp_path, monkeypatch):
+    """torchvision's googlenet/inception_v3 builders set transform_input=True with their weights (ImageNet-
+    normalized input mapped to the [-1, 1] scale the weights were trained on); built with weights=None
+    and the file loaded afterwards, distcls fed those weights wrongly scaled inputs (no error: the flag
+    has no tensor)."""
+    enum = "GoogLeNet_Weights.IMAGENET1K_V1"
+    file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "googlenet")
+    assert _build("googlenet", DataSpec(3, 5, 32), f"model.pretrained=torchvision:{enum}").transform_input is True
+    assert _build("googlenet", DataSpec(3, 5, 32)).transform_input is False  # from scratch: torchvision's default
+
+
+@pytest.mark.slow
+def test_a_googlenet_checkpoint_from_torchvision_weights_restores_their_input_scaling(tmp_path, monkeypatch):
+    """evaluate/predict/export restore without model.pretrained: the flag must come from the checkpoint's config."""
+    from distcls.inference import restore
+    enum = "GoogLeNet_Weights.IMAGENET1K_V1"
+    file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "googlenet")
+    train_in_process(tmp_path / "run", "model.name=torchvision:googlenet", f"model.pretrained=torchvision:{enum}", *TINY, "data.synthetic.size=32",
+                     "data.image_size=32")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))  # inference needs no weights file
+    assert restore(str(tmp_path / "run/checkpoints/last.pt"), torch.device("cpu")).model.transform_input is True

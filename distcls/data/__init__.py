@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 from distcls import weights
 
@@ -54,16 +55,27 @@ def check_labels(dataset: RawDataset, name: str) -> None:
                             "fix the dataset's labels or its class names")
 
 
-def with_pretrained_preprocessing(cfg: Config) -> Config:
+def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None) -> Config:
     """torchvision weights bring their own preprocessing (mean/std, crop and resize sizes);
-    keys the config leaves null take those values, keys it sets win."""
-    if not (cfg.model.pretrained or "").startswith(weights.PREFIX):
-        return cfg
-    w, d = weights.resolve(cfg.model.pretrained), cfg.data
+    keys the config leaves null take those values, keys it sets win. `pretrained` (default
+    model.pretrained): the weights a checkpoint was trained from, for evaluate/predict/export,
+    which restore the checkpoint's weights instead (the file need not exist any more)."""
+    if pretrained is None:  # training: the file must be there (resolve says where to put it)
+        if not (cfg.model.pretrained or "").startswith(weights.PREFIX):
+            return cfg
+        w = weights.resolve(cfg.model.pretrained)
+    else:
+        w = weights.preprocessing(pretrained)
+        if w is None:
+            return cfg
+    d = cfg.data
     norm = {"mean": list(w.mean), "std": list(w.std)} if d.mean is None and w.mean is not None else {}
     size = {"image_size": w.crop_size} if d.image_size is None and w.crop_size else {}
+    # The weights' resize belongs to their crop: only when the evaluation crop is theirs (else
+    # e.g. data.eval_crop_size=288 got resize 232 and a zero-padded border).
+    eval_crop = d.eval_crop_size or d.image_size
     resize = ({"eval_resize": w.resize_size} if d.eval_resize is None and w.resize_size
-              and (d.image_size is None or d.image_size == w.crop_size) else {})
+              and (eval_crop is None or eval_crop == w.crop_size) else {})
     return dataclasses.replace(cfg, data=dataclasses.replace(d, **norm, **size, **resize))
 
 

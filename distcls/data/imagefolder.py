@@ -14,6 +14,7 @@ data.skip_bad_images=true, it is left out (the same files on every rank) and cou
 """
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from distcls.data.registry import register_dataset
 from distcls.data.file_source import CropPolicy, FileSource, default_eval_resize
 from distcls.data.sources import RawDataset
 from distcls.spec import printable_name
-from distcls.errors import UserError
+from distcls.errors import ConfigError, UserError
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
@@ -31,11 +32,23 @@ def image_files(folder: Path) -> list[Path]:
     """The image files under `folder`, recursively, in sorted order: FILES with an image extension.
 
     The one rule of image-folder data and of predict's directory walk: a directory named like an
-    image (`x.jpg/`) is not an image (the files in it are), and every name starting with "." is
-    skipped, hidden files and folders alike, macOS's `._x.jpg` (AppleDouble metadata) among them.
+    image (`x.jpg/`) is not an image (the files in it are), every name starting with "." is
+    skipped, hidden files and folders alike, macOS's `._x.jpg` (AppleDouble metadata) among them,
+    and symbolic links to folders are followed (torchvision's ImageFolder does).
     """
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    found, seen = [], set()
+    # Symbolic links to folders are followed, as torchvision's ImageFolder does (os.walk(followlinks=True));
+    # each real folder is read once, so a link to an ancestor cannot loop.
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / f for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS
+                  and os.path.isfile(os.path.join(top, f))]
+    return sorted(found)
 
 
 def _classes(folder: Path) -> list[str]:
@@ -96,6 +109,9 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     if not root.is_dir():
         raise UserError(f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) or set data.root")
     size = cfg.eval_crop_size or cfg.image_size or 224  # the model's input size (evaluation)
+    if cfg.eval_resize is not None and cfg.eval_resize < size:  # config.py checks the sizes it sees; here with the defaults
+        raise ConfigError(f"data.eval_resize={cfg.eval_resize} is smaller than the evaluation crop {size} (data.eval_crop_size, "
+                          f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a smaller data.eval_crop_size")
     train_size = cfg.train_crop_size or cfg.image_size or 224
     channels = cfg.channels or 3
     train_dir = root / "train" if (root / "train").is_dir() else root

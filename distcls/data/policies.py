@@ -403,6 +403,6 @@ def erase(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Ten
 
 def policy_spec(aug, height: int, width: int) -> Optional[PolicySpec]:
     """The PolicySpec of an AugmentConfig (None: data.augment.policy=none)."""
-    if aug.policy == "none":
+    if aug.policy == "none" or aug.policy == "randaugment" and aug.num_ops == 0:  # RandAugment(num_ops=0): the identity
         return None
     return PolicySpec(aug.policy, aug.num_ops, aug.magnitude, aug.num_magnitude_bins, height, width)

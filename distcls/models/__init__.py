@@ -52,23 +52,21 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def check_forward(model: nn.Module, spec: DataSpec, name: str, train_size: Optional[int] = None) -> None:
     """One tiny forward pass so a shape mistake is a clear error before training starts; also at
-    `train_size` when training runs at another size than evaluation (FixRes: data.train_crop_size)."""
+    the training size when it differs (FixRes: data.train_crop_size, e.g. a fixed-size classifier)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         out = model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=device))
-    except (RuntimeError, AssertionError) as exc:
+    except RuntimeError as exc:
         raise UserError(f"model.name={name} does not accept {spec.channels}x{spec.image_size}x{spec.image_size} inputs ({first_line(exc)}); change data.image_size") from None
-    else:
-        if train_size is not None and train_size != spec.image_size:
-            try:
-                model(torch.zeros(1, spec.channels, train_size, train_size, device=device))
-            except (RuntimeError, AssertionError) as exc:
-                raise UserError(
-                    f"model.name={name} takes {spec.image_size}x{spec.image_size} inputs but not the training size {train_size}x{train_size} "
-                    f"({first_line(exc)}): training and evaluation at different sizes (data.train_crop_size / data.eval_crop_size) "
-                    "needs a model with global pooling; set data.train_crop_size to the evaluation size or choose such a model") from None
+    try:
+        if train_size and train_size != spec.image_size:
+            model(torch.zeros(1, spec.channels, train_size, train_size, device=device))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise UserError(f"model.name={name} takes {spec.image_size}x{spec.image_size} evaluation inputs but not the {train_size}x{train_size} "
+                        f"training images ({first_line(exc)}); training and evaluation at different sizes (data.train_crop_size, "
+                        "data.eval_crop_size) need a network with global pooling (e.g. the ResNets): use one size, or such a network") from None
     finally:
         model.train(was_training)
     if out.shape[-1] != spec.num_classes:

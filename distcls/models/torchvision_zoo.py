@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+from typing import Optional
 
 import torch.nn as nn
 
@@ -38,6 +39,12 @@ INPUT_SIZE_ARGS = {
 DEFAULT_ARGS = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+# What torchvision's builders switch on when they load their own weights: googlenet and inception_v3
+# take ImageNet-normalized images and map them to the [-1, 1] scale their weights were trained on.
+WEIGHTS_ARGS = {
+    "googlenet": {"transform_input": True},
+    "inception_v3": {"transform_input": True},
 }
 # model.<key> -> the torchvision builder's argument
 REGULARIZATION_ARGS = {"dropout": "dropout", "drop_path": "stochastic_depth_prob"}
@@ -75,7 +82,7 @@ def build(arch: str, spec: DataSpec, cfg: ModelConfig, **args) -> nn.Module:
                           "set data.channels=3 (grayscale images are then repeated to 3 channels)")
     sized = next((make(spec.image_size) for prefix, make in INPUT_SIZE_ARGS.items() if arch.startswith(prefix)), {})
     regularization = {arg: getattr(cfg, key) for key, arg in REGULARIZATION_ARGS.items() if getattr(cfg, key) is not None}
-    kwargs = {**DEFAULT_ARGS.get(arch, {}), **sized, **regularization, **args}
+    kwargs = {**DEFAULT_ARGS.get(arch, {}), **weights_args(arch, cfg.pretrained), **sized, **regularization, **args}
     try:
         net = torchvision.models.get_model(arch, weights=None, num_classes=spec.num_classes, **kwargs)
     except TypeError as exc:  # an argument the architecture does not take
@@ -88,6 +95,12 @@ def build(arch: str, spec: DataSpec, cfg: ModelConfig, **args) -> nn.Module:
     if spec.channels != 3:
         _adapt_stem(net, spec.channels, arch)
     return net
+
+
+def weights_args(arch: str, pretrained: Optional[str]) -> dict:
+    """The builder arguments torchvision sets with its weights (WEIGHTS_ARGS) when `pretrained`
+    names torchvision weights; also for a checkpoint trained from them (inference.restore)."""
+    return dict(WEIGHTS_ARGS.get(arch, {})) if (pretrained or "").startswith(PREFIX) else {}
 
 
 def _adapt_stem(net: nn.Module, channels: int, arch: str) -> str:

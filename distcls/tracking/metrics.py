@@ -51,8 +51,8 @@ def read_jsonl(path) -> list[dict]:
     for line in p.read_text(errors="replace").splitlines():
         try:
             r = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # torn last line of a crash
+        except (ValueError, RecursionError):  # JSONDecodeError: the torn last line of a crash; also an
+            continue  # integer of over 4,300 digits (ValueError) and a line nested past Python's recursion limit
         if is_record(r):
             records.append(r)
     return records

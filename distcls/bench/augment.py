@@ -17,9 +17,7 @@ import time
 
 import torch
 
-from distcls.bench.common import machine
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from distcls.bench.common import MEAN, STD, machine
 
 
 def add_arguments(p) -> None:

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+# ImageNet normalization, as torchvision's references use it: the bench's image pipelines normalize with it.
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
 
 def train_cmd(args, nproc: int = 1) -> list:
     if nproc == 1:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+from distcls.bench.common import MEAN, STD
 
 
 def add_arguments(p) -> None:

@@ -69,7 +69,7 @@ def _world_size() -> int:
     return _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
 
 
-def _leave_rank_0_time_to_report() -> None:
+def leave_rank_0_time_to_report() -> None:
     """On a non-zero rank of a multi-process launch: wait (bounded) so that rank 0 reports the shared
     error first and the launcher ends this rank; the default signal actions apply while waiting,
     so the launcher's SIGTERM ends it at once even if a stop handler was still installed."""
@@ -99,11 +99,11 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
     except UserError as exc:  # ConfigError included
         if debug_flag in args:
             traceback.print_exc()
-        _leave_rank_0_time_to_report()
+        leave_rank_0_time_to_report()
         report("error", exc)
         return ExitCode.USAGE
     except TrainingDiverged as exc:  # every rank agreed on it: rank 0 reports it
-        _leave_rank_0_time_to_report()
+        leave_rank_0_time_to_report()
         report("error", exc)
         return ExitCode.DIVERGED
     except SecondInterrupt:

@@ -11,7 +11,7 @@ import torch
 
 from distcls import config as config_mod
 from distcls import dist
-from distcls.cli import ArgumentParser, exit_with, report
+from distcls.cli import ArgumentParser, exit_with, leave_rank_0_time_to_report, report
 from distcls.components import DEBUG_STEPS_PER_EPOCH
 from distcls.errors import CheckpointWriteFailed, ConfigError, ExitCode
 from distcls.runner import Stopped, TrainingRun
@@ -69,6 +69,8 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
     except CheckpointWriteFailed as exc:  # rank 0's save: one line (rank 0's), its own exit code (not a user's mistake)
         if env.is_main:
             report("error", exc)
+        else:  # rank 0 exits 5 first (the launcher's root cause) and the launcher ends this rank; a rank exiting
+            leave_rank_0_time_to_report()  # first got rank 0 killed by the launcher, at times mid-teardown (SIGABRT)
         return ExitCode.WRITE_FAILED
     finally:
         run.close()

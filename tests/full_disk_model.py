@@ -1,8 +1,10 @@
 """A plug-in model (model.name=full_disk_model:build) whose build makes this process's disk "full"
 from the N-th write of checkpoints/last.pt on (model.args.full_at_save, through atomic_files'
-fault hook): a full disk during a save, also under torchrun, where only rank 0 writes."""
+fault hook): a full disk during a save, also under torchrun, where only rank 0 writes.
+model.args.report_delay_s delays rank 0's error line, so the other rank meets the failure first."""
 import errno
 import os
+import time
 
 import torch.nn as nn
 
@@ -11,8 +13,18 @@ from distcls import atomic_files
 _KEEP = []
 
 
-def build(spec, cfg, full_at_save: int = 2):
+def build(spec, cfg, full_at_save: int = 2, report_delay_s: float = 0.0):
     writes = []
+    if report_delay_s and os.environ.get("RANK", "0") == "0":
+        import distcls.train
+
+        report = distcls.train.report
+
+        def late_report(*args):
+            time.sleep(report_delay_s)
+            report(*args)
+
+        distcls.train.report = late_report
 
     def disk_full(stage, path, tmp):
         if stage == "written" and path.name == "last.pt":

@@ -56,6 +56,21 @@ def train_at_world_sizes(tmp_path, args, sizes=(1, 2)) -> dict:
     return checkpoints
 
 
+def cli_in_process(capsys, module: str, args) -> subprocess.CompletedProcess:
+    """`python -m distcls.<module> args` run in this process, through the same `run_cli` wrapper and
+    `main` (no interpreter start-up: a few seconds each), as a finished process for assert_ok and
+    assert_user_error. Tests about the process boundary itself use run_distcls."""
+    import importlib
+
+    from distcls.cli import run_cli
+
+    args = [str(a) for a in args]
+    capsys.readouterr()
+    code = run_cli(importlib.import_module(f"distcls.{module}").main, args)
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def assert_ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_ok, load_ckpt, run_distcls, train_in_process
+from conftest import assert_ok, cli_in_process, load_ckpt, run_distcls, train_in_process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EPOCH_END = FIXTURES / "format1_epoch_end.pt"
@@ -30,18 +30,18 @@ def test_the_fixtures_are_format_1():
     assert load_ckpt(MID_EPOCH)["epoch_step"] == 4
 
 
-def test_a_format_1_checkpoint_evaluates(tmp_path):
-    proc = run_distcls("evaluate", ["--checkpoint", EPOCH_END, "--json", "--no-speed"])
+def test_a_format_1_checkpoint_evaluates(tmp_path, capsys):
+    proc = cli_in_process(capsys, "evaluate", ["--checkpoint", EPOCH_END, "--json", "--no-speed"])
     assert_ok(proc)
     report = json.loads(proc.stdout)
     assert report["count"] == 180 and report["acc"] == pytest.approx(13 / 180)
 
 
-def test_a_format_1_checkpoint_predicts(tmp_path):
+def test_a_format_1_checkpoint_predicts(tmp_path, capsys):
     from sklearn.datasets import load_digits
     image = tmp_path / "digit.png"
     Image.fromarray((load_digits().images[0] * 255 / 16).astype("uint8")).save(image)
-    proc = run_distcls("predict", ["--checkpoint", EPOCH_END, "--json", image])
+    proc = cli_in_process(capsys, "predict", ["--checkpoint", EPOCH_END, "--json", image])
     assert_ok(proc)
     line = json.loads(proc.stdout.splitlines()[0])
     assert line["path"] == str(image) and line["label"] in [str(i) for i in range(10)]

@@ -9,7 +9,7 @@ import pytest
 from distcls import train
 from distcls.cli import run_cli
 
-from conftest import ROOT, assert_ok, assert_user_error, run_distcls
+from conftest import ROOT, assert_ok, assert_user_error, cli_in_process, run_distcls
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -80,8 +80,8 @@ def test_help_lists_every_option(capsys):
             assert "--checkpoint" in out
 
 
-def test_debug_mode_runs_a_few_steps(tmp_path):
-    proc = run_distcls("train", ["--debug", "train.epochs=1", f"run.out_dir={tmp_path / 'dbg'}"])
+def test_debug_mode_runs_a_few_steps(tmp_path, capsys):
+    proc = cli_in_process(capsys, "train", ["--debug", "train.epochs=1", f"run.out_dir={tmp_path / 'dbg'}"])
     assert_ok(proc)
     assert "5 steps/epoch" in proc.stdout
 

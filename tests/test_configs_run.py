@@ -59,12 +59,15 @@ def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys, same_tor
     args = ["--config", ROOT / "configs" / name, f"data.root={data_root}", *extra, "train.epochs=1",
             "train.max_steps_per_epoch=2", "data.max_eval_samples=16", "data.num_workers=0", f"run.out_dir={out}",
             "train.sync_bn=false", "log.every_steps=1"]
+    if name != "default.yaml":  # the plots are the same code for every config (tests/test_outputs.py): drawn once here
+        args.append("log.plots=false")
     code = run_cli(train.main, [str(a) for a in args])
     assert code == 0, capsys.readouterr().err[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 1 and 0.0 <= summary["test_acc"] <= 1.0
     ck = load_ckpt(out / "checkpoints/last.pt")
     assert ck["step"] == 2 and not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert (out / "plots").is_dir() == (name == "default.yaml")
     records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "test"} <= {r["split"] for r in records}
     for r in records:

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 import fakedata
-from conftest import assert_ok, assert_user_error, run_distcls, train_in_process
+from conftest import assert_ok, assert_user_error, cli_in_process, run_distcls, train_in_process
 
 
 @pytest.fixture(scope="module")
@@ -15,9 +15,9 @@ def trained(tmp_path_factory):
     return out, summary
 
 
-def test_evaluate_reproduces_the_training_test_accuracy(trained, tmp_path):
+def test_evaluate_reproduces_the_training_test_accuracy(trained, tmp_path, capsys):
     out, summary = trained
-    proc = run_distcls("evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--out-dir", tmp_path / "eval"])
+    proc = cli_in_process(capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--out-dir", tmp_path / "eval"])
     assert_ok(proc)
     assert f"test accuracy {summary['test_acc']:.4f}" in proc.stdout
     report = json.loads((tmp_path / "eval/eval_test.json").read_text())
@@ -105,14 +105,14 @@ def test_predict_reports_a_corrupt_file_and_predicts_the_rest(trained, tmp_path,
     assert code == 0 and stderr == "" and len(stdout.splitlines()) == 2
 
 
-def test_predict_names_a_damaged_png_and_keeps_the_other_predictions(trained, tmp_path):
+def test_predict_names_a_damaged_png_and_keeps_the_other_predictions(trained, tmp_path, capsys):
     """#1 (issue 19): torchvision's PNG decoder segfaulted (exit 139) and every prediction was lost."""
     out, _ = trained
     good = [tmp_path / "a.png", tmp_path / "c.png"]
     for p in good:
         Image.new("L", (8, 8), 120).save(p)
     bad = fakedata.write_damaged_png(tmp_path / "b.png")
-    proc = run_distcls("predict", ["--checkpoint", out / "checkpoints/best.pt", good[0], bad, good[1]])
+    proc = cli_in_process(capsys, "predict", ["--checkpoint", out / "checkpoints/best.pt", good[0], bad, good[1]])
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     errors = proc.stderr.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith("distcls: error: cannot read image") and str(bad) in errors[0]
@@ -127,21 +127,21 @@ def test_evaluate_on_two_ranks_counts_each_sample_once(trained):
     assert "/180)" in proc.stdout and proc.stdout.count("val accuracy") == 1
 
 
-def test_predict_prints_a_line_per_image(trained, tmp_path):
+def test_predict_prints_a_line_per_image(trained, tmp_path, capsys):
     out, _ = trained
     paths = []
     for i, color in enumerate([0, 255]):
         p = tmp_path / f"img{i}.png"
         Image.new("RGB", (20, 20), (color, color, color)).save(p)
         paths.append(p)
-    proc = run_distcls("predict", ["--checkpoint", out / "checkpoints/best.pt", "--top-k", "3", *paths])
+    proc = cli_in_process(capsys, "predict", ["--checkpoint", out / "checkpoints/best.pt", "--top-k", "3", *paths])
     assert_ok(proc)
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
     fields = lines[0].split("\t")
     assert fields[0] == str(paths[0]) and len(fields) == 7 and fields[1] in "0123456789"
     assert sum(float(f) for f in fields[2::2]) <= 1.0 + 1e-6
-    missing = run_distcls("predict", ["--checkpoint", out / "checkpoints/best.pt", tmp_path / "nope.png"])
+    missing = cli_in_process(capsys, "predict", ["--checkpoint", out / "checkpoints/best.pt", tmp_path / "nope.png"])
     assert_user_error(missing, "nope.png does not exist")
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import fakedata
-from conftest import (FAST, assert_ok, assert_user_error, child_env, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
+from conftest import (FAST, assert_ok, assert_user_error, child_env, cli_in_process, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
                       train_in_process)
 from distcls import config
 from distcls.data import build_data, train_loader
@@ -182,16 +182,16 @@ def test_a_damaged_png_is_a_named_bad_file_not_a_crash(tmp_path):
             assert len(batches[0].labels) == len(view) - 1
 
 
-def test_training_in_the_main_process_skips_a_damaged_png(tmp_path):
-    """#1: with data.num_workers=0 the decoder runs in the training process itself."""
+def test_training_in_the_main_process_skips_a_damaged_png(tmp_path, capsys):
+    """#1: with data.num_workers=0 the decoder runs in the training process itself (here: pytest's)."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24, layout="split")  # 12 in train/
     bad = fakedata.write_damaged_png(root / "train" / "roses" / "zz_damaged.png")
     args = [f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet", "data.val_fraction=0",
             "data.batch_size=13", "train.epochs=1", "data.num_workers=0", "log.plots=false", f"run.out_dir={tmp_path / 'run'}"]
-    skipped = run_distcls("train", [*args, "data.skip_bad_images=true"])
+    skipped = cli_in_process(capsys, "train", [*args, "data.skip_bad_images=true"])
     assert_ok(skipped)
     assert json.loads((tmp_path / "run/summary.json").read_text())["dropped_bad_image_reads"] == 1
-    refused = run_distcls("train", [*args, f"run.out_dir={tmp_path / 'run2'}"])
+    refused = cli_in_process(capsys, "train", [*args, f"run.out_dir={tmp_path / 'run2'}"])
     assert_user_error(refused, f"{bad} cannot be decoded", "data.skip_bad_images=true")
 
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import assert_user_error, run_distcls
+from conftest import assert_user_error, cli_in_process, run_distcls
 from distcls import dist
 from distcls.errors import ConfigError, UserError
 
@@ -88,8 +88,9 @@ def test_first_host_of_a_nodelist(nodelist, first):
     assert dist.first_host(nodelist) == first
 
 
-def test_bad_slurm_variable_is_one_error_line(tmp_path):
-    proc = run_distcls("train", [f"run.out_dir={tmp_path}"], env={k: str(v) for k, v in srun_task(0, 0, "abc").items()})
+def test_bad_slurm_variable_is_one_error_line(tmp_path, launch_env, capsys):
+    launch_env(**srun_task(0, 0, "abc"))
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path}"])
     assert_user_error(proc, "SLURM_NTASKS='abc' is not an integer")
     assert not any(tmp_path.iterdir())
 

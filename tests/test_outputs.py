@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_user_error, child_env, load_ckpt, run_distcls, run_in_process, train_in_process
+from conftest import ROOT, assert_user_error, child_env, cli_in_process, load_ckpt, run_distcls, run_in_process, train_in_process
 
 PLOTS = ("curves.png", "lr.png", "confusion.png", "per_class.png", "samples.png")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n
@@ -87,8 +87,8 @@ def test_odd_lines_in_metrics_jsonl_are_skipped_by_plot_and_resume(run, tmp_path
     assert all(json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines())
 
 
-def test_plot_cli_refuses_a_directory_that_is_not_a_run(tmp_path):
-    assert_user_error(run_distcls("plot", [tmp_path]), "not a distcls run directory")
+def test_plot_cli_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
+    assert_user_error(cli_in_process(capsys, "plot", [tmp_path]), "not a distcls run directory")
 
 
 def test_class_plots_stay_readable_for_100_classes(tmp_path):

@@ -8,7 +8,7 @@ import torch
 import torchvision
 
 import fakedata
-from conftest import FAST, assert_ok, assert_user_error, load_ckpt, run_distcls, train_in_process
+from conftest import FAST, assert_ok, cli_in_process, assert_user_error, load_ckpt, run_distcls, train_in_process
 from distcls import config
 from distcls.data import DataSpec
 from distcls.errors import ConfigError, UserError
@@ -65,12 +65,12 @@ def test_input_size_dropout_and_drop_path_reach_the_builder():
         _build("resnet18", DataSpec(3, 5, 32), "model.args.num_classes=7")
 
 
-def test_unknown_names_list_close_matches(tmp_path):
+def test_unknown_names_list_close_matches(tmp_path, capsys):
     with pytest.raises(ConfigError, match="close matches: torchvision:resnet101, "):
         _build("resnet1010")
     with pytest.raises(ConfigError, match=r"model.name=resnet101; did you mean torchvision:resnet101\?"):
         build_model(config.load(None, ["model.name=resnet101"]).model, DataSpec(3, 5, 32))
-    proc = run_distcls("train", [f"run.out_dir={tmp_path / 'o'}", "model.name=torchvision:mobilenet_v3_smal"])
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'o'}", "model.name=torchvision:mobilenet_v3_smal"])
     assert_user_error(proc, "model.name=torchvision:mobilenet_v3_smal is not a torchvision classifier",
                       "close matches: torchvision:mobilenet_v3_small")
     assert not (tmp_path / "o").exists()

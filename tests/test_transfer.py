@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fakedata
-from conftest import FAST, assert_user_error, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes, train_in_process
+from conftest import FAST, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes, train_in_process
 from distcls import config
 from distcls.data import DataSpec
 from distcls.engine import build_optimizer
@@ -94,7 +94,7 @@ def test_torchvision_weights_resolve_from_torch_home(tmp_path, monkeypatch):
     assert d.image_size == 160 and d.eval_resize is None
 
 
-def test_mismatched_or_unknown_weights_are_clear_errors(tmp_path, monkeypatch):
+def test_mismatched_or_unknown_weights_are_clear_errors(tmp_path, monkeypatch, capsys):
     weights = fakedata.write_resnet_weights(tmp_path / "r18.pth")  # 7x7 stem
     cfg = config.load(None, ["model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={weights}"])
     with pytest.raises(UserError, match=r"tensor conv1.weight has shape \(64, 3, 7, 7\) in the file but \(64, 3, 3, 3\) in model"):
@@ -102,8 +102,8 @@ def test_mismatched_or_unknown_weights_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not a torchvision weights enum"):
         build_model(config.load(None, ["model.name=resnet18", "model.pretrained=torchvision:ResNet18_Weights.NOPE"]).model, DataSpec(3, 10, 32))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # through the CLI: exit 2, one line
-    proc = run_distcls("train", [f"run.out_dir={tmp_path / 'cli'}", "model.name=resnet18", f"model.pretrained={TV_NAME}",
-                                 "model.freeze=backbone", "data.image_size=32"], env={"TORCH_HOME": str(tmp_path / "empty")})
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'cli'}", "model.name=resnet18", f"model.pretrained={TV_NAME}",
+                                            "model.freeze=backbone", "data.image_size=32"])
     assert_user_error(proc, TV_FILE, "copy it to")
 
 
@@ -125,7 +125,7 @@ def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
 
 
-def test_transfer_keys_that_would_be_silently_ignored_are_config_errors(tmp_path):
+def test_transfer_keys_that_would_be_silently_ignored_are_config_errors(tmp_path, capsys):
     """#19 (issue 19): model.freeze=none with model.freeze_backbone=true (which froze the backbone),
     and optim.backbone_lr_scale without pretrained weights, were accepted without a word."""
     with pytest.raises(ConfigError, match="model.freeze=none contradicts model.freeze_backbone=true"):
@@ -136,7 +136,7 @@ def test_transfer_keys_that_would_be_silently_ignored_are_config_errors(tmp_path
         config.load(str(yaml_file), ["model.freeze_backbone=true"])
     assert config.load(None, ["model.freeze_backbone=true", "model.pretrained=x.pth"]).model.frozen  # the old spelling alone
     out = tmp_path / "run"
-    proc = run_distcls("train", [f"run.out_dir={out}", "optim.backbone_lr_scale=0.1"])
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={out}", "optim.backbone_lr_scale=0.1"])
     assert_user_error(proc, "optim.backbone_lr_scale=0.1 needs model.pretrained")
     assert not out.exists()
     stored = config.load(None, ["optim.backbone_lr_scale=0.1"])  # a checkpoint's stored config still loads (evaluate, predict)

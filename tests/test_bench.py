@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, assert_ok, child_env, run_distcls
+from conftest import ROOT, assert_ok, child_env
 from distcls.bench.__main__ import MODES, main
 from distcls.cli import run_cli
 
@@ -112,7 +112,8 @@ def test_digits_read_from_the_bundled_csv_equal_scikit_learns_load_digits():
 
 @pytest.mark.slow
 def test_startup_writes_import_and_first_step_times(tmp_path):
-    r = _bench(tmp_path, "startup", "--repeats", "1", "--case", "cnn2, digits")
+    r = _bench(tmp_path, "startup", "--repeats", "1", "--case", "cnn2, digits", "log.plots=false")
+    assert r["overrides"] == ["log.plots=false"] and list(r["command_to_first_step_s"]) == ["cnn2, digits"]
     assert set(r["import_s"]) == {"python (no import)", "torch", "distcls.train"}
     assert all(_positive(v) for k, v in r["import_s"].items() if k != "python (no import)")
     first, exit_s = r["command_to_first_step_s"]["cnn2, digits"], r["command_to_exit_s"]["cnn2, digits"]
@@ -122,7 +123,7 @@ def test_startup_writes_import_and_first_step_times(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_runs_world_size_1_and_2_beside_the_hand_written_ddp_loop(tmp_path):
-    r = _bench(tmp_path, "scaling", "--epochs", "2", "--rounds", "1", "model.name=cnn2", *TINY)
+    r = _bench(tmp_path, "scaling", "--epochs", "2", "--rounds", "1", "model.name=cnn2", *TINY, "log.plots=false")
     for k in ("distcls_w1", "distcls_w2", "hand_w1", "hand_w2"):
         assert len(r["images_per_sec"][k]) == 1 and _positive(r["images_per_sec"][k][0]), k
     assert r["ratios"]["distcls_w2/w1"] == pytest.approx(r["images_per_sec"]["distcls_w2"][0] / r["images_per_sec"]["distcls_w1"][0], abs=2e-3)
@@ -130,19 +131,44 @@ def test_scaling_runs_world_size_1_and_2_beside_the_hand_written_ddp_loop(tmp_pa
 
 
 @pytest.mark.slow
-def test_throughput_cli_writes_json(tmp_path):
+def test_throughput_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "t.json"
-    proc = run_distcls("bench", ["throughput", "--epochs", "1", "--out", out, "model.name=cnn2", *TINY], timeout=300)
-    assert_ok(proc)
+    assert run_cli(main, ["throughput", "--epochs", "1", "--out", str(out), "model.name=cnn2", *TINY, "log.plots=false"]) == 0
     r = json.loads(out.read_text())
-    assert r == json.loads(proc.stdout) and _positive(r["world_1_images_per_sec"]) and _positive(r["world_2_images_per_sec"])
+    assert r == json.loads(capsys.readouterr().out) and _positive(r["world_1_images_per_sec"]) and _positive(r["world_2_images_per_sec"])
+    assert r["ratio_world2_over_world1"] == pytest.approx(r["world_2_images_per_sec"] / r["world_1_images_per_sec"], abs=2e-3)
+    assert r["world_1_test_acc"] == r["world_2_test_acc"] and 0 < r["world_1_test_acc"] <= 1  # world-size invariant training
+
+
+def _ratio_of_rounded(a: float, b: float, digits: int) -> tuple:
+    """The range a/b can have when a and b were each rounded to `digits` decimals."""
+    h = 0.5 * 10 ** -digits
+    return (a - h) / (b + h), (a + h) / (b - h)
 
 
 @pytest.mark.slow
 def test_checkpoint_mode_writes_json(tmp_path):
-    r = _bench(tmp_path, "checkpoint", "--repeats", "1")
-    assert r["resnet18_checkpoint_mb"] > 40 and _positive(r["resnet18_save_s_median"])
-    assert r["sigterm_exit_code"] == 3
+    """The whole mode on a tiny workload (cnn2, 192 samples, one off/on pair): the ResNet-18 save is the real one."""
+    r = _bench(tmp_path, "checkpoint", "--repeats", "2", "--samples", "192", "--model", "cnn2", "--rounds", "1")
+    assert set(r) == {"mode", "machine", "setup", "resnet18_checkpoint_mb", "resnet18_save_s_median", "resnet18_save_s_all",
+                      "steps_per_epoch", "checkpoints_per_epoch", "epoch_s_no_step_checkpoints", "epoch_s_checkpoint_every_5_steps",
+                      "epoch_time_ratio_every_5_steps", "sigterm_to_exit_s", "sigterm_exit_code"}
+    assert r["setup"] == {"model": "cnn2", "samples": 192, "batch": 32, "rounds": 1, "save_repeats": 2}
+    assert r["resnet18_checkpoint_mb"] > 40  # ResNet-18's 11.7 M parameters and momentum buffers in float32
+    assert len(r["resnet18_save_s_all"]) == 2 and all(map(_positive, r["resnet18_save_s_all"]))
+    assert r["resnet18_save_s_median"] == pytest.approx(statistics.median(r["resnet18_save_s_all"]), abs=1e-4)
+    assert r["steps_per_epoch"] == 192 // 32 and r["checkpoints_per_epoch"] == 1  # a save after step 5 of 6
+    off, on = r["epoch_s_no_step_checkpoints"], r["epoch_s_checkpoint_every_5_steps"]
+    assert len(off) == len(on) == 1 and all(map(_positive, off + on))
+    lo, hi = _ratio_of_rounded(on[0], off[0], 3)
+    assert lo - 5e-4 <= r["epoch_time_ratio_every_5_steps"] <= hi + 5e-4
+    assert _positive(r["sigterm_to_exit_s"]) and r["sigterm_exit_code"] == 3  # stopped by SIGTERM, checkpoint saved
+
+
+def test_checkpoint_refuses_too_few_samples_for_a_mid_epoch_checkpoint(capsys):
+    assert run_cli(main, ["checkpoint", "--samples", "160"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("distcls: error: --samples 160 gives 5 steps") and "--samples 192" in err[0]
 
 
 def test_imagefolder_writes_both_pipelines_rates(tmp_path):
@@ -162,20 +188,14 @@ def test_augment_writes_both_pipelines_rates(tmp_path):
 
 # ----------------------------------------------------------------------------- gpu: issue 18's device check
 
-def test_gpu_check_smoke_runs_a_part_and_lists_the_gpu_only_ones(tmp_path, capsys):
-    """`bench gpu` without CUDA (here forced with --cpu-smoke): the reduced plan runs for real, the
-    GPU-only parts are listed as skipped with the reason, one JSON, one table."""
-    r = _bench(tmp_path, "gpu", "--cpu-smoke", "--parts", "startup,compare:r18,compare:r50-compile")
+def test_gpu_check_smoke_lists_the_gpu_only_parts_as_skipped(tmp_path, capsys):
+    """`bench gpu` without CUDA (here forced with --cpu-smoke): the GPU-only parts asked for are
+    listed as skipped with the reason, one JSON, one table (the parts that run on the CPU are
+    test_gpu_check_smoke_runs_end_to_end's)."""
+    r = _bench(tmp_path, "gpu", "--cpu-smoke", "--parts", "compare:r18,compare:r50-compile")
     assert r["mode"] == "gpu" and r["smoke"] is True and not r["cuda"]
-    parts = {p["name"]: p for p in r["parts"]}
-    assert list(parts) == ["startup", "compare:r18", "compare:r50-compile"]
-    startup = parts["startup"]
-    assert startup["status"] == "ok", startup
-    first, exits = startup["result"]["command_to_first_step_s"], startup["result"]["command_to_exit_s"]
-    assert len(exits) == 1 and _positive(exits[0]) and 0 < first[0] <= exits[0]
-    assert "train.amp=bf16" in startup["command"] and "configs/seed_a_cnn2_fashion_mnist.yaml" in " ".join(startup["command"])
-    for name in ("compare:r18", "compare:r50-compile"):
-        assert parts[name]["status"] == "skipped" and parts[name]["reason"] == "GPU only: no CUDA device"
+    assert [(p["name"], p["status"], p["reason"]) for p in r["parts"]] == [
+        ("compare:r18", "skipped", "GPU only: no CUDA device"), ("compare:r50-compile", "skipped", "GPU only: no CUDA device")]
     printed = capsys.readouterr().out
     assert "GPU only: no CUDA device" in printed and "distcls GPU check" in printed
 
@@ -203,11 +223,14 @@ def test_gpu_check_reads_pytests_counts_and_failures(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_smoke_runs_end_to_end(tmp_path):
+def test_gpu_check_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """The whole reduced plan: the GPU tests run and skip with their reason, compare, imagefolder
-    and startup measure on the CPU."""
+    and startup measure on the CPU, every GPU-only part is listed as skipped; one JSON, one table."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the parts' processes, like every child of the suite (conftest.child_env)
     r = _bench(tmp_path, "gpu", "--cpu-smoke")
+    assert r["mode"] == "gpu" and r["smoke"] is True and not r["cuda"]
     parts = {p["name"]: p for p in r["parts"]}
+    assert list(parts)[:4] == ["tests", "compare:smoke", "imagefolder", "startup"]
     assert {n: p["status"] for n, p in parts.items() if not n.startswith("compare:r")} == {
         "tests": "ok", "compare:smoke": "ok", "imagefolder": "ok", "startup": "ok"}
     tests = parts["tests"]["result"]
@@ -216,4 +239,11 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path):
     assert 0 < parts["compare:smoke"]["result"]["ratios"]["a/b"]
     train = parts["imagefolder"]["result"]["train_resnet18_images_per_sec"]
     assert set(train["ratio_over_synthetic"]) == {"distcls", "torchvision"} and _positive(train["synthetic"]["median"])
-    assert all(p["status"] == "skipped" for n, p in parts.items() if n.startswith("compare:r"))
+    startup = parts["startup"]
+    first, exits = startup["result"]["command_to_first_step_s"], startup["result"]["command_to_exit_s"]
+    assert len(exits) == 1 and _positive(exits[0]) and 0 < first[0] <= exits[0]
+    assert "train.amp=bf16" in startup["command"] and "configs/seed_a_cnn2_fashion_mnist.yaml" in " ".join(startup["command"])
+    gpu_only = {n: p for n, p in parts.items() if n.startswith("compare:r")}
+    assert len(gpu_only) == 8 and all(p["status"] == "skipped" and p["reason"] == "GPU only: no CUDA device" for p in gpu_only.values())
+    printed = capsys.readouterr().out
+    assert "GPU only: no CUDA device" in printed and "distcls GPU check" in printed

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from conftest import FAST, assert_user_error, run_distcls, train_in_process
+from conftest import FAST, assert_user_error, train_in_process
 from distcls import evaluate, plot, train
 from distcls.cli import run_cli
 
@@ -64,11 +64,19 @@ def test_run_out_dir_with_a_name_too_long_is_one_line(tmp_path, capsys):
     assert_user_error(cli(capsys, train.main, [f"run.out_dir={out}/sub", *FAST]), "is 300 bytes long")
 
 
-def test_bench_refuses_a_directory_as_out_and_a_bad_override(tmp_path):
+def test_bench_refuses_a_directory_as_out_and_a_bad_override(tmp_path, capsys, monkeypatch):
     """#9 and #15: `bench --out DIR` failed after the measurement; `bench throughput` with a bad
-    override ended in a CalledProcessError traceback."""
-    assert_user_error(run_distcls("bench", ["throughput", "--epochs", "1", "--out", tmp_path, "train.epochs=1"]),
+    override ended in a CalledProcessError traceback. Both are now refused before any training
+    starts; a training child that fails is reported in its own one line."""
+    from distcls.bench import throughput
+    from distcls.bench.__main__ import main as bench_main
+
+    started, run_train = [], throughput.run_train
+    monkeypatch.setattr(throughput, "run_train", lambda *a, **k: started.append(a) or run_train(*a, **k))
+    assert_user_error(cli(capsys, bench_main, ["throughput", "--epochs", "1", "--out", tmp_path, "train.epochs=1"]),
                       f"--out {tmp_path} is a directory")
-    assert_user_error(run_distcls("bench", ["throughput", "--epochs", "1", "optim.lr=abc"]), "optim.lr", "must be a number")
-    assert_user_error(run_distcls("bench", ["throughput", "--epochs", "1", "data.name=imagefolder", f"data.root={tmp_path / 'none'}"]),
+    assert_user_error(cli(capsys, bench_main, ["throughput", "--epochs", "1", "optim.lr=abc"]), "optim.lr", "must be a number")
+    assert started == []  # neither started a training process
+    assert_user_error(cli(capsys, bench_main, ["throughput", "--epochs", "1", "data.name=imagefolder", f"data.root={tmp_path / 'none'}"]),
                       "distcls.train (1 process) exited 2", "imagefolder root")
+    assert len(started) == 1  # the child's own error, in the bench's one line

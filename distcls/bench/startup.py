@@ -5,8 +5,9 @@ Every figure comes from a fresh `python` process, repeated in interleaved rounds
   first_step_s        from starting `python -m distcls.train ... log.every_steps=1` to its first
                       metrics.jsonl record (written right after optimizer step 1)
   exit_s              from the same start to process exit (2 steps, then the test evaluation)
-Also recorded once: which modules `import distcls.train` loads that are heavy (torchvision,
-wandb, matplotlib, scikit-learn, torch._dynamo must not be among them).
+Also recorded once (in the first timed `import distcls.train` process, after the timing): which
+modules `import distcls.train` loads that are heavy (torchvision, wandb, matplotlib, scikit-learn,
+torch._dynamo must not be among them).
 """
 from __future__ import annotations
 
@@ -39,16 +40,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every case")
 
 
-def _import_time(statement: str) -> float:
-    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+def _import_time(statement: str) -> tuple[float, list]:
+    """(seconds of the import statement, the HEAVY modules loaded after it), in one fresh process."""
+    code = (f"import sys, time; t = time.perf_counter(); {statement}; seconds = time.perf_counter() - t; "
+            f"print(seconds); print(' '.join(m for m in {HEAVY!r} if m in sys.modules) or '-')")
     out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
-
-
-def _loaded_heavy_modules() -> list:
-    code = f"import sys, distcls.train; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
-    return out.stdout.split()
+    seconds, heavy = out.stdout.strip().splitlines()[-2:]
+    return float(seconds), [m for m in heavy.split() if m != "-"]
 
 
 def _first_step(overrides: list, out: Path) -> tuple[float, float]:
@@ -77,10 +75,14 @@ def run(args) -> dict:
     imports = {k: [] for k in IMPORTS}
     first = {k: [] for k in cases}
     exits = {k: [] for k in cases}
+    heavy = None  # what `import distcls.train` loaded, from its first timed import
     with tempfile.TemporaryDirectory(prefix="distcls-bench-") as tmp:
         for r in range(args.repeats):
             for name, statement in IMPORTS.items():
-                imports[name].append(_import_time(statement))
+                seconds, loaded = _import_time(statement)
+                imports[name].append(seconds)
+                if name == "distcls.train" and heavy is None:
+                    heavy = loaded
             for name, overrides in cases.items():
                 f, e = _first_step([*overrides, *args.overrides], Path(tmp) / f"{len(first[name])}_{r}_{abs(hash(name))}")
                 first[name].append(f)
@@ -92,7 +94,7 @@ def run(args) -> dict:
     return {
         "mode": "startup", "machine": machine(), "repeats": args.repeats, "overrides": list(args.overrides),
         "import_s": med(imports), "import_s_all": {k: [round(x, 3) for x in v] for k, v in imports.items()},
-        "heavy_modules_loaded_by_import_distcls_train": _loaded_heavy_modules(),
+        "heavy_modules_loaded_by_import_distcls_train": heavy,
         "command_to_first_step_s": med(first), "command_to_first_step_s_all": {k: [round(x, 3) for x in v] for k, v in first.items()},
         "command_to_exit_s": med(exits),
     }

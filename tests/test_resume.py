@@ -12,13 +12,18 @@ import torch
 
 from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, distcls_cmd, load_ckpt, max_weight_diff,
                       run_distcls, train_in_process)
+from distcls import evaluate, predict, train
+from distcls.cli import run_cli
 from distcls.tracking.metrics import read_jsonl
+
+TESTS = Path(__file__).parent
 
 pytestmark = pytest.mark.slow  # multi-process runs, signals and kill -9
 
-# Slow enough that a signal lands mid-epoch: 128 steps per epoch with a record (and fsync) per step.
+# Slow enough that a signal lands mid-epoch: 115 steps per epoch with a record (and fsync) per step.
+# Two epochs: a stop before and one after an epoch boundary, and resumes that cross one.
 LONG = ["data.name=synthetic", "data.synthetic.train_samples=2048", "data.synthetic.size=16", "data.batch_size=16",
-        "model.args.width=16", "optim.lr=0.01", "train.epochs=3", "log.every_steps=1",
+        "model.args.width=16", "optim.lr=0.01", "train.epochs=2", "log.every_steps=1", "log.plots=false",
         "train.ema.enabled=true", "train.ema.every_steps=3", "train.ema.decay=0.9"]  # the model EMA resumes exactly too
 STEPS_PER_EPOCH = 2048 * 9 // 10 // 16  # 115: val_fraction 0.1 of the synthetic train set
 
@@ -34,6 +39,26 @@ def _wait_for_step(out: Path, proc, epoch: int, epoch_step: int) -> dict:
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    """The runs in this process use one intra-op thread, as the subprocesses do (conftest.child_env:
+    OMP_NUM_THREADS=1): their weights are compared BITWISE with the subprocesses' (a float sum split
+    over more threads rounds differently), and on a busy 2-core machine two threads of these small
+    ops are several times slower than one. (Module scope: set before the module's `reference`.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def cli(capsys, main, args) -> subprocess.CompletedProcess:
+    """A distcls command in-process through the real CLI wrapper (`run_cli`), as a finished process."""
+    capsys.readouterr()
+    code = run_cli(main, [str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 def _start(module, args, nproc=1, torchrun_args=()):
     return subprocess.Popen(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=ROOT, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -41,10 +66,10 @@ def _start(module, args, nproc=1, torchrun_args=()):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """The uninterrupted single-process run every single-process variant must match bitwise."""
+    """The uninterrupted single-process run every single-process variant must match bitwise (in this
+    process, on one thread: bitwise the run `python -m distcls.train` makes, see _one_intra_op_thread)."""
     out = tmp_path_factory.mktemp("ref") / "run"
-    proc = run_distcls("train", [f"run.out_dir={out}", *LONG, "checkpoint.keep=5"])
-    assert_ok(proc)
+    train_in_process(out, *LONG, "checkpoint.keep=5")
     return out
 
 
@@ -52,46 +77,55 @@ def test_checkpoint_contents_load_weights_only(reference):
     ck = load_ckpt(reference / "checkpoints/last.pt")
     assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_metric", "config", "rng", "version",
             "epoch_step", "data_spec"} <= ck.keys()
-    assert ck["epoch"] == 3 and ck["step"] == 3 * STEPS_PER_EPOCH and ck["epoch_step"] == 0
+    assert ck["epoch"] == 2 and ck["step"] == 2 * STEPS_PER_EPOCH and ck["epoch_step"] == 0
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
     assert {"python", "numpy", "torch", "cuda"} <= ck["rng"].keys()
     files = sorted(p.name for p in (reference / "checkpoints").glob("*.pt"))
-    assert files == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"]
+    assert files == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
     assert not list((reference / "checkpoints").glob(".*tmp"))  # no temp files left behind
 
 
 def test_resume_after_epoch_is_bitwise_identical(reference, tmp_path):
     out = tmp_path / "resumed"
-    proc = run_distcls("train", [f"run.out_dir={out}", *LONG, "--resume", reference / "checkpoints/epoch_0001.pt"])
-    assert_ok(proc)
+    train_in_process(out, *LONG, resume=str(reference / "checkpoints/epoch_0001.pt"))
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
     assert a["ema"]["updates"] == b["ema"]["updates"] and all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_stop_signal_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path, sig):
-    out = tmp_path / "run"
-    proc = _start("train", [f"run.out_dir={out}", *LONG])
-    _wait_for_step(out, proc, epoch=2, epoch_step=10)
-    proc.send_signal(sig)  # SIGTERM: preemption / scancel; SIGINT: Ctrl-C on a terminal
+def _stop(out: Path, sig: signal.Signals, epoch: int, *resume) -> dict:
+    """`python -m distcls.train` (a fresh start, or `resume`) stopped by `sig` at step 10 or later of
+    `epoch`: exit 3 with the one line that says how to resume; the checkpoint it saved."""
+    proc = _start("train", [f"run.out_dir={out}", *LONG, *resume])
+    _wait_for_step(out, proc, epoch=epoch, epoch_step=10)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 3, stderr
-    assert f"distcls: stopped: stopped by {signal.Signals(sig).name}" in stderr and "--resume auto" in stderr
-    ck = load_ckpt(out / "checkpoints/last.pt")
-    assert ck["epoch"] == 1 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH  # mid-epoch, exact position
+    assert f"distcls: stopped: stopped by {sig.name}" in stderr and "--resume auto" in stderr
+    return load_ckpt(out / "checkpoints/last.pt")
+
+
+def test_stop_signals_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
+    """SIGTERM (preemption / scancel) in epoch 1, before any epoch boundary; the resumed process
+    crosses the boundary and SIGINT (Ctrl-C on a terminal) stops it in epoch 2; the second resume
+    finishes bitwise as the uninterrupted run."""
+    out = tmp_path / "run"
+    ck = _stop(out, signal.SIGTERM, 1)
+    assert ck["epoch"] == 0 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH  # mid-epoch, exact position
+    ck = _stop(out, signal.SIGINT, 2, "--resume", "auto")
+    assert ck["epoch"] == 1 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH
     resumed = run_distcls("train", [f"run.out_dir={out}", *LONG, "--resume", "auto"])
     assert_ok(resumed)
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"])  # and the model EMA
-    # the resumed run's log reads like one run: one record per step, no duplicates
+    # the resumed runs' log reads like one run: one record per step, no duplicates
     steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train" and "epoch_step" in r]
-    assert steps == list(range(1, 3 * STEPS_PER_EPOCH + 1))
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
-TWO_RANK = [*LONG, "train.epochs=2", "checkpoint.every_steps=20"]
+TWO_RANK = [*LONG, "checkpoint.every_steps=20"]
 
 
 @pytest.fixture(scope="module")
@@ -143,39 +177,38 @@ def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp
     assert ema[out] == ema[reference2] and len(ema[out]) == 3
 
 
-def test_resume_at_a_different_world_size(tmp_path):
-    args = [*LONG, "train.epochs=3", "checkpoint.keep=5"]
-    two = tmp_path / "two"
-    assert_ok(run_distcls("train", [f"run.out_dir={two}", *args], nproc=2))
+def test_resume_at_a_different_world_size(reference2, tmp_path, capsys):
     one = tmp_path / "one"
-    proc = run_distcls("train", [f"run.out_dir={one}", *args, "--resume", two / "checkpoints/epoch_0002.pt"])
-    assert_ok(proc)
-    a, b = load_ckpt(two / "checkpoints/last.pt"), load_ckpt(one / "checkpoints/last.pt")
+    capsys.readouterr()
+    train_in_process(one, *TWO_RANK, resume=str(reference2 / "checkpoints/epoch_0001.pt"))
+    a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(one / "checkpoints/last.pt")
     assert b["world_size"] == 1 and a["world_size"] == 2
     assert max_weight_diff(a["model"], b["model"]) <= 1e-5
-    assert "saved at world size 2; resuming at world size 1" in proc.stdout + proc.stderr  # said in the log
+    out = capsys.readouterr()
+    assert "saved at world size 2; resuming at world size 1" in out.out + out.err  # said in the log
 
 
-def test_truncated_last_falls_back_to_previous_checkpoint(reference, tmp_path):
+def test_truncated_last_falls_back_to_previous_checkpoint(reference, tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
-    for name in ("epoch_0001.pt", "epoch_0002.pt"):
-        (out / "checkpoints" / name).write_bytes((reference / "checkpoints" / name).read_bytes())
+    (out / "checkpoints/epoch_0001.pt").write_bytes((reference / "checkpoints/epoch_0001.pt").read_bytes())
     last = out / "checkpoints/last.pt"  # the newest save was torn (e.g. a full disk, a copy cut short)
-    full = (reference / "checkpoints/epoch_0003.pt").read_bytes()
+    full = (reference / "checkpoints/epoch_0002.pt").read_bytes()
     last.write_bytes(full[: len(full) // 2])
-    proc = run_distcls("train", [f"run.out_dir={out}", *LONG, "--resume", "auto"])
-    assert_ok(proc)
-    assert "skipping unreadable checkpoint" in proc.stderr and "last.pt is truncated or corrupt" in proc.stderr
-    assert json.loads((out / "summary.json").read_text())["resumed_from"]["path"].endswith("epoch_0002.pt")
+    capsys.readouterr()
+    summary = train_in_process(out, *LONG, resume="auto")
+    err = capsys.readouterr().err
+    assert "skipping unreadable checkpoint" in err and "last.pt is truncated or corrupt" in err
+    assert summary["resumed_from"]["path"].endswith("epoch_0001.pt")
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(last)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path):
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     # The 2nd write of last.pt (epoch 2's save) dies with half its bytes on disk, before the rename;
     # every other atomic write (config.yaml, metrics.jsonl, summary.json, links) goes through untouched.
+    args = [f"run.out_dir={out}", *FAST, "train.epochs=3", "train.max_steps_per_epoch=4", "data.val_fraction=0", "checkpoint.keep=0"]
     script = f"""
 import os, sys
 from distcls import atomic_files, train
@@ -188,7 +221,7 @@ def machine_dies_mid_write(stage, path, tmp):
             os.truncate(tmp, tmp.stat().st_size // 2)  # the torn temp file a dying machine leaves
             os._exit(9)
 with atomic_files.inject_fault(machine_dies_mid_write):
-    code = run_cli(train.main, {[f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0"]!r})
+    code = run_cli(train.main, {args!r})
 sys.exit(code)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
@@ -197,8 +230,9 @@ sys.exit(code)
     assert ck["epoch"] == 1
     torn = list((out / "checkpoints").glob(".last.pt.*.tmp"))  # the torn temp file, never renamed
     assert len(torn) == 1 and torn[0].stat().st_size < (out / "checkpoints/last.pt").stat().st_size
-    resumed = run_distcls("train", [f"run.out_dir={out}", *FAST, "train.epochs=3", "data.val_fraction=0", "checkpoint.keep=0", "--resume", "auto"])
-    assert_ok(resumed)
+    resumed = cli(capsys, train.main, [*args, "--resume", "auto"])  # the next run (in this process) resumes from it
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"removed {torn[0]}: the temp file of a save that was killed" in resumed.stderr and not torn[0].exists()
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 3
 
 
@@ -214,11 +248,11 @@ def test_malicious_checkpoint_is_refused_everywhere(tmp_path, capsys):
     img = tmp_path / "x.png"
     from PIL import Image
     Image.new("RGB", (8, 8)).save(img)
-    for module, args in (("train", ["--resume", evil, f"run.out_dir={tmp_path / 'o'}"]),
-                         ("evaluate", ["--checkpoint", evil]), ("predict", ["--checkpoint", evil, img])):
-        proc = run_distcls(module, args)
+    for main, args in ((train.main, ["--resume", evil, f"run.out_dir={tmp_path / 'o'}"]),
+                       (evaluate.main, ["--checkpoint", evil]), (predict.main, ["--checkpoint", evil, img])):
+        proc = cli(capsys, main, args)  # in this process: unpickling the file here would run its code here
         assert_user_error(proc, "refusing to load", "arbitrary unpickling")
-    assert not marker.exists()
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 def test_out_dir_of_another_run_is_not_overwritten(tmp_path, capsys):
@@ -249,22 +283,33 @@ def test_resume_auto_without_checkpoints_starts_fresh(tmp_path):
     assert summary["resumed_from"] is None and summary["epochs_completed"] == 1
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path, nproc):
-    out = tmp_path / "skip"
-    args = [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "model.args.nan_rank=" + str(nproc - 1),
-            "train.nonfinite=skip", "train.epochs=1", "train.max_steps_per_epoch=6"]
-    proc = run_distcls("train", args, nproc=nproc, env={"PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"})
-    assert_ok(proc)
+def _check_one_skipped_step(out: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 1
     ck = load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-def test_nonfinite_loss_abort_exits_4(tmp_path):
+NAN_SKIP = [*FAST, "model.name=nan_model:build", "train.nonfinite=skip", "train.epochs=1", "train.max_steps_per_epoch=6"]
+
+
+def test_nonfinite_loss_skip_in_one_process(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+    train_in_process(tmp_path / "skip", *NAN_SKIP, "model.args.nan_rank=0")
+    _check_one_skipped_step(tmp_path / "skip")
+
+
+def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path):
+    out = tmp_path / "skip"
+    proc = run_distcls("train", [f"run.out_dir={out}", *NAN_SKIP, "model.args.nan_rank=1"], nproc=2,
+                       env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})  # NaN on rank 1 only: rank 0 skips the step too
+    assert_ok(proc)
+    _check_one_skipped_step(out)
+
+
+def test_nonfinite_loss_abort_exits_4(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "abort"
-    proc = run_distcls("train", [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"],
-                       env={"PYTHONPATH": f"{ROOT}{os.pathsep}{Path(__file__).parent}"})
+    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"])
     assert proc.returncode == 4
     assert "non-finite loss at epoch 1, step 3" in proc.stderr and "Traceback" not in proc.stderr

@@ -92,6 +92,13 @@ def assert_user_error(proc, *fragments):
     return lines[0]
 
 
+def pytest_collection_finish(session):
+    # A fresh machine installs SLURM (apt-get) in the background while the tests before
+    # tests/test_slurm.py run; its cluster fixture waits for it (tests/slurm_cluster.py).
+    import slurm_cluster
+    slurm_cluster.install_in_background_for(session)
+
+
 # Fast settings for runs on the bundled digits data.
 FAST = ["log.every_steps=0", "data.batch_size=32", "log.plots=false"]
 

@@ -2,9 +2,13 @@
 nodes, `dcn1` and `dcn2`, both on 127.0.0.1) under one temporary directory.
 
 Debian's `slurmctld slurmd slurm-client munge` packages are installed when missing (root and
-apt-get needed). Nothing outside the temporary directory is touched except /etc/hosts, which gets
-one line naming the fake nodes (added once, removed at stop). `stop()` ends exactly the processes
-`start()` started, by PID.
+apt-get needed). On a fresh machine tests/conftest.py starts that install in the background as
+soon as a test that needs the cluster is selected (`install_in_background_for`), so the download
+overlaps the tests that run before it; `ensure_installed()` waits for it.
+
+Nothing outside the temporary directory is touched except /etc/hosts, which gets one line naming
+the fake nodes (added once, removed at stop). `stop()` ends exactly the processes `start()`
+started, by PID.
 
 By hand (to try the sbatch scripts):
     python tests/slurm_cluster.py start /tmp/slurm   # prints `export SLURM_CONF=...`
@@ -12,19 +16,26 @@ By hand (to try the sbatch scripts):
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "munged")
 NODES = ("dcn1", "dcn2")
 HOSTS_LINE = "127.0.0.1 " + " ".join(NODES) + "  # distcls test cluster"
-CPUS_PER_NODE = 2
+# More CPUs than the machine may have (SlurmdParameters=config_overrides): the tests' jobs (2 CPUs
+# each at most) can then all run at once, whatever the machine's core count.
+CPUS_PER_NODE = 4
+# The test files whose tests start the cluster: selecting one of them starts the install.
+NEEDS_CLUSTER = ("test_slurm.py",)
 
 
 class ClusterUnavailable(RuntimeError):
@@ -37,19 +48,96 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_installed() -> None:
-    if all(shutil.which(b) for b in ("slurmctld", "slurmd", "sbatch", "munged")):
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ClusterUnavailable("SLURM is not installed and installing it needs root and apt-get "
-                                 f"(apt-get install {' '.join(PACKAGES)})")
+def missing_binaries() -> list:
+    return [b for b in BINARIES if not shutil.which(b)]
+
+
+INSTALL_COMMANDS = (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES])
+
+
+def _install(commands) -> str:
+    """Run the install commands in order: '' when they all succeed, else what failed and its stderr."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    for cmd in commands:
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"{' '.join(cmd)} failed: {exc}"
         if proc.returncode != 0:
-            raise ClusterUnavailable(f"{' '.join(cmd)} failed: {proc.stderr[-2000:]}")
+            return f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+    return ""
 
 
+class _BackgroundInstall:
+    """`_install(commands)` in a child Python process of its own session: no thread in the tests'
+    process, and a Ctrl-C to the tests does not interrupt dpkg halfway."""
+
+    _CHILD = ("import json, sys; sys.path.insert(0, sys.argv[1]); import slurm_cluster; "
+              "sys.exit(slurm_cluster._install(json.loads(sys.argv[2])) or None)")
+
+    def __init__(self, commands):
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, "-c", self._CHILD, str(Path(__file__).parent), json.dumps(commands)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr,
+                                     start_new_session=True)
+
+    def wait(self) -> str:
+        """'' once the commands have all succeeded, else what failed and its stderr."""
+        rc = self.proc.wait()
+        self.stderr.seek(0)
+        return "" if rc == 0 else (self.stderr.read().decode(errors="replace").strip()[-3000:] or f"exit {rc}")
+
+
+_background: _BackgroundInstall | None = None
+
+
+def _can_install() -> bool:
+    return os.geteuid() == 0 and bool(shutil.which("apt-get"))
+
+
+def start_background_install(missing=missing_binaries, commands=INSTALL_COMMANDS) -> bool:
+    """Start installing SLURM in the background when it is missing and root may install it (at most
+    once per process); `ensure_installed` waits for it. True when an install was started."""
+    global _background
+    if _background is not None or not missing() or not _can_install():
+        return False
+    _background = _BackgroundInstall(commands)
+    return True
+
+
+def install_in_background_for(session) -> None:
+    """pytest_collection_finish: start the install when one of the tests that will run (after -k/-m)
+    needs the cluster."""
+    if not session.config.option.collectonly and any(item.path.name in NEEDS_CLUSTER for item in session.items):
+        start_background_install()
+
+
+def ensure_installed(missing=missing_binaries, commands=INSTALL_COMMANDS) -> None:
+    """SLURM's binaries are there: installed now, or by the background install (waited for), or
+    ClusterUnavailable saying why not (apt-get's stderr when it failed)."""
+    if _background is not None:
+        error = _background.wait()
+        error = error and f"installing SLURM in the background failed: {error}"
+    else:
+        absent = missing()
+        if not absent:
+            return
+        if not _can_install():
+            raise ClusterUnavailable(f"SLURM is not installed ({', '.join(absent)} not on PATH) and installing it needs "
+                                     f"root and apt-get (apt-get install {' '.join(PACKAGES)})")
+        error = _install(commands)
+    if error:
+        raise ClusterUnavailable(error)
+    if missing():
+        raise ClusterUnavailable(f"{', '.join(missing())} not on PATH after apt-get install {' '.join(PACKAGES)}")
+
+
+# Timing for tests (slurm.conf(5)): batch_sched_delay=0 schedules a submitted batch job at the next
+# pass (default: up to 3 s later); sched_interval=1 looks at every pending job each second (a
+# requeued job becomes eligible at its BeginTime, which no event announces); cred_expire=5 is
+# SLURM's minimum, and a requeued job waits cred_expire + 1 s before it may start again (slurmctld
+# sets its BeginTime so; 11 s with cred_expire=10). MinJobAge=600: a finished job's record stays
+# while the tests wait for the other jobs that ran beside it.
 SLURM_CONF = """\
 ClusterName=distcls
 SlurmctldHost={host}
@@ -58,7 +146,7 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket,cred_expire=10
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 CredType=cred/munge
 MailProg=/bin/true
 StateSaveLocation={root}/state
@@ -76,9 +164,10 @@ AccountingStorageType=accounting_storage/none
 SchedulerType=sched/builtin
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
-SchedulerParameters=sched_interval=2
+SchedulerParameters=sched_interval=1,batch_sched_delay=0
+SlurmdParameters=config_overrides
 ReturnToService=2
-MinJobAge=30
+MinJobAge=600
 KillWait=10
 InactiveLimit=0
 SlurmdTimeout=60
@@ -141,16 +230,21 @@ class LocalSlurm:
         return [p.pid for p in self.procs]
 
     def stop(self) -> None:
-        """End the daemons this object started (by PID: SIGTERM, SIGKILL after 15 s)."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        """End the daemons this object started (by PID: SIGTERM, SIGKILL after 15 s): slurmctld,
+        then the slurmds, then munged, which the others use until they are gone (stopped together,
+        slurmctld was seen to wait 3 s at shutdown for a hung RPC)."""
+        stage = {"slurmctld": 0, "slurmd": 1, "munged": 2}
+        for first in range(3):
+            batch = [p for p in self.procs if stage[Path(p.args[0]).name] == first]
+            for proc in batch:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in batch:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.procs.clear()
         self._remove_hosts_line()
 

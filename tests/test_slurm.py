@@ -3,6 +3,11 @@
 requeue on SIGUSR1 that resumes and ends as an uninterrupted run would, and bad submissions that
 fail in seconds with the one-line error.
 
+The cluster's jobs cost CPU, which is what these tests' time is made of: the three default-config
+jobs run at once, the 2-node and srun-tasks ones are requeued on the way (their SIGUSR1 comes when
+their first checkpoint is written) and end with the same weights as the 1-node job that was never
+stopped; the three bad submissions run at once too.
+
 Needs root (the daemons run as root; Debian's packages are installed when missing). Elsewhere these
 tests are skipped, with the reason; with DISTCLS_REQUIRE_SLURM=1 (as .ci/run sets) they fail instead.
 """
@@ -19,8 +24,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from conftest import ROOT, assert_ok, child_env, load_ckpt, max_weight_diff, run_distcls
+from conftest import ROOT, child_env, load_ckpt, max_weight_diff
 from slurm_cluster import ClusterUnavailable, LocalSlurm
 
 pytestmark = pytest.mark.slow
@@ -32,7 +38,11 @@ LAYOUTS = {
     "multi_node": (["--cpus-per-task=1"], {"NPROC_PER_NODE": "1"}, "torchrun"),
     "srun_tasks": (["--ntasks-per-node=2", "--cpus-per-task=1"], {}, "slurm"),
 }
-QUIET = ["log.every_steps=0"]
+# Plots are not what these tests are about (tests/test_outputs.py checks them); they cost CPU at each run's end.
+QUIET = ["log.every_steps=0", "log.plots=false"]
+DEFAULT_EPOCHS = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())["train"]["epochs"]
+NEVER_STOPPED = "single_node"  # the reference the requeued jobs must end equal to
+REQUEUED = ("multi_node", "srun_tasks")
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +65,8 @@ class Job:
         self.submitted = time.monotonic()
         self.submitted_at = datetime.datetime.now()
         self.info: dict = {}
+        self.signalled_at: datetime.datetime | None = None  # when the test sent SIGUSR1 to its batch shell
+        self.signal_problem = ""  # why it was not sent
 
     def seconds_to_first_step(self) -> float:
         """From sbatch to rank 0's first console line (printed just before the first step)."""
@@ -62,7 +74,7 @@ class Job:
         first = datetime.datetime.combine(self.submitted_at.date(), datetime.time.fromisoformat(m.group(1)))
         return (first - self.submitted_at).total_seconds()
 
-    def wait(self, timeout: float = 240) -> dict:
+    def wait(self, timeout: float = 600) -> dict:
         self.info = self.cluster.wait_state(self.id, FINISHED, timeout)
         return self.info
 
@@ -86,11 +98,37 @@ def submit_layout(cluster, script, log_dir, args) -> Job:
     return submit(cluster, script, log_dir, args, opts, env)
 
 
+def _signal_at_first_checkpoint(cluster: LocalSlurm, jobs: dict, base: Path, timeout: float) -> None:
+    """SIGUSR1 to each job's batch shell (as `#SBATCH --signal=B:USR1@180` sends it) as soon as its
+    run.out_dir (base/<script>) holds a checkpoint: a job that is training. Why a job could not be
+    signalled is left in its signal_problem, for the requeue test to report."""
+    pending = dict(jobs)
+    deadline = time.monotonic() + timeout
+    while pending:
+        for script, job in list(pending.items()):
+            if (base / script / "checkpoints" / "last.pt").exists():
+                job.signalled_at = datetime.datetime.now()
+                cluster.run("scancel", "--signal=USR1", "--batch", job.id)
+                del pending[script]
+                continue
+            info = cluster.job_state(job.id)
+            if info.get("JobState") in FINISHED:
+                job.signal_problem = f"the job ended before its first checkpoint: {info}\n{job.log_text()[-4000:]}"
+            elif time.monotonic() > deadline:
+                job.signal_problem = f"no checkpoint within {timeout:.0f} s: {info}\n{job.log_text()[-4000:]}"
+            else:
+                continue
+            del pending[script]
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def default_runs(cluster, tmp_path_factory):
-    """The default config through each script, submitted together."""
+    """The default config through each script, submitted together; the REQUEUED ones are signalled
+    once their first checkpoint is written, so they requeue once and resume."""
     base = tmp_path_factory.mktemp("slurm_default")
     jobs = {s: submit_layout(cluster, s, base, ["configs/default.yaml", f"run.out_dir={base / s}", *QUIET]) for s in LAYOUTS}
+    _signal_at_first_checkpoint(cluster, {s: jobs[s] for s in REQUEUED}, base, timeout=300)
     for job in jobs.values():
         job.wait()
     return base, jobs
@@ -111,6 +149,7 @@ def test_script_trains_the_default_config_on_two_ranks(default_runs, script):
 
 def test_one_node_two_nodes_and_srun_tasks_reach_the_same_weights(default_runs):
     # The default cnn3 has no BatchNorm (LeNet, as the issue asks, needs 16 px; the digits have 8).
+    # The 2-node and srun-tasks jobs were requeued on the way (the test below checks that part).
     base, _ = default_runs
     weights = {s: load_ckpt(base / s / "checkpoints" / "last.pt")["model"] for s in LAYOUTS}
     diffs = {other: max_weight_diff(weights["single_node"], weights[other]) for other in ("multi_node", "srun_tasks")}
@@ -118,67 +157,60 @@ def test_one_node_two_nodes_and_srun_tasks_reach_the_same_weights(default_runs):
     assert all(d <= 1e-5 for d in diffs.values()), diffs
 
 
-def _wait_for(path: Path, job: Job, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        info = job.cluster.job_state(job.id)
-        assert info.get("JobState") not in FINISHED, f"job ended before {path} appeared: {info}\n{job.log_text()[-4000:]}"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s\n{job.log_text()[-4000:]}"
-        time.sleep(0.2)
-
-
-REQUEUE_RUN = ["configs/default.yaml", "train.epochs=30", *QUIET]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> dict:
-    """The requeue tests' run, never stopped: 2 gloo processes under plain torchrun."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    proc = run_distcls("train", ["--config", *REQUEUE_RUN, f"run.out_dir={out}"], nproc=2)
-    assert_ok(proc)
-    return load_ckpt(out / "checkpoints" / "last.pt")["model"]
-
-
-@pytest.mark.parametrize("script", ["multi_node", "srun_tasks"])
-def test_usr1_saves_requeues_once_and_the_job_finishes_as_if_never_stopped(cluster, tmp_path, script, uninterrupted):
-    run_args = REQUEUE_RUN
-    job = submit_layout(cluster, script, tmp_path, [*run_args, f"run.out_dir={tmp_path / 'job'}"])
-    _wait_for(tmp_path / "job" / "checkpoints" / "last.pt", job, timeout=180)
-    signalled = datetime.datetime.now()
-    cluster.run("scancel", "--signal=USR1", "--batch", job.id)
-    cluster.wait_state(job.id, {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"} | FINISHED, timeout=60)
-    info = job.wait(timeout=300)
-    log = job.log_text()
+@pytest.mark.parametrize("script", REQUEUED)
+def test_usr1_saves_requeues_once_and_the_job_finishes_as_if_never_stopped(default_runs, script):
+    base, jobs = default_runs
+    job, reference = jobs[script], jobs[NEVER_STOPPED]
+    assert job.signalled_at is not None, job.signal_problem
+    info, log = job.info, job.log_text()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-5000:]
     assert info["Restarts"] == "1", info
     assert log.count("distcls-slurm: requeueing job") == 1, log[-5000:]
     assert "stopped by SIGTERM; checkpoint saved to" in log
     assert "resumed from" in log and "restart 1 on" in log
     resumed = datetime.time.fromisoformat(re.findall(r"^\[(\d\d:\d\d:\d\d)\] resumed from", log, re.M)[0])
-    round_trip = (datetime.datetime.combine(signalled.date(), resumed) - signalled).total_seconds()
+    round_trip = (datetime.datetime.combine(job.signalled_at.date(), resumed) - job.signalled_at).total_seconds()
     print(f"{script}: requeue round trip (signal -> training resumed) {round_trip:.0f} s")
 
-    records = [json.loads(l) for l in (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (base / script / "metrics.jsonl").read_text().splitlines()]
     train_epochs = [r["epoch"] for r in records if r["split"] == "train"]
-    assert train_epochs == list(range(1, 31)), train_epochs
+    assert train_epochs == list(range(1, DEFAULT_EPOCHS + 1)), train_epochs
     assert [r["split"] for r in records].count("test") == 1
 
-    assert max_weight_diff(load_ckpt(tmp_path / "job" / "checkpoints" / "last.pt")["model"], uninterrupted) <= 1e-6
+    assert reference.info["Restarts"] == "0" and "resumed from" not in reference.log_text(), reference.info
+    weights = load_ckpt(base / script / "checkpoints" / "last.pt")["model"]
+    assert max_weight_diff(weights, load_ckpt(base / NEVER_STOPPED / "checkpoints" / "last.pt")["model"]) <= 1e-6
 
 
-def test_missing_config_fails_the_job_with_one_error_line(cluster, tmp_path):
-    job = submit_layout(cluster, "single_node", tmp_path, ["configs/no_such.yaml"])
-    info = job.wait(timeout=60)
+@pytest.fixture(scope="module")
+def bad_submissions(cluster, tmp_path_factory):
+    """Submissions that must fail, submitted together: {name: (its Job, its run.out_dir)}."""
+    base = tmp_path_factory.mktemp("slurm_bad")
+    runs = {"missing_config": ("single_node", ["configs/no_such.yaml"])}
+    for script in ("single_node", "srun_tasks"):
+        runs[f"bad_override_{script}"] = (script, ["configs/default.yaml", "optim.lr=fast", f"run.out_dir={base / f'bad_override_{script}' / 'run'}"])
+    jobs = {}
+    for name, (script, args) in runs.items():
+        (base / name).mkdir()
+        jobs[name] = (submit_layout(cluster, script, base / name, args), base / name / "run")
+    for job, _ in jobs.values():
+        job.wait(timeout=240)
+    return jobs
+
+
+def test_missing_config_fails_the_job_with_one_error_line(bad_submissions):
+    job, _ = bad_submissions["missing_config"]
+    info = job.info
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", info
     errors = [l for l in job.log_text().splitlines() if l.startswith("distcls: error: ")]
     assert len(errors) == 1 and "configs/no_such.yaml: config file not found" in errors[0], job.log_text()
 
 
 @pytest.mark.parametrize("script", ["single_node", "srun_tasks"])
-def test_bad_override_fails_the_job_in_seconds(cluster, tmp_path, script):
-    job = submit_layout(cluster, script, tmp_path, ["configs/default.yaml", "optim.lr=fast", f"run.out_dir={tmp_path / 'run'}"])
-    info = job.wait(timeout=120)
+def test_bad_override_fails_the_job_in_seconds(bad_submissions, script):
+    job, out_dir = bad_submissions[f"bad_override_{script}"]
+    info = job.info
     assert info["JobState"] == "FAILED", info
     errors = [l for l in job.log_text().splitlines() if l.startswith("distcls: error: ")]
     assert len(errors) == 1 and "optim.lr" in errors[0], job.log_text()[-4000:]
-    assert not (tmp_path / "run").exists()
+    assert not out_dir.exists()

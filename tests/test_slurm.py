@@ -178,8 +178,9 @@ def test_usr1_saves_requeues_once_and_the_job_finishes_as_if_never_stopped(defau
     assert [r["split"] for r in records].count("test") == 1
 
     assert reference.info["Restarts"] == "0" and "resumed from" not in reference.log_text(), reference.info
-    weights = load_ckpt(base / script / "checkpoints" / "last.pt")["model"]
-    assert max_weight_diff(weights, load_ckpt(base / NEVER_STOPPED / "checkpoints" / "last.pt")["model"]) <= 1e-6
+    weights = {s: load_ckpt(base / s / "checkpoints" / "last.pt")["model"] for s in (script, NEVER_STOPPED)}
+    diff = max_weight_diff(weights[script], weights[NEVER_STOPPED])
+    assert diff <= 1e-6, f"max abs weight difference from the never-stopped {NEVER_STOPPED} job: {diff}"
 
 
 @pytest.fixture(scope="module")

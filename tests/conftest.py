@@ -92,6 +92,13 @@ def assert_user_error(proc, *fragments):
     return lines[0]
 
 
+def slurm_unavailable(what: str, exc: Exception):
+    """A SLURM test that cannot run here: skipped with the reason, or failed under DISTCLS_REQUIRE_SLURM=1 (.ci/run)."""
+    if os.environ.get("DISTCLS_REQUIRE_SLURM") == "1":
+        pytest.fail(f"DISTCLS_REQUIRE_SLURM=1 but {what}: {exc}")
+    pytest.skip(f"{what}: {str(exc).splitlines()[0]}")
+
+
 def pytest_collection_finish(session):
     # A fresh machine installs SLURM (apt-get) in the background while the tests before
     # tests/test_slurm.py run; its cluster fixture waits for it (tests/slurm_cluster.py).

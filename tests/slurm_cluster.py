@@ -35,7 +35,6 @@ HOSTS_LINE = "127.0.0.1 " + " ".join(NODES) + "  # distcls test cluster"
 # each at most) can then all run at once, whatever the machine's core count.
 CPUS_PER_NODE = 4
 # The test files whose tests start the cluster: selecting one of them starts the install.
-NEEDS_CLUSTER = ("test_slurm.py",)
 
 
 class ClusterUnavailable(RuntimeError):
@@ -107,8 +106,8 @@ def start_background_install(missing=missing_binaries, commands=INSTALL_COMMANDS
 
 def install_in_background_for(session) -> None:
     """pytest_collection_finish: start the install when one of the tests that will run (after -k/-m)
-    needs the cluster."""
-    if not session.config.option.collectonly and any(item.path.name in NEEDS_CLUSTER for item in session.items):
+    needs SLURM (marked `slurm`)."""
+    if not session.config.option.collectonly and any(item.get_closest_marker("slurm") for item in session.items):
         start_background_install()
 
 

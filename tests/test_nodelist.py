@@ -1,13 +1,13 @@
 """SLURM nodelists expanded as SLURM does: distcls's parser against the real `scontrol show hostnames`."""
 from __future__ import annotations
 
-import os
 import random
-import shutil
 import subprocess
 
 import pytest
 
+import slurm_cluster
+from conftest import slurm_unavailable
 from distcls import dist, nodelist
 from distcls.errors import UserError
 
@@ -84,8 +84,13 @@ def _random_nodelist(rng: random.Random) -> str:
     return "".join(name() + rng.choice(separators) for _ in range(rng.randint(1, 4))).rstrip(", \t")
 
 
-@pytest.mark.skipif(shutil.which("scontrol") is None, reason="needs SLURM's scontrol (Debian: slurm-client)")
+@pytest.mark.slow
+@pytest.mark.slurm  # on a fresh machine SLURM's packages are installed in the background (tests/slurm_cluster.py)
 def test_the_parser_agrees_with_scontrol_on_generated_nodelists(tmp_path, monkeypatch):
+    try:
+        slurm_cluster.ensure_installed()
+    except slurm_cluster.ClusterUnavailable as exc:
+        slurm_unavailable("SLURM's scontrol is not available", exc)
     # scontrol only needs a config file to expand a nodelist (no daemon)
     conf = tmp_path / "slurm.conf"
     conf.write_text("ClusterName=nodelists\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, child_env, load_ckpt, max_weight_diff
+from conftest import ROOT, child_env, load_ckpt, max_weight_diff, slurm_unavailable
 from slurm_cluster import ClusterUnavailable, LocalSlurm
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 # How each script is submitted on this CPU-only cluster (2 fake nodes of 2 CPUs): 2 ranks in all.
@@ -52,9 +52,7 @@ def cluster():
     try:
         slurm = LocalSlurm(root).start()
     except ClusterUnavailable as exc:
-        if os.environ.get("DISTCLS_REQUIRE_SLURM") == "1":
-            pytest.fail(f"DISTCLS_REQUIRE_SLURM=1 but the local SLURM cluster did not start: {exc}")
-        pytest.skip(f"no local SLURM cluster: {str(exc).splitlines()[0]}")
+        slurm_unavailable("the local SLURM cluster did not start", exc)
     yield slurm
     slurm.stop()
 

@@ -62,19 +62,44 @@ def train_at_world_sizes(tmp_path, args, sizes=(1, 2)) -> dict:
     return checkpoints
 
 
-def cli_in_process(capsys, module: str, args) -> subprocess.CompletedProcess:
-    """`python -m distcls.<module> args` run in this process, through the same `run_cli` wrapper and
-    `main` (no interpreter start-up: a few seconds each), as a finished process for assert_ok and
-    assert_user_error. Tests about the process boundary itself use run_distcls."""
+def cli_in_process(capture, module, args) -> subprocess.CompletedProcess:
+    """`python -m distcls.<module> args` (`module`: its name, or a `main` function) run in this process,
+    through the same `run_cli` wrapper (no interpreter start-up: a few seconds each), as a finished
+    process for assert_ok and assert_user_error. `capture`: pytest's capfd (what reaches file
+    descriptors 1 and 2, C-level writes included) or capsys. Python warnings are shown in stderr as a
+    fresh interpreter shows them (pytest would otherwise collect them aside), so a warning beside a
+    `distcls: error:` line is seen. Tests about the process boundary itself use run_distcls."""
     import importlib
+    import warnings
 
     from distcls.cli import run_cli
 
+    main = importlib.import_module(f"distcls.{module}").main if isinstance(module, str) else module
     args = [str(a) for a in args]
-    capsys.readouterr()
-    code = run_cli(importlib.import_module(f"distcls.{module}").main, args)
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
+    capture.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()  # the interpreter's default filters, not pytest's
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
+        code = run_cli(main, args)
+    out = capture.readouterr()
+    shown = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line) for w in caught)
+    return subprocess.CompletedProcess(args, code, out.out, out.err + shown)
+
+
+@pytest.fixture(autouse=True)
+def _like_a_fresh_process(monkeypatch):
+    """In-process runs see what a subprocess of run_distcls sees (child_env): no launcher variables
+    (a suite run inside a SLURM allocation or under torchrun is not a multi-rank launch), and torch's
+    process-wide deterministic-algorithms flag back as it was after each test (--debug and
+    run.deterministic turn it on)."""
+    for name in list(os.environ):
+        if name.startswith(("TORCHELASTIC_", "SLURM_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic)
 
 
 def assert_ok(proc):
@@ -106,6 +131,12 @@ def pytest_collection_finish(session):
     slurm_cluster.install_in_background_for(session)
 
 
+def pytest_unconfigure(config):
+    import slurm_cluster
+    if slurm_cluster.still_installing():
+        print(f"\nnote: {slurm_cluster.still_installing()}", file=sys.stderr)
+
+
 # Fast settings for runs on the bundled digits data.
 FAST = ["log.every_steps=0", "data.batch_size=32", "log.plots=false"]
 
@@ -121,7 +152,7 @@ def run_in_process(out_dir, *overrides, resume=None):
     from distcls import config, dist
     from distcls.runner import TrainingRun
 
-    cfg = config.load(None, [f"run.out_dir={out_dir}", *FAST, *overrides])
+    cfg = config.load(None, [f"run.out_dir={out_dir}", "dist.device=cpu", *FAST, *overrides])  # on the CPU, as run_distcls's
     env = dist.detect(cfg.dist.device, cfg.dist.backend)
     return TrainingRun(cfg, env, resume=resume).run()
 

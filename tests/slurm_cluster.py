@@ -34,7 +34,6 @@ HOSTS_LINE = "127.0.0.1 " + " ".join(NODES) + "  # distcls test cluster"
 # More CPUs than the machine may have (SlurmdParameters=config_overrides): the tests' jobs (2 CPUs
 # each at most) can then all run at once, whatever the machine's core count.
 CPUS_PER_NODE = 4
-# The test files whose tests start the cluster: selecting one of them starts the install.
 
 
 class ClusterUnavailable(RuntimeError):
@@ -51,7 +50,10 @@ def missing_binaries() -> list:
     return [b for b in BINARIES if not shutil.which(b)]
 
 
-INSTALL_COMMANDS = (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES])
+# An install left running by an interrupted test session holds dpkg's lock: the next one waits for it.
+_WAIT_FOR_LOCK = ["-o", "DPkg::Lock::Timeout=600"]
+INSTALL_COMMANDS = (["apt-get", *_WAIT_FOR_LOCK, "update", "-qq"],
+                    ["apt-get", *_WAIT_FOR_LOCK, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES])
 
 
 def _install(commands) -> str:
@@ -109,6 +111,14 @@ def install_in_background_for(session) -> None:
     needs SLURM (marked `slurm`)."""
     if not session.config.option.collectonly and any(item.get_closest_marker("slurm") for item in session.items):
         start_background_install()
+
+
+def still_installing() -> str:
+    """pytest_unconfigure: a line about a background install the session did not wait for, else ''."""
+    if _background is None or _background.proc.poll() is not None:
+        return ""
+    return (f"SLURM's packages are still being installed in the background (apt-get, pid {_background.proc.pid}); "
+            "it finishes on its own, and the next test session waits for dpkg's lock")
 
 
 def ensure_installed(missing=missing_binaries, commands=INSTALL_COMMANDS) -> None:

@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import fakedata
 from conftest import ROOT, load_ckpt
@@ -39,16 +38,8 @@ def test_every_config_is_covered():
     assert len(CONFIGS) >= 9 and "default.yaml" in CONFIGS
 
 
-@pytest.fixture
-def same_torch_flags():
-    """A config may turn on torch's deterministic algorithms (run.deterministic): process-wide, so undone after."""
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.use_deterministic_algorithms(deterministic)
-
-
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys, same_torch_flags):
+def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys):  # conftest restores run.deterministic's torch flag
     # in process, through the same run_cli + train.main that `python -m distcls.train` runs: ten
     # interpreter starts fewer (a few seconds each); test_cli_errors.py covers the real process
     from distcls import train

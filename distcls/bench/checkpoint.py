@@ -99,6 +99,7 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
         proc.wait()
         raise UserError(f"the SIGTERM run was still running {SIGTERM_WAIT_S} s after SIGTERM (killed)") from None
     sigterm_s = time.perf_counter() - t
+    saved = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) if proc.returncode == 3 else {}
     return {
         "setup": {"model": model_name, "samples": samples, "batch": batch, "rounds": rounds, "save_repeats": repeats},
         "resnet18_checkpoint_mb": round(size_mb, 1),
@@ -111,6 +112,8 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
         f"epoch_time_ratio_every_{every}_steps": round(on / off, 3),
         "sigterm_to_exit_s": round(sigterm_s, 3),
         "sigterm_exit_code": proc.returncode,
+        # where the stopped run's checkpoint resumes (mid-epoch unless the epoch ended before the signal was handled)
+        "sigterm_saved_at": {k: saved.get(k) for k in ("epoch", "epoch_step", "step")},
     }
 
 

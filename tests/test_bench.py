@@ -19,6 +19,9 @@ from distcls.bench.__main__ import MODES, main
 from distcls.cli import run_cli
 
 TINY = ["data.batch_size=32", "data.val_fraction=0"]
+# whole runs of `python -m distcls.train` kept short: 10 steps per epoch (cnn2 on digits: ~0.5 test accuracy
+# after two epochs, far from chance, so equal accuracies at world size 1 and 2 still say equal weights), no plots
+SHORT_RUN = [*TINY, "train.max_steps_per_epoch=10", "log.plots=false"]
 
 
 def _positive(x) -> bool:
@@ -123,21 +126,22 @@ def test_startup_writes_import_and_first_step_times(tmp_path):
 
 @pytest.mark.slow
 def test_scaling_runs_world_size_1_and_2_beside_the_hand_written_ddp_loop(tmp_path):
-    r = _bench(tmp_path, "scaling", "--epochs", "2", "--rounds", "1", "model.name=cnn2", *TINY, "log.plots=false")
+    r = _bench(tmp_path, "scaling", "--epochs", "2", "--rounds", "1", "model.name=cnn2", *SHORT_RUN)
     for k in ("distcls_w1", "distcls_w2", "hand_w1", "hand_w2"):
         assert len(r["images_per_sec"][k]) == 1 and _positive(r["images_per_sec"][k][0]), k
     assert r["ratios"]["distcls_w2/w1"] == pytest.approx(r["images_per_sec"]["distcls_w2"][0] / r["images_per_sec"]["distcls_w1"][0], abs=2e-3)
     assert r["distcls_test_acc"]["distcls_w1"] == r["distcls_test_acc"]["distcls_w2"]  # world-size invariant training
+    assert 0.2 < r["distcls_test_acc"]["distcls_w1"][0] <= 1  # trained past chance: the equality says equal weights
 
 
 @pytest.mark.slow
 def test_throughput_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "t.json"
-    assert run_cli(main, ["throughput", "--epochs", "1", "--out", str(out), "model.name=cnn2", *TINY, "log.plots=false"]) == 0
+    assert run_cli(main, ["throughput", "--epochs", "2", "--out", str(out), "model.name=cnn2", *SHORT_RUN]) == 0
     r = json.loads(out.read_text())
     assert r == json.loads(capsys.readouterr().out) and _positive(r["world_1_images_per_sec"]) and _positive(r["world_2_images_per_sec"])
     assert r["ratio_world2_over_world1"] == pytest.approx(r["world_2_images_per_sec"] / r["world_1_images_per_sec"], abs=2e-3)
-    assert r["world_1_test_acc"] == r["world_2_test_acc"] and 0 < r["world_1_test_acc"] <= 1  # world-size invariant training
+    assert r["world_1_test_acc"] == r["world_2_test_acc"] and 0.2 < r["world_1_test_acc"] <= 1  # world-size invariant training (not at chance)
 
 
 def _ratio_of_rounded(a: float, b: float, digits: int) -> tuple:

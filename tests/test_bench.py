@@ -210,7 +210,7 @@ def test_checkpoint_mode_writes_json(tmp_path, single_process_runs_here):
         ["checkpoint.every_steps=0"], ["checkpoint.every_steps=5"]]
     assert set(r) == {"mode", "machine", "setup", "resnet18_checkpoint_mb", "resnet18_save_s_median", "resnet18_save_s_all",
                       "steps_per_epoch", "checkpoints_per_epoch", "epoch_s_no_step_checkpoints", "epoch_s_checkpoint_every_5_steps",
-                      "epoch_time_ratio_every_5_steps", "sigterm_to_exit_s", "sigterm_exit_code"}
+                      "epoch_time_ratio_every_5_steps", "sigterm_to_exit_s", "sigterm_exit_code", "sigterm_saved_at"}
     assert r["setup"] == {"model": "cnn2", "samples": 192, "batch": 32, "rounds": 1, "save_repeats": 2}
     assert r["resnet18_checkpoint_mb"] > 40  # ResNet-18's 11.7 M parameters and momentum buffers in float32
     assert len(r["resnet18_save_s_all"]) == 2 and all(map(_positive, r["resnet18_save_s_all"]))
@@ -221,6 +221,8 @@ def test_checkpoint_mode_writes_json(tmp_path, single_process_runs_here):
     lo, hi = _ratio_of_rounded(on[0], off[0], 3)
     assert lo - 5e-4 <= r["epoch_time_ratio_every_5_steps"] <= hi + 5e-4
     assert _positive(r["sigterm_to_exit_s"]) and r["sigterm_exit_code"] == 3  # stopped by SIGTERM, checkpoint saved
+    saved = r["sigterm_saved_at"]  # after the 5 steps seen before the signal (mid-epoch or at an epoch's end, as timing has it)
+    assert saved["step"] >= 5 and saved["step"] == saved["epoch"] * 6 + saved["epoch_step"], saved
 
 
 def test_checkpoint_refuses_too_few_samples_for_a_mid_epoch_checkpoint(capsys):

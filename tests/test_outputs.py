@@ -140,7 +140,7 @@ def test_progress_bar_on_a_terminal_shows_the_running_loss(tmp_path):
     env = child_env({"COLUMNS": "200", "TERM": "xterm-256color"})
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen([sys.executable, "-m", "distcls.train", f"run.out_dir={tmp_path / 'run'}", "train.epochs=1",
-                             "data.batch_size=4", "log.every_steps=0"], cwd=ROOT, env=env, stdout=follower, stderr=follower)
+                             "data.batch_size=4", "log.every_steps=0", "log.plots=false"], cwd=ROOT, env=env, stdout=follower, stderr=follower)
     os.close(follower)
     chunks = []
     while True:

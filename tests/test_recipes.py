@@ -9,7 +9,7 @@ import torch
 import fakedata
 from conftest import ROOT, load_ckpt, max_weight_diff, run_in_process, train_at_world_sizes, train_in_process
 
-pytestmark = pytest.mark.slow  # several training runs, two under torchrun
+pytestmark = pytest.mark.slow  # several training runs, one under torchrun
 
 RECIPE = ["data.name=imagefolder", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
           "data.augment.policy=trivialaugment", "data.augment.erase_prob=0.5", "data.mix.mixup_alpha=0.2",
@@ -18,14 +18,27 @@ RECIPE = ["data.name=imagefolder", "data.augment.random_resized_crop=true", "dat
           "model.name=recipe_model:build", "log.plots=false", "log.every_steps=0", "sched.name=constant"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread():
+    """Runs in this process use one intra-op thread, as the subprocesses do (conftest.child_env):
+    on a busy 2-core machine two threads of these small ops are several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return fakedata.write_imagefolder(tmp_path_factory.mktemp("recipe") / "flowers", per_class=12, size=40)
 
 
 def test_every_ingredient_on_reaches_the_same_weights_at_world_sizes_1_and_2(tmp_path, folder, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{Path(__file__).parent}")
-    ck = train_at_world_sizes(tmp_path, [f"data.root={folder}", *RECIPE, "data.num_workers=1"])
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{Path(__file__).parent}")  # the torchrun ranks import recipe_model
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # and so does this process
+    args = [f"data.root={folder}", *RECIPE, "data.num_workers=1"]
+    assert train_in_process(tmp_path / "w1", *args)["world_size"] == 1  # world size 1 in this process
+    ck = {1: load_ckpt(tmp_path / "w1/checkpoints/last.pt"), **train_at_world_sizes(tmp_path, args, sizes=(2,))}
     assert ck[1]["step"] == ck[2]["step"] > 2
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
 

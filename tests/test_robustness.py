@@ -119,8 +119,9 @@ def test_lock_of_a_killed_process_does_not_block(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_at_one_out_dir(tmp_path):
-    """#1: a second CLI run while the first trains exits 2 naming it; the log stays one run's log."""
+def test_two_runs_at_one_out_dir(tmp_path, capsys):
+    """#1: a second CLI run while the first trains exits 2 naming it; the log stays one run's log.
+    (The second run is this process, through the CLI wrapper: the lock is the other process's.)"""
     out = tmp_path / "run"
     args = [f"run.out_dir={out}", *FAST, "train.epochs=50", "log.every_steps=1"]
     from conftest import distcls_cmd
@@ -129,7 +130,7 @@ def test_two_runs_at_one_out_dir(tmp_path):
         while not read_jsonl(out / "metrics.jsonl"):  # the first run holds the out_dir (no deadline: a loaded machine is slow)
             assert first.poll() is None, first.communicate()[1]
             time.sleep(0.05)
-        second = run_distcls("train", args, timeout=600)
+        second = cli(capsys, train.main, args)
         assert first.poll() is None  # still training: the runs overlapped
         assert_user_error(second, f"is in use by another distcls run (pid {first.pid} on host")
         first.send_signal(signal.SIGTERM)

@@ -107,11 +107,13 @@ def test_a_resume_with_fewer_epochs_than_the_checkpoint_trained_is_refused(tmp_p
 # ----------------------------------------------------------------------------- #4: signals outside the training loop
 
 
-def _train_process(args, driver: str = "") -> subprocess.CompletedProcess:
-    """`python -m distcls.train` (run by its real entry point, `train.cli`), after `driver`'s code."""
+def _start_train_process(args, driver: str, log_dir: Path) -> subprocess.Popen:
+    """`python -m distcls.train` (run by its real entry point, `train.cli`), after `driver`'s code;
+    its stdout and stderr go to files in `log_dir`."""
     script = f"import sys\n{driver}\nfrom distcls import train\nsys.argv = ['distcls.train', *{[str(a) for a in args]!r}]\ntrain.cli()\n"
-    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=child_env({"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}))
+    with open(log_dir / "stdout", "w") as stdout, open(log_dir / "stderr", "w") as stderr:
+        return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=stdout, stderr=stderr, text=True,
+                                env=child_env({"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}))
 
 
 def _one_line(proc, prefix: str) -> str:
@@ -124,12 +126,62 @@ def _one_line(proc, prefix: str) -> str:
 RUN = [*FAST, "model.name=stop_model:build", "train.epochs=1", "train.max_steps_per_epoch=4", "data.val_fraction=0",
        "data.eval_batch_size=4096"]  # no validation: eval forward 1 is the model check, 2 the (one) test batch, 3 the plots'
 
+SECOND_SIGTERM = ("import os, signal\nfrom distcls import rundir\nrelease = rundir.RunDirLock.release\n"
+                  "def release_after_a_second_sigterm(self):\n    os.kill(os.getpid(), signal.SIGTERM)\n    release(self)\n"
+                  "rundir.RunDirLock.release = release_after_a_second_sigterm\n")
+
+# What each test below runs (its train overrides after run.out_dir, and the driver code), from its parameters.
+SIGNAL_RUNS = {
+    "test_a_signal_during_the_setup_stops_at_the_first_step_with_exit_3":
+        lambda sig: ([*RUN, "model.args.at_build=true", f"model.args.signal={sig}"], ""),
+    "test_a_signal_after_the_last_step_lets_the_run_finish_with_exit_0":
+        lambda sig, eval_call, plots: ([*RUN, f"log.plots={str(plots).lower()}", f"model.args.stop_at_eval={eval_call}",
+                                        f"model.args.signal={sig}"], ""),
+    "test_a_second_sigterm_after_the_save_still_exits_3": lambda: ([*RUN, "model.args.stop_at=2"], SECOND_SIGTERM),
+}
+
+
+class SignalRuns:
+    """The runs of the selected tests below, all started at once by the first of them: independent
+    processes (each sends itself its signal at a fixed point of the run) that mostly import, so on
+    2 cores together they take about half the time they take one after the other."""
+
+    def __init__(self, tmp_path_factory, items):
+        self.runs = {}
+        for item in items:
+            make = SIGNAL_RUNS.get(getattr(item, "originalname", None))
+            if make is not None:
+                params = item.callspec.params if hasattr(item, "callspec") else {}
+                args, driver = make(**params)
+                log_dir = tmp_path_factory.mktemp("signal_run")
+                out = log_dir / "run"
+                self.runs[item.name] = (out, log_dir, _start_train_process([f"run.out_dir={out}", *args], driver, log_dir))
+
+    def finished(self, name: str) -> tuple[Path, subprocess.CompletedProcess]:
+        """The test `name`'s run dir and finished process."""
+        out, log_dir, proc = self.runs[name]
+        proc.wait(timeout=300)
+        return out, subprocess.CompletedProcess(proc.args, proc.returncode, (log_dir / "stdout").read_text(),
+                                                (log_dir / "stderr").read_text())
+
+    def stop(self) -> None:
+        for _, _, proc in self.runs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def signal_runs(request, tmp_path_factory):
+    runs = SignalRuns(tmp_path_factory, [item for item in request.session.items if item.module is request.module])
+    yield runs
+    runs.stop()
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_a_signal_during_the_setup_stops_at_the_first_step_with_exit_3(tmp_path, sig):
-    out = tmp_path / "run"
-    proc = _train_process([f"run.out_dir={out}", *RUN, "model.args.at_build=true", f"model.args.signal={sig}"])
+def test_a_signal_during_the_setup_stops_at_the_first_step_with_exit_3(signal_runs, request, sig):
+    out, proc = signal_runs.finished(request.node.name)
     assert proc.returncode == 3, proc.stderr
     line = _one_line(proc, f"distcls: stopped: stopped by {sig}; checkpoint saved to {out / 'checkpoints/last.pt'}")
     assert "--resume auto" in line
@@ -138,11 +190,9 @@ def test_a_signal_during_the_setup_stops_at_the_first_step_with_exit_3(tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, eval_call, plots", [("SIGTERM", 2, False), ("SIGINT", 2, False), ("SIGTERM", 3, True)])
-def test_a_signal_after_the_last_step_lets_the_run_finish_with_exit_0(tmp_path, sig, eval_call, plots):
+def test_a_signal_after_the_last_step_lets_the_run_finish_with_exit_0(signal_runs, request, sig, eval_call, plots):
     """During the final test evaluation (eval forward 2) or the end-of-run plots (3)."""
-    out = tmp_path / "run"
-    proc = _train_process([f"run.out_dir={out}", *RUN, f"log.plots={str(plots).lower()}", f"model.args.stop_at_eval={eval_call}",
-                           f"model.args.signal={sig}"])
+    out, proc = signal_runs.finished(request.node.name)
     assert proc.returncode == 0, proc.stderr
     _one_line(proc, f"distcls: done: {sig} arrived after the last training step; the run finished and everything is written")
     assert strict_json((out / "summary.json").read_text())["test_count"] > 0
@@ -151,14 +201,10 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_with_exit_0(tmp_path, 
 
 
 @pytest.mark.slow
-def test_a_second_sigterm_after_the_save_still_exits_3(tmp_path):
+def test_a_second_sigterm_after_the_save_still_exits_3(signal_runs, request):
     """The second SIGTERM arrives as the run releases its out_dir, after the first one's checkpoint
     was saved (where the old code had restored the default handler, and exited 143)."""
-    out = tmp_path / "run"
-    driver = ("import os, signal\nfrom distcls import rundir\nrelease = rundir.RunDirLock.release\n"
-              "def release_after_a_second_sigterm(self):\n    os.kill(os.getpid(), signal.SIGTERM)\n    release(self)\n"
-              "rundir.RunDirLock.release = release_after_a_second_sigterm\n")
-    proc = _train_process([f"run.out_dir={out}", *RUN, "model.args.stop_at=2"], driver)
+    out, proc = signal_runs.finished(request.node.name)
     assert proc.returncode == 3, proc.stderr
     _one_line(proc, "distcls: stopped: stopped by SIGTERM; checkpoint saved to")
     assert load_ckpt(out / "checkpoints/last.pt")["epoch_step"] == 2

@@ -100,12 +100,21 @@ def test_frozen_transfer_of_a_non_resnet_from_the_hub_cache(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_torchvision_models_train_at_world_size_2(tmp_path):
-    for name in ("resnet101", "mobilenet_v3_small"):
+    import subprocess
+    from conftest import ROOT, child_env, distcls_cmd
+    heads = {"resnet101": "fc.weight", "mobilenet_v3_small": "classifier.3.weight"}
+    runs = {}
+    for name in heads:  # both jobs at once: independent torchrun jobs, mostly start-up (imports)
         out = tmp_path / name
         # 32x32: at 16x16 ResNet-101's last stage is 1x1, and BatchNorm over 2 values per rank (batch 4 / 2 ranks) diverges
-        assert_ok(run_distcls("train", [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"], nproc=2))
+        args = [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"]
+        with open(tmp_path / f"{name}.out", "w") as stdout, open(tmp_path / f"{name}.err", "w") as stderr:
+            runs[name] = subprocess.Popen(distcls_cmd("train", args, nproc=2), cwd=ROOT, env=child_env(), stdout=stdout, stderr=stderr)
+    for name, proc in runs.items():
+        assert proc.wait(timeout=900) == 0, f"{name}: exit {proc.returncode}\n{(tmp_path / f'{name}.err').read_text()[-5000:]}"
+        out = tmp_path / name
         assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-        assert load_ckpt(out / "checkpoints/last.pt")["model"][{"resnet101": "fc.weight"}.get(name, "classifier.3.weight")].shape[0] == 5
+        assert load_ckpt(out / "checkpoints/last.pt")["model"][heads[name]].shape[0] == 5
 
 
 def test_googlenet_from_torchvision_weights_normalizes_its_input_as_torchvision(tmp_path, monkeypatch):

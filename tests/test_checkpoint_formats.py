@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_ok, cli_in_process, load_ckpt, run_distcls, train_in_process
+from conftest import assert_ok, cli_in_process, load_ckpt, train_in_process
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EPOCH_END = FIXTURES / "format1_epoch_end.pt"

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import fakedata
-from conftest import (FAST, assert_ok, assert_user_error, child_env, cli_in_process, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
+from conftest import (FAST, assert_ok, assert_user_error, child_env, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
                       train_in_process)
 from distcls import config
 from distcls.data import build_data, train_loader
@@ -182,16 +182,17 @@ def test_a_damaged_png_is_a_named_bad_file_not_a_crash(tmp_path):
             assert len(batches[0].labels) == len(view) - 1
 
 
-def test_training_in_the_main_process_skips_a_damaged_png(tmp_path, capsys):
-    """#1: with data.num_workers=0 the decoder runs in the training process itself (here: pytest's)."""
+@pytest.mark.slow  # real processes: if the decoder crashed again, this test fails and pytest goes on
+def test_training_in_the_main_process_skips_a_damaged_png(tmp_path):
+    """#1: with data.num_workers=0 the decoder runs in the training process itself."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24, layout="split")  # 12 in train/
     bad = fakedata.write_damaged_png(root / "train" / "roses" / "zz_damaged.png")
     args = [f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet", "data.val_fraction=0",
             "data.batch_size=13", "train.epochs=1", "data.num_workers=0", "log.plots=false", f"run.out_dir={tmp_path / 'run'}"]
-    skipped = cli_in_process(capsys, "train", [*args, "data.skip_bad_images=true"])
+    skipped = run_distcls("train", [*args, "data.skip_bad_images=true"])
     assert_ok(skipped)
     assert json.loads((tmp_path / "run/summary.json").read_text())["dropped_bad_image_reads"] == 1
-    refused = cli_in_process(capsys, "train", [*args, f"run.out_dir={tmp_path / 'run2'}"])
+    refused = run_distcls("train", [*args, f"run.out_dir={tmp_path / 'run2'}"])
     assert_user_error(refused, f"{bad} cannot be decoded", "data.skip_bad_images=true")
 
 
@@ -291,7 +292,17 @@ def test_class_folders_that_cannot_train_a_classifier_are_errors(tmp_path):
         build_data(config.load(None, [f"data.root={split}", "data.name=imagefolder", "data.image_size=16"]))
 
 
-def test_image_folder_resume_is_exact(tmp_path, folder):
+@pytest.fixture
+def two_intra_op_threads():
+    """torch's default on a 2-core machine (the suite runs on one thread: tests/conftest.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_image_folder_resume_is_exact(tmp_path, folder, two_intra_op_threads):
+    """Also the one bitwise resume of the suite with more than one intra-op thread."""
     common = [f"data.root={folder}", *RRC, "data.batch_size=8", "sched.name=constant", "data.augment.rotation_deg=5"]
     full = train_in_process(tmp_path / "full", *common, "train.epochs=2")
     train_in_process(tmp_path / "cut", *common, "train.epochs=1")

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import assert_user_error, cli_in_process, run_distcls
+from conftest import assert_user_error, cli_in_process
 from distcls import dist
 from distcls.errors import ConfigError, UserError
 

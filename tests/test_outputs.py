@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, assert_user_error, child_env, cli_in_process, load_ckpt, run_distcls, run_in_process, train_in_process
+from conftest import ROOT, assert_user_error, child_env, cli_in_process, load_ckpt, run_in_process, train_in_process
 
 PLOTS = ("curves.png", "lr.png", "confusion.png", "per_class.png", "samples.png")
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # anything but \t and \n

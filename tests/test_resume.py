@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, distcls_cmd, load_ckpt, max_weight_diff,
+from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, cli_in_process, distcls_cmd, load_ckpt, max_weight_diff,
                       run_distcls, train_in_process)
 from distcls import evaluate, predict, train
-from distcls.cli import run_cli
 from distcls.tracking.metrics import read_jsonl
 
 TESTS = Path(__file__).parent
@@ -49,14 +48,6 @@ def _one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def cli(capsys, main, args) -> subprocess.CompletedProcess:
-    """A distcls command in-process through the real CLI wrapper (`run_cli`), as a finished process."""
-    capsys.readouterr()
-    code = run_cli(main, [str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def _start(module, args, nproc=1, torchrun_args=()):
@@ -206,7 +197,7 @@ def test_truncated_last_falls_back_to_previous_checkpoint(reference, tmp_path, c
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, capsys):
+def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, capfd):
     out = tmp_path / "run"
     # The 2nd write of last.pt (epoch 2's save) dies with half its bytes on disk, before the rename;
     # every other atomic write (config.yaml, metrics.jsonl, summary.json, links) goes through untouched.
@@ -232,13 +223,13 @@ sys.exit(code)
     assert ck["epoch"] == 1
     torn = list((out / "checkpoints").glob(".last.pt.*.tmp"))  # the torn temp file, never renamed
     assert len(torn) == 1 and torn[0].stat().st_size < (out / "checkpoints/last.pt").stat().st_size
-    resumed = cli(capsys, train.main, [*args, "--resume", "auto"])  # the next run (in this process) resumes from it
+    resumed = cli_in_process(capfd, train.main, [*args, "--resume", "auto"])  # the next run (in this process) resumes from it
     assert resumed.returncode == 0, resumed.stderr
     assert f"removed {torn[0]}: the temp file of a save that was killed" in resumed.stderr and not torn[0].exists()
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 3
 
 
-def test_malicious_checkpoint_is_refused_everywhere(tmp_path, capsys):
+def test_malicious_checkpoint_is_refused_everywhere(tmp_path, capfd):
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -252,7 +243,7 @@ def test_malicious_checkpoint_is_refused_everywhere(tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(img)
     for main, args in ((train.main, ["--resume", evil, f"run.out_dir={tmp_path / 'o'}"]),
                        (evaluate.main, ["--checkpoint", evil]), (predict.main, ["--checkpoint", evil, img])):
-        proc = cli(capsys, main, args)  # in this process: unpickling the file here would run its code here
+        proc = cli_in_process(capfd, main, args)  # in this process: unpickling the file here would run its code here
         assert_user_error(proc, "refusing to load", "arbitrary unpickling")
     assert not marker.exists() and not (tmp_path / "o").exists()
 
@@ -309,9 +300,9 @@ def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path):
     _check_one_skipped_step(out)
 
 
-def test_nonfinite_loss_abort_exits_4(tmp_path, capsys, monkeypatch):
+def test_nonfinite_loss_abort_exits_4(tmp_path, capfd, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "abort"
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"])
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"])
     assert proc.returncode == 4
     assert "non-finite loss at epoch 1, step 3" in proc.stderr and "Traceback" not in proc.stderr

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT, assert_ok, assert_user_error, child_env, load_ckpt, run_distcls, run_in_process, train_in_process
+from conftest import FAST, ROOT, assert_ok, assert_user_error, child_env, load_ckpt, run_in_process, train_in_process
 from distcls import config, dist, evaluate, predict, train
 from distcls.cli import run_cli
 from distcls.errors import ConfigError, UserError

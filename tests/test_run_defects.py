@@ -5,7 +5,6 @@ import errno
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,22 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, ROOT, assert_user_error, child_env, load_ckpt, run_distcls, run_in_process, train_in_process
+from conftest import FAST, ROOT, assert_user_error, child_env, cli_in_process, load_ckpt, run_distcls, run_in_process, train_in_process
 from distcls import atomic_files, evaluate, predict, train
-from distcls.cli import run_cli
 from distcls.runner import Stopped
-from distcls.tracking.metrics import read_jsonl
 
 TESTS = Path(__file__).parent
 SHORT = ["train.max_steps_per_epoch=6", "train.epochs=2"]
-
-
-def cli(capsys, main, args) -> subprocess.CompletedProcess:
-    """A distcls command in-process through the real CLI wrapper, as a finished process."""
-    capsys.readouterr()
-    code = run_cli(main, [str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
 def strict_json(text: str):
@@ -61,37 +50,37 @@ def stopped_mid_epoch(tmp_path, monkeypatch) -> Path:
     ("optim.weight_decay=0", "optim.weight_decay=0.0005"),
     ("sched.name=constant", "sched.name=cosine"),
 ])
-def test_a_mid_epoch_resume_that_changes_a_position_or_schedule_key_is_refused(stopped_mid_epoch, capsys, override, saved):
+def test_a_mid_epoch_resume_that_changes_a_position_or_schedule_key_is_refused(stopped_mid_epoch, capfd, override, saved):
     out = stopped_mid_epoch
     before = {p: p.read_bytes() for p in (out / "checkpoints/last.pt", out / "config.yaml", out / "metrics.jsonl")}
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "model.name=stop_model:build", *SHORT, override, "--resume", "auto"])
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=stop_model:build", *SHORT, override, "--resume", "auto"])
     line = assert_user_error(proc, f"was saved with {saved}", f"this run says {override}", f"resume with {saved}",
                              "model.pretrained=")
     assert str(out / "checkpoints/last.pt") in line
     assert {p: p.read_bytes() for p in before} == before  # config.yaml still describes what ran
 
 
-def test_an_epoch_end_resume_with_a_new_lr_is_refused_and_config_yaml_keeps_what_ran(tmp_path, capsys):
+def test_an_epoch_end_resume_with_a_new_lr_is_refused_and_config_yaml_keeps_what_ran(tmp_path, capfd):
     out = tmp_path / "run"
     train_in_process(out, "train.epochs=1")
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=2", "optim.lr=0.5", "--resume", "auto"])
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=2", "optim.lr=0.5", "--resume", "auto"])
     assert_user_error(proc, "was saved with optim.lr=0.05", "this run says optim.lr=0.5", "optimizer state and lr schedule",
                       "model.pretrained=")
     assert "lr: 0.05" in (out / "config.yaml").read_text()
 
 
-def test_a_resume_may_change_accum_steps_and_epochs(stopped_mid_epoch, capsys):
+def test_a_resume_may_change_accum_steps_and_epochs(stopped_mid_epoch, capfd):
     """train.accum_steps splits the same global batch (the same samples per step), like the world
     size; train.epochs lengthens the run. Neither changes what the saved position means."""
     out = stopped_mid_epoch
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "model.name=stop_model:build", *SHORT,
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=stop_model:build", *SHORT,
                                     "train.accum_steps=2", "train.epochs=3", "--resume", "auto"])
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "summary.json").read_text())["global_step"] == 3 * 6
 
 
 @pytest.mark.parametrize("summary", [True, False])
-def test_a_resume_with_fewer_epochs_than_the_checkpoint_trained_is_refused(tmp_path, capsys, summary):
+def test_a_resume_with_fewer_epochs_than_the_checkpoint_trained_is_refused(tmp_path, capfd, summary):
     """train.epochs below the checkpoint's epochs cannot be resumed: the run would write a summary of
     train.epochs epochs for weights trained longer (was: exit 0, 'epochs / steps: 1 / 12')."""
     out = tmp_path / "run"
@@ -99,7 +88,7 @@ def test_a_resume_with_fewer_epochs_than_the_checkpoint_trained_is_refused(tmp_p
     if not summary:
         (out / "summary.json").unlink()  # stopped between the final save and the summary
     before = {p: p.read_bytes() for p in (out / "checkpoints/last.pt", out / "metrics.jsonl")}
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=6", "train.epochs=1", "--resume", "auto"])
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=6", "train.epochs=1", "--resume", "auto"])
     assert_user_error(proc, "has trained 2 epochs, more than train.epochs=1", "resume with train.epochs=2", "distcls.evaluate")
     assert {p: p.read_bytes() for p in before} == before
 
@@ -213,7 +202,7 @@ def test_a_second_sigterm_after_the_save_still_exits_3(signal_runs, request):
 # ----------------------------------------------------------------------------- #7: a full disk during a save
 
 
-def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_what_is_safe(tmp_path, capsys):
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_what_is_safe(tmp_path, capfd):
     out = tmp_path / "run"
     writes = []
 
@@ -225,7 +214,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_what_is_safe(tm
 
     args = [f"run.out_dir={out}", *FAST, "train.epochs=3", "train.max_steps_per_epoch=3"]
     with atomic_files.inject_fault(disk_full_at_the_second_save):
-        proc = cli(capsys, train.main, args)
+        proc = cli_in_process(capfd, train.main, args)
     assert proc.returncode == 5  # ExitCode.WRITE_FAILED
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -234,7 +223,7 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_what_is_safe(tm
     assert "the previous checkpoint" in lines[0] and "is intact" in lines[0] and "--resume auto" in lines[0]
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 1  # the previous save, whole
     assert not list((out / "checkpoints").glob(".*.tmp"))
-    assert cli(capsys, train.main, [*args, "--resume", "auto"]).returncode == 0
+    assert cli_in_process(capfd, train.main, [*args, "--resume", "auto"]).returncode == 0
 
 
 @pytest.mark.slow
@@ -257,10 +246,10 @@ def test_a_full_disk_during_a_save_under_torchrun_stops_every_rank_with_one_line
 # ----------------------------------------------------------------------------- #8: nonfinite=skip, JSON
 
 
-def test_skipped_steps_are_warned_once_per_epoch(tmp_path, capsys, monkeypatch):
+def test_skipped_steps_are_warned_once_per_epoch(tmp_path, capfd, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
                                     "model.args.nan_steps=[2,8,9]"])
     assert proc.returncode == 0, proc.stderr
     warnings = [l for l in proc.stderr.splitlines() if "skipped as non-finite" in l]
@@ -270,11 +259,11 @@ def test_skipped_steps_are_warned_once_per_epoch(tmp_path, capsys, monkeypatch):
                         "3 in all; the run stops if more than train.max_skipped_fraction=0.5 of an epoch's steps are skipped"]
 
 
-def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capsys, monkeypatch):
+def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capfd, monkeypatch):
     """The issue's optim.lr=1e30: 13 of 14 steps skipped, then 'done' and exit 0."""
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
                                     "model.args.nan_steps=[2,3,4,5]"])
     assert proc.returncode == 4
     errors = [l for l in proc.stderr.splitlines() if l.startswith("distcls: error: ")]
@@ -285,10 +274,10 @@ def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capsys, monkeyp
     assert not list((out / "checkpoints").glob("*.pt"))  # no epoch-end checkpoint of the run that did not train
 
 
-def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_is_strict(tmp_path, capsys, monkeypatch):
+def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_is_strict(tmp_path, capfd, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
                                     "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0", "log.plots=true"])
     assert proc.returncode == 0, proc.stderr
     assert "plots not written" not in proc.stderr and (out / "plots/curves.png").is_file()  # null points are gaps
@@ -302,10 +291,10 @@ def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_i
     assert "loss 0.0000 acc 0.0000" not in proc.stderr + proc.stdout
 
 
-def test_a_log_interval_with_every_step_skipped_records_null_not_loss_0(tmp_path, capsys, monkeypatch):
+def test_a_log_interval_with_every_step_skipped_records_null_not_loss_0(tmp_path, capfd, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "run"
-    proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
+    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
                                     "model.args.nan_steps=[3,4]", "log.every_steps=2", "log.console=plain"])
     assert proc.returncode == 0, proc.stderr
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -315,19 +304,19 @@ def test_a_log_interval_with_every_step_skipped_records_null_not_loss_0(tmp_path
     assert "epoch 1 step 4 loss nan acc nan" in proc.stderr + proc.stdout
 
 
-def test_evaluate_and_predict_json_is_strict_for_non_finite_numbers(tmp_path, capsys):
+def test_evaluate_and_predict_json_is_strict_for_non_finite_numbers(tmp_path, capfd):
     out = tmp_path / "run"
     train_in_process(out, "train.epochs=1", "train.max_steps_per_epoch=2")
     ck = load_ckpt(out / "checkpoints/last.pt")
     ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
     nan_ckpt = tmp_path / "nan.pt"
     torch.save(ck, nan_ckpt)
-    proc = cli(capsys, evaluate.main, ["--checkpoint", nan_ckpt, "--json", "--no-speed", "--out-dir", tmp_path / "eval"])
+    proc = cli_in_process(capfd, evaluate.main, ["--checkpoint", nan_ckpt, "--json", "--no-speed", "--out-dir", tmp_path / "eval"])
     assert proc.returncode == 0, proc.stderr
     assert strict_json(proc.stdout)["loss"] is None
     assert strict_json((tmp_path / "eval/eval_test.json").read_text())["loss"] is None
     from PIL import Image
     Image.new("L", (8, 8)).save(tmp_path / "x.png")
-    proc = cli(capsys, predict.main, ["--checkpoint", nan_ckpt, "--json", tmp_path / "x.png"])
+    proc = cli_in_process(capfd, predict.main, ["--checkpoint", nan_ckpt, "--json", tmp_path / "x.png"])
     assert proc.returncode == 0, proc.stderr
     assert strict_json(proc.stdout.splitlines()[0])["prob"] is None

@@ -8,10 +8,10 @@ import torch
 import torchvision
 
 import fakedata
-from conftest import FAST, assert_ok, cli_in_process, assert_user_error, load_ckpt, run_distcls, train_in_process
+from conftest import FAST, cli_in_process, assert_user_error, load_ckpt, train_in_process
 from distcls import config
 from distcls.data import DataSpec
-from distcls.errors import ConfigError, UserError
+from distcls.errors import ConfigError
 from distcls.models import build_model, check_forward
 
 TINY = ["data.name=synthetic", "data.synthetic.size=16", "data.synthetic.train_samples=8", "data.synthetic.test_samples=4",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fakedata
-from conftest import FAST, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes, train_in_process
+from conftest import FAST, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes, train_in_process
 from distcls import config
 from distcls.data import DataSpec
 from distcls.engine import build_optimizer

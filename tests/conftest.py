@@ -51,12 +51,17 @@ def max_weight_diff(a: dict, b: dict) -> float:
 
 
 def train_at_world_sizes(tmp_path, args, sizes=(1, 2)) -> dict:
-    """The same run at each world size (torchrun for more than 1): {world size: its last.pt}."""
+    """The same run at each world size: 1 in this process (the same run `python -m distcls.train`
+    makes: one intra-op thread, the CPU), more under torchrun; FAST before `args` on both sides.
+    {world size: its last.pt}."""
     import json
     checkpoints = {}
     for n in sizes:
         out = tmp_path / f"w{n}"
-        assert_ok(run_distcls("train", [f"run.out_dir={out}", *args], nproc=n))
+        if n == 1:
+            train_in_process(out, *args)
+        else:
+            assert_ok(run_distcls("train", [f"run.out_dir={out}", "dist.device=cpu", *FAST, *args], nproc=n))
         assert json.loads((out / "summary.json").read_text())["world_size"] == n
         checkpoints[n] = load_ckpt(out / "checkpoints/last.pt")
     return checkpoints

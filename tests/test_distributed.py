@@ -5,23 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import FAST, ROOT, assert_ok, child_env, load_ckpt, max_weight_diff, run_distcls, train_in_process
 from distcls import evaluate
 from distcls.cli import run_cli
 
 pytestmark = pytest.mark.slow  # multi-process runs, signals and kill -9
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Runs in this process use one intra-op thread, as the subprocesses do (conftest.child_env):
-    on a busy 2-core machine two threads of these small ops are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(out, nproc, *overrides):

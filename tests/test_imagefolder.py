@@ -313,22 +313,10 @@ def test_image_folder_resume_is_exact(tmp_path, folder, two_intra_op_threads):
     assert resumed["test_acc"] == full["test_acc"]
 
 
-def _last_at_world_sizes_1_and_2(tmp_path, args) -> dict:
-    """The same run at world size 1 in this process (on one intra-op thread, as a subprocess runs:
-    faster on a busy machine) and at 2 under torchrun: {world size: its last.pt}."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train_in_process(tmp_path / "w1", *args)["world_size"] == 1
-    finally:
-        torch.set_num_threads(threads)
-    return {1: load_ckpt(tmp_path / "w1/checkpoints/last.pt"), **train_at_world_sizes(tmp_path, args, sizes=(2,))}
-
-
 @pytest.mark.slow
 def test_image_folder_world_size_invariance(tmp_path, folder):
     common = [*FAST, f"data.root={folder}", *RRC, "data.batch_size=8", "train.epochs=2", "data.num_workers=1"]
-    ck = _last_at_world_sizes_1_and_2(tmp_path, common)
+    ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * (29 // 8)
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
 

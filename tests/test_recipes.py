@@ -18,16 +18,6 @@ RECIPE = ["data.name=imagefolder", "data.augment.random_resized_crop=true", "dat
           "model.name=recipe_model:build", "log.plots=false", "log.every_steps=0", "sched.name=constant"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """Runs in this process use one intra-op thread, as the subprocesses do (conftest.child_env):
-    on a busy 2-core machine two threads of these small ops are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     return fakedata.write_imagefolder(tmp_path_factory.mktemp("recipe") / "flowers", per_class=12, size=40)
@@ -37,8 +27,7 @@ def test_every_ingredient_on_reaches_the_same_weights_at_world_sizes_1_and_2(tmp
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}:{Path(__file__).parent}")  # the torchrun ranks import recipe_model
     monkeypatch.syspath_prepend(str(Path(__file__).parent))  # and so does this process
     args = [f"data.root={folder}", *RECIPE, "data.num_workers=1"]
-    assert train_in_process(tmp_path / "w1", *args)["world_size"] == 1  # world size 1 in this process
-    ck = {1: load_ckpt(tmp_path / "w1/checkpoints/last.pt"), **train_at_world_sizes(tmp_path, args, sizes=(2,))}
+    ck = train_at_world_sizes(tmp_path, args)  # world size 1 in this process, 2 under torchrun
     assert ck[1]["step"] == ck[2]["step"] > 2
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
 

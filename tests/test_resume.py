@@ -38,18 +38,6 @@ def _wait_for_step(out: Path, proc, epoch: int, epoch_step: int) -> dict:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread():
-    """The runs in this process use one intra-op thread, as the subprocesses do (conftest.child_env:
-    OMP_NUM_THREADS=1): their weights are compared BITWISE with the subprocesses' (a float sum split
-    over more threads rounds differently), and on a busy 2-core machine two threads of these small
-    ops are several times slower than one. (Module scope: set before the module's `reference`.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _start(module, args, nproc=1, torchrun_args=()):
     return subprocess.Popen(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=ROOT, env=child_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -58,7 +46,7 @@ def _start(module, args, nproc=1, torchrun_args=()):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted single-process run every single-process variant must match bitwise (in this
-    process, on one thread: bitwise the run `python -m distcls.train` makes, see _one_intra_op_thread)."""
+    process, on one thread: bitwise the run `python -m distcls.train` makes, see tests/conftest.py)."""
     out = tmp_path_factory.mktemp("ref") / "run"
     train_in_process(out, *LONG, "checkpoint.keep=5")
     return out

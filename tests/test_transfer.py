@@ -115,24 +115,12 @@ def test_freeze_backbone_old_spelling():
         config.load(None, ["model.freeze=backbone"])
 
 
-def _last_at_world_sizes_1_and_2(tmp_path, args) -> dict:
-    """The same run at world size 1 in this process (on one intra-op thread, as a subprocess runs:
-    faster on a busy machine) and at 2 under torchrun: {world size: its last.pt}."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert train_in_process(tmp_path / "w1", *args)["world_size"] == 1
-    finally:
-        torch.set_num_threads(threads)
-    return {1: load_ckpt(tmp_path / "w1/checkpoints/last.pt"), **train_at_world_sizes(tmp_path, args, sizes=(2,))}
-
-
 @pytest.mark.slow
 def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
     common = [*FAST, "data.name=imagefolder", f"data.root={flowers}", "data.image_size=16", "data.split=[0.75, 0, 0.25]",
               "model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={pretrained}", "model.freeze=backbone",
               "train.epochs=2", "data.batch_size=6", "data.augment.random_resized_crop=true", "data.augment.hflip=true"]
-    ck = _last_at_world_sizes_1_and_2(tmp_path, common)
+    ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * 3
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
 

@@ -40,18 +40,13 @@ def _bench(tmp_path, *argv) -> dict:
 
 def _run_here(cmd: list) -> int:
     """A bench's single-process child, `python -m MODULE ARGS`, run in this process instead (its exit
-    code): the same module's main on the same arguments, one thread (the children's OMP_NUM_THREADS=1),
+    code): the same module's main on the same arguments, on one thread like the child (tests/conftest.py),
     its console output dropped as the bench drops the child's. What crosses a process boundary
     (torchrun's ranks, a SIGTERM) stays a real process in every bench test."""
     assert cmd[:2] == [sys.executable, "-m"] and cmd[2] != "torch.distributed.run", cmd
     module = importlib.import_module(cmd[2])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return run_cli(module.main, cmd[3:])
-    finally:
-        torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return run_cli(module.main, cmd[3:])
 
 
 @pytest.fixture

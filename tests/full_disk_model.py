@@ -1,7 +1,8 @@
 """A plug-in model (model.name=full_disk_model:build) whose build makes this process's disk "full"
 from the N-th write of checkpoints/last.pt on (model.args.full_at_save, through atomic_files'
 fault hook): a full disk during a save, also under torchrun, where only rank 0 writes.
-model.args.report_delay_s delays rank 0's error line, so the other rank meets the failure first."""
+model.args.report_delay_s delays rank 0's error line, so the other rank meets the failure first (and
+waits for rank 0's line however loaded the machine is)."""
 import errno
 import os
 import time
@@ -25,6 +26,10 @@ def build(spec, cfg, full_at_save: int = 2, report_delay_s: float = 0.0):
             report(*args)
 
         distcls.train.report = late_report
+    elif report_delay_s:  # the other ranks leave rank 0 more than its delay to report (cli.PEER_REPORT_GRACE_S: 20 s)
+        import distcls.cli
+
+        distcls.cli.PEER_REPORT_GRACE_S = report_delay_s + 300
 
     def disk_full(stage, path, tmp):
         if stage == "written" and path.name == "last.pt":

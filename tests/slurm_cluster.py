@@ -51,21 +51,31 @@ def missing_binaries() -> list:
 
 
 # An install left running by an interrupted test session holds dpkg's lock: the next one waits for it.
-_WAIT_FOR_LOCK = ["-o", "DPkg::Lock::Timeout=600"]
-INSTALL_COMMANDS = (["apt-get", *_WAIT_FOR_LOCK, "update", "-qq"],
-                    ["apt-get", *_WAIT_FOR_LOCK, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES])
+# A download that fails (a mirror's hiccup) is retried by apt itself, and each command up to 3 times.
+_APT_OPTIONS = ["-o", "DPkg::Lock::Timeout=600", "-o", "Acquire::Retries=3"]
+INSTALL_COMMANDS = (["apt-get", *_APT_OPTIONS, "update", "-qq"],
+                    ["apt-get", *_APT_OPTIONS, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES])
+ATTEMPTS, RETRY_AFTER_S = 3, 5.0
 
 
 def _install(commands) -> str:
-    """Run the install commands in order: '' when they all succeed, else what failed and its stderr."""
+    """Run the install commands in order, each up to ATTEMPTS times: '' when they all succeed, else
+    what failed and its stderr."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for cmd in commands:
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"{' '.join(cmd)} failed: {exc}"
-        if proc.returncode != 0:
-            return f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                error = f"{' '.join(cmd)} failed: {exc}"
+            else:
+                error = proc.returncode and f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr[-2000:]}"
+            if not error:
+                break
+            if attempt < ATTEMPTS:
+                time.sleep(RETRY_AFTER_S * attempt)
+        else:
+            return f"{error} ({ATTEMPTS} attempts)"
     return ""
 
 

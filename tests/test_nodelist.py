@@ -88,7 +88,9 @@ def _random_nodelist(rng: random.Random) -> str:
 @pytest.mark.slow
 @pytest.mark.slurm  # on a fresh machine SLURM's packages are installed in the background (tests/slurm_cluster.py)
 def test_the_parser_agrees_with_scontrol_on_generated_nodelists(tmp_path, monkeypatch):
-    if shutil.which("scontrol") is None:  # (slurm-client alone is enough; else the test cluster's install)
+    # (slurm-client alone is enough; else the test cluster's install, waited for while it runs: dpkg may
+    # have unpacked scontrol but not yet set it up)
+    if slurm_cluster.still_installing() or shutil.which("scontrol") is None:
         try:
             slurm_cluster.ensure_installed()
         except slurm_cluster.ClusterUnavailable as exc:

@@ -27,20 +27,50 @@ LONG = ["data.name=synthetic", "data.synthetic.train_samples=2048", "data.synthe
 STEPS_PER_EPOCH = 2048 * 9 // 10 // 16  # 115: val_fraction 0.1 of the synthetic train set
 
 
-def _wait_for_step(out: Path, proc, epoch: int, epoch_step: int) -> dict:
-    """The first metrics record at or past (epoch, epoch_step), while `proc` still runs. No deadline of
-    its own: a loaded machine may be slow, and a run that ends or hangs ends the wait (poll / pytest)."""
-    while True:
-        assert proc.poll() is None, f"finished before the signal could be sent (exit {proc.returncode})"
-        for r in read_jsonl(out / "metrics.jsonl"):
-            if r.get("epoch") == epoch and r.get("epoch_step", 0) >= epoch_step:
-                return r
-        time.sleep(0.02)
+PAUSE_HOOK = TESTS / "pause_hook"  # its sitecustomize.py holds rank 0 at a chosen step until the test lets it go
 
 
-def _start(module, args, nproc=1, torchrun_args=()):
-    return subprocess.Popen(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=ROOT, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+@pytest.fixture
+def paused_run(tmp_path):
+    """Start `python -m distcls.train` (under torchrun when nproc > 1) that pauses after its train record
+    of (epoch, epoch_step) until the test lets it go (tests/pause_hook): the test's signal or kill lands
+    at that step whatever the machine's load. Every process still running at the test's end is killed."""
+    started = []
+
+    def start(args, epoch: int, epoch_step: int, nproc: int = 1, torchrun_args=()) -> "PausedRun":
+        gate = tmp_path / f"gate{len(started)}"
+        env = child_env({"PYTHONPATH": os.pathsep.join([str(PAUSE_HOOK), str(ROOT)]),
+                         "DISTCLS_TEST_PAUSE_AT": f"{epoch}:{epoch_step}", "DISTCLS_TEST_PAUSE_GATE": str(gate)})
+        proc = subprocess.Popen(distcls_cmd("train", [str(a) for a in args], nproc, torchrun_args), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        started.append(proc)
+        return PausedRun(proc, gate, epoch, epoch_step)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the run and, under torchrun, its workers (one session)
+            proc.communicate()
+
+
+class PausedRun:
+    def __init__(self, proc: subprocess.Popen, gate: Path, epoch: int, epoch_step: int):
+        self.proc, self.gate, self.epoch, self.epoch_step = proc, gate, epoch, epoch_step
+
+    def wait_for_the_pause(self, out: Path) -> dict:
+        """The train record at the pause (rank 0 waits there). No deadline of its own: a loaded machine
+        may be slow, and a run that ends or hangs ends the wait (poll / pytest)."""
+        while True:
+            assert self.proc.poll() is None, f"finished before its pause (exit {self.proc.returncode}): {self.proc.stderr.read()[-3000:]}"
+            for r in read_jsonl(out / "metrics.jsonl"):
+                if r.get("split") == "train" and (r.get("epoch"), r.get("epoch_step")) == (self.epoch, self.epoch_step):
+                    return r
+            time.sleep(0.02)
+
+    def go_on(self) -> tuple:
+        """Let the run go on from its pause; its stdout, stderr once it ends."""
+        self.gate.touch()
+        return self.proc.communicate(timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -73,27 +103,27 @@ def test_resume_after_epoch_is_bitwise_identical(reference, tmp_path):
     assert a["ema"]["updates"] == b["ema"]["updates"] and all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"])
 
 
-def _stop(out: Path, sig: signal.Signals, epoch: int, *resume) -> dict:
-    """`python -m distcls.train` (a fresh start, or `resume`) stopped by `sig` at step 10 or later of
-    `epoch`: exit 3 with the one line that says how to resume; the checkpoint it saved."""
-    proc = _start("train", [f"run.out_dir={out}", *LONG, *resume])
-    _wait_for_step(out, proc, epoch=epoch, epoch_step=10)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 3, stderr
+def _stop(paused_run, out: Path, sig: signal.Signals, epoch: int, *resume) -> dict:
+    """`python -m distcls.train` (a fresh start, or `resume`) stopped by `sig` at step 10 of `epoch`:
+    exit 3 with the one line that says how to resume; the checkpoint it saved."""
+    run = paused_run([f"run.out_dir={out}", *LONG, *resume], epoch=epoch, epoch_step=10)
+    run.wait_for_the_pause(out)
+    run.proc.send_signal(sig)
+    stdout, stderr = run.go_on()
+    assert run.proc.returncode == 3, stderr
     assert f"distcls: stopped: stopped by {sig.name}" in stderr and "--resume auto" in stderr
     return load_ckpt(out / "checkpoints/last.pt")
 
 
-def test_stop_signals_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
+def test_stop_signals_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path, paused_run):
     """SIGTERM (preemption / scancel) in epoch 1, before any epoch boundary; the resumed process
     crosses the boundary and SIGINT (Ctrl-C on a terminal) stops it in epoch 2; the second resume
     (in this process) finishes bitwise as the uninterrupted run."""
     out = tmp_path / "run"
-    ck = _stop(out, signal.SIGTERM, 1)
-    assert ck["epoch"] == 0 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH  # mid-epoch, exact position
-    ck = _stop(out, signal.SIGINT, 2, "--resume", "auto")
-    assert ck["epoch"] == 1 and 10 <= ck["epoch_step"] < STEPS_PER_EPOCH
+    ck = _stop(paused_run, out, signal.SIGTERM, 1)
+    assert ck["epoch"] == 0 and ck["epoch_step"] == 11  # mid-epoch: the step after the signal, exactly
+    ck = _stop(paused_run, out, signal.SIGINT, 2, "--resume", "auto")
+    assert ck["epoch"] == 1 and ck["epoch_step"] == 11
     assert train_in_process(out, *LONG, resume="auto")["resumed_from"]["step"] == STEPS_PER_EPOCH + ck["epoch_step"]
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
@@ -124,29 +154,29 @@ def _worker_pid(torchrun: subprocess.Popen, rank: int) -> int:
     return found[0]
 
 
-def test_kill_9_worker_under_torchrun_restarts_and_matches_uninterrupted(reference2, tmp_path):
+def test_kill_9_worker_under_torchrun_restarts_and_matches_uninterrupted(reference2, tmp_path, paused_run):
     out = tmp_path / "killed"
-    proc = _start("train", [f"run.out_dir={out}", *TWO_RANK], nproc=2, torchrun_args=["--max-restarts=2"])
-    _wait_for_step(out, proc, epoch=1, epoch_step=45)
-    os.kill(_worker_pid(proc, 1), signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+    run = paused_run([f"run.out_dir={out}", *TWO_RANK], epoch=1, epoch_step=45, nproc=2, torchrun_args=["--max-restarts=2"])
+    run.wait_for_the_pause(out)
+    os.kill(_worker_pid(run.proc, 1), signal.SIGKILL)
+    stdout, stderr = run.go_on()
+    assert run.proc.returncode == 0, stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from"] is not None and summary["resumed_from"]["step"] >= 40  # restarted from a step checkpoint
+    assert summary["resumed_from"] is not None and summary["resumed_from"]["step"] == 40  # restarted from the step checkpoint
     a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert max_weight_diff(a["model"], b["model"]) == 0.0
     assert max_weight_diff(a["ema"]["weights"], b["ema"]["weights"]) == 0.0
 
 
-def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp_path):
+def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp_path, paused_run):
     out = tmp_path / "usr1"
-    proc = _start("train", [f"run.out_dir={out}", *TWO_RANK], nproc=2)
-    _wait_for_step(out, proc, epoch=2, epoch_step=5)
-    os.kill(_worker_pid(proc, 1), signal.SIGUSR1)  # SLURM's warning signal, delivered to one task only
-    stdout, stderr = proc.communicate(timeout=600)
-    assert proc.returncode != 0 and "stopped by a stop signal on another rank" in stderr and "stopped by SIGUSR1" in stderr
+    run = paused_run([f"run.out_dir={out}", *TWO_RANK], epoch=2, epoch_step=5, nproc=2)
+    run.wait_for_the_pause(out)
+    os.kill(_worker_pid(run.proc, 1), signal.SIGUSR1)  # SLURM's warning signal, delivered to one task only
+    stdout, stderr = run.go_on()
+    assert run.proc.returncode != 0 and "stopped by a stop signal on another rank" in stderr and "stopped by SIGUSR1" in stderr
     ck = load_ckpt(out / "checkpoints/last.pt")
-    assert ck["epoch"] == 1 and 5 <= ck["epoch_step"] < TWO_RANK_STEPS_PER_EPOCH
+    assert ck["epoch"] == 1 and 5 < ck["epoch_step"] < TWO_RANK_STEPS_PER_EPOCH  # the all-reduce agreed on it
     assert_ok(run_distcls("train", [f"run.out_dir={out}", *TWO_RANK, "--resume", "auto"], nproc=2))
     a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert max_weight_diff(a["model"], b["model"]) == 0.0

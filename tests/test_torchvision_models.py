@@ -2,6 +2,8 @@
 transfer from torchvision weights in a local hub cache, restored for inference; bad names and
 arguments are one-line errors."""
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -109,12 +111,19 @@ def test_torchvision_models_train_at_world_size_2(tmp_path):
         # 32x32: at 16x16 ResNet-101's last stage is 1x1, and BatchNorm over 2 values per rank (batch 4 / 2 ranks) diverges
         args = [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"]
         with open(tmp_path / f"{name}.out", "w") as stdout, open(tmp_path / f"{name}.err", "w") as stderr:
-            runs[name] = subprocess.Popen(distcls_cmd("train", args, nproc=2), cwd=ROOT, env=child_env(), stdout=stdout, stderr=stderr)
-    for name, proc in runs.items():
-        assert proc.wait(timeout=900) == 0, f"{name}: exit {proc.returncode}\n{(tmp_path / f'{name}.err').read_text()[-5000:]}"
-        out = tmp_path / name
-        assert json.loads((out / "summary.json").read_text())["world_size"] == 2
-        assert load_ckpt(out / "checkpoints/last.pt")["model"][heads[name]].shape[0] == 5
+            runs[name] = subprocess.Popen(distcls_cmd("train", args, nproc=2), cwd=ROOT, env=child_env(), stdout=stdout, stderr=stderr,
+                                          start_new_session=True)
+    try:
+        for name, proc in runs.items():
+            assert proc.wait(timeout=900) == 0, f"{name}: exit {proc.returncode}\n{(tmp_path / f'{name}.err').read_text()[-5000:]}"
+            out = tmp_path / name
+            assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+            assert load_ckpt(out / "checkpoints/last.pt")["model"][heads[name]].shape[0] == 5
+    finally:  # a failed test leaves no job training beside the next tests
+        for proc in runs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def test_googlenet_from_torchvision_weights_normalizes_its_input_as_torchvision(tmp_path, monkeypatch):

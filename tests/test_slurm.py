@@ -91,15 +91,23 @@ def submit(cluster: LocalSlurm, script: str, log_dir: Path, args, sbatch_opts=()
     return Job(cluster, proc.stdout.strip().split(";")[0], log)
 
 
-def submit_layout(cluster, script, log_dir, args) -> Job:
-    opts, env, _ = LAYOUTS[script]
-    return submit(cluster, script, log_dir, args, opts, env)
+def submit_layout(cluster, script, log_dir, args, env=None) -> Job:
+    opts, layout_env, _ = LAYOUTS[script]
+    return submit(cluster, script, log_dir, args, opts, {**layout_env, **(env or {})})
+
+
+def pause_at_first_checkpoint(mark: Path) -> dict:
+    """The environment of a job whose rank 0 waits after its first checkpoint until a stop signal
+    reaches it (tests/pause_hook; `mark` tells the requeued process not to wait): the requeue does
+    not race the end of the training, however loaded the machine is."""
+    return {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "pause_hook"), str(ROOT)]), "DISTCLS_TEST_PAUSE_MARK": str(mark)}
 
 
 def _signal_at_first_checkpoint(cluster: LocalSlurm, jobs: dict, base: Path, timeout: float) -> None:
     """SIGUSR1 to each job's batch shell (as `#SBATCH --signal=B:USR1@180` sends it) as soon as its
-    run.out_dir (base/<script>) holds a checkpoint: a job that is training. Why a job could not be
-    signalled is left in its signal_problem, for the requeue test to report."""
+    run.out_dir (base/<script>) holds a checkpoint: a job that is training (and waits there for the
+    signal: pause_at_first_checkpoint). Why a job could not be signalled is left in its
+    signal_problem, for the requeue test to report."""
     pending = dict(jobs)
     deadline = time.monotonic() + timeout
     while pending:
@@ -125,7 +133,8 @@ def default_runs(cluster, tmp_path_factory):
     """The default config through each script, submitted together; the REQUEUED ones are signalled
     once their first checkpoint is written, so they requeue once and resume."""
     base = tmp_path_factory.mktemp("slurm_default")
-    jobs = {s: submit_layout(cluster, s, base, ["configs/default.yaml", f"run.out_dir={base / s}", *QUIET]) for s in LAYOUTS}
+    jobs = {s: submit_layout(cluster, s, base, ["configs/default.yaml", f"run.out_dir={base / s}", *QUIET],
+                             pause_at_first_checkpoint(base / f"{s}.paused") if s in REQUEUED else None) for s in LAYOUTS}
     _signal_at_first_checkpoint(cluster, {s: jobs[s] for s in REQUEUED}, base, timeout=300)
     for job in jobs.values():
         job.wait()
@@ -166,6 +175,8 @@ def test_usr1_saves_requeues_once_and_the_job_finishes_as_if_never_stopped(defau
     assert log.count("distcls-slurm: requeueing job") == 1, log[-5000:]
     assert "stopped by SIGTERM; checkpoint saved to" in log
     assert "resumed from" in log and "restart 1 on" in log
+    assert (base / f"{script}.paused").exists()  # it waited for the signal at its first checkpoint (epoch 1's end)
+    assert "at epoch 2, step 1 of the epoch" in log  # so it stopped at the next step
     resumed = datetime.time.fromisoformat(re.findall(r"^\[(\d\d:\d\d:\d\d)\] resumed from", log, re.M)[0])
     round_trip = (datetime.datetime.combine(job.signalled_at.date(), resumed) - job.signalled_at).total_seconds()
     print(f"{script}: requeue round trip (signal -> training resumed) {round_trip:.0f} s")

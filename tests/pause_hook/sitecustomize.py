@@ -1,13 +1,30 @@
-"""A test hook, on the PYTHONPATH of a run that a test stops from outside (tests/test_resume.py):
-rank 0's run waits right after it writes the train record of step DISTCLS_TEST_PAUSE_AT ("EPOCH:STEP",
-as metrics.jsonl numbers them) until the file DISTCLS_TEST_PAUSE_GATE exists (at most 600 s). The test
-sees that record, sends its signal or kill -9, then creates the gate: the signal lands at that step
-however loaded the machine is (without the pause it had about a second of steps to land in). The
-other ranks wait in the next step's all-reduce meanwhile. The run's numbers are unchanged."""
+"""Test hooks, on the PYTHONPATH of a run that a test stops from outside, so that the stop lands
+where the test wants it however loaded the machine is (the run's numbers are unchanged):
+
+- DISTCLS_TEST_PAUSE_AT="EPOCH:STEP" (as metrics.jsonl numbers them) and DISTCLS_TEST_PAUSE_GATE=FILE
+  (tests/test_resume.py): rank 0 waits right after it writes that step's train record until FILE
+  exists. The test sees the record, sends its signal or kill -9, then creates FILE. Without the pause
+  the signal had about a second of steps to land in.
+- DISTCLS_TEST_PAUSE_MARK=FILE (tests/test_slurm.py's requeued jobs): rank 0 waits after its first
+  checkpoint until a stop signal has reached it, then creates FILE, so a later process of the job (the
+  requeued one) does not wait. The test sends SIGUSR1 to the batch shell once that checkpoint exists;
+  without the pause the signal's way through SLURM raced the rest of the training.
+
+Every wait ends after 600 s at most. The other ranks wait in their next collective meanwhile."""
 import os
 
-if os.environ.get("DISTCLS_TEST_PAUSE_AT"):
+_RANK_0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def _wait_until(done, bound_s: float = 600) -> None:
     import time
+
+    deadline = time.monotonic() + bound_s
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+if _RANK_0 and os.environ.get("DISTCLS_TEST_PAUSE_AT"):
     from pathlib import Path
 
     from distcls.tracking import metrics
@@ -19,8 +36,30 @@ if os.environ.get("DISTCLS_TEST_PAUSE_AT"):
     def _write_then_pause(self, record: dict) -> None:
         _write(self, record)
         if record.get("split") == "train" and (record.get("epoch"), record.get("epoch_step")) == _at:
-            deadline = time.monotonic() + 600
-            while not _gate.exists() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            _wait_until(_gate.exists)
 
     metrics.MetricsLog.write = _write_then_pause
+
+if _RANK_0 and os.environ.get("DISTCLS_TEST_PAUSE_MARK"):
+    from pathlib import Path
+
+    from distcls import signals
+    from distcls.checkpoint import checkpointer
+
+    _mark = Path(os.environ["DISTCLS_TEST_PAUSE_MARK"])
+    _handle, _save = signals.StopRequest._handle, checkpointer.Checkpointer.save
+    _caught = []
+
+    def _handle_and_note(self, signum, frame):
+        _caught.append(signum)
+        return _handle(self, signum, frame)
+
+    def _save_then_pause(self, *args, **kwargs):
+        saved = _save(self, *args, **kwargs)
+        if saved is not None and not _mark.exists():
+            _wait_until(lambda: bool(_caught))
+            _mark.touch()
+        return saved
+
+    signals.StopRequest._handle = _handle_and_note
+    checkpointer.Checkpointer.save = _save_then_pause

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,30 @@ def distcls_cmd(module: str, args, nproc: int = 1, torchrun_args=()) -> list:
 def run_distcls(module: str, args, nproc: int = 1, cwd=None, env=None, timeout: int = 900, torchrun_args=()):
     return subprocess.run(distcls_cmd(module, [str(a) for a in args], nproc, torchrun_args), cwd=cwd or ROOT,
                           env=child_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def kill_process_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and every process under it, if it still runs (a failed test's job must not
+    train beside the next tests): torchrun's workers lead sessions of their own, so a process group
+    kill would miss them. The children first, so none is re-parented out of reach."""
+    if proc.poll() is not None:
+        return
+
+    def descendants(pid: int) -> list:
+        try:
+            children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                        for c in (task / "children").read_text().split()]
+        except OSError:  # it ended meanwhile
+            return []
+        return [d for c in children for d in [*descendants(c), c]]
+
+    for pid in descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    proc.wait()
 
 
 def load_ckpt(path) -> dict:

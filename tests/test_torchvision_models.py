@@ -2,8 +2,6 @@
 transfer from torchvision weights in a local hub cache, restored for inference; bad names and
 arguments are one-line errors."""
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -103,7 +101,7 @@ def test_frozen_transfer_of_a_non_resnet_from_the_hub_cache(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_torchvision_models_train_at_world_size_2(tmp_path):
     import subprocess
-    from conftest import ROOT, child_env, distcls_cmd
+    from conftest import ROOT, child_env, distcls_cmd, kill_process_tree
     heads = {"resnet101": "fc.weight", "mobilenet_v3_small": "classifier.3.weight"}
     runs = {}
     for name in heads:  # both jobs at once: independent torchrun jobs, mostly start-up (imports)
@@ -111,8 +109,7 @@ def test_torchvision_models_train_at_world_size_2(tmp_path):
         # 32x32: at 16x16 ResNet-101's last stage is 1x1, and BatchNorm over 2 values per rank (batch 4 / 2 ranks) diverges
         args = [f"run.out_dir={out}", f"model.name=torchvision:{name}", *FAST, *TINY, "data.synthetic.size=32"]
         with open(tmp_path / f"{name}.out", "w") as stdout, open(tmp_path / f"{name}.err", "w") as stderr:
-            runs[name] = subprocess.Popen(distcls_cmd("train", args, nproc=2), cwd=ROOT, env=child_env(), stdout=stdout, stderr=stderr,
-                                          start_new_session=True)
+            runs[name] = subprocess.Popen(distcls_cmd("train", args, nproc=2), cwd=ROOT, env=child_env(), stdout=stdout, stderr=stderr)
     try:
         for name, proc in runs.items():
             assert proc.wait(timeout=900) == 0, f"{name}: exit {proc.returncode}\n{(tmp_path / f'{name}.err').read_text()[-5000:]}"
@@ -121,9 +118,7 @@ def test_torchvision_models_train_at_world_size_2(tmp_path):
             assert load_ckpt(out / "checkpoints/last.pt")["model"][heads[name]].shape[0] == 5
     finally:  # a failed test leaves no job training beside the next tests
         for proc in runs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            kill_process_tree(proc)
 
 
 def test_googlenet_from_torchvision_weights_normalizes_its_input_as_torchvision(tmp_path, monkeypatch):

@@ -10,13 +10,14 @@ where the test wants it however loaded the machine is (the run's numbers are unc
   requeued one) does not wait. The test sends SIGUSR1 to the batch shell once that checkpoint exists;
   without the pause the signal's way through SLURM raced the rest of the training.
 
-Every wait ends after 600 s at most. The other ranks wait in their next collective meanwhile."""
+Every wait ends after 300 s at most (well within the other ranks' collective timeout, dist.timeout_s=600,
+as they wait in their next collective meanwhile); the mark is only made when the signal came."""
 import os
 
 _RANK_0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
-def _wait_until(done, bound_s: float = 600) -> None:
+def _wait_until(done, bound_s: float = 300) -> None:
     import time
 
     deadline = time.monotonic() + bound_s
@@ -58,7 +59,8 @@ if _RANK_0 and os.environ.get("DISTCLS_TEST_PAUSE_MARK"):
         saved = _save(self, *args, **kwargs)
         if saved is not None and not _mark.exists():
             _wait_until(lambda: bool(_caught))
-            _mark.touch()
+            if _caught:
+                _mark.touch()
         return saved
 
     signals.StopRequest._handle = _handle_and_note

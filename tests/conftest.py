@@ -42,6 +42,14 @@ def run_distcls(module: str, args, nproc: int = 1, cwd=None, env=None, timeout: 
                           env=child_env(env), capture_output=True, text=True, timeout=timeout)
 
 
+def child_pids(pid: int) -> list:
+    """The processes that `pid` started and that still run (from /proc; [] once it has ended)."""
+    try:
+        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except OSError:  # it ended meanwhile
+        return []
+
+
 def kill_process_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process and every process under it, if it still runs (a failed test's job must not
     train beside the next tests): torchrun's workers lead sessions of their own, so a process group
@@ -50,12 +58,7 @@ def kill_process_tree(proc: subprocess.Popen) -> None:
         return
 
     def descendants(pid: int) -> list:
-        try:
-            children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                        for c in (task / "children").read_text().split()]
-        except OSError:  # it ended meanwhile
-            return []
-        return [d for c in children for d in [*descendants(c), c]]
+        return [d for c in child_pids(pid) for d in [*descendants(c), c]]
 
     for pid in descendants(proc.pid):
         try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, cli_in_process, distcls_cmd, kill_process_tree, load_ckpt,
+from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, child_pids, cli_in_process, distcls_cmd, kill_process_tree, load_ckpt,
                       max_weight_diff, run_distcls, train_in_process)
 from distcls import evaluate, predict, train
 from distcls.tracking.metrics import read_jsonl
@@ -148,7 +148,7 @@ def reference2(tmp_path_factory):
 
 
 def _worker_pid(torchrun: subprocess.Popen, rank: int) -> int:
-    children = [int(p) for p in Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()]
+    children = child_pids(torchrun.pid)
     found = [p for p in children if f"\x00RANK={rank}\x00".encode() in b"\x00" + Path(f"/proc/{p}/environ").read_bytes()]
     assert len(found) == 1, children
     return found[0]

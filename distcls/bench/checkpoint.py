@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distcls.bench.common import child_env, machine, run_train, summary, train_cmd
+from distcls.bench.common import child_env, last_line, machine, run_train, summary, train_cmd
 from distcls.cli import positive_int
 from distcls.errors import UserError
 
@@ -89,7 +89,7 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
     while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= SIGTERM_AFTER_STEPS):
         time.sleep(0.01)
     if proc.poll() is not None:
-        raise UserError(f"the SIGTERM run exited {proc.returncode} before it was sent SIGTERM: {_last_line(proc.stderr.read())}")
+        raise UserError(f"the SIGTERM run exited {proc.returncode} before it was sent SIGTERM: {last_line(proc.stderr.read())}")
     t = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -115,8 +115,3 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
         # where the stopped run's checkpoint resumes (mid-epoch unless the epoch ended before the signal was handled)
         "sigterm_saved_at": {k: saved.get(k) for k in ("epoch", "epoch_step", "step")},
     }
-
-
-def _last_line(text: str) -> str:
-    lines = text.strip().splitlines()
-    return lines[-1] if lines else ""

@@ -28,14 +28,19 @@ def summary(out: Path) -> dict:
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def last_line(text: str) -> str:
+    """The last non-empty line of a process's output ('' when there is none): what a failure quotes."""
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def run_train(args, nproc: int = 1) -> None:
     """`python -m distcls.train args` (torchrun for nproc > 1); a failure is a UserError quoting its error line."""
     from distcls.errors import UserError
 
     proc = subprocess.run(train_cmd(args, nproc), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines()
-        reason = next((l for l in lines if l.startswith("distcls: error: ")), lines[-1] if lines else "")
+        reason = next((l for l in proc.stderr.splitlines() if l.startswith("distcls: error: ")), last_line(proc.stderr))
         raise UserError(f"distcls.train ({nproc} process{'es' if nproc > 1 else ''}) exited {proc.returncode}: "
                         f"{reason.removeprefix('distcls: error: ')[:500]}")
 

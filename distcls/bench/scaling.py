@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distcls.bench.common import child_env, machine, train_cmd
+from distcls.bench.common import child_env, last_line, machine, train_cmd
 from distcls.errors import UserError
 
 
@@ -38,7 +38,7 @@ def _run(cmd: list) -> float:
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if proc.returncode != 0:
-        raise UserError(f"`{' '.join(cmd[-6:])}` exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
+        raise UserError(f"`{' '.join(cmd[-6:])}` exited {proc.returncode}: {last_line(proc.stderr)}")
     return time.perf_counter() - t
 
 

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from distcls.bench.common import child_env, machine, train_cmd
+from distcls.bench.common import child_env, last_line, machine, train_cmd
 from distcls.errors import UserError
 
 SYNTHETIC_CIFAR = ["data.name=synthetic", "data.synthetic.size=32", "data.synthetic.channels=3", "data.synthetic.train_samples=512"]
@@ -64,7 +64,7 @@ def _first_step(overrides: list, out: Path) -> tuple[float, float]:
     _, err = proc.communicate()
     exit_s = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise UserError(f"`{' '.join(cmd[2:])}` exited {proc.returncode}: {err.strip().splitlines()[-1] if err.strip() else ''}")
+        raise UserError(f"`{' '.join(cmd[2:])}` exited {proc.returncode}: {last_line(err)}")
     return (first if first is not None else exit_s), exit_s
 
 

@@ -107,5 +107,9 @@ def _scontrol_hostnames(nodelist: str) -> Optional[list]:
 
 
 def hostnames(nodelist: str) -> list:
-    """Host names of a SLURM nodelist: scontrol's answer when it can give one, else `expand`'s."""
+    """Host names of a SLURM nodelist: scontrol's answer when it can give one, else `expand`'s.
+
+    SLURM is the authority on its own syntax: a list scontrol accepts is expanded as scontrol says
+    even where `expand` would refuse it (Debian's scontrol 22.05 reads `[broken` as `broken`); only a
+    list scontrol refuses too, or any list where scontrol is missing, meets `expand`'s error."""
     return _scontrol_hostnames(nodelist) or expand(nodelist)

@@ -75,8 +75,11 @@ def test_one_srun_task_or_the_batch_shell_is_one_process(launch_env):
     (srun_task(0, 0, "abc"), "SLURM_NTASKS='abc' is not an integer"),
     (srun_task(0, 0, 2, SLURM_JOB_NODELIST="[broken"), "SLURM_JOB_NODELIST='[broken'"),
 ])
-def test_inconsistent_srun_layouts_are_clear_errors(launch_env, task, fragment):
+def test_inconsistent_srun_layouts_are_clear_errors(launch_env, monkeypatch, task, fragment):
     launch_env(**task)
+    # distcls's own nodelist parser (no scontrol on PATH), whatever this machine has installed: with
+    # scontrol, SLURM's answer is the authority (test_nodelist tests both paths)
+    monkeypatch.setenv("PATH", "")
     with pytest.raises(UserError) as info:
         dist.detect("cpu")
     assert fragment in str(info.value)

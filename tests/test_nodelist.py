@@ -45,10 +45,16 @@ def test_the_parser_expands_as_slurm_does(text, hosts):
     assert nodelist.expand(text) == hosts
 
 
-@pytest.mark.parametrize("text", ["x[1-3]y", "a[1-2]b", "a[3-1]", "a[]", "ab[x-y]", "a[1-2", "a]1[", "a[[1]]", "", " , "])
-def test_a_nodelist_slurm_calls_invalid_is_a_clear_error(text):
+INVALID = ["x[1-3]y", "a[1-2]b", "a[3-1]", "a[]", "ab[x-y]", "a[1-2", "a]1[", "a[[1]]", "", " , ", "[broken"]
+
+
+@pytest.mark.parametrize("text", INVALID)
+def test_a_nodelist_the_parser_refuses_is_a_clear_error_without_scontrol(text, monkeypatch):
     with pytest.raises(UserError, match="cannot parse SLURM_JOB_NODELIST=.*set MASTER_ADDR explicitly"):
         nodelist.expand(text)
+    monkeypatch.setenv("PATH", "")  # no scontrol: the product path is the parser's
+    with pytest.raises(UserError, match="cannot parse SLURM_JOB_NODELIST=.*set MASTER_ADDR explicitly"):
+        nodelist.hostnames(text)
 
 
 def test_srun_tasks_rendezvous_at_the_first_host_slurm_names(monkeypatch):
@@ -106,3 +112,13 @@ def test_the_parser_agrees_with_scontrol_on_generated_nodelists(tmp_path, monkey
         assert proc.returncode == 0 and not proc.stderr, (text, proc.stderr)
         assert nodelist.expand(text) == proc.stdout.split(), text
         assert nodelist.hostnames(text) == proc.stdout.split(), text  # the product path: scontrol itself
+
+    # lists distcls's parser refuses: scontrol is the authority where it is installed (its answer is
+    # used, whatever its version makes of the list), the parser's one-line error where scontrol refuses too
+    for text in INVALID:
+        proc = subprocess.run(["scontrol", "show", "hostnames", "--", text], capture_output=True, text=True, timeout=60)
+        if proc.returncode == 0 and not proc.stderr.strip() and proc.stdout.split() and not proc.stdout.startswith("Invalid"):
+            assert nodelist.hostnames(text) == proc.stdout.split(), text
+        else:
+            with pytest.raises(UserError, match="cannot parse SLURM_JOB_NODELIST"):
+                nodelist.hostnames(text)

@@ -161,6 +161,36 @@ def _check_zip_integrity(p: Path, what: str) -> None:
         raise UnreadableCheckpoint(f"{what} {p} is corrupt: its entry {bad} fails the archive's CRC-32 check (flipped bits or a torn copy)")
 
 
+# What distcls.export writes, as a reader names it (model_file_kind's answers).
+EXPORT_KINDS = {"torchscript": "a TorchScript model (distcls.export --format torchscript; load it with torch.jit.load)",
+                "exported": "a torch.export archive (distcls.export --format exported; load it with torch.export.load)",
+                "onnx": "an ONNX model (distcls.export --format onnx; run it with onnxruntime)"}
+
+
+def model_file_kind(path) -> Optional[str]:
+    """What a model file is, from its contents: 'checkpoint' (a torch.save archive), 'torchscript',
+    'exported' (torch.export), 'onnx', or None (none of these; empty, unreadable)."""
+    p = Path(path)
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as archive:
+                names = archive.namelist()
+            ends = lambda suffix: any(n.endswith(suffix) for n in names)  # noqa: E731  (members sit under one top folder)
+            if ends("/archive_format"):
+                return "exported"
+            if ends("/code/__torch__.py") or ends("/constants.pkl"):
+                return "torchscript"
+            return "checkpoint" if ends("data.pkl") else None
+        with open(p, "rb") as f:
+            head = f.read(64)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None
+    # ONNX: a ModelProto, whose first field is ir_version (tag 0x08); exporters name themselves next (producer_name, tag 0x12)
+    if head[:1] == b"\x08" and b"\x12" in head[2:4]:
+        return "onnx"
+    return None
+
+
 def load_weights_only(path, what: str = "checkpoint"):
     """torch.load(path, weights_only=True) on CPU, with errors a user can act on.
 
@@ -178,6 +208,10 @@ def load_weights_only(path, what: str = "checkpoint"):
         is_zip = zipfile.is_zipfile(p)
     except OSError as exc:
         raise UnreadableCheckpoint(f"{what} {path} cannot be read ({first_line(exc)})") from None
+    kind = model_file_kind(p)
+    if kind in EXPORT_KINDS:
+        raise UnreadableCheckpoint(f"{what} {path} is {EXPORT_KINDS[kind]}, not a training checkpoint: give the checkpoint "
+                                   "it was exported from (e.g. runs/NAME/checkpoints/best.pt)")
     if is_zip:
         _check_zip_integrity(p, what)
     try:

@@ -1,7 +1,8 @@
 """What every distcls command shares: argument errors as one line, exit codes, tracebacks.
 
 A `UserError` anywhere -> `distcls: error: <message>` on stderr and exit 2 (no traceback).
-A run stopped by a signal returns exit 3 itself; divergence -> exit 4; anything else -> the real traceback, exit 1.
+A run stopped by a signal returns exit 3 itself; divergence -> exit 4; a closed stdout pipe (`| head`)
+-> exit 141 without a word, as `cat` ends; anything else -> the real traceback, exit 1.
 
 Under a launcher (torchrun, srun) every rank usually meets the same error, but one line must reach
 the user whichever rank fails first. Rank 0 reports at once and exits; any other rank waits up to
@@ -20,7 +21,7 @@ import time
 import traceback
 from typing import Callable, Sequence
 
-from distcls.errors import ExitCode, SecondInterrupt, TrainingDiverged, UserError
+from distcls.errors import ExitCode, OutputWriteFailed, SecondInterrupt, TrainingDiverged, UserError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -96,6 +97,10 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(args) or ExitCode.OK
+    except OutputWriteFailed as exc:  # a full disk, quota or I/O error: its own exit code
+        leave_rank_0_time_to_report()
+        report("error", exc)
+        return ExitCode.WRITE_FAILED
     except UserError as exc:  # ConfigError included
         if debug_flag in args:
             traceback.print_exc()
@@ -113,6 +118,19 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
     except KeyboardInterrupt:  # a first Ctrl-C before the run caught signals: while starting up or waiting for the other ranks
         report("stopped", "interrupted (Ctrl-C) while starting up, before training began; nothing was written")
         return 130
+    except BrokenPipeError:  # stdout's reader left (`... --json | head -1`): end quietly, as `cat` does
+        _quiet_stdout()
+        return ExitCode.CLOSED_PIPE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of the closed pipe says nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout has no descriptor (replaced in-process)
+        pass
 
 
 def exit_with(main: Callable[[Sequence[str]], int]) -> None:

@@ -23,6 +23,7 @@ from distcls.config import Config
 from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
 from distcls.dist import DistEnv
+from distcls.errors import ConfigError
 from distcls.engine import EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
 from distcls.models import build_model, check_forward
 
@@ -120,6 +121,11 @@ def build_ema(cfg: Config, module: nn.Module, steps_per_epoch: int) -> tuple[Opt
     e = cfg.train.ema
     if not e.enabled:
         return None, None
+    total_steps = steps_per_epoch * cfg.train.epochs
+    if total_steps < e.every_steps:  # it would stay the initial (random) weights, evaluated and reported as the EMA
+        raise ConfigError(f"train.ema.every_steps={e.every_steps}, but this run makes only {total_steps} optimizer steps "
+                          f"({cfg.train.epochs} epochs of {steps_per_epoch}): its model EMA would never update; set "
+                          f"train.ema.every_steps <= {total_steps}, train for more steps, or set train.ema.enabled=false")
     decay = adjusted_decay(e.decay, cfg.data.batch_size, e.every_steps, cfg.train.epochs) if e.adjust_decay else e.decay
     warmup = int(round(cfg.sched.warmup_epochs * steps_per_epoch)) if e.warmup_copy else 0
     return ModelEMA(module, decay), EMASchedule(e.every_steps, warmup)

@@ -486,8 +486,15 @@ def _finite(value: float, path: str) -> None:
 
 
 def _number_list(value, path: str, length: Optional[int] = None) -> None:
+    """Check a list of numbers; entries YAML 1.1 read as strings (`2e-2`, no dot) become floats, in place, as scalars do."""
     if value is None:
         return
+    for i, v in enumerate(value):
+        if isinstance(v, str):
+            try:
+                value[i] = float(v)
+            except ValueError:
+                pass
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or (length and len(value) != length):
         want = f"{length} numbers" if length else "a list of numbers"
         raise ConfigError(f"config key '{path}' must be {want}, got {value!r}")

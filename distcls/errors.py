@@ -13,6 +13,7 @@ class ExitCode:
     PREEMPTED = 3  # SIGTERM/SIGUSR1/Ctrl-C: a resumable checkpoint was saved
     DIVERGED = 4  # non-finite loss with train.nonfinite=abort (or skipped steps above train.max_skipped_fraction)
     WRITE_FAILED = 5  # a checkpoint could not be written (disk full, I/O error); the previous one is intact
+    CLOSED_PIPE = 141  # stdout's reader went away (`| head -1`): the shell's code for SIGPIPE, as `cat` gives
 
 
 def first_line(exc: BaseException, default: str | None = None, limit: int = 200) -> str:
@@ -54,6 +55,11 @@ class TrainingDiverged(Exception):
     """The loss became non-finite and `train.nonfinite=abort` asked to stop."""
 
 
-class CheckpointWriteFailed(UserError):
+class OutputWriteFailed(UserError):
+    """An output could not be written (disk full, quota, I/O error): one line naming the file and the
+    disk, and the exit code ExitCode.WRITE_FAILED (not a user's mistake, not a crash)."""
+
+
+class CheckpointWriteFailed(OutputWriteFailed):
     """A checkpoint save failed in the filesystem (disk full, quota, I/O error): the message names the
     file, the disk and what is still safe. `python -m distcls.train` exits with ExitCode.WRITE_FAILED."""

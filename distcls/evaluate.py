@@ -37,11 +37,18 @@ def parse_args(argv: Sequence[str]):
     return p.parse_args(argv)
 
 
+def _device_choice(overrides: Sequence[str]) -> str:
+    """dist.device from the overrides (auto: the rank's GPU when there is one); restore() validates it with the rest."""
+    from distcls.config import parse_override
+    chosen = [value for key, value in (parse_override(o) for o in overrides) if key == "dist.device"]
+    return chosen[-1] if chosen and chosen[-1] in ("auto", "cpu", "cuda") else "auto"
+
+
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     if args.out_dir:
         check_output_dir(args.out_dir, "--out-dir")  # before the work, not after it
-    env = dist.detect()
+    env = dist.detect(_device_choice(args.overrides))
     restored = restore(args.checkpoint, env.device, args.overrides, ema=args.ema)
     check_stored_plugins(restored.checkpoint.config, args.checkpoint, args.overrides, sections=("data",))
     cfg, spec = restored.cfg, restored.spec

@@ -24,9 +24,18 @@ place only after that check passed, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import importlib
+import io
+import logging
 import os
+import re
 import shutil
+import signal
+import socket
+import stat
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -37,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distcls.cli import ArgumentParser, exit_with
-from distcls.errors import UserError
+from distcls.errors import OutputWriteFailed, UserError, first_line
 
 # Which weights: the checkpoint's `model` state_dict, or with --ema its model EMA's (restore());
 # nothing below depends on which one it is.
@@ -81,9 +90,20 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=65536)
 
 
+def _write_bytes(path: Path, serialize: Callable[[io.BytesIO], None]) -> None:
+    """Serialize in memory, then write with Python: torch's own file writer aborts the process
+    (C++ terminate, exit 134) when the disk fills; a Python write raises OSError, reported as such."""
+    buffer = io.BytesIO()
+    serialize(buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _write_exported(module: nn.Module, example: torch.Tensor, path: Path) -> None:
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: _batch_dim()}}, strict=False)
-    torch.export.save(program, str(path))
+    _write_bytes(path, lambda buffer: torch.export.save(program, buffer))
 
 
 def _load_exported(path: Path) -> Callable:
@@ -94,7 +114,7 @@ def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript in favour of torch.export; still the format many runtimes load
         traced = torch.jit.trace(module, example, check_trace=False)
-        traced.save(str(path))
+        _write_bytes(path, lambda buffer: torch.jit.save(traced, buffer))
 
 
 def _load_torchscript(path: Path) -> Callable:
@@ -129,6 +149,12 @@ EXPORTERS = {
     "torchscript": (_write_torchscript, _load_torchscript),
     "exported": (_write_exported, _load_exported),
 }
+# When a format cannot capture a model (data-dependent control flow, unsupported ops): the one to try instead.
+OTHER_FORMAT = {
+    "onnx": "try --format torchscript (it traces the path the example input takes; the export's check compares it with the eager model on real images)",
+    "exported": "try --format torchscript (it traces the path the example input takes; the export's check compares it with the eager model on real images)",
+    "torchscript": "try --format exported (torch.export), or make the model traceable",
+}
 
 
 # --------------------------------------------------------------------------- main
@@ -155,7 +181,9 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
     return x.round().clamp(0, 255).to(torch.uint8), f"{len(x)} {split} images of {restored.cfg.data.name}"
 
 
-def _check_out(out: Path, fmt: str) -> None:
+def _check_out(out: Path, fmt: str, checkpoint: str) -> None:
+    """Before any work: --out names a file export may write, and never one it must not replace."""
+    from distcls.atomic_files import EXPORT_KINDS, model_file_kind
     from distcls.rundir import path_name_problem
     problem = path_name_problem(out)
     if problem:
@@ -168,6 +196,85 @@ def _check_out(out: Path, fmt: str) -> None:
         raise UserError(f"--out {out}: directory {out.parent} is not writable")
     if fmt == "exported" and out.suffix != ".pt2":
         raise UserError(f"--format exported writes a torch.export archive, whose name must end in .pt2 (torch.export.load needs it): e.g. --out {out.with_suffix('.pt2')}")
+    try:
+        st = os.stat(out)  # through a symbolic link: what it points at
+    except OSError:
+        return  # nothing there (or a dangling link, which the export replaces)
+    if not stat.S_ISREG(st.st_mode):
+        what = "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
+        raise UserError(f"--out {out} is {what}, not a regular file; export writes a new file: give a file name, e.g. model.{_SUFFIX[fmt]}")
+    try:
+        same = os.path.samefile(out, checkpoint)
+    except OSError:
+        same = False
+    if same:
+        other = out.with_suffix("." + _SUFFIX[fmt])
+        other = other if other != out else out.with_name(f"{out.stem}_model.{_SUFFIX[fmt]}")
+        raise UserError(f"--out {out} is the checkpoint being exported ({checkpoint}); exporting would replace it: "
+                        f"choose another name, e.g. {other}")
+    kind = model_file_kind(out)
+    if kind != fmt:
+        what = EXPORT_KINDS.get(kind) or ("a distcls/torch checkpoint" if kind == "checkpoint" else "not a model file distcls wrote")
+        raise UserError(f"--out {out} exists and is {what}; export replaces only an earlier {fmt} export: "
+                        "choose another name, or move that file away first")
+
+
+_SUFFIX = {"onnx": "onnx", "torchscript": "ts", "exported": "pt2"}
+_STAGING_TAG = "export-staging"
+
+
+def _staging_prefix(out: Path) -> str:
+    """The hidden staging folder's name for --out: `.NAME.export-staging.HOST.PID.` + mkdtemp's random part."""
+    return f".{out.name[:64]}.{_STAGING_TAG}.{socket.gethostname()[:40]}."
+
+
+def _remove_stale_staging(out: Path) -> None:
+    """Staging folders an earlier export of the same --out left (it was killed): on this host, of a process that is gone."""
+    prefix = _staging_prefix(out)
+    for entry in out.parent.glob(f".{out.name[:64]}.{_STAGING_TAG}.*"):
+        pid = entry.name[len(prefix):].split(".", 1)[0] if entry.name.startswith(prefix) else ""
+        if not (pid.isdigit() and entry.is_dir() and not entry.is_symlink()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running: another export of the same file
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except OSError:  # another user's process: not ours to judge
+            continue
+
+
+def _make_staging(out: Path) -> Path:
+    """The staging folder beside --out, made before any work: a directory that refuses new entries
+    (although os.access says it is writable, e.g. /proc) is an error before the checkpoint is read."""
+    _remove_stale_staging(out)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}.", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create files in {out.parent} ({exc.strerror or first_line(exc)}); choose another directory") from None
+
+
+def _write_failed(out: Path, exc: OSError) -> OutputWriteFailed:
+    try:
+        free = f"{shutil.disk_usage(out.parent).free / 2**20:,.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return OutputWriteFailed(f"could not write {out}: {exc.strerror or first_line(exc)} (the disk holding {out.parent}: {free}); nothing was "
+                             f"written{': free some space, or choose another --out' if full else ''}")
+
+
+class _Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise _Interrupted(signum)
+
+
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -177,9 +284,62 @@ def main(argv: Sequence[str]) -> int:
     if not args.tolerance > 0:
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
     out = Path(args.out)
-    _check_out(out, args.format)
     if args.format == "onnx":
         _need_onnx()
+    _check_out(out, args.format, args.checkpoint)
+    previous = {}
+    for name in STOP_SIGNALS:  # a signal ends the export through `finally`: the staging folder goes with it
+        previous[name] = signal.signal(getattr(signal, name), _raise_interrupted)
+    staging = _make_staging(out)  # beside --out: moved into place after the check
+    try:
+        result = _export(args, out, staging)
+    except _Interrupted as exc:
+        from distcls.cli import report
+        report("stopped", f"export interrupted by {exc}; nothing was written")
+        return 128 + exc.signum
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), handler)
+    diff, agree, n, source, spec = result
+    print(f"wrote {out} ({args.format}): input uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}] (0..255, batch N dynamic), "
+          f"output float32 logits [N, {spec.num_classes}]")
+    if n is None:
+        print("check: skipped (--check-images 0)")
+    else:
+        print(f"check: max abs difference of the logits from the eager model {diff:.3g} on {source} "
+              f"(tolerance {args.tolerance:g}); top-1 agrees on {agree}/{n}")
+    return 0
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch's tracers log their guard failures (dozens of lines on stderr) before raising: the
+    exception says it, in one line below."""
+    logging.disable(logging.CRITICAL)  # torch's loggers set their own levels: disable them all, for the capture only
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # and the graph it prints on a failed capture
+            yield
+    except BaseException:
+        raise
+    else:
+        sys.stderr.write(said.getvalue())  # a capture that worked: its warnings are the user's to see
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause of an exporter's failure (the ONNX exporter wraps torch.export's), one plain line."""
+    seen = [exc]
+    while seen[-1].__cause__ is not None and len(seen) < 10:
+        seen.append(seen[-1].__cause__)
+    root = seen[-1]
+    return re.sub(r"\x1b\[[0-9;]*m", "", f"{type(root).__name__}: {first_line(root, limit=400)}")
+
+
+def _export(args, out: Path, staging: Path) -> tuple:
+    """Restore, write into `staging`, load back and check, then move into place. (diff, agree, images checked, source, spec)."""
     from distcls.inference import restore
 
     restored = restore(args.checkpoint, torch.device("cpu"), args.overrides, ema=args.ema)
@@ -188,37 +348,39 @@ def main(argv: Sequence[str]) -> int:
     module = ExportedClassifier(restored.model, spec.mean, spec.std).eval()
     example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)  # 2: a batch dim that is not 1
     write, load = EXPORTERS[args.format]
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name[:64]}.", dir=out.parent))  # beside --out: moved into place after the check
+    staged = staging / out.name
     try:
-        staged = staging / out.name
-        write(module, example, staged)
-        exported = load(staged)
-        with torch.no_grad():
-            probe = torch.randint(0, 256, (3, *example.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-            got = exported(probe)  # another batch size than the example's: the batch dimension is dynamic
-            if tuple(got.shape) != (3, spec.num_classes):
-                raise RuntimeError(f"the exported model returned shape {tuple(got.shape)} for a batch of 3, expected (3, {spec.num_classes})")
-            if images is not None:
-                eager = restored.model(restored.preprocess(images, torch.arange(len(images)), 0, train=False))
-                diff = (exported(images).float() - eager.float()).abs().max().item()
-                agree = int((exported(images).argmax(1) == eager.argmax(1)).sum())
-        if images is not None and not diff <= args.tolerance:
-            raise UserError(f"the exported model differs from the eager one by up to {diff:.3g} on {source} (--tolerance {args.tolerance:g}); "
-                            "nothing was written")
+        with _quiet_torch_logs():
+            write(module, example, staged)
+    except OSError as exc:
+        raise _write_failed(out, exc) from None
+    except (UserError, _Interrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the exporter could not capture the model: torch's reason, in one line
+        raise UserError(f"--format {args.format} cannot capture model {restored.cfg.model.name}: {_reason(exc)}; "
+                        f"{OTHER_FORMAT[args.format]}; nothing was written") from None
+    exported = load(staged)
+    diff = agree = None
+    with torch.no_grad():
+        probe = torch.randint(0, 256, (3, *example.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        got = exported(probe)  # another batch size than the example's: the batch dimension is dynamic
+        if tuple(got.shape) != (3, spec.num_classes):
+            raise RuntimeError(f"the exported model returned shape {tuple(got.shape)} for a batch of 3, expected (3, {spec.num_classes})")
+        if images is not None:
+            eager = restored.model(restored.preprocess(images, torch.arange(len(images)), 0, train=False))
+            diff = (exported(images).float() - eager.float()).abs().max().item()
+            agree = int((exported(images).argmax(1) == eager.argmax(1)).sum())
+    if images is not None and not diff <= args.tolerance:
+        raise UserError(f"the exported model differs from the eager one by up to {diff:.3g} on {source} (--tolerance {args.tolerance:g}); "
+                        "nothing was written")
+    try:
         for f in sorted(staging.iterdir()):  # FILE (and FILE.data for a big ONNX model)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(f, out.parent / f.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    print(f"wrote {out} ({args.format}): input uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}] (0..255, batch N dynamic), "
-          f"output float32 logits [N, {spec.num_classes}]")
-    if images is None:
-        print("check: skipped (--check-images 0)")
-    else:
-        print(f"check: max abs difference of the logits from the eager model {diff:.3g} on {source} "
-              f"(tolerance {args.tolerance:g}); top-1 agrees on {agree}/{len(images)}")
-    return 0
+    except OSError as exc:
+        raise _write_failed(out, exc) from None
+    return diff, agree, None if images is None else len(images), source, spec
 
 
 def cli() -> None:

@@ -62,6 +62,9 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     point = ResumePoint(path, read_checkpoint(path, "--checkpoint", resume=False))
     if ema and not point.state("ema"):
         raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema")
+    if ema and not point.state("ema").get("updates"):
+        raise UserError(f"checkpoint {path}: its model EMA never updated (saved before its first update, every "
+                        f"train.ema.every_steps steps): it holds the initial weights; leave out --ema")
     base = copy.deepcopy(point.config)
     check_stored_plugins(base, path, overrides)
     trained_from = base["model"].get("pretrained")  # torchvision weights: their preprocessing was the run's

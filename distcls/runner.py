@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import torch.nn as nn
 
 from distcls import config as config_mod
 from distcls import dist
@@ -44,6 +45,12 @@ class Stopped:
     """The run stopped at a step boundary on a signal; `checkpoint` resumes it exactly."""
     signal_name: str
     checkpoint: Optional[Path]
+
+
+def _has_per_rank_batchnorm(module: nn.Module) -> bool:
+    """BatchNorm layers that train on each rank's share of the batch alone (not SyncBatchNorm, not frozen)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm) and m.training
+               and m.track_running_stats for m in module.modules())
 
 
 class TrainingRun:
@@ -230,12 +237,20 @@ class TrainingRun:
             f"val {len(data.splits.val) if data.splits.val else 0} / test {len(data.splits.test)} | world {env.world_size} "
             f"({env.launcher}, {env.device.type}, {env.backend if env.distributed else 'no process group'}) | "
             f"global batch {cfg.data.batch_size}, {parts.train.sampler.steps_per_epoch} steps/epoch")
+        per_rank_bn = _has_per_rank_batchnorm(parts.module)
+        if per_rank_bn and env.world_size > 1:
+            self._warn_main(f"{cfg.model.name} has BatchNorm layers that normalize each rank's {cfg.data.batch_size // env.world_size} images "
+                            f"on their own (train.sync_bn=false{'; SyncBatchNorm needs CUDA GPUs' if env.device.type != 'cuda' else ''}): "
+                            f"its weights depend on the world size ({env.world_size}), unlike a model without BatchNorm")
         resumed = self.resumed_from
         if resumed:
             self.console.info(f"resumed from {resumed['path']} at epoch {progress.epoch + 1}, step {progress.epoch_step} of the epoch")
             if resumed["world_size"] != env.world_size:
                 self.console.info(f"the checkpoint was saved at world size {resumed['world_size']}; resuming at world size "
                                   f"{env.world_size} (same global batch {cfg.data.batch_size}, same sample order)")
+                if per_rank_bn:
+                    self._warn_main(f"{cfg.model.name}'s BatchNorm normalizes per rank: from here on the run differs from one "
+                                    f"that stays at world size {resumed['world_size']} (set train.sync_bn=true on GPUs to avoid it)")
 
     # ----------------------------------------------------------------- records
 
@@ -293,11 +308,13 @@ class TrainingRun:
         new_best, val_record = False, None
         if parts.val is not None:
             result = self._evaluate(parts, parts.module, parts.val)
-            ema = self._evaluate(parts, parts.ema.module, parts.val) if parts.ema is not None else None
-            followed = (ema if cfg.checkpoint.best_metric == "val_ema_acc" else result).acc  # what best.pt follows
-            new_best = followed > progress.best_metric
-            progress.best_metric = max(progress.best_metric, followed)
-            val_record = self._record(parts, "val", epoch, result, count=result.count, **self._ema_fields(ema))
+            # an EMA that has not updated yet is the initial weights: neither evaluated nor followed by best.pt
+            ema = self._evaluate(parts, parts.ema.module, parts.val) if parts.ema is not None and parts.ema.updates else None
+            followed = ema if cfg.checkpoint.best_metric == "val_ema_acc" else result  # what best.pt follows
+            new_best = followed is not None and followed.acc > progress.best_metric
+            if followed is not None:
+                progress.best_metric = max(progress.best_metric, followed.acc)
+            val_record = self._record(parts, "val", epoch, result, count=result.count, **self._ema_fields(parts, ema))
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
                                progress.best_metric if parts.val is not None else None, new_best)
@@ -309,9 +326,12 @@ class TrainingRun:
                         parts.trainer.memory_format)
 
     @staticmethod
-    def _ema_fields(ema: Optional[EvalResult]) -> dict:
-        """The EMA's numbers beside the weights' in a val/test record (none without train.ema)."""
-        return {} if ema is None else {"ema_loss": ema.loss, "ema_acc": ema.acc}
+    def _ema_fields(parts: Components, ema: Optional[EvalResult]) -> dict:
+        """The EMA's numbers beside the weights' in a val/test record (none without train.ema; only
+        its update count while it has not updated yet)."""
+        if parts.ema is None:
+            return {}
+        return {"ema_updates": parts.ema.updates, **({} if ema is None else {"ema_loss": ema.loss, "ema_acc": ema.acc})}
 
     # ----------------------------------------------------------------- the end
 
@@ -324,7 +344,7 @@ class TrainingRun:
         for bad in sorted({b for loader in loaders for b in loader.dropped}):
             self.console.warn(f"rank {env.rank}: skipped an image that failed to decode: {bad}")
         dropped = dist.all_reduce_sum(torch.tensor([float(sum(len(loader.dropped) for loader in loaders))], device=env.device))
-        self._record(parts, "test", cfg.train.epochs, result, count=result.count, **self._ema_fields(ema))
+        self._record(parts, "test", cfg.train.epochs, result, count=result.count, **self._ema_fields(parts, ema))
         best = progress.best_metric
         summary = {
             "test_acc": result.acc, "test_loss": result.loss, "test_count": result.count,

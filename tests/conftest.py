@@ -24,7 +24,7 @@ def child_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "SLURM_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"  # torch reads either: a user's MKL_NUM_THREADS=2 must not change the sums
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra or {})
     return env
@@ -122,14 +122,17 @@ def cli_in_process(capture, module, args) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(autouse=True)
-def _like_a_fresh_process(monkeypatch):
+def _like_a_fresh_process(monkeypatch, request):
     """In-process runs see what a subprocess of run_distcls sees (child_env): no launcher variables
-    (a suite run inside a SLURM allocation or under torchrun is not a multi-rank launch), and torch's
-    process-wide deterministic-algorithms flag back as it was after each test (--debug and
-    run.deterministic turn it on)."""
+    (a suite run inside a SLURM allocation or under torchrun is not a multi-rank launch), no GPU
+    (CUDA_VISIBLE_DEVICES="" there; here torch.cuda.is_available() is False, except in the tests
+    marked gpu), and torch's process-wide deterministic-algorithms flag back as it was after each
+    test (--debug and run.deterministic turn it on)."""
     for name in list(os.environ):
         if name.startswith(("TORCHELASTIC_", "SLURM_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             monkeypatch.delenv(name)
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the suite's CPU runs stay CPU runs on a GPU host
     deterministic = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(deterministic)

@@ -282,6 +282,7 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """The whole reduced plan: the GPU tests run and skip with their reason, compare, imagefolder
     and startup measure on the CPU, every GPU-only part is listed as skipped; one JSON, one table."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the parts' processes, like every child of the suite (conftest.child_env)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU smoke on a GPU host too: its child pytest skips the GPU tests
     r = _bench(tmp_path, "gpu", "--cpu-smoke")
     assert r["mode"] == "gpu" and r["smoke"] is True and not r["cuda"]
     parts = {p["name"]: p for p in r["parts"]}

@@ -101,3 +101,16 @@ def test_a_key_written_twice_in_a_section_is_an_error_not_silently_dropped(tmp_p
     merged = tmp_path / "merge.yaml"  # a merge key's values may be overridden: that is what it is for
     merged.write_text("data:\n  <<: {name: synthetic, batch_size: 8}\n  batch_size: 16\n")
     assert config.load(str(merged)).data.batch_size == 16
+
+
+def test_exponent_numbers_in_lists_are_numbers_as_in_scalars(tmp_path):
+    """PyYAML reads `2e-2` (no dot) as a string: scalars took it, list keys said "must be 2 numbers"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  augment:\n    erase_scale: [2e-2, 0.33]\n  mean: [5e-1]\n  std: [25e-2]\noptim:\n  lr: 1e-1\n  betas: [9e-1, 0.999]\n")
+    cfg = config.load(str(path))
+    assert cfg.data.augment.erase_scale == [0.02, 0.33] and cfg.data.mean == [0.5] and cfg.data.std == [0.25]
+    assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.lr == 0.1
+    assert all(isinstance(v, float) for v in [*cfg.data.augment.erase_scale, *cfg.data.mean, *cfg.optim.betas])
+    assert config.load(None, ["data.augment.erase_scale=[2e-2,0.4]"]).data.augment.erase_scale == [0.02, 0.4]
+    with pytest.raises(ConfigError, match="'data.augment.erase_scale' must be 2 numbers"):
+        config.load(None, ["data.augment.erase_scale=[2e-2,abc]"])

@@ -72,6 +72,22 @@ def test_batchnorm_statistics_are_equal_on_every_rank_before_evaluation(two_rank
     assert report["acc"] == summary["ema_test_acc"] and report["loss"] == pytest.approx(summary["ema_test_loss"], rel=1e-6)
 
 
+def test_a_batchnorm_model_says_its_weights_depend_on_the_world_size(two_rank_run, tmp_path, capsys):
+    """Without SyncBatchNorm (refused on CPU) a BatchNorm model is not world-size invariant: said once at
+    start, and again on a resume at another world size (which printed only "same sample order")."""
+    proc, out, _, _ = two_rank_run
+    said = proc.stdout + proc.stderr
+    assert said.count("has BatchNorm layers that normalize each rank's 16 images on their own") == 1, said
+    assert "its weights depend on the world size (2)" in said
+    capsys.readouterr()
+    train_in_process(tmp_path / "one", "model.name=cnn3", "model.args.batch_norm=true", "train.epochs=2", "train.max_steps_per_epoch=10",
+                     "train.ema.enabled=true", "train.ema.every_steps=1", "train.ema.decay=0.5", resume=str(out / "checkpoints/last.pt"))
+    said = "".join(capsys.readouterr())
+    assert "saved at world size 2; resuming at world size 1" in said
+    assert "BatchNorm normalizes per rank: from here on the run differs from one that stays at world size 2" in said
+    assert "normalize each rank's" not in said  # one process: nothing per rank at start
+
+
 def test_other_ranks_print_no_progress(two_rank_run):
     proc = two_rank_run[0]
     assert proc.stdout.count("done: test acc") == 1  # rank 0 only

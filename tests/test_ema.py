@@ -184,7 +184,7 @@ def test_ema_errors_are_one_line(tmp_path, capsys):
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "leave out --ema")
     # resuming a run without EMA with train.ema.enabled=true: the checkpoint has none to continue
     code = run_cli(train.main, [f"run.out_dir={plain}", "train.epochs=2", "train.max_steps_per_epoch=2", "log.every_steps=0",
-                                "data.batch_size=32", "log.plots=false", "train.ema.enabled=true", "--resume", str(plain / "checkpoints/last.pt")])
+                                "data.batch_size=32", "log.plots=false", "train.ema.enabled=true", "train.ema.every_steps=1", "--resume", str(plain / "checkpoints/last.pt")])
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "train.ema.enabled=false")
 
@@ -203,7 +203,7 @@ def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(
     from distcls.cli import run_cli
 
     out = tmp_path / "run"
-    run = ["train.max_steps_per_epoch=2", "train.ema.enabled=true", "checkpoint.best_metric=val_ema_acc"]
+    run = ["train.max_steps_per_epoch=2", "train.ema.enabled=true", "train.ema.every_steps=1", "checkpoint.best_metric=val_ema_acc"]
     train_in_process(out, "train.epochs=1", *run, *trained_with)
     before = (out / "checkpoints/last.pt").read_bytes()
     capsys.readouterr()
@@ -211,3 +211,46 @@ def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), f"was saved with {key}={saved}", f"resume with {key}={saved}")
     assert (out / "checkpoints/last.pt").read_bytes() == before
+
+
+def test_an_ema_that_would_never_update_is_refused_at_launch(tmp_path, capsys):
+    """Fewer optimizer steps than train.ema.every_steps: the EMA stayed the random initial weights and
+    was evaluated, reported as "ema acc", followed by best.pt and used by --ema without a word."""
+    import subprocess
+
+    from conftest import FAST, assert_user_error
+    from distcls import train
+    from distcls.cli import run_cli
+
+    code = run_cli(train.main, [f"run.out_dir={tmp_path / 'x'}", *FAST, "train.epochs=1", "train.max_steps_per_epoch=5",
+                                "train.ema.enabled=true", "checkpoint.best_metric=val_ema_acc"])
+    err = capsys.readouterr().err
+    assert_user_error(subprocess.CompletedProcess([], code, "", err), "train.ema.every_steps=32, but this run makes only 5 optimizer steps",
+                      "set train.ema.every_steps <= 5")
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_ema_not_updated_yet_is_neither_evaluated_nor_followed(tmp_path, capsys):
+    """Epoch 1 (3 steps) ends before the first update (every 4 steps): the epoch line says so, the val
+    record has no EMA numbers, best.pt does not follow the initial weights; epoch 2 has them."""
+    import json
+
+    from conftest import assert_user_error, cli_in_process, load_ckpt, train_in_process
+    from distcls.tracking.metrics import read_jsonl
+
+    out = tmp_path / "run"
+    capsys.readouterr()
+    summary = train_in_process(out, "train.epochs=2", "train.max_steps_per_epoch=3", "train.ema.enabled=true", "train.ema.every_steps=4",
+                               "checkpoint.best_metric=val_ema_acc", "checkpoint.keep=5")
+    said = "".join(capsys.readouterr())
+    val = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "val"]
+    assert [r["ema_updates"] for r in val] == [0, 1]
+    assert "ema_acc" not in val[0] and "ema_acc" in val[1]
+    assert "epoch 1/2" in said and ", ema not updated yet (train.ema.every_steps)" in said
+    assert summary["best_val_acc"] == val[1]["ema_acc"] and load_ckpt(out / "checkpoints/best.pt")["epoch"] == 2
+    # a checkpoint saved before the first update (epoch 1's): --ema is refused, the weights evaluate
+    epoch_1 = out / "checkpoints/epoch_0001.pt"
+    assert load_ckpt(epoch_1)["ema"]["updates"] == 0
+    assert_user_error(cli_in_process(capsys, "evaluate", ["--checkpoint", epoch_1, "--ema"]), "its model EMA never updated", "leave out --ema")
+    proc = cli_in_process(capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--ema", "--json", "--no-speed"])
+    assert proc.returncode == 0 and json.loads(proc.stdout)["weights"] == "ema"

@@ -167,3 +167,35 @@ def test_evaluate_resizes_as_the_run_did_when_torchvision_weights_chose_the_resi
     from distcls.predict import eval_resize
     restored = restore(str(path), torch.device("cpu"))
     assert eval_resize(restored.cfg.data, restored.spec.image_size) == 224  # in-memory data: resized whole, as in training
+
+
+@pytest.mark.parametrize("fmt, what", [("torchscript", "is a TorchScript model"), ("exported", "is a torch.export archive")])
+def test_an_exported_model_given_as_checkpoint_says_what_it_is(trained, tmp_path, capfd, fmt, what):
+    """distcls's own export files were called "truncated or corrupt"."""
+    from distcls import export
+    out, _ = trained
+    model = tmp_path / ("m.ts" if fmt == "torchscript" else "m.pt2")
+    assert export.main(["--checkpoint", str(out / "checkpoints/last.pt"), "--format", fmt, "--out", str(model), "--check-images", "0"]) == 0
+    for command, args in (("evaluate", ["--checkpoint", model]), ("predict", ["--checkpoint", model, tmp_path])):
+        proc = cli_in_process(capfd, command, args)
+        assert_user_error(proc, f"--checkpoint {model} {what}", "not a training checkpoint", "give the checkpoint it was exported from")
+    proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'r'}", "--resume", model])
+    assert_user_error(proc, what)
+
+
+def test_evaluate_into_a_closed_pipe_ends_quietly(trained):
+    """`python -m distcls.evaluate ... | head -1`: a BrokenPipeError traceback and exit 1 before. The
+    reader is gone before the first write (its end closed at the start), as `head` is once it has its line."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, child_env
+    out, _ = trained
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "distcls.evaluate", "--checkpoint", str(out / "checkpoints/last.pt"), "--no-speed"],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=child_env(), timeout=300)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "" and proc.returncode == 141, proc.stderr

@@ -122,3 +122,133 @@ def test_an_out_name_too_long_for_the_filesystem_is_one_line_and_a_long_legal_on
     out = tmp_path / ("b" * 247 + ".ts")
     assert export.main([*ck, "--out", str(out)]) == 0
     assert list(tmp_path.iterdir()) == [out] and _load("torchscript", out)(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)).shape == (1, 10)
+
+
+# --------------------------------------------------------------------------- what --out may name
+
+
+def test_out_never_names_the_checkpoint_being_read(tmp_path, checkpoint, capsys):
+    """`--out CHECKPOINT` replaced the checkpoint with the ONNX file (exit 0): any spelling of the same file is refused."""
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    ck = run / "best.pt"
+    ck.write_bytes(checkpoint.read_bytes())
+    before = ck.read_bytes()
+    (tmp_path / "link.onnx").symlink_to(ck)
+    (tmp_path / "hard.ts").hardlink_to(ck)
+    for fmt, out in [("onnx", ck), ("torchscript", run / ".." / "checkpoints" / "best.pt"), ("onnx", tmp_path / "link.onnx"),
+                     ("torchscript", tmp_path / "hard.ts")]:
+        _one_line_error(capsys, ["--checkpoint", str(ck), "--format", fmt, "--out", str(out)], "is the checkpoint being exported",
+                        "choose another name")
+    assert ck.read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == ["best.pt"]
+
+
+def test_out_replaces_only_an_earlier_export_of_the_same_format(tmp_path, checkpoint, capsys):
+    ck = ["--checkpoint", str(checkpoint), "--check-images", "0"]
+    other_checkpoint = tmp_path / "other.ts"
+    other_checkpoint.write_bytes(checkpoint.read_bytes())  # a checkpoint under an export's name
+    notes = tmp_path / "notes.ts"
+    notes.write_text("my notes\n")
+    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(other_checkpoint)], "exists and is a distcls/torch checkpoint")
+    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(notes)], "exists and is not a model file distcls wrote")
+    assert notes.read_text() == "my notes\n"
+    ts, pt2 = tmp_path / "m.ts", tmp_path / "m.pt2"
+    assert export.main([*ck, "--format", "torchscript", "--out", str(ts)]) == 0
+    assert export.main([*ck, "--format", "torchscript", "--out", str(ts)]) == 0  # again: an earlier torchscript export is replaced
+    assert export.main([*ck, "--format", "exported", "--out", str(pt2)]) == 0
+    capsys.readouterr()
+    pt2_as_ts = tmp_path / "x.pt2"
+    pt2_as_ts.write_bytes(ts.read_bytes())
+    _one_line_error(capsys, [*ck, "--format", "exported", "--out", str(pt2_as_ts)], "exists and is a TorchScript model")
+
+
+def test_out_is_never_a_device_or_fifo(tmp_path, checkpoint, capsys):
+    import os
+    import stat
+    ck = ["--checkpoint", str(checkpoint), "--format", "torchscript", "--check-images", "0"]
+    # (never the system's /dev/null itself: were this to regress, the test would replace it)
+    fifo = tmp_path / "pipe.ts"
+    os.mkfifo(fifo)
+    _one_line_error(capsys, [*ck, "--out", str(fifo)], "is a FIFO, not a regular file")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    node = tmp_path / "null.ts"
+    try:  # a copy of /dev/null's node (root): refused, not replaced
+        os.mknod(node, 0o666 | stat.S_IFCHR, os.stat(os.devnull).st_rdev)
+    except PermissionError:
+        pytest.skip("making a device node needs root (the FIFO above was checked)")
+    else:
+        _one_line_error(capsys, [*ck, "--out", str(node)], "is a device, not a regular file")
+        assert stat.S_ISCHR(os.stat(node).st_mode)
+
+
+def test_a_directory_that_refuses_new_files_is_one_line_before_the_work(tmp_path, checkpoint, capsys, monkeypatch):
+    """/proc passes os.access(W_OK) as root but refuses new entries: the staging folder is made first."""
+    import os
+    if not (os.path.isdir("/proc") and os.access("/proc", os.W_OK)):
+        pytest.skip("needs a /proc that os.access calls writable (root)")
+    called = []
+    monkeypatch.setattr("distcls.inference.restore", lambda *a, **k: called.append(1))
+    _one_line_error(capsys, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", "/proc/m.ts"],
+                    "cannot create files in /proc")
+    assert not called  # the checkpoint was not even read
+
+
+def test_a_full_disk_is_one_line_exit_5_and_leaves_nothing(tmp_path, checkpoint, capsys):
+    """On a 64 KiB tmpfs torchscript/exported aborted in C++ (exit 134) and onnx gave a traceback, the staging folder left behind."""
+    import os
+    import subprocess
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        formats = ["torchscript", "exported"] + (["onnx"] if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES) else [])
+        for fmt in formats:
+            out = disk / f"m{SUFFIX[fmt]}"
+            assert run_cli(export.main, ["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 5, fmt
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"distcls: error: could not write {out}: No space left on device"), err
+            assert "nothing was written" in err[0]
+            assert list(disk.iterdir()) == [], fmt
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_model_the_format_cannot_capture_is_one_line(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    train_in_process(out_dir, "model.name=branching_model:build", "train.epochs=1", "train.max_steps_per_epoch=2")
+    ck = ["--checkpoint", str(out_dir / "checkpoints/last.pt"), "model.name=branching_model:build"]
+    formats = ["exported"] + (["onnx"] if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES) else [])
+    for fmt in formats:
+        _one_line_error(capsys, [*ck, "--format", fmt, "--out", str(tmp_path / f"m{SUFFIX[fmt]}")],
+                        f"--format {fmt} cannot capture model branching_model:build", "try --format torchscript", "nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_go(tmp_path, checkpoint, capsys):
+    """SIGTERM during the export left `.NAME.<random>/` (45.7 MB for ResNet-18) that nothing removed."""
+    import os
+    import signal as signal_mod
+    out = tmp_path / "m.ts"
+    prefix = export._staging_prefix(out)
+    stale = tmp_path / f"{prefix}{2 ** 22 + 12345}.abcdefgh"  # a pid above Linux's pid_max: a process that is gone
+    alive = tmp_path / f"{prefix}{os.getppid()}.abcdefgh"  # a running process's: another export of the same file
+    for folder in (stale, alive):
+        folder.mkdir()
+        (folder / "m.ts").write_bytes(b"partial")
+    real_write = export.EXPORTERS["torchscript"][0]
+
+    def write_then_terminated(module, example, path):
+        real_write(module, example, path)  # the staged file is complete, the check not yet done
+        os.kill(os.getpid(), signal_mod.SIGTERM)
+
+    export.EXPORTERS["torchscript"] = (write_then_terminated, export.EXPORTERS["torchscript"][1])
+    try:
+        code = run_cli(export.main, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)])
+    finally:
+        export.EXPORTERS["torchscript"] = (real_write, export.EXPORTERS["torchscript"][1])
+    assert code == 128 + signal_mod.SIGTERM
+    assert capsys.readouterr().err.strip() == "distcls: stopped: export interrupted by SIGTERM; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]  # the stale one removed, the live one kept, no new one
+    assert signal_mod.getsignal(signal_mod.SIGTERM) is signal_mod.SIG_DFL or callable(signal_mod.getsignal(signal_mod.SIGTERM))

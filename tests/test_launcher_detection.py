@@ -19,6 +19,9 @@ MASTER = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": 29500}  # torchrun always s
 
 @pytest.fixture
 def launch_env(monkeypatch):
+    # distcls's own nodelist parser whatever this machine has installed (with scontrol on PATH, SLURM's
+    # answer is the authority: test_nodelist tests both paths)
+    monkeypatch.setenv("PATH", "")
     for name in LAUNCHER_VARS:
         # set, then delete: monkeypatch then restores each variable, also those detect() sets (MASTER_ADDR, MASTER_PORT)
         monkeypatch.setenv(name, "")
@@ -75,11 +78,8 @@ def test_one_srun_task_or_the_batch_shell_is_one_process(launch_env):
     (srun_task(0, 0, "abc"), "SLURM_NTASKS='abc' is not an integer"),
     (srun_task(0, 0, 2, SLURM_JOB_NODELIST="[broken"), "SLURM_JOB_NODELIST='[broken'"),
 ])
-def test_inconsistent_srun_layouts_are_clear_errors(launch_env, monkeypatch, task, fragment):
+def test_inconsistent_srun_layouts_are_clear_errors(launch_env, task, fragment):
     launch_env(**task)
-    # distcls's own nodelist parser (no scontrol on PATH), whatever this machine has installed: with
-    # scontrol, SLURM's answer is the authority (test_nodelist tests both paths)
-    monkeypatch.setenv("PATH", "")
     with pytest.raises(UserError) as info:
         dist.detect("cpu")
     assert fragment in str(info.value)

@@ -1,6 +1,7 @@
 """SLURM nodelists expanded as SLURM does: distcls's parser against the real `scontrol show hostnames`."""
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import subprocess
@@ -55,6 +56,26 @@ def test_a_nodelist_the_parser_refuses_is_a_clear_error_without_scontrol(text, m
     monkeypatch.setenv("PATH", "")  # no scontrol: the product path is the parser's
     with pytest.raises(UserError, match="cannot parse SLURM_JOB_NODELIST=.*set MASTER_ADDR explicitly"):
         nodelist.hostnames(text)
+
+
+@pytest.mark.parametrize("script, hosts", [
+    ('echo broken', ["broken"]),  # scontrol accepts a list the parser refuses: SLURM is the authority
+    ('echo "$4" >&2; exit 1', None),  # scontrol refuses it: the parser's error
+    ('echo "Invalid hostlist: $4"', None),
+    ('echo "scontrol: error: no config" >&2; echo broken', None),  # a complaint on stderr: not an answer
+])
+def test_scontrol_answers_where_it_can_and_the_parser_where_it_cannot(tmp_path, monkeypatch, script, hosts):
+    # stand-ins for scontrol's four kinds of answer (the real one is in the test below; its answers vary by version)
+    (tmp_path / "scontrol").write_text(f"#!/bin/sh\n{script}\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}/bin{os.pathsep}/usr/bin")
+    assert shutil.which("scontrol") == str(tmp_path / "scontrol")
+    if hosts is None:
+        with pytest.raises(UserError, match="cannot parse SLURM_JOB_NODELIST='\\[broken'"):
+            nodelist.hostnames("[broken")
+    else:
+        assert nodelist.hostnames("[broken") == hosts
+    assert nodelist.hostnames("gpu[07-08]") == (hosts or ["gpu07", "gpu08"])  # a list both accept: scontrol's answer where it gives one
 
 
 def test_srun_tasks_rendezvous_at_the_first_host_slurm_names(monkeypatch):

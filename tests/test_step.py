@@ -235,3 +235,21 @@ def test_with_the_gpus_flag_lag_an_aborting_run_saves_nothing_after_its_diverged
         run_in_process(tmp_path / "run", "model.name=nan_model:build", "model.args.nan_steps=[4]", "train.nonfinite=abort",
                        "checkpoint.every_steps=4", "train.epochs=1", "train.max_steps_per_epoch=10")
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
+
+
+def test_one_ctrl_c_delivered_twice_is_one_request_and_a_later_one_interrupts():
+    """A terminal and a wrapper (`timeout --foreground`) both forwarding one Ctrl-C: two SIGINTs
+    microseconds apart were a second Ctrl-C (exit 130, the mid-epoch progress lost)."""
+    import os
+    import signal
+    from distcls.errors import SecondInterrupt
+    stop = StopRequest().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C again, at once
+        assert stop.signal_name == "SIGINT"
+        stop._first_sigint -= StopRequest.SAME_CTRL_C_S  # as if the first came a second ago
+        with pytest.raises(SecondInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.uninstall()

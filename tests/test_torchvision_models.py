@@ -146,3 +146,26 @@ def test_a_googlenet_checkpoint_from_torchvision_weights_restores_their_input_sc
                      "data.image_size=32")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))  # inference needs no weights file
     assert restore(str(tmp_path / "run/checkpoints/last.pt"), torch.device("cpu")).model.transform_input is True
+
+
+def test_grayscale_data_with_rgb_weights_says_set_data_channels_3(tmp_path, monkeypatch, capsys):
+    """The error blamed data.mean/data.std, which the user never set (the weights brought them), and
+    following it led to a second error: the images' channels are what to change."""
+    enum = "ResNet18_Weights.IMAGENET1K_V1"
+    file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "resnet18")
+    run = ["model.name=torchvision:resnet18", f"model.pretrained=torchvision:{enum}", "data.image_size=32", "train.epochs=1",
+           "train.max_steps_per_epoch=1", *FAST]
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'run'}", *run])  # digits: 1 channel
+    assert_user_error(proc, f"model.pretrained=torchvision:{enum} was trained on 3-channel images",
+                      "data.name=digits gives 1-channel images: set data.channels=3")
+    assert "data.mean" not in proc.stderr
+    assert train_in_process(tmp_path / "run3", *run, "data.channels=3")["global_step"] == 1  # following it works
+
+
+def test_a_model_that_asserts_its_input_size_is_one_line(tmp_path, capsys):
+    """torchvision's ViT asserts the image size (AssertionError): a traceback where a RuntimeError was one line."""
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path}", "model.name=torchvision:vit_b_16", "model.args.image_size=64", *TINY,
+                                            "data.image_size=32"])
+    assert_user_error(proc, "model.name=torchvision:vit_b_16 does not accept 3x32x32 inputs", "change data.image_size")

@@ -81,10 +81,17 @@ def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None)
 
 def build_data(cfg: Config) -> Data:
     """Collective under torchrun when data.download=true (fetch.py: a barrier and a broadcast)."""
+    set_by_user = cfg.data
     cfg = with_pretrained_preprocessing(cfg)
     dataset = DATASETS.build(cfg.data.name, cfg.data)
     if not isinstance(dataset, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset")
+    channels = cfg.data.channels or dataset.train.channels
+    if set_by_user.mean is None and cfg.data.mean is not None and len(cfg.data.mean) != channels:
+        # the normalization came with the weights (the user set none): the images' channels are what to change
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained} was trained on {len(cfg.data.mean)}-channel images, but data.name={cfg.data.name} "
+                          f"gives {channels}-channel images: set data.channels={len(cfg.data.mean)} (grayscale images are then repeated "
+                          "to RGB), or train without these weights")
     check_labels(dataset, cfg.data.name)
     from_files = dataset.train.decoded_on_demand
     if cfg.data.augment.random_resized_crop and not from_files:

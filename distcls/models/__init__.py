@@ -49,6 +49,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+# What a network raises for an input size it does not take: torch's shape errors (RuntimeError), and
+# the checks models write themselves (torchvision's ViT: AssertionError; others ValueError, IndexError).
+SHAPE_ERRORS = (RuntimeError, AssertionError, ValueError, IndexError)
+
+
 @torch.no_grad()
 def check_forward(model: nn.Module, spec: DataSpec, name: str, train_size: Optional[int] = None) -> None:
     """One tiny forward pass so a shape mistake is a clear error before training starts; also at
@@ -58,12 +63,12 @@ def check_forward(model: nn.Module, spec: DataSpec, name: str, train_size: Optio
     device = next(model.parameters()).device
     try:
         out = model(torch.zeros(1, spec.channels, spec.image_size, spec.image_size, device=device))
-    except RuntimeError as exc:
+    except SHAPE_ERRORS as exc:
         raise UserError(f"model.name={name} does not accept {spec.channels}x{spec.image_size}x{spec.image_size} inputs ({first_line(exc)}); change data.image_size") from None
     try:
         if train_size and train_size != spec.image_size:
             model(torch.zeros(1, spec.channels, train_size, train_size, device=device))
-    except (RuntimeError, AssertionError, ValueError) as exc:
+    except SHAPE_ERRORS as exc:
         raise UserError(f"model.name={name} takes {spec.image_size}x{spec.image_size} evaluation inputs but not the {train_size}x{train_size} "
                         f"training images ({first_line(exc)}); training and evaluation at different sizes (data.train_crop_size, "
                         "data.eval_crop_size) need a network with global pooling (e.g. the ResNets): use one size, or such a network") from None

@@ -25,6 +25,8 @@ def epoch_line(epoch: int, epochs: int, train: dict, val: Optional[dict], second
         text += f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}"
         if "ema_acc" in val:
             text += f", ema loss {val['ema_loss']:.4f} acc {val['ema_acc']:.4f}"
+        elif val.get("ema_updates") == 0:
+            text += ", ema not updated yet (train.ema.every_steps)"
         if best is not None:
             text += f" (best {best:.4f}{', new best' if is_best else ''})"
     return text + f" | {seconds:.1f} s, {train['images_per_sec']:.0f} img/s, lr {train['lr']:.3g}"

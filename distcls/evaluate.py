@@ -9,18 +9,18 @@ at batch 1 (median, p95). `--json` prints the whole report as one JSON object on
 from __future__ import annotations
 
 import argparse
-from distcls import json_out
+from distcls.tracking import json_out
 from pathlib import Path
 from typing import Sequence
 
-from distcls import dist
+from distcls.runtime import dist
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
 from distcls.errors import UserError
-from distcls.inference import check_stored_plugins, measure_speed, restore
-from distcls.atomic_files import atomic_write_text
-from distcls.rundir import check_output_dir
+from distcls.checkpoint.restore import check_stored_plugins, measure_speed, restore
+from distcls.runtime.atomic_files import atomic_write_text
+from distcls.run.outputs import check_output_dir
 
 
 def parse_args(argv: Sequence[str]):

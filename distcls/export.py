@@ -164,7 +164,7 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
     """Up to `n` images of the checkpoint's validation split (else test) as the exported model takes
     them, uint8 [n, C, S, S] on the CPU, and where they come from."""
     from distcls.data import build_data, eval_loader
-    from distcls.inference import check_stored_plugins
+    from distcls.checkpoint.restore import check_stored_plugins
 
     check_stored_plugins(restored.checkpoint.config, path, overrides, sections=("data",))
     data = build_data(restored.cfg)
@@ -183,8 +183,8 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
 
 def _check_out(out: Path, fmt: str, checkpoint: str) -> None:
     """Before any work: --out names a file export may write, and never one it must not replace."""
-    from distcls.atomic_files import EXPORT_KINDS, model_file_kind
-    from distcls.rundir import path_name_problem
+    from distcls.runtime.atomic_files import EXPORT_KINDS, model_file_kind
+    from distcls.run.outputs import path_name_problem
     problem = path_name_problem(out)
     if problem:
         raise UserError(f"--out {out} cannot be used: {problem}; choose a shorter path")
@@ -340,7 +340,7 @@ def _reason(exc: BaseException) -> str:
 
 def _export(args, out: Path, staging: Path) -> tuple:
     """Restore, write into `staging`, load back and check, then move into place. (diff, agree, images checked, source, spec)."""
-    from distcls.inference import restore
+    from distcls.checkpoint.restore import restore
 
     restored = restore(args.checkpoint, torch.device("cpu"), args.overrides, ema=args.ema)
     spec = restored.spec

@@ -16,7 +16,7 @@ import torch
 
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import UserError
-from distcls.rundir import check_output_dir
+from distcls.run.outputs import check_output_dir
 
 
 def parse_args(argv: Sequence[str]):
@@ -41,7 +41,7 @@ def test_pictures(checkpoint, overrides, samples: int):
     """(test confusion matrix, class names, SampleSource) of a checkpoint, evaluated in this process."""
     from distcls.data import build_data, eval_loader
     from distcls.engine import evaluate
-    from distcls.inference import restore
+    from distcls.checkpoint.restore import restore
     from distcls.tracking.plots import SampleSource
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

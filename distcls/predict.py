@@ -14,7 +14,7 @@ the other files are still predicted, and the exit code is 2 if any file failed, 
 from __future__ import annotations
 
 import argparse
-from distcls import json_out
+from distcls.tracking import json_out
 import sys
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,7 +25,7 @@ from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.file_source import default_eval_resize, load_eval_image
 from distcls.data.imagefolder import EXTENSIONS, image_files
 from distcls.errors import ExitCode
-from distcls.inference import restore
+from distcls.checkpoint.restore import restore
 
 
 def parse_args(argv: Sequence[str]):

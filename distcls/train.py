@@ -10,12 +10,12 @@ from typing import Optional, Sequence
 import torch
 
 from distcls import config as config_mod
-from distcls import dist
+from distcls.runtime import dist
 from distcls.cli import ArgumentParser, exit_with, leave_rank_0_time_to_report, report
-from distcls.components import DEBUG_STEPS_PER_EPOCH
+from distcls.run.components import DEBUG_STEPS_PER_EPOCH
 from distcls.errors import CheckpointWriteFailed, ConfigError, ExitCode
-from distcls.runner import Stopped, TrainingRun
-from distcls.signals import StopRequest
+from distcls.run.runner import Stopped, TrainingRun
+from distcls.runtime.signals import StopRequest
 
 EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
     f"  {path:28s} {help} [default: {default!r}]" for path, default, help in config_mod.describe())

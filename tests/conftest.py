@@ -185,8 +185,9 @@ def out_dir(tmp_path) -> Path:
 def run_in_process(out_dir, *overrides, resume=None):
     """One single-process run through the real TrainingRun (no subprocess start-up cost): its
     summary, or `runner.Stopped` when a signal stopped it."""
-    from distcls import config, dist
-    from distcls.runner import TrainingRun
+    from distcls import config
+    from distcls.runtime import dist
+    from distcls.run.runner import TrainingRun
 
     cfg = config.load(None, [f"run.out_dir={out_dir}", "dist.device=cpu", *FAST, *overrides])  # on the CPU, as run_distcls's
     env = dist.detect(cfg.dist.device, cfg.dist.backend)

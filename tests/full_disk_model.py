@@ -9,7 +9,7 @@ import time
 
 import torch.nn as nn
 
-from distcls import atomic_files
+from distcls.runtime import atomic_files
 
 _KEEP = []
 

@@ -3,8 +3,8 @@ import os
 import stat
 import pytest
 
-from distcls import atomic_files
-from distcls.atomic_files import atomic_write_bytes, atomic_write_text, inject_fault
+from distcls.runtime import atomic_files
+from distcls.runtime.atomic_files import atomic_write_bytes, atomic_write_text, inject_fault
 
 
 class Fault(Exception):

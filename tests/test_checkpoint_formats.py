@@ -128,7 +128,7 @@ def test_reading_a_format_1_checkpoint_gives_the_format_2_layout():
 
 
 def test_a_top_level_copy_that_disagrees_with_the_progress_is_refused():
-    from distcls.atomic_files import UnreadableCheckpoint
+    from distcls.runtime.atomic_files import UnreadableCheckpoint
     from distcls.checkpoint import read_checkpoint, validate_checkpoint
     ck = read_checkpoint(MID_EPOCH)
     ck["step"] = 5

@@ -1,9 +1,10 @@
 """The component builder: what a run, bench compare and the tests train with, built in one place."""
 import torch
 
-from distcls import config, dist
+from distcls import config
+from distcls.runtime import dist
 from distcls.checkpoint.format import COMPONENTS
-from distcls.components import DEBUG_STEPS_PER_EPOCH, LoaderSettings, build_components
+from distcls.run.components import DEBUG_STEPS_PER_EPOCH, LoaderSettings, build_components
 
 
 def test_loader_settings_follow_the_config_and_debug():

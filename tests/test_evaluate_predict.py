@@ -61,7 +61,7 @@ def test_evaluate_top1_equals_the_runs_test_accuracy_at_world_size_2(trained):
 def write_test_split(checkpoint, folder) -> list:
     """The test split's images as PNG files in nested folders, in split order; returns their labels."""
     from distcls.data import build_data
-    from distcls.inference import restore
+    from distcls.checkpoint.restore import restore
     data = build_data(restore(str(checkpoint), __import__("torch").device("cpu")).cfg)
     view = data.splits.test
     labels = []
@@ -150,7 +150,7 @@ def test_evaluate_resizes_as_the_run_did_when_torchvision_weights_chose_the_resi
     import torchvision
 
     from distcls import config
-    from distcls.inference import restore
+    from distcls.checkpoint.restore import restore
     from distcls.spec import DataSpec
 
     cfg = config.load(None, ["data.name=imagefolder", f"data.root={tmp_path}", "model.name=torchvision:resnet50",

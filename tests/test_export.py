@@ -10,7 +10,7 @@ from conftest import train_in_process
 from distcls import export
 from distcls.cli import run_cli
 from distcls.data import build_data, eval_loader
-from distcls.inference import restore
+from distcls.checkpoint.restore import restore
 
 # the stated tolerance of each format on real images (the CLI's default --tolerance is 1e-3)
 TOLERANCE = {"torchscript": 1e-5, "exported": 1e-5, "onnx": 1e-4}
@@ -188,7 +188,7 @@ def test_a_directory_that_refuses_new_files_is_one_line_before_the_work(tmp_path
     if not (os.path.isdir("/proc") and os.access("/proc", os.W_OK)):
         pytest.skip("needs a /proc that os.access calls writable (root)")
     called = []
-    monkeypatch.setattr("distcls.inference.restore", lambda *a, **k: called.append(1))
+    monkeypatch.setattr("distcls.checkpoint.restore.restore", lambda *a, **k: called.append(1))
     _one_line_error(capsys, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", "/proc/m.ts"],
                     "cannot create files in /proc")
     assert not called  # the checkpoint was not even read

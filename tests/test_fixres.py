@@ -104,7 +104,7 @@ def _hub_file(tmp_path, monkeypatch):
 def test_pretrained_weights_resize_applies_only_to_their_own_crop(tmp_path, monkeypatch):
     """The weights' eval resize (232) belongs to their crop (224): with data.eval_crop_size=288 it gave
     a 288 crop of a 232 image, a zero-padded border."""
-    from distcls.data import with_pretrained_preprocessing
+    from distcls.models.weights import with_pretrained_preprocessing
     _hub_file(tmp_path, monkeypatch)
     base = ["model.name=torchvision:regnet_y_400mf", f"model.pretrained=torchvision:{V2_WEIGHTS}"]
     assert with_pretrained_preprocessing(config.load(None, base)).data.eval_resize == 232
@@ -117,7 +117,7 @@ def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as
     """A run from V2 weights evaluated at resize 232 (the weights' preprocessing); evaluate/predict/export
     restore without model.pretrained and used 256 (crop / 0.875): other numbers than the run's."""
     from conftest import train_in_process
-    from distcls.inference import restore
+    from distcls.checkpoint.restore import restore
     from distcls.predict import eval_resize
     root = _imagefolder(tmp_path, n=2)
     train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=2",

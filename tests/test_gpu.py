@@ -328,7 +328,7 @@ def test_a_one_rank_process_group_trains_and_checkpoints_through_ddp(tmp_path, m
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
 
-    from distcls.dist import DistEnv
+    from distcls.runtime.dist import DistEnv
 
     args = [f"dist.device={device}", *GROUP_RUN]
     plain = train_in_process(tmp_path / "plain", *args)
@@ -408,7 +408,7 @@ def test_deterministic_mid_epoch_resume_is_bitwise(tmp_path, device, amp):
     """run.deterministic=true: stopped mid-epoch by SIGTERM and resumed equals never stopped, in
     every tensor (world size 1). A second uninterrupted run is the control: if it differs too, the
     kernels are not deterministic and the message says so."""
-    from distcls.runner import Stopped
+    from distcls.run.runner import Stopped
 
     args = [f"dist.device={device}", "model.name=test_gpu:stopping_net", "run.deterministic=true", f"train.amp={amp}",
             "train.epochs=2", "train.max_steps_per_epoch=6", "data.augment.crop_padding=1", "data.augment.hflip=true",
@@ -450,7 +450,7 @@ def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channe
     assert convs and all(got[k].is_contiguous(memory_format=torch.channels_last) == channels_last for k in convs)
     from distcls.data import build_data
     from distcls.models import build_model
-    from distcls.components import seed_everything
+    from distcls.run.components import seed_everything
 
     cfg = config.load(None, args)
     seed_everything(cfg.run.seed)  # as the run: seed, data, then the model

@@ -6,9 +6,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "distcls"
 
 
-def module_imports(package: Path = PACKAGE) -> dict:
+def module_imports(package: Path = PACKAGE, packages_too: bool = False) -> dict:
     """{module: the package's modules it imports}; a package's __init__ is not an edge target
-    (importing `distcls.data.x` runs `distcls.data`'s __init__, which is no module's internals)."""
+    (importing `distcls.data.x` runs `distcls.data`'s __init__, which is no module's internals),
+    unless `packages_too` (what a module takes from a package's __init__ counts as that package)."""
     files = {}
     for f in package.rglob("*.py"):
         parts = f.relative_to(package.parent).with_suffix("").parts
@@ -24,7 +25,7 @@ def module_imports(package: Path = PACKAGE) -> dict:
                 targets |= {module} | {f"{module}.{alias.name}" for alias in node.names}
             elif isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
-        edges[name] = {t for t in targets if t in files and t != name and files[t].name != "__init__.py"}
+        edges[name] = {t for t in targets if t in files and t != name and (packages_too or files[t].name != "__init__.py")}
     return edges
 
 
@@ -62,5 +63,29 @@ def test_the_detector_finds_a_circle(tmp_path):
 
 def test_no_import_circles_between_the_packages_modules():
     edges = module_imports()
-    assert "distcls.runner" in edges and "distcls.components" in edges["distcls.runner"]  # the graph is read
+    assert "distcls.run.runner" in edges and "distcls.run.components" in edges["distcls.run.runner"]  # the graph is read
     assert circles(edges) == []
+
+
+# The tree's layers, in the order data flows (a module imports only from its own layer or those before it):
+# the contracts, the process's runtime, data, models, the engine, checkpoints and tracking, one run, the commands.
+LAYERS = [{"config", "errors", "spec", "plugins", "cli"}, {"runtime"}, {"data"}, {"models"}, {"engine"}, {"checkpoint", "tracking"},
+          {"run"}, {"train", "evaluate", "predict", "export", "plot"}, {"bench"}]
+TOP_LEVEL = {"cli", "config", "errors", "spec", "plugins", "train", "evaluate", "predict", "export", "plot"}
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    return next((i for i, names in enumerate(LAYERS) if part in names), 0)
+
+
+def test_data_flows_one_way_through_the_layers():
+    against = [f"{m} -> {t}" for m, targets in module_imports(packages_too=True).items() for t in targets if _layer(t) > _layer(m)]
+    assert against == []
+
+
+def test_the_top_level_holds_only_the_commands_and_the_contracts():
+    modules = {f.stem for f in PACKAGE.glob("*.py") if f.name != "__init__.py"}
+    assert modules == TOP_LEVEL and len(modules) <= 10
+    packages = {d.name for d in PACKAGE.iterdir() if (d / "__init__.py").is_file()}
+    assert packages == {"runtime", "data", "models", "engine", "checkpoint", "tracking", "run", "bench"}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_user_error, cli_in_process
-from distcls import dist
+from distcls.runtime import dist
 from distcls.errors import ConfigError, UserError
 
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RESTART_COUNT",

@@ -10,7 +10,8 @@ import pytest
 
 import slurm_cluster
 from conftest import slurm_unavailable
-from distcls import dist, nodelist
+from distcls.runtime import dist
+from distcls.runtime import nodelist
 from distcls.errors import UserError
 
 # (nodelist, hosts): SLURM 22.05+ answers (Debian's scontrol), and the cases Lightning's SLURM environment is tested with

@@ -205,7 +205,7 @@ def clean_wandb_env(monkeypatch, tmp_path):
 
 @pytest.mark.slow  # two runs with wandb's service process: about 10 s
 def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(tmp_path, clean_wandb_env, monkeypatch, capsys):
-    from distcls.runner import Stopped
+    from distcls.run.runner import Stopped
     from distcls.tracking import console
 
     out = tmp_path / "run"

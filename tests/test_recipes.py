@@ -34,7 +34,7 @@ def test_every_ingredient_on_reaches_the_same_weights_at_world_sizes_1_and_2(tmp
 
 def test_every_ingredient_on_sigterm_mid_epoch_then_resume_is_bitwise(tmp_path, folder, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    from distcls.runner import Stopped
+    from distcls.run.runner import Stopped
     args = [f"data.root={folder}", *RECIPE]
     full = train_in_process(tmp_path / "full", *args)
     out = tmp_path / "stopped"

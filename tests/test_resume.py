@@ -223,7 +223,8 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, 
     args = [f"run.out_dir={out}", *FAST, "train.epochs=3", "train.max_steps_per_epoch=4", "data.val_fraction=0", "checkpoint.keep=0"]
     script = f"""
 import os, sys
-from distcls import atomic_files, train
+from distcls import train
+from distcls.runtime import atomic_files
 from distcls.cli import run_cli
 writes_of_last = []
 def machine_dies_mid_write(stage, path, tmp):

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT, assert_ok, assert_user_error, child_env, load_ckpt, run_in_process, train_in_process
-from distcls import config, dist, evaluate, predict, train
+from distcls import config, evaluate, predict, train
+from distcls.runtime import dist
 from distcls.cli import run_cli
 from distcls.errors import ConfigError, UserError
-from distcls.atomic_files import UnreadableCheckpoint, load_weights_only
+from distcls.runtime.atomic_files import UnreadableCheckpoint, load_weights_only
 from distcls.tracking.metrics import read_jsonl
 import fakedata
 
@@ -79,7 +80,7 @@ def test_second_run_at_an_out_dir_in_use_is_refused_naming_the_holder(tmp_path, 
     """#1: a second run at an out_dir in use exits 2 naming the holder; released, the out_dir is usable."""
     out = tmp_path / "run"
     cfg = config.load(None, [f"run.out_dir={out}", *FAST, "train.epochs=1"])
-    from distcls.runner import TrainingRun
+    from distcls.run.runner import TrainingRun
     first = TrainingRun(cfg, dist.detect())
     try:
         proc = cli(capsys, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=1"])
@@ -103,11 +104,11 @@ def test_failed_run_leaves_no_out_dir_behind(tmp_path, capsys):
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
     """#1: kill -9 of the holder releases the out_dir (the kernel drops the flock)."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"from distcls.rundir import RunDirLock; import time; RunDirLock({str(out)!r}).acquire(); "
+    holder = subprocess.Popen([sys.executable, "-c", f"from distcls.run.outputs import RunDirLock; import time; RunDirLock({str(out)!r}).acquire(); "
                                "print('locked', flush=True); time.sleep(120)"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        from distcls.rundir import RunDirLock
+        from distcls.run.outputs import RunDirLock
         with pytest.raises(UserError, match=f"in use by another distcls run \\(pid {holder.pid} on host"):
             RunDirLock(out).acquire()
     finally:
@@ -364,8 +365,8 @@ def _make_out(tmp_path, kind) -> Path:
 def test_unusable_out_dir_fails_before_data_and_model_are_built(tmp_path, capsys, monkeypatch, kind, fragment):
     """#10: checked before the data is read (the data builder must not even be reached)."""
     out = _make_out(tmp_path, kind)
-    import distcls.components
-    monkeypatch.setattr(distcls.components, "build_data", lambda cfg: pytest.fail("data was built before the out_dir check"))
+    import distcls.run.components
+    monkeypatch.setattr(distcls.run.components, "build_data", lambda cfg: pytest.fail("data was built before the out_dir check"))
     assert_user_error(cli(capsys, train.main, [f"run.out_dir={out}", *FAST]), fragment)
 
 
@@ -550,7 +551,7 @@ def test_interval_record_after_a_mid_epoch_resume_equals_the_uninterrupted_one(t
     args = ["model.name=stop_model:build", "log.every_steps=4", "train.epochs=1", "train.max_steps_per_epoch=14"]
     train_in_process(tmp_path / "ref", *args)
     out = tmp_path / "stopped"
-    from distcls.runner import Stopped
+    from distcls.run.runner import Stopped
     stopped = run_in_process(out, *args, "model.args.stop_at=10")  # SIGTERM in step 10: saved at epoch_step 10
     assert isinstance(stopped, Stopped) and stopped.signal_name == "SIGTERM"
     assert load_ckpt(out / "checkpoints/last.pt")["epoch_step"] == 10
@@ -567,7 +568,7 @@ def test_interval_record_after_a_mid_epoch_resume_equals_the_uninterrupted_one(t
 def _stop_in_first_validation(tmp_path, monkeypatch, epochs):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     args = ["model.name=stop_model:build", f"train.epochs={epochs}", "train.max_steps_per_epoch=5"]
-    from distcls.runner import Stopped
+    from distcls.run.runner import Stopped
     out = tmp_path / "run"
     stopped = run_in_process(out, *args, "model.args.stop_at_eval=2")  # SIGTERM in epoch 1's first validation batch
     assert isinstance(stopped, Stopped) and stopped.signal_name == "SIGTERM"

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from conftest import FAST, ROOT, assert_user_error, child_env, cli_in_process, load_ckpt, run_distcls, run_in_process, train_in_process
-from distcls import atomic_files, evaluate, predict, train
-from distcls.runner import Stopped
+from distcls import evaluate, predict, train
+from distcls.runtime import atomic_files
+from distcls.run.runner import Stopped
 
 TESTS = Path(__file__).parent
 SHORT = ["train.max_steps_per_epoch=6", "train.epochs=2"]

@@ -12,7 +12,7 @@ from distcls.data import SplitView, TensorSource, train_loader
 from distcls.data.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, build_optimizer, build_scheduler
 from distcls.errors import TrainingDiverged
-from distcls.signals import StopRequest
+from distcls.runtime.signals import StopRequest
 
 CPU = torch.device("cpu")
 
@@ -224,7 +224,7 @@ def test_with_the_gpus_flag_lag_an_aborting_run_saves_nothing_after_its_diverged
     must not be written first (`--resume auto`, e.g. a torchrun restart, would go on past it as if
     the step had been skipped)."""
     from conftest import run_in_process
-    from distcls import components
+    from distcls.run import components
 
     class Lagging(Trainer):  # the CUDA default, on the CPU
         def __init__(self, *args, **kwargs):

@@ -34,7 +34,7 @@ def test_trains_a_step_on_cpu_and_restores_for_inference(tmp_path, name, head):
     assert not torch.equal(trained[head], start[head])  # the step changed the head
     if name == "resnet101":
         return  # 170 MB of weights: restoring is the same code as for the small one
-    from distcls.inference import restore  # a torchvision: name is not a plug-in import: no override needed
+    from distcls.checkpoint.restore import restore  # a torchvision: name is not a plug-in import: no override needed
     restored = restore(str(tmp_path / "run/checkpoints/last.pt"), torch.device("cpu"))
     assert torch.equal(restored.model.state_dict()[head], trained[head]) and not restored.model.training
 
@@ -137,7 +137,7 @@ def test_googlenet_from_torchvision_weights_normalizes_its_input_as_torchvision(
 @pytest.mark.slow
 def test_a_googlenet_checkpoint_from_torchvision_weights_restores_their_input_scaling(tmp_path, monkeypatch):
     """evaluate/predict/export restore without model.pretrained: the flag must come from the checkpoint's config."""
-    from distcls.inference import restore
+    from distcls.checkpoint.restore import restore
     enum = "GoogLeNet_Weights.IMAGENET1K_V1"
     file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))

@@ -87,7 +87,7 @@ def test_torchvision_weights_resolve_from_torch_home(tmp_path, monkeypatch):
     assert torch.equal(model.layer4[1].conv2.weight, torch.load(weights, weights_only=True)["layer4.1.conv2.weight"])
     assert "loaded 120 tensors, 2 left at init: fc.weight, fc.bias" in logged[0]
     # its preprocessing comes with it: 224 crop of a 256 resize, ImageNet mean/std (unless the config sets them)
-    from distcls.data import with_pretrained_preprocessing
+    from distcls.models.weights import with_pretrained_preprocessing
     d = with_pretrained_preprocessing(cfg).data
     assert (d.image_size, d.eval_resize, d.mean) == (224, 256, [0.485, 0.456, 0.406])
     d = with_pretrained_preprocessing(config.load(None, [f"model.pretrained={TV_NAME}", "data.image_size=160"])).data

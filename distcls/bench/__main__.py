@@ -35,7 +35,7 @@ def main(argv: Sequence[str]) -> int:
         sub.add_argument("--out", help="also write the JSON result to this file")
     args = parser.parse_args(argv)
     if args.out:
-        from distcls.rundir import check_output_file
+        from distcls.run.outputs import check_output_file
         check_output_file(args.out, "--out")  # before the measurement, not after it
     module = MODES[args.mode]
     result = module.run(args)
@@ -45,7 +45,7 @@ def main(argv: Sequence[str]) -> int:
     else:
         print(text)
     if args.out:
-        from distcls.atomic_files import atomic_write_text
+        from distcls.runtime.atomic_files import atomic_write_text
         atomic_write_text(args.out, text + "\n")
     return 0
 

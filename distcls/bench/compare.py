@@ -251,8 +251,8 @@ def run(args) -> dict:
     import torch
 
     from distcls import config as config_mod
-    from distcls import dist
-    from distcls.components import build_components
+    from distcls.runtime import dist
+    from distcls.run.components import build_components
 
     cfg = config_mod.load(args.config, [*args.overrides, "log.every_steps=0"])
     if args.threads:

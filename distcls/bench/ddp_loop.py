@@ -39,7 +39,7 @@ def main(argv: Sequence[str]) -> int:
     import torch.distributed as tdist
 
     from distcls import config as config_mod
-    from distcls import dist
+    from distcls.runtime import dist
     from distcls.bench.handwritten import HandLoop, timed_steps
     from distcls.data import build_data
     from distcls.models import build_model
@@ -52,7 +52,8 @@ def main(argv: Sequence[str]) -> int:
             torch.cuda.set_device(env.device)
         tdist.init_process_group(env.backend)
     try:
-        data = build_data(cfg)
+        from distcls.models.weights import with_pretrained_preprocessing
+        data = build_data(with_pretrained_preprocessing(cfg))
         view = data.splits.train
         model = build_model(cfg.model, data.spec).to(env.device)
         if cfg.train.channels_last:
@@ -70,7 +71,7 @@ def main(argv: Sequence[str]) -> int:
         batches = _batches(images, labels, cfg.data.batch_size, env.world_size, env.rank, env.device, loop, cfg.run.seed)
         local_ips = timed_steps(batches, loop.step, steps_per_epoch, (args.epochs - 1) * steps_per_epoch, env.device)
         if env.rank == 0:
-            from distcls.atomic_files import atomic_write_text
+            from distcls.runtime.atomic_files import atomic_write_text
             atomic_write_text(args.out, json.dumps({"world_size": env.world_size, "images_per_sec": local_ips * env.world_size,
                                                     "steps_per_epoch": steps_per_epoch, "timed_epochs": args.epochs - 1}) + "\n")
     finally:

@@ -382,7 +382,7 @@ def run(args) -> dict:
                   + f": {record.get('headline') or record.get('reason') or last_error_line}", flush=True)
             result["elapsed_s"] = round(time.perf_counter() - start, 1)
             if args.out:  # written after every part: a check killed from outside keeps what it measured
-                from distcls.atomic_files import atomic_write_text
+                from distcls.runtime.atomic_files import atomic_write_text
                 atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     result["elapsed_s"] = round(time.perf_counter() - start, 1)
     return result

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
 
 import torch
 
-from distcls import dist
+from distcls.runtime import dist
 from distcls.checkpoint.files import CheckpointFiles, ResumePoint
 from distcls.checkpoint.format import COMPONENTS, FORMAT_VERSION, check_compatible, model_mismatch, progress_summary
 from distcls.errors import CheckpointWriteFailed, UserError, first_line

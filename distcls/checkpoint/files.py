@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from distcls.atomic_files import UnreadableCheckpoint, atomic_link, atomic_write_bytes
+from distcls.runtime.atomic_files import UnreadableCheckpoint, atomic_link, atomic_write_bytes
 from distcls.checkpoint.format import all_finite, read_checkpoint
 from distcls.errors import CheckpointWriteFailed, UserError
 

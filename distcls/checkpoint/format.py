@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import torch
 
-from distcls import dist
-from distcls.atomic_files import UnreadableCheckpoint, load_weights_only
+from distcls.runtime import dist
+from distcls.runtime.atomic_files import UnreadableCheckpoint, load_weights_only
 from distcls.errors import UserError
 
 FORMAT_VERSION = 2

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
-from distcls.copies import host_to_device
+from distcls.runtime.copies import host_to_device
 from distcls.data import policies
 from distcls.data.keys import keyed_uniform  # noqa: F401  (the keyed draws' one hash)
 from distcls.data.mix import Mix

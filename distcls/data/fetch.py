@@ -5,7 +5,7 @@ distcls' readers. Without internet this fails with a clear error.
 """
 from __future__ import annotations
 
-from distcls import dist
+from distcls.runtime import dist
 from distcls.errors import UserError
 
 

@@ -15,7 +15,7 @@ import torch
 from distcls.data.images import BadImage, check_pixels, sniff
 from distcls.data.images import _tv_decode_jpeg as decode_jpeg
 from distcls.data.images import ImageReadMode
-from distcls.copies import host_to_device
+from distcls.runtime.copies import host_to_device
 from distcls.errors import first_line
 
 

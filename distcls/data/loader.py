@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from distcls.copies import host_to_device
+from distcls.runtime.copies import host_to_device
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import UserError

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from distcls.copies import host_to_device
+from distcls.runtime.copies import host_to_device
 from distcls.data.keys import keyed_uniform
 
 MIX_STREAM = 400  # hash streams 400..409 (keys.keyed_uniform)

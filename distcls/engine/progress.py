@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from distcls import dist
+from distcls.runtime import dist
 
 
 @dataclass(frozen=True)

@@ -25,16 +25,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distcls import dist
+from distcls.runtime import dist
 from distcls.config import TrainConfig
-from distcls.copies import HostCopy
+from distcls.runtime.copies import HostCopy
 from distcls.data import Batch, BatchLoader, Preprocess
 from distcls.engine.ema import EMASchedule, ModelEMA
 from distcls.engine.loss import TrainingLoss
 from distcls.engine.precision import Precision, autocast
 from distcls.engine.progress import Progress
 from distcls.errors import TrainingDiverged
-from distcls.signals import StopRequest
+from distcls.runtime.signals import StopRequest
 
 
 @dataclass(frozen=True)

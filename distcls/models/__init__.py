@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from distcls import weights
+from distcls.models import weights
 
 from distcls.config import ModelConfig
 from distcls.spec import DataSpec

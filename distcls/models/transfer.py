@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from distcls.errors import UserError
-from distcls.atomic_files import load_weights_only
+from distcls.runtime.atomic_files import load_weights_only
 
 
 def classifier_head(model: nn.Module) -> str:

@@ -12,8 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from distcls.atomic_files import atomic_write_text
-from distcls.json_out import dumps
+from distcls.runtime.atomic_files import atomic_write_text
+from distcls.tracking.json_out import dumps
 
 REQUIRED = ("epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time")
 

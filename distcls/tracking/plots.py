@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 from distcls.spec import class_labels
-from distcls.atomic_files import atomic_write_bytes
+from distcls.runtime.atomic_files import atomic_write_bytes
 
 CURVES, LR, CONFUSION, PER_CLASS, SAMPLES = "curves", "lr", "confusion", "per_class", "samples"
 

@@ -44,7 +44,7 @@ if _RANK_0 and os.environ.get("DISTCLS_TEST_PAUSE_AT"):
 if _RANK_0 and os.environ.get("DISTCLS_TEST_PAUSE_MARK"):
     from pathlib import Path
 
-    from distcls import signals
+    from distcls.runtime import signals
     from distcls.checkpoint import checkpointer
 
     _mark = Path(os.environ["DISTCLS_TEST_PAUSE_MARK"])

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 
-from distcls import dist
+from distcls.runtime import dist
 from distcls.errors import SecondInterrupt
 
 

@@ -7,10 +7,12 @@ a path to a local state_dict or distcls checkpoint file.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from distcls.config import Config
 from distcls.errors import UserError
 
 PREFIX = "torchvision:"
@@ -64,3 +66,34 @@ def _preprocessing(weights) -> tuple:
     crop = getattr(t, "crop_size", None)
     resize = getattr(t, "resize_size", None)
     return tuple(t.mean), tuple(t.std), crop[0] if crop else None, resize[0] if resize else None
+
+
+def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None) -> Config:
+    """torchvision weights bring their own preprocessing (mean/std, crop and resize sizes);
+    keys the config leaves null take those values, keys it sets win. `pretrained` (default
+    model.pretrained): the weights a checkpoint was trained from, for evaluate/predict/export,
+    which restore the checkpoint's weights instead (the file need not exist any more)."""
+    if pretrained is None:  # training: the file must be there (resolve says where to put it)
+        if not (cfg.model.pretrained or "").startswith(PREFIX):
+            return cfg
+        w = resolve(cfg.model.pretrained)
+    else:
+        w = preprocessing(pretrained)
+        if w is None:
+            return cfg
+    d = cfg.data
+    norm = {"mean": list(w.mean), "std": list(w.std)} if d.mean is None and w.mean is not None else {}
+    size = {"image_size": w.crop_size} if d.image_size is None and w.crop_size else {}
+    # The weights' resize belongs to their crop: only when the evaluation crop is theirs (else
+    # e.g. data.eval_crop_size=288 got resize 232 and a zero-padded border).
+    eval_crop = d.eval_crop_size or d.image_size
+    resize = ({"eval_resize": w.resize_size} if d.eval_resize is None and w.resize_size
+              and (eval_crop is None or eval_crop == w.crop_size) else {})
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, **norm, **size, **resize))
+
+
+def normalization_source(user_cfg: Config, prepared: Config) -> Optional[str]:
+    """`model.pretrained=...` when the prepared config's data.mean/std came from those weights (the user set none), else None."""
+    if user_cfg.data.mean is None and prepared.data.mean is not None:
+        return f"model.pretrained={user_cfg.model.pretrained}"
+    return None

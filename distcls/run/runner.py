@@ -16,19 +16,19 @@ import torch
 import torch.nn as nn
 
 from distcls import config as config_mod
-from distcls import dist
-from distcls.atomic_files import atomic_write_text
+from distcls.runtime import dist
+from distcls.runtime.atomic_files import atomic_write_text
 from distcls.checkpoint import CheckpointFiles, ResumePoint, SaveReason, read_checkpoint, resume_reason
-from distcls.components import Components, build_components
+from distcls.run.components import Components, build_components
 from distcls.config import Config
-from distcls.copies import HostCopy
-from distcls.dist import DistEnv
+from distcls.runtime.copies import HostCopy
+from distcls.runtime.dist import DistEnv
 from distcls.engine import EvalResult, Progress, Totals, evaluate
 from distcls.errors import UserError
 from distcls.models import count_parameters
-from distcls.rundir import RunDirLock, check_outputs
-from distcls.run_checks import check_resume_config, check_skipped_steps
-from distcls.signals import StopRequest
+from distcls.run.outputs import RunDirLock, check_outputs
+from distcls.run.checks import check_resume_config, check_skipped_steps
+from distcls.runtime.signals import StopRequest
 from distcls.tracking import Console, MetricsLog, WandbLogger, metric_record, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
 

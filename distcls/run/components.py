@@ -22,10 +22,11 @@ from distcls.checkpoint.checkpointer import ModuleWeights, OptimizerState, SaveP
 from distcls.config import Config
 from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
-from distcls.dist import DistEnv
+from distcls.runtime.dist import DistEnv
 from distcls.errors import ConfigError
 from distcls.engine import EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
 from distcls.models import build_model, check_forward
+from distcls.models.weights import normalization_source, with_pretrained_preprocessing
 
 DEBUG_STEPS_PER_EPOCH = 5
 
@@ -138,7 +139,8 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     writes (default: run.out_dir's checkpoints/); `log`: model building's messages."""
     seed_everything(cfg.run.seed)
     switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or debug, env.device)
-    data = build_data(cfg)
+    prepared = with_pretrained_preprocessing(cfg)  # torchvision weights bring their mean/std and sizes
+    data = build_data(prepared, normalization_source(cfg, prepared))
     model, module = prepare_model(cfg, env, data.spec, log, train_size=data.preprocess.train_image_size)
     optimizer = build_optimizer(module, cfg.optim)
     train, val, test = build_loaders(cfg, env, data, LoaderSettings.from_config(cfg, debug))

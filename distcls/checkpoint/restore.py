@@ -13,9 +13,10 @@ from distcls import config as config_mod
 from distcls.checkpoint import ResumePoint, read_checkpoint
 from distcls.checkpoint.checkpointer import ModuleWeights, load_components
 from distcls.config import Config
-from distcls.data import Preprocess, with_pretrained_preprocessing
+from distcls.data import Preprocess
 from distcls.errors import ConfigError, UserError
 from distcls.models import build_model, torchvision_zoo
+from distcls.models.weights import with_pretrained_preprocessing
 from distcls.spec import DataSpec
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from distcls.errors import UserError
-from distcls.atomic_files import remove_stale_temps
+from distcls.runtime.atomic_files import remove_stale_temps
 
 LOCK_NAME = ".distcls.lock"
 SUBDIRS = ("checkpoints",)

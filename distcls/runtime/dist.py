@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as tdist
 
-from distcls import nodelist as nodelist_mod
+from distcls.runtime import nodelist as nodelist_mod
 from distcls.errors import ConfigError, UserError
 
 

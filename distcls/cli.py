@@ -118,9 +118,26 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
     except KeyboardInterrupt:  # a first Ctrl-C before the run caught signals: while starting up or waiting for the other ranks
         report("stopped", "interrupted (Ctrl-C) while starting up, before training began; nothing was written")
         return 130
-    except BrokenPipeError:  # stdout's reader left (`... --json | head -1`): end quietly, as `cat` does
-        _quiet_stdout()
+    except BrokenPipeError:
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket broke: a real failure, with its traceback
+        _quiet_stdout()  # stdout's reader left (`... --json | head -1`): end quietly, as `cat` does
         return ExitCode.CLOSED_PIPE
+
+
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+    import stat
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _quiet_stdout() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -485,16 +486,17 @@ def _finite(value: float, path: str) -> None:
         raise ConfigError(f"config key '{path}' must be a finite number, got {value}")
 
 
+# A number YAML 1.1 leaves a string (an exponent without a dot: 2e-2, 1E5): what the lists accept as numbers.
+_YAML_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _number_list(value, path: str, length: Optional[int] = None) -> None:
     """Check a list of numbers; entries YAML 1.1 read as strings (`2e-2`, no dot) become floats, in place, as scalars do."""
     if value is None:
         return
     for i, v in enumerate(value):
-        if isinstance(v, str):
-            try:
-                value[i] = float(v)
-            except ValueError:
-                pass
+        if isinstance(v, str) and _YAML_FLOAT.fullmatch(v):
+            value[i] = float(v)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) or (length and len(value) != length):
         want = f"{length} numbers" if length else "a list of numbers"
         raise ConfigError(f"config key '{path}' must be {want}, got {value!r}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import glob
 import importlib
 import io
 import logging
@@ -224,19 +225,23 @@ _STAGING_TAG = "export-staging"
 
 
 def _staging_prefix(out: Path) -> str:
-    """The hidden staging folder's name for --out: `.NAME.export-staging.HOST.PID.` + mkdtemp's random part."""
-    return f".{out.name[:64]}.{_STAGING_TAG}.{socket.gethostname()[:40]}."
+    """The hidden staging folder's name for --out: `.NAME.export-staging.HOST.PID.` + mkdtemp's 8 random characters."""
+    return f".{out.name[:64]}.{_STAGING_TAG}.{socket.gethostname()}."
 
 
 def _remove_stale_staging(out: Path) -> None:
-    """Staging folders an earlier export of the same --out left (it was killed): on this host, of a process that is gone."""
+    """Staging folders an earlier export of the same --out left (it was killed): named exactly as this
+    host's exports name them, of a process that is gone, holding nothing but the export's files."""
     prefix = _staging_prefix(out)
-    for entry in out.parent.glob(f".{out.name[:64]}.{_STAGING_TAG}.*"):
-        pid = entry.name[len(prefix):].split(".", 1)[0] if entry.name.startswith(prefix) else ""
-        if not (pid.isdigit() and entry.is_dir() and not entry.is_symlink()):
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.[A-Za-z0-9_]{8}")
+    for entry in out.parent.glob(f".{glob.escape(out.name[:64])}.{_STAGING_TAG}.*"):
+        match = pattern.fullmatch(entry.name)
+        if not (match and entry.is_dir() and not entry.is_symlink()):
             continue
+        if not {f.name for f in entry.iterdir()} <= {out.name, out.name + ".data"}:
+            continue  # something else lives there: not ours to remove
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(match.group(1)), 0)
             continue  # still running: another export of the same file
         except ProcessLookupError:
             shutil.rmtree(entry, ignore_errors=True)
@@ -254,7 +259,9 @@ def _make_staging(out: Path) -> Path:
         raise UserError(f"--out {out}: cannot create files in {out.parent} ({exc.strerror or first_line(exc)}); choose another directory") from None
 
 
-def _write_failed(out: Path, exc: OSError) -> OutputWriteFailed:
+def _write_failed(out: Path, exc: OSError, staging: Path) -> OutputWriteFailed:
+    for partial in staging.iterdir():  # the disk's free space as the user will find it
+        partial.unlink(missing_ok=True)
     try:
         free = f"{shutil.disk_usage(out.parent).free / 2**20:,.1f} MiB free"
     except OSError:
@@ -264,7 +271,7 @@ def _write_failed(out: Path, exc: OSError) -> OutputWriteFailed:
                              f"written{': free some space, or choose another --out' if full else ''}")
 
 
-class _Interrupted(Exception):
+class _Interrupted(BaseException):  # not an Exception: no `except Exception` on the way (torch's, ours) may swallow it
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
@@ -287,17 +294,19 @@ def main(argv: Sequence[str]) -> int:
     if args.format == "onnx":
         _need_onnx()
     _check_out(out, args.format, args.checkpoint)
-    previous = {}
-    for name in STOP_SIGNALS:  # a signal ends the export through `finally`: the staging folder goes with it
-        previous[name] = signal.signal(getattr(signal, name), _raise_interrupted)
-    staging = _make_staging(out)  # beside --out: moved into place after the check
+    staging = _make_staging(out)  # beside --out, before any work: moved into place after the check
+    previous, result, moved = {}, None, []
     try:
-        result = _export(args, out, staging)
+        for name in STOP_SIGNALS:  # a signal ends the export through `finally`: the staging folder goes with it
+            previous[name] = signal.signal(getattr(signal, name), _raise_interrupted)
+        result = _export(args, out, staging, moved)
     except _Interrupted as exc:
         from distcls.cli import report
-        report("stopped", f"export interrupted by {exc}; nothing was written")
+        report("stopped", f"export interrupted by {exc} after {out} was written" if moved else f"export interrupted by {exc}; nothing was written")
         return 128 + exc.signum
     finally:
+        for name in previous:  # no signal may interrupt the clean-up itself
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
         shutil.rmtree(staging, ignore_errors=True)
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
@@ -316,6 +325,7 @@ def main(argv: Sequence[str]) -> int:
 def _quiet_torch_logs():
     """torch's tracers log their guard failures (dozens of lines on stderr) before raising: the
     exception says it, in one line below."""
+    before = logging.root.manager.disable
     logging.disable(logging.CRITICAL)  # torch's loggers set their own levels: disable them all, for the capture only
     said = io.StringIO()
     try:
@@ -326,7 +336,7 @@ def _quiet_torch_logs():
     else:
         sys.stderr.write(said.getvalue())  # a capture that worked: its warnings are the user's to see
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(before)
 
 
 def _reason(exc: BaseException) -> str:
@@ -338,7 +348,7 @@ def _reason(exc: BaseException) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", f"{type(root).__name__}: {first_line(root, limit=400)}")
 
 
-def _export(args, out: Path, staging: Path) -> tuple:
+def _export(args, out: Path, staging: Path, moved: list) -> tuple:
     """Restore, write into `staging`, load back and check, then move into place. (diff, agree, images checked, source, spec)."""
     from distcls.checkpoint.restore import restore
 
@@ -353,7 +363,7 @@ def _export(args, out: Path, staging: Path) -> tuple:
         with _quiet_torch_logs():
             write(module, example, staged)
     except OSError as exc:
-        raise _write_failed(out, exc) from None
+        raise _write_failed(out, exc, staging) from None
     except (UserError, _Interrupted, KeyboardInterrupt):
         raise
     except Exception as exc:  # the exporter could not capture the model: torch's reason, in one line
@@ -378,8 +388,9 @@ def _export(args, out: Path, staging: Path) -> tuple:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
             os.replace(f, out.parent / f.name)
+            moved.append(f.name)
     except OSError as exc:
-        raise _write_failed(out, exc) from None
+        raise _write_failed(out, exc, staging) from None
     return diff, agree, None if images is None else len(images), source, spec
 
 

@@ -116,6 +116,18 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     records = lambda run: [(r["split"], r.get("epoch_step"), r["loss"], r["acc"]) for r in read_jsonl(tmp_path / run / "metrics.jsonl")  # noqa: E731
                            if r["split"] in ("train", "val")]
     assert records("format1") == records("format2") and len(records("format1")) >= 4  # the first epoch's loss includes steps 1-4
+    # and it is the run the fixture was stopped from: a run never stopped, here, ends within rounding of it (the
+    # fixture's steps 1-4 came from another CPU: close, not bitwise), its records within rounding too
+    plain = train_in_process(tmp_path / "plain", *MID_EPOCH_ARGS)
+    c = load_ckpt(tmp_path / "plain/checkpoints/last.pt")
+    assert all(torch.allclose(a["model"][k], c["model"][k], rtol=1e-4, atol=1e-6) for k in c["model"])
+    assert abs(plain["test_acc"] - old["test_acc"]) <= 2 / 180
+    keyed = lambda run: {(r["split"], r["epoch"], r.get("epoch_step")): (r["loss"], r["acc"])  # noqa: E731
+                         for r in read_jsonl(tmp_path / run / "metrics.jsonl") if r["split"] in ("train", "val")}
+    resumed, never_stopped = keyed("format1"), keyed("plain")
+    assert len(resumed) >= 4 and set(resumed) <= set(never_stopped)
+    for key, (loss, acc) in resumed.items():
+        assert loss == pytest.approx(never_stopped[key][0], rel=1e-4) and abs(acc - never_stopped[key][1]) <= 2 / 128, key
 
 
 def test_reading_a_format_1_checkpoint_gives_the_format_2_layout():

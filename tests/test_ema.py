@@ -246,7 +246,8 @@ def test_an_ema_not_updated_yet_is_neither_evaluated_nor_followed(tmp_path, caps
     val = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "val"]
     assert [r["ema_updates"] for r in val] == [0, 1]
     assert "ema_acc" not in val[0] and "ema_acc" in val[1]
-    assert "epoch 1/2" in said and ", ema not updated yet (train.ema.every_steps)" in said
+    epoch_1 = next(line for line in said.splitlines() if "epoch 1/2" in line and "val loss" in line)
+    assert ", ema not updated yet (train.ema.every_steps)" in epoch_1 and "(best" not in epoch_1  # nothing followed yet
     assert summary["best_val_acc"] == val[1]["ema_acc"] and load_ckpt(out / "checkpoints/best.pt")["epoch"] == 2
     # a checkpoint saved before the first update (epoch 1's): --ema is refused, the weights evaluate
     epoch_1 = out / "checkpoints/epoch_0001.pt"

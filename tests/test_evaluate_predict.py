@@ -199,3 +199,14 @@ def test_evaluate_into_a_closed_pipe_ends_quietly(trained):
     finally:
         os.close(write_end)
     assert proc.stderr == "" and proc.returncode == 141, proc.stderr
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_a_real_failure():
+    """Only a closed stdout ends quietly: a BrokenPipeError from anything else (a socket, a worker's pipe) keeps its traceback."""
+    from distcls.cli import run_cli
+
+    def main(argv):
+        raise BrokenPipeError("a tracker's socket")
+
+    with pytest.raises(BrokenPipeError):
+        run_cli(main, [])

@@ -226,29 +226,45 @@ def test_a_model_the_format_cannot_capture_is_one_line(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_go(tmp_path, checkpoint, capsys):
-    """SIGTERM during the export left `.NAME.<random>/` (45.7 MB for ResNet-18) that nothing removed."""
+@pytest.mark.parametrize("when", ["restore", "written"])
+def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_go(tmp_path, checkpoint, capsys, monkeypatch, when):
+    """SIGTERM during the export left `.NAME.<random>/` (45.7 MB for ResNet-18) that nothing removed; one
+    while the checkpoint loaded was reported as a corrupt checkpoint (torch's `except Exception` caught it)."""
     import os
     import signal as signal_mod
+    from distcls.checkpoint import restore as restore_mod
     out = tmp_path / "m.ts"
     prefix = export._staging_prefix(out)
     stale = tmp_path / f"{prefix}{2 ** 22 + 12345}.abcdefgh"  # a pid above Linux's pid_max: a process that is gone
     alive = tmp_path / f"{prefix}{os.getppid()}.abcdefgh"  # a running process's: another export of the same file
-    for folder in (stale, alive):
+    other = tmp_path / f"{prefix}{2 ** 22 + 12346}.user-data"  # not mkdtemp's name: not an export's
+    foreign = tmp_path / f"{prefix}{2 ** 22 + 12347}.ijklmnop"  # an export's name, but something else in it
+    for folder in (stale, alive, other, foreign):
         folder.mkdir()
         (folder / "m.ts").write_bytes(b"partial")
-    real_write = export.EXPORTERS["torchscript"][0]
+    (foreign / "notes.txt").write_text("mine")
+    if when == "restore":  # the signal comes while the checkpoint is read (inside torch.load's own try/except)
+        real_load = torch.load
+        monkeypatch.setattr(torch, "load", lambda *a, **k: (os.kill(os.getpid(), signal_mod.SIGTERM), real_load(*a, **k))[1])
+    else:  # the staged file is complete, the check not yet done
+        real_write = export.EXPORTERS["torchscript"][0]
 
-    def write_then_terminated(module, example, path):
-        real_write(module, example, path)  # the staged file is complete, the check not yet done
-        os.kill(os.getpid(), signal_mod.SIGTERM)
-
-    export.EXPORTERS["torchscript"] = (write_then_terminated, export.EXPORTERS["torchscript"][1])
-    try:
-        code = run_cli(export.main, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)])
-    finally:
-        export.EXPORTERS["torchscript"] = (real_write, export.EXPORTERS["torchscript"][1])
+        def write_then_terminated(module, example, path):
+            real_write(module, example, path)
+            os.kill(os.getpid(), signal_mod.SIGTERM)
+        monkeypatch.setitem(export.EXPORTERS, "torchscript", (write_then_terminated, export.EXPORTERS["torchscript"][1]))
+    before = {sig: signal_mod.getsignal(sig) for sig in (signal_mod.SIGTERM, signal_mod.SIGINT, signal_mod.SIGHUP, signal_mod.SIGUSR1)}
+    code = run_cli(export.main, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)])
     assert code == 128 + signal_mod.SIGTERM
     assert capsys.readouterr().err.strip() == "distcls: stopped: export interrupted by SIGTERM; nothing was written"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]  # the stale one removed, the live one kept, no new one
-    assert signal_mod.getsignal(signal_mod.SIGTERM) is signal_mod.SIG_DFL or callable(signal_mod.getsignal(signal_mod.SIGTERM))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, foreign.name])  # only the stale one removed
+    assert {sig: signal_mod.getsignal(sig) for sig in before} == before  # the handlers given back
+    assert restore_mod is not None
+
+
+def test_signal_handlers_are_given_back_after_an_early_error(tmp_path, checkpoint, capsys):
+    import signal as signal_mod
+    before = signal_mod.getsignal(signal_mod.SIGTERM)
+    _one_line_error(capsys, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "m.ts"),
+                             "data.name=synthetic"], "10 classes")
+    assert signal_mod.getsignal(signal_mod.SIGTERM) is before

@@ -317,7 +317,7 @@ class TrainingRun:
             val_record = self._record(parts, "val", epoch, result, count=result.count, **self._ema_fields(parts, ema))
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
-                               progress.best_metric if parts.val is not None else None, new_best)
+                               progress.best_metric if parts.val is not None and progress.best_metric >= 0 else None, new_best)
         return EpochEnd(new_best=new_best, stop=stop.agree(self.env.device))
 
     def _evaluate(self, parts: Components, module, loader) -> EvalResult:

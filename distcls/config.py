@@ -81,6 +81,8 @@ class DataConfig:
     eval_crop_size: Optional[int] = _opt(None, "evaluation (and predict) image size, the model's input size (null = data.image_size)", min=4)
     interpolation: str = _opt("bilinear", "resizing of crops and evaluation images, always antialiased (torchvision's --interpolation)", choices=["bilinear", "bicubic"])
     skip_bad_images: bool = _opt(False, "imagefolder: leave out corrupt, empty or non-image files (warned, counted in summary.json) instead of stopping with an error that names them")
+    index: Optional[str] = _opt(None, "imagefolder: the file list's index (built once, read by restarts instead of walking and checking every file); null: ROOT/.distcls_index.npz when `python -m distcls.data.index ROOT` built one, else run.out_dir/data_index.npz")
+    carve_val: Optional[bool] = _opt(None, "imagefolder with train/ and val/ (no test/): false = val/ is the per-epoch validation and the final evaluation, all of train/ trains (torchvision's and timm's references); true = validation carved from train/ by data.val_fraction, val/ the test split (distcls before this key); null: false, or what the resumed checkpoint used")
     gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and crop/resize there")
     val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, and 10% more is the test split)", min=0.0, max=0.8)
     split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]")

@@ -64,8 +64,16 @@ def test_imagefolder_layouts(tmp_path):
     img, label, index = d.splits.train.source[0]
     assert img.dtype == torch.uint8 and img.shape == (3, 24, 24)
     split = fakedata.write_imagefolder(tmp_path / "inet", per_class=6, layout="split")
-    s = _data(split, "data.name=imagefolder", "data.image_size=16", "data.val_fraction=0")
-    assert len(s.splits.train) == 18 and len(s.splits.test) == 9 and s.splits.val is None
+    # train/ + val/: all of train/ trains, val/ validates every epoch and is the final evaluation (torchvision's references)
+    s = _data(split, "data.name=imagefolder", "data.image_size=16")
+    assert len(s.splits.train) == 18 and len(s.splits.val) == 9 and s.splits.test.source is s.splits.val.source
+    assert list(s.splits.test.indices) == list(s.splits.val.indices) and s.splits.val.source.samples[0][0].startswith(str(split / "val"))
+    # data.carve_val=true: validation carved from train/, val/ the test split (distcls's meaning before the key)
+    c = _data(split, "data.name=imagefolder", "data.image_size=16", "data.carve_val=true", "data.val_fraction=0.2")
+    assert len(c.splits.train) + len(c.splits.val) == 18 and len(c.splits.val) == 4 and len(c.splits.test) == 9
+    assert c.splits.val.source is c.splits.train.source
+    # data.split pools train/ and val/ once, not val/ twice
+    assert sum(len(v) for v in _data(split, "data.name=imagefolder", "data.image_size=16", "data.split=[0.6, 0.2, 0.2]").splits.__dict__.values()) == 27
 
 
 @pytest.mark.parametrize("name, fragment", [

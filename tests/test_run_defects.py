@@ -116,7 +116,7 @@ def _one_line(proc, prefix: str) -> str:
 RUN = [*FAST, "model.name=stop_model:build", "train.epochs=1", "train.max_steps_per_epoch=4", "data.val_fraction=0",
        "data.eval_batch_size=4096"]  # no validation: eval forward 1 is the model check, 2 the (one) test batch, 3 the plots'
 
-SECOND_SIGTERM = ("import os, signal\nfrom distcls import rundir\nrelease = rundir.RunDirLock.release\n"
+SECOND_SIGTERM = ("import os, signal\nfrom distcls.run import outputs as rundir\nrelease = rundir.RunDirLock.release\n"
                   "def release_after_a_second_sigterm(self):\n    os.kill(os.getpid(), signal.SIGTERM)\n    release(self)\n"
                   "rundir.RunDirLock.release = release_after_a_second_sigterm\n")
 

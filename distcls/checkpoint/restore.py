@@ -74,6 +74,8 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
         base["model"]["args"] = {**torchvision_zoo.weights_args(name[len(torchvision_zoo.PREFIX):], trained_from),
                                  **(base["model"].get("args") or {})}
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
+    if "carve_val" not in base.get("data", {}):  # a checkpoint written before the key: its meaning (run.checks.SAVED_BEFORE_THE_KEY)
+        base.setdefault("data", {})["carve_val"] = True
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
         base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]
     saved = config_mod.from_dict(copy.deepcopy(point.config)) if "freeze" in base["model"] else None

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from distcls.config import Config
-from distcls.data import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
+from distcls.data import cifar, digits, folder_index, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
 from distcls.data.augment import Preprocess
 from distcls.data.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
@@ -27,6 +28,7 @@ class Data:
     spec: DataSpec
     preprocess: Preprocess
     skipped_files: tuple = ()  # bad image files left out before training (data.skip_bad_images=true)
+    notes: tuple = ()  # what building it did, for the console (rank 0's words)
 
 
 def data_spec(dataset: RawDataset, cfg: Config, normalization_from: Optional[str] = None) -> DataSpec:
@@ -56,11 +58,17 @@ def check_labels(dataset: RawDataset, name: str) -> None:
                             "fix the dataset's labels or its class names")
 
 
-def build_data(cfg: Config, normalization_from: Optional[str] = None) -> Data:
-    """Collective under torchrun when data.download=true (fetch.py: a barrier and a broadcast).
-    `normalization_from`: where data.mean/std came from when the user set none (e.g. the pretrained
-    weights' preprocessing, models.weights.with_pretrained_preprocessing), for the error that names it."""
-    dataset = DATASETS.build(cfg.data.name, cfg.data)
+def build_data(cfg: Config, normalization_from: Optional[str] = None, run_dir: Optional[Path] = None) -> Data:
+    """Collective under a launcher (a download's barrier and broadcast, fetch.py; an image folder's
+    divided file check, folder_index.py). `normalization_from`: where data.mean/std came from when
+    the user set none (e.g. the pretrained weights' preprocessing,
+    models.weights.with_pretrained_preprocessing), for the error that names it. `run_dir`: the
+    training run's out_dir, where an image folder's index is kept when data.index names no file
+    and no shared one exists (without it: the index is built in memory only)."""
+    data_cfg = cfg.data
+    if run_dir is not None and data_cfg.index is None and data_cfg.name == "imagefolder":
+        data_cfg = dataclasses.replace(data_cfg, index=str(folder_index.location(Path(data_cfg.root), None, run_dir)))
+    dataset = DATASETS.build(cfg.data.name, data_cfg)
     if not isinstance(dataset, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset")
     check_labels(dataset, cfg.data.name)
@@ -81,4 +89,4 @@ def build_data(cfg: Config, normalization_from: Optional[str] = None) -> Data:
     mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, train_size, cfg.run.seed, num_keys)
     pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=num_keys, mix=mix,
                                train_size=train_size, interpolation=cfg.data.interpolation)
-    return Data(splits, spec, pre, tuple(dataset.skipped_files))
+    return Data(splits, spec, pre, tuple(dataset.skipped_files), tuple(dataset.notes))

@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from distcls.data.sample_table import SampleTable
+
 
 @dataclass(frozen=True)
 class CropPolicy:
@@ -55,7 +57,7 @@ class CropPolicy:
 @dataclass
 class FileSource(Dataset):
     """Image files decoded on demand to uint8 [C, size, size] (see CropPolicy)."""
-    samples: list  # [(path, label)]
+    samples: SampleTable  # (path, label) pairs as flat arrays (a list of pairs is converted)
     size: int
     channels: int = 3
     policy: Optional[CropPolicy] = None  # None: resize to size/0.875, center crop
@@ -63,6 +65,8 @@ class FileSource(Dataset):
     decoded_on_demand = True  # decoded from the files when a batch needs them (DataLoader workers)
 
     def __post_init__(self):
+        if not isinstance(self.samples, SampleTable):
+            self.samples = SampleTable.from_pairs(self.samples)
         if self.policy is None:
             self.policy = CropPolicy(self.size, default_eval_resize(self.size))
 
@@ -71,7 +75,7 @@ class FileSource(Dataset):
 
     @property
     def labels(self) -> torch.Tensor:
-        return torch.tensor([label for _, label in self.samples], dtype=torch.long)
+        return torch.from_numpy(self.samples.labels).long()
 
     def load(self, index: int, train: bool = False, seed: int = 0, epoch: int = 0, key: Optional[int] = None):
         """(uint8 [C, size, size], label, key, None), or (None, label, key, message) for a bad file;
@@ -93,7 +97,7 @@ class FileSource(Dataset):
         return img, label, index
 
     def concat(self, other: "FileSource") -> "FileSource":
-        return FileSource(self.samples + other.samples, self.size, self.channels, self.policy, self.skip_bad)
+        return FileSource(self.samples.concat(other.samples), self.size, self.channels, self.policy, self.skip_bad)
 
 
 def default_eval_resize(size: int) -> int:

@@ -5,75 +5,49 @@
     <root>/test/<class>/*.jpg       optional test split
 
 With only class folders under <root>, data.split carves train/val/test from them (seeded).
-Without a test/ folder, val/ serves as the test split (ImageNet's convention) and validation
-is carved from train by data.val_fraction.
+With train/ and val/ but no test/, all of train/ trains and val/ is the per-epoch validation and
+the final evaluation (torchvision's and timm's references); data.carve_val=true carves validation
+from train/ by data.val_fraction instead and makes val/ the test split.
 
-Before training, every file's header (and, for JPEG/PNG, its end marker) is checked, on every
-rank alike: an empty, truncated or non-image file is an error naming it, or, with
-data.skip_bad_images=true, it is left out (the same files on every rank) and counted.
+The file list is indexed once (folder_index.py): the ranks divide the per-file check (its header
+and, for JPEG/PNG, its end marker) among them, and restarts read the index. An empty, truncated or
+non-image file is an error naming it, or, with data.skip_bad_images=true, it is left out (the same
+files on every rank) and counted.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from distcls.config import DataConfig
-from distcls.data.registry import register_dataset
+from distcls.data import folder_index
 from distcls.data.file_source import CropPolicy, FileSource, default_eval_resize
+from distcls.data.folder_index import EXTENSIONS, class_folders, image_files  # noqa: F401  (the walk's rules live there)
+from distcls.data.registry import register_dataset
+from distcls.data.sample_table import SampleTable
 from distcls.data.sources import RawDataset
-from distcls.spec import printable_name
 from distcls.errors import ConfigError, UserError
+from distcls.spec import printable_name
 
-EXTENSIONS = {".jpg", ".jpeg", ".png", ".gif", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively, in sorted order: FILES with an image extension.
-
-    The one rule of image-folder data and of predict's directory walk: a directory named like an
-    image (`x.jpg/`) is not an image (the files in it are), every name starting with "." is
-    skipped, hidden files and folders alike, macOS's `._x.jpg` (AppleDouble metadata) among them,
-    and symbolic links to folders are followed (torchvision's ImageFolder does).
-    """
-    found, seen = [], set()
-    # Symbolic links to folders are followed, as torchvision's ImageFolder does (os.walk(followlinks=True));
-    # each real folder is read once, so a link to an ancestor cannot loop.
-    for top, dirs, files in os.walk(folder, followlinks=True):
-        real = os.path.realpath(top)
-        if real in seen:
-            dirs.clear()
-            continue
-        seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(top) / f for f in files if not f.startswith(".") and os.path.splitext(f)[1].lower() in EXTENSIONS
-                  and os.path.isfile(os.path.join(top, f))]
-    return sorted(found)
-
-
-def _classes(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+_classes = class_folders
 
 
 def _scan(folder: Path, classes: list[str]) -> list:
+    """(path, label) of every image file under folder/<class>/ (no index, no check)."""
     samples = []
     for label, name in enumerate(classes):
-        class_dir = folder / name
-        if class_dir.is_dir():
-            samples += [(str(p), label) for p in image_files(class_dir)]
-    if not samples:
-        raise UserError(f"no images ({', '.join(sorted(EXTENSIONS))}) found under {folder}/<class>/; put each class's images in its own folder")
+        if (folder / name).is_dir():
+            samples += [(str(p), label) for p in image_files(folder / name)]
     return samples
 
 
-def _check_classes(folder: Path, classes: list[str], samples: list, skipped: int) -> None:
+def _check_classes(folder: Path, classes: list[str], labels: np.ndarray, skipped: int) -> None:
     """Every class of train/ holds at least one usable image, and there are at least 2 classes."""
     if len(classes) < 2:
         raise UserError(f"{folder} holds one class folder ({classes[0]}); a classifier needs at least 2 classes, "
                         f"each in its own folder {folder}/<class>/")
-    counts = [0] * len(classes)
-    for _, label in samples:
-        counts[label] += 1
+    counts = np.bincount(labels, minlength=len(classes))
     empty = [name for name, n in zip(classes, counts) if n == 0]
     if empty:
         why = " usable" if skipped else ""
@@ -82,29 +56,37 @@ def _check_classes(folder: Path, classes: list[str], samples: list, skipped: int
                         "add its images or remove the folder (a class without training images cannot be learned)")
 
 
-def _check_no_new_classes(folder: Path, classes: list[str]) -> None:
+def _check_no_new_classes(folder: Path, found: list[str], classes: list[str]) -> None:
     """A val/ or test/ class folder that train/ lacks would be dropped silently: an error instead."""
-    new = sorted(set(_classes(folder)) - set(classes))
+    new = sorted(set(found) - set(classes))
     if new:
         more = f" (and {len(new) - 1} more)" if len(new) > 1 else ""
         raise UserError(f"class folder {folder / new[0]}{more} has no counterpart in the training classes; "
                         f"add {new[0]}/ to the training folder, or remove it from {folder}")
 
 
-def check_files(samples: list, skip_bad: bool) -> tuple[list, list]:
-    """(usable samples, ["path: reason", ...] of bad ones); without skip_bad a bad file is an error."""
-    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: two small reads per file
-        from distcls.data.images import check_image_file  # torchvision.io: imported only for image folders
-        reasons = list(pool.map(check_image_file, [path for path, _ in samples]))
-    bad = [f"{path}: {why}" for (path, _), why in zip(samples, reasons) if why]
+def _usable(index: folder_index.FolderIndex, split: str, folder: Path, skip_bad: bool, skipped: list) -> SampleTable:
+    """The split's files less the bad ones (skip_bad), or the error naming a bad one."""
+    table = index.source_pairs(split)
+    if not len(table):
+        raise UserError(f"no images ({', '.join(sorted(EXTENSIONS))}) found under {folder}/<class>/; put each class's images in its own folder")
+    bad = [f"{table.path(i)}: {why}" for i, why in index.bad.get(split, {}).items()]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise UserError(f"image file {bad[0]}{more}; delete or replace it, or set data.skip_bad_images=true to leave such files out")
-    return [s for s, why in zip(samples, reasons) if not why], bad
+        again = (f"; the index {index.read_from} says so: a file replaced in place under the same name is not seen, index again with "
+                 f"`python -m distcls.data.index {index.root} --rebuild`" if index.read_from else "")
+        raise UserError(f"image file {bad[0]}{more}; delete or replace it, or set data.skip_bad_images=true to leave such files out{again}")
+    skipped.extend(bad)
+    if bad:
+        table = table.select([i for i in range(len(table)) if i not in index.bad[split]])
+    if not len(table):
+        raise UserError(f"every image under {folder} is unreadable; nothing to train on")
+    return table
 
 
 @register_dataset("imagefolder")
 def build_imagefolder(cfg: DataConfig) -> RawDataset:
+    """Collective under a launcher (the file check is divided among the ranks: folder_index.py)."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) or set data.root")
@@ -114,34 +96,38 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
                           f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a smaller data.eval_crop_size")
     train_size = cfg.train_crop_size or cfg.image_size or 224
     channels = cfg.channels or 3
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    classes = _classes(train_dir)
-    if train_dir == root:
-        classes = [c for c in classes if c not in ("val", "test")]
+    notes = []
+    index = folder_index.load_or_build(root, folder_index.location(root, cfg.index, None), note=notes.append)
+    train_dir = root / index.train_dir
+    classes = index.classes
     if not classes:
         raise UserError(f"no class folders in {train_dir}; expected {train_dir}/<class>/<image files>")
     aug = cfg.augment
     policy = CropPolicy(size, cfg.eval_resize or default_eval_resize(size),
                         (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip,
                         train_size, cfg.interpolation)
-    skipped = []
-
-    def source(folder: Path):
-        if train_dir == root and folder != root or not folder.is_dir():
-            return None
-        if folder != train_dir:
-            _check_no_new_classes(folder, classes)
-        samples, bad = check_files(_scan(folder, classes), cfg.skip_bad_images)
-        skipped.extend(bad)
-        if not samples:
-            raise UserError(f"every image under {folder} is unreadable; nothing to train on")
-        if folder == train_dir:
-            _check_classes(folder, classes, samples, len(bad))
-        return FileSource(samples, size, channels, policy, cfg.skip_bad_images)
-
-    train, val, test = source(train_dir), source(root / "val"), source(root / "test")
+    skipped, sources = [], {}
+    for split in folder_index.SPLITS:
+        if split not in index.tables:
+            continue
+        folder = train_dir if split == "train" else root / split
+        if split != "train":
+            _check_no_new_classes(folder, index.split_classes.get(split, []), classes)
+        table = _usable(index, split, folder, cfg.skip_bad_images, skipped)
+        if split == "train":
+            _check_classes(folder, classes, table.labels, len(skipped))
+        sources[split] = FileSource(table, size, channels, policy, cfg.skip_bad_images)
+    train, val, test = sources["train"], sources.get("val"), sources.get("test")
     if test is None and val is not None:
-        test, val = val, None
+        if cfg.carve_val:  # validation carved from train/ (make_splits), val/ the test split
+            test, val = val, None
+            notes.append(f"image folder {root}: validation carved from train/ (data.val_fraction={cfg.val_fraction}), val/ is the test split "
+                         "(data.carve_val=true)")
+        else:  # torchvision's and timm's references: all of train/ trains, val/ validates every epoch and at the end
+            test = val
+            notes.append(f"image folder {root}: all of train/ trains; val/ is the validation of every epoch and the final evaluation "
+                         "(data.carve_val=false)")
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
     # The class names a person reads (console, plots, predict, JSON); the files keep their own names.
-    return RawDataset(train=train, test=test, val=val, class_names=[printable_name(c) for c in classes], mean=mean, std=std, skipped_files=tuple(skipped))
+    return RawDataset(train=train, test=test, val=val, class_names=[printable_name(c) for c in classes], mean=mean, std=std,
+                      skipped_files=tuple(skipped), notes=tuple(notes))

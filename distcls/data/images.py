@@ -71,25 +71,31 @@ def sniff(head: bytes) -> Optional[str]:
 
 def check_image_file(path) -> Optional[str]:
     """Why `path` is not a usable image (None: it looks fine). Reads the first and last bytes only."""
+    return inspect_image_file(path)[1]
+
+
+def inspect_image_file(path) -> tuple:
+    """(size in bytes, why `path` is not a usable image or None): one open, the first and last 16 bytes."""
+    size = -1
     try:
         with open(path, "rb") as f:
             head = f.read(16)
             if not head:
-                return "empty file"
+                return 0, "empty file"
             fmt = sniff(head)
-            if fmt is None:
-                return "not an image (unknown header)"
             f.seek(0, 2)
             size = f.tell()
+            if fmt is None:
+                return size, "not an image (unknown header)"
             f.seek(max(0, size - 16))
             tail = f.read()
     except OSError as exc:
-        return f"unreadable ({exc.strerror or exc})"
+        return size, f"unreadable ({exc.strerror or exc})"
     if fmt == "jpeg" and b"\xff\xd9" not in tail:
-        return "truncated JPEG (no end-of-image marker)"
+        return size, "truncated JPEG (no end-of-image marker)"
     if fmt == "png" and not tail.endswith(b"IEND\xaeB`\x82"):
-        return "truncated PNG (no IEND chunk)"
-    return None
+        return size, "truncated PNG (no IEND chunk)"
+    return size, None
 
 
 def to_uint8(t: torch.Tensor) -> torch.Tensor:

@@ -69,3 +69,4 @@ class RawDataset:
     std: Sequence[float]
     val: Optional[Source] = None  # an official validation split, if the dataset has one
     skipped_files: Sequence[str] = ()  # bad files left out before training (data.skip_bad_images=true)
+    notes: Sequence[str] = ()  # what building it did, for the console (e.g. an image folder read from its index)

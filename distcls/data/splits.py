@@ -28,10 +28,11 @@ def _perm(n: int, seed: int, salt: int) -> torch.Tensor:
 def make_splits(dataset: RawDataset, cfg: DataConfig, seed: int) -> Splits:
     if cfg.split is not None or dataset.test is None:
         # Pool every official split and re-split: data.split, or [0.9 - v, v, 0.1] when there is no test set.
-        pooled = dataset.train
+        pooled, seen = dataset.train, [dataset.train]
         for extra in (dataset.val, dataset.test):
-            if extra is not None:
+            if extra is not None and not any(extra is s for s in seen):  # one source in two roles (val/ of an image folder) pools once
                 pooled = pooled.concat(extra)
+                seen.append(extra)
         fractions = cfg.split or [NO_TEST_SPLIT_TRAIN - cfg.val_fraction, cfg.val_fraction, 1 - NO_TEST_SPLIT_TRAIN]
         n = len(pooled)
         order = _perm(n, seed, 1)

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional
 
 from distcls.checkpoint import ResumePoint
@@ -18,7 +19,7 @@ from distcls.errors import ConfigError, TrainingDiverged
 # many samples a step or an epoch holds, so the same numbers would name another sample (and the lr
 # schedule, which counts steps, another point). A resume with any of them changed is refused.
 POSITION_KEYS = (
-    "data.name", "data.batch_size", "data.val_fraction", "data.split", "data.max_train_samples",
+    "data.name", "data.batch_size", "data.val_fraction", "data.split", "data.max_train_samples", "data.carve_val",
     "data.repeats", "data.augment.repeats",  # repeated augmentation, where the schema has it
     "train.max_steps_per_epoch", "run.seed",
 )
@@ -43,6 +44,26 @@ _EMA_RULE = "the checkpoint's model EMA was averaged with the saved value; this 
 EMA_KEYS = {f"train.ema.{k}": _EMA_RULE for k in ("decay", "every_steps", "warmup_copy", "adjust_decay")}
 
 
+# Keys added after checkpoints were written without them: the value that gives such a checkpoint
+# its meaning (an image folder's val/ was the test split, validation carved from train/).
+SAVED_BEFORE_THE_KEY = {"data.carve_val": True}
+
+
+def resolve_unset(cfg: Config, point: Optional[ResumePoint], note: Callable[[str], None]) -> Config:
+    """`cfg` with its run-time defaults decided: data.carve_val null is the resumed checkpoint's value
+    (True for one written before the key), else false. The decided value is stored with the run."""
+    if cfg.data.carve_val is not None:
+        return cfg
+    value = False
+    if point is not None:
+        saved = (point.config or {}).get("data", {})
+        value = saved.get("carve_val", SAVED_BEFORE_THE_KEY["data.carve_val"])
+        if "carve_val" not in saved and cfg.data.name == "imagefolder":
+            note(f"checkpoint {point.path} predates data.carve_val: it keeps its meaning (validation carved from train/, val/ the "
+                 "test split); a new run takes torchvision's (val/ validates every epoch)")
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, carve_val=bool(value)))
+
+
 def _get(tree: dict, path: str):
     """The value at a dot path, or KeyError when a section or key is absent (an older config)."""
     for part in path.split("."):
@@ -50,6 +71,13 @@ def _get(tree: dict, path: str):
             raise KeyError(path)
         tree = tree[part]
     return tree
+
+
+def _get_or(tree: dict, path: str, default):
+    try:
+        return _get(tree, path)
+    except KeyError:
+        return default
 
 
 def _keys_to_compare(saved: dict, current: dict) -> list[str]:
@@ -69,7 +97,7 @@ def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, o
     changed = []
     for key in _keys_to_compare(saved, current):
         try:
-            old, new = _get(saved, key), _get(current, key)
+            old, new = _get(saved, key) if key not in SAVED_BEFORE_THE_KEY else _get_or(saved, key, SAVED_BEFORE_THE_KEY[key]), _get(current, key)
         except KeyError:
             continue
         if old != new:

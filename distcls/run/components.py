@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import random
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -141,7 +142,7 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     seed_everything(cfg.run.seed)
     switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or debug, env.device)
     prepared = with_pretrained_preprocessing(cfg)  # torchvision weights bring their mean/std and sizes
-    data = build_data(prepared, normalization_source(cfg, prepared))
+    data = build_data(prepared, normalization_source(cfg, prepared), run_dir=files.dir.parent if files is not None else Path(cfg.run.out_dir))
     model, module = prepare_model(cfg, env, data.spec, log, train_size=data.preprocess.train_image_size)
     optimizer = build_optimizer(module, cfg.optim)
     train, val, test = build_loaders(cfg, env, data, LoaderSettings.from_config(cfg, debug))

@@ -27,7 +27,7 @@ from distcls.engine import EvalResult, Progress, Totals, evaluate
 from distcls.errors import UserError
 from distcls.models import count_parameters
 from distcls.run.outputs import RunDirLock, check_outputs
-from distcls.run.checks import check_resume_config, check_skipped_steps
+from distcls.run.checks import check_resume_config, check_skipped_steps, resolve_unset
 from distcls.runtime.signals import StopRequest
 from distcls.tracking import Console, MetricsLog, WandbLogger, metric_record, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
@@ -75,6 +75,7 @@ class TrainingRun:
                 self.console.warn(f"removed {stale}: the temp file of a save that was killed")
         try:
             self.resume_point = self._find_resume(resume)
+            self.cfg = resolve_unset(cfg, self.resume_point, self._warn_main)  # e.g. data.carve_val as the checkpoint meant it
         except BaseException:
             self.close()
             raise
@@ -226,6 +227,8 @@ class TrainingRun:
 
     def _announce(self, parts: Components) -> None:
         cfg, env, data, spec, progress = self.cfg, self.env, parts.data, parts.data.spec, parts.progress
+        for note in data.notes:
+            self.console.info(note)
         for bad in data.skipped_files[:5]:
             self._warn_main(f"skipped bad image {bad}")
         if len(data.skipped_files) > 5:

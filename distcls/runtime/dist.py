@@ -245,6 +245,20 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def rank_and_world() -> tuple:
+    """(this rank, the world size) of the process group; (0, 1) without one."""
+    return (tdist.get_rank(), tdist.get_world_size()) if active() else (0, 1)
+
+
+def all_gather_object(obj) -> list:
+    """Collective: every rank's picklable `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if not active():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def average_buffers(module: torch.nn.Module) -> None:
     """Collective: average floating-point buffers (BatchNorm running stats) so every rank evaluates
     and saves the same model. The training run calls it once per epoch end (runner._end_epoch)."""

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Sequence
 
-from distcls.bench import augment, checkpoint, compare, gpu_check, imagefolder, scaling, startup, throughput
+from distcls.bench import augment, checkpoint, compare, datastart, gpu_check, imagefolder, scaling, startup, throughput
 from distcls.cli import ArgumentParser, exit_with
 
 # mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
@@ -16,6 +16,7 @@ MODES = {
     "scaling": scaling,
     "startup": startup,
     "imagefolder": imagefolder,
+    "datastart": datastart,
     "augment": augment,
     "gpu": gpu_check,
 }

@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--nproc", type=int, default=1, help="ranks of the distcls runs (torchrun; default 1)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the timed commands (median kept; default 1)")
     parser.add_argument("--tree", help="build the folder here and keep it (default: a temporary folder, removed)")
-    parser.add_argument("--worker-samples", type=int, default=1_000_000, help="samples of the worker-memory measurement (default 1M)")
+    parser.add_argument("--worker-samples", type=int, default=1_000_000, help="samples of the worker-memory measurement (default 1M; 0: skip it)")
     parser.add_argument("--no-strace", action="store_true", help="skip the filesystem-call counts")
 
 
@@ -183,7 +183,7 @@ def run(args) -> dict:
             digits = Path(tmp) / "traced_digits"
             calls["digits"] = _strace_counts(train_cmd(["train.epochs=1", "train.max_steps_per_epoch=2", "log.plots=false",
                                                         f"run.out_dir={digits}"], args.nproc), env)
-        memory = {kind: _worker_growth(args.worker_samples, kind) for kind in ("list", "SampleTable")}
+        memory = {kind: _worker_growth(args.worker_samples, kind) for kind in ("list", "SampleTable")} if args.worker_samples else {}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     total = args.files + args.classes
@@ -213,5 +213,6 @@ def render(result: dict) -> None:
         t.add_row(label, f"{result[key]:.3f}", *(f"{c[s]:,}" if s in c else "-" for s in SYSCALLS))
     console.print(t)
     mem = result["worker_private_growth_mb"]
-    console.print(f"DataLoader worker's private memory growth over an epoch of {result['worker_samples']:,} samples: "
-                  f"list of tuples {mem['list']} MB, SampleTable {mem['SampleTable']} MB")
+    if mem:
+        console.print(f"DataLoader worker's private memory growth over an epoch of {result['worker_samples']:,} samples: "
+                      f"list of tuples {mem['list']} MB, SampleTable {mem['SampleTable']} MB")

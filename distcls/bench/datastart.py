@@ -3,6 +3,7 @@
 Builds (or reuses, --tree DIR) ROOT/train/<1,000 classes>/*.jpg with --files small JPEGs and one
 per class in ROOT/val/, then measures, each in fresh processes:
   torchvision_scan_s      torchvision.datasets.ImageFolder(ROOT/train): its constructor (the walk)
+  distcls_walk_s          distcls's walk of the same tree (train/ and val/), without the per-file check
   first_start_s           `python -m distcls.train` on the folder (--nproc ranks) from the command to
                           its first training step (first metrics.jsonl record): walk + divided check + index
   restart_s               the same run resumed (--resume auto), command to its first new step: reads the index
@@ -161,9 +162,12 @@ def run(args) -> dict:
         env = child_env()
         scan = [sys.executable, "-c", f"import time, torchvision; t = time.perf_counter(); torchvision.datasets.ImageFolder({str(root / 'train')!r}); "
                                       "print(time.perf_counter() - t)"]
-        times = {"torchvision_scan_s": [], "first_start_s": [], "restart_s": [], "digits_s": []}
+        walk = [sys.executable, "-c", f"import time; from pathlib import Path; from distcls.data import folder_index; t = time.perf_counter(); "
+                                      f"folder_index.walk(Path({str(root)!r})); print(time.perf_counter() - t)"]
+        times = {"torchvision_scan_s": [], "distcls_walk_s": [], "first_start_s": [], "restart_s": [], "digits_s": []}
         for r in range(args.repeats):
             times["torchvision_scan_s"].append(float(subprocess.run(scan, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
+            times["distcls_walk_s"].append(float(subprocess.run(walk, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
             out = Path(tmp) / f"run{r}"
             first = train_cmd([*RUN, f"data.root={root}", f"run.out_dir={out}"], args.nproc)
             times["first_start_s"].append(_timed_to_first_step(first, out / "metrics.jsonl", env))
@@ -205,6 +209,7 @@ def render(result: dict) -> None:
     for col in ("what", "seconds", "openat", "stat", "getdents64", "read"):
         t.add_column(col, justify="left" if col == "what" else "right")
     rows = [("torchvision ImageFolder(train/) scan", "torchvision_scan_s", "torchvision_scan"),
+            ("distcls's walk alone (folder_index.walk: train/ and val/)", "distcls_walk_s", "-"),
             ("distcls first start -> first step (walk, divided check, index)", "first_start_s", "first_start"),
             ("distcls restart (--resume auto) -> first step (reads the index)", "restart_s", "restart"),
             ("default digits run -> first step", "digits_s", "digits")]

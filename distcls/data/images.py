@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 import warnings
 from pathlib import Path
@@ -75,22 +76,26 @@ def check_image_file(path) -> Optional[str]:
 
 
 def inspect_image_file(path) -> tuple:
-    """(size in bytes, why `path` is not a usable image or None): one open, the first and last 16 bytes."""
+    """(size in bytes, why `path` is not a usable image or None). Raw file calls, as an index of a
+    million files makes them: one open, two 16-byte reads at the ends, no stat."""
     size = -1
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            if not head:
-                return 0, "empty file"
-            fmt = sniff(head)
-            f.seek(0, 2)
-            size = f.tell()
-            if fmt is None:
-                return size, "not an image (unknown header)"
-            f.seek(max(0, size - 16))
-            tail = f.read()
+        fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
         return size, f"unreadable ({exc.strerror or exc})"
+    try:
+        head = os.pread(fd, 16, 0)
+        if not head:
+            return 0, "empty file"
+        size = os.lseek(fd, 0, os.SEEK_END)
+        fmt = sniff(head)
+        if fmt is None:
+            return size, "not an image (unknown header)"
+        tail = os.pread(fd, 16, max(0, size - 16))
+    except OSError as exc:
+        return size, f"unreadable ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
     if fmt == "jpeg" and b"\xff\xd9" not in tail:
         return size, "truncated JPEG (no end-of-image marker)"
     if fmt == "png" and not tail.endswith(b"IEND\xaeB`\x82"):

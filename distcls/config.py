@@ -32,28 +32,35 @@ class AugmentConfig:
     crop_padding: int = _opt(0, "random crop of the original size after zero-padding by this many pixels (0 = off)", min=0)
     hflip: bool = _opt(False, "random horizontal flip with probability 0.5")
     rotation_deg: float = _opt(0.0, "random rotation in [-deg, +deg] (0 = off)", min=0.0, max=180.0)
-    random_resized_crop: bool = _opt(False, "imagefolder: RandomResizedCrop to data.image_size (a random area fraction and aspect ratio, then resize), keyed by (seed, epoch, sample)")
+    random_resized_crop: bool = _opt(False, "imagefolder: RandomResizedCrop to data.image_size (a random area fraction and aspect ratio, then resize), "
+        "keyed by (seed, epoch, sample)")
     scale: list = _opt([0.08, 1.0], "RandomResizedCrop: [min, max] fraction of the image area (torchvision's default)")
     ratio: list = _opt([0.75, 1.3333333333333333], "RandomResizedCrop: [min, max] aspect ratio w/h (torchvision's default, 3/4..4/3)")
-    policy: str = _opt("none", "automatic augmentation policy, batched on the device and keyed by (seed, epoch, sample): trivialaugment (torchvision TrivialAugmentWide), randaugment (RandAugment(num_ops, magnitude)), autoaugment (AutoAugment, ImageNet policy)",
+    policy: str = _opt("none", "automatic augmentation policy, batched on the device and keyed by (seed, epoch, sample): trivialaugment "
+        "(torchvision TrivialAugmentWide), randaugment (RandAugment(num_ops, magnitude)), autoaugment (AutoAugment, "
+        "ImageNet policy)",
                        choices=["none", "trivialaugment", "randaugment", "autoaugment"])
     num_ops: int = _opt(2, "randaugment: ops applied in sequence per image", min=0, max=16)
     magnitude: int = _opt(9, "randaugment: magnitude bin of every op, in [0, num_magnitude_bins)", min=0)
     num_magnitude_bins: int = _opt(31, "trivialaugment/randaugment: number of magnitude bins (torchvision's default 31)", min=2)
-    policy_interpolation: str = _opt("bilinear", "interpolation of the policies' shear/translate/rotate (torchvision's reference recipe: bilinear; the transform's default: nearest)", choices=["bilinear", "nearest"])
+    policy_interpolation: str = _opt("bilinear", "interpolation of the policies' shear/translate/rotate (torchvision's reference recipe: bilinear; the "
+        "transform's default: nearest)", choices=["bilinear", "nearest"])
     erase_prob: float = _opt(0.0, "random erasing probability per image (torchvision RandomErasing p; 0 = off), applied after normalization", min=0.0, max=1.0)
     erase_scale: list = _opt([0.02, 0.33], "random erasing: [min, max] fraction of the image area (torchvision's default)")
     erase_ratio: list = _opt([0.3, 3.3], "random erasing: [min, max] aspect ratio h/w (torchvision's default)")
-    erase_value: float = _opt(0.0, "random erasing: the value written, in normalized units (0 = the dataset mean, torchvision's value=0 after Normalize)")
+    erase_value: float = _opt(0.0, "random erasing: the value written, in normalized units (0 = the dataset mean, torchvision's value=0 after "
+        "Normalize)")
 
 
 @dataclass(frozen=True)
 class MixConfig:
     mixup_alpha: float = _opt(0.0, "Mixup: lambda ~ Beta(alpha, alpha) (0 = off; torchvision's reference --mixup-alpha 0.2)", min=0.0)
-    cutmix_alpha: float = _opt(0.0, "CutMix: lambda ~ Beta(alpha, alpha), a box of area 1 - lambda pasted from the partner (0 = off; --cutmix-alpha 1.0)", min=0.0)
+    cutmix_alpha: float = _opt(0.0, "CutMix: lambda ~ Beta(alpha, alpha), a box of area 1 - lambda pasted from the partner (0 = off; "
+        "--cutmix-alpha 1.0)", min=0.0)
     prob: float = _opt(1.0, "probability that a pair is mixed at all (timm's mixup prob)", min=0.0, max=1.0)
     switch_prob: float = _opt(0.5, "with both alphas on: probability of CutMix instead of Mixup (timm's switch_prob)", min=0.0, max=1.0)
-    mode: str = _opt("pair", "pair: samples 2i and 2i+1 of the global batch mix with each other, one lambda per pair (timm's 'pair'); elem: each sample draws its own lambda and mixes in that same neighbour", choices=["pair", "elem"])
+    mode: str = _opt("pair", "pair: samples 2i and 2i+1 of the global batch mix with each other, one lambda per pair (timm's 'pair'); elem: "
+        "each sample draws its own lambda and mixes in that same neighbour", choices=["pair", "elem"])
 
 
 @dataclass(frozen=True)
@@ -67,7 +74,8 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _opt("digits", "digits | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | synthetic | a registered name | 'pkg.module:builder'")
+    name: str = _opt("digits", "digits | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | synthetic | a registered name | "
+        "'pkg.module:builder'")
     root: str = _opt("data", "directory that holds the dataset files (official on-disk format)")
     download: bool = _opt(False, "download a missing dataset through torchvision (needs internet)")
     image_size: Optional[int] = _opt(None, "resize images to this square size (null = the dataset's own size)", min=4)
@@ -76,21 +84,32 @@ class DataConfig:
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
     num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
     prefetch_factor: int = _opt(4, "imagefolder: batches each DataLoader worker decodes ahead", min=1)
-    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.eval_crop_size (torchvision Resize + CenterCrop; null = eval crop/0.875, e.g. 256 for 224)", min=4)
+    eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.eval_crop_size (torchvision "
+        "Resize + CenterCrop; null = eval crop/0.875, e.g. 256 for 224)", min=4)
     train_crop_size: Optional[int] = _opt(None, "training image size (FixRes: e.g. 176 with eval_crop_size 224 and eval_resize 232; null = data.image_size)", min=4)
     eval_crop_size: Optional[int] = _opt(None, "evaluation (and predict) image size, the model's input size (null = data.image_size)", min=4)
     interpolation: str = _opt("bilinear", "resizing of crops and evaluation images, always antialiased (torchvision's --interpolation)", choices=["bilinear", "bicubic"])
-    skip_bad_images: bool = _opt(False, "imagefolder: leave out corrupt, empty or non-image files (warned, counted in summary.json) instead of stopping with an error that names them")
-    index: Optional[str] = _opt(None, "imagefolder: the file list's index (built once, read by restarts instead of walking and checking every file); null: ROOT/.distcls_index.npz when `python -m distcls.data.index ROOT` built one, else run.out_dir/data_index.npz")
-    carve_val: Optional[bool] = _opt(None, "imagefolder with train/ and val/ (no test/): false = val/ is the per-epoch validation and the final evaluation, all of train/ trains (torchvision's and timm's references); true = validation carved from train/ by data.val_fraction, val/ the test split (distcls before this key); null: false, or what the resumed checkpoint used")
-    gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and crop/resize there")
-    val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, and 10% more is the test split)", min=0.0, max=0.8)
+    skip_bad_images: bool = _opt(False, "imagefolder: leave out corrupt, empty or non-image files (warned, counted in summary.json) instead of "
+        "stopping with an error that names them")
+    index: Optional[str] = _opt(None, "imagefolder: the file list's index (built once, read by restarts instead of walking and checking every file); "
+        "null: ROOT/.distcls_index.npz when `python -m distcls.data.index ROOT` built one, else "
+        "run.out_dir/data_index.npz")
+    carve_val: Optional[bool] = _opt(None, "imagefolder with train/ and val/ (no test/): false = val/ is the per-epoch validation and the final "
+        "evaluation, all of train/ trains (torchvision's and timm's references); true = validation carved from train/ "
+        "by data.val_fraction, val/ the test split (distcls before this key); null: false, or what the resumed "
+        "checkpoint used")
+    gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and "
+        "crop/resize there")
+    val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, "
+        "and 10% more is the test split)", min=0.0, max=0.8)
     split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]")
     max_train_samples: Optional[int] = _opt(None, "use only the first N training samples after the split (null = all)", min=1)
     max_eval_samples: Optional[int] = _opt(None, "use only the first N val/test samples (null = all)", min=1)
     mean: Optional[list] = _opt(None, "per-channel normalization mean (null = the dataset's own statistics)")
     std: Optional[list] = _opt(None, "per-channel normalization std (null = the dataset's own statistics)")
-    repeats: int = _opt(1, "repeated augmentation (torchvision --ra-reps): each global batch holds batch_size/repeats samples, each `repeats` times with its own augmentation key, the copies on different ranks; epochs keep their number of steps", min=1)
+    repeats: int = _opt(1, "repeated augmentation (torchvision --ra-reps): each global batch holds batch_size/repeats samples, each "
+        "`repeats` times with its own augmentation key, the copies on different ranks; epochs keep their number of "
+        "steps", min=1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -98,13 +117,20 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | torchvision:<classifier> (any of torchvision.models.list_models(module=torchvision.models), e.g. torchvision:convnext_tiny) | a registered name | 'pkg.module:builder'")
+    name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | torchvision:<classifier> (any of "
+        "torchvision.models.list_models(module=torchvision.models), e.g. torchvision:convnext_tiny) | a registered "
+        "name | 'pkg.module:builder'")
     cifar_stem: bool = _opt(False, "ResNets: 3x3 stride-1 stem and no max-pool (for 32x32 inputs)")
-    pretrained: Optional[str] = _opt(None, "weights to start from (transfer learning): a local state_dict/checkpoint file, or 'torchvision:<WEIGHTS_ENUM>' (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) read from $TORCH_HOME/hub/checkpoints/ without network")
-    freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its BatchNorm statistics) stays fixed", choices=["none", "backbone"])
+    pretrained: Optional[str] = _opt(None, "weights to start from (transfer learning): a local state_dict/checkpoint file, or "
+        "'torchvision:<WEIGHTS_ENUM>' (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) read from "
+        "$TORCH_HOME/hub/checkpoints/ without network")
+    freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its "
+        "BatchNorm statistics) stays fixed", choices=["none", "backbone"])
     freeze_backbone: Optional[bool] = _opt(None, "deprecated spelling of model.freeze: true = backbone, false = none (null = not set)")
-    dropout: Optional[float] = _opt(None, "torchvision:<name> models whose builder takes it: the classifier's dropout probability (null = the builder's default)", min=0.0, max=1.0)
-    drop_path: Optional[float] = _opt(None, "torchvision:<name> models whose builder takes it: stochastic depth probability (stochastic_depth_prob; null = the builder's default)", min=0.0, max=1.0)
+    dropout: Optional[float] = _opt(None, "torchvision:<name> models whose builder takes it: the classifier's dropout probability (null = the builder's "
+        "default)", min=0.0, max=1.0)
+    drop_path: Optional[float] = _opt(None, "torchvision:<name> models whose builder takes it: stochastic depth probability (stochastic_depth_prob; null = "
+        "the builder's default)", min=0.0, max=1.0)
     args: dict = _opt({}, "extra keyword arguments for the model builder")
 
     @property
@@ -119,9 +145,12 @@ class OptimConfig:
     lr: float = _opt(0.05, "peak learning rate", min=0.0, exclusive_min=True)
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(5e-4, "weight decay of tensors with 2+ dims; 1-d tensors (biases, normalization parameters) get none unless the next two keys set theirs", min=0.0)
-    norm_weight_decay: Optional[float] = _opt(None, "weight decay of normalization layers' weights and biases (BatchNorm, LayerNorm, GroupNorm, ... found by module type), e.g. 0.0 (null = the rule of optim.weight_decay: none for these 1-d tensors)", min=0.0)
-    bias_weight_decay: Optional[float] = _opt(None, "weight decay of the other layers' biases (parameters named bias outside normalization layers), e.g. 2e-5 (null = none)", min=0.0)
+    weight_decay: float = _opt(5e-4, "weight decay of tensors with 2+ dims; 1-d tensors (biases, normalization parameters) get none unless the next "
+        "two keys set theirs", min=0.0)
+    norm_weight_decay: Optional[float] = _opt(None, "weight decay of normalization layers' weights and biases (BatchNorm, LayerNorm, GroupNorm, ... found by "
+        "module type), e.g. 0.0 (null = the rule of optim.weight_decay: none for these 1-d tensors)", min=0.0)
+    bias_weight_decay: Optional[float] = _opt(None, "weight decay of the other layers' biases (parameters named bias outside normalization layers), e.g. 2e-5 "
+        "(null = none)", min=0.0)
     betas: list = _opt([0.9, 0.999], "Adam/AdamW betas")
     backbone_lr_scale: float = _opt(1.0, "fine-tuning: the backbone's learning rate is optim.lr times this (the classifier head gets optim.lr), e.g. 0.1", min=0.0, exclusive_min=True)
 
@@ -132,16 +161,20 @@ class SchedConfig:
     warmup_epochs: float = _opt(0.0, "linear warmup length in epochs (fractions allowed)", min=0.0)
     step_epochs: int = _opt(30, "step schedule: multiply by gamma every this many epochs", min=1)
     gamma: float = _opt(0.1, "step schedule factor", min=0.0, max=1.0)
-    min_lr: float = _opt(0.0, "cosine schedule floor: the lr training ends at (at most optim.lr; a backbone under optim.backbone_lr_scale ends at this times that)", min=0.0)
+    min_lr: float = _opt(0.0, "cosine schedule floor: the lr training ends at (at most optim.lr; a backbone under optim.backbone_lr_scale "
+        "ends at this times that)", min=0.0)
 
 
 @dataclass(frozen=True)
 class EMAConfig:
-    enabled: bool = _opt(False, "keep an exponential moving average of the weights (model EMA): evaluated beside them every epoch and at the end, saved in checkpoints, used by evaluate/predict/export --ema")
+    enabled: bool = _opt(False, "keep an exponential moving average of the weights (model EMA): evaluated beside them every epoch and at the "
+        "end, saved in checkpoints, used by evaluate/predict/export --ema")
     decay: float = _opt(0.9999, "EMA decay per update: ema = decay * ema + (1 - decay) * weights", min=0.0, max=1.0)
     every_steps: int = _opt(32, "update the EMA every N optimizer steps (torchvision's --model-ema-steps)", min=1)
-    warmup_copy: bool = _opt(True, "during sched.warmup_epochs the EMA copies the weights instead of averaging them (torchvision resets it while the lr warms up)")
-    adjust_decay: bool = _opt(False, "torchvision's decay adjustment: alpha = (1 - decay) * data.batch_size * every_steps / train.epochs (capped at 1), decay = 1 - alpha; decay is then torchvision's --model-ema-decay")
+    warmup_copy: bool = _opt(True, "during sched.warmup_epochs the EMA copies the weights instead of averaging them (torchvision resets it while "
+        "the lr warms up)")
+    adjust_decay: bool = _opt(False, "torchvision's decay adjustment: alpha = (1 - decay) * data.batch_size * every_steps / train.epochs (capped at "
+        "1), decay = 1 - alpha; decay is then torchvision's --model-ema-decay")
 
 
 @dataclass(frozen=True)
@@ -155,11 +188,13 @@ class TrainConfig:
     channels_last: bool = _opt(False, "channels_last memory format")
     compile: bool = _opt(False, "torch.compile the model")
     cudnn_benchmark: bool = _opt(False, "cuDNN times its convolution algorithms per input shape and keeps the fastest (off under run.deterministic)")
-    tf32: Optional[bool] = _opt(None, "CUDA float32 matmuls and convolutions on TF32 tensor cores (true) or in full float32 (false); null = torch's defaults (TF32 for convolutions only)")
+    tf32: Optional[bool] = _opt(None, "CUDA float32 matmuls and convolutions on TF32 tensor cores (true) or in full float32 (false); null = torch's "
+        "defaults (TF32 for convolutions only)")
     max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
     ema: EMAConfig = field(default_factory=EMAConfig)
     nonfinite: str = _opt("abort", "non-finite loss (or, without fp16, gradient norm): skip the step (and count it) or abort", choices=["skip", "abort"])
-    max_skipped_fraction: float = _opt(0.5, "train.nonfinite=skip: stop (exit 4) when more than this fraction of an epoch's steps were skipped (1.0 = never stop)", min=0.0, max=1.0)
+    max_skipped_fraction: float = _opt(0.5, "train.nonfinite=skip: stop (exit 4) when more than this fraction of an epoch's steps were skipped (1.0 = "
+        "never stop)", min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -167,7 +202,8 @@ class CheckpointConfig:
     every_epochs: int = _opt(1, "save a checkpoint every N epochs (0 = only last/best at the end)", min=0)
     every_steps: int = _opt(0, "also save a mid-epoch checkpoint every N optimizer steps (0 = off)", min=0)
     keep: int = _opt(3, "keep the last N epoch checkpoints besides last.pt and best.pt", min=0)
-    best_metric: str = _opt("val_acc", "what best.pt follows: val_acc (the weights' validation accuracy) or val_ema_acc (the EMA's, needs train.ema.enabled=true)", choices=["val_acc", "val_ema_acc"])
+    best_metric: str = _opt("val_acc", "what best.pt follows: val_acc (the weights' validation accuracy) or val_ema_acc (the EMA's, needs "
+        "train.ema.enabled=true)", choices=["val_acc", "val_ema_acc"])
 
 
 @dataclass(frozen=True)
@@ -540,7 +576,8 @@ def _check_cross_fields(cfg: Config) -> None:
         raise ConfigError(f"{key} applies to model.name=torchvision:<name> (and plug-ins 'pkg.module:builder', which read it), "
                           f"not to model.name={m.name}; set {key}=null or use model.args")
     if cfg.model.frozen and not cfg.model.pretrained:
-        raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random backbone learns nothing")
+        raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random "
+            "backbone learns nothing")
     eval_crop = d.eval_crop_size or d.image_size
     if d.eval_resize is not None and eval_crop is not None and d.eval_resize < eval_crop:
         which = "data.eval_crop_size" if d.eval_crop_size else "data.image_size"

@@ -331,7 +331,7 @@ def test_a_one_rank_process_group_trains_and_checkpoints_through_ddp(tmp_path, m
     from distcls.runtime.dist import DistEnv
 
     args = [f"dist.device={device}", *GROUP_RUN]
-    plain = train_in_process(tmp_path / "plain", *args)
+    train_in_process(tmp_path / "plain", *args)
     wrapped = []
 
     class RecordingDDP(DistributedDataParallel):

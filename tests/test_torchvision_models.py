@@ -19,7 +19,10 @@ TINY = ["data.name=synthetic", "data.synthetic.size=16", "data.synthetic.train_s
         "optim.lr=0.01", "checkpoint.every_epochs=0"]
 
 
-def _build(name, spec=DataSpec(3, 5, 32), *overrides, log=None):
+SPEC = DataSpec(3, 5, 32)
+
+
+def _build(name, spec=SPEC, *overrides, log=None):
     return build_model(config.load(None, [f"model.name=torchvision:{name}", *overrides]).model, spec, log or (lambda m: None))
 
 

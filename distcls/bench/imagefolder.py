@@ -143,7 +143,7 @@ def synthetic_batches(batch: int, size: int, classes: int, device: torch.device)
 def pipeline_rates(root: Path, args, device: torch.device, variants: dict) -> dict:
     rates = {name: [] for name in variants}
     loaders = {name: make(root, args, args.batch, device) for name, make in variants.items()}
-    for name, (epochs, _) in loaders.items():
+    for epochs, _ in loaders.values():
         _time_epoch(epochs)  # warm-up: workers start, page cache filled
     for _ in range(args.repeats):
         for name, (epochs, _) in loaders.items():
@@ -172,7 +172,7 @@ def train_rates(root: Path, args, device: torch.device, variants: dict) -> dict:
         opt.step()
 
     epoch_steps = loaders["distcls"][1] // args.train_batch  # the synthetic input runs as many steps as a loader's epoch
-    for name, (epochs, _) in loaders.items():
+    for epochs, _ in loaders.values():
         _time_epoch(epochs, step, max_batches=2)  # warm-up
     for _ in range(max(1, args.repeats - 1)):
         for name, (epochs, _) in loaders.items():

@@ -64,7 +64,7 @@ def assemble(items, source, train: bool, seed: int, epoch: int, device: torch.de
             images = _decode_each(data, paths, mode, device)
         decoded = dict(zip(jpeg, images))
     out, labels, keys, bad = [], [], [], []
-    for i, (kind, payload, label, index, path) in enumerate(items):
+    for i, (kind, payload, label, index, _path) in enumerate(items):
         if kind == "bad":
             bad.append(payload)
             continue

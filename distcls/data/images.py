@@ -36,7 +36,7 @@ if True:  # noqa: E402  (imports after the filter)
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as _tv_decode
     from torchvision.io import decode_jpeg as _tv_decode_jpeg  # noqa: F401  (GPU decoding, see gpu_decode.py)
-import torchvision.transforms.v2.functional as TF
+import torchvision.transforms.v2.functional as TF  # noqa: E402
 
 
 

@@ -386,7 +386,7 @@ def to_yaml(cfg: Config) -> str:
 
 
 def describe() -> list[tuple[str, Any, str]]:
-    """Every key of the schema: (dot path, default, help) for --help and the README."""
+    """Every key of the schema: (dot path, default, help) for --help and docs/configuration.md."""
     rows = []
 
     def walk(cls, prefix):
@@ -399,6 +399,31 @@ def describe() -> list[tuple[str, Any, str]]:
 
     walk(Config, "")
     return rows
+
+
+def reference_markdown() -> str:
+    """docs/configuration.md's table, from the schema: every key, its default, what it allows, what it means
+    (tests/test_docs.py checks the page holds exactly this)."""
+    def show(value) -> str:
+        return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for path, default, help in describe():
+        rules = _rules_of(path)
+        allowed = (" \\| ".join(show(c) for c in rules["choices"]) if "choices" in rules else
+                   " ".join(part for part in ((f"{'>' if rules.get('exclusive_min') else '>='} {rules['min']}" if "min" in rules else ""),
+                                              (f"<= {rules['max']}" if "max" in rules else "")) if part))
+        meaning = help.replace("|", "\\|")
+        rows.append(f"| `{path}` | `{show(default)}` | {allowed} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+def _rules_of(path: str) -> dict:
+    cls = Config
+    *sections, name = path.split(".")
+    for section in sections:
+        cls = _field_type(cls, _fields(cls)[section])
+    return dict(_fields(cls)[name].metadata)
 
 
 # --------------------------------------------------------------------------- internals

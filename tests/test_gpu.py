@@ -1,5 +1,5 @@
 """The CUDA paths that CPU tests cannot reach (issue 18): `python -m pytest -m gpu tests` on a GPU
-machine, or `python -m distcls.bench gpu` (README: GPU check), which runs them first.
+machine, or `python -m distcls.bench gpu` (docs/gpu-check.md), which runs them first.
 
 Each test is parametrized by device. The `cuda` variants carry the `gpu` marker and are skipped,
 with the reason, where torch sees no CUDA device (so CI, on CPUs, never runs them); the `cpu`
@@ -37,7 +37,7 @@ from distcls.engine import Precision, Progress, Trainer, backends, build_optimiz
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 CUDA = torch.cuda.is_available()
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False): "
-                                                              "run `python -m pytest -m gpu tests` on a GPU machine, see README 'GPU check'")]
+                                                              "run `python -m pytest -m gpu tests` on a GPU machine, see docs/gpu-check.md")]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
 DEVICES_SLOW_ON_CPU = [pytest.param("cpu", id="cpu", marks=pytest.mark.slow), pytest.param("cuda", id="cuda", marks=GPU)]
 

@@ -1,7 +1,7 @@
 """Checks at the edges of a training run, each one small function:
 
 - `check_resume_config`: a resume whose config changes what the checkpoint's position or
-  optimizer state means is refused, naming the key (README, "Resume, preemption and faults").
+  optimizer state means is refused, naming the key (docs/resume.md).
 - `check_skipped_steps`: with `train.nonfinite=skip`, one warning line per epoch that skipped
   steps, and a stop (TrainingDiverged, exit 4) when skipped steps dominate an epoch.
 """

@@ -340,7 +340,7 @@ def test_gpu_decode_path_matches_the_worker_path(folder, tmp_path):
 
 def test_worker_hash_equals_the_batched_hash():
     from distcls.data.augment import keyed_uniform
-    from distcls.data.images import keyed_uniform_scalar
+    from distcls.data.keys import keyed_uniform_scalar
 
     keys = torch.tensor([0, 1, 7, 123456789, 2 ** 40])
     batched = keyed_uniform(3, 11, keys, 101)

@@ -1,4 +1,5 @@
 """The sampler contract and keyed augmentation: independent of world size, rank and batching."""
+import dataclasses
 import math
 
 import pytest
@@ -200,3 +201,29 @@ def test_repeated_copies_of_image_files_are_cropped_by_their_own_keys(tmp_path):
     img = source.load(key % len(samples), True, 1, 2, key=key)[0]
     assert torch.equal(batches[0].images[2], img)  # the copy's crop is keyed by its own key
     assert any(not torch.equal(b.images[:2], b.images[2:]) for b in batches)
+
+
+def test_the_hash_streams_are_one_table_with_disjoint_blocks_that_hold_their_draws():
+    """Every op draws from its own block of stream ids (keys.Stream): two ops sharing an id would draw
+    the same numbers. No call passes a bare number as its stream."""
+    import ast
+    from pathlib import Path
+
+    from distcls.config import AugmentConfig
+    from distcls.data import images, policies
+    from distcls.data.keys import BLOCKS, Stream
+
+    spans = sorted((int(start), int(start) + size) for start, size in BLOCKS.items())
+    assert set(BLOCKS) == set(Stream) and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    max_ops = next(f for f in dataclasses.fields(AugmentConfig) if f.name == "num_ops").metadata["max"]
+    assert 4 * images.RRC_TRIES <= BLOCKS[Stream.RESIZED_CROP]
+    assert 1 + 4 * policies.ERASE_TRIES <= BLOCKS[Stream.ERASE]
+    assert 3 * max_ops <= BLOCKS[Stream.POLICY]
+    bare = []
+    for path in (Path(images.__file__).parent).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in ("keyed_uniform", "keyed_uniform_scalar"):
+                stream = node.args[3] if len(node.args) > 3 else None
+                if isinstance(stream, ast.Constant):
+                    bare.append(f"{path.name}:{node.lineno}")
+    assert bare == []

@@ -23,12 +23,10 @@ import torch.nn.functional as F
 from distcls.config import AugmentConfig
 from distcls.runtime.copies import host_to_device
 from distcls.data import policies
-from distcls.data.keys import keyed_uniform  # noqa: F401  (the keyed draws' one hash)
+from distcls.data.keys import Stream, keyed_uniform
 from distcls.data.mix import Mix
 from distcls.spec import DataSpec
 
-# The hash streams of the batched augmentation (image folders' worker-side flip uses stream 3 too).
-CROP_Y_STREAM, CROP_X_STREAM, FLIP_STREAM, ROTATION_STREAM = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -55,12 +53,12 @@ class Draws:
         crop_y = crop_x = flip = angle = ops = mags = erase = None
         if aug.crop_padding > 0:
             span = 2 * aug.crop_padding + 1
-            crop_y = (keyed_uniform(seed, epoch, keys, CROP_Y_STREAM) * span).long()
-            crop_x = (keyed_uniform(seed, epoch, keys, CROP_X_STREAM) * span).long()
+            crop_y = (keyed_uniform(seed, epoch, keys, Stream.CROP_Y) * span).long()
+            crop_x = (keyed_uniform(seed, epoch, keys, Stream.CROP_X) * span).long()
         if aug.hflip:
-            flip = keyed_uniform(seed, epoch, keys, FLIP_STREAM) < 0.5
+            flip = keyed_uniform(seed, epoch, keys, Stream.FLIP) < 0.5
         if aug.rotation_deg > 0:
-            angle = (keyed_uniform(seed, epoch, keys, ROTATION_STREAM) * 2 - 1) * aug.rotation_deg * math.pi / 180
+            angle = (keyed_uniform(seed, epoch, keys, Stream.ROTATION) * 2 - 1) * aug.rotation_deg * math.pi / 180
         def uniform(stream: int, rows=None) -> np.ndarray:  # the keyed uniforms of every key (or of keys[rows])
             return keyed_uniform(seed, epoch, keys if rows is None else keys[torch.from_numpy(rows)], stream).numpy()
         spec = policies.policy_spec(aug, size, size)

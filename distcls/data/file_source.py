@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
+from distcls.data.keys import Stream, keyed_uniform_scalar
 from distcls.data.sample_table import SampleTable
 
 
@@ -23,7 +24,7 @@ class CropPolicy:
     epoch, sample key) to `train_size`, the crop taken before the resize, in the decoded image's
     pixels; training without it: the evaluation transform at `train_size` (the resize scaled
     alike). `hflip`: the training flip, done here on the uint8 crop (keyed like augment.py's,
-    stream 3), so the batched on-device augmentation skips it. `train_size` None: `size` (FixRes
+    Stream.FLIP), so the batched on-device augmentation skips it. `train_size` None: `size` (FixRes
     trains smaller than it evaluates: data.train_crop_size / data.eval_crop_size).
     """
     size: int
@@ -42,14 +43,14 @@ class CropPolicy:
     def apply(self, img: torch.Tensor, train: bool, seed: int, epoch: int, key: int) -> torch.Tensor:
         """uint8 [C, H, W] (any size) -> uint8 [C, s, s] (s: train_size when training, else size):
         crop and resize, and when training maybe flip."""
-        from distcls.data.images import crop_resize, keyed_uniform_scalar, resize_center_crop
+        from distcls.data.images import crop_resize, resize_center_crop
         size = (self.train_size or self.size) if train else self.size
         if train and self.rrc is not None:
             out = crop_resize(img, self.box(img.shape[1], img.shape[2], train, seed, epoch, key), size, self.interpolation)
         else:
             resize = self.eval_resize if size == self.size else max(size, round(self.eval_resize * size / self.size))
             out = resize_center_crop(img, resize, size, self.interpolation)
-        if train and self.hflip and keyed_uniform_scalar(seed, epoch, key, 3) < 0.5:
+        if train and self.hflip and keyed_uniform_scalar(seed, epoch, key, Stream.FLIP) < 0.5:
             out = out.flip(-1)
         return out
 

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from distcls.data.keys import Stream, keyed_uniform_scalar  # noqa: F401  (keyed_uniform_scalar: file_source's flip)
 from distcls.errors import first_line
 
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
@@ -249,29 +250,13 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
 Box = tuple  # (top, left, height, width) in the decoded image's pixels
 
 RRC_TRIES = 10  # as torchvision: 10 tries at a random (area, ratio), then a central fallback crop
-_M64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
-    return x ^ (x >> 31)
-
-
-def keyed_uniform_scalar(seed: int, epoch: int, key: int, stream: int) -> float:
-    """augment.keyed_uniform for one key, in plain Python (a worker draws a few per image)."""
-    h = _splitmix64(_splitmix64(_splitmix64(_splitmix64(seed & _M64) ^ epoch) ^ stream) ^ (key & _M64))
-    return (h >> 11) / float(1 << 53)
-
-
 def random_resized_crop_box(height: int, width: int, scale: Sequence[float], ratio: Sequence[float],
                             seed: int, epoch: int, key: int) -> Box:
     """torchvision's RandomResizedCrop.get_params, with every draw keyed by (seed, epoch, key)."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for i in range(RRC_TRIES):
-        u = [keyed_uniform_scalar(seed, epoch, key, 100 + 4 * i + j) for j in range(4)]
+        u = [keyed_uniform_scalar(seed, epoch, key, Stream.RESIZED_CROP + 4 * i + j) for j in range(4)]
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u[0])
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u[1])
         w = int(round(math.sqrt(target_area * aspect)))

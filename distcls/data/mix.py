@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from distcls.runtime.copies import host_to_device
-from distcls.data.keys import keyed_uniform
+from distcls.data.keys import Stream, keyed_uniform
 
-MIX_STREAM = 400  # hash streams 400..409 (keys.keyed_uniform)
+MIX_STREAM = Stream.MIX  # its block in keys.Stream
 
 
 @dataclass(frozen=True)

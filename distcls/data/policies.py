@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distcls.data.keys import Stream
+
 # One id per op, shared by every policy.
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize", "Invert")
@@ -36,8 +38,7 @@ OP_ID = {name: i for i, name in enumerate(OPS)}
 GEOMETRIC = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 BLENDS = ("Brightness", "Color", "Contrast", "Sharpness")
 
-# The hash streams (augment.py's keyed_uniform); 200..299 policy, 300..349 erasing.
-POLICY_STREAM, ERASE_STREAM = 200, 300
+POLICY_STREAM, ERASE_STREAM = Stream.POLICY, Stream.ERASE  # their blocks in keys.Stream
 ERASE_TRIES = 10  # as torchvision's RandomErasing
 
 Space = dict  # op name -> (magnitudes(num_bins, height, width) -> list of floats or None, signed)

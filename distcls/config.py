@@ -259,6 +259,26 @@ class Config:
 # --------------------------------------------------------------------------- loading
 
 
+# Config files renamed after what they train; the old names (links in configs/) work until the next release.
+RENAMED_CONFIGS = {
+    "seed_a_cnn2_fashion_mnist.yaml": "fashion_mnist_cnn2.yaml",
+    "seed_b_lenet_cifar10.yaml": "cifar10_lenet.yaml",
+    "seed_c_cnn3_cifar10.yaml": "cifar10_cnn3.yaml",
+    "seed_d_cifar10_cnn_bn_clip.yaml": "cifar10_cnn3_bn_clip.yaml",
+    "seed_d_resnet18_flowers_transfer.yaml": "flowers_resnet18_transfer.yaml",
+    "seed_d_resnet18_flowers_finetune.yaml": "flowers_resnet18_finetune.yaml",
+    "seed_e_convnet_mnist.yaml": "mnist_convnet.yaml",
+}
+
+
+def renamed_note(path: Optional[str]) -> Optional[str]:
+    """The note for a config file given by its old name (None for any other)."""
+    name = Path(path).name if path else ""
+    if name not in RENAMED_CONFIGS:
+        return None
+    return f"{path} is now {Path(path).with_name(RENAMED_CONFIGS[name])} (named after what it trains); the old name works until the next release"
+
+
 def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base: Optional[dict] = None) -> Config:
     """Defaults <- `base` tree <- YAML file <- `key.sub=value` overrides, validated."""
     tree = dataclasses.asdict(Config())

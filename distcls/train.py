@@ -5,6 +5,8 @@ or alone (one process, GPU if there is one, else CPU).
 """
 from __future__ import annotations
 
+import sys
+
 from typing import Optional, Sequence
 
 import torch
@@ -55,6 +57,9 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
     args = parse_args(argv)
     cfg = config_mod.load(args.config, args.overrides)
     env = dist.detect(cfg.dist.device, cfg.dist.backend, debug=args.debug)
+    renamed = config_mod.renamed_note(args.config)
+    if renamed and env.is_main:
+        print(f"distcls: note: {renamed}", file=sys.stderr, flush=True)
     check_launch(cfg, env)
     run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)  # rank 0 now holds run.out_dir
     try:

@@ -298,7 +298,7 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     startup = parts["startup"]
     first, exits = startup["result"]["command_to_first_step_s"], startup["result"]["command_to_exit_s"]
     assert len(exits) == 1 and _positive(exits[0]) and 0 < first[0] <= exits[0]
-    assert "train.amp=bf16" in startup["command"] and "configs/seed_a_cnn2_fashion_mnist.yaml" in " ".join(startup["command"])
+    assert "train.amp=bf16" in startup["command"] and "configs/fashion_mnist_cnn2.yaml" in " ".join(startup["command"])
     gpu_only = {n: p for n, p in parts.items() if n.startswith("compare:r")}
     assert len(gpu_only) == 8 and all(p["status"] == "skipped" and p["reason"] == "GPU only: no CUDA device" for p in gpu_only.values())
     printed = capsys.readouterr().out

@@ -6,7 +6,7 @@ import pytest
 import fakedata
 from conftest import ROOT, load_ckpt
 
-CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if not p.is_symlink())  # the links: old names
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,9 @@ def data_root(tmp_path_factory):
 
 # Per-config shrinking: keep each recipe's model, data format and training features, make it tiny.
 SHRINK = {
-    "seed_d_resnet18_flowers_transfer.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
+    "flowers_resnet18_transfer.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
                                               "data.image_size=32", "data.batch_size=8"],
-    "seed_d_resnet18_flowers_finetune.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
+    "flowers_resnet18_finetune.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
                                               "data.image_size=32", "data.batch_size=8"],
     "imagenet_resnet50.yaml": ["data.root={root}/imagenet", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=8",
                                "data.val_fraction=0.1"],
@@ -64,3 +64,16 @@ def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys):  # conf
     assert {"train", "test"} <= {r["split"] for r in records}
     for r in records:
         assert {"epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time"} <= r.keys()
+
+
+def test_an_old_config_name_still_loads_the_same_config_and_says_its_new_name(tmp_path, capsys):
+    from distcls import config
+    from distcls.config import RENAMED_CONFIGS
+    from conftest import cli_in_process
+    for old, new in RENAMED_CONFIGS.items():
+        assert (ROOT / "configs" / old).resolve() == (ROOT / "configs" / new).resolve()
+        assert config.load(str(ROOT / "configs" / old)) == config.load(str(ROOT / "configs" / new))
+    proc = cli_in_process(capsys, "train", ["--config", ROOT / "configs/seed_c_cnn3_cifar10.yaml", f"data.root={tmp_path / 'none'}",
+                                            f"run.out_dir={tmp_path / 'out'}"])
+    assert proc.returncode == 2  # (no CIFAR-10 files here)
+    assert f"distcls: note: {ROOT / 'configs/seed_c_cnn3_cifar10.yaml'} is now {ROOT / 'configs/cifar10_cnn3.yaml'}" in proc.stderr

@@ -315,7 +315,7 @@ def test_checkpoint_does_not_choose_code_to_import(run_copy, tmp_path, capsys, m
     marker = tmp_path / "imported"
     (tmp_path / "ckpt_plugin.py").write_text(
         f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n"
-        "from distcls.models.seed_nets import cnn3\n\ndef build(spec, cfg):\n    return cnn3(spec, cfg)\n")
+        "from distcls.models.small_cnns import cnn3\n\ndef build(spec, cfg):\n    return cnn3(spec, cfg)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     ck = load_ckpt(run_copy / "checkpoints/last.pt")
     ck["config"]["model"]["name"] = "ckpt_plugin:build"

@@ -289,7 +289,7 @@ def write_fashion_mnist(root: Path, train: int, test: int) -> Path:
 
 
 def run_startup(part: Part, tmp: Path, deadline: float) -> dict:
-    """`python -m distcls.train --config configs/seed_a_cnn2_fashion_mnist.yaml train.amp=bf16` for 2 steps:
+    """`python -m distcls.train --config configs/fashion_mnist_cnn2.yaml train.amp=bf16` for 2 steps:
     command to first step (its first metrics.jsonl record) and to exit, fresh processes."""
     from distcls.bench.common import train_cmd
 
@@ -299,7 +299,7 @@ def run_startup(part: Part, tmp: Path, deadline: float) -> dict:
     first, exits, cmd = [], [], None
     for r in range(int(repeats)):
         out = tmp / f"startup_{r}"
-        cmd = train_cmd(["--config", str(REPO / "configs/seed_a_cnn2_fashion_mnist.yaml"), f"data.root={root}", "train.amp=bf16",
+        cmd = train_cmd(["--config", str(REPO / "configs/fashion_mnist_cnn2.yaml"), f"data.root={root}", "train.amp=bf16",
                          "train.epochs=1", "train.max_steps_per_epoch=2", "log.every_steps=1", *overrides, f"run.out_dir={out}"])
         metrics, t0 = out / "metrics.jsonl", time.perf_counter()
         with open(tmp / f"startup_{r}.log", "w") as log:

@@ -192,7 +192,7 @@ def transfer_rates(root: Path, workdir: Path, args) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
     env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
     result = {}
-    for name, cfg in (("frozen", "seed_d_resnet18_flowers_transfer.yaml"), ("finetune", "seed_d_resnet18_flowers_finetune.yaml")):
+    for name, cfg in (("frozen", "flowers_resnet18_transfer.yaml"), ("finetune", "flowers_resnet18_finetune.yaml")):
         out = workdir / f"run_{name}"
         cmd = [sys.executable, "-m", "distcls.train", "--config", str(repo / "configs" / cfg), f"data.root={root}",
                f"model.pretrained={weights}", f"run.out_dir={out}", "train.epochs=1", f"train.max_steps_per_epoch={args.steps + 2}",

@@ -12,7 +12,7 @@ from distcls.models import weights
 from distcls.config import ModelConfig
 from distcls.spec import DataSpec
 from distcls.errors import UserError, first_line
-from distcls.models import resnet, seed_nets, torchvision_zoo  # noqa: F401  (register builders)
+from distcls.models import resnet, small_cnns, torchvision_zoo  # noqa: F401  (register builders)
 from distcls.models.registry import MODELS, register_model
 from distcls.models.transfer import classifier_head, freeze_backbone, head_outputs, load_pretrained
 

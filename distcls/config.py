@@ -21,10 +21,19 @@ from distcls.errors import ConfigError
 
 
 def _opt(default, help: str, **rules):
-    """A schema field: default value, help text and validation rules (choices, min, max)."""
+    """A schema field: default value, help text and validation rules (choices, min, max), and what a
+    resume may do with it (`resume=`, see RESUME_KINDS; run/checks.py derives its refusals from it)."""
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **rules})
     return field(default=default, metadata={"help": help, **rules})
+
+
+# What a changed key means for a resume (the field's `resume=`; run/checks.py refuses such a change, naming why):
+# position: the checkpoint's (epoch, step) counts samples of the seeded training order, which the key changes;
+# best: the checkpoint's model EMA and best value mean what the saved value says; ema_rule: how its EMA averages;
+# schedule (every key of the sections in SCHEDULE_SECTIONS): the optimizer state and lr schedule come from the checkpoint.
+RESUME_KINDS = ("position", "best", "ema_rule", "schedule")
+SCHEDULE_SECTIONS = ("optim", "sched")
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,9 @@ class MixConfig:
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    train_samples: int = _opt(512, "training samples of the synthetic dataset", min=1)
-    test_samples: int = _opt(128, "test samples of the synthetic dataset", min=1)
-    num_classes: int = _opt(10, "classes of the synthetic dataset", min=2)
+    train_samples: int = _opt(512, "training samples of the synthetic dataset", min=1, resume="position")
+    test_samples: int = _opt(128, "test samples of the synthetic dataset", min=1, resume="position")
+    num_classes: int = _opt(10, "classes of the synthetic dataset", min=2, resume="position")
     channels: int = _opt(3, "image channels of the synthetic dataset", choices=[1, 3])
     size: int = _opt(32, "image height and width of the synthetic dataset", min=4)
 
@@ -75,12 +84,12 @@ class SyntheticConfig:
 @dataclass(frozen=True)
 class DataConfig:
     name: str = _opt("digits", "digits | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | synthetic | a registered name | "
-        "'pkg.module:builder'")
+        "'pkg.module:builder'", resume="position")
     root: str = _opt("data", "directory that holds the dataset files (official on-disk format)")
     download: bool = _opt(False, "download a missing dataset through torchvision (needs internet)")
     image_size: Optional[int] = _opt(None, "resize images to this square size (null = the dataset's own size)", min=4)
     channels: Optional[int] = _opt(None, "force 1 (grayscale) or 3 (RGB) channels (null = the dataset's own)", choices=[None, 1, 3])
-    batch_size: int = _opt(64, "GLOBAL training batch, split evenly across ranks (and accum_steps)", min=1)
+    batch_size: int = _opt(64, "GLOBAL training batch, split evenly across ranks (and accum_steps)", min=1, resume="position")
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
     num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
     prefetch_factor: int = _opt(4, "imagefolder: batches each DataLoader worker decodes ahead", min=1)
@@ -97,19 +106,19 @@ class DataConfig:
     carve_val: Optional[bool] = _opt(None, "imagefolder with train/ and val/ (no test/): false = val/ is the per-epoch validation and the final "
         "evaluation, all of train/ trains (torchvision's and timm's references); true = validation carved from train/ "
         "by data.val_fraction, val/ the test split (distcls before this key); null: false, or what the resumed "
-        "checkpoint used")
+        "checkpoint used", resume="position")
     gpu_decode: bool = _opt(False, "imagefolder on a CUDA device: decode JPEG batches on the GPU (torchvision.io.decode_jpeg(device='cuda')) and "
         "crop/resize there")
     val_fraction: float = _opt(0.1, "fraction of the training set carved out (seeded) for validation (without an official test split: of all data, "
-        "and 10% more is the test split)", min=0.0, max=0.8)
-    split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]")
-    max_train_samples: Optional[int] = _opt(None, "use only the first N training samples after the split (null = all)", min=1)
+        "and 10% more is the test split)", min=0.0, max=0.8, resume="position")
+    split: Optional[list] = _opt(None, "[train, val, test] fractions: pool every official split and re-split (seeded), e.g. [0.8, 0.1, 0.1]", resume="position")
+    max_train_samples: Optional[int] = _opt(None, "use only the first N training samples after the split (null = all)", min=1, resume="position")
     max_eval_samples: Optional[int] = _opt(None, "use only the first N val/test samples (null = all)", min=1)
     mean: Optional[list] = _opt(None, "per-channel normalization mean (null = the dataset's own statistics)")
     std: Optional[list] = _opt(None, "per-channel normalization std (null = the dataset's own statistics)")
     repeats: int = _opt(1, "repeated augmentation (torchvision --ra-reps): each global batch holds batch_size/repeats samples, each "
         "`repeats` times with its own augmentation key, the copies on different ranks; epochs keep their number of "
-        "steps", min=1)
+        "steps", min=1, resume="position")
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -168,13 +177,13 @@ class SchedConfig:
 @dataclass(frozen=True)
 class EMAConfig:
     enabled: bool = _opt(False, "keep an exponential moving average of the weights (model EMA): evaluated beside them every epoch and at the "
-        "end, saved in checkpoints, used by evaluate/predict/export --ema")
-    decay: float = _opt(0.9999, "EMA decay per update: ema = decay * ema + (1 - decay) * weights", min=0.0, max=1.0)
-    every_steps: int = _opt(32, "update the EMA every N optimizer steps (torchvision's --model-ema-steps)", min=1)
+        "end, saved in checkpoints, used by evaluate/predict/export --ema", resume="best")
+    decay: float = _opt(0.9999, "EMA decay per update: ema = decay * ema + (1 - decay) * weights", min=0.0, max=1.0, resume="ema_rule")
+    every_steps: int = _opt(32, "update the EMA every N optimizer steps (torchvision's --model-ema-steps)", min=1, resume="ema_rule")
     warmup_copy: bool = _opt(True, "during sched.warmup_epochs the EMA copies the weights instead of averaging them (torchvision resets it while "
-        "the lr warms up)")
+        "the lr warms up)", resume="ema_rule")
     adjust_decay: bool = _opt(False, "torchvision's decay adjustment: alpha = (1 - decay) * data.batch_size * every_steps / train.epochs (capped at "
-        "1), decay = 1 - alpha; decay is then torchvision's --model-ema-decay")
+        "1), decay = 1 - alpha; decay is then torchvision's --model-ema-decay", resume="ema_rule")
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,7 @@ class TrainConfig:
     cudnn_benchmark: bool = _opt(False, "cuDNN times its convolution algorithms per input shape and keeps the fastest (off under run.deterministic)")
     tf32: Optional[bool] = _opt(None, "CUDA float32 matmuls and convolutions on TF32 tensor cores (true) or in full float32 (false); null = torch's "
         "defaults (TF32 for convolutions only)")
-    max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1)
+    max_steps_per_epoch: Optional[int] = _opt(None, "stop each epoch after N optimizer steps (null = full epoch)", min=1, resume="position")
     ema: EMAConfig = field(default_factory=EMAConfig)
     nonfinite: str = _opt("abort", "non-finite loss (or, without fp16, gradient norm): skip the step (and count it) or abort", choices=["skip", "abort"])
     max_skipped_fraction: float = _opt(0.5, "train.nonfinite=skip: stop (exit 4) when more than this fraction of an epoch's steps were skipped (1.0 = "
@@ -203,7 +212,7 @@ class CheckpointConfig:
     every_steps: int = _opt(0, "also save a mid-epoch checkpoint every N optimizer steps (0 = off)", min=0)
     keep: int = _opt(3, "keep the last N epoch checkpoints besides last.pt and best.pt", min=0)
     best_metric: str = _opt("val_acc", "what best.pt follows: val_acc (the weights' validation accuracy) or val_ema_acc (the EMA's, needs "
-        "train.ema.enabled=true)", choices=["val_acc", "val_ema_acc"])
+        "train.ema.enabled=true)", choices=["val_acc", "val_ema_acc"], resume="best")
 
 
 @dataclass(frozen=True)
@@ -216,7 +225,7 @@ class DistConfig:
 @dataclass(frozen=True)
 class RunConfig:
     out_dir: str = _opt("runs/default", "directory of this run's outputs (rank 0 writes)")
-    seed: int = _opt(0, "seed of model init, data split, shuffling and augmentation", min=0, max=2**32 - 1)
+    seed: int = _opt(0, "seed of model init, data split, shuffling and augmentation", min=0, max=2**32 - 1, resume="position")
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (also set by --debug)")
 
 
@@ -419,6 +428,13 @@ def describe() -> list[tuple[str, Any, str]]:
 
     walk(Config, "")
     return rows
+
+
+def resume_keys(kind: str) -> list[str]:
+    """The dot paths whose schema field is marked `resume=kind` (every key of SCHEDULE_SECTIONS for "schedule")."""
+    if kind == "schedule":
+        return [path for path, _, _ in describe() if path.split(".")[0] in SCHEDULE_SECTIONS]
+    return [path for path, _, _ in describe() if _rules_of(path).get("resume") == kind]
 
 
 def reference_markdown() -> str:

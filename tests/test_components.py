@@ -21,9 +21,11 @@ def test_the_builder_wires_every_checkpoint_component_and_writes_nothing(tmp_pat
     parts = build_components(cfg, dist.detect(cfg.dist.device, cfg.dist.backend))
     assert parts.train.sampler.steps_per_epoch == parts.progress.steps_per_epoch == 3
     assert set(parts.checkpointer.components) == set(COMPONENTS)  # model, optimizer, scheduler, scaler, rng, progress, ema
-    assert parts.checkpointer.components["ema"] is parts.ema is parts.trainer.ema
+    assert parts.checkpointer.components["ema"] is parts.ema is parts.trainer.hooks[0].ema  # saved, and updated by the step hook
+    assert [t.prefix for t in parts.targets] == ["", "ema_"] and parts.targets[1].module is parts.ema.module  # and evaluated
     plain = build_components(config.load(None, [f"run.out_dir={tmp_path / 'run'}", "model.args.width=2"]), dist.detect("cpu", "auto"))
     assert set(plain.checkpointer.components) == set(COMPONENTS) - {"ema"} and plain.ema is None  # train.ema off: no entry
+    assert [t.prefix for t in plain.targets] == [""] and plain.trainer.hooks == []
     assert parts.checkpointer.before_save == parts.trainer.check_diverged  # a save first checks the unread steps
     assert parts.module is parts.model and parts.trainer.module is parts.module  # one process: no DDP wrapper
     assert parts.val is not None and len(parts.loaders) == 3

@@ -114,3 +114,22 @@ def test_exponent_numbers_in_lists_are_numbers_as_in_scalars(tmp_path):
     assert config.load(None, ["data.augment.erase_scale=[2e-2,0.4]"]).data.augment.erase_scale == [0.02, 0.4]
     with pytest.raises(ConfigError, match="'data.augment.erase_scale' must be 2 numbers"):
         config.load(None, ["data.augment.erase_scale=[2e-2,abc]"])
+
+
+def test_what_a_resume_refuses_is_metadata_on_the_schema_and_every_marked_key_is_checked():
+    """The refusals derive from the fields' `resume=` marks (a hand-kept table named a key that did not exist)."""
+    import copy
+
+    from distcls.run import checks
+    keys = {kind: config.resume_keys(kind) for kind in config.RESUME_KINDS}
+    described = {path for path, _, _ in config.describe()}
+    assert all(set(v) <= described for v in keys.values()) and "data.batch_size" in keys["position"] and "optim.lr" in keys["schedule"]
+    saved = config.load(None, ["data.name=synthetic", "train.ema.enabled=true"]).to_dict()
+    for key in [*keys["position"], *keys["best"], *keys["ema_rule"], *keys["schedule"]]:
+        current = copy.deepcopy(saved)
+        *sections, name = key.split(".")
+        node = current
+        for section in sections:
+            node = node[section]
+        node[name] = "changed" if not isinstance(node[name], bool) else not node[name]
+        assert [k for k, _, _ in checks.changed_resume_keys(saved, current)] == [key], key

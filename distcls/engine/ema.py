@@ -49,6 +49,18 @@ class EMASchedule:
         return global_step <= self.warmup_steps
 
 
+class EMAHook:
+    """The model EMA as a step hook of the trainer: after each optimizer step that its schedule
+    makes due, the EMA updates from the trained module (queued like the step: no host read)."""
+
+    def __init__(self, ema: "ModelEMA", schedule: EMASchedule):
+        self.ema, self.schedule = ema, schedule
+
+    def after_step(self, module: torch.nn.Module, global_step: int) -> None:
+        if self.schedule.due(global_step):
+            self.ema.update(module, copy=self.schedule.copies(global_step))
+
+
 class ModelEMA(AveragedModel):
     """`ModelEMA(module, decay)`: `update(module)` after an optimizer step; `.module` is the
     averaged model (evaluate it); `state_dict()`/`load_state_dict()` are a checkpoint component."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -29,7 +29,6 @@ from distcls.runtime import dist
 from distcls.config import TrainConfig
 from distcls.runtime.copies import HostCopy
 from distcls.data import Batch, BatchLoader, Preprocess
-from distcls.engine.ema import EMASchedule, ModelEMA
 from distcls.engine.loss import TrainingLoss
 from distcls.engine.precision import Precision, autocast
 from distcls.engine.progress import Progress
@@ -63,9 +62,10 @@ class Trainer:
 
     def __init__(self, model: nn.Module, module: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                  precision: Precision, cfg: TrainConfig, preprocess: Preprocess, device: torch.device,
-                 flag_lag: Optional[int] = None, ema: Optional[ModelEMA] = None, ema_schedule: Optional[EMASchedule] = None):
+                 flag_lag: Optional[int] = None, hooks: Sequence = ()):
         self.model, self.module = model, module
-        self.ema, self.ema_schedule = ema, ema_schedule  # model EMA (train.ema), updated after the optimizer step
+        # Per-step features (the model EMA: ema.EMAHook): `after_step(module, global_step)` after each optimizer step
+        self.hooks = list(hooks)
         self.optimizer, self.scheduler, self.precision = optimizer, scheduler, precision
         self.cfg, self.preprocess, self.device = cfg, preprocess, device
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -90,9 +90,8 @@ class Trainer:
             flags = self._step(batch, progress, stop)  # queued: the host does not wait for the step
             progress.epoch_step += 1
             progress.global_step += 1
-            if self.ema is not None and self.ema_schedule.due(progress.global_step):
-                # queued after the step's update like the step itself (multi-tensor ops, no host read)
-                self.ema.update(self.module, copy=self.ema_schedule.copies(progress.global_step))
+            for hook in self.hooks:  # queued after the step's update like the step itself (no host read)
+                hook.after_step(self.module, progress.global_step)
             unread.append(HostCopy(flags, progress.epoch_step))
             # The flags the host may read now: all but the newest `flag_lag` steps' (whose work may
             # still run), and at the epoch's last step all of them (the epoch's end is agreed).

@@ -11,37 +11,29 @@ import dataclasses
 from typing import Callable, Optional
 
 from distcls.checkpoint import ResumePoint
+from distcls import config as config_mod
 from distcls.config import Config, TrainConfig
 from distcls.errors import ConfigError, TrainingDiverged
 
-# The checkpoint's position is (epoch, epoch_step): the sample at epoch_step * data.batch_size of
-# the epoch's seeded order of the training split. These keys change that order, the split, or how
-# many samples a step or an epoch holds, so the same numbers would name another sample (and the lr
-# schedule, which counts steps, another point). A resume with any of them changed is refused.
-POSITION_KEYS = (
-    "data.name", "data.batch_size", "data.val_fraction", "data.split", "data.max_train_samples", "data.carve_val",
-    "data.repeats", "data.augment.repeats",  # repeated augmentation, where the schema has it
-    "train.max_steps_per_epoch", "run.seed",
-)
-SYNTHETIC_KEYS = ("data.synthetic.train_samples", "data.synthetic.test_samples", "data.synthetic.num_classes")
-# The optimizer's hyperparameters and the lr schedule come from the checkpoint on resume (its
-# optimizer state and schedule position): a changed value would be written to config.yaml but not
-# run. Like torchvision's and timm's --resume, distcls continues the checkpoint's schedule; a new lr
-# is a new run from the checkpoint's weights (model.pretrained=CHECKPOINT).
-SCHEDULE_SECTIONS = ("optim", "sched")
-# What the checkpoint's model EMA and best value mean: without train.ema the resumed run would drop
-# the EMA it carries (and --ema on its checkpoints would fail); a changed checkpoint.best_metric
-# would compare the other metric with the saved best value, so best.pt would follow neither.
-# (train.ema.enabled=true on a checkpoint without an EMA is refused when the EMA is restored.)
+# Which keys a resume refuses to see changed is metadata on the schema's fields (config.py: `resume=`):
+# position keys change the seeded training order, the split, or how many samples a step or an epoch
+# holds, so the checkpoint's (epoch, epoch_step) would name another sample (and the lr schedule, which
+# counts steps, another point); schedule keys (every key of optim and sched) come from the checkpoint's
+# optimizer state and schedule, like torchvision's and timm's --resume (a new lr is a new run from the
+# checkpoint's weights: model.pretrained=CHECKPOINT); best keys say what the checkpoint's model EMA and
+# best value mean; ema_rule keys say how its EMA averages.
+POSITION_KEYS = tuple(config_mod.resume_keys("position"))
+SCHEDULE_SECTIONS = config_mod.SCHEDULE_SECTIONS
 BEST_KEYS = {
     "train.ema.enabled": "the checkpoint carries a model EMA that this run would drop (its later checkpoints would have none for --ema)",
     "checkpoint.best_metric": "the checkpoint's best value (and best.pt) follows the saved metric; this run would compare the other "
                               "metric with it, so best.pt would follow neither",
 }
+assert set(BEST_KEYS) == set(config_mod.resume_keys("best")), "every key marked resume='best' in config.py needs its reason here"
 # How the checkpoint's EMA averages: a change would continue it under another rule than the one it
 # was built with (train.epochs too when train.ema.adjust_decay derives the decay from it).
 _EMA_RULE = "the checkpoint's model EMA was averaged with the saved value; this run would continue it under another rule"
-EMA_KEYS = {f"train.ema.{k}": _EMA_RULE for k in ("decay", "every_steps", "warmup_copy", "adjust_decay")}
+EMA_KEYS = {key: _EMA_RULE for key in config_mod.resume_keys("ema_rule")}
 
 
 # Keys added after checkpoints were written without them: the value that gives such a checkpoint
@@ -81,9 +73,8 @@ def _get_or(tree: dict, path: str, default):
 
 
 def _keys_to_compare(saved: dict, current: dict) -> list[str]:
-    keys = list(POSITION_KEYS)
-    if current.get("data", {}).get("name") == "synthetic":
-        keys += SYNTHETIC_KEYS
+    synthetic = current.get("data", {}).get("name") == "synthetic"  # the synthetic dataset's own keys matter only for it
+    keys = [k for k in POSITION_KEYS if synthetic or not k.startswith("data.synthetic.")]
     for section in SCHEDULE_SECTIONS:
         keys += [f"{section}.{k}" for k in current.get(section, {})]
     ema = (current.get("train") or {}).get("ema") or {}

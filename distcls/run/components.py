@@ -25,7 +25,7 @@ from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
 from distcls.runtime.dist import DistEnv
 from distcls.errors import ConfigError
-from distcls.engine import EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
+from distcls.engine import EMAHook, EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
 from distcls.models import build_model, check_forward
 from distcls.models.weights import normalization_source, with_pretrained_preprocessing
 
@@ -75,6 +75,18 @@ class LoaderSettings:
                    max_steps_per_epoch=cfg.train.max_steps_per_epoch or (DEBUG_STEPS_PER_EPOCH if debug else None))
 
 
+@dataclass(frozen=True)
+class EvalTarget:
+    """One module each evaluation evaluates (val every epoch, test at the end). Its numbers go into
+    the records and summary.json under `prefix` ("": the trained weights, test_acc; "ema_": the model
+    EMA, ema_test_acc), and checkpoint.best_metric=val_<prefix>acc makes best.pt follow it. A new
+    optional copy of the weights (another EMA, SWA) is one more target here: the runner loops."""
+    prefix: str
+    module: nn.Module
+    ready: Callable[[], bool] = lambda: True  # False while it holds nothing to evaluate (an EMA before its first update)
+    fields: Callable[[], dict] = dict  # what every record of it carries besides loss and acc (the EMA's update count)
+
+
 @dataclass
 class Components:
     """A run's components. `model` runs the forward (compiled and/or the DDP wrapper); `module`
@@ -93,6 +105,7 @@ class Components:
     checkpointer: Checkpointer
     switches: dict = field(default_factory=dict)  # the device's math switches as set (engine/backends.py)
     ema: Optional[ModelEMA] = None  # model EMA (train.ema.enabled), on every rank
+    targets: list = field(default_factory=list)  # EvalTarget: what each evaluation evaluates (the weights first)
 
     @property
     def lr(self) -> float:
@@ -150,8 +163,8 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
     precision = Precision(cfg.train.amp, env.device)
     ema, ema_schedule = build_ema(cfg, module, steps_per_epoch)
-    trainer = Trainer(model, module, optimizer, scheduler, precision, cfg.train, data.preprocess, env.device,
-                      ema=ema, ema_schedule=ema_schedule)
+    trainer = Trainer(model=model, module=module, optimizer=optimizer, scheduler=scheduler, precision=precision, cfg=cfg.train,
+                      preprocess=data.preprocess, device=env.device, hooks=[EMAHook(ema, ema_schedule)] if ema is not None else [])
     progress = Progress(env.device, env.is_main, steps_per_epoch)
     checkpointer = Checkpointer(
         files or CheckpointFiles(cfg.run.out_dir, cfg.checkpoint.keep),
@@ -162,4 +175,9 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
         # A save first waits for the steps whose flags the host has not read: an aborting run
         # (train.nonfinite=abort) raises there instead of saving the state after its diverged step.
         before_save=trainer.check_diverged)
-    return Components(data, train, val, test, model, module, optimizer, scheduler, precision, trainer, progress, checkpointer, switches, ema)
+    targets = [EvalTarget("", module)]  # what each evaluation evaluates: the weights, then every optional copy of them
+    if ema is not None:
+        targets.append(EvalTarget("ema_", ema.module, ready=lambda: ema.updates > 0, fields=lambda: {"ema_updates": ema.updates}))
+    return Components(data=data, train=train, val=val, test=test, model=model, module=module, optimizer=optimizer, scheduler=scheduler,
+                      precision=precision, trainer=trainer, progress=progress, checkpointer=checkpointer, switches=switches, ema=ema,
+                      targets=targets)

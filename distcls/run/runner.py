@@ -302,22 +302,20 @@ class TrainingRun:
         are), validation, and a stop signal agreed (one that came during the evaluation too)."""
         progress, cfg = parts.progress, self.cfg
         epoch = progress.epoch + 1
-        dist.average_buffers(parts.module)
-        if parts.ema is not None:
-            dist.average_buffers(parts.ema.module)  # its BatchNorm statistics too: every rank evaluates and saves the same EMA
+        for target in parts.targets:  # BatchNorm statistics: every rank evaluates and saves the same weights (and EMA)
+            dist.average_buffers(target.module)
         train_record = self._record(parts, "train", epoch, progress.agree_sums(), images_per_sec=images / max(seconds, 1e-9),
                                     skipped_steps=progress.skipped_steps)
         self._train_images, self._train_seconds = self._train_images + images, self._train_seconds + seconds
         new_best, val_record = False, None
         if parts.val is not None:
-            result = self._evaluate(parts, parts.module, parts.val)
-            # an EMA that has not updated yet is the initial weights: neither evaluated nor followed by best.pt
-            ema = self._evaluate(parts, parts.ema.module, parts.val) if parts.ema is not None and parts.ema.updates else None
-            followed = ema if cfg.checkpoint.best_metric == "val_ema_acc" else result  # what best.pt follows
+            results = self._evaluate_targets(parts, parts.val)
+            followed = results[cfg.checkpoint.best_metric.removeprefix("val_").removesuffix("acc")]  # best.pt: val_acc, val_ema_acc
             new_best = followed is not None and followed.acc > progress.best_metric
             if followed is not None:
                 progress.best_metric = max(progress.best_metric, followed.acc)
-            val_record = self._record(parts, "val", epoch, result, count=result.count, **self._ema_fields(parts, ema))
+            result = results[""]
+            val_record = self._record(parts, "val", epoch, result, count=result.count, **self._target_fields(parts, results))
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
         self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
                                progress.best_metric if parts.val is not None and progress.best_metric >= 0 else None, new_best)
@@ -328,26 +326,32 @@ class TrainingRun:
         return evaluate(module, loader, parts.data.preprocess, parts.data.spec.num_classes, parts.precision.dtype,
                         parts.trainer.memory_format)
 
+    def _evaluate_targets(self, parts: Components, loader) -> dict:
+        """Collective: {prefix: EvalResult} of every evaluation target on `loader`; None for one not ready
+        (an EMA that has not updated yet is the initial weights: neither evaluated nor followed by best.pt)."""
+        return {t.prefix: self._evaluate(parts, t.module, loader) if t.ready() else None for t in parts.targets}
+
     @staticmethod
-    def _ema_fields(parts: Components, ema: Optional[EvalResult]) -> dict:
-        """The EMA's numbers beside the weights' in a val/test record (none without train.ema; only
-        its update count while it has not updated yet)."""
-        if parts.ema is None:
-            return {}
-        return {"ema_updates": parts.ema.updates, **({} if ema is None else {"ema_loss": ema.loss, "ema_acc": ema.acc})}
+    def _target_fields(parts: Components, results: dict) -> dict:
+        """The other targets' numbers beside the weights' in a val/test record: <prefix>loss, <prefix>acc, and their own fields."""
+        fields = {}
+        for t in parts.targets[1:]:
+            result = results[t.prefix]
+            fields.update(t.fields(), **({} if result is None else {f"{t.prefix}loss": result.loss, f"{t.prefix}acc": result.acc}))
+        return fields
 
     # ----------------------------------------------------------------- the end
 
     def _finish(self, parts: Components, wall: float) -> dict:
         """Collective: test evaluation, summary.json, plots, wandb summary."""
         cfg, env, progress, spec = self.cfg, self.env, parts.progress, parts.data.spec
-        result = self._evaluate(parts, parts.module, parts.test)
-        ema = self._evaluate(parts, parts.ema.module, parts.test) if parts.ema is not None else None
+        results = self._evaluate_targets(parts, parts.test)
+        result = results[""]
         loaders = parts.loaders
         for bad in sorted({b for loader in loaders for b in loader.dropped}):
             self.console.warn(f"rank {env.rank}: skipped an image that failed to decode: {bad}")
         dropped = dist.all_reduce_sum(torch.tensor([float(sum(len(loader.dropped) for loader in loaders))], device=env.device))
-        self._record(parts, "test", cfg.train.epochs, result, count=result.count, **self._ema_fields(parts, ema))
+        self._record(parts, "test", cfg.train.epochs, result, count=result.count, **self._target_fields(parts, results))
         best = progress.best_metric
         summary = {
             "test_acc": result.acc, "test_loss": result.loss, "test_count": result.count,
@@ -359,7 +363,7 @@ class TrainingRun:
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
             "skipped_bad_images": len(parts.data.skipped_files),
             "dropped_bad_image_reads": int(dropped.item()),
-            **({} if ema is None else {"ema_test_acc": ema.acc, "ema_test_loss": ema.loss}),
+            **{f"{prefix}test_{name}": getattr(r, name) for prefix, r in results.items() if prefix and r is not None for name in ("acc", "loss")},
         }
         plots = {}
         if env.is_main:

@@ -147,7 +147,7 @@ def _trainer(model, nonfinite="skip", flag_lag=None, steps=6):
 def test_a_stop_signal_is_agreed_at_once_on_cpu_and_one_step_late_when_deferred(flag_lag, signal_step):
     trainer, loader = _trainer(NaNAt(), flag_lag=flag_lag)
     progress, signal = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch), SignalAtCall(signal_step)
-    ends = [(progress.epoch_step, end.stop_requested) for end in trainer.train_epoch(loader, progress, signal)]
+    ends = [(progress.epoch_step, signal.agreed) for _ in trainer.train_epoch(loader, progress, signal)]
     assert ends[-1] == (signal_step + flag_lag, True) and not any(stop for _, stop in ends[:-1])
 
 
@@ -171,7 +171,7 @@ def test_with_a_lag_the_host_never_reads_the_step_it_just_queued():
 def test_a_stop_in_the_epochs_last_step_is_agreed_at_that_step(flag_lag):
     trainer, loader = _trainer(NaNAt(), flag_lag=flag_lag, steps=4)
     progress, signal_in_step_4 = Progress(CPU, steps_per_epoch=loader.sampler.steps_per_epoch), SignalAtCall(4)
-    ends = [end.stop_requested for end in trainer.train_epoch(loader, progress, signal_in_step_4)]
+    ends = [signal_in_step_4.agreed for _ in trainer.train_epoch(loader, progress, signal_in_step_4)]
     assert ends == [False, False, False, True]
 
 

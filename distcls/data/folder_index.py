@@ -74,8 +74,13 @@ def image_files(folder: Path, visited: Optional[list] = None) -> list[Path]:
     with the listing, so no file is `stat`ed (only symbolic links are resolved). `visited`
     collects every folder read.
     """
+    return [Path(p) for p in _image_paths(str(folder), visited)]
+
+
+def _image_paths(folder: str, visited: Optional[list] = None) -> list[str]:
+    """image_files as sorted strings (no Path object per file: an index of a million files makes them)."""
     found, seen = [], set()
-    pending = [str(folder)]
+    pending = [folder]
     while pending:
         top = pending.pop()
         real = os.path.realpath(top)
@@ -89,16 +94,23 @@ def image_files(folder: Path, visited: Optional[list] = None) -> list[Path]:
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name[0] == ".":
                 continue
             try:
                 if entry.is_dir():  # follows a symbolic link to a folder
                     pending.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in EXTENSIONS and entry.is_file():
+                elif os.path.splitext(name)[1].lower() in EXTENSIONS and entry.is_file():
                     found.append(entry.path)
             except OSError:
                 continue
-    return sorted(Path(p) for p in found)
+    found.sort(key=_path_order)
+    return found
+
+
+def _path_order(path: str) -> tuple:
+    """Sorted as Path objects sort (by components), without making one per file."""
+    return tuple(path.split(os.sep))
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -121,10 +133,10 @@ def walk(root: Path) -> FolderIndex:
         if split != "train":
             visited.append(str(folder))
         split_classes[split] = class_folders(folder)
-        pairs = []
+        pairs, cut = [], len(str(root)) + 1  # paths relative to the root: the walk's paths start with it
         for label, name in enumerate(classes):
             if (folder / name).is_dir():
-                pairs += [(os.path.relpath(p, root), label) for p in image_files(folder / name, visited)]
+                pairs += [(p[cut:], label) for p in _image_paths(str(folder / name), visited)]
         tables[split] = SampleTable.from_pairs(pairs)
     # The root by the names of its folders (an index saved there, a hidden file, changes its time), every other folder by its time.
     folders = [("", _subfolders(root))] + [(os.path.relpath(f, root), _mtime(f)) for f in dict.fromkeys(visited) if f != str(root)]

@@ -36,12 +36,6 @@ from distcls.errors import TrainingDiverged
 from distcls.runtime.signals import StopRequest
 
 
-@dataclass(frozen=True)
-class StepEnd:
-    """Yielded by `Trainer.train_epoch` after each optimizer step (already in `progress`) is queued."""
-    stop_requested: bool  # a stop signal on some rank, agreed by every rank at the same step
-
-
 @dataclass
 class EvalResult:
     loss: float
@@ -74,7 +68,7 @@ class Trainer:
         self.loss = TrainingLoss(cfg.label_smoothing)  # hard labels, or Mixup/CutMix soft targets
         self._unread_flags: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
 
-    def train_epoch(self, loader: BatchLoader, progress: Progress, stop: Optional[StopRequest] = None) -> Iterator[StepEnd]:
+    def train_epoch(self, loader: BatchLoader, progress: Progress, stop: Optional[StopRequest] = None) -> Iterator[int]:
         """Train epoch `progress.epoch` from `progress.epoch_step` to its end, one yield per step.
 
         Collective (every rank): each step all-reduces gradients and flags. When the flags say a
@@ -99,7 +93,7 @@ class Trainer:
             for landed in unread[:readable]:
                 stop.agreed = self._read_flags(landed, progress) or stop.agreed
             del unread[:readable]
-            yield StepEnd(stop_requested=stop.agreed)
+            yield progress.global_step  # the step just queued; a stop is `stop.agreed` (the one channel)
             if stop.agreed:
                 return
         for flags in unread:  # a loader shorter than the sampler's count: still agree on every step

@@ -166,7 +166,8 @@ def run(args) -> dict:
         times = {"torchvision_scan_s": [], "distcls_walk_s": [], "first_start_s": [], "restart_s": [], "digits_s": []}
         for r in range(args.repeats):
             times["torchvision_scan_s"].append(float(subprocess.run(scan, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
-            times["distcls_walk_s"].append(float(subprocess.run(walk, env=env, capture_output=True, text=True, check=True).stdout.split()[-1]))
+            walked = subprocess.run(walk, env=env, capture_output=True, text=True)  # (a distcls without the index: no such walk)
+            times["distcls_walk_s"].append(float(walked.stdout.split()[-1]) if walked.returncode == 0 else float("nan"))
             out = Path(tmp) / f"run{r}"
             first = train_cmd([*RUN, f"data.root={root}", f"run.out_dir={out}"], args.nproc)
             times["first_start_s"].append(_timed_to_first_step(first, out / "metrics.jsonl", env))
@@ -193,7 +194,7 @@ def run(args) -> dict:
     return {
         "mode": "datastart", "machine": machine(), "files": total, "train_files": args.files, "classes": args.classes, "nproc": args.nproc,
         "repeats": args.repeats, "tree_built_s": round(built_s, 1),
-        **{k: round(statistics.median(v), 3) for k, v in times.items()}, "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+        **{k: (round(statistics.median(v), 3) if all(x == x for x in v) else None) for k, v in times.items()}, "all_s": {k: [round(x, 3) if x == x else None for x in v] for k, v in times.items()},
         "filesystem_calls": calls, "worker_samples": args.worker_samples, "worker_private_growth_mb": memory,
     }
 
@@ -214,7 +215,7 @@ def render(result: dict) -> None:
             ("default digits run -> first step", "digits_s", "digits")]
     for label, key, calls in rows:
         c = result["filesystem_calls"].get(calls, {})
-        t.add_row(label, f"{result[key]:.3f}", *(f"{c[s]:,}" if s in c else "-" for s in SYSCALLS))
+        t.add_row(label, "-" if result[key] is None else f"{result[key]:.3f}", *(f"{c[s]:,}" if s in c else "-" for s in SYSCALLS))
     console.print(t)
     mem = result["worker_private_growth_mb"]
     if mem:

@@ -23,7 +23,7 @@ import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data.file_source import default_eval_resize, load_eval_image
-from distcls.data.imagefolder import EXTENSIONS, image_files
+from distcls.data.datasets.imagefolder import EXTENSIONS, image_files
 from distcls.errors import ExitCode
 from distcls.checkpoint.restore import restore
 

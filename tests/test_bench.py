@@ -150,7 +150,7 @@ def test_import_distcls_train_loads_nothing_heavy():
 def test_digits_read_from_the_bundled_csv_equal_scikit_learns_load_digits():
     from sklearn.datasets import load_digits
 
-    from distcls.data.digits import _digits_arrays
+    from distcls.data.datasets.digits import _digits_arrays
 
     images, labels = _digits_arrays()
     ref = load_digits()

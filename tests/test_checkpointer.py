@@ -10,7 +10,7 @@ from distcls.checkpoint import CheckpointFiles, Checkpointer, GlobalRNG, SaveRea
 from distcls.checkpoint.checkpointer import ModuleWeights, OptimizerState, SavePolicy
 from distcls.config import AugmentConfig, TrainConfig
 from distcls.data import SplitView, TensorSource, train_loader
-from distcls.data.augment import Preprocess
+from distcls.data.transforms.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, build_optimizer, build_scheduler
 from distcls.errors import UserError
 from distcls import config

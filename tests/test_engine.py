@@ -8,7 +8,7 @@ import torch.nn as nn
 from distcls import config
 from distcls.config import AugmentConfig, TrainConfig
 from distcls.data import SplitView, TensorSource, train_loader
-from distcls.data.augment import Preprocess
+from distcls.data.transforms.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, build_optimizer, lr_factor
 from conftest import load_ckpt, max_weight_diff, train_in_process
 

@@ -37,7 +37,7 @@ def test_a_restart_reads_the_index_without_walking_or_checking_a_file(tree, tmp_
     def never(*args):
         raise AssertionError("a restart walked the tree or checked a file")
     monkeypatch.setattr(folder_index, "walk", never)
-    monkeypatch.setattr("distcls.data.images.inspect_image_file", never)
+    monkeypatch.setattr("distcls.data.transforms.images.inspect_image_file", never)
     summary = train_in_process(out, f"data.root={tree}", *RUN, "train.epochs=2", resume="auto")
     assert summary["epochs_completed"] == 2 and summary["resumed_from"]["epoch"] == 1
     said = "".join(capsys.readouterr())
@@ -46,13 +46,14 @@ def test_a_restart_reads_the_index_without_walking_or_checking_a_file(tree, tmp_
 
 def test_a_restart_stats_folders_only(tree, tmp_path, monkeypatch):
     """O(folders) filesystem calls, none per file: the index's check of the tree stats each folder once."""
-    index = folder_index.load_or_build(tree, tmp_path / "i.npz")
+    index = folder_index.load_or_build(tree, tmp_path / "i.npz", save_to=tmp_path / "i.npz")
     calls = []
     real_stat = os.stat
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: (calls.append(str(p)), real_stat(p, *a, **k))[1])
-    again = folder_index.load_or_build(tree, tmp_path / "i.npz")
-    folders = 2 + 2 * 3  # train/, val/ and their 3 class folders each (the root by its listing)
-    assert again.read_from == tmp_path / "i.npz" and len(calls) == folders and not any(c.endswith(".png") for c in calls)
+    again = folder_index.load_or_build(tree, tmp_path / "i.npz", save_to=tmp_path / "i.npz")
+    in_tree = sorted(c for c in calls if c.startswith(str(tree)))
+    folders = sorted(str(tree / f) for f in ["train", "val", *(f"{s}/{c}" for s in ("train", "val") for c in ("daisy", "roses", "tulips"))])
+    assert again.read_from == tmp_path / "i.npz" and in_tree == folders  # each folder once (the root by its listing), no file
     assert [list(t) for t in again.tables.values()] == [list(t) for t in index.tables.values()]
 
 
@@ -144,3 +145,60 @@ def test_a_checkpoint_from_before_carve_val_keeps_its_meaning(tree, tmp_path, ca
     proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'refused'}", f"data.root={tree}", *RUN, "train.epochs=2",
                                             "data.val_fraction=0.2", "data.carve_val=false", "--resume", old])
     assert_user_error(proc, "was saved with data.carve_val=true, but this run says data.carve_val=false")
+
+
+def test_a_class_added_to_train_only_is_seen(tree, tmp_path, capsys):
+    from distcls.data import index as index_cli
+    assert index_cli.main([str(tree)]) == 0
+    import shutil
+    shutil.copytree(tree / "train/daisy", tree / "train/zinnia")
+    assert index_cli.main([str(tree)]) == 0
+    out = capsys.readouterr().out
+    assert "(train/ modified" in out and "4 classes" in out
+
+
+def test_the_root_may_be_given_as_dot(tree, monkeypatch, capsys):
+    from distcls.data import index as index_cli
+    monkeypatch.chdir(tree)
+    assert index_cli.main(["."]) == 0
+    assert "0 unusable" in capsys.readouterr().out
+    index = folder_index.load(tree / ".distcls_index.npz", tree)
+    assert sorted(str(tree / p) for t in index.tables.values() for p, _ in t) == _all_files(tree)
+
+
+def test_a_bad_file_replaced_in_place_is_read_again(tree, tmp_path, capsys):
+    """Replacing a file in place changes no folder's time: the few files the index calls bad are inspected again."""
+    bad = next((tree / "train/roses").iterdir())
+    good = bad.read_bytes()
+    bad.write_bytes(b"not an image at all")
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'r'}", f"data.root={tree}", *RUN, "train.epochs=1"])
+    assert_user_error(proc, f"image file {bad}: not an image")
+    with open(bad, "r+b") as f:  # repaired in place: same name, same folder time
+        f.write(good)
+    capsys.readouterr()
+    summary = train_in_process(tmp_path / "r", f"data.root={tree}", *RUN, "train.epochs=1")
+    said = "".join(capsys.readouterr())
+    assert summary["skipped_bad_images"] == 0 and "1 file(s) the index called bad read well now" in said
+    assert folder_index.load(tmp_path / "r/data_index.npz", tree).bad["train"] == {}
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b[:100], lambda b: b[:200] + bytes(x ^ 0xFF for x in b[200:260]) + b[260:]])
+def test_a_damaged_index_file_is_built_again_never_a_traceback(tree, tmp_path, damage, capsys):
+    index_file = tmp_path / "i.npz"
+    folder_index.load_or_build(tree, index_file, save_to=index_file)
+    index_file.write_bytes(damage(index_file.read_bytes()))
+    said = []
+    index = folder_index.load_or_build(tree, index_file, note=said.append, save_to=index_file)
+    assert "is not usable" in said[0] and sum(len(t) for t in index.tables.values()) == 27
+
+
+def test_evaluate_writes_no_index_into_the_dataset(tree, tmp_path, capsys):
+    from distcls.data import index as index_cli
+    out = tmp_path / "run"
+    train_in_process(out, f"data.root={tree}", *RUN, "train.epochs=1")
+    assert index_cli.main([str(tree)]) == 0
+    (tree / "val/daisy/extra.png").write_bytes(next((tree / "val/daisy").iterdir()).read_bytes())  # the shared index is now stale
+    before = (tree / ".distcls_index.npz").read_bytes()
+    proc = cli_in_process(capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--no-speed"])
+    assert proc.returncode == 0, proc.stderr
+    assert (tree / ".distcls_index.npz").read_bytes() == before

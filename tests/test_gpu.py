@@ -29,7 +29,7 @@ from distcls import config
 from distcls.bench.compare import host_syncs
 from distcls.config import AugmentConfig
 from distcls.data import SplitView, TensorSource, train_loader
-from distcls.data.augment import Preprocess
+from distcls.data.transforms.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, backends, build_optimizer, build_scheduler
 
 # cuBLAS reads its workspace setting when it starts; the deterministic resume test needs the fixed
@@ -252,8 +252,8 @@ def _pixel_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 def test_gpu_decode_decodes_the_cpu_decoders_pixels_and_cuts_the_same_keyed_crops(tmp_path, device):
     """data.gpu_decode's batch assembly (the training-process side) against the CPU workers' path,
     sample by sample: same keys, labels and crop boxes; pixels within the stated tolerance."""
-    from distcls.data import gpu_decode
-    from distcls.data.images import read_image
+    from distcls.data.transforms import gpu_decode
+    from distcls.data.transforms.images import read_image
 
     view = _jpeg_source(tmp_path)
     source, indices, dev = view.source, [int(i) for i in view.indices], torch.device(device)

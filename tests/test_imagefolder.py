@@ -14,7 +14,7 @@ from conftest import (FAST, assert_ok, assert_user_error, child_env, load_ckpt, 
 from distcls import config
 from distcls.data import build_data, train_loader
 from distcls.data.file_source import default_eval_resize, load_eval_image
-from distcls.data.images import BadImage, random_resized_crop_box, read_image
+from distcls.data.transforms.images import BadImage, random_resized_crop_box, read_image
 from distcls.data.loader import BatchLoader
 from distcls.data.sampler import GlobalBatchSampler
 from distcls.data.sources import SplitView
@@ -163,7 +163,7 @@ def test_a_damaged_png_is_a_named_bad_file_not_a_crash(tmp_path):
     worker, died and the file was never named."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
     bad = fakedata.write_damaged_png(root / "daisy" / "zz_damaged.png")
-    probe = subprocess.run([sys.executable, "-c", f"from distcls.data.images import read_image; read_image({str(bad)!r})"],
+    probe = subprocess.run([sys.executable, "-c", f"from distcls.data.transforms.images import read_image; read_image({str(bad)!r})"],
                            env=child_env(), capture_output=True, text=True, timeout=120)
     assert probe.returncode == 1, (probe.returncode, probe.stderr[-2000:])  # -11 was the segfault
     assert f"BadImage: image {bad} cannot be decoded" in probe.stderr
@@ -209,7 +209,7 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 def test_every_format_has_the_same_pixel_limit(tmp_path):
     """#19 (issue 19): a 190 KB PNG took 1.7 GB; BMP had Pillow's limit, PNG and JPEG none."""
-    from distcls.data.images import MAX_PIXELS
+    from distcls.data.transforms.images import MAX_PIXELS
     side = 9500  # 90,250,000 pixels: just over MAX_PIXELS (89,478,485)
     assert side * side > MAX_PIXELS > 9400 * 9400
     small = tmp_path / "small.jpg"
@@ -252,7 +252,7 @@ def test_symbolic_links_to_folders_are_followed_once_as_torchvision_imagefolder(
     the images there were silently left out (pathlib's rglob does not follow links; torchvision's
     ImageFolder does). A link back to an ancestor reads each real folder once."""
     import torchvision
-    from distcls.data.imagefolder import image_files
+    from distcls.data.datasets.imagefolder import image_files
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=2, size=24)
     extra = fakedata.write_imagefolder(tmp_path / "extra", classes=("more",), per_class=3, size=24) / "more"
     (root / "daisy" / "more").symlink_to(extra, target_is_directory=True)
@@ -324,7 +324,7 @@ def test_image_folder_world_size_invariance(tmp_path, folder):
 def test_gpu_decode_path_matches_the_worker_path(folder, tmp_path):
     # data.gpu_decode's batch assembly, run with torchvision's CPU JPEG decoder (no GPU here):
     # the same samples, labels and keyed crops as the worker path.
-    from distcls.data import gpu_decode
+    from distcls.data.transforms import gpu_decode
 
     data = _data(folder)
     src, keys = data.splits.train.source, [int(k) for k in data.splits.train.indices[:6]]
@@ -339,8 +339,8 @@ def test_gpu_decode_path_matches_the_worker_path(folder, tmp_path):
 
 
 def test_worker_hash_equals_the_batched_hash():
-    from distcls.data.augment import keyed_uniform
-    from distcls.data.keys import keyed_uniform_scalar
+    from distcls.data.transforms.augment import keyed_uniform
+    from distcls.data.transforms.keys import keyed_uniform_scalar
 
     keys = torch.tensor([0, 1, 7, 123456789, 2 ** 40])
     batched = keyed_uniform(3, 11, keys, 101)

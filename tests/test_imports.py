@@ -75,8 +75,12 @@ TOP_LEVEL = {"cli", "config", "errors", "spec", "plugins", "train", "evaluate", 
 
 
 def _layer(module: str) -> int:
-    part = module.split(".")[1] if "." in module else ""
-    return next((i for i, names in enumerate(LAYERS) if part in names), 0)
+    if "." not in module:
+        return 0  # distcls itself
+    part = module.split(".")[1]
+    layer = next((i for i, names in enumerate(LAYERS) if part in names), None)
+    assert layer is not None, f"{module}: give its package or module a layer in tests/test_imports.py's LAYERS"
+    return layer
 
 
 def test_data_flows_one_way_through_the_layers():

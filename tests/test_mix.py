@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from distcls.config import MixConfig, load
-from distcls.data.mix import Mix
+from distcls.data.transforms.mix import Mix
 from distcls.engine.loss import TrainingLoss
 from distcls.errors import ConfigError
 

@@ -8,8 +8,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from distcls.config import AugmentConfig
-from distcls.data import policies as P
-from distcls.data.augment import Draws, Preprocess, keyed_uniform
+from distcls.data.transforms import policies as P
+from distcls.data.transforms.augment import Draws, Preprocess, keyed_uniform
 
 
 def _images(b=6, c=3, h=30, w=38, seed=0):

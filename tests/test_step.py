@@ -9,7 +9,7 @@ from distcls import config
 from distcls.bench.compare import host_syncs
 from distcls.config import AugmentConfig, TrainConfig
 from distcls.data import SplitView, TensorSource, train_loader
-from distcls.data.augment import Preprocess
+from distcls.data.transforms.augment import Preprocess
 from distcls.engine import Precision, Progress, Trainer, build_optimizer, build_scheduler
 from distcls.errors import TrainingDiverged
 from distcls.runtime.signals import StopRequest

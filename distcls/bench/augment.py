@@ -105,8 +105,8 @@ def _resnet50_step_s(batch: int, size: int, device) -> float:
 
 def run(args) -> dict:
     from distcls.config import AugmentConfig, MixConfig
-    from distcls.data.augment import Preprocess
-    from distcls.data.mix import Mix
+    from distcls.data.transforms.augment import Preprocess
+    from distcls.data.transforms.mix import Mix
 
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)

@@ -1,4 +1,18 @@
-"""Data: dataset registry -> seeded splits -> per-rank loaders -> batched preprocessing."""
+"""Data: dataset registry -> seeded splits -> per-rank loaders -> batched preprocessing.
+
+    datasets/     one module per on-disk format, each registering its builder (registry.py)
+    transforms/   the two stages below, and keys.py: the one hash of every random choice
+    sources.py file_source.py sample_table.py   what a dataset holds: tensors, or image files as flat arrays
+    folder_index.py index.py   an image folder's file list, built once by the ranks together, and its command
+    splits.py sampler.py loader.py   seeded splits, the global-batch sampler contract, per-rank loaders
+
+The stage contract: what runs PER SAMPLE IN DATALOADER WORKERS is decode and geometry, for image
+files only (transforms/images.py: decode, the keyed RandomResizedCrop or the evaluation resize and
+center crop, and the training flip on the uint8 crop: file_source.CropPolicy, decided when the source
+is built). Everything else runs PER BATCH ON THE TRAINING DEVICE, for every dataset
+(transforms/augment.py's Preprocess: the padded crop, flip and rotation of in-memory data, the
+policies, erasing, Mixup/CutMix, normalization), keyed by (seed, epoch, sample key) so that 1 and N
+processes draw the same numbers."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 from distcls.config import Config
-from distcls.data import cifar, digits, folder_index, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
-from distcls.data.augment import Preprocess
-from distcls.data.mix import Mix
+from distcls.data import folder_index
+from distcls.data.datasets import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
+from distcls.data.transforms.augment import Preprocess
+from distcls.data.transforms.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
-from distcls.data.registry import DATASETS, register_dataset
+from distcls.data.datasets.registry import DATASETS, register_dataset
 from distcls.data.file_source import FileSource
 from distcls.data.sources import RawDataset, SplitView, TensorSource
 from distcls.data.splits import Splits, make_splits
@@ -78,15 +93,14 @@ def build_data(cfg: Config, normalization_from: Optional[str] = None, run_dir: O
                           "use data.augment.crop_padding for those")
     spec = data_spec(dataset, cfg, normalization_from)
     splits = make_splits(dataset, cfg.data, cfg.run.seed)
-    # Image folders flip in the DataLoader workers (on the uint8 crop, same key): not again on the device.
+    # One owner per op, decided by the source: an image folder's workers flip (on the uint8 crop, same key), not the device.
     flipped_in_workers = from_files and getattr(getattr(dataset.train, "policy", None), "hflip", False)
-    augment = dataclasses.replace(cfg.data.augment, hflip=False) if flipped_in_workers else cfg.data.augment
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
     num_keys = len(splits.train.source) * cfg.data.repeats  # copy j of sample i has key i + j * source size
     train_size = cfg.data.train_crop_size or cfg.data.image_size or dataset.train.size  # FixRes: may differ from spec.image_size
     if from_files:
         train_size = dataset.train.policy.train_size or dataset.train.policy.size
     mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, train_size, cfg.run.seed, num_keys)
-    pre = Preprocess.from_spec(spec, augment, cfg.run.seed, num_keys=num_keys, mix=mix,
-                               train_size=train_size, interpolation=cfg.data.interpolation)
+    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, num_keys=num_keys, mix=mix,
+                               train_size=train_size, interpolation=cfg.data.interpolation, flip_on_device=not flipped_in_workers)
     return Data(splits, spec, pre, tuple(dataset.skipped_files), tuple(dataset.notes))

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch.utils.data import Dataset
 
-from distcls.data.keys import Stream, keyed_uniform_scalar
+from distcls.data.transforms.keys import Stream, keyed_uniform_scalar
 from distcls.data.sample_table import SampleTable
 
 
@@ -35,7 +35,7 @@ class CropPolicy:
     interpolation: str = "bilinear"  # or bicubic; always antialiased
 
     def box(self, height: int, width: int, train: bool, seed: int, epoch: int, key: int):
-        from distcls.data.images import center_crop_box, random_resized_crop_box  # torchvision.io: imported only for image files
+        from distcls.data.transforms.images import center_crop_box, random_resized_crop_box  # torchvision.io: imported only for image files
         if train and self.rrc is not None:
             return random_resized_crop_box(height, width, self.rrc[0], self.rrc[1], seed, epoch, key)
         return center_crop_box(height, width, self.size, self.eval_resize)
@@ -43,7 +43,7 @@ class CropPolicy:
     def apply(self, img: torch.Tensor, train: bool, seed: int, epoch: int, key: int) -> torch.Tensor:
         """uint8 [C, H, W] (any size) -> uint8 [C, s, s] (s: train_size when training, else size):
         crop and resize, and when training maybe flip."""
-        from distcls.data.images import crop_resize, resize_center_crop
+        from distcls.data.transforms.images import crop_resize, resize_center_crop
         size = (self.train_size or self.size) if train else self.size
         if train and self.rrc is not None:
             out = crop_resize(img, self.box(img.shape[1], img.shape[2], train, seed, epoch, key), size, self.interpolation)
@@ -82,7 +82,7 @@ class FileSource(Dataset):
         """(uint8 [C, size, size], label, key, None), or (None, label, key, message) for a bad file;
         `key` (default: index) keys the random crop and flip (a repeated copy has its own)."""
         key = index if key is None else key
-        from distcls.data.images import BadImage, read_image
+        from distcls.data.transforms.images import BadImage, read_image
         path, label = self.samples[index]
         try:
             img = read_image(path, self.channels)
@@ -111,6 +111,6 @@ def load_eval_image(path, size: int, channels: int, eval_resize: Optional[int] =
 
     Raises `images.BadImage` (a message naming the file) when it cannot be decoded.
     """
-    from distcls.data.images import read_image
+    from distcls.data.transforms.images import read_image
     img = read_image(path, channels)
     return CropPolicy(size, eval_resize or default_eval_resize(size), interpolation=interpolation).apply(img, False, 0, 0, 0)

@@ -18,6 +18,7 @@ on each bad file, and the folders with their times.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -30,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from distcls.data.sample_table import SampleTable
-from distcls.errors import UserError
+from distcls.errors import UserError, first_line
 from distcls.runtime import dist
 from distcls.runtime.atomic_files import atomic_write_bytes
 
@@ -72,7 +73,7 @@ def image_files(folder: Path, visited: Optional[list] = None) -> list[Path]:
     and symbolic links to folders are followed (torchvision's ImageFolder does), each real folder
     read once (a link to an ancestor cannot loop). One `scandir` per folder: the entry types come
     with the listing, so no file is `stat`ed (only symbolic links are resolved). `visited`
-    collects every folder read.
+    collects (folder, mtime_ns) of every folder read, the time taken before it was listed.
     """
     return [Path(p) for p in _image_paths(str(folder), visited)]
 
@@ -88,7 +89,7 @@ def _image_paths(folder: str, visited: Optional[list] = None) -> list[str]:
             continue
         seen.add(real)
         if visited is not None:
-            visited.append(top)
+            visited.append((top, _mtime(top)))  # before the listing: a file added meanwhile changes the time recorded after it
         try:
             entries = list(os.scandir(top))
         except OSError:
@@ -118,28 +119,31 @@ def class_folders(folder: Path) -> list[str]:
 
 
 def walk(root: Path) -> FolderIndex:
-    """The tree's layout and files, unchecked (rank 0)."""
+    """The tree's layout and files, unchecked (rank 0). Every folder it reads is recorded with its
+    modification time, taken before it is listed; the root by the names of its folders instead (an
+    index saved there, a hidden file, changes the root's time)."""
     start = time.perf_counter()
+    root_folders = _subfolders(root)
     train_dir = "train" if (root / "train").is_dir() else ""
-    classes = class_folders(root / train_dir)
-    if not train_dir:
-        classes = [c for c in classes if c not in ("val", "test")]
-    visited = [str(root)]
-    tables, split_classes = {}, {}
+    visited = []
+    tables, split_classes, classes = {}, {}, []
     for split in SPLITS:
         folder = root / train_dir if split == "train" else root / split
         if split != "train" and (not train_dir or not folder.is_dir()):
             continue
-        if split != "train":
-            visited.append(str(folder))
+        if folder != root:
+            visited.append((str(folder), _mtime(folder)))  # a class folder added or removed changes it
         split_classes[split] = class_folders(folder)
-        pairs, cut = [], len(str(root)) + 1  # paths relative to the root: the walk's paths start with it
+        if split == "train":
+            classes = [c for c in split_classes[split] if train_dir or c not in ("val", "test")]
+        pairs = []
         for label, name in enumerate(classes):
-            if (folder / name).is_dir():
-                pairs += [(p[cut:], label) for p in _image_paths(str(folder / name), visited)]
+            class_dir = folder / name
+            if class_dir.is_dir():
+                prefix, relative = str(class_dir), os.path.relpath(class_dir, root)  # the walk's paths start with its folder's string
+                pairs += [(relative + p[len(prefix):], label) for p in _image_paths(prefix, visited)]
         tables[split] = SampleTable.from_pairs(pairs)
-    # The root by the names of its folders (an index saved there, a hidden file, changes its time), every other folder by its time.
-    folders = [("", _subfolders(root))] + [(os.path.relpath(f, root), _mtime(f)) for f in dict.fromkeys(visited) if f != str(root)]
+    folders = [("", root_folders)] + [(os.path.relpath(f, root), mtime) for f, mtime in dict(visited).items()]
     return FolderIndex(str(root), train_dir, classes, split_classes, tables, {}, {}, folders, seconds=time.perf_counter() - start)
 
 
@@ -162,7 +166,7 @@ def _mtime(folder) -> int:
 
 def _check_share(index: FolderIndex, rank: int, world: int) -> dict:
     """This rank's share of the per-file check: {split: (indices, sizes, {index: reason})}."""
-    from distcls.data.images import inspect_image_file  # torchvision.io: imported only for image folders
+    from distcls.data.transforms.images import inspect_image_file  # torchvision.io: imported only for image folders
     out = {}
     offset = 0
     for split in SPLITS:
@@ -218,21 +222,41 @@ class StaleIndex(Exception):
     """The index cannot be used (unreadable, another format, another dataset): build it again."""
 
 
-def load(path: Path, root: Path) -> FolderIndex:
+def load(path: Path, root: Path, data: Optional[bytes] = None) -> FolderIndex:
+    """The index in `path` (or in `data`, its bytes); StaleIndex when it cannot be used, whatever is wrong with the file."""
     try:
-        with np.load(io.BytesIO(Path(path).read_bytes()), allow_pickle=False) as f:
+        data = Path(path).read_bytes() if data is None else data
+        with np.load(io.BytesIO(data), allow_pickle=False) as f:
             header = json.loads(f["header"].tobytes().decode())
             if header.get("format") != FORMAT:
                 raise StaleIndex(f"it has format {header.get('format')}, this distcls reads {FORMAT}")
             tables = {s: SampleTable(f[f"{s}_paths"], f[f"{s}_offsets"], f[f"{s}_labels"]) for s in header["splits"]}
             sizes = {s: f[f"{s}_sizes"] for s in header["splits"]}
+        bad = {s: {int(i): why for i, why in b.items()} for s, b in header["bad"].items()}
+        return FolderIndex(str(root), header["train_dir"], header["classes"], header["split_classes"], tables, sizes, bad,
+                           [tuple(f) for f in header["folders"]], header.get("checked_by", []), header.get("seconds", 0.0))
     except StaleIndex:
         raise
-    except (OSError, ValueError, KeyError, EOFError, TypeError) as exc:
-        raise StaleIndex(f"it cannot be read ({type(exc).__name__}: {exc})") from None
-    bad = {s: {int(i): why for i, why in b.items()} for s, b in header["bad"].items()}
-    return FolderIndex(str(root), header["train_dir"], header["classes"], header["split_classes"], tables, sizes, bad,
-                       [tuple(f) for f in header["folders"]], header.get("checked_by", []), header.get("seconds", 0.0))
+    except Exception as exc:  # a truncated or foreign file fails in zipfile, numpy or json in many ways: all mean "build it again"
+        raise StaleIndex(f"it cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def recheck_bad(index: FolderIndex) -> list[str]:
+    """The files the index calls bad, inspected again (a few): one replaced in place under the same name
+    changes no folder's time. The index is corrected; what changed is returned."""
+    from distcls.data.transforms.images import inspect_image_file
+    fixed = []
+    for split, bad in index.bad.items():
+        table = index.tables[split]
+        for i in list(bad):
+            size, why = inspect_image_file(os.path.join(index.root, table.path(i)))
+            if why is None:
+                del bad[i]
+                index.sizes[split][i] = size
+                fixed.append(table.path(i))
+            else:
+                bad[i] = why
+    return fixed
 
 
 def changes(index: FolderIndex, root: Path, limit: int = 3) -> list[str]:
@@ -267,29 +291,47 @@ def location(root: Path, configured: Optional[str], run_dir: Optional[Path]) -> 
     return run_dir / RUN_NAME if run_dir is not None else None
 
 
-def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] = lambda msg: None, rebuild: bool = False) -> FolderIndex:
-    """Collective: the index at `path` when it is current (rank 0 decides, every rank reads it), else
-    built by the ranks together and saved at `path` by rank 0. `note` hears what happened (rank 0's words)."""
-    decision, index = None, None
+def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] = lambda msg: None, rebuild: bool = False,
+                  save_to: Optional[Path] = None) -> FolderIndex:
+    """Collective: the index at `path` when it is current (rank 0 decides and says which file, with its
+    digest: every rank reads that file and checks it holds the same), else built by the ranks together
+    and saved by rank 0 at `save_to` (None: kept in memory: a command without a run directory writes
+    nothing). `note` hears what happened (rank 0's words)."""
+    decision, index, digest, fixed = None, None, None, []
     if dist.is_main_rank():
         decision = "build"
         if path is not None and path.is_file() and not rebuild:
             try:
-                index = load(path, root)
+                data = path.read_bytes()
+                index = load(path, root, data)
                 changed = changes(index, root)
-                decision = "read" if not changed else f"the image folder changed since {path} was built ({', '.join(changed)}): indexing it again"
+                if changed:
+                    decision = f"the image folder changed since {path} was built ({', '.join(changed)}): indexing it again"
+                else:
+                    decision, digest = "read", hashlib.sha256(data).hexdigest()
+                    fixed = recheck_bad(index)
             except StaleIndex as exc:
                 decision = f"the index {path} is not usable ({exc}): indexing the image folder again"
-    decision = dist.broadcast_object(decision)
+    decision, where_read, digest, fixed = dist.broadcast_object((decision, str(path) if path else None, digest, fixed))
     if decision == "read":
         if index is None:
             try:
-                index = load(path, root)
+                data = Path(where_read).read_bytes()
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise StaleIndex("it differs from the one rank 0 read (rewritten meanwhile, or not the same file on every node)")
+                index = load(Path(where_read), root, data)
             except StaleIndex as exc:
-                raise UserError(f"the image folder's index {path} could not be read on this rank ({exc}); put run.out_dir and data.index "
-                                "on a filesystem every node sees") from None
-        index.read_from = path
-        note(f"image folder {root}: read its index {path} ({sum(len(t) for t in index.tables.values()):,} files; no walk, no per-file check)")
+                raise UserError(f"the image folder's index {where_read} could not be read on this rank ({exc}); put run.out_dir and data.index "
+                                "on a filesystem every node sees, and let one run at a time rebuild a shared index") from None
+            if fixed:
+                recheck_bad(index)  # the few files rank 0 found repaired: the same verdicts here
+        index.read_from = Path(where_read)
+        note(f"image folder {root}: read its index {where_read} ({sum(len(t) for t in index.tables.values()):,} files; no walk, no per-file check)")
+        if fixed:
+            note(f"image folder {root}: {len(fixed)} file(s) the index called bad read well now (replaced in place): {fixed[0]}"
+                 + (f" and {len(fixed) - 1} more" if len(fixed) > 1 else ""))
+            if save_to is not None and dist.is_main_rank():
+                _save_quietly(index, save_to)
         return index
     if decision != "build":
         note(decision)
@@ -298,12 +340,16 @@ def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] 
     index = check(index)
     files = sum(len(t) for t in index.tables.values())
     where = "kept in memory only (no run directory)"
-    if path is not None and dist.is_main_rank():
-        try:
-            save(index, path)
-            where = f"saved to {path}"
-        except OSError as exc:
-            where = f"not saved to {path} ({exc.strerror or exc}): the next start indexes again"
+    if save_to is not None and dist.is_main_rank():
+        where = _save_quietly(index, save_to)
     shares = f"each of {len(index.checked_by)} ranks checked {min(index.checked_by):,}-{max(index.checked_by):,} files" if len(index.checked_by) > 1 else "checked"
     note(f"image folder {root}: indexed {files:,} files in {index.seconds:.1f} s ({shares}); {where}")
     return index
+
+
+def _save_quietly(index: FolderIndex, path: Path) -> str:
+    try:
+        save(index, path)
+        return f"saved to {path}"
+    except OSError as exc:
+        return f"not saved to {path} ({exc.strerror or exc}): the next start indexes again"

@@ -35,7 +35,8 @@ def main(argv: Sequence[str]) -> int:
     env = dist.detect("cpu")
     dist.init(env, 1800)
     try:
-        index = folder_index.load_or_build(root, out, note=print if env.is_main else (lambda msg: None), rebuild=args.rebuild)
+        index = folder_index.load_or_build(root, out, note=print if env.is_main else (lambda msg: None), rebuild=args.rebuild,
+                                            save_to=out)
         if env.is_main:
             bad = sum(len(b) for b in index.bad.values())
             splits = ", ".join(f"{split} {len(t):,}" for split, t in index.tables.items())

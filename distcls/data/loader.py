@@ -19,7 +19,7 @@ from distcls.errors import UserError
 
 def _gpu_decode_module():
     """data.gpu_decode's module (torchvision.io), imported only when it is used."""
-    from distcls.data import gpu_decode
+    from distcls.data.transforms import gpu_decode
     return gpu_decode
 
 

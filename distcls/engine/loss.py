@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distcls.data.mix import dominant_correct, soft_target_cross_entropy
+from distcls.data.transforms.mix import dominant_correct, soft_target_cross_entropy
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,8 @@ def _get_or(tree: dict, path: str, default):
 def _keys_to_compare(saved: dict, current: dict) -> list[str]:
     synthetic = current.get("data", {}).get("name") == "synthetic"  # the synthetic dataset's own keys matter only for it
     keys = [k for k in POSITION_KEYS if synthetic or not k.startswith("data.synthetic.")]
+    if current.get("data", {}).get("name") != "imagefolder":  # the image folders' own key
+        keys.remove("data.carve_val")
     for section in SCHEDULE_SECTIONS:
         keys += [f"{section}.{k}" for k in current.get(section, {})]
     ema = (current.get("train") or {}).get("ema") or {}

@@ -70,7 +70,7 @@ if _RANK_0 and os.environ.get("DISTCLS_TEST_PAUSE_MARK"):
 # DISTCLS_TEST_CHECK_LOG=PREFIX (tests/test_folder_index.py): every file a rank checks while it
 # indexes an image folder is appended to PREFIX.<rank>, to show that the ranks divide the check.
 if os.environ.get("DISTCLS_TEST_CHECK_LOG"):
-    import distcls.data.images as _images
+    import distcls.data.transforms.images as _images
 
     _inspect = _images.inspect_image_file
     _log = f"{os.environ['DISTCLS_TEST_CHECK_LOG']}.{os.environ.get('RANK', '0')}"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distcls.runtime.copies import host_to_device
-from distcls.data.keys import Stream, keyed_uniform
+from distcls.data.transforms.keys import Stream, keyed_uniform
 
 MIX_STREAM = Stream.MIX  # its block in keys.Stream
 

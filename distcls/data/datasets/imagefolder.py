@@ -24,7 +24,7 @@ from distcls.config import DataConfig
 from distcls.data import folder_index
 from distcls.data.file_source import CropPolicy, FileSource, default_eval_resize
 from distcls.data.folder_index import EXTENSIONS, class_folders, image_files  # noqa: F401  (the walk's rules live there)
-from distcls.data.registry import register_dataset
+from distcls.data.datasets.registry import register_dataset
 from distcls.data.sample_table import SampleTable
 from distcls.data.sources import RawDataset
 from distcls.errors import ConfigError, UserError
@@ -97,7 +97,8 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     train_size = cfg.train_crop_size or cfg.image_size or 224
     channels = cfg.channels or 3
     notes = []
-    index = folder_index.load_or_build(root, folder_index.location(root, cfg.index, None), note=notes.append)
+    where = folder_index.location(root, cfg.index, None)  # data.index: set by the user, or by build_data for a training run
+    index = folder_index.load_or_build(root, where, note=notes.append, save_to=where if cfg.index is not None else None)
     train_dir = root / index.train_dir
     classes = index.classes
     if not classes:

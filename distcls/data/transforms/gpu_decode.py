@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from distcls.data.images import BadImage, check_pixels, sniff
-from distcls.data.images import _tv_decode_jpeg as decode_jpeg
-from distcls.data.images import ImageReadMode
+from distcls.data.transforms.images import BadImage, check_pixels, sniff
+from distcls.data.transforms.images import _tv_decode_jpeg as decode_jpeg
+from distcls.data.transforms.images import ImageReadMode
 from distcls.runtime.copies import host_to_device
 from distcls.errors import first_line
 

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
 from distcls.runtime.copies import host_to_device
-from distcls.data import policies
-from distcls.data.keys import Stream, keyed_uniform
-from distcls.data.mix import Mix
+from distcls.data.transforms import policies
+from distcls.data.transforms.keys import Stream, keyed_uniform
+from distcls.data.transforms.mix import Mix
 from distcls.spec import DataSpec
 
 
@@ -47,15 +47,15 @@ class Draws:
     erase: Optional[torch.Tensor] = None
 
     @classmethod
-    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor, size: int = 0) -> "Draws":
+    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor, size: int = 0, with_flip: bool = True) -> "Draws":
         """On the host (numpy hash), only the streams `aug` uses; `size`: the (square) image size
-        the policy and erasing see."""
+        the policy and erasing see; `with_flip` False: the flip is another stage's (an image folder's workers)."""
         crop_y = crop_x = flip = angle = ops = mags = erase = None
         if aug.crop_padding > 0:
             span = 2 * aug.crop_padding + 1
             crop_y = (keyed_uniform(seed, epoch, keys, Stream.CROP_Y) * span).long()
             crop_x = (keyed_uniform(seed, epoch, keys, Stream.CROP_X) * span).long()
-        if aug.hflip:
+        if aug.hflip and with_flip:
             flip = keyed_uniform(seed, epoch, keys, Stream.FLIP) < 0.5
         if aug.rotation_deg > 0:
             angle = (keyed_uniform(seed, epoch, keys, Stream.ROTATION) * 2 - 1) * aug.rotation_deg * math.pi / 180
@@ -97,14 +97,16 @@ class Preprocess:
     mix: Optional[Mix] = None  # Mixup/CutMix of training batches (train_batch), after normalization and erasing
     train_size: Optional[int] = None  # training image size (FixRes; None: image_size)
     interpolation: str = "bilinear"  # of the resize to the target size (antialiased)
+    flip_on_device: bool = True  # False: data.augment.hflip is done per sample in the workers (file sources' CropPolicy)
     # Per device: normalization constants, and the current epoch's draws. Not part of the value.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_spec(cls, spec: DataSpec, augment: AugmentConfig, seed: int, num_keys: Optional[int] = None,
-                  mix: Optional[Mix] = None, train_size: Optional[int] = None, interpolation: str = "bilinear") -> "Preprocess":
+                  mix: Optional[Mix] = None, train_size: Optional[int] = None, interpolation: str = "bilinear",
+                  flip_on_device: bool = True) -> "Preprocess":
         return cls(spec.channels, spec.image_size, tuple(spec.mean), tuple(spec.std), augment, seed, num_keys, mix,
-                   train_size, interpolation)
+                   train_size, interpolation, flip_on_device)
 
     @property
     def train_image_size(self) -> int:
@@ -142,7 +144,7 @@ class Preprocess:
     def draws(self, keys: torch.Tensor, epoch: int, device: torch.device) -> Draws:
         """The augmentation draws of `keys` (on the host or on `device`) for `epoch`, on `device`."""
         if self.num_keys is None:
-            return Draws.hashed(self.augment, self.seed, epoch, keys, self.train_image_size).to(device)
+            return Draws.hashed(self.augment, self.seed, epoch, keys, self.train_image_size, self.flip_on_device).to(device)
         return self.epoch_table(epoch, device).index(keys.to(device, non_blocking=True))
 
     def epoch_table(self, epoch: int, device: torch.device) -> Draws:
@@ -150,7 +152,8 @@ class Preprocess:
         slot = ("draws", device)
         cached = self._cache.get(slot)
         if cached is None or cached[0] != epoch:
-            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys), self.train_image_size).to(device)
+            table = Draws.hashed(self.augment, self.seed, epoch, torch.arange(self.num_keys), self.train_image_size,
+                                 self.flip_on_device).to(device)
             cached = self._cache[slot] = (epoch, table)
         return cached[1]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from distcls.config import DataConfig
-from distcls.data.registry import register_dataset
+from distcls.data.datasets.registry import register_dataset
 from distcls.data.sources import RawDataset, TensorSource
 
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from distcls.config import DataConfig
-from distcls.data.fetch import download_with_torchvision
-from distcls.data.registry import register_dataset
+from distcls.data.datasets.fetch import download_with_torchvision
+from distcls.data.datasets.registry import register_dataset
 from distcls.data.sources import RawDataset, TensorSource
 from distcls.errors import UserError
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from distcls.config import DataConfig
-from distcls.data.registry import register_dataset
+from distcls.data.datasets.registry import register_dataset
 from distcls.data.sources import RawDataset, TensorSource
 from distcls.errors import UserError
 

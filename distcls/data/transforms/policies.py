@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distcls.data.keys import Stream
+from distcls.data.transforms.keys import Stream
 
 # One id per op, shared by every policy.
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",

@@ -454,6 +454,11 @@ def reference_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
+def field_rules(path: str) -> dict:
+    """The schema field's metadata at a dot path: help, choices, min, max, resume."""
+    return _rules_of(path)
+
+
 def _rules_of(path: str) -> dict:
     cls = Config
     *sections, name = path.split(".")

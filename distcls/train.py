@@ -19,8 +19,13 @@ from distcls.errors import CheckpointWriteFailed, ConfigError, ExitCode
 from distcls.run.runner import Stopped, TrainingRun
 from distcls.runtime.signals import StopRequest
 
-EPILOG = "config keys (override any as key.sub=value):\n" + "\n".join(
-    f"  {path:28s} {help} [default: {default!r}]" for path, default, help in config_mod.describe())
+def _choices(path: str) -> str:
+    rules = config_mod.field_rules(path)
+    return f" [choices: {' | '.join('null' if c is None else str(c) for c in rules['choices'])}]" if "choices" in rules else ""
+
+
+EPILOG = "config keys (override any as key.sub=value; all of them: docs/configuration.md):\n" + "\n".join(
+    f"  {path:28s} {help}{_choices(path)} [default: {default!r}]" for path, default, help in config_mod.describe())
 
 
 def parse_args(argv: Sequence[str]):
@@ -30,6 +35,7 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint file, or 'auto': the newest valid one in run.out_dir (fresh start if none)")
     parser.add_argument("--debug", action="store_true",
                         help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly detection, deterministic algorithms, full tracebacks")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the file, then the overrides) as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3")
     return parser.parse_args(argv)
 
@@ -56,6 +62,9 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
     stop = stop or StopRequest()
     args = parse_args(argv)
     cfg = config_mod.load(args.config, args.overrides)
+    if args.print_config:  # what this command would run, checked: nothing started, nothing written
+        print(config_mod.to_yaml(cfg), end="")
+        return 0
     env = dist.detect(cfg.dist.device, cfg.dist.backend, debug=args.debug)
     renamed = config_mod.renamed_note(args.config)
     if renamed and env.is_main:

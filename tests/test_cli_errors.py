@@ -159,3 +159,24 @@ def test_a_ctrl_c_outside_the_run_says_which_one_it_was(capsys, interrupt, words
     assert run_cli(main, []) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("distcls: stopped: interrupted") and words in err[0]
+
+
+def test_help_lists_each_keys_choices_and_print_config_prints_the_resolved_config(tmp_path, capsys):
+    import yaml
+
+    from distcls import config, train
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # argparse's --help exits 0 after printing
+        train.main(["--help"])
+    assert info.value.code == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("sched.name "))
+    assert "[choices: constant | cosine | step]" in line
+    proc = cli_in_process(capsys, "train", ["--print-config", "--config", config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
+                                            "optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"])
+    assert proc.returncode == 0 and proc.stderr == ""
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["optim"]["lr"] == 0.5 and printed["data"]["name"] == "cifar10"
+    assert config.from_dict(printed) == config.load(config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
+                                                    ["optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"])
+    assert not (tmp_path / "never").exists()
+    assert_user_error(cli_in_process(capsys, "train", ["--print-config", "optim.lr=-1"]), "optim.lr")  # checked, as a run would

@@ -289,3 +289,32 @@ def test_metrics_lines_that_python_cannot_parse_are_skipped(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(good) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n" + '{"split": "train", "step": ' + "1" * 5000 + "}\n")
     assert read_jsonl(path) == [good]
+
+
+def test_summary_and_checkpoints_say_where_they_came_from(tmp_path):
+    """Versions, the git commit of the working directory, the command line and the hosts, in summary.json and every checkpoint."""
+    import json
+    import socket
+    import subprocess
+
+    import torch
+
+    from conftest import load_ckpt, train_in_process
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    import os
+    cwd = os.getcwd()
+    os.chdir(repo)
+    try:
+        train_in_process(tmp_path / "run", "train.epochs=1", "train.max_steps_per_epoch=2")
+    finally:
+        os.chdir(cwd)
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    p = summary["provenance"]
+    assert p["torch"] == torch.__version__ and p["distcls"] and p["python"]
+    assert p["git"] == {"commit": commit, "dirty": False} and p["hosts"] == [socket.gethostname()] and p["world_size"] == 1
+    assert "command" in p and p["cwd"] == str(repo)
+    assert load_ckpt(tmp_path / "run/checkpoints/last.pt")["provenance"] == p

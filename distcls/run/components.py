@@ -23,6 +23,7 @@ from distcls.checkpoint.checkpointer import ModuleWeights, OptimizerState, SaveP
 from distcls.config import Config
 from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
+from distcls.runtime import provenance as runtime_provenance
 from distcls.runtime.dist import DistEnv
 from distcls.errors import ConfigError
 from distcls.engine import EMAHook, EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
@@ -106,6 +107,7 @@ class Components:
     switches: dict = field(default_factory=dict)  # the device's math switches as set (engine/backends.py)
     ema: Optional[ModelEMA] = None  # model EMA (train.ema.enabled), on every rank
     targets: list = field(default_factory=list)  # EvalTarget: what each evaluation evaluates (the weights first)
+    provenance: dict = field(default_factory=dict)  # where the run's outputs came from (runtime/provenance.py)
 
     @property
     def lr(self) -> float:
@@ -166,12 +168,13 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     trainer = Trainer(model=model, module=module, optimizer=optimizer, scheduler=scheduler, precision=precision, cfg=cfg.train,
                       preprocess=data.preprocess, device=env.device, hooks=[EMAHook(ema, ema_schedule)] if ema is not None else [])
     progress = Progress(env.device, env.is_main, steps_per_epoch)
+    provenance = runtime_provenance.collect(env.world_size)  # versions, git commit, command, hosts: in summary.json and every checkpoint
     checkpointer = Checkpointer(
         files or CheckpointFiles(cfg.run.out_dir, cfg.checkpoint.keep),
         {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
          "scaler": precision, "rng": GlobalRNG(), **({"ema": ema} if ema is not None else {})}, progress,
         SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, val is not None),
-        {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size}, env.is_main,
+        {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size, "provenance": provenance}, env.is_main,
         # A save first waits for the steps whose flags the host has not read: an aborting run
         # (train.nonfinite=abort) raises there instead of saving the state after its diverged step.
         before_save=trainer.check_diverged)
@@ -180,4 +183,4 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
         targets.append(EvalTarget("ema_", ema.module, ready=lambda: ema.updates > 0, fields=lambda: {"ema_updates": ema.updates}))
     return Components(data=data, train=train, val=val, test=test, model=model, module=module, optimizer=optimizer, scheduler=scheduler,
                       precision=precision, trainer=trainer, progress=progress, checkpointer=checkpointer, switches=switches, ema=ema,
-                      targets=targets)
+                      targets=targets, provenance=provenance)

@@ -363,6 +363,7 @@ class TrainingRun:
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
             "skipped_bad_images": len(parts.data.skipped_files),
             "dropped_bad_image_reads": int(dropped.item()),
+            "provenance": parts.provenance,
             **{f"{prefix}test_{name}": getattr(r, name) for prefix, r in results.items() if prefix and r is not None for name in ("acc", "loss")},
         }
         plots = {}

@@ -164,22 +164,30 @@ def _mtime(folder) -> int:
 # --------------------------------------------------------------------------- the check, divided among the ranks
 
 
+CHECK_CHUNK = 4096  # files handed to the thread pool at a time: a million futures at once would cost ~0.5 GB
+
+
 def _check_share(index: FolderIndex, rank: int, world: int) -> dict:
     """This rank's share of the per-file check: {split: (indices, sizes, {index: reason})}."""
     from distcls.data.transforms.images import inspect_image_file  # torchvision.io: imported only for image folders
     out = {}
     offset = 0
-    for split in SPLITS:
-        table = index.tables.get(split)
-        if table is None:
-            continue
-        mine = np.arange((rank - offset) % world, len(table), world, dtype=np.int64)  # global position offset + i, strided
-        offset += len(table)
-        paths = [os.path.join(index.root, table.path(int(i))) for i in mine]
-        with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: two small reads per file
-            results = list(pool.map(inspect_image_file, paths))
-        out[split] = (mine, np.array([size for size, _ in results], dtype=np.int64),
-                      {int(i): why for i, (_, why) in zip(mine, results) if why})
+    with ThreadPoolExecutor(max_workers=8) as pool:  # I/O bound: one open and two 16-byte reads per file
+        for split in SPLITS:
+            table = index.tables.get(split)
+            if table is None:
+                continue
+            mine = np.arange((rank - offset) % world, len(table), world, dtype=np.int64)  # global position offset + i, strided
+            offset += len(table)
+            sizes, reasons = np.zeros(len(mine), dtype=np.int64), {}
+            for start in range(0, len(mine), CHECK_CHUNK):
+                chunk = mine[start:start + CHECK_CHUNK]
+                results = pool.map(inspect_image_file, [os.path.join(index.root, table.path(int(i))) for i in chunk])
+                for j, (i, (size, why)) in enumerate(zip(chunk, results)):
+                    sizes[start + j] = size
+                    if why:
+                        reasons[int(i)] = why
+            out[split] = (mine, sizes, reasons)
     return out
 
 

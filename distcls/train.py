@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--debug", action="store_true",
                         help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly detection, deterministic algorithms, full tracebacks")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (the file, then the overrides) as YAML and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, launcher, data (and its index), model and out_dir, take one training step, report and exit; writes nothing")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3")
     return parser.parse_args(argv)
 
@@ -54,6 +56,18 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
                           "set train.sync_bn=false for CPU runs")
 
 
+def _dry_run(cfg, env: dist.DistEnv, debug: bool) -> int:
+    from distcls.run.dry_run import dry_run
+    dist.init(env, cfg.dist.timeout_s)
+    try:
+        lines = dry_run(cfg, env, debug)
+    finally:
+        dist.teardown()
+    if env.is_main:
+        print("\n".join(lines), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
     """`stop`: the process's stop request, which `cli` keeps installed until the process exits (a
     second SIGTERM after the save must not kill it); in-process callers leave it None (the handlers
@@ -70,6 +84,8 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
     if renamed and env.is_main:
         print(f"distcls: note: {renamed}", file=sys.stderr, flush=True)
     check_launch(cfg, env)
+    if args.dry_run:
+        return _dry_run(cfg, env, args.debug)
     run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)  # rank 0 now holds run.out_dir
     try:
         # The handlers are installed by run.run, after the rendezvous: a signal while a rank waits

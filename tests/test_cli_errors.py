@@ -180,3 +180,23 @@ def test_help_lists_each_keys_choices_and_print_config_prints_the_resolved_confi
                                                     ["optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"])
     assert not (tmp_path / "never").exists()
     assert_user_error(cli_in_process(capsys, "train", ["--print-config", "optim.lr=-1"]), "optim.lr")  # checked, as a run would
+
+
+def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path, capsys):
+    """--dry-run: config, launcher, data, model, one step, out_dir writable: a one-screen report, exit 0, nothing written;
+    any problem is the run's own one line, exit 2 (for the top of an sbatch script)."""
+    from conftest import cli_in_process
+    out = tmp_path / "run"
+    proc = cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "config: digits -> cnn3, 2 epochs of 22 steps, global batch 64" and lines[-1] == "dry run: OK"
+    assert any(l.startswith("one training step: loss ") and "on 64 images" in l for l in lines)
+    assert not out.exists()
+    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"]),
+                      "cifar10 not found")
+    (tmp_path / "file").write_text("x")
+    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={tmp_path / 'file'}"]), "is a file, not a directory")
+    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "model.name=resnet18", "data.batch_size=3000"]),
+                      "fewer than one global batch")
+    assert not out.exists()

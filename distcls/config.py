@@ -295,8 +295,11 @@ def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), base:
         _deep_merge(tree, base, Config, prefix="")
     given = {}  # what the user wrote (YAML file, then overrides): dotted key -> value
     if path is not None:
+        path = resolve_config_path(path)
         data = read_yaml(path)
         _deep_merge(tree, data, Config, prefix="")
+        if not (isinstance(data.get("run"), dict) and "out_dir" in data["run"]):  # each config its own default out_dir
+            tree["run"]["out_dir"] = f"runs/{Path(path).stem}"
         model = data.get("model")
         if isinstance(model, dict) and "freeze" in model:
             given["model.freeze"] = model["freeze"]
@@ -355,10 +358,33 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# The configs that ship with distcls (a clone or an editable install: the repository's configs/).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(path: str) -> str:
+    """A --config value: a file, or the name of a shipped config (`imagenet_resnet50_tv_v2`, with or without .yaml)."""
+    p = Path(path)
+    if p.is_file() or p.parent != Path("."):
+        return path
+    for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    return path
+
+
+def shipped_configs() -> list[str]:
+    return sorted(f.stem for f in CONFIG_DIR.glob("*.yaml") if not f.is_symlink()) if CONFIG_DIR.is_dir() else []
+
+
 def read_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {path} not found{' (it is a directory)' if p.is_dir() else ''}; pass an existing YAML file to --config, e.g. configs/default.yaml")
+        names = shipped_configs()
+        close = difflib.get_close_matches(p.stem, names, n=1)
+        raise ConfigError(f"config file {path} not found{' (it is a directory)' if p.is_dir() else ''}; pass an existing YAML file to --config, "
+                          + (f"or a shipped config's name (did you mean {close[0]}?)" if close else
+                             f"or a shipped config's name: {', '.join(names)}" if names else "e.g. configs/default.yaml"))
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

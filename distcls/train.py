@@ -31,7 +31,8 @@ EPILOG = "config keys (override any as key.sub=value; all of them: docs/configur
 def parse_args(argv: Sequence[str]):
     parser = ArgumentParser(prog="python -m distcls.train", description="Train an image classifier (single process, torchrun or SLURM).",
                             epilog=EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (default: the built-in digits config, configs/default.yaml)")
+    parser.add_argument("--config", help="a YAML config file, or a shipped config's name (e.g. cifar10_cnn3); default: the built-in digits "
+                        "config, configs/default.yaml. A config without run.out_dir writes to runs/<its name>")
     parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint file, or 'auto': the newest valid one in run.out_dir (fresh start if none)")
     parser.add_argument("--debug", action="store_true",
                         help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly detection, deterministic algorithms, full tracebacks")

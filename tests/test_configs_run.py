@@ -77,3 +77,14 @@ def test_an_old_config_name_still_loads_the_same_config_and_says_its_new_name(tm
                                             f"run.out_dir={tmp_path / 'out'}"])
     assert proc.returncode == 2  # (no CIFAR-10 files here)
     assert f"distcls: note: {ROOT / 'configs/seed_c_cnn3_cifar10.yaml'} is now {ROOT / 'configs/cifar10_cnn3.yaml'}" in proc.stderr
+
+
+def test_a_config_by_name_and_its_own_default_out_dir(tmp_path, capsys, monkeypatch):
+    from conftest import assert_user_error, cli_in_process
+    from distcls import config
+    assert config.load("cifar10_cnn3") == config.load("cifar10_cnn3.yaml") == config.load(str(ROOT / "configs/cifar10_cnn3.yaml"))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  epochs: 1\n")
+    assert config.load(str(mine)).run.out_dir == "runs/mine" and config.load(None).run.out_dir == "runs/default"
+    assert config.load(str(mine), [f"run.out_dir={tmp_path / 'x'}"]).run.out_dir == str(tmp_path / "x")
+    assert_user_error(cli_in_process(capsys, "train", ["--config", "cifar10_cnn33", "--print-config"]), "did you mean cifar10_cnn3?")

@@ -227,8 +227,8 @@ class TrainingRun:
 
     def _announce(self, parts: Components) -> None:
         cfg, env, data, spec, progress = self.cfg, self.env, parts.data, parts.data.spec, parts.progress
-        for note in data.notes:
-            self.console.info(note)
+        for note in data.notes:  # what building the data did (an image folder's index, its splits); warnings to stderr
+            self._warn_main(note.removeprefix("warning: ")) if note.startswith("warning: ") else self.console.info(note)
         for bad in data.skipped_files[:5]:
             self._warn_main(f"skipped bad image {bad}")
         if len(data.skipped_files) > 5:

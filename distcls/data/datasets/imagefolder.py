@@ -84,6 +84,30 @@ def _usable(index: folder_index.FolderIndex, split: str, folder: Path, skip_bad:
     return table
 
 
+SIZE_SAMPLE = 32  # training images whose size is read (their headers only) to see whether the training size upscales them
+
+
+def _upscaling(samples: SampleTable, train_size: int) -> str:
+    """A warning when the training size is more than twice the median shorter side of a few training
+    images (evenly spaced, headers only): they would be upscaled, at a cost and with no more detail."""
+    from PIL import Image
+    sides = []
+    for i in np.linspace(0, len(samples) - 1, num=min(SIZE_SAMPLE, len(samples)), dtype=np.int64):
+        try:
+            with Image.open(samples.path(int(i))) as img:
+                sides.append(min(img.size))
+        except Exception:  # a file the check let through but Pillow cannot open: decoding will name it
+            continue
+    if not sides:
+        return ""
+    median = float(np.median(sides))
+    if train_size <= 2 * median:
+        return ""
+    return (f"warning: the training size {train_size} px is {train_size / median:.1f}x the median shorter side ({median:.0f} px) of "
+            f"{len(sides)} sampled training images: they are upscaled (slower, no more detail); set data.image_size "
+            "(image folders default to 224)")
+
+
 @register_dataset("imagefolder")
 def build_imagefolder(cfg: DataConfig) -> RawDataset:
     """Collective under a launcher (the file check is divided among the ranks: folder_index.py)."""
@@ -119,6 +143,9 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
             _check_classes(folder, classes, table.labels, len(skipped))
         sources[split] = FileSource(table, size, channels, policy, cfg.skip_bad_images)
     train, val, test = sources["train"], sources.get("val"), sources.get("test")
+    upscaled = _upscaling(train.samples, train_size)
+    if upscaled:
+        notes.append(upscaled)
     if test is None and val is not None:
         if cfg.carve_val:  # validation carved from train/ (make_splits), val/ the test split
             test, val = val, None

@@ -13,7 +13,7 @@ from distcls.tracking import json_out
 from pathlib import Path
 from typing import Sequence
 
-from distcls.runtime import dist
+from distcls.runtime import dist, launch
 from distcls.cli import ArgumentParser, exit_with, positive_int
 from distcls.data import build_data, eval_loader
 from distcls.engine import evaluate
@@ -26,6 +26,7 @@ from distcls.run.outputs import check_output_dir
 def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.evaluate", description="Evaluate a distcls checkpoint on a data split.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nproc_per_node", metavar="N", help="evaluate on N ranks of this node (torch's elastic launch), exit with distcls's exit code")
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
@@ -45,6 +46,10 @@ def _device_choice(overrides: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
+    nproc, argv = launch.strip_nproc(argv)
+    if nproc is not None:  # N ranks through torch's elastic launch, distcls's exit code (runtime/launch.py)
+        parse_args(argv)
+        return launch.launch("evaluate", argv, nproc)
     args = parse_args(argv)
     if args.out_dir:
         check_output_dir(args.out_dir, "--out-dir")  # before the work, not after it

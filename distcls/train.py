@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import torch
 
 from distcls import config as config_mod
-from distcls.runtime import dist
+from distcls.runtime import dist, launch
 from distcls.cli import ArgumentParser, exit_with, leave_rank_0_time_to_report, report
 from distcls.run.components import DEBUG_STEPS_PER_EPOCH
 from distcls.errors import CheckpointWriteFailed, ConfigError, ExitCode
@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str]):
     parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint file, or 'auto': the newest valid one in run.out_dir (fresh start if none)")
     parser.add_argument("--debug", action="store_true",
                         help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly detection, deterministic algorithms, full tracebacks")
+    parser.add_argument("--nproc_per_node", metavar="N", help="start N ranks on this node (torch's elastic launch, as torchrun "
+                        "--standalone) and exit with distcls's exit code; plain torchrun exits 1 on any failure")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config (the file, then the overrides) as YAML and exit")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config, launcher, data (and its index), model and out_dir, take one training step, report and exit; writes nothing")
@@ -73,6 +75,9 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
     """`stop`: the process's stop request, which `cli` keeps installed until the process exits (a
     second SIGTERM after the save must not kill it); in-process callers leave it None (the handlers
     are restored on return)."""
+    nproc, argv = launch.strip_nproc(argv)
+    if nproc is not None and not parse_args(argv).print_config:  # (the arguments checked here once, not by N ranks)
+        return launch.launch("train", argv, nproc)
     own_stop = stop is None
     stop = stop or StopRequest()
     args = parse_args(argv)

@@ -200,3 +200,27 @@ def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path,
     assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "model.name=resnet18", "data.batch_size=3000"]),
                       "fewer than one global batch")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_nproc_per_node_launches_ranks_and_keeps_distcls_exit_codes(tmp_path):
+    """Under plain torchrun every failure is exit 1 and ~40 lines of the agent's traceback; `--nproc_per_node N`
+    (torch's elastic launch API) returns distcls's own code and shows only the workers' lines."""
+    import json
+    import sys
+    from conftest import FAST, child_env
+    env = child_env({"PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"})
+    base = [sys.executable, "-m", "distcls.train", "--nproc_per_node", "2", *FAST, "dist.device=cpu"]
+    bad = subprocess.run([*base, f"run.out_dir={tmp_path / 'bad'}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    errors = [l for l in bad.stderr.splitlines() if l.startswith("distcls: error: ")]
+    assert len(errors) >= 1 and all("cifar10 not found" in l for l in errors)
+    assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr
+    stopped = subprocess.run([*base, f"run.out_dir={tmp_path / 'stopped'}", "model.name=stop_model:build", "model.args.stop_at=2",
+                              "train.epochs=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 3, stopped.stderr[-2000:]  # a stop signal: checkpoint saved, resumable
+    ok = subprocess.run([*base, f"run.out_dir={tmp_path / 'ok'}", "train.epochs=1", "train.max_steps_per_epoch=3"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert json.loads((tmp_path / "ok/summary.json").read_text())["world_size"] == 2

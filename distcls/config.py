@@ -133,6 +133,8 @@ class ModelConfig:
     pretrained: Optional[str] = _opt(None, "weights to start from (transfer learning): a local state_dict/checkpoint file, or "
         "'torchvision:<WEIGHTS_ENUM>' (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) read from "
         "$TORCH_HOME/hub/checkpoints/ without network")
+    verify_weights: bool = _opt(True, "model.pretrained=torchvision:<WEIGHTS>: check the cached file's sha256 against the prefix in its "
+        "name, as torchvision's downloader does (false: a file made by hand under that name)")
     freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its "
         "BatchNorm statistics) stays fixed", choices=["none", "backbone"])
     freeze_backbone: Optional[bool] = _opt(None, "deprecated spelling of model.freeze: true = backbone, false = none (null = not set)")

@@ -87,13 +87,14 @@ def test_frozen_transfer_of_a_non_resnet_from_the_hub_cache(tmp_path, monkeypatc
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     weights = torch.load(fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "mobilenet_v3_small"), weights_only=True)
     logged = []
-    _build("mobilenet_v3_small", DataSpec(3, 3, 32), f"model.pretrained=torchvision:{enum}", "model.freeze=backbone", log=logged.append)
+    _build("mobilenet_v3_small", DataSpec(3, 3, 32), f"model.pretrained=torchvision:{enum}", "model.freeze=backbone",
+           "model.verify_weights=false", log=logged.append)  # (a file made here under torchvision's name)
     assert "loaded 2" in logged[0] and "left at init: classifier.3.weight, classifier.3.bias" in logged[0]
     assert logged[1].startswith("model.freeze=backbone: only the classifier head classifier.3 trains (3,075 of ")
     flowers = fakedata.write_imagefolder(tmp_path / "flowers", per_class=4, size=20)
     train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={flowers}", "data.image_size=32", "data.split=[0.75, 0, 0.25]",
                      "model.name=torchvision:mobilenet_v3_small", f"model.pretrained=torchvision:{enum}", "model.freeze=backbone",
-                     "data.batch_size=3", "train.epochs=1", "train.max_steps_per_epoch=2", "optim.lr=0.1")
+                     "model.verify_weights=false", "data.batch_size=3", "train.epochs=1", "train.max_steps_per_epoch=2", "optim.lr=0.1")
     after = load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"]
     backbone = [k for k in after if not k.startswith("classifier.3.")]
     assert any("running_mean" in k for k in backbone) and len(backbone) > 200
@@ -133,7 +134,7 @@ def test_googlenet_from_torchvision_weights_normalizes_its_input_as_torchvision(
     file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "googlenet")
-    assert _build("googlenet", DataSpec(3, 5, 32), f"model.pretrained=torchvision:{enum}").transform_input is True
+    assert _build("googlenet", DataSpec(3, 5, 32), f"model.pretrained=torchvision:{enum}", "model.verify_weights=false").transform_input is True
     assert _build("googlenet", DataSpec(3, 5, 32)).transform_input is False  # from scratch: torchvision's default
 
 
@@ -145,7 +146,8 @@ def test_a_googlenet_checkpoint_from_torchvision_weights_restores_their_input_sc
     file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "googlenet")
-    train_in_process(tmp_path / "run", "model.name=torchvision:googlenet", f"model.pretrained=torchvision:{enum}", *TINY, "data.synthetic.size=32",
+    train_in_process(tmp_path / "run", "model.name=torchvision:googlenet", f"model.pretrained=torchvision:{enum}", "model.verify_weights=false",
+                     *TINY, "data.synthetic.size=32",
                      "data.image_size=32")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "elsewhere"))  # inference needs no weights file
     assert restore(str(tmp_path / "run/checkpoints/last.pt"), torch.device("cpu")).model.transform_input is True
@@ -158,8 +160,8 @@ def test_grayscale_data_with_rgb_weights_says_set_data_channels_3(tmp_path, monk
     file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "resnet18")
-    run = ["model.name=torchvision:resnet18", f"model.pretrained=torchvision:{enum}", "data.image_size=32", "train.epochs=1",
-           "train.max_steps_per_epoch=1", *FAST]
+    run = ["model.name=torchvision:resnet18", f"model.pretrained=torchvision:{enum}", "model.verify_weights=false", "data.image_size=32",
+           "train.epochs=1", "train.max_steps_per_epoch=1", *FAST]
     proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'run'}", *run])  # digits: 1 channel
     assert_user_error(proc, f"model.pretrained=torchvision:{enum} was trained on 3-channel images",
                       "data.name=digits gives 1-channel images: set data.channels=3")
@@ -172,3 +174,24 @@ def test_a_model_that_asserts_its_input_size_is_one_line(tmp_path, capsys):
     proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path}", "model.name=torchvision:vit_b_16", "model.args.image_size=64", *TINY,
                                             "data.image_size=32"])
     assert_user_error(proc, "model.name=torchvision:vit_b_16 does not accept 3x32x32 inputs", "change data.image_size")
+
+
+def test_a_file_under_torchvisions_name_is_checked_against_the_hash_in_it(tmp_path, monkeypatch, capsys):
+    """A random state_dict saved under torchvision's file name for ResNet-18 was loaded as ImageNet weights without a word."""
+    import hashlib
+
+    from distcls.errors import UserError
+    from distcls.models import weights
+    enum = "ResNet18_Weights.IMAGENET1K_V1"
+    file = torchvision.models.get_weight(enum).url.rsplit("/", 1)[-1]  # resnet18-f37072fd.pth
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    path = fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "resnet18")
+    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'run'}", "model.name=resnet18", f"model.pretrained=torchvision:{enum}",
+                                            "data.channels=3", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1", *FAST])
+    assert_user_error(proc, f"{path} is not the file torchvision published", "its name says f37072fd", "model.verify_weights=false")
+    # a file whose content matches the prefix in its name passes (the check torchvision's downloader makes)
+    named = tmp_path / f"resnet18-{hashlib.sha256(path.read_bytes()).hexdigest()[:8]}.pth"
+    named.write_bytes(path.read_bytes())
+    weights.verify("x", named)
+    with pytest.raises(UserError, match="is not the file torchvision published"):
+        weights.verify("x", path)

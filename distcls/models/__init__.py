@@ -30,7 +30,10 @@ def build_model(cfg: ModelConfig, spec: DataSpec, log: Callable[[str], None] = l
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name={cfg.name}: the builder returned {type(model).__name__}, not an nn.Module")
     if cfg.pretrained:
-        report = load_pretrained(model, weights.resolve(cfg.pretrained).path, cfg.pretrained)
+        found = weights.resolve(cfg.pretrained)
+        if cfg.pretrained.startswith(weights.PREFIX) and cfg.verify_weights:
+            weights.verify(cfg.pretrained, found.path)
+        report = load_pretrained(model, found.path, cfg.pretrained)
         log(report.summary())
     if cfg.frozen:
         head = classifier_head(model)

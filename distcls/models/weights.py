@@ -8,6 +8,8 @@ a path to a local state_dict or distcls checkpoint file.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -50,6 +52,25 @@ def resolve(spec: str) -> Pretrained:
         raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; distcls does not download: fetch "
                         f"{weights.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)")
     return Pretrained(path, *_preprocessing(weights))
+
+
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision's file names: resnet18-f37072fd.pth (torch.hub's HASH_REGEX)
+
+
+def verify(spec: str, path: Path) -> None:
+    """A torchvision weights file matches the sha256 prefix its name carries; else a UserError naming it."""
+    match = HASH_IN_NAME.search(path.name)
+    if match is None:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    got = digest.hexdigest()
+    if not got.startswith(match.group(1)):
+        raise UserError(f"model.pretrained={spec}: {path} is not the file torchvision published: its sha256 starts {got[:len(match.group(1))]}, "
+                        f"its name says {match.group(1)} (a damaged or different file under that name); fetch it again, or set "
+                        "model.verify_weights=false for a file you made yourself")
 
 
 def preprocessing(spec: str) -> Optional[Pretrained]:

@@ -8,6 +8,9 @@ Deploys a trained checkpoint as one self-contained model file:
   default data.image_size; not a FixRes run's data.train_crop_size): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
 - OUTPUT: float32 logits [N, num_classes] (softmax them for probabilities), classes in the order
   of the checkpoint's data_spec.class_names.
+- METADATA (deployment_metadata): class names, channels, size, resize, interpolation, mean/std,
+  the layouts, inside the file: ONNX metadata_props "distcls.<key>", a "distcls.json" extra file in
+  TorchScript and torch.export archives (read_metadata; `predict --model FILE` uses it).
 
 Formats: `onnx` (torch.onnx.export's default dynamo exporter, opset of torch's choosing; needs the
 `export` extra: pip install 'distcls[export]' for onnx, onnxscript and onnxruntime), `torchscript`
@@ -29,6 +32,7 @@ import errno
 import glob
 import importlib
 import io
+import json
 import logging
 import os
 import re
@@ -102,20 +106,20 @@ def _write_bytes(path: Path, serialize: Callable[[io.BytesIO], None]) -> None:
         os.fsync(f.fileno())
 
 
-def _write_exported(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_exported(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     program = torch.export.export(module, (example,), dynamic_shapes={"images": {0: _batch_dim()}}, strict=False)
-    _write_bytes(path, lambda buffer: torch.export.save(program, buffer))
+    _write_bytes(path, lambda buffer: torch.export.save(program, buffer, extra_files={META_FILE: json.dumps(meta)}))
 
 
 def _load_exported(path: Path) -> Callable:
     return torch.export.load(str(path)).module()
 
 
-def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript in favour of torch.export; still the format many runtimes load
         traced = torch.jit.trace(module, example, check_trace=False)
-        _write_bytes(path, lambda buffer: torch.jit.save(traced, buffer))
+        _write_bytes(path, lambda buffer: torch.jit.save(traced, buffer, _extra_files={META_FILE: json.dumps(meta)}))
 
 
 def _load_torchscript(path: Path) -> Callable:
@@ -131,11 +135,15 @@ def _need_onnx() -> None:
                         f"(or pip install {' '.join(missing)}); or choose --format torchscript|exported")
 
 
-def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
+def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     big = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > 1.8 * 2**30  # protobuf's 2 GiB limit
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                 dynamic_shapes={"images": {0: _batch_dim()}}, verbose=False, external_data=big)
     program.save(str(path), external_data=big)  # big: the weights go to FILE.data beside it
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)  # the graph only: external weights stay where they are
+    onnx.helper.set_model_props(model, {f"distcls.{k}": json.dumps(v) for k, v in meta.items()})
+    onnx.save(model, str(path))
 
 
 def _load_onnx(path: Path) -> Callable:
@@ -143,6 +151,45 @@ def _load_onnx(path: Path) -> Callable:
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+
+
+META_FILE = "distcls.json"  # TorchScript / torch.export extra file; ONNX: metadata_props "distcls.<key>" (JSON values)
+
+
+def deployment_metadata(restored) -> dict:
+    """What a deployer needs to feed the exported model and read its output, stored inside the file."""
+    from distcls import __version__
+    from distcls.data.file_source import evaluation_resize
+    spec, data = restored.spec, restored.cfg.data
+    return {
+        "class_names": list(spec.labels), "channels": spec.channels, "image_size": spec.image_size,
+        "resize": evaluation_resize(data, spec.image_size), "interpolation": data.interpolation,
+        "input": f"uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}], 0..255, "
+                 f"{'RGB' if spec.channels == 3 else 'grayscale'}: resize the shorter side to 'resize' (antialiased), center crop 'image_size'",
+        "output": f"float32 logits [N, {spec.num_classes}] in the order of class_names (softmax for probabilities)",
+        "mean": list(spec.mean), "std": list(spec.std), "normalization": "inside the model (mean/std on the 0..1 scale, for reference)",
+        "distcls": __version__,
+    }
+
+
+def read_metadata(path) -> dict:
+    """The deployment metadata of a file distcls.export wrote ({} for a file without it)."""
+    from distcls.runtime.atomic_files import model_file_kind
+    kind = model_file_kind(path)
+    if kind == "onnx":
+        import onnx
+        props = onnx.load(str(path), load_external_data=False).metadata_props
+        return {p.key.removeprefix("distcls."): json.loads(p.value) for p in props if p.key.startswith("distcls.")}
+    files = {META_FILE: ""}
+    if kind == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.load(str(path), map_location="cpu", _extra_files=files)
+    elif kind == "exported":
+        torch.export.load(str(path), extra_files=files)
+    else:
+        return {}
+    return json.loads(files[META_FILE]) if files[META_FILE] else {}
 
 
 EXPORTERS = {
@@ -361,7 +408,7 @@ def _export(args, out: Path, staging: Path, moved: list) -> tuple:
     staged = staging / out.name
     try:
         with _quiet_torch_logs():
-            write(module, example, staged)
+            write(module, example, staged, deployment_metadata(restored))
     except OSError as exc:
         raise _write_failed(out, exc, staging) from None
     except (UserError, _Interrupted, KeyboardInterrupt):

@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 
 from distcls.cli import ArgumentParser, exit_with, positive_int
-from distcls.data.file_source import default_eval_resize, load_eval_image
+from distcls.data.file_source import evaluation_resize, load_eval_image
 from distcls.data.datasets.imagefolder import EXTENSIONS, image_files
 from distcls.errors import ExitCode
 from distcls.checkpoint.restore import restore
@@ -31,7 +31,10 @@ from distcls.checkpoint.restore import restore
 def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.predict", description="Predict the classes of image files with a distcls checkpoint.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
+    source.add_argument("--model", help="a file distcls.export wrote (.onnx with onnxruntime, TorchScript, .pt2): its stored class names and "
+                                        "input size are used, the same answers as --checkpoint")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
     p.add_argument("--top-k", type=positive_int, default=1, help="report the K most likely classes per image")
     p.add_argument("--json", action="store_true", help="one JSON object per image and line instead of tab-separated text")
@@ -62,31 +65,64 @@ def expand(inputs: Sequence[str]) -> Iterator[tuple[str, str | None]]:
             yield item, f"image {item} does not exist"
 
 
-def eval_resize(data_cfg, size: int) -> int:
-    """The shorter side an image is resized to before the center crop, as in the checkpoint's evaluation."""
-    if data_cfg.name != "imagefolder":  # in-memory data evaluates the whole image at the input size: eval_resize is not used
-        return size
-    return data_cfg.eval_resize if data_cfg.eval_resize is not None else default_eval_resize(size)
+class _Predictor:
+    """What predict runs: uint8 images -> logits, with the class names and how to prepare an image."""
+
+    def __init__(self, logits, names, image_size: int, channels: int, resize: int, interpolation: str):
+        self.logits, self.names = logits, names
+        self.image_size, self.channels, self.resize, self.interpolation = image_size, channels, resize, interpolation
+
+
+def _from_checkpoint(args, device) -> _Predictor:
+    restored = restore(args.checkpoint, device, args.override, ema=args.ema)
+    spec = restored.spec
+
+    def logits(batch):
+        x = restored.preprocess(batch.to(device), torch.arange(len(batch), device=device), 0, train=False)
+        return restored.model(x)
+    return _Predictor(logits, spec.labels, spec.image_size, spec.channels, evaluation_resize(restored.cfg.data, spec.image_size),
+                      restored.cfg.data.interpolation)
+
+
+def _from_export(args) -> _Predictor:
+    from distcls.errors import UserError
+    from distcls.export import EXPORTERS, read_metadata
+    from distcls.runtime.atomic_files import model_file_kind
+    if args.ema or args.override:
+        raise UserError("--ema and --override apply to --checkpoint; an exported file holds one set of weights and its own settings")
+    path = Path(args.model)
+    if not path.is_file():
+        raise UserError(f"--model {path} does not exist; give a file written by python -m distcls.export")
+    kind = model_file_kind(path)
+    if kind not in EXPORTERS:
+        raise UserError(f"--model {path} is not a file distcls.export writes (ONNX, TorchScript, torch.export .pt2)")
+    if kind == "onnx":
+        from distcls.export import _need_onnx
+        _need_onnx()
+    meta = read_metadata(path)
+    if not meta:
+        raise UserError(f"--model {path} holds no distcls metadata (exported by another tool, or by distcls before it stored it); "
+                        "export it again from its checkpoint")
+    run = EXPORTERS[kind][1](path)
+    return _Predictor(lambda batch: run(batch.cpu().contiguous()), meta["class_names"], meta["image_size"], meta["channels"], meta["resize"],
+                      meta["interpolation"])
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    restored = restore(args.checkpoint, device, args.override, ema=args.ema)
-    spec = restored.spec
-    names = spec.labels
-    k = min(args.top_k, spec.num_classes)
-    resize = eval_resize(restored.cfg.data, spec.image_size)
+    predictor = _from_checkpoint(args, device) if args.checkpoint else _from_export(args)
+    names = predictor.names
+    k = min(args.top_k, len(names))
     failed = 0
     pending: list[tuple[str, torch.Tensor]] = []
 
     def flush() -> None:
         if not pending:
             return
-        batch = torch.stack([img for _, img in pending]).to(device)
+        batch = torch.stack([img for _, img in pending])
         with torch.no_grad():
-            x = restored.preprocess(batch, torch.arange(len(batch), device=device), 0, train=False)
-            probs = restored.model(x).float().softmax(1).cpu()
+            probs = predictor.logits(batch).float().softmax(1).cpu()
         top_p, top_i = probs.topk(k, dim=1)
         for (path, _), ps, idx in zip(pending, top_p.tolist(), top_i.tolist()):
             if args.json:
@@ -100,7 +136,7 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, load_eval_image(path, spec.image_size, spec.channels, resize, restored.cfg.data.interpolation)))
+                pending.append((path, load_eval_image(path, predictor.image_size, predictor.channels, predictor.resize, predictor.interpolation)))
             except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:

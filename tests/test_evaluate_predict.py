@@ -164,7 +164,7 @@ def test_evaluate_resizes_as_the_run_did_when_torchvision_weights_chose_the_resi
     assert restore(str(path), torch.device("cpu"), ["data.eval_resize=240"]).cfg.data.eval_resize == 240  # an explicit value wins
     cfg = config.load(None, ["data.name=synthetic", "model.name=torchvision:resnet50", "model.pretrained=torchvision:ResNet50_Weights.IMAGENET1K_V2"])
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "data_spec": spec.to_dict(), "version": 2}, path)
-    from distcls.predict import eval_resize
+    from distcls.data.file_source import evaluation_resize as eval_resize
     restored = restore(str(path), torch.device("cpu"))
     assert eval_resize(restored.cfg.data, restored.spec.image_size) == 224  # in-memory data: resized whole, as in training
 

@@ -249,8 +249,8 @@ def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_g
     else:  # the staged file is complete, the check not yet done
         real_write = export.EXPORTERS["torchscript"][0]
 
-        def write_then_terminated(module, example, path):
-            real_write(module, example, path)
+        def write_then_terminated(module, example, path, meta):
+            real_write(module, example, path, meta)
             os.kill(os.getpid(), signal_mod.SIGTERM)
         monkeypatch.setitem(export.EXPORTERS, "torchscript", (write_then_terminated, export.EXPORTERS["torchscript"][1]))
     before = {sig: signal_mod.getsignal(sig) for sig in (signal_mod.SIGTERM, signal_mod.SIGINT, signal_mod.SIGHUP, signal_mod.SIGUSR1)}
@@ -268,3 +268,43 @@ def test_signal_handlers_are_given_back_after_an_early_error(tmp_path, checkpoin
     _one_line_error(capsys, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "m.ts"),
                              "data.name=synthetic"], "10 classes")
     assert signal_mod.getsignal(signal_mod.SIGTERM) is before
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "exported", "onnx"])
+def test_an_export_describes_itself_and_predict_runs_it_as_the_checkpoint(tmp_path, checkpoint, fmt, capsys):
+    """Class names, sizes, resize and interpolation inside the file (ONNX metadata_props read with onnx's API;
+    TorchScript/torch.export extra files); `predict --model FILE` gives the checkpoint's answers."""
+    import json
+
+    from PIL import Image
+    from sklearn.datasets import load_digits
+    from conftest import cli_in_process
+    if fmt == "onnx":
+        for name in export.ONNX_PACKAGES:
+            pytest.importorskip(name)
+    out = tmp_path / f"model{SUFFIX[fmt]}"
+    assert export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), "--check-images", "0"]) == 0
+    if fmt == "onnx":
+        import onnx
+        props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
+        meta = {k.removeprefix("distcls."): v for k, v in props.items()}
+    else:
+        meta = export.read_metadata(out)
+    assert meta["class_names"] == [str(i) for i in range(10)] and (meta["channels"], meta["image_size"], meta["resize"]) == (1, 8, 8)
+    assert meta["interpolation"] == "bilinear" and "uint8 [N, 1, 8, 8]" in meta["input"] and len(meta["mean"]) == 1
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, digit in enumerate(load_digits().images[:6]):
+        Image.fromarray((digit * 255 / 16).astype("uint8")).save(images / f"{i}.png")
+    answers = {}
+    for source in (["--checkpoint", checkpoint], ["--model", out]):
+        proc = cli_in_process(capsys, "predict", [*source, "--json", "--top-k", "3", images])
+        assert proc.returncode == 0, proc.stderr
+        answers[source[0]] = [json.loads(line) for line in proc.stdout.splitlines()]
+    for a, b in zip(answers["--checkpoint"], answers["--model"], strict=True):
+        assert a["path"] == b["path"] and [g["label"] for g in a["top_k"]] == [g["label"] for g in b["top_k"]]
+        assert all(abs(g["prob"] - h["prob"]) <= 1e-4 for g, h in zip(a["top_k"], b["top_k"]))
+    if fmt == "torchscript":
+        from conftest import assert_user_error
+        assert_user_error(cli_in_process(capsys, "predict", ["--model", checkpoint, images]), "is not a file distcls.export writes")
+        assert_user_error(cli_in_process(capsys, "predict", ["--model", out, "--ema", images]), "--ema and --override apply to --checkpoint")

@@ -118,7 +118,7 @@ def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as
     restore without model.pretrained and used 256 (crop / 0.875): other numbers than the run's."""
     from conftest import train_in_process
     from distcls.checkpoint.restore import restore
-    from distcls.predict import eval_resize
+    from distcls.data.file_source import evaluation_resize as eval_resize
     root = _imagefolder(tmp_path, n=2)
     train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=2",
                      "data.split=[0.5,0,0.5]", "model.name=resnet18", "train.epochs=1", "train.max_steps_per_epoch=1")
@@ -139,7 +139,7 @@ def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as
 def test_predict_ignores_eval_resize_for_in_memory_data_as_evaluation_does():
     """In-memory data evaluates each whole image resized to the input size; predict resized a file's
     shorter side to data.eval_resize (set by the user, or by torchvision weights' 232) and cropped."""
-    from distcls.predict import eval_resize
+    from distcls.data.file_source import evaluation_resize as eval_resize
     assert eval_resize(config.load(None, ["data.name=synthetic", "data.image_size=32", "data.eval_resize=40"]).data, 32) == 32
     assert eval_resize(config.load(None, ["data.name=cifar10", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 224
     assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 232

@@ -101,6 +101,13 @@ class FileSource(Dataset):
         return FileSource(self.samples.concat(other.samples), self.size, self.channels, self.policy, self.skip_bad)
 
 
+def evaluation_resize(data_cfg, size: int) -> int:
+    """The shorter side an image is resized to before the center crop, as the checkpoint's evaluation does it."""
+    if data_cfg.name != "imagefolder":  # in-memory data evaluates the whole image at the input size: eval_resize is not used
+        return size
+    return data_cfg.eval_resize if data_cfg.eval_resize is not None else default_eval_resize(size)
+
+
 def default_eval_resize(size: int) -> int:
     """The evaluation resize of torchvision's reference recipe: the shorter side to size / 0.875 (224 -> 256)."""
     return int(round(size / 0.875))

@@ -318,3 +318,30 @@ def test_summary_and_checkpoints_say_where_they_came_from(tmp_path):
     assert p["git"] == {"commit": commit, "dirty": False} and p["hosts"] == [socket.gethostname()] and p["world_size"] == 1
     assert "command" in p and p["cwd"] == str(repo)
     assert load_ckpt(tmp_path / "run/checkpoints/last.pt")["provenance"] == p
+
+
+def test_the_sample_grid_shows_every_class_and_the_curves_the_ema_with_words(tmp_path, monkeypatch):
+    """samples.png showed only class 0 for a class-sorted image folder; EMA curves were never drawn; legends said config jargon."""
+    import torch
+
+    from distcls.data import SplitView, TensorSource
+    from distcls.tracking import plots
+    labels = torch.arange(5).repeat_interleave(20)  # class-sorted, as an image folder's files are
+    view = SplitView(TensorSource(torch.zeros(100, 1, 4, 4, dtype=torch.uint8), labels), torch.arange(100))
+    picked = plots.stratified(view, 12)
+    assert sorted(labels[picked.indices].tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3, 4, 4] and len(picked) == 12
+    assert len(plots.stratified(view, 500)) == 100
+    drawn = {}
+
+    def keep(fig, path, dpi=100):
+        drawn[Path(path).name] = ([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()],
+                                  fig._suptitle.get_text() if fig._suptitle else "")
+        return Path(path)
+    monkeypatch.setattr(plots, "_save", keep)
+    records = [{"epoch": 1, "epoch_step": s, "step": s, "split": "train", "loss": 1.0, "acc": 0.5, "lr": 0.1} for s in (4, 8)]
+    records += [{"epoch": 1, "step": 8, "split": "val", "loss": 0.9, "acc": 0.6, "ema_loss": 1.1, "ema_acc": 0.4, "ema_updates": 2, "lr": 0.1},
+                {"epoch": 1, "step": 8, "split": "test", "loss": 0.9, "acc": 0.6, "ema_loss": 1.1, "ema_acc": 0.4, "lr": 0.1}]
+    plots.plot_curves(records, tmp_path / "curves.png", run="my_run")
+    legend, title = drawn["curves.png"]
+    assert "training, running (every 4 steps)" in legend and "validation, model EMA" in legend and "test, model EMA 0.4000" in legend
+    assert title == "my_run"

@@ -4,7 +4,7 @@
     lr.png         the learning-rate schedule (from config.yaml) with the logged values on it
     confusion.png  test confusion matrix with class names (rows normalized: the recall of each class)
     per_class.png  test accuracy per class, worst first, with the overall accuracy
-    samples.png    test images with predicted / true labels (wrong ones in red, framed)
+    samples.png    test images, every class in turn, with predicted / true labels (wrong ones in red, framed)
 
 Made at the end of training into <out_dir>/plots/, and any time from a run's files by
 `python -m distcls.plot OUT_DIR` (distcls/plot.py). Readable for 10 and for 100+ classes: labels
@@ -62,7 +62,14 @@ def _x(record: dict, spe: Optional[int]) -> float:
     return float(record["epoch"])
 
 
-def plot_curves(records: list, path) -> Path:
+def _every(records: list) -> str:
+    """How often the running train records were logged, in words (from their epoch_step spacing)."""
+    from collections import Counter
+    gaps = Counter(b["epoch_step"] - a["epoch_step"] for a, b in zip(records, records[1:]) if a["epoch"] == b["epoch"])
+    return f"every {gaps.most_common(1)[0][0]} steps" if gaps else "logged steps"
+
+
+def plot_curves(records: list, path, run: str = "") -> Path:
     plt = _pyplot()
     spe = steps_per_epoch(records)
     train_int = [r for r in records if r.get("split") == "train" and "epoch_step" in r]
@@ -73,13 +80,19 @@ def plot_curves(records: list, path) -> Path:
     for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         if train_int:
             ax.plot([_x(r, spe) for r in train_int], [r[key] for r in train_int], color="tab:blue", alpha=0.35, lw=1,
-                    label="train (every log.every_steps)")
+                    label=f"training, running ({_every(train_int)})")
         if train_ep:
-            ax.plot([r["epoch"] for r in train_ep], [r[key] for r in train_ep], "o-", color="tab:blue", ms=4, label="train (epoch)")
+            ax.plot([r["epoch"] for r in train_ep], [r[key] for r in train_ep], "o-", color="tab:blue", ms=4, label="training, epoch mean")
         if val:
-            ax.plot([r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="val (epoch)")
+            ax.plot([r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="validation")
+        ema = [r for r in val if f"ema_{key}" in r]
+        if ema:  # the model EMA's numbers beside the weights' (train.ema.enabled)
+            ax.plot([r["epoch"] for r in ema], [r[f"ema_{key}"] for r in ema], "s--", color="tab:red", ms=4, label="validation, model EMA")
         if test:
             ax.plot([test[-1]["epoch"]], [test[-1][key]], "*", color="tab:green", ms=12, label=f"test {test[-1][key]:.4f}")
+            if f"ema_{key}" in test[-1]:
+                ax.plot([test[-1]["epoch"]], [test[-1][f"ema_{key}"]], "*", color="tab:red", ms=12,
+                        label=f"test, model EMA {test[-1][f'ema_{key}']:.4f}")
         values = [float(v) for line in ax.lines for v in line.get_ydata() if v is not None and math.isfinite(v)]  # null: no sample
         if key == "loss" and values and min(values) > 0 and max(values) / min(values) > 30:
             ax.set_yscale("log")  # so a small train/val gap (overfitting) stays visible late in training
@@ -91,8 +104,7 @@ def plot_curves(records: list, path) -> Path:
             ax.legend(fontsize=8)
     axes[0].set_title("loss")
     axes[1].set_title("accuracy")
-    if not records:
-        fig.suptitle("no metrics recorded yet")
+    fig.suptitle(run if records else f"{run}: no metrics recorded yet".lstrip(": "))
     return _save(fig, path)
 
 
@@ -111,7 +123,7 @@ def lr_schedule(config: dict, spe: int, epochs: int) -> list:
     return lrs
 
 
-def plot_lr(records: list, config: Optional[dict], path) -> Path:
+def plot_lr(records: list, config: Optional[dict], path, run: str = "") -> Path:
     plt = _pyplot()
     spe = steps_per_epoch(records)
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -119,13 +131,13 @@ def plot_lr(records: list, config: Optional[dict], path) -> Path:
         epochs = config["train"]["epochs"]
         lrs = lr_schedule(config, spe, epochs)
         ax.plot([i / spe for i in range(len(lrs))], lrs, color="tab:purple", lw=1.5,
-                label=f"schedule ({config['sched']['name']}, warmup {config['sched']['warmup_epochs']} epochs)")
+                label=f"planned: {config['sched']['name']}, {config['sched']['warmup_epochs']} warmup epochs")
     logged = [r for r in records if r.get("split") == "train"]
     if logged:
-        ax.plot([_x(r, spe) for r in logged], [r["lr"] for r in logged], ".", color="black", ms=5, label="logged")
+        ax.plot([_x(r, spe) for r in logged], [r["lr"] for r in logged], ".", color="black", ms=5, label="as the run logged it")
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
-    ax.set_title("learning-rate schedule")
+    ax.set_title(f"{run}: learning-rate schedule".lstrip(": "))
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=8)
@@ -146,7 +158,7 @@ def _class_ticks(ax, names: list, axis: str) -> None:
         ax.set_yticks(pos, [names[i] for i in pos], fontsize=size)
 
 
-def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:
+def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test", run: str = "") -> Path:
     plt = _pyplot()
     n = confusion.shape[0]
     names = class_labels(names, n)
@@ -167,11 +179,11 @@ def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: s
     acc = float(counts.diag().sum() / counts.sum().clamp(min=1))
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"confusion matrix ({split}: {int(counts.sum())} images, accuracy {acc:.4f})")
+    ax.set_title(f"{run}: confusion matrix ({split}: {int(counts.sum())} images, accuracy {acc:.4f})".lstrip(": "))
     return _save(fig, path, dpi=100 if n <= 30 else 130)  # small class labels stay legible when zoomed
 
 
-def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test") -> Path:
+def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: str = "test", run: str = "") -> Path:
     plt = _pyplot()
     n = confusion.shape[0]
     names = class_labels(names, n)
@@ -190,8 +202,11 @@ def plot_per_class(confusion: torch.Tensor, names: Sequence[str], path, split: s
     ax.set_ylim(-0.6, n - 0.4)
     ax.set_xlabel("accuracy")
     ax.set_ylabel("class (images)")
-    ax.set_title(f"{split} accuracy per class (worst first)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(f"{run}: {split} accuracy per class (worst first)".lstrip(": "))
+    from matplotlib.patches import Patch
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], Patch(color="tab:green", label="80% or more"),
+                       Patch(color="tab:orange", label="50% to 80%"), Patch(color="tab:red", label="under 50%")],
+              fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
@@ -205,13 +220,31 @@ class SampleSource:
     device: torch.device
 
 
+def stratified(view, count: int):
+    """`count` samples of a split, taken from each class in turn (the first of every class, then the
+    second, ...), in the split's order: a class-sorted image folder shows every class, not only class 0."""
+    from distcls.data import SplitView
+
+    labels = view.source.labels[view.indices].tolist()
+    by_class: dict = {}
+    for position, label in enumerate(labels):
+        by_class.setdefault(label, []).append(position)
+    chosen, depth = [], 0
+    while len(chosen) < min(count, len(labels)):
+        row = [positions[depth] for _, positions in sorted(by_class.items()) if depth < len(positions)]
+        chosen += row[: count - len(chosen)]
+        depth += 1
+    return SplitView(view.source, view.indices[torch.tensor(sorted(chosen), dtype=torch.long)])
+
+
 @torch.no_grad()
-def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, split: str = "test") -> Path:
-    """The first `count` images of a split with predicted / true labels (seed B's grid)."""
+def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, split: str = "test", run: str = "") -> Path:
+    """`count` images of a split, every class in turn (stratified), with predicted / true labels (seed B's grid)."""
     from distcls.data import eval_loader
 
     plt = _pyplot()
-    loader = eval_loader(src.view.truncated(count), count, 1, 0, torch.device("cpu"))
+    view = stratified(src.view, count)
+    loader = eval_loader(view, len(view), 1, 0, torch.device("cpu"))
     batch = next(iter(loader))
     was_training = src.model.training
     src.model.eval()
@@ -236,7 +269,8 @@ def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, spli
         for spine in ax.spines.values():
             spine.set_edgecolor("green" if ok else "red")
             spine.set_linewidth(1 if ok else 3)
-    fig.suptitle(f"{split} images: predicted label (wrong ones in red with the true label): {wrong} of {len(pred)} wrong", fontsize=9)
+    fig.suptitle(f"{run}: {split} images, every class in turn: predicted label (wrong ones in red, with the true label): "
+                 f"{wrong} of {len(pred)} wrong".lstrip(": "), fontsize=9)
     return _save(fig, path)
 
 
@@ -256,10 +290,11 @@ def write_run_plots(out_dir, confusion: Optional[torch.Tensor], names: Sequence[
     config = None
     if (out_dir / "config.yaml").is_file():
         config = yaml.safe_load((out_dir / "config.yaml").read_text())
-    written = {CURVES: plot_curves(records, plots / "curves.png"), LR: plot_lr(records, config, plots / "lr.png")}
+    run = out_dir.resolve().name  # the run's name in every title
+    written = {CURVES: plot_curves(records, plots / "curves.png", run), LR: plot_lr(records, config, plots / "lr.png", run)}
     if confusion is not None:
-        written[CONFUSION] = plot_confusion(confusion, names, plots / "confusion.png")
-        written[PER_CLASS] = plot_per_class(confusion, names, plots / "per_class.png")
+        written[CONFUSION] = plot_confusion(confusion, names, plots / "confusion.png", run=run)
+        written[PER_CLASS] = plot_per_class(confusion, names, plots / "per_class.png", run=run)
     if samples is not None and count > 0:
-        written[SAMPLES] = plot_samples(samples, names, count, plots / "samples.png")
+        written[SAMPLES] = plot_samples(samples, names, count, plots / "samples.png", run=run)
     return written

@@ -223,8 +223,10 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
 
     monkeypatch.setattr(console.Console, "advance", stop_at_step_15)
     assert isinstance(run_in_process(out, *wb), Stopped)
-    err = capsys.readouterr().err
+    said = capsys.readouterr()
+    err = said.err
     assert err.count("wandb has no API key") == 1 and "logging offline" in err
+    assert "wandb: offline run " in said.out and f"upload it with `wandb sync {out / 'wandb'}/offline-run-" in said.out  # the one console line
     monkeypatch.setattr(console.Console, "advance", advance)
     monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins over log.wandb.mode
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")

@@ -205,7 +205,7 @@ class TrainingRun:
         self.resumed_from = self._restore(parts) if self.resume_point is not None else None
         self._prepare_outputs(parts.progress)
         self.wandb = WandbLogger(self.cfg.log.wandb, str(self.out_dir), self.cfg.to_dict(), self.env.is_main,
-                                 parts.progress.wandb_id, warn=self.console.warn)
+                                 parts.progress.wandb_id, warn=self.console.warn, info=self.console.info)
         parts.progress.wandb_id = self.wandb.run_id  # kept in every checkpoint: a resumed run continues the same wandb run
         self._announce(parts)
         return parts

@@ -52,7 +52,7 @@ def resolve_mode(configured: str, environ: Mapping[str, str]) -> tuple[str, Opti
 
 class WandbLogger:
     def __init__(self, cfg, out_dir: str, run_config: dict, enabled: bool, resume_id: str | None = None,
-                 warn: Callable[[str], None] = print):
+                 warn: Callable[[str], None] = print, info: Callable[[str], None] = print):
         self.run = None
         self.warn = warn
         self._set_env: list = []  # the variables set here, removed again when the run closes
@@ -81,6 +81,15 @@ class WandbLogger:
         except Exception as exc:  # network, auth or server trouble must not stop training
             warn(f"wandb could not start ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); training continues without wandb")
             self._close(None)
+            return
+        info(self._where(mode))
+
+    def _where(self, mode: str) -> str:
+        """One console line: where the run is (its page), or how to upload an offline run."""
+        if mode == "offline":
+            return (f"wandb: offline run {self.run.id} in {Path(self.run.dir).parent}; upload it with "
+                    f"`wandb sync {Path(self.run.dir).parent}`")
+        return f"wandb: {getattr(self.run, 'url', None) or self.run.path}"
 
     @property
     def run_id(self):

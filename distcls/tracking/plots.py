@@ -65,7 +65,7 @@ def _x(record: dict, spe: Optional[int]) -> float:
 def _every(records: list) -> str:
     """How often the running train records were logged, in words (from their epoch_step spacing)."""
     from collections import Counter
-    gaps = Counter(b["epoch_step"] - a["epoch_step"] for a, b in zip(records, records[1:]) if a["epoch"] == b["epoch"])
+    gaps = Counter(b["step"] - a["step"] for a, b in zip(records, records[1:]) if "step" in a and "step" in b and b["step"] > a["step"])
     return f"every {gaps.most_common(1)[0][0]} steps" if gaps else "logged steps"
 
 

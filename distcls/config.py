@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -367,8 +368,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def resolve_config_path(path: str) -> str:
     """A --config value: a file, or the name of a shipped config (`imagenet_resnet50_tv_v2`, with or without .yaml)."""
     p = Path(path)
-    if p.is_file() or p.parent != Path("."):
-        return path
+    if p.is_file() or "/" in path or os.sep in path:
+        return path  # a file, or a path written as one: taken literally
+    if Path(f"{path}.yaml").is_file():
+        return f"{path}.yaml"  # ./NAME.yaml before a shipped config of that name
     for candidate in (CONFIG_DIR / p.name, CONFIG_DIR / f"{p.name}.yaml"):
         if candidate.is_file():
             return str(candidate)

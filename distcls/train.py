@@ -59,11 +59,11 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
                           "set train.sync_bn=false for CPU runs")
 
 
-def _dry_run(cfg, env: dist.DistEnv, debug: bool) -> int:
+def _dry_run(cfg, env: dist.DistEnv, debug: bool, resume: Optional[str]) -> int:
     from distcls.run.dry_run import dry_run
     dist.init(env, cfg.dist.timeout_s)
     try:
-        lines = dry_run(cfg, env, debug)
+        lines = dry_run(cfg, env, debug, resume)
     finally:
         dist.teardown()
     if env.is_main:
@@ -91,7 +91,7 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
         print(f"distcls: note: {renamed}", file=sys.stderr, flush=True)
     check_launch(cfg, env)
     if args.dry_run:
-        return _dry_run(cfg, env, args.debug)
+        return _dry_run(cfg, env, args.debug, args.resume)
     run = TrainingRun(cfg, env, resume=args.resume, debug=args.debug)  # rank 0 now holds run.out_dir
     try:
         # The handlers are installed by run.run, after the rendezvous: a signal while a rank waits

@@ -200,6 +200,15 @@ def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path,
     assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "model.name=resnet18", "data.batch_size=3000"]),
                       "fewer than one global batch")
     assert not out.exists()
+    # what the real run would refuse, the dry run refuses: a fresh start over another run; and it says what a resume would do
+    from conftest import train_in_process
+    train_in_process(out, "train.epochs=1", "train.max_steps_per_epoch=2")
+    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2"]), "already holds checkpoints")
+    proc = cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2", "train.max_steps_per_epoch=2", "data.batch_size=32",
+                                            "--resume", "auto"])
+    assert proc.returncode == 0 and f"resume from {out / 'checkpoints' / 'last.pt'} at epoch 2, step 0" in proc.stdout, proc.stderr
+    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2", "--resume", tmp_path / "none.pt"]),
+                      "does not exist")
 
 
 @pytest.mark.slow

@@ -326,3 +326,25 @@ def test_nonfinite_loss_abort_exits_4(tmp_path, capfd, monkeypatch):
     proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"])
     assert proc.returncode == 4
     assert "non-finite loss at epoch 1, step 3" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_sigterm_to_the_nproc_per_node_launcher_stops_every_rank_at_a_checkpoint(tmp_path):
+    """`python -m distcls.train --nproc_per_node 2`: a stop signal sent to the launcher itself (the ranks lead sessions of
+    their own) reaches the ranks, which save a mid-epoch checkpoint; the launcher exits 128 + the signal, no traceback."""
+    out = tmp_path / "run"
+    gate = tmp_path / "gate"
+    env = child_env({"PYTHONPATH": os.pathsep.join([str(PAUSE_HOOK), str(ROOT)]), "DISTCLS_TEST_PAUSE_AT": "1:5",
+                     "DISTCLS_TEST_PAUSE_GATE": str(gate)})
+    proc = subprocess.Popen([sys.executable, "-m", "distcls.train", "--nproc_per_node", "2", f"run.out_dir={out}", *FAST, *TWO_RANK,
+                             "dist.device=cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = PausedRun(proc, gate, 1, 5)
+    try:
+        run.wait_for_the_pause(out)
+        proc.send_signal(signal.SIGTERM)  # to the launcher, not to a rank
+        _, stderr = run.go_on()
+    finally:
+        kill_process_tree(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr and "SignalException" not in stderr
+    ck = load_ckpt(out / "checkpoints/last.pt")
+    assert ck["epoch"] == 0 and 5 <= ck["epoch_step"] < TWO_RANK_STEPS_PER_EPOCH  # saved mid-epoch, where the ranks stopped

@@ -10,20 +10,32 @@ from __future__ import annotations
 
 import tempfile
 import time
+from pathlib import Path
+from typing import Optional
 
-from distcls.checkpoint import CheckpointFiles
+from distcls.checkpoint import CheckpointFiles, resume_reason
 from distcls.config import Config
 from distcls.models import count_parameters
 from distcls.run.components import build_components
+from distcls.run.checks import check_resume_config, resolve_unset
 from distcls.run.outputs import check_outputs
+from distcls.run.runner import find_resume_point
 from distcls.runtime import dist
 from distcls.runtime.dist import DistEnv
 from distcls.runtime.signals import StopRequest
 
 
-def dry_run(cfg: Config, env: DistEnv, debug: bool = False) -> list[str]:
+def dry_run(cfg: Config, env: DistEnv, debug: bool = False, resume: Optional[str] = None) -> list[str]:
     """The report's lines (rank 0's); raises the run's own errors."""
-    check_outputs(cfg.run.out_dir)
+    if env.is_main:  # as a run does: rank 0 writes, rank 0 checks
+        check_outputs(cfg.run.out_dir)
+    out_dir = Path(cfg.run.out_dir)
+    point = find_resume_point(out_dir, CheckpointFiles(out_dir, cfg.checkpoint.keep), resume)  # what the run would resume (reads only)
+    cfg = resolve_unset(cfg, point, lambda msg: None)
+    if point is not None:
+        check_resume_config(point, cfg)
+    plan = (f"resume from {point.path} at epoch {point.epoch + 1}, step {point.epoch_step} of the epoch" if point is not None else
+            f"a fresh run ({resume_reason(resume)}: no checkpoint yet)" if resume_reason(resume) else "a fresh run")
     started = time.perf_counter()
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="distcls-dry-run-") as scratch:  # the checkpointer's and the index's place: thrown away
@@ -47,7 +59,7 @@ def dry_run(cfg: Config, env: DistEnv, debug: bool = False) -> list[str]:
         *[f"data: {note}" for note in data.notes],
         f"model: {total:,} parameters ({trainable:,} trainable), built with the data in {built:.1f} s" + (f"; {'; '.join(notes)}" if notes else ""),
         f"one training step: loss {totals.loss:.4f} on {int(totals.count)} images in {step:.2f} s",
-        f"outputs: {cfg.run.out_dir} can be written (nothing was)",
+        f"outputs: {cfg.run.out_dir} can be written (nothing was); {plan}",
         "dry run: OK",
     ]
     dist.barrier()

@@ -53,6 +53,33 @@ def _has_per_rank_batchnorm(module: nn.Module) -> bool:
                and m.track_running_stats for m in module.modules())
 
 
+def existing_outputs(out_dir: Path, files: CheckpointFiles) -> Optional[str]:
+    """What of a run `out_dir` already holds (checkpoints, summary.json, metrics.jsonl), or None."""
+    if files.has_checkpoints():
+        return "checkpoints"
+    for name in ("summary.json", "metrics.jsonl"):
+        p = out_dir / name
+        if p.is_file() and p.stat().st_size:
+            return name
+    return None
+
+
+def find_resume_point(out_dir: Path, files: CheckpointFiles, flag: Optional[str]) -> Optional[ResumePoint]:
+    """Where a run resumes (--resume PATH|auto, a torchrun restart or SLURM requeue), None for a fresh start;
+    a UserError for a fresh start over another run's outputs, or a checkpoint that cannot be used (reads only)."""
+    reason = resume_reason(flag)
+    if reason is None:
+        existing = existing_outputs(out_dir, files)
+        if existing:
+            raise UserError(
+                f"run.out_dir={out_dir} already holds {existing} of a run; pass --resume auto to continue it, "
+                "or choose another run.out_dir (nothing was overwritten)")
+        return None
+    if flag and flag != "auto":
+        return ResumePoint(Path(flag), read_checkpoint(flag, "--resume"))
+    return files.find_latest()  # an error if checkpoints exist but none is usable: never overwrite them
+
+
 class TrainingRun:
     def __init__(self, cfg: Config, env: DistEnv, resume: Optional[str] = None, debug: bool = False):
         self.cfg, self.env, self.debug = cfg, env, debug
@@ -90,29 +117,14 @@ class TrainingRun:
 
     # ----------------------------------------------------------------- what to resume
 
-    def _existing_outputs(self) -> Optional[str]:
-        if self.files.has_checkpoints():
-            return "checkpoints"
-        for name in ("summary.json", "metrics.jsonl"):
-            p = self.out_dir / name
-            if p.is_file() and p.stat().st_size:
-                return name
-        return None
-
     def _find_resume(self, flag: Optional[str]) -> Optional[ResumePoint]:
-        reason = resume_reason(flag)
-        if reason is None:
-            existing = self._existing_outputs()
-            if existing:
-                raise UserError(
-                    f"run.out_dir={self.out_dir} already holds {existing} of a run; pass --resume auto to continue it, "
-                    "or choose another run.out_dir (nothing was overwritten)")
-            return None
-        if flag and flag != "auto":
-            return ResumePoint(Path(flag), read_checkpoint(flag, "--resume"))
-        found = self.files.find_latest()  # an error if checkpoints exist but none is usable: never overwrite them
-        if found is None:
-            self.console.info(f"{reason}: no checkpoint in {self.files.dir}, starting fresh")
+        found = find_resume_point(self.out_dir, self.files, flag)
+        if found is None and resume_reason(flag) is not None:
+            self.console.info(f"{resume_reason(flag)}: no checkpoint in {self.files.dir}, starting fresh")
+            old_default = Path("runs/default")
+            if self.out_dir != old_default and CheckpointFiles(old_default, 1).has_checkpoints():
+                self._warn_main(f"{old_default} holds checkpoints: a config without run.out_dir wrote there before each config got "
+                                f"its own (runs/<config name>); to continue that run, stop this one and pass run.out_dir={old_default}")
         return found
 
     def _finished_summary(self) -> Optional[dict]:

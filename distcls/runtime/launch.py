@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import uuid
 from typing import Sequence
@@ -27,7 +28,7 @@ def strip_nproc(argv: Sequence[str]) -> tuple[int | None, list]:
             rest.append(arg)
             continue
         from distcls.errors import UserError
-        if nproc is None or not str(nproc).isdigit() or int(nproc) < 1:
+        if nproc is None or not re.fullmatch(r"[0-9]+", str(nproc)) or int(nproc) < 1:
             raise UserError(f"--nproc_per_node needs a number of processes >= 1, got {nproc!r}")
         nproc = int(nproc)
     return nproc, rest
@@ -35,23 +36,31 @@ def strip_nproc(argv: Sequence[str]) -> tuple[int | None, list]:
 
 def launch(module: str, argv: Sequence[str], nproc: int) -> int:
     """`python -m distcls.<module> argv` on `nproc` ranks of this node; distcls's exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from distcls.errors import UserError
         raise UserError("--nproc_per_node starts the ranks itself: leave it out under torchrun or srun (they start them)")
-    if nproc > 1:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N processes sharing the cores
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"distcls-{uuid.uuid4().hex[:8]}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", rdzv_configs={"rank": 0}, max_restarts=0,
-                          monitor_interval=0.1)
+    options = {"min_nodes": 1, "max_nodes": 1, "nproc_per_node": nproc, "run_id": f"distcls-{uuid.uuid4().hex[:8]}",
+               "rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {"rank": 0}, "max_restarts": 0,
+               "monitor_interval": 0.1,
+               # a stop signal to this process reaches the ranks (they lead sessions of their own), SLURM's USR1 included,
+               # and they get the time a checkpoint takes before the agent would kill them
+               "signals_to_handle": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "shutdown_timeout": 600}
+    fields = getattr(LaunchConfig, "__dataclass_fields__", {})
+    config = LaunchConfig(**{k: v for k, v in options.items() if k in fields})  # (older torch: without the last two)
     elastic = logging.getLogger("torch.distributed.elastic")
-    level = elastic.level
+    level, omp = elastic.level, os.environ.get("OMP_NUM_THREADS")
     elastic.setLevel(logging.CRITICAL)
+    if nproc > 1 and omp is None:
+        os.environ["OMP_NUM_THREADS"] = "1"  # the ranks', as torchrun sets it: N processes sharing the cores
     try:
         elastic_launch(config, sys.executable)("-m", f"distcls.{module}", *argv)
         return 0
+    except SignalException as exc:  # passed on to the ranks, which stopped (a checkpoint saved: their own lines say so)
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
         failed = [codes[0]] if codes.get(0, 0) > 0 else [c for _, c in sorted(codes.items()) if c > 0] or list(codes.values())
@@ -59,3 +68,5 @@ def launch(module: str, argv: Sequence[str], nproc: int) -> int:
         return code if code >= 0 else 128 - code
     finally:
         elastic.setLevel(level)
+        if omp is None:
+            os.environ.pop("OMP_NUM_THREADS", None)

@@ -82,7 +82,10 @@ class WandbLogger:
             warn(f"wandb could not start ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); training continues without wandb")
             self._close(None)
             return
-        info(self._where(mode))
+        try:
+            info(self._where(mode))
+        except Exception:  # (a wandb attribute missing in some version: not worth stopping training for)
+            pass
 
     def _where(self, mode: str) -> str:
         """One console line: where the run is (its page), or how to upload an offline run."""

@@ -465,7 +465,7 @@ def resume_keys(kind: str) -> list[str]:
     """The dot paths whose schema field is marked `resume=kind` (every key of SCHEDULE_SECTIONS for "schedule")."""
     if kind == "schedule":
         return [path for path, _, _ in describe() if path.split(".")[0] in SCHEDULE_SECTIONS]
-    return [path for path, _, _ in describe() if _rules_of(path).get("resume") == kind]
+    return [path for path, _, _ in describe() if field_rules(path).get("resume") == kind]
 
 
 def reference_markdown() -> str:
@@ -476,7 +476,7 @@ def reference_markdown() -> str:
 
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for path, default, help in describe():
-        rules = _rules_of(path)
+        rules = field_rules(path)
         allowed = (" \\| ".join(show(c) for c in rules["choices"]) if "choices" in rules else
                    " ".join(part for part in ((f"{'>' if rules.get('exclusive_min') else '>='} {rules['min']}" if "min" in rules else ""),
                                               (f"<= {rules['max']}" if "max" in rules else "")) if part))
@@ -487,10 +487,6 @@ def reference_markdown() -> str:
 
 def field_rules(path: str) -> dict:
     """The schema field's metadata at a dot path: help, choices, min, max, resume."""
-    return _rules_of(path)
-
-
-def _rules_of(path: str) -> dict:
     cls = Config
     *sections, name = path.split(".")
     for section in sections:

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import OutputWriteFailed, UserError, first_line
+from distcls.runtime.atomic_files import free_space
 
 # Which weights: the checkpoint's `model` state_dict, or with --ema its model EMA's (restore());
 # nothing below depends on which one it is.
@@ -309,10 +310,7 @@ def _make_staging(out: Path) -> Path:
 def _write_failed(out: Path, exc: OSError, staging: Path) -> OutputWriteFailed:
     for partial in staging.iterdir():  # the disk's free space as the user will find it
         partial.unlink(missing_ok=True)
-    try:
-        free = f"{shutil.disk_usage(out.parent).free / 2**20:,.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
+    free = free_space(out.parent)
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
     return OutputWriteFailed(f"could not write {out}: {exc.strerror or first_line(exc)} (the disk holding {out.parent}: {free}); nothing was "
                              f"written{': free some space, or choose another --out' if full else ''}")

@@ -185,10 +185,10 @@ def test_repeated_copies_get_different_augmentation_keys_in_memory():
 def test_repeated_copies_of_image_files_are_cropped_by_their_own_keys(tmp_path):
     from fakedata import write_imagefolder
 
-    from distcls.data.datasets.imagefolder import _classes, _scan
+    from distcls.data import folder_index
     from distcls.data.file_source import CropPolicy, FileSource
     root = write_imagefolder(tmp_path / "flowers", per_class=4)
-    samples = _scan(root, _classes(root))
+    samples = folder_index.walk(root).source_pairs("train")
     source = FileSource(samples, 16, 3, CropPolicy(16, 18, ((0.08, 1.0), (0.75, 4 / 3)), hflip=True))
     view = SplitView(source, torch.arange(len(samples)))
     loader = train_loader(view, 4, 1, 0, seed=1, device=torch.device("cpu"), repeats=2)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import io
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from distcls.runtime.atomic_files import UnreadableCheckpoint, atomic_link, atomic_write_bytes
+from distcls.runtime.atomic_files import UnreadableCheckpoint, atomic_link, atomic_write_bytes, free_space
 from distcls.checkpoint.format import all_finite, read_checkpoint
 from distcls.errors import CheckpointWriteFailed, UserError
 
@@ -108,10 +107,7 @@ class CheckpointFiles:
 
     def write_failed(self, path: Path, exc: OSError, safe: str) -> CheckpointWriteFailed:
         """The one-line error of a save the filesystem refused (ENOSPC, EDQUOT, EIO...): file, disk, what is safe."""
-        try:
-            free = f"{shutil.disk_usage(self.dir).free / 2**20:,.0f} MiB free"
-        except OSError:
-            free = "free space unknown"
+        free = free_space(self.dir)
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         return CheckpointWriteFailed(f"could not save checkpoint {path}: {reason} (the disk holding {self.dir}: {free}); {safe}; "
                                      "free space there (or move the run elsewhere) before resuming")

@@ -115,7 +115,11 @@ def _path_order(path: str) -> tuple:
 
 
 def class_folders(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
+    """The visible folders in `folder` (none when it cannot be listed), sorted."""
+    try:
+        return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
+    except OSError:
+        return []
 
 
 def walk(root: Path) -> FolderIndex:
@@ -123,7 +127,7 @@ def walk(root: Path) -> FolderIndex:
     modification time, taken before it is listed; the root by the names of its folders instead (an
     index saved there, a hidden file, changes the root's time)."""
     start = time.perf_counter()
-    root_folders = _subfolders(root)
+    root_folders = class_folders(root)
     train_dir = "train" if (root / "train").is_dir() else ""
     visited = []
     tables, split_classes, classes = {}, {}, []
@@ -145,13 +149,6 @@ def walk(root: Path) -> FolderIndex:
         tables[split] = SampleTable.from_pairs(pairs)
     folders = [("", root_folders)] + [(os.path.relpath(f, root), mtime) for f, mtime in dict(visited).items()]
     return FolderIndex(str(root), train_dir, classes, split_classes, tables, {}, {}, folders, seconds=time.perf_counter() - start)
-
-
-def _subfolders(folder) -> list:
-    try:
-        return sorted(e.name for e in os.scandir(folder) if not e.name.startswith(".") and e.is_dir())
-    except OSError:
-        return []
 
 
 def _mtime(folder) -> int:
@@ -249,22 +246,28 @@ def load(path: Path, root: Path, data: Optional[bytes] = None) -> FolderIndex:
         raise StaleIndex(f"it cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
 
 
-def recheck_bad(index: FolderIndex) -> list[str]:
+def recheck_bad(index: FolderIndex) -> list:
     """The files the index calls bad, inspected again (a few): one replaced in place under the same name
-    changes no folder's time. The index is corrected; what changed is returned."""
+    changes no folder's time. Rank 0's work: the index is corrected, and the repairs, [(split, index, size)],
+    are returned for the other ranks (`apply_repairs`)."""
     from distcls.data.transforms.images import inspect_image_file
-    fixed = []
+    repaired = []
     for split, bad in index.bad.items():
         table = index.tables[split]
         for i in list(bad):
             size, why = inspect_image_file(os.path.join(index.root, table.path(i)))
             if why is None:
-                del bad[i]
-                index.sizes[split][i] = size
-                fixed.append(table.path(i))
+                repaired.append((split, i, size))
             else:
                 bad[i] = why
-    return fixed
+    apply_repairs(index, repaired)
+    return repaired
+
+
+def apply_repairs(index: FolderIndex, repaired: list) -> None:
+    for split, i, size in repaired:
+        index.bad[split].pop(i, None)
+        index.sizes[split][i] = size
 
 
 def changes(index: FolderIndex, root: Path, limit: int = 3) -> list[str]:
@@ -272,7 +275,7 @@ def changes(index: FolderIndex, root: Path, limit: int = 3) -> list[str]:
     found = []
     for folder, then in index.folders:
         if not folder:  # the root: its folders by name
-            now = _subfolders(root)
+            now = class_folders(root)
             if now != then:
                 added, gone = sorted(set(now) - set(then)), sorted(set(then) - set(now))
                 found.append(", ".join([f"{name}/ added" for name in added] + [f"{name}/ removed" for name in gone]))
@@ -305,7 +308,7 @@ def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] 
     digest: every rank reads that file and checks it holds the same), else built by the ranks together
     and saved by rank 0 at `save_to` (None: kept in memory: a command without a run directory writes
     nothing). `note` hears what happened (rank 0's words)."""
-    decision, index, digest, fixed = None, None, None, []
+    decision, index, digest, repaired = None, None, None, []
     if dist.is_main_rank():
         decision = "build"
         if path is not None and path.is_file() and not rebuild:
@@ -317,10 +320,10 @@ def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] 
                     decision = f"the image folder changed since {path} was built ({', '.join(changed)}): indexing it again"
                 else:
                     decision, digest = "read", hashlib.sha256(data).hexdigest()
-                    fixed = recheck_bad(index)
+                    repaired = recheck_bad(index)
             except StaleIndex as exc:
                 decision = f"the index {path} is not usable ({exc}): indexing the image folder again"
-    decision, where_read, digest, fixed = dist.broadcast_object((decision, str(path) if path else None, digest, fixed))
+    decision, where_read, digest, repaired = dist.broadcast_object((decision, str(path) if path else None, digest, repaired))
     if decision == "read":
         if index is None:
             try:
@@ -331,13 +334,13 @@ def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] 
             except StaleIndex as exc:
                 raise UserError(f"the image folder's index {where_read} could not be read on this rank ({exc}); put run.out_dir and data.index "
                                 "on a filesystem every node sees, and let one run at a time rebuild a shared index") from None
-            if fixed:
-                recheck_bad(index)  # the few files rank 0 found repaired: the same verdicts here
+            apply_repairs(index, repaired)  # what rank 0 found repaired (no file inspected again here)
         index.read_from = Path(where_read)
         note(f"image folder {root}: read its index {where_read} ({sum(len(t) for t in index.tables.values()):,} files; no walk, no per-file check)")
-        if fixed:
-            note(f"image folder {root}: {len(fixed)} file(s) the index called bad read well now (replaced in place): {fixed[0]}"
-                 + (f" and {len(fixed) - 1} more" if len(fixed) > 1 else ""))
+        if repaired:
+            first = index.tables[repaired[0][0]].path(repaired[0][1])
+            note(f"image folder {root}: {len(repaired)} file(s) the index called bad read well now (replaced in place): {first}"
+                 + (f" and {len(repaired) - 1} more" if len(repaired) > 1 else ""))
             if save_to is not None and dist.is_main_rank():
                 _save_quietly(index, save_to)
         return index

@@ -75,9 +75,6 @@ class SampleTable:
                            np.concatenate([self.offsets, other.offsets[1:] + self.offsets[-1]]),
                            np.concatenate([self.labels, other.labels]), self.root)
 
-    def __add__(self, other) -> "SampleTable":
-        return self.concat(other if isinstance(other, SampleTable) else SampleTable.from_pairs(other))
-
     def __eq__(self, other) -> bool:
         return isinstance(other, SampleTable) and list(self) == list(other)
 

@@ -14,6 +14,7 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import tempfile
 import threading
 import warnings
@@ -159,6 +160,14 @@ def _check_zip_integrity(p: Path, what: str) -> None:
         raise UnreadableCheckpoint(f"{what} {p} is truncated or corrupt ({first_line(exc)})") from None
     if bad is not None:
         raise UnreadableCheckpoint(f"{what} {p} is corrupt: its entry {bad} fails the archive's CRC-32 check (flipped bits or a torn copy)")
+
+
+def free_space(directory) -> str:
+    """The free space of the disk holding `directory`, for a write-failed message ("1,234.5 MiB free")."""
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:,.1f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 # What distcls.export writes, as a reader names it (model_file_kind's answers).

@@ -30,18 +30,6 @@ from distcls.data.sources import RawDataset
 from distcls.errors import ConfigError, UserError
 from distcls.spec import printable_name
 
-_classes = class_folders
-
-
-def _scan(folder: Path, classes: list[str]) -> list:
-    """(path, label) of every image file under folder/<class>/ (no index, no check)."""
-    samples = []
-    for label, name in enumerate(classes):
-        if (folder / name).is_dir():
-            samples += [(str(p), label) for p in image_files(folder / name)]
-    return samples
-
-
 def _check_classes(folder: Path, classes: list[str], labels: np.ndarray, skipped: int) -> None:
     """Every class of train/ holds at least one usable image, and there are at least 2 classes."""
     if len(classes) < 2:

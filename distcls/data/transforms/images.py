@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from distcls.data.transforms.keys import Stream, keyed_uniform_scalar  # noqa: F401  (keyed_uniform_scalar: file_source's flip)
+from distcls.data.transforms.keys import Stream, keyed_uniform_scalar
 from distcls.errors import first_line
 
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.

@@ -84,7 +84,7 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _opt("digits", "digits | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | synthetic | a registered name | "
+    name: str = _opt("digits", "digits | cifar10 | cifar100 | mnist | fashion_mnist | imagefolder | webdataset | synthetic | a registered name | "
         "'pkg.module:builder'", resume="position")
     root: str = _opt("data", "directory that holds the dataset files (official on-disk format)")
     download: bool = _opt(False, "download a missing dataset through torchvision (needs internet)")
@@ -92,8 +92,8 @@ class DataConfig:
     channels: Optional[int] = _opt(None, "force 1 (grayscale) or 3 (RGB) channels (null = the dataset's own)", choices=[None, 1, 3])
     batch_size: int = _opt(64, "GLOBAL training batch, split evenly across ranks (and accum_steps)", min=1, resume="position")
     eval_batch_size: Optional[int] = _opt(None, "global evaluation batch (null = batch_size)", min=1)
-    num_workers: int = _opt(0, "DataLoader workers per rank for streamed datasets (imagefolder)", min=0)
-    prefetch_factor: int = _opt(4, "imagefolder: batches each DataLoader worker decodes ahead", min=1)
+    num_workers: int = _opt(0, "DataLoader workers per rank for datasets decoded from files (imagefolder, webdataset)", min=0)
+    prefetch_factor: int = _opt(4, "imagefolder, webdataset: batches each DataLoader worker decodes ahead", min=1)
     eval_resize: Optional[int] = _opt(None, "imagefolder evaluation: resize the shorter side to this, then center crop data.eval_crop_size (torchvision "
         "Resize + CenterCrop; null = eval crop/0.875, e.g. 256 for 224)", min=4)
     train_crop_size: Optional[int] = _opt(None, "training image size (FixRes: e.g. 176 with eval_crop_size 224 and eval_resize 232; null = data.image_size)", min=4)
@@ -103,7 +103,17 @@ class DataConfig:
         "stopping with an error that names them")
     index: Optional[str] = _opt(None, "imagefolder: the file list's index (built once, read by restarts instead of walking and checking every file); "
         "null: ROOT/.distcls_index.npz when `python -m distcls.data.index ROOT` built one, else "
-        "run.out_dir/data_index.npz")
+        "run.out_dir/data_index.npz. webdataset: where the shards' counts are kept when no shards.json lies beside them "
+        "(null: run.out_dir/shards.json)")
+    train_shards: Optional[str] = _opt(None, "webdataset: the training shards, a brace pattern of tar files: a path, file:// or http(s):// URL, e.g. "
+        "/data/in1k/train-{000000..001281}.tar; each sample an image (jpg/jpeg/png/webp) and its integer label (cls); a resume may read the same shards from elsewhere")
+    val_shards: Optional[str] = _opt(None, "webdataset: the validation shards (a pattern as data.train_shards): the per-epoch validation, and the "
+        "final evaluation unless data.test_shards is set")
+    test_shards: Optional[str] = _opt(None, "webdataset: the test shards of the final evaluation (null: data.val_shards)")
+    shard_streams: int = _opt(16, "webdataset: the training order's streams, each reading whole shards in turn; a multiple of every world size the "
+        "run will use, dividing data.batch_size (the order does not depend on the world size)", min=1, resume="position")
+    shuffle_window: int = _opt(1000, "webdataset: each stream's samples are shuffled within windows of this many (read, then given out in a seeded "
+        "order; memory: this many encoded images per stream)", min=1, resume="position")
     carve_val: Optional[bool] = _opt(None, "imagefolder with train/ and val/ (no test/): false = val/ is the per-epoch validation and the final "
         "evaluation, all of train/ trains (torchvision's and timm's references); true = validation carved from train/ "
         "by data.val_fraction, val/ the test split (distcls before this key); null: false, or what the resumed "

@@ -115,3 +115,11 @@ def write_damaged_png(path, size: int = 24) -> Path:
     path = Path(path)
     path.write_bytes(bytes(data))
     return path
+
+
+def write_shards(folder, out, shard_size: int = 25) -> Path:
+    """An image folder written as WebDataset shards by `python -m distcls.shard` (in this process)."""
+    from distcls import shard
+
+    assert shard.main([str(folder), str(out), "--shard-size", str(shard_size)]) == 0
+    return Path(out)

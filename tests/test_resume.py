@@ -348,3 +348,27 @@ def test_sigterm_to_the_nproc_per_node_launcher_stops_every_rank_at_a_checkpoint
     assert "Traceback" not in stderr and "SignalException" not in stderr
     ck = load_ckpt(out / "checkpoints/last.pt")
     assert ck["epoch"] == 0 and 5 <= ck["epoch_step"] < TWO_RANK_STEPS_PER_EPOCH  # saved mid-epoch, where the ranks stopped
+
+
+def test_sigterm_mid_epoch_on_shards_then_resume_is_bitwise_identical(tmp_path, paused_run):
+    """WebDataset shards read by a DataLoader worker: stopped at step 2 of epoch 1 (its streams inside
+    their shuffle windows), resumed: bitwise the run never stopped."""
+    from fakedata import write_imagefolder, write_shards
+
+    shards = write_shards(write_imagefolder(tmp_path / "folder", classes=("a", "b", "c", "d"), per_class=40, size=24, layout="split"),
+                          tmp_path / "shards")
+    args = [*FAST, "data.name=webdataset", f"data.train_shards={shards}/train-{{000000..000006}}.tar",
+            f"data.val_shards={shards}/val-{{000000..000003}}.tar", "data.image_size=16", "data.shard_streams=4", "data.shuffle_window=16",
+            "data.augment.random_resized_crop=true", "data.augment.hflip=true", "data.num_workers=1", "model.name=cnn3",
+            "train.epochs=2", "log.every_steps=1"]
+    train_in_process(tmp_path / "ref", *args)
+    out = tmp_path / "run"
+    run = paused_run([f"run.out_dir={out}", "dist.device=cpu", *args], epoch=1, epoch_step=2)
+    run.wait_for_the_pause(out)
+    run.proc.send_signal(signal.SIGTERM)
+    stdout, stderr = run.go_on()
+    assert run.proc.returncode == 3, stderr
+    assert load_ckpt(out / "checkpoints/last.pt")["epoch_step"] == 3
+    train_in_process(out, *args, resume="auto")
+    a, b = load_ckpt(tmp_path / "ref/checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

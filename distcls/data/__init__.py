@@ -5,6 +5,7 @@
     sources.py file_source.py sample_table.py   what a dataset holds: tensors, or image files as flat arrays
     folder_index.py index.py   an image folder's file list, built once by the ranks together, and its command
     splits.py sampler.py loader.py   seeded splits, the global-batch sampler contract, per-rank loaders
+    shard_plan.py shard_source.py shard_loader.py   WebDataset shards: their order in streams, their reading, their loaders
 
 The stage contract: what runs PER SAMPLE IN DATALOADER WORKERS is decode and geometry, for image
 files only (transforms/images.py: decode, the keyed RandomResizedCrop or the evaluation resize and
@@ -22,7 +23,7 @@ from typing import Optional
 
 from distcls.config import Config
 from distcls.data import folder_index
-from distcls.data.datasets import cifar, digits, imagefolder, mnist, synthetic  # noqa: F401  (importing registers the builders)
+from distcls.data.datasets import cifar, digits, imagefolder, mnist, shards, synthetic  # noqa: F401  (importing registers the builders)
 from distcls.data.transforms.augment import Preprocess
 from distcls.data.transforms.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
@@ -83,6 +84,8 @@ def build_data(cfg: Config, normalization_from: Optional[str] = None, run_dir: O
     data_cfg = cfg.data
     if run_dir is not None and data_cfg.index is None and data_cfg.name == "imagefolder":
         data_cfg = dataclasses.replace(data_cfg, index=str(folder_index.location(Path(data_cfg.root), None, run_dir)))
+    if run_dir is not None and data_cfg.index is None and data_cfg.name == "webdataset":  # the shards' counts, when none lie beside them
+        data_cfg = dataclasses.replace(data_cfg, index=str(Path(run_dir) / shards.DESCRIPTION))
     dataset = DATASETS.build(cfg.data.name, data_cfg)
     if not isinstance(dataset, RawDataset):
         raise UserError(f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset")

@@ -101,9 +101,27 @@ class FileSource(Dataset):
         return FileSource(self.samples.concat(other.samples), self.size, self.channels, self.policy, self.skip_bad)
 
 
+FILE_DATASETS = ("imagefolder", "webdataset")  # the shipped datasets decoded from files: cropped and resized by a CropPolicy
+
+
+def crop_policy(cfg) -> tuple:
+    """(evaluation size, channels, CropPolicy) of a dataset decoded from files, by the data.* keys
+    (sizes default to 224 and channels to 3: torchvision's ImageNet recipes)."""
+    size = cfg.eval_crop_size or cfg.image_size or 224  # the model's input size (evaluation)
+    if cfg.eval_resize is not None and cfg.eval_resize < size:  # config.py checks the sizes it sees; here with the defaults
+        from distcls.errors import ConfigError
+        raise ConfigError(f"data.eval_resize={cfg.eval_resize} is smaller than the evaluation crop {size} (data.eval_crop_size, "
+                          f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a smaller data.eval_crop_size")
+    aug = cfg.augment
+    policy = CropPolicy(size, cfg.eval_resize or default_eval_resize(size),
+                        (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip,
+                        cfg.train_crop_size or cfg.image_size or 224, cfg.interpolation)
+    return size, cfg.channels or 3, policy
+
+
 def evaluation_resize(data_cfg, size: int) -> int:
     """The shorter side an image is resized to before the center crop, as the checkpoint's evaluation does it."""
-    if data_cfg.name != "imagefolder":  # in-memory data evaluates the whole image at the input size: eval_resize is not used
+    if data_cfg.name not in FILE_DATASETS:  # in-memory data evaluates the whole image at the input size: eval_resize is not used
         return size
     return data_cfg.eval_resize if data_cfg.eval_resize is not None else default_eval_resize(size)
 

@@ -5,13 +5,13 @@ through DataLoader workers. Both follow the sampler contract in `sampler.py`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from distcls.runtime.copies import host_to_device
+from distcls.data.batch import Batch, collate_decoded
 from distcls.data.sampler import EvalShardSampler, GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import UserError
@@ -21,13 +21,6 @@ def _gpu_decode_module():
     """data.gpu_decode's module (torchvision.io), imported only when it is used."""
     from distcls.data.transforms import gpu_decode
     return gpu_decode
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # uint8 [B, C, H, W] on device
-    labels: torch.Tensor  # int64 [B] on device
-    keys: torch.Tensor  # int64 [B] on device: the augmentation key, index into the split's source (+ copy * source size with data.repeats)
 
 
 class _EpochBatches:
@@ -64,15 +57,6 @@ class _FileViewDataset(torch.utils.data.Dataset):
         return self.view.source.load(index, self.train, self.seed, epoch, key=index + copy * len(self.view.source))
 
 
-def _collate(items):
-    good = [it for it in items if it[0] is not None]
-    bad = [it[3] for it in items if it[0] is None]
-    if not good:
-        return None, None, None, bad
-    return (torch.stack([it[0] for it in good]), torch.tensor([it[1] for it in good], dtype=torch.long),
-            torch.tensor([it[2] for it in good], dtype=torch.long), bad)
-
-
 class BatchLoader:
     """Iterates this rank's batches of one split; `sampler` decides which positions.
 
@@ -107,7 +91,7 @@ class BatchLoader:
             workers = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
             self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed, self.gpu_decode),
                                       batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
-                                      collate_fn=_gpu_decode_module().collate if self.gpu_decode else _collate,
+                                      collate_fn=_gpu_decode_module().collate if self.gpu_decode else collate_decoded,
                                       pin_memory=self.device.type == "cuda" and not self.gpu_decode, **workers)
         return self._loader
 
@@ -151,6 +135,9 @@ class BatchLoader:
 def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, device,
                  num_workers: int = 0, max_steps=None, prefetch_factor: int = 4, gpu_decode: bool = False,
                  repeats: int = 1) -> BatchLoader:
+    if getattr(view.source, "streamed", False):  # WebDataset shards: read in shard order (shard_loader.py)
+        return _shard_loader(view, device, num_workers, prefetch_factor, seed, gpu_decode, repeats,
+                             plan=_shard_train_plan(view, global_batch, world_size, rank, seed, max_steps))
     if repeats > 1 and gpu_decode:
         raise UserError("data.repeats > 1 does not work with data.gpu_decode=true yet; set data.gpu_decode=false or data.repeats=1")
     sampler = GlobalBatchSampler(len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps, repeats=repeats)
@@ -160,5 +147,25 @@ def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int,
 
 def eval_loader(view: SplitView, global_batch: int, world_size: int, rank: int, device, num_workers: int = 0,
                 prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
+    if getattr(view.source, "streamed", False):
+        return _shard_loader(view, device, num_workers, prefetch_factor, 0, gpu_decode, 1, eval_batch=max(1, global_batch // world_size),
+                             world_size=world_size, rank=rank)
     sampler = EvalShardSampler(len(view), max(1, global_batch // world_size), world_size, rank)
     return BatchLoader(view, sampler, device, num_workers, prefetch_factor=prefetch_factor, gpu_decode=gpu_decode)
+
+
+def _shard_train_plan(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, max_steps):
+    from distcls.data.shard_plan import TrainPlan
+    src = view.source
+    return TrainPlan(src.shards.prefix(len(view)), src.streams, src.window, global_batch, world_size, rank, seed, max_steps)
+
+
+def _shard_loader(view: SplitView, device, num_workers: int, prefetch_factor: int, seed: int, gpu_decode: bool, repeats: int, **how):
+    """A ShardBatchLoader (shard_loader.py) of a split of WebDataset shards: a prefix of their order."""
+    from distcls.data.shard_loader import ShardBatchLoader
+    if gpu_decode or repeats > 1:
+        raise UserError(f"data.name=webdataset reads shards in order: {'data.gpu_decode=true' if gpu_decode else f'data.repeats={repeats}'} "
+                        f"does not work with it yet; set {'data.gpu_decode=false' if gpu_decode else 'data.repeats=1'}")
+    if len(view) and int(view.indices[-1]) != len(view) - 1:
+        raise UserError("data.name=webdataset: a split of shards is a prefix of their order; it cannot be re-split or subsampled")
+    return ShardBatchLoader(view, device, num_workers, prefetch_factor, seed, **how)

@@ -225,6 +225,8 @@ def stratified(view, count: int):
     second, ...), in the split's order: a class-sorted image folder shows every class, not only class 0."""
     from distcls.data import SplitView
 
+    if view.source.labels is None:  # labels known only once read (WebDataset shards): the split's first samples
+        return view.truncated(count)
     labels = view.source.labels[view.indices].tolist()
     by_class: dict = {}
     for position, label in enumerate(labels):

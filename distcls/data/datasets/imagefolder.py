@@ -22,12 +22,12 @@ import numpy as np
 
 from distcls.config import DataConfig
 from distcls.data import folder_index
-from distcls.data.file_source import CropPolicy, FileSource, default_eval_resize
+from distcls.data.file_source import FileSource, crop_policy
 from distcls.data.folder_index import EXTENSIONS, class_folders, image_files  # noqa: F401  (the walk's rules live there)
 from distcls.data.datasets.registry import register_dataset
 from distcls.data.sample_table import SampleTable
 from distcls.data.sources import RawDataset
-from distcls.errors import ConfigError, UserError
+from distcls.errors import UserError
 from distcls.spec import printable_name
 
 def _check_classes(folder: Path, classes: list[str], labels: np.ndarray, skipped: int) -> None:
@@ -102,12 +102,8 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     root = Path(cfg.root)
     if not root.is_dir():
         raise UserError(f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) or set data.root")
-    size = cfg.eval_crop_size or cfg.image_size or 224  # the model's input size (evaluation)
-    if cfg.eval_resize is not None and cfg.eval_resize < size:  # config.py checks the sizes it sees; here with the defaults
-        raise ConfigError(f"data.eval_resize={cfg.eval_resize} is smaller than the evaluation crop {size} (data.eval_crop_size, "
-                          f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a smaller data.eval_crop_size")
-    train_size = cfg.train_crop_size or cfg.image_size or 224
-    channels = cfg.channels or 3
+    size, channels, policy = crop_policy(cfg)
+    train_size = policy.train_size
     notes = []
     where = folder_index.location(root, cfg.index, None)  # data.index: set by the user, or by build_data for a training run
     index = folder_index.load_or_build(root, where, note=notes.append, save_to=where if cfg.index is not None else None)
@@ -115,10 +111,6 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     classes = index.classes
     if not classes:
         raise UserError(f"no class folders in {train_dir}; expected {train_dir}/<class>/<image files>")
-    aug = cfg.augment
-    policy = CropPolicy(size, cfg.eval_resize or default_eval_resize(size),
-                        (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip,
-                        train_size, cfg.interpolation)
     skipped, sources = [], {}
     for split in folder_index.SPLITS:
         if split not in index.tables:

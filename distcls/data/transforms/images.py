@@ -222,6 +222,12 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise BadImage(f"image {path} is unreadable ({exc.strerror or exc})") from None
+    return decode_image(data, path, channels)
+
+
+def decode_image(data: bytes, path, channels: int = 3) -> torch.Tensor:
+    """Decode an image's bytes (a file's, or a shard member's) to uint8 [channels, H, W]; raises
+    BadImage naming `path` (the file, or the shard and member)."""
     fmt = sniff(data[:16])
     if not data or fmt is None:
         raise BadImage(f"image {path} is {'an empty file' if not data else 'not an image (unknown header)'}")
@@ -238,7 +244,7 @@ def read_image(path, channels: int = 3) -> torch.Tensor:
     except BadImage:
         raise
     except Exception as exc:  # decoders raise RuntimeError, OSError, ValueError, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "its bytes", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
         raise BadImage(f"image {path} cannot be decoded ({first[:200]})") from None
     if t.shape[0] != channels or t.shape[1] < 1 or t.shape[2] < 1:
         raise BadImage(f"image {path} decodes to an unusable shape {tuple(t.shape)}")

@@ -234,3 +234,43 @@ def test_the_converter_refuses_a_folder_that_is_not_empty(folder, shards, capfd)
 def test_world_sizes_1_and_2_train_the_same_weights_on_shards(shards, tmp_path):
     checkpoints = train_at_world_sizes(tmp_path, [*shard_args(shards), "model.name=lenet", "train.epochs=2", "data.num_workers=1"])
     assert max_weight_diff(checkpoints[1]["model"], checkpoints[2]["model"]) <= 1e-5
+
+
+def test_a_server_that_stalls_is_a_named_error_not_a_hang(shards, tmp_path, capfd, monkeypatch):
+    """A shard server that answers and then sends nothing: the read times out (shard_source.HTTP_TIMEOUT_S,
+    1 s here) and the run stops with a line naming the shard."""
+    import http.server
+    import threading
+
+    class Stalling(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path.endswith(".json"):
+                body = (shards / "shards.json").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            self.wfile.write(b"\0" * 100)
+            self.wfile.flush()
+            release.wait(10)
+
+        def log_message(self, *args):
+            pass
+
+    release = threading.Event()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(shard_source, "HTTP_TIMEOUT_S", 1)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/in4"
+        proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'run'}", *shard_args(url), "train.epochs=1", "data.shard_streams=1",
+                                               "data.shuffle_window=8"])  # the first batch reads one shard: one timeout
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert_user_error(proc, f"{url}/train-0000", "cannot be read past sample 0", "timed out")

@@ -1,10 +1,11 @@
 """Batches of WebDataset shards for the engine, per rank: the same `Batch`es, interface and bad-sample
 rules as loader.BatchLoader, in the order shard_plan.py lays out.
 
-DataLoader workers (data.num_workers) divide this rank's streams among them (training) or its
-evaluation range (evaluation); each reads its shards sequentially, decodes and crops, and hands the
-main process parts of batches, which it puts together in stream order. A worker yields one item per
-step, so the DataLoader's round robin over the workers stays in step. The workers are started for
+DataLoader workers (data.num_workers) divide this rank's streams among them in contiguous blocks
+(training) or its evaluation range (evaluation); each reads its shards sequentially, decodes, crops
+and collates, and hands the main process its part of each batch, which it joins in worker order (the
+order without workers). A worker yields one item per step, so the DataLoader's round robin over the
+workers stays in step. The workers are started for
 each epoch and each evaluation (an iterable dataset takes its epoch and resume step when started).
 """
 from __future__ import annotations
@@ -26,10 +27,15 @@ def _as_is(item):
     return item
 
 
-def _worker_share(items: list) -> list:
-    """This DataLoader worker's share of `items` (every worker's, without workers), interleaved."""
-    info = get_worker_info()
-    return items if info is None else items[info.id::info.num_workers]
+def worker_block(items: list, info=None) -> list:
+    """This DataLoader worker's contiguous block of `items` (all of them without workers; blocks differ by
+    at most one): the parts of the workers, put together in worker order, are `items` in order."""
+    info = info if info is not None else get_worker_info()
+    if info is None:
+        return items
+    base, extra = divmod(len(items), info.num_workers)
+    start = info.id * base + min(info.id, extra)
+    return items[start:start + base + (1 if info.id < extra else 0)]
 
 
 def stream_outputs(plan: TrainPlan, reader: ShardReader, stream: int, epoch: int, start_step: int) -> Iterator[tuple]:
@@ -41,42 +47,39 @@ def stream_outputs(plan: TrainPlan, reader: ShardReader, stream: int, epoch: int
 
 
 class _TrainSteps(IterableDataset):
-    """One item per step from `start_step` on: [(stream, decoded samples)] of the streams this worker reads."""
+    """One item per step from `start_step` on: the collated samples (batch.collate_decoded) of this
+    worker's block of the rank's streams, in stream order."""
 
     def __init__(self, source: ShardSource, plan: TrainPlan, epoch: int, start_step: int, seed: int):
         self.source, self.plan, self.epoch, self.start_step, self.seed = source, plan, epoch, start_step, seed
 
     def __iter__(self):
-        streams = _worker_share(self.plan.my_streams)
+        streams = worker_block(self.plan.my_streams)
         readers = {k: ShardReader(self.source.shards) for k in streams}
         outputs = {k: stream_outputs(self.plan, readers[k], k, self.epoch, self.start_step) for k in streams}
         try:
             for _ in range(self.start_step, self.plan.steps_per_epoch):
-                yield [(k, [self.source.decode(next(outputs[k]), True, self.seed, self.epoch) for _ in range(self.plan.per_stream)])
-                       for k in streams]
+                yield collate_decoded([self.source.decode(next(outputs[k]), True, self.seed, self.epoch)
+                                       for k in streams for _ in range(self.plan.per_stream)])
         finally:
             for reader in readers.values():
                 reader.close()
 
 
 class _EvalBatches(IterableDataset):
-    """This worker's evaluation batches: a contiguous part of the rank's range, read in the shards' order."""
+    """This worker's evaluation batches, collated: a contiguous block of the rank's range, read in the shards' order."""
 
     def __init__(self, source: ShardSource, start: int, stop: int, local_batch: int):
         self.source, self.start, self.stop, self.local_batch = source, start, stop, local_batch
 
     def __iter__(self):
-        batches = [(lo, min(lo + self.local_batch, self.stop)) for lo in range(self.start, self.stop, self.local_batch)]
-        info = get_worker_info()
-        if info is not None:  # contiguous parts: each worker reads its shards once, in order
-            per = -(-len(batches) // info.num_workers)
-            batches = batches[info.id * per:(info.id + 1) * per]
+        batches = worker_block([(lo, min(lo + self.local_batch, self.stop)) for lo in range(self.start, self.stop, self.local_batch)])
         reader = ShardReader(self.source.shards)
         order = range(len(self.source.shards.counts))
         try:
             for lo, hi in batches:
                 raw = [item for run in runs_of(order, self.source.shards.counts, lo, hi) for item in reader.read(run)]
-                yield [self.source.decode(item, False, 0, 0) for item in raw]
+                yield collate_decoded([self.source.decode(item, False, 0, 0) for item in raw])
         finally:
             reader.close()
 
@@ -106,6 +109,9 @@ class ShardBatchLoader:
         self.source: ShardSource = view.source
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.train = plan is not None
+        # imported here, once: DataLoader workers (forked) inherit them instead of importing each (about 3 s)
+        from webdataset import tariterators  # noqa: F401
+        from distcls.data.transforms import images  # noqa: F401
         self.dropped: list[str] = []
         if plan is not None:
             self.sampler = plan
@@ -137,18 +143,25 @@ class ShardBatchLoader:
             yield from self._evaluation()
             return
         plan = self.sampler
-        streams = plan.my_streams
-        workers = max(1, min(self.num_workers, len(streams)))
-        items = iter(self._items(_TrainSteps(self.source, plan, plan.epoch, plan.start_step, self.seed), len(streams)))
+        workers = max(1, min(self.num_workers, len(plan.my_streams)))
+        items = iter(self._items(_TrainSteps(self.source, plan, plan.epoch, plan.start_step, self.seed), len(plan.my_streams)))
         for _ in range(plan.start_step, plan.steps_per_epoch):
-            parts = [part for _ in range(workers) for part in next(items)]  # one item per worker per step
-            decoded = [sample for _, samples in sorted(parts, key=lambda part: part[0]) for sample in samples]
-            yield self._check(*collate_decoded(decoded))
+            yield self._check(*_joined([next(items) for _ in range(workers)]))  # one item per worker per step, in worker order
 
     def _evaluation(self) -> Iterator[Batch]:
         order = self.sampler
         if order.stop <= order.start:
             return
-        n_batches = len(order)
-        for decoded in self._items(_EvalBatches(self.source, order.start, order.stop, order.local_batch), n_batches):
-            yield self._check(*collate_decoded(decoded))
+        for collated in self._items(_EvalBatches(self.source, order.start, order.stop, order.local_batch), len(order)):
+            yield self._check(*collated)
+
+
+def _joined(parts: list) -> tuple:
+    """Collated parts of one batch (the workers') -> one (images, labels, keys, bad), in the parts' order."""
+    if len(parts) == 1:
+        return parts[0]
+    good = [p for p in parts if p[0] is not None]
+    bad = [b for p in parts for b in p[3]]
+    if not good:
+        return None, None, None, bad
+    return (*(torch.cat([p[i] for p in good]) for i in range(3)), bad)

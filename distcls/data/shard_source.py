@@ -71,6 +71,7 @@ class ShardReader:
     def __init__(self, shards: ShardSet):
         self.shards = shards
         self._open = None  # (shard, next sample number, iterator)
+        self._failed: dict = {}  # shard -> (the sample it failed at, why): not asked again by this reader (this epoch)
 
     def close(self) -> None:
         if self._open is not None:
@@ -82,6 +83,10 @@ class ShardReader:
         shard, first, count = run
         url = self.shards.urls[shard]
         key0 = int(self.shards.offsets[shard])
+        if shard in self._failed and first + count > self._failed[shard][0]:  # read up to where it failed, no further
+            place, message = self._failed[shard]
+            good = self.read((shard, first, place - first)) if place > first else []
+            return good + [(None, message, key0 + p) for p in range(max(place, first), first + count)]
         if self._open is None or self._open[0] != shard or self._open[1] > first:
             self.close()
             self._open = [shard, 0, iterate_samples(url)]
@@ -96,6 +101,7 @@ class ShardReader:
                 sample = f"shard {url} cannot be read past sample {place} ({why(exc)})"
             if isinstance(sample, str):  # the rest of the run is unreadable: each of its samples is a bad sample
                 self.close()
+                self._failed[shard] = (place, sample)
                 out += [(None, f"{sample}", key0 + p) for p in range(max(place, first), first + count)]
                 return out
             if place >= first:

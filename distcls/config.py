@@ -53,8 +53,8 @@ class AugmentConfig:
     num_ops: int = _opt(2, "randaugment: ops applied in sequence per image", min=0, max=16)
     magnitude: int = _opt(9, "randaugment: magnitude bin of every op, in [0, num_magnitude_bins)", min=0)
     num_magnitude_bins: int = _opt(31, "trivialaugment/randaugment: number of magnitude bins (torchvision's default 31)", min=2)
-    policy_interpolation: str = _opt("bilinear", "interpolation of the policies' shear/translate/rotate (torchvision's reference recipe: bilinear; the "
-        "transform's default: nearest)", choices=["bilinear", "nearest"])
+    policy_interpolation: str = _opt("bilinear", "interpolation of the policies' shear/translate/rotate (torchvision's reference passes its "
+        "--interpolation, default bilinear; the transform's own default: nearest)", choices=["bilinear", "bicubic", "nearest"])
     erase_prob: float = _opt(0.0, "random erasing probability per image (torchvision RandomErasing p; 0 = off), applied after normalization", min=0.0, max=1.0)
     erase_scale: list = _opt([0.02, 0.33], "random erasing: [min, max] fraction of the image area (torchvision's default)")
     erase_ratio: list = _opt([0.3, 3.3], "random erasing: [min, max] aspect ratio h/w (torchvision's default)")
@@ -167,12 +167,16 @@ class OptimConfig:
     lr: float = _opt(0.05, "peak learning rate", min=0.0, exclusive_min=True)
     momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
-    weight_decay: float = _opt(5e-4, "weight decay of tensors with 2+ dims; 1-d tensors (biases, normalization parameters) get none unless the next "
-        "two keys set theirs", min=0.0)
-    norm_weight_decay: Optional[float] = _opt(None, "weight decay of normalization layers' weights and biases (BatchNorm, LayerNorm, GroupNorm, ... found by "
-        "module type), e.g. 0.0 (null = the rule of optim.weight_decay: none for these 1-d tensors)", min=0.0)
-    bias_weight_decay: Optional[float] = _opt(None, "weight decay of the other layers' biases (parameters named bias outside normalization layers), e.g. 2e-5 "
-        "(null = none)", min=0.0)
+    weight_decay: float = _opt(5e-4, "weight decay; with the next two keys null, of tensors with 2+ dims only (1-d tensors, biases and "
+        "normalization parameters, get none); with either set, of every tensor those keys leave (torchvision's set_weight_decay)", min=0.0)
+    norm_weight_decay: Optional[float] = _opt(None, "weight decay of normalization layers' parameters (BatchNorm, LayerNorm, GroupNorm, ... found by "
+        "module type), e.g. 0.0: torchvision's --norm-weight-decay (their biases take optim.bias_weight_decay when that is set)", min=0.0)
+    bias_weight_decay: Optional[float] = _opt(None, "weight decay of every parameter named bias, normalization layers' included: torchvision's "
+        "--bias-weight-decay, e.g. 2e-5", min=0.0)
+    decay_rule: Optional[str] = _opt(None, "how the two keys above group the parameters: torchvision (set_weight_decay: bias_weight_decay for every "
+        "bias, then norm_weight_decay for normalization layers, weight_decay for everything else, 1-d tensors included) or by_ndim (distcls "
+        "before this key: the keys for 1-d tensors only, other biases and normalization parameters at none); null: torchvision, or what the "
+        "resumed checkpoint used", choices=[None, "torchvision", "by_ndim"])
     betas: list = _opt([0.9, 0.999], "Adam/AdamW betas")
     backbone_lr_scale: float = _opt(1.0, "fine-tuning: the backbone's learning rate is optim.lr times this (the classifier head gets optim.lr), e.g. 0.1", min=0.0, exclusive_min=True)
 
@@ -180,7 +184,13 @@ class OptimConfig:
 @dataclass(frozen=True)
 class SchedConfig:
     name: str = _opt("cosine", "learning-rate schedule after warmup", choices=["constant", "cosine", "step"])
-    warmup_epochs: float = _opt(0.0, "linear warmup length in epochs (fractions allowed)", min=0.0)
+    interval: str = _opt("step", "when the lr changes: step (every optimizer step, a smooth curve) or epoch (once per epoch, torchvision's "
+        "references: warmup and schedule counted in epochs)", choices=["step", "epoch"])
+    warmup_epochs: float = _opt(0.0, "warmup length in epochs (fractions allowed with sched.interval=step; torchvision's --lr-warmup-epochs)", min=0.0)
+    warmup_method: str = _opt("linear", "warmup: linear (from warmup_decay x lr up to lr) or constant (warmup_decay x lr throughout); "
+        "torchvision's --lr-warmup-method", choices=["linear", "constant"])
+    warmup_decay: Optional[float] = _opt(None, "the warmup's starting factor of the lr (torchvision's --lr-warmup-decay); null: 0.01 with "
+        "sched.interval=epoch (torchvision's default), and with interval=step a linear ramp from 1/warmup steps", min=0.0, max=1.0)
     step_epochs: int = _opt(30, "step schedule: multiply by gamma every this many epochs", min=1)
     gamma: float = _opt(0.1, "step schedule factor", min=0.0, max=1.0)
     min_lr: float = _opt(0.0, "cosine schedule floor: the lr training ends at (at most optim.lr; a backbone under optim.backbone_lr_scale "
@@ -195,6 +205,9 @@ class EMAConfig:
     every_steps: int = _opt(32, "update the EMA every N optimizer steps (torchvision's --model-ema-steps)", min=1, resume="ema_rule")
     warmup_copy: bool = _opt(True, "during sched.warmup_epochs the EMA copies the weights instead of averaging them (torchvision resets it while "
         "the lr warms up)", resume="ema_rule")
+    cadence: str = _opt("run", "which steps update it: run (every every_steps-th optimizer step of the run) or epoch (torchvision's: the "
+        "steps 0, every_steps, 2 x every_steps, ... of each epoch, and the first update after the warmup copies too)", choices=["run", "epoch"],
+        resume="ema_rule")
     adjust_decay: bool = _opt(False, "torchvision's decay adjustment: alpha = (1 - decay) * data.batch_size * every_steps / train.epochs (capped at "
         "1), decay = 1 - alpha; decay is then torchvision's --model-ema-decay", resume="ema_rule")
 
@@ -713,6 +726,9 @@ def check_schedule(cfg: Config) -> None:
     if cfg.sched.name == "cosine" and cfg.sched.min_lr > cfg.optim.lr:
         raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} is above optim.lr={cfg.optim.lr}: the cosine schedule would rise "
                           "instead of decay; set sched.min_lr <= optim.lr (it is the lr the cosine ends at)")
+    if cfg.sched.interval == "epoch" and cfg.sched.warmup_epochs != int(cfg.sched.warmup_epochs):
+        raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs} is not a whole number of epochs, which sched.interval=epoch "
+                          "counts in; round it, or set sched.interval=step")
 
 
 def check_batch_split(global_batch: int, world_size: int, accum_steps: int = 1) -> None:

@@ -159,3 +159,47 @@ def test_state_dict_round_trip_mid_schedule_resumes_to_identical_lrs(sched):
         rest, resumed_end = _drive(optimizer, scheduler, epochs * SPE - stop)
         assert first + rest == uninterrupted  # bitwise the same lrs, every group, every step
         assert resumed_end == end
+
+
+def _torch_epoch_schedule(lr, epochs, warmup, method, decay, main):
+    """torchvision's references: the warmup scheduler, then `main(optimizer)` from the warmup's end (SequentialLR), stepped per epoch."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    first = main(optimizer)
+    if warmup:
+        warm = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=decay, total_iters=warmup) if method == "linear"
+                else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=decay, total_iters=warmup))
+        first = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers=[warm, first], milestones=[warmup])
+    out = []
+    for _ in range(epochs):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        first.step()
+    return out
+
+
+@pytest.mark.parametrize("name, method, warmup, decay, main", [
+    ("step", "constant", 2, 0.1, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
+    ("step", "linear", 0, None, lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5)),
+    ("cosine", "linear", 3, 0.25, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=9 - 3, eta_min=0.01)),
+    ("constant", "constant", 1, None, lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=1.0, total_iters=0)),
+])
+def test_per_epoch_schedules_are_torchvisions_and_change_only_at_epoch_boundaries(name, method, warmup, decay, main):
+    overrides = ["optim.lr=0.2", f"sched.name={name}", "sched.interval=epoch", f"sched.warmup_epochs={warmup}", f"sched.warmup_method={method}",
+                 "sched.step_epochs=3", "sched.gamma=0.5", "sched.min_lr=0.01", *([f"sched.warmup_decay={decay}"] if decay is not None else [])]
+    _, used, _ = _lrs(overrides, 9)
+    theirs = _torch_epoch_schedule(0.2, 9, warmup, method, 0.01 if decay is None else decay, main)
+    for step, lr in enumerate(used):
+        assert lr == pytest.approx(theirs[step // SPE], rel=1e-12, abs=1e-15), (step, lr, theirs)
+
+
+def test_per_epoch_warmup_needs_whole_epochs():
+    cfg = config.load(None, ["sched.interval=epoch", "sched.warmup_epochs=1.5"])
+    with pytest.raises(ConfigError, match="not a whole number of epochs"):
+        config.check_schedule(cfg)
+
+
+def test_a_per_step_warmup_from_warmup_decay():
+    _, used, _ = _lrs(["optim.lr=1.0", "sched.name=constant", "sched.warmup_epochs=1", "sched.warmup_decay=0.1"], 2)
+    assert [round(u, 6) for u in used[:SPE + 1]] == [round(0.1 + 0.9 * s / SPE, 6) for s in range(SPE)] + [1.0]
+    _, used, _ = _lrs(["optim.lr=1.0", "sched.name=constant", "sched.warmup_epochs=1", "sched.warmup_method=constant"], 2)
+    assert used == [0.01] * SPE + [1.0] * SPE

@@ -36,16 +36,26 @@ def adjusted_decay(decay: float, global_batch: int, every_steps: int, epochs: in
 
 @dataclass(frozen=True)
 class EMASchedule:
-    """When the EMA updates: every `every_steps` optimizer steps (global step counted from 1), and
-    during the first `warmup_steps` steps it copies the weights instead of averaging them
-    (torchvision resets `n_averaged` during the lr warmup)."""
+    """When the EMA updates (global step counted from 1), and which updates copy the weights instead
+    of averaging them (torchvision resets `n_averaged` after each update during the lr warmup).
+
+    cadence "run": every `every_steps`-th optimizer step of the run; the updates in the first
+    `warmup_steps` steps copy. cadence "epoch" (torchvision's `i % model_ema_steps == 0` over each
+    epoch's steps i = 0, 1, ...): the steps 0, every_steps, ... of each epoch of `steps_per_epoch`;
+    the updates in the warmup copy, and so does the first one after it (n_averaged was reset)."""
     every_steps: int
     warmup_steps: int
+    cadence: str = "run"
+    steps_per_epoch: int = 1
 
     def due(self, global_step: int) -> bool:
+        if self.cadence == "epoch":
+            return (global_step - 1) % self.steps_per_epoch % self.every_steps == 0
         return global_step % self.every_steps == 0
 
     def copies(self, global_step: int) -> bool:
+        if self.cadence == "epoch" and self.warmup_steps:
+            return global_step <= self.warmup_steps + 1  # the warmup's updates and the first after it (step 0 of an epoch: always due)
         return global_step <= self.warmup_steps
 
 

@@ -1,4 +1,4 @@
-"""Optimizers and per-step learning-rate schedules (linear warmup, then constant/cosine/step)."""
+"""Optimizers, their parameter groups, and learning-rate schedules (warmup, then constant/cosine/step), per step or per epoch."""
 from __future__ import annotations
 
 import math
@@ -16,43 +16,62 @@ NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancen
 
 
 def decay_classes(model: torch.nn.Module) -> dict:
-    """{parameter: "norm" | "bias" | "other"}: "norm" for a parameter of a normalization layer (weight
-    and bias), "bias" for any other parameter named bias, "other" for the rest."""
+    """{parameter: "norm" | "norm_bias" | "bias" | "other"}: "norm" for a normalization layer's
+    parameter other than its bias, "norm_bias" for its bias, "bias" for any other parameter named
+    bias, "other" for the rest."""
     classes = {}
     for module in model.modules():
         for local, p in module.named_parameters(recurse=False):
-            classes.setdefault(p, "norm" if isinstance(module, NORM_LAYERS) else "bias" if local == "bias" else "other")
+            norm = isinstance(module, NORM_LAYERS)
+            classes.setdefault(p, ("norm_bias" if local == "bias" else "norm") if norm else "bias" if local == "bias" else "other")
     return classes
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list:
-    """The optimizer's parameter groups: learning rate by part (head / backbone), weight decay by kind.
+def decay_of(kind: str, ndim: int, cfg: OptimConfig) -> tuple:
+    """(group name, weight decay) of a parameter of `kind` (decay_classes) with `ndim` dims.
 
-    Weight decay: optim.norm_weight_decay for normalization layers' parameters and
-    optim.bias_weight_decay for the other biases when set; otherwise (null, and for every other
-    parameter) optim.weight_decay for tensors of 2+ dims and none for 1-d ones (biases and
-    normalization parameters: distcls's rule before these keys, the groups of older checkpoints).
+    With optim.norm_weight_decay and optim.bias_weight_decay both null: optim.weight_decay for
+    tensors of 2+ dims, none for 1-d ones. With either set, by optim.decay_rule:
+    - torchvision (null too): the groups of torchvision's references (`set_weight_decay` with
+      --bias-weight-decay as its custom key "bias"): bias_weight_decay for every parameter named bias
+      (normalization layers' included), then norm_weight_decay for normalization layers' parameters,
+      weight_decay for everything else, 1-d tensors included;
+    - by_ndim (distcls before the key, kept for its checkpoints): norm_weight_decay for normalization
+      layers' parameters, bias_weight_decay for the other biases, each when set; otherwise 2+ dims
+      take weight_decay and 1-d tensors none.
     """
+    norm, bias = cfg.norm_weight_decay, cfg.bias_weight_decay
+    if norm is None and bias is None:
+        return ("decay", cfg.weight_decay) if ndim > 1 else ("no_decay", 0.0)
+    if cfg.decay_rule in (None, "torchvision"):
+        if bias is not None and kind in ("bias", "norm_bias"):
+            return "bias", bias
+        if norm is not None and kind in ("norm", "norm_bias"):
+            return "norm", norm
+        return "decay", cfg.weight_decay
+    explicit = {"norm": norm, "norm_bias": norm, "bias": bias}
+    if explicit.get(kind) is not None:
+        return ("norm" if kind.startswith("norm") else "bias"), explicit[kind]
+    return ("decay", cfg.weight_decay) if ndim > 1 else ("no_decay", 0.0)
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list:
+    """The optimizer's parameter groups: learning rate by part (head / backbone), weight decay by
+    kind (`decay_of`). A fixed order of groups, each kept only when it has parameters: with both
+    decay keys null these are the two groups per part distcls always built, so older checkpoints'
+    optimizer states still load."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     kind = decay_classes(model)
-    explicit = {"norm": cfg.norm_weight_decay, "bias": cfg.bias_weight_decay}
-
-    def bucket(p) -> str:
-        k = kind.get(p, "other")
-        if explicit.get(k) is not None:
-            return k
-        return "decay" if p.ndim > 1 else "no_decay"
-
-    decay = {"decay": cfg.weight_decay, "no_decay": 0.0, "norm": cfg.norm_weight_decay, "bias": cfg.bias_weight_decay}
     # Fine-tuning: the backbone learns at optim.lr * backbone_lr_scale, the classifier head at optim.lr.
     head = classifier_head(model) if cfg.backbone_lr_scale != 1.0 else None
     groups = []
     for part_lr, part in ((cfg.lr, [p for n, p in named if head is None or is_head(n, head)]),
                           (cfg.lr * cfg.backbone_lr_scale, [p for n, p in named if head is not None and not is_head(n, head)])):
-        # A fixed order of groups, each kept only when it has parameters: with both keys null these are
-        # the two groups per part distcls always built, so older checkpoints' optimizer states still load.
+        decays = [decay_of(kind.get(p, "other"), p.ndim, cfg) for p in part]
         for name in ("decay", "no_decay", "norm", "bias"):
-            groups.append({"params": [p for p in part if bucket(p) == name], "weight_decay": decay[name], "lr": part_lr})
+            members = [p for p, (group, _) in zip(part, decays) if group == name]
+            value = next((wd for group, wd in decays if group == name), 0.0)
+            groups.append({"params": members, "weight_decay": value, "lr": part_lr})
     return [g for g in groups if g["params"]]
 
 
@@ -89,10 +108,16 @@ OPTIMIZERS = {
 
 
 def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of the peak lr before optimizer step `step` (0-based)."""
+    """Multiplier of the peak lr before optimizer step `step` (0-based), without the cosine floor
+    (build_scheduler adds it). sched.interval=epoch: the factor of the step's epoch (epoch_factor)."""
+    if cfg.interval == "epoch":
+        return epoch_factor(step // steps_per_epoch, cfg, total_steps // steps_per_epoch)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
-        return (step + 1) / warmup
+        if cfg.warmup_decay is None and cfg.warmup_method == "linear":  # distcls's ramp: 1/warmup, 2/warmup, ..., 1
+            return (step + 1) / warmup
+        decay = EPOCH_WARMUP_DECAY if cfg.warmup_decay is None else cfg.warmup_decay
+        return decay + (1 - decay) * step / warmup if cfg.warmup_method == "linear" else decay
     if cfg.name == "constant":
         return 1.0
     if cfg.name == "step":
@@ -101,13 +126,38 @@ def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, total_steps: in
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
+EPOCH_WARMUP_DECAY = 0.01  # torchvision's --lr-warmup-decay default
+
+
+def epoch_factor(epoch: int, cfg: SchedConfig, epochs: int) -> float:
+    """sched.interval=epoch: torchvision's references' lr factor of `epoch` (0-based), the schedulers
+    their train.py builds and steps once per epoch: LinearLR(start_factor=warmup_decay,
+    total_iters=W) or ConstantLR(factor=warmup_decay, total_iters=W) for the W warmup epochs, then
+    (SequentialLR, which restarts the main schedule at W) CosineAnnealingLR(T_max=epochs - W),
+    StepLR(step_epochs, gamma) or a constant, each counted from the warmup's end."""
+    warmup = int(cfg.warmup_epochs)
+    decay = EPOCH_WARMUP_DECAY if cfg.warmup_decay is None else cfg.warmup_decay
+    if epoch < warmup:
+        return decay + (1 - decay) * epoch / warmup if cfg.warmup_method == "linear" else decay
+    after = epoch - warmup
+    if cfg.name == "constant":
+        return 1.0
+    if cfg.name == "step":
+        return cfg.gamma ** (after // cfg.step_epochs)
+    return 0.5 * (1 + math.cos(math.pi * after / max(1, epochs - warmup)))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, optim_cfg: OptimConfig,
                     steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR stepped after every optimizer step (with sched.interval=epoch its factor changes
+    only at epoch boundaries). The cosine ends at sched.min_lr (torchvision's eta_min): floor +
+    (1 - floor) x the cosine factor, after the warmup."""
     total = steps_per_epoch * epochs
     floor = cfg.min_lr / optim_cfg.lr if cfg.name == "cosine" else 0.0
+    warmup = int(cfg.warmup_epochs) * steps_per_epoch if cfg.interval == "epoch" else int(round(cfg.warmup_epochs * steps_per_epoch))
 
     def factor(step: int) -> float:
         f = lr_factor(step, cfg, steps_per_epoch, total)
-        return floor + (1 - floor) * f if cfg.name == "cosine" and step >= int(round(cfg.warmup_epochs * steps_per_epoch)) else f
+        return floor + (1 - floor) * f if cfg.name == "cosine" and step >= warmup else f
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -37,23 +37,43 @@ EMA_KEYS = {key: _EMA_RULE for key in config_mod.resume_keys("ema_rule")}
 
 
 # Keys added after checkpoints were written without them: the value that gives such a checkpoint
-# its meaning (an image folder's val/ was the test split, validation carved from train/).
-SAVED_BEFORE_THE_KEY = {"data.carve_val": True}
+# its meaning (an image folder's val/ was the test split, validation carved from train/; the weight
+# decay keys grouped 1-d tensors only).
+SAVED_BEFORE_THE_KEY = {"data.carve_val": True, "optim.decay_rule": "by_ndim", "sched.interval": "step", "sched.warmup_method": "linear",
+                       "sched.warmup_decay": None, "train.ema.cadence": "run"}
+# Of those, the keys whose null is decided at the start: what null means for a run that resumes nothing.
+NEW_RUN_VALUE = {"data.carve_val": False, "optim.decay_rule": "torchvision"}
 
 
 def resolve_unset(cfg: Config, point: Optional[ResumePoint], note: Callable[[str], None]) -> Config:
-    """`cfg` with its run-time defaults decided: data.carve_val null is the resumed checkpoint's value
-    (True for one written before the key), else false. The decided value is stored with the run."""
-    if cfg.data.carve_val is not None:
-        return cfg
-    value = False
-    if point is not None:
-        saved = (point.config or {}).get("data", {})
-        value = saved.get("carve_val", SAVED_BEFORE_THE_KEY["data.carve_val"])
-        if "carve_val" not in saved and cfg.data.name == "imagefolder":
-            note(f"checkpoint {point.path} predates data.carve_val: it keeps its meaning (validation carved from train/, val/ the "
-                 "test split); a new run takes torchvision's (val/ validates every epoch)")
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, carve_val=bool(value)))
+    """`cfg` with its run-time defaults decided: a key of NEW_RUN_VALUE left null is the resumed
+    checkpoint's value (SAVED_BEFORE_THE_KEY's for one written before the key), else NEW_RUN_VALUE's.
+    The decided values are stored with the run."""
+    saved = (point.config or {}) if point is not None else {}
+    for key in NEW_RUN_VALUE:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) is not None:
+            continue
+        value = NEW_RUN_VALUE[key]
+        if point is not None:
+            value = _get_or(saved, key, SAVED_BEFORE_THE_KEY[key])
+            if name not in saved.get(section, {}) and _predates(key, cfg):
+                note(f"checkpoint {point.path} predates {key}: {PREDATES[key]}")
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+    return cfg
+
+
+PREDATES = {"data.carve_val": "it keeps its meaning (validation carved from train/, val/ the test split); a new run takes torchvision's "
+                              "(val/ validates every epoch)",
+            "optim.decay_rule": "its weight decay groups stay as they were (optim.decay_rule=by_ndim: the decay keys for 1-d tensors "
+                                "only); a new run takes torchvision's set_weight_decay groups"}
+
+
+def _predates(key: str, cfg: Config) -> bool:
+    """Whether the key's old meaning makes a difference to this run (the note is worth a line)."""
+    if key == "data.carve_val":
+        return cfg.data.name == "imagefolder"
+    return cfg.optim.norm_weight_decay is not None or cfg.optim.bias_weight_decay is not None
 
 
 def _get(tree: dict, path: str):

@@ -139,14 +139,14 @@ def build_ema(cfg: Config, module: nn.Module, steps_per_epoch: int) -> tuple[Opt
     if not e.enabled:
         return None, None
     total_steps = steps_per_epoch * cfg.train.epochs
-    if total_steps < e.every_steps:  # it would stay the initial (random) weights, evaluated and reported as the EMA
+    if total_steps < e.every_steps and e.cadence == "run":  # (cadence epoch: every epoch's first step updates)  # it would stay the initial (random) weights, evaluated and reported as the EMA
         raise ConfigError(f"train.ema.every_steps={e.every_steps}, but this run makes only {total_steps} optimizer steps "
                           f"({cfg.train.epochs} epochs of {steps_per_epoch}, as train.max_steps_per_epoch or --debug leave them): its model "
                           f"EMA would never update; set train.ema.every_steps <= {total_steps} (for a short smoke run: 1), train for more "
                           "steps, or set train.ema.enabled=false")
     decay = adjusted_decay(e.decay, cfg.data.batch_size, e.every_steps, cfg.train.epochs) if e.adjust_decay else e.decay
     warmup = int(round(cfg.sched.warmup_epochs * steps_per_epoch)) if e.warmup_copy else 0
-    return ModelEMA(module, decay), EMASchedule(e.every_steps, warmup)
+    return ModelEMA(module, decay), EMASchedule(e.every_steps, warmup, e.cadence, steps_per_epoch)
 
 
 def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Optional[CheckpointFiles] = None,

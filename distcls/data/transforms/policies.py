@@ -313,6 +313,8 @@ def _geometric(x, op, mag, interpolation, every_sample: bool = False):
         center_x=torch.where(is_shear, zero - 0.5 * w, zero), center_y=torch.where(is_shear, zero - 0.5 * h, zero))
     grid = affine_grid(theta.to(x.dtype), h, w)
     moved = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False).round_()
+    if interpolation == "bicubic":  # its kernel overshoots: back to the uint8 range, as a PIL image's bicubic affine is
+        moved.clamp_(0, 255)
     return moved if every_sample else torch.where(_is(op, *GEOMETRIC).view(-1, 1, 1, 1), moved, x)
 
 

@@ -163,9 +163,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = _opt("sgd", "optimizer", choices=["sgd", "adamw", "adam"])
+    name: str = _opt("sgd", "optimizer (rmsprop: torch's RMSprop with torchvision's recipe settings, optim.alpha 0.9 and optim.eps 0.0316)",
+        choices=["sgd", "adamw", "adam", "rmsprop"])
     lr: float = _opt(0.05, "peak learning rate", min=0.0, exclusive_min=True)
-    momentum: float = _opt(0.9, "SGD momentum", min=0.0, max=1.0)
+    momentum: float = _opt(0.9, "SGD and RMSprop momentum", min=0.0, max=1.0)
+    alpha: float = _opt(0.9, "RMSprop smoothing constant (torchvision's recipes: 0.9; torch's default 0.99)", min=0.0, max=1.0)
+    eps: Optional[float] = _opt(None, "RMSprop/Adam/AdamW epsilon (null: torchvision's 0.0316 for rmsprop, torch's 1e-8 for adam and adamw)",
+        min=0.0, exclusive_min=True)
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(5e-4, "weight decay; with the next two keys null, of tensors with 2+ dims only (1-d tensors, biases and "
         "normalization parameters, get none); with either set, of every tensor those keys leave (torchvision's set_weight_decay)", min=0.0)
@@ -183,7 +187,10 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class SchedConfig:
-    name: str = _opt("cosine", "learning-rate schedule after warmup", choices=["constant", "cosine", "step"])
+    name: str = _opt("cosine", "learning-rate schedule after warmup: constant, cosine (to sched.min_lr), step (x gamma every step_epochs), "
+        "multistep (x gamma at each of sched.milestones), exponential (x gamma per epoch), poly ((1 - progress) ** sched.power), onecycle "
+        "(torch's OneCycleLR of the lr: its own warmup, sched.pct_start)", choices=["constant", "cosine", "step", "multistep", "exponential",
+                                                                                   "poly", "onecycle"])
     interval: str = _opt("step", "when the lr changes: step (every optimizer step, a smooth curve) or epoch (once per epoch, torchvision's "
         "references: warmup and schedule counted in epochs)", choices=["step", "epoch"])
     warmup_epochs: float = _opt(0.0, "warmup length in epochs (fractions allowed with sched.interval=step; torchvision's --lr-warmup-epochs)", min=0.0)
@@ -192,7 +199,13 @@ class SchedConfig:
     warmup_decay: Optional[float] = _opt(None, "the warmup's starting factor of the lr (torchvision's --lr-warmup-decay); null: 0.01 with "
         "sched.interval=epoch (torchvision's default), and with interval=step a linear ramp from 1/warmup steps", min=0.0, max=1.0)
     step_epochs: int = _opt(30, "step schedule: multiply by gamma every this many epochs", min=1)
-    gamma: float = _opt(0.1, "step schedule factor", min=0.0, max=1.0)
+    gamma: float = _opt(0.1, "step, multistep and exponential schedules' factor", min=0.0, max=1.0)
+    milestones: list = _opt([30, 60, 90], "multistep schedule: the epochs (counted as sched.step_epochs is) where the lr is multiplied by gamma")
+    power: float = _opt(1.0, "poly schedule: the lr falls as (1 - progress) ** power to 0 at the end (torch's PolynomialLR)", min=0.0)
+    pct_start: float = _opt(0.3, "onecycle: the fraction of the run spent rising to optim.lr (torch's OneCycleLR pct_start)", min=0.0, max=1.0,
+                            exclusive_min=True)
+    div_factor: float = _opt(25.0, "onecycle: it starts at optim.lr / div_factor", min=1.0)
+    final_div_factor: float = _opt(1e4, "onecycle: it ends at the start lr / final_div_factor", min=1.0)
     min_lr: float = _opt(0.0, "cosine schedule floor: the lr training ends at (at most optim.lr; a backbone under optim.backbone_lr_scale "
         "ends at this times that)", min=0.0)
 
@@ -726,6 +739,11 @@ def check_schedule(cfg: Config) -> None:
     if cfg.sched.name == "cosine" and cfg.sched.min_lr > cfg.optim.lr:
         raise ConfigError(f"sched.min_lr={cfg.sched.min_lr} is above optim.lr={cfg.optim.lr}: the cosine schedule would rise "
                           "instead of decay; set sched.min_lr <= optim.lr (it is the lr the cosine ends at)")
+    if cfg.sched.name == "onecycle" and (cfg.sched.warmup_epochs or cfg.sched.interval == "epoch"):
+        raise ConfigError("sched.name=onecycle has its own warmup (sched.pct_start) and changes the lr every step; set sched.warmup_epochs=0 "
+                          "and sched.interval=step")
+    if cfg.sched.name == "multistep" and any(not isinstance(m, int) or m < 1 for m in cfg.sched.milestones):
+        raise ConfigError(f"sched.milestones={cfg.sched.milestones}: give whole epochs >= 1, e.g. [30, 60, 90]")
     if cfg.sched.interval == "epoch" and cfg.sched.warmup_epochs != int(cfg.sched.warmup_epochs):
         raise ConfigError(f"sched.warmup_epochs={cfg.sched.warmup_epochs} is not a whole number of epochs, which sched.interval=epoch "
                           "counts in; round it, or set sched.interval=step")

@@ -170,7 +170,7 @@ def test_help_lists_each_keys_choices_and_print_config_prints_the_resolved_confi
         train.main(["--help"])
     assert info.value.code == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("sched.name "))
-    assert "[choices: constant | cosine | step]" in line
+    assert "[choices: constant | cosine | step | multistep | exponential | poly | onecycle]" in line
     proc = cli_in_process(capsys, "train", ["--print-config", "--config", config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
                                             "optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"])
     assert proc.returncode == 0 and proc.stderr == ""

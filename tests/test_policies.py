@@ -197,3 +197,17 @@ def test_config_rejects_a_magnitude_outside_the_bins():
         load(None, ["data.augment.policy=randaugment", "data.augment.magnitude=31"])
     with pytest.raises(ConfigError, match="must be one of"):
         load(None, ["data.augment.policy=augmix"])
+
+
+def test_bicubic_geometry_stays_on_the_uint8_grid():
+    """policy_interpolation=bicubic (torchvision's recipes with --interpolation bicubic): the kernel overshoots,
+    the result is rounded and clamped back to 0..255, and it differs from bilinear."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 24, 20), generator=g).double()
+    ops = torch.tensor([P.OP_ID[name] for name in P.GEOMETRIC] * 2)
+    mags = torch.tensor([0.3, -0.2, 5.0, -4.0, 25.0, -0.3, 0.2, -5.0, 4.0, -25.0], dtype=torch.float64)
+    bicubic = P.apply_ops(images.clone(), ops, mags, "bicubic")  # (it may write into its input)
+    bilinear = P.apply_ops(images.clone(), ops, mags, "bilinear")
+    assert bicubic.min() >= 0 and bicubic.max() <= 255 and torch.equal(bicubic, bicubic.round())
+    assert not torch.equal(bicubic, bilinear)
+    assert AugmentConfig(policy="trivialaugment", policy_interpolation="bicubic").policy_interpolation == "bicubic"

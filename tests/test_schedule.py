@@ -138,10 +138,12 @@ def test_backbone_groups_keep_their_lr_ratio_through_the_schedule(sched):
         assert after == pytest.approx([0.001, 0.001, 0.0001, 0.0001], rel=1e-12)
 
 
-@pytest.mark.parametrize("sched", ["cosine", "step"])
+@pytest.mark.parametrize("sched", ["cosine", "step", "multistep", "exponential", "poly", "onecycle", "cosine-per-epoch"])
 def test_state_dict_round_trip_mid_schedule_resumes_to_identical_lrs(sched):
-    overrides = ["optim.lr=0.1", "optim.backbone_lr_scale=0.5", f"sched.name={sched}", "sched.warmup_epochs=1.5",
-                 "sched.step_epochs=1", "sched.min_lr=0.003"]
+    name, _, per_epoch = sched.partition("-per-")
+    overrides = ["optim.lr=0.1", "optim.backbone_lr_scale=0.5", f"sched.name={name}",
+                 f"sched.warmup_epochs={0 if name == 'onecycle' else 1 if per_epoch else 1.5}", *(["sched.interval=epoch"] if per_epoch else []),
+                 "sched.step_epochs=1", "sched.min_lr=0.003", "sched.milestones=[2,3]", "sched.gamma=0.5"]
     epochs = 4
     _, optimizer, scheduler = _build(overrides, epochs)
     uninterrupted, end = _drive(optimizer, scheduler, epochs * SPE)
@@ -203,3 +205,42 @@ def test_a_per_step_warmup_from_warmup_decay():
     assert [round(u, 6) for u in used[:SPE + 1]] == [round(0.1 + 0.9 * s / SPE, 6) for s in range(SPE)] + [1.0]
     _, used, _ = _lrs(["optim.lr=1.0", "sched.name=constant", "sched.warmup_epochs=1", "sched.warmup_method=constant"], 2)
     assert used == [0.01] * SPE + [1.0] * SPE
+
+
+
+@pytest.mark.parametrize("name, theirs", [
+    ("multistep", lambda o, spe, total: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2 * spe, 3 * spe], gamma=0.5)),
+    ("exponential", lambda o, spe, total: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5 ** (1 / spe))),
+    ("poly", lambda o, spe, total: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=total, power=2.0)),
+    ("onecycle", lambda o, spe, total: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=total, pct_start=0.25, div_factor=10,
+                                                                           final_div_factor=100, cycle_momentum=False)),
+])
+def test_the_other_schedules_are_torchs_own_per_step(name, theirs):
+    """Each schedule per step against torch's scheduler class of the same name, stepped after every optimizer step."""
+    epochs = 5
+    overrides = ["optim.lr=0.1", f"sched.name={name}", "sched.milestones=[2,3]", "sched.gamma=0.5", "sched.power=2.0", "sched.pct_start=0.25",
+                 "sched.div_factor=10", "sched.final_div_factor=100"]
+    _, ours, _ = _lrs(overrides, epochs)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    scheduler = theirs(optimizer, SPE, SPE * epochs)
+    reference = []
+    for _ in range(SPE * epochs):
+        reference.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert ours == pytest.approx(reference, rel=1e-9, abs=1e-15)
+
+
+def test_onecycle_refuses_a_warmup_of_its_own():
+    cfg = config.load(None, ["sched.name=onecycle", "sched.warmup_epochs=1"])
+    with pytest.raises(ConfigError, match="onecycle has its own warmup"):
+        config.check_schedule(cfg)
+
+
+def test_rmsprop_is_torchvisions():
+    """torchvision's references: torch.optim.RMSprop(alpha=0.9, eps=0.0316, momentum, weight_decay)."""
+    cfg = config.load(None, ["optim.name=rmsprop", "optim.lr=0.064", "optim.weight_decay=1e-5"])
+    optimizer = build_optimizer(_model(), cfg.optim)
+    assert isinstance(optimizer, torch.optim.RMSprop)
+    g = optimizer.param_groups[0]
+    assert (g["lr"], g["alpha"], g["eps"], g["momentum"], g["weight_decay"]) == (0.064, 0.9, 0.0316, 0.9, 1e-5)

@@ -99,12 +99,49 @@ def _fused(make):
     return build
 
 
+RMSPROP_EPS = 0.0316  # torchvision's references (train.py) build RMSprop with eps 0.0316 and alpha 0.9
+
+
+def _eps(cfg: OptimConfig, default: float) -> dict:
+    return {"eps": default if cfg.eps is None else cfg.eps}
+
+
 OPTIMIZERS = {
     "sgd": _fused(lambda groups, cfg, **kw: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
                                                              nesterov=cfg.nesterov and cfg.momentum > 0, **kw)),
-    "adam": _fused(lambda groups, cfg, **kw: torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kw)),
-    "adamw": _fused(lambda groups, cfg, **kw: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **kw)),
+    "adam": _fused(lambda groups, cfg, **kw: torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_eps(cfg, 1e-8), **kw)),
+    "adamw": _fused(lambda groups, cfg, **kw: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_eps(cfg, 1e-8), **kw)),
+    "rmsprop": lambda groups, cfg: torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, momentum=cfg.momentum, **_eps(cfg, RMSPROP_EPS)),
 }
+
+
+# The schedules after the warmup: factor(t, total, per_epoch, cfg), t units (steps, or epochs with
+# sched.interval=epoch) since the warmup's end (the run's start for COUNTED_FROM_THE_START in step
+# mode), total the units after the warmup, per_epoch the units of an epoch.
+SCHEDULES = {
+    "constant": lambda t, total, per_epoch, cfg: 1.0,
+    "cosine": lambda t, total, per_epoch, cfg: 0.5 * (1 + math.cos(math.pi * min(1.0, t / max(1, total)))),
+    "step": lambda t, total, per_epoch, cfg: cfg.gamma ** (t // (cfg.step_epochs * per_epoch)),
+    "multistep": lambda t, total, per_epoch, cfg: cfg.gamma ** sum(t >= m * per_epoch for m in cfg.milestones),
+    "exponential": lambda t, total, per_epoch, cfg: cfg.gamma ** (t / per_epoch),
+    "poly": lambda t, total, per_epoch, cfg: (1.0 - min(t, total) / max(1, total)) ** cfg.power,
+}
+COUNTED_FROM_THE_START = ("step", "multistep")  # per step: epochs from the run's start, warmup included (distcls's step schedule)
+
+
+def onecycle_factor(step: int, cfg: SchedConfig, total_steps: int) -> float:
+    """torch's OneCycleLR (cos annealing, two phases) as a factor of optim.lr: from 1/div_factor up to 1
+    over pct_start of the run, then down to 1/(div_factor x final_div_factor). The lr only: torch's
+    cycle_momentum is not done."""
+    start, end = 1.0 / cfg.div_factor, 1.0 / (cfg.div_factor * cfg.final_div_factor)
+    peak_at = float(cfg.pct_start * total_steps) - 1
+
+    def anneal(a, b, pct):
+        return b + (a - b) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+    if step <= peak_at:
+        return anneal(start, 1.0, step / peak_at if peak_at > 0 else 1.0)
+    return anneal(1.0, end, (step - peak_at) / max(1e-12, (total_steps - 1) - peak_at))
 
 
 def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, total_steps: int) -> float:
@@ -112,18 +149,16 @@ def lr_factor(step: int, cfg: SchedConfig, steps_per_epoch: int, total_steps: in
     (build_scheduler adds it). sched.interval=epoch: the factor of the step's epoch (epoch_factor)."""
     if cfg.interval == "epoch":
         return epoch_factor(step // steps_per_epoch, cfg, total_steps // steps_per_epoch)
+    if cfg.name == "onecycle":
+        return onecycle_factor(step, cfg, total_steps)
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     if step < warmup:
         if cfg.warmup_decay is None and cfg.warmup_method == "linear":  # distcls's ramp: 1/warmup, 2/warmup, ..., 1
             return (step + 1) / warmup
         decay = EPOCH_WARMUP_DECAY if cfg.warmup_decay is None else cfg.warmup_decay
         return decay + (1 - decay) * step / warmup if cfg.warmup_method == "linear" else decay
-    if cfg.name == "constant":
-        return 1.0
-    if cfg.name == "step":
-        return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch))
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-    return 0.5 * (1 + math.cos(math.pi * progress))
+    t = step if cfg.name in COUNTED_FROM_THE_START else step - warmup
+    return SCHEDULES[cfg.name](t, total_steps - warmup, steps_per_epoch, cfg)
 
 
 EPOCH_WARMUP_DECAY = 0.01  # torchvision's --lr-warmup-decay default
@@ -134,24 +169,20 @@ def epoch_factor(epoch: int, cfg: SchedConfig, epochs: int) -> float:
     their train.py builds and steps once per epoch: LinearLR(start_factor=warmup_decay,
     total_iters=W) or ConstantLR(factor=warmup_decay, total_iters=W) for the W warmup epochs, then
     (SequentialLR, which restarts the main schedule at W) CosineAnnealingLR(T_max=epochs - W),
-    StepLR(step_epochs, gamma) or a constant, each counted from the warmup's end."""
+    StepLR(step_epochs, gamma), ExponentialLR(gamma), ... each counted from the warmup's end."""
     warmup = int(cfg.warmup_epochs)
     decay = EPOCH_WARMUP_DECAY if cfg.warmup_decay is None else cfg.warmup_decay
     if epoch < warmup:
         return decay + (1 - decay) * epoch / warmup if cfg.warmup_method == "linear" else decay
-    after = epoch - warmup
-    if cfg.name == "constant":
-        return 1.0
-    if cfg.name == "step":
-        return cfg.gamma ** (after // cfg.step_epochs)
-    return 0.5 * (1 + math.cos(math.pi * after / max(1, epochs - warmup)))
+    return SCHEDULES[cfg.name](epoch - warmup, epochs - warmup, 1, cfg)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, optim_cfg: OptimConfig,
                     steps_per_epoch: int, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR stepped after every optimizer step (with sched.interval=epoch its factor changes
-    only at epoch boundaries). The cosine ends at sched.min_lr (torchvision's eta_min): floor +
-    (1 - floor) x the cosine factor, after the warmup."""
+    only at epoch boundaries): a function of the step alone, so a resume at any step is exact. The
+    cosine ends at sched.min_lr (torchvision's eta_min): floor + (1 - floor) x the cosine factor,
+    after the warmup."""
     total = steps_per_epoch * epochs
     floor = cfg.min_lr / optim_cfg.lr if cfg.name == "cosine" else 0.0
     warmup = int(cfg.warmup_epochs) * steps_per_epoch if cfg.interval == "epoch" else int(round(cfg.warmup_epochs * steps_per_epoch))

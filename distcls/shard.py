@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -22,35 +24,51 @@ from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import UserError
 
 KEPT_FORMATS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}  # file suffix -> member extension; others become png
+STAGING = ".distcls-partial"  # inside OUT: the shards are written here, then moved into OUT when every one is done
 
 
-def _member(path: str) -> tuple:
-    """(extension, bytes) of one image file in a shard."""
+def _member(path: str, skip_bad: bool) -> tuple:
+    """(extension, bytes) of one image file in a shard: its own bytes (JPEG, PNG, WebP), or decoded as
+    training decodes it (images.read_image: CMYK, 16-bit, float, palette -> RGB) and written as PNG.
+    (None, message) for a file that does not decode, with --skip-bad-images."""
     suffix = Path(path).suffix.lower().lstrip(".")
-    data = Path(path).read_bytes()
     if suffix in KEPT_FORMATS:
-        return KEPT_FORMATS[suffix], data
+        return KEPT_FORMATS[suffix], Path(path).read_bytes()
     from PIL import Image
+
+    from distcls.data.transforms.images import BadImage, read_image
+    try:
+        pixels = read_image(path, 3)
+    except BadImage as exc:
+        if skip_bad:
+            return None, str(exc)
+        raise UserError(f"{exc}; delete or replace it, or pass --skip-bad-images") from None
     buffer = io.BytesIO()
-    with Image.open(io.BytesIO(data)) as img:
-        img.save(buffer, format="PNG")
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
     return "png", buffer.getvalue()
 
 
-def write_split(table, out: Path, split: str, shard_size: int, seed: int) -> dict:
-    """One split's shards; returns {shard file name: samples}."""
+def write_split(table, out: Path, split: str, shard_size: int, seed: int, skip_bad: bool, skipped: list) -> dict:
+    """One split's shards into `out`; returns {shard file name: samples}. Shards are cut by count only
+    (webdataset's ShardWriter would also cut at 3 GB: its maxsize is lifted so the counts hold)."""
     import webdataset as wds
     order = np.random.default_rng(seed).permutation(len(table))
     counts: dict = {}
     digits = max(6, len(str(max(0, (len(table) - 1) // shard_size))))
-    pattern = str(out / f"{split}-%0{digits}d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
-        for place, i in enumerate(order):
+    name = f"{split}-%0{digits}d.tar"
+    pattern = str(out).replace("%", "%%") + "/" + name  # a folder name with % in it stays itself
+    place = 0
+    with wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0) as sink:
+        for i in order:
             path, label = table.path(int(i)), int(table.labels[int(i)])
-            ext, data = _member(path)
+            ext, data = _member(path, skip_bad)
+            if ext is None:
+                skipped.append(data)
+                continue
             sink.write({"__key__": f"{place:09d}", ext: data, "cls": str(label).encode()})
-            name = Path(pattern % (place // shard_size)).name
-            counts[name] = counts.get(name, 0) + 1
+            shard = name % (place // shard_size)
+            counts[shard] = counts.get(shard, 0) + 1
+            place += 1
     return counts
 
 
@@ -80,24 +98,39 @@ def main(argv: Sequence[str]) -> int:
     if bad and not args.skip_bad_images:
         split, i, why = bad[0]
         raise UserError(f"image file {index.tables[split].path(i)}: {why}; delete or replace it, or pass --skip-bad-images")
-    out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for split in index.tables:
-        table = index.source_pairs(split)
-        skip = set(index.bad.get(split, {}))
-        if skip:
-            table = table.select([i for i in range(len(table)) if i not in skip])
-        counts[split] = write_split(table, out, split, args.shard_size, args.seed)
-    description = {"class_names": index.classes, "counts": {name: n for split in counts.values() for name, n in split.items()}}
-    (out / "shards.json").write_text(json.dumps(description, indent=1) + "\n")
+    for split, table in index.tables.items():
+        if not len(table):
+            folder = root / (index.train_dir if split == "train" else split)
+            raise UserError(f"{folder} holds no images; put each class's images in {folder}/<class>/, or remove the folder")
+    created = not out.exists()
+    staging = out / STAGING
+    staging.mkdir(parents=True)
+    counts, skipped = {}, [f"{index.tables[split].path(i)}: {why}" for split, i, why in bad]
+    try:
+        for split in index.tables:
+            table = index.source_pairs(split)
+            skip = set(index.bad.get(split, {}))
+            if skip:
+                table = table.select([i for i in range(len(table)) if i not in skip])
+            counts[split] = write_split(table, staging, split, args.shard_size, args.seed, args.skip_bad_images, skipped)
+            if not counts[split]:
+                raise UserError(f"every image of {root}'s {split} split is unreadable ({skipped[-1]}); nothing to write")
+        description = {"class_names": index.classes, "counts": {name: n for split in counts.values() for name, n in split.items()}}
+        (staging / "shards.json").write_text(json.dumps(description, indent=1) + "\n")
+        for written in sorted(staging.iterdir(), key=lambda p: p.name == "shards.json"):  # shards.json last: its presence says "complete"
+            os.replace(written, out / written.name)
+        staging.rmdir()
+    except BaseException:
+        shutil.rmtree(out if created else staging, ignore_errors=True)  # nothing half-written stays behind
+        raise
     for split, c in counts.items():
         names = sorted(c)
         first, last = names[0], names[-1]
         stem, digits = first.rsplit("-", 1)[0], len(first.rsplit("-", 1)[1]) - len(".tar")
         pattern = f"{out.resolve()}/{stem}-{{{0:0{digits}d}..{len(names) - 1:0{digits}d}}}.tar" if len(names) > 1 else str(out.resolve() / first)
         print(f"{split}: {sum(c.values()):,} samples in {len(names)} shards ({first} .. {last}): data.{split}_shards={pattern}")
-    skipped = f"; {len(bad)} unreadable files left out" if bad else ""
-    print(f"{len(index.classes)} classes; {out / 'shards.json'} holds their names and the shards' counts{skipped}")
+    left_out = f"; {len(skipped)} unreadable files left out (first: {skipped[0]})" if skipped else ""
+    print(f"{len(index.classes)} classes; {out / 'shards.json'} holds their names and the shards' counts{left_out}")
     return 0
 
 

@@ -177,7 +177,8 @@ def test_shards_without_a_description_are_counted_once_and_a_restart_reads_the_c
     train_in_process(out, *shard_args(bare), "model.name=cnn3", "train.epochs=1")
     kept = json.loads((out / "shards.json").read_text())
     assert kept["class_names"] == ["0", "1", "2", "3"]
-    assert kept["counts"] == json.loads((shards / "shards.json").read_text())["counts"]
+    assert {Path(k).name: n for k, n in kept["counts"].items()} == json.loads((shards / "shards.json").read_text())["counts"]
+    assert all(Path(k).parent == bare for k in kept["counts"])  # by full path: another folder's shards of the same names are others
     monkeypatch.setattr(shard_dataset, "count", lambda urls: pytest.fail(f"counted again: {urls}"))
     assert train_in_process(out, *shard_args(bare), "model.name=cnn3", "train.epochs=2", resume="auto")["epochs_completed"] == 2
 
@@ -206,7 +207,8 @@ def test_a_damaged_member_or_shard_is_a_named_bad_sample(shards, tmp_path, capfd
     shutil.copy(shards / "train-000002.tar", damaged / "train-000002.tar")
     data = (shards / "val-000001.tar").read_bytes()
     (damaged / "val-000001.tar").write_bytes(data[:len(data) // 2])
-    proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'c'}", *args, "data.skip_bad_images=true", "data.augment.hflip=false"])
+    proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'c'}", *args, "data.skip_bad_images=true", "data.augment.hflip=false",
+                                           "data.eval_batch_size=2"])  # whole evaluation batches of the cut shard are unreadable: skipped
     assert_ok(proc)
     assert json.loads((tmp_path / "c/summary.json").read_text())["dropped_bad_image_reads"] > 1
     proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'd'}", *args])
@@ -274,3 +276,32 @@ def test_a_server_that_stalls_is_a_named_error_not_a_hang(shards, tmp_path, capf
         server.shutdown()
         server.server_close()
     assert_user_error(proc, f"{url}/train-0000", "cannot be read past sample 0", "timed out")
+
+
+def test_shards_of_the_same_name_in_two_folders_keep_their_own_counts(shards, tmp_path):
+    """train/000000.tar and val/000000.tar: each folder's shards.json counts its own shards."""
+    for split, n in (("train", TRAIN_SHARDS), ("val", VAL_SHARDS)):
+        (tmp_path / split).mkdir()
+        for i in range(n):
+            shutil.copy(shards / f"{split}-{i:06d}.tar", tmp_path / split / f"{i:06d}.tar")
+        counts = {f"{i:06d}.tar": json.loads((shards / "shards.json").read_text())["counts"][f"{split}-{i:06d}.tar"] for i in range(n)}
+        (tmp_path / split / "shards.json").write_text(json.dumps({"class_names": list(CLASSES), "counts": counts}))
+    cfg = config.load(None, [*shard_args(shards), f"data.train_shards=file://{tmp_path}/train/{{000000..000006}}.tar",
+                             f"data.val_shards=file://localhost{tmp_path}/val/{{000000..000003}}.tar"])
+    data = build_data(cfg)
+    assert (len(data.splits.train), len(data.splits.val)) == (160, 80)
+
+
+def test_the_converter_writes_other_formats_as_training_decodes_them_and_nothing_on_failure(tmp_path, capfd):
+    from PIL import Image
+    folder = write_imagefolder(tmp_path / "f", classes=("a", "b"), per_class=4, size=16, layout="split")
+    Image.new("CMYK", (20, 16), (0, 255, 0, 0)).save(folder / "train/a/cmyk.tif")  # training reads it as RGB: so does its shard
+    out = tmp_path / "out%d"
+    assert_ok(cli_in_process(capfd, "shard", [folder, out, "--shard-size", "3"]))
+    members = [s for i in range(3) for s in shard_source.iterate_samples(str(out / f"train-{i:06d}.tar"))]
+    assert len(members) == 9 and sum("png" in m for m in members) == 9 and not (out / ".distcls-partial").exists()
+    shutil.rmtree(folder / "val/a")
+    shutil.rmtree(folder / "val/b")
+    (folder / "val/a").mkdir()
+    assert_user_error(cli_in_process(capfd, "shard", [folder, tmp_path / "again"]), "val holds no images")
+    assert not (tmp_path / "again").exists()

@@ -44,6 +44,7 @@ def stream_outputs(plan: TrainPlan, reader: ShardReader, stream: int, epoch: int
         raw = [item for run in window.runs for item in reader.read(run)]
         for place in window.order[window.skip:]:
             yield raw[place]
+        del raw  # one window in memory at a time, not two
 
 
 class _TrainSteps(IterableDataset):
@@ -128,13 +129,17 @@ class ShardBatchLoader:
         return DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
                           pin_memory=self.device.type == "cuda", **extra)
 
-    def _check(self, images, labels, keys, bad) -> Batch:
+    def _check(self, images, labels, keys, bad):
+        """The Batch on the device; None for an evaluation batch whose samples are all bad (skipped)."""
         if bad:
             if not self.source.skip_bad:
                 raise UserError(f"{bad[0]}; fix or remove the sample (or the shard), or set data.skip_bad_images=true to skip such samples")
             self.dropped.extend(bad)
+            if images is None and self.train:  # every rank takes part in every step: this one has nothing to train on
+                raise UserError(f"every sample of this rank's part of a training batch is unreadable ({bad[0]}, ...): a missing or cut "
+                                "shard, which data.skip_bad_images=true cannot leave out (it skips single samples); fix or replace it")
             if images is None:
-                raise UserError(f"every sample of a batch is unreadable ({bad[0]}, ...); fix or remove these shards")
+                return None
         return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
                      keys.to(self.device, non_blocking=True))
 
@@ -153,7 +158,9 @@ class ShardBatchLoader:
         if order.stop <= order.start:
             return
         for collated in self._items(_EvalBatches(self.source, order.start, order.stop, order.local_batch), len(order)):
-            yield self._check(*collated)
+            batch = self._check(*collated)
+            if batch is not None:  # (sums are reduced at the end: a rank may skip a batch)
+                yield batch
 
 
 def _joined(parts: list) -> tuple:

@@ -22,6 +22,7 @@ contiguous range (sizes differ by at most one): every sample once at any world s
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -29,10 +30,8 @@ import numpy as np
 import torch
 
 from distcls.config import check_batch_split
+from distcls.data.transforms.keys import keyed_seed
 from distcls.errors import ConfigError
-
-Run = tuple  # (shard, first, count): `count` samples of shard number `shard` from its sample `first` on
-
 
 @dataclass(frozen=True)
 class ShardSet:
@@ -47,7 +46,7 @@ class ShardSet:
     def total(self) -> int:
         return int(sum(self.counts))
 
-    @property
+    @functools.cached_property
     def offsets(self) -> np.ndarray:
         """The key of each shard's first sample (the samples of the shards before it)."""
         return np.concatenate([[0], np.cumsum(self.counts, dtype=np.int64)[:-1]]).astype(np.int64)
@@ -67,7 +66,8 @@ class ShardSet:
 
 
 def runs_of(order: Sequence[int], counts: Sequence[int], lo: int, hi: int) -> list:
-    """The samples at places lo..hi-1 of the shards `order` laid end to end, as runs of whole or partial shards."""
+    """The samples at places lo..hi-1 of the shards `order` laid end to end, as runs (shard, first,
+    count): `count` samples of shard number `shard` from its sample `first` on."""
     runs, start = [], 0
     for shard in order:
         n = int(counts[shard])
@@ -81,11 +81,9 @@ def runs_of(order: Sequence[int], counts: Sequence[int], lo: int, hi: int) -> li
 
 
 def keyed_permutation(n: int, *parts: int) -> np.ndarray:
-    """A permutation of n keyed by integers (the seed, the epoch, ...): the same on every machine and rank."""
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + int(part)) % (1 << 62)
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    """A permutation of n keyed by integers (the seed, the epoch, ...): the same on every machine and
+    rank (keys.keyed_seed: no two tuples share a seed by arithmetic)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(keyed_seed(*parts))).numpy()
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 from distcls.data.file_source import CropPolicy
@@ -25,24 +24,37 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 HTTP_TIMEOUT_S = 60  # a stalled server is an error after this long without a byte, never a hang
 
 
+def is_remote(url: str) -> bool:
+    return url.startswith(("http://", "https://"))
+
+
+def local_path(url: str) -> str:
+    """The file a local path or file:// URL names (file:///a%20b, file://localhost/a: /a b, /a)."""
+    if not url.startswith("file://"):
+        return url
+    rest = url[len("file://"):]
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    return urllib.request.url2pathname(rest)
+
+
 def open_url(url: str):
     """A readable binary stream of a shard: a local path, file:// or http(s):// (urllib: a timeout on every read)."""
-    if url.startswith(("http://", "https://")):
+    if is_remote(url):
         return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)
-    if url.startswith("file://"):
-        url = urllib.request.url2pathname(url[len("file://"):])
-    return open(url, "rb")
+    return open(local_path(url), "rb")
 
 
 def read_bytes(url: str) -> Optional[bytes]:
-    """A small file beside the shards (their JSON), or None when there is none (missing file, HTTP 404)."""
+    """A small file beside the shards (their JSON), or None when there is none (a missing file; HTTP 404,
+    or 403, which object stores answer for a missing key to a reader who may not list)."""
     try:
         with open_url(url) as f:
             return f.read()
     except FileNotFoundError:
         return None
     except urllib.error.HTTPError as exc:
-        if exc.code == 404:
+        if exc.code in (403, 404):
             return None
         raise
 
@@ -60,6 +72,9 @@ def iterate_samples(url: str) -> Iterator[dict]:
 
 
 def why(exc: BaseException) -> str:
+    """An exception in a few words (HTTP errors with their status)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code} {exc.reason}"
     text = (str(exc.args[0]) if getattr(exc, "args", None) else "") or type(exc).__name__
     return text.split(" @ ")[0].strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
 
@@ -156,6 +171,6 @@ class ShardSource:
         return self.policy.apply(img, train, seed, epoch, key), label, key, None
 
 
-def shard_path_name(url: str) -> str:
+def shard_name(url: str) -> str:
     """A shard's name in its folder's shards.json: the last part of its path or URL."""
-    return Path(urllib.request.url2pathname(url.split("://", 1)[-1])).name if "://" in url else Path(url).name
+    return url.rstrip("/").rsplit("/", 1)[-1]

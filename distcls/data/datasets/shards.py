@@ -8,12 +8,13 @@ A sample is an image (jpg, jpeg, png or webp) and `cls`, its integer label as te
 `python -m distcls.shard` writes, and timm and webdataset read). The training order, its streams
 and resume are shard_plan.py's; the reading shard_source.py's.
 
-Each shard's number of samples comes from `shards.json` beside the shards (written by
-`python -m distcls.shard`: {"class_names": [...], "counts": {"train-000000.tar": 1000, ...}}).
-Shards without it are counted once by the ranks together (each reads its share of them through),
-and the counts are kept in the run's out_dir (data.index: run.out_dir/shards.json by default), so a
-resume or requeue reads that file instead. Class names: shards.json's, else "0".."n-1" by the
-largest training label.
+Each shard's number of samples comes from `shards.json` in its folder (written by
+`python -m distcls.shard`: {"class_names": [...], "counts": {"train-000000.tar": 1000, ...}}, names
+beside it or full paths/URLs). Shards without it are counted once by the ranks together (each reads
+its share of them through), and the counts are kept in the run's out_dir by full path or URL
+(data.index: run.out_dir/shards.json by default), so a resume or requeue reads that file instead.
+Class names: shards.json's (every one that names them must agree), else "0".."n-1" by the largest
+training label.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from distcls.config import DataConfig
 from distcls.data.datasets.registry import register_dataset
 from distcls.data.file_source import crop_policy
 from distcls.data.shard_plan import ShardSet
-from distcls.data.shard_source import ShardSource, iterate_samples, read_bytes, shard_path_name, why
+from distcls.data.shard_source import ShardSource, is_remote, iterate_samples, local_path, read_bytes, why
 from distcls.data.sources import RawDataset
 from distcls.errors import ConfigError, UserError
 from distcls.runtime import dist
@@ -45,8 +46,7 @@ def expand(pattern: str, key: str) -> list[str]:
         raise ConfigError(f"data.{key}={pattern!r} is not a brace pattern ({why(exc)}); e.g. /data/in1k/train-{{000000..001281}}.tar") from None
     if not urls:
         raise ConfigError(f"data.{key}={pattern!r} names no shard; e.g. /data/in1k/train-{{000000..001281}}.tar")
-    local = [u for u in urls if "://" not in u or u.startswith("file://")]
-    missing = [u for u in local if not Path(u[len("file://"):] if u.startswith("file://") else u).is_file()]
+    missing = [u for u in urls if not is_remote(u) and not Path(local_path(u)).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
         raise UserError(f"data.{key}: shard {missing[0]} does not exist{more}; check the pattern (its braces give {urls[0]} .. {urls[-1]})")
@@ -54,22 +54,27 @@ def expand(pattern: str, key: str) -> list[str]:
 
 
 def beside(url: str, name: str) -> str:
-    """The file `name` in the folder (or URL path) of shard `url`."""
+    """The file `name` in the folder (or URL path) of `url` (a shard, or a shards.json)."""
     return url.rsplit("/", 1)[0] + "/" + name if "/" in url else name
 
 
 def read_description(location: str) -> dict:
-    """{'class_names': [...] or None, 'counts': {shard name: samples}} of a shards.json (empty if there is none)."""
+    """{'class_names': [...] or None, 'counts': {shard URL: samples}} of a shards.json (empty if there
+    is none). Its counts name shards by file name (beside it) or by full path or URL."""
     try:
         data = read_bytes(location)
-    except Exception as exc:  # noqa: BLE001  (an HTTP error other than 404, a permission error)
+    except Exception as exc:  # noqa: BLE001  (an HTTP error other than 403/404, a permission error)
         raise UserError(f"cannot read {location} ({why(exc)}); make it readable, or remove it to count the shards instead") from None
     if data is None:
         return {}
     try:
         desc = json.loads(data)
-        counts = {str(k): int(v) for k, v in desc.get("counts", {}).items()}
+        counts = {(str(k) if "/" in str(k) else beside(location, str(k))): int(v) for k, v in desc.get("counts", {}).items()}
         names = desc.get("class_names")
+        if names is not None and (not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names)):
+            raise ValueError("class_names must be a list of names")
+        if any(v < 0 for v in counts.values()):
+            raise ValueError("a shard's count is negative")
         return {"class_names": [str(n) for n in names] if names is not None else None, "counts": counts}
     except (ValueError, TypeError, AttributeError) as exc:
         raise UserError(f"{location} is not a shards description ({why(exc)}); remove it, or write it again with python -m distcls.shard") from None
@@ -118,21 +123,26 @@ def build_webdataset(cfg: DataConfig) -> RawDataset:
         raise ConfigError("data.name=webdataset keeps its shards' splits; remove data.split (data.val_shards / test_shards name the others)")
     patterns = {split: getattr(cfg, key) for split, key in SPLIT_KEYS if getattr(cfg, key) is not None}
     urls = {split: expand(pattern, f"{split}_shards") for split, pattern in patterns.items()}
-    counts, names, notes = {}, None, []
-    for location in dict.fromkeys(beside(u[0], DESCRIPTION) for u in urls.values()):
+    counts, names, named_by, notes = {}, None, None, []
+    for location in dict.fromkeys(beside(u, DESCRIPTION) for split_urls in urls.values() for u in split_urls):
         desc = read_description(location)
         counts.update(desc.get("counts", {}))
-        names = names or desc.get("class_names")
+        found_names = desc.get("class_names")
+        if found_names is not None and names is not None and found_names != names:
+            raise UserError(f"{location} and {named_by} name different classes ({len(found_names)} vs {len(names)}, or another order); "
+                            "the shards of one dataset need one list of class names")
+        if found_names is not None and names is None:
+            names, named_by = found_names, location
     kept = Path(cfg.index) if cfg.index else None  # the run's own counts, from an earlier start
     if kept is not None and kept.is_file():
         desc = read_description(str(kept))
         counts = {**desc.get("counts", {}), **counts}
         names = names or desc.get("class_names")
     everything = [u for split in urls for u in urls[split]]
-    uncounted = [u for u in dict.fromkeys(everything) if shard_path_name(u) not in counts]
+    uncounted = [u for u in dict.fromkeys(everything) if u not in counts]
     if uncounted or names is None:
         found = count(list(dict.fromkeys(uncounted if names is not None else everything)))
-        counts.update({shard_path_name(u): n for u, (n, _) in found.items()})
+        counts.update({u: n for u, (n, _) in found.items()})
         if names is None:
             top = max((found[u][1] for u in urls["train"] if u in found), default=-1)
             if top < 1:
@@ -146,7 +156,7 @@ def build_webdataset(cfg: DataConfig) -> RawDataset:
     size, channels, policy = crop_policy(cfg)
     sources = {}
     for split, split_urls in urls.items():
-        shards = ShardSet(tuple(split_urls), tuple(counts[shard_path_name(u)] for u in split_urls))
+        shards = ShardSet(tuple(split_urls), tuple(counts[u] for u in split_urls))
         if shards.total == 0:
             raise UserError(f"the {split} shards ({patterns[split]}) hold no samples")
         sources[split] = ShardSource(shards, len(names), size, channels, policy, cfg.skip_bad_images, cfg.shard_streams, cfg.shuffle_window)

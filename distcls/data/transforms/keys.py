@@ -60,3 +60,12 @@ def keyed_uniform_scalar(seed: int, epoch: int, key: int, stream: int) -> float:
     """`keyed_uniform` for one key, in plain Python (no numpy call per draw: a worker draws a few per image)."""
     h = _splitmix64_int(_splitmix64_int(_splitmix64_int(_splitmix64_int(seed & _M64) ^ epoch) ^ stream) ^ (key & _M64))
     return (h >> 11) / float(1 << 53)
+
+
+def keyed_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (the seed, the epoch, ...), chained through splitmix64: tuples that
+    differ give unrelated seeds (no arithmetic collisions such as a * K + b)."""
+    h = 0
+    for part in parts:
+        h = _splitmix64_int(h ^ (int(part) & _M64))
+    return h >> 1

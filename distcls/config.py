@@ -138,12 +138,12 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _opt("cnn3", "cnn2 | lenet | cnn3 | convnet | resnet18 | resnet34 | resnet50 | torchvision:<classifier> (any of "
-        "torchvision.models.list_models(module=torchvision.models), e.g. torchvision:convnext_tiny) | a registered "
-        "name | 'pkg.module:builder'")
+        "torchvision.models.list_models(module=torchvision.models), e.g. torchvision:convnext_tiny) | timm:<name> (any of "
+        "timm.list_models(), the [timm] extra) | a registered name | 'pkg.module:builder'")
     cifar_stem: bool = _opt(False, "ResNets: 3x3 stride-1 stem and no max-pool (for 32x32 inputs)")
     pretrained: Optional[str] = _opt(None, "weights to start from (transfer learning): a local state_dict/checkpoint file, or "
         "'torchvision:<WEIGHTS_ENUM>' (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) read from "
-        "$TORCH_HOME/hub/checkpoints/ without network")
+        "$TORCH_HOME/hub/checkpoints/ without network, or 'timm' (model.name=timm:<name>: timm's weights from the local Hugging Face cache)")
     verify_weights: bool = _opt(True, "model.pretrained=torchvision:<WEIGHTS>: check the cached file's sha256 against the prefix in its "
         "name, as torchvision's downloader does (false: a file made by hand under that name)")
     freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its "
@@ -702,7 +702,7 @@ def _check_cross_fields(cfg: Config) -> None:
     m = cfg.model
     if (m.dropout is not None or m.drop_path is not None) and ":" not in m.name:
         key = "model.dropout" if m.dropout is not None else "model.drop_path"
-        raise ConfigError(f"{key} applies to model.name=torchvision:<name> (and plug-ins 'pkg.module:builder', which read it), "
+        raise ConfigError(f"{key} applies to model.name=torchvision:<name> and timm:<name> (and plug-ins 'pkg.module:builder', which read it), "
                           f"not to model.name={m.name}; set {key}=null or use model.args")
     if cfg.model.frozen and not cfg.model.pretrained:
         raise ConfigError("model.freeze=backbone needs model.pretrained=<weights file or torchvision:WEIGHTS>; a frozen random "

@@ -1,5 +1,5 @@
-"""Models: registry of the seed CNNs, torchvision ResNets and any torchvision classifier by name
-(`torchvision:<name>`), plus transfer learning."""
+"""Models: registry of the seed CNNs, torchvision ResNets, any torchvision classifier by name
+(`torchvision:<name>`) and any timm model (`timm:<name>`, the optional extra), plus transfer learning."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -11,8 +11,8 @@ from distcls.models import weights
 
 from distcls.config import ModelConfig
 from distcls.spec import DataSpec
-from distcls.errors import UserError, first_line
-from distcls.models import resnet, small_cnns, torchvision_zoo  # noqa: F401  (register builders)
+from distcls.errors import ConfigError, UserError, first_line
+from distcls.models import resnet, small_cnns, timm_zoo, torchvision_zoo  # noqa: F401  (register builders)
 from distcls.models.registry import MODELS, register_model
 from distcls.models.transfer import classifier_head, freeze_backbone, head_outputs, load_pretrained
 
@@ -29,7 +29,12 @@ def build_model(cfg: ModelConfig, spec: DataSpec, log: Callable[[str], None] = l
         raise UserError(f"model.name={cfg.name} cannot be built with model.args={cfg.args} ({first_line(exc)}); fix model.args") from None
     if not isinstance(model, nn.Module):
         raise UserError(f"model.name={cfg.name}: the builder returned {type(model).__name__}, not an nn.Module")
-    if cfg.pretrained:
+    if cfg.pretrained == timm_zoo.PRETRAINED:  # timm's own weights: loaded by its builder, from the local cache
+        if not cfg.name.startswith(timm_zoo.PREFIX):
+            raise ConfigError(f"model.pretrained=timm loads timm's weights for a timm model; model.name={cfg.name} is not one "
+                              "(model.name=timm:<name>), or give a weights file: model.pretrained=PATH")
+        log(f"pretrained {cfg.name}: timm's weights from the local Hugging Face cache")
+    elif cfg.pretrained:
         found = weights.resolve(cfg.pretrained)
         if cfg.pretrained.startswith(weights.PREFIX) and cfg.verify_weights:
             weights.verify(cfg.pretrained, found.path)

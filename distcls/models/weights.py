@@ -94,6 +94,11 @@ def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None)
     keys the config leaves null take those values, keys it sets win. `pretrained` (default
     model.pretrained): the weights a checkpoint was trained from, for evaluate/predict/export,
     which restore the checkpoint's weights instead (the file need not exist any more)."""
+    trained_from = cfg.model.pretrained if pretrained is None else pretrained
+    if trained_from == "timm" and cfg.model.name.startswith("timm:"):  # timm's weights (training, or a checkpoint trained from them): their mean/std
+        from distcls.models import timm_zoo
+        norm = timm_zoo.pretrained_preprocessing(cfg.model.name[len(timm_zoo.PREFIX):]) if cfg.data.mean is None else {}
+        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **norm))
     if pretrained is None:  # training: the file must be there (resolve says where to put it)
         if not (cfg.model.pretrained or "").startswith(PREFIX):
             return cfg

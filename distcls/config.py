@@ -285,6 +285,8 @@ class LogConfig:
     every_steps: int = _opt(50, "print and record training loss every N optimizer steps (0 = per epoch only)", min=0)
     console: str = _opt("auto", "auto: progress bars on a terminal, plain lines otherwise", choices=["auto", "rich", "plain"])
     plots: bool = _opt(True, "write <out_dir>/plots/*.png at the end of training (python -m distcls.plot OUT_DIR makes them any time)")
+    tensorboard: bool = _opt(False, "write every metrics.jsonl record as TensorBoard scalars into <out_dir>/tensorboard/ from rank 0 (needs "
+        "the tensorboard package; a resume drops what the stopped run logged after its checkpoint)")
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -29,7 +29,7 @@ from distcls.models import count_parameters
 from distcls.run.outputs import RunDirLock, check_outputs
 from distcls.run.checks import check_resume_config, check_skipped_steps, resolve_unset
 from distcls.runtime.signals import StopRequest
-from distcls.tracking import Console, MetricsLog, WandbLogger, metric_record, summary_rows, write_summary
+from distcls.tracking import Console, MetricsLog, TensorBoardLogger, WandbLogger, metric_record, summary_rows, write_summary
 from distcls.tracking.plots import SampleSource, write_run_plots
 
 
@@ -92,6 +92,7 @@ class TrainingRun:
         self._train_images, self._train_seconds = 0, 0.0  # this process's training throughput, for the summary
         self._bar_copy, self._bar_time = None, 0.0  # the progress bar's in-flight copy of the running sums
         self.wandb: Optional[WandbLogger] = None  # started by _setup
+        self.sinks: list = []  # where records go besides metrics.jsonl (wandb, TensorBoard): log, finish, stop
         self.resumed_from: Optional[dict] = None  # what summary.json says of the resume point
         if env.is_main:  # rank 0 writes: it checks the outputs and holds the out_dir for the run's lifetime
             check_outputs(self.out_dir)
@@ -162,12 +163,14 @@ class TrainingRun:
             try:
                 stopped = self._loop(parts, stop)
             except BaseException:
-                self.wandb.stop(preempted=False)
+                for sink in self.sinks:
+                    sink.stop(preempted=False)
                 raise
             finally:
                 self.console.end_epoch()
             if stopped is not None:
-                self.wandb.stop(preempted=True)
+                for sink in self.sinks:
+                    sink.stop(preempted=True)
                 return stopped
             return self._finish(parts, wall)
         finally:
@@ -219,6 +222,9 @@ class TrainingRun:
         self.wandb = WandbLogger(self.cfg.log.wandb, str(self.out_dir), self.cfg.to_dict(), self.env.is_main,
                                  parts.progress.wandb_id, warn=self.console.warn, info=self.console.info)
         parts.progress.wandb_id = self.wandb.run_id  # kept in every checkpoint: a resumed run continues the same wandb run
+        tensorboard = TensorBoardLogger(self.out_dir, self.env.is_main and self.cfg.log.tensorboard,
+                                        self.resume_point.global_step if self.resume_point is not None else None)
+        self.sinks = [self.wandb, tensorboard]
         self._announce(parts)
         return parts
 
@@ -273,7 +279,8 @@ class TrainingRun:
         """One metrics.jsonl line (rank 0) and wandb entry; the only place records are assembled."""
         record = metric_record(split, epoch, parts.progress.global_step, totals.loss, totals.acc, parts.lr, **extra)
         self.metrics.write(record)
-        self.wandb.log(record)
+        for sink in self.sinks:
+            sink.log(record)
         return record
 
     BAR_READ_SECONDS = 0.5
@@ -382,7 +389,8 @@ class TrainingRun:
         if env.is_main:
             write_summary(self.out_dir, summary)
             plots = self._plots(result, parts) if cfg.log.plots else {}
-        self.wandb.finish(summary, progress.global_step, plots)
+        for sink in self.sinks:
+            sink.finish(summary, progress.global_step, plots)
         self.console.info(f"done: test acc {result.acc:.4f} on {result.count} samples"
                           + (f", best val acc {best:.4f}" if best >= 0 else "") + f"; outputs in {self.out_dir}")
         self.console.summary(summary_rows(summary, self.out_dir, plots))

@@ -1,0 +1,50 @@
+"""log.tensorboard=true: every metrics.jsonl record as TensorBoard scalars, read back with TensorBoard's
+own reader; a resumed run's folder holds every step once (what the stopped run logged after its
+checkpoint is dropped)."""
+import pytest
+
+from conftest import train_in_process
+from distcls.tracking.metrics import read_jsonl
+
+pytest.importorskip("tensorboard")
+
+ARGS = ["log.tensorboard=true", "log.every_steps=5", "data.max_train_samples=320", "train.epochs=1"]
+
+
+def _scalars(folder) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _expected(out) -> dict:
+    """metrics.jsonl's records as TensorBoard tags would hold them."""
+    tags: dict = {}
+    for r in read_jsonl(out / "metrics.jsonl"):
+        group = "train_step" if r["split"] == "train" and "epoch_step" in r else r["split"]
+        for key in ("loss", "acc", "lr"):
+            tags.setdefault(f"{group}/{key}", []).append((r["step"], r[key]))
+    return tags
+
+
+def test_every_record_is_a_scalar_once_even_after_a_resume(tmp_path):
+    out = tmp_path / "run"
+    train_in_process(out, *ARGS)
+    # The stopped process's last words: events after the checkpoint's step (10) that metrics.jsonl never kept.
+    from torch.utils.tensorboard import SummaryWriter
+    lost = SummaryWriter(log_dir=str(out / "tensorboard"))
+    for step in (11, 12, 13):
+        lost.add_scalar("train_step/loss", 99.0, step)
+    lost.close()
+    train_in_process(out, *ARGS[:-1], "train.epochs=2", resume="auto")
+    got, want = _scalars(out / "tensorboard"), _expected(out)
+    # the first run's final test (step 10) stays in TensorBoard; metrics.jsonl keeps only the last run's
+    assert got["test/acc"][-1] == (20, pytest.approx(want["test/acc"][-1][1], rel=1e-6)) and len(got["test/acc"]) == 2
+    for tag, points in want.items():
+        if tag.startswith("test/"):
+            continue
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag  # each step once, in order: 11-13's 99.0 is gone
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
+    assert {"val/loss", "test/acc", "train_step/loss", "train/acc"} <= got.keys()
+    assert 99.0 not in [v for _, v in got["train_step/loss"]]

@@ -146,6 +146,8 @@ class ModelConfig:
         "$TORCH_HOME/hub/checkpoints/ without network, or 'timm' (model.name=timm:<name>: timm's weights from the local Hugging Face cache)")
     verify_weights: bool = _opt(True, "model.pretrained=torchvision:<WEIGHTS>: check the cached file's sha256 against the prefix in its "
         "name, as torchvision's downloader does (false: a file made by hand under that name)")
+    download: bool = _opt(False, "model.pretrained=torchvision:<WEIGHTS> missing from the hub cache: download it there through torch.hub "
+        "(rank 0, its sha256 prefix checked) where the network allows it (false: never touch the network, an error says where to put the file)")
     freeze: str = _opt("none", "none: train every layer (fine-tuning); backbone: train only the classifier head, the backbone (and its "
         "BatchNorm statistics) stays fixed", choices=["none", "backbone"])
     freeze_backbone: Optional[bool] = _opt(None, "deprecated spelling of model.freeze: true = backbone, false = none (null = not set)")

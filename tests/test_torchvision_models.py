@@ -195,3 +195,31 @@ def test_a_file_under_torchvisions_name_is_checked_against_the_hash_in_it(tmp_pa
     weights.verify("x", named)
     with pytest.raises(UserError, match="is not the file torchvision published"):
         weights.verify("x", path)
+
+
+def test_model_download_fetches_a_missing_file_through_torch_hub_with_its_hash_checked(tmp_path, monkeypatch, capsys):
+    """model.download=true: the file torchvision publishes is fetched into the hub cache (served here from a
+    file:// URL), its sha256 prefix checked; a file whose content does not match is refused and not kept;
+    without the key, nothing is fetched and the error says how to get it."""
+    import hashlib
+
+    from distcls.models import weights
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    source = fakedata.write_resnet_weights(tmp_path / "published/raw.pth", "resnet18")
+    good = source.with_name(f"resnet18-{hashlib.sha256(source.read_bytes()).hexdigest()[:8]}.pth")
+    source.rename(good)
+    monkeypatch.setattr(weights, "weights_url", lambda w: good.as_uri())
+    args = [f"run.out_dir={tmp_path / 'run'}", "model.name=resnet18", "model.pretrained=torchvision:ResNet18_Weights.IMAGENET1K_V1",
+            "data.channels=3", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1", *FAST]
+    proc = cli_in_process(capsys, "train", args)
+    assert_user_error(proc, f"{good.name} is not in", "model.download=true")
+    assert proc.returncode == 2
+    proc = cli_in_process(capsys, "train", [*args, "model.download=true"])
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "th/hub/checkpoints" / good.name).read_bytes() == good.read_bytes()
+    bad = good.with_name("resnet18-00000000.pth")
+    good.rename(bad)
+    monkeypatch.setattr(weights, "weights_url", lambda w: bad.as_uri())
+    proc = cli_in_process(capsys, "train", [*args, f"run.out_dir={tmp_path / 'run2'}", "model.download=true"])
+    assert_user_error(proc, "downloading", "failed", "invalid hash value")
+    assert not (tmp_path / "th/hub/checkpoints" / bad.name).exists()

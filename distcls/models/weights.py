@@ -2,8 +2,9 @@
 
 `torchvision:<WEIGHTS_ENUM>` (e.g. `torchvision:ResNet18_Weights.IMAGENET1K_V1`) names torchvision's
 published weights. They are read from the local torch hub cache, `$TORCH_HOME/hub/checkpoints/`
-(torch.hub.get_dir()), under the file name of their URL; nothing is downloaded. Anything else is
-a path to a local state_dict or distcls checkpoint file.
+(torch.hub.get_dir()), under the file name of their URL; nothing is downloaded unless
+model.download=true (rank 0 fetches a missing file through torch.hub, checking its hash). Anything
+else is a path to a local state_dict or distcls checkpoint file.
 """
 from __future__ import annotations
 
@@ -39,19 +40,48 @@ def _enum(name: str):
                         "torchvision:<Model>_Weights.<NAME>, e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1") from None
 
 
-def resolve(spec: str) -> Pretrained:
-    """Where `model.pretrained` points; a torchvision file missing from the cache is a UserError saying how to get it."""
+def weights_url(weights) -> str:
+    """Where torchvision publishes a weights enum's file (one function: the tests serve it from a file:// URL)."""
+    return weights.url
+
+
+def resolve(spec: str, download: bool = False) -> Pretrained:
+    """Where `model.pretrained` points; a torchvision file missing from the cache is downloaded
+    (`download`, model.download: collective under a launcher, rank 0 fetches) or a UserError saying how to get it."""
     if not spec.startswith(PREFIX):
         return Pretrained(Path(spec))
     import torch
 
     weights = _enum(spec[len(PREFIX):])
+    url = weights_url(weights)
     directory = Path(torch.hub.get_dir()) / "checkpoints"
-    path = directory / weights.url.rsplit("/", 1)[-1]
+    path = directory / url.rsplit("/", 1)[-1]
+    if not path.is_file() and download:
+        fetch(spec, url, path)
     if not path.is_file():
-        raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; distcls does not download: fetch "
-                        f"{weights.url} on a machine with internet and copy it to {path} (or set TORCH_HOME)")
+        raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; fetch {url} on a machine with internet and "
+                        f"copy it to {path} (or set TORCH_HOME), or set model.download=true where this machine may download it")
     return Pretrained(path, *_preprocessing(weights))
+
+
+def fetch(spec: str, url: str, path: Path) -> None:
+    """Collective: rank 0 downloads `url` to `path` through torch.hub, checking the sha256 prefix in its
+    name (check_hash), the others wait; a failure is one UserError on every rank."""
+    import torch
+
+    from distcls.runtime import dist
+    error = None
+    if dist.is_main_rank():
+        match = HASH_IN_NAME.search(path.name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=False)
+        except Exception as exc:  # noqa: BLE001  (no network, HTTP errors, a hash mismatch: one line)
+            error = (f"model.pretrained={spec}: downloading {url} failed ({' '.join(str(exc).split())[:200]}); fetch it on a machine "
+                     f"with internet and copy it to {path}, or check the network")
+    error = dist.broadcast_object(error)
+    if error:
+        raise UserError(error)
 
 
 HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision's file names: resnet18-f37072fd.pth (torch.hub's HASH_REGEX)
@@ -102,7 +132,7 @@ def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None)
     if pretrained is None:  # training: the file must be there (resolve says where to put it)
         if not (cfg.model.pretrained or "").startswith(PREFIX):
             return cfg
-        w = resolve(cfg.model.pretrained)
+        w = resolve(cfg.model.pretrained, download=cfg.model.download)
     else:
         w = preprocessing(pretrained)
         if w is None:

@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -401,8 +402,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-# The configs that ship with distcls (a clone or an editable install: the repository's configs/).
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def shipped_dir(name: str, repository: Path = REPOSITORY, prefix: Optional[str] = None) -> Path:
+    """Where a folder that ships with distcls (configs, slurm, launch) is: the repository's (a clone or
+    an editable install), else where pip installed it (<sys.prefix>/share/distcls/, pyproject's data-files)."""
+    return repository / name if (repository / name).is_dir() else Path(prefix or sys.prefix) / "share" / "distcls" / name
+
+
+CONFIG_DIR = shipped_dir("configs")
 
 
 def resolve_config_path(path: str) -> str:
@@ -419,7 +428,8 @@ def resolve_config_path(path: str) -> str:
 
 
 def shipped_configs() -> list[str]:
-    return sorted(f.stem for f in CONFIG_DIR.glob("*.yaml") if not f.is_symlink()) if CONFIG_DIR.is_dir() else []
+    """The shipped configs' names (the old names, links in the repository and copies once installed, left out)."""
+    return sorted(f.stem for f in CONFIG_DIR.glob("*.yaml") if not f.is_symlink() and f.name not in RENAMED_CONFIGS) if CONFIG_DIR.is_dir() else []
 
 
 def read_yaml(path: str) -> dict:

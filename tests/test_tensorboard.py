@@ -48,3 +48,22 @@ def test_every_record_is_a_scalar_once_even_after_a_resume(tmp_path):
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
     assert {"val/loss", "test/acc", "train_step/loss", "train/acc"} <= got.keys()
     assert 99.0 not in [v for _, v in got["train_step/loss"]]
+
+
+def test_a_run_stopped_by_a_signal_and_resumed_logs_every_step_once(tmp_path, monkeypatch):
+    """SIGTERM in step 10 (tests/stop_model.py: a deterministic preemption), then --resume auto: TensorBoard
+    reads back exactly metrics.jsonl's records, the train curve continuing from the checkpoint's step."""
+    from pathlib import Path
+
+    from conftest import run_in_process
+    from distcls.run.runner import Stopped
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    args = ["model.name=stop_model:build", "log.tensorboard=true", "log.every_steps=2", "train.epochs=2", "train.max_steps_per_epoch=8"]
+    out = tmp_path / "run"
+    assert isinstance(run_in_process(out, *args, "model.args.stop_at=11"), Stopped)
+    train_in_process(out, *args, resume="auto")
+    got, want = _scalars(out / "tensorboard"), _expected(out)
+    assert [s for s, _ in want["train_step/loss"]] == list(range(2, 17, 2))
+    for tag, points in want.items():
+        assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag

@@ -271,7 +271,8 @@ def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, spli
         for spine in ax.spines.values():
             spine.set_edgecolor("green" if ok else "red")
             spine.set_linewidth(1 if ok else 3)
-    fig.suptitle(f"{run}: {split} images, every class in turn: predicted label (wrong ones in red, with the true label): "
+    order = "every class in turn" if getattr(src.view.source, "labels", None) is not None else "the first ones"  # (shards: labels unknown until read)
+    fig.suptitle(f"{run}: {split} images, {order}: predicted label (wrong ones in red, with the true label): "
                  f"{wrong} of {len(pred)} wrong".lstrip(": "), fontsize=9)
     return _save(fig, path)
 

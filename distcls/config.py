@@ -199,8 +199,8 @@ class SchedConfig:
     warmup_epochs: float = _opt(0.0, "warmup length in epochs (fractions allowed with sched.interval=step; torchvision's --lr-warmup-epochs)", min=0.0)
     warmup_method: str = _opt("linear", "warmup: linear (from warmup_decay x lr up to lr) or constant (warmup_decay x lr throughout); "
         "torchvision's --lr-warmup-method", choices=["linear", "constant"])
-    warmup_decay: Optional[float] = _opt(None, "the warmup's starting factor of the lr (torchvision's --lr-warmup-decay); null: 0.01 with "
-        "sched.interval=epoch (torchvision's default), and with interval=step a linear ramp from 1/warmup steps", min=0.0, max=1.0)
+    warmup_decay: Optional[float] = _opt(None, "the warmup's starting factor of the lr (torchvision's --lr-warmup-decay); null: 0.01 "
+        "(torchvision's default), except a linear warmup with interval=step, which ramps from 1/warmup steps", min=0.0, max=1.0)
     step_epochs: int = _opt(30, "step schedule: multiply by gamma every this many epochs", min=1)
     gamma: float = _opt(0.1, "step, multistep and exponential schedules' factor", min=0.0, max=1.0)
     milestones: list = _opt([30, 60, 90], "multistep schedule: the epochs (counted as sched.step_epochs is) where the lr is multiplied by gamma")
@@ -408,7 +408,8 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 def shipped_dir(name: str, repository: Path = REPOSITORY, prefix: Optional[str] = None) -> Path:
     """Where a folder that ships with distcls (configs, slurm, launch) is: the repository's (a clone or
     an editable install), else where pip installed it (<sys.prefix>/share/distcls/, pyproject's data-files)."""
-    return repository / name if (repository / name).is_dir() else Path(prefix or sys.prefix) / "share" / "distcls" / name
+    checkout = (repository / "pyproject.toml").is_file() and (repository / name).is_dir()  # (not another package's folder in site-packages)
+    return repository / name if checkout else Path(prefix or sys.prefix) / "share" / "distcls" / name
 
 
 CONFIG_DIR = shipped_dir("configs")

@@ -54,6 +54,9 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
         raise ConfigError(f"data.mix pairs samples 2i and 2i+1 of the global batch, so each of the {env.world_size} processes needs an even "
                           f"share of data.batch_size={cfg.data.batch_size}; use a multiple of {2 * env.world_size}")
     config_mod.check_transfer(cfg)
+    if cfg.log.tensorboard:  # the package, before the run writes anything (and in --dry-run)
+        from distcls.tracking.tensorboard_logger import summary_writer_class
+        summary_writer_class()
     if cfg.train.sync_bn and env.distributed and env.device.type != "cuda":
         raise ConfigError("train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run on CPU); "
                           "set train.sync_bn=false for CPU runs")

@@ -21,8 +21,9 @@ distcls_fail() {  # one line in the job log, exit 2 (a mistake in the submission
 distcls_check_args() {  # usage: distcls_check_args SCRIPT_NAME "$@"
   local name=$1
   shift
-  if [ $# -lt 1 ] || [ ! -f "$1" ]; then
-    distcls_fail "${1:-no config given}: config file not found (looked in $PWD); usage: sbatch slurm/$name CONFIG.yaml [key.sub=value ...], submitted from the distcls checkout"
+  # a config file, or a shipped config's name (configs/ of the checkout or of the installed distcls: --config finds it)
+  if [ $# -lt 1 ] || { [ ! -f "$1" ] && [ ! -f "${distcls_dir:-.}/configs/${1%.yaml}.yaml" ]; }; then
+    distcls_fail "${1:-no config given}: config file not found (looked in $PWD and ${distcls_dir:-.}/configs); usage: sbatch slurm/$name CONFIG.yaml|NAME [key.sub=value ...], submitted from the distcls checkout or with distcls's venv active"
   fi
 }
 

@@ -255,3 +255,14 @@ def test_an_ema_not_updated_yet_is_neither_evaluated_nor_followed(tmp_path, caps
     assert_user_error(cli_in_process(capsys, "evaluate", ["--checkpoint", epoch_1, "--ema"]), "its model EMA never updated", "leave out --ema")
     proc = cli_in_process(capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--ema", "--json", "--no-speed"])
     assert proc.returncode == 0 and json.loads(proc.stdout)["weights"] == "ema"
+
+
+def test_the_epoch_cadence_copies_during_the_warmup_and_at_the_first_update_after_it():
+    """cadence=epoch (torchvision's i % N == 0 of each epoch): with a warmup that ends mid-epoch (steps 1-5 of
+    10), the updates at steps 1, 3, 5 copy and so does 7 (n_averaged was reset after 5); 9 averages."""
+    schedule = EMASchedule(every_steps=2, warmup_steps=5, cadence="epoch", steps_per_epoch=10)
+    due = [g for g in range(1, 21) if schedule.due(g)]
+    assert due == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19]
+    assert [g for g in due if schedule.copies(g)] == [1, 3, 5, 7]
+    whole = EMASchedule(every_steps=4, warmup_steps=10, cadence="epoch", steps_per_epoch=10)  # warmup = one epoch
+    assert [g for g in range(1, 31) if whole.due(g) and whole.copies(g)] == [1, 5, 9, 11]

@@ -1,5 +1,6 @@
 """What `pip install` gives a user without a clone: the configs, SLURM scripts and launchers in the
 wheel (<venv>/share/distcls/), found by --config NAME and by the sbatch scripts."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -14,12 +15,16 @@ def test_an_installed_distcls_finds_its_configs_under_the_prefix(tmp_path):
     installed = tmp_path / "venv" / "share" / "distcls" / "configs"
     installed.mkdir(parents=True)
     assert config.shipped_dir("configs", repository=tmp_path / "no-clone", prefix=str(tmp_path / "venv")) == installed
+    (tmp_path / "site-packages" / "configs").mkdir(parents=True)  # another package's folder beside an installed distcls
+    assert config.shipped_dir("configs", repository=tmp_path / "site-packages", prefix=str(tmp_path / "venv")) == installed
     assert config.shipped_dir("configs") == ROOT / "configs"  # a clone: its own
 
 
 @pytest.mark.slow
 def test_the_wheel_carries_the_configs_slurm_scripts_and_launchers(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+    source = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv*", "runs", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (wheel,) = tmp_path.glob("distcls-*.whl")

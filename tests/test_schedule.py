@@ -244,3 +244,15 @@ def test_rmsprop_is_torchvisions():
     assert isinstance(optimizer, torch.optim.RMSprop)
     g = optimizer.param_groups[0]
     assert (g["lr"], g["alpha"], g["eps"], g["momentum"], g["weight_decay"]) == (0.064, 0.9, 0.0316, 0.9, 1e-5)
+
+
+def test_records_report_the_lr_their_steps_trained_at(tmp_path):
+    """sched.interval=epoch: an epoch's train record says the lr of that epoch (the optimizer already holds the next one's)."""
+    from conftest import train_in_process
+    from distcls.tracking.metrics import read_jsonl
+    out = tmp_path / "run"
+    train_in_process(out, "optim.lr=0.1", "sched.name=step", "sched.interval=epoch", "sched.warmup_epochs=1", "sched.warmup_method=constant",
+                     "sched.step_epochs=1", "sched.gamma=0.5", "train.epochs=3", "train.max_steps_per_epoch=4", "log.every_steps=2")
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
+    per_epoch = {1: 0.001, 2: 0.1, 3: 0.05}  # ConstantLR 0.01 x lr, then StepLR from the warmup's end
+    assert [(r["epoch"], r["lr"]) for r in records] == [(r["epoch"], pytest.approx(per_epoch[r["epoch"]])) for r in records]

@@ -67,3 +67,16 @@ def test_a_run_stopped_by_a_signal_and_resumed_logs_every_step_once(tmp_path, mo
     for tag, points in want.items():
         assert [s for s, _ in got[tag]] == [s for s, _ in points], tag
         assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag
+
+
+def test_a_fresh_start_drops_what_an_attempt_without_a_checkpoint_logged(tmp_path):
+    """A requeued job whose first attempt died before any checkpoint starts fresh: metrics.jsonl starts anew, and so does TensorBoard."""
+    out = tmp_path / "run"
+    from torch.utils.tensorboard import SummaryWriter
+    earlier = SummaryWriter(log_dir=str(out / "tensorboard"))
+    for step in (5, 10, 15):
+        earlier.add_scalar("train_step/loss", 99.0, step)
+    earlier.close()
+    train_in_process(out, *ARGS)
+    got, want = _scalars(out / "tensorboard"), _expected(out)
+    assert got["train_step/loss"] == [(s, pytest.approx(v, rel=1e-6)) for s, v in want["train_step/loss"]]

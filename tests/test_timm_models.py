@@ -27,6 +27,8 @@ def test_a_timm_model_is_built_for_the_data():
 
 @pytest.mark.parametrize("overrides, fragments", [
     (["model.name=timm:resnt18"], ["is not a timm model", "close matches: timm:resnet18"]),
+    (["model.name=timm:resnet18.bogus_tag"], ["'bogus_tag' is not a pretrained tag of resnet18", "its tags: a1_in1k"]),
+    (["model.name=timm:resnet18", "model.args.output_stride=7"], ["does not fit model.name=timm:resnet18"]),
     (["model.name=timm:resnet18", "model.args.num_classes=3"], ["model.args.num_classes cannot be set", "comes from the data"]),
     (["model.name=timm:resnet18", "model.args.no_such_argument=3"], ["does not fit model.name=timm:resnet18"]),
     (["model.name=cnn3", "model.pretrained=timm"], ["model.pretrained=timm loads timm's weights for a timm model"]),
@@ -74,6 +76,7 @@ def vit_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # (acceptance: trains 4 epochs, then resumes)
 def test_a_timm_model_trains_resumes_bitwise_with_its_ema(vit_run, tmp_path):
     summary = json.loads((vit_run / "summary.json").read_text())
     assert summary["test_acc"] > 0.4 and summary["ema_test_acc"] is not None  # (chance: 0.1)
@@ -84,6 +87,7 @@ def test_a_timm_model_trains_resumes_bitwise_with_its_ema(vit_run, tmp_path):
     assert all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["ema"]["weights"])
 
 
+@pytest.mark.slow
 def test_a_timm_checkpoint_evaluates_predicts_and_exports(vit_run, tmp_path, capfd):
     ckpt = vit_run / "checkpoints/last.pt"
     proc = cli_in_process(capfd, "evaluate", ["--checkpoint", ckpt, "--json", "--no-speed"])

@@ -54,8 +54,9 @@ class EMASchedule:
         return global_step % self.every_steps == 0
 
     def copies(self, global_step: int) -> bool:
-        if self.cadence == "epoch" and self.warmup_steps:
-            return global_step <= self.warmup_steps + 1  # the warmup's updates and the first after it (step 0 of an epoch: always due)
+        if self.cadence == "epoch" and self.warmup_steps:  # the warmup's updates and the first one after it
+            first_after = next(g for g in range(self.warmup_steps + 1, self.warmup_steps + self.steps_per_epoch + 1) if self.due(g))
+            return global_step <= first_after
         return global_step <= self.warmup_steps
 
 

@@ -7,8 +7,8 @@ vit_small_patch16_224, ...), optionally with a pretrained tag (`resnet50.a1_in1k
 - `model.dropout` -> timm's `drop_rate`, `model.drop_path` -> `drop_path_rate`;
 - `model.args` -> any other argument of the model (e.g. `model.args.img_size=32` for a ViT on 32x32 images);
 - `model.pretrained=timm`: the weights timm names for it, read from the local Hugging Face cache only
-  (HF_HUB_OFFLINE: never the network; `huggingface-cli download timm/<name>` fills the cache where the
-  network allows it), the classifier re-initialized when the data has another number of classes, and
+  (HF_HUB_OFFLINE: never the network; `huggingface-cli download timm/<name>.<tag>` fills the cache where
+  the network allows it; the error names the repository), the classifier re-initialized when the data has another number of classes, and
   the weights' mean/std used unless data.mean/std are set. A local state_dict or checkpoint file works
   too (`model.pretrained=PATH`), as for every model.
 """
@@ -52,6 +52,10 @@ def resolve(name: str):
         hint = f"close matches: {', '.join(PREFIX + n for n in close)}" if close else \
             "list them with: python -c \"import timm; print(timm.list_models())\""
         raise ConfigError(f"model.name={PREFIX}{name} is not a timm model; {hint}")
+    if "." in name and name not in timm.list_pretrained(f"{arch}.*"):
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(f"model.name={PREFIX}{name}: '{name.split('.', 1)[1]}' is not a pretrained tag of {arch}; "
+                          + (f"its tags: {', '.join(tags[:8])}" + (", ..." if len(tags) > 8 else "") if tags else f"{arch} has none: use {PREFIX}{arch}"))
     return functools.partial(build, name)
 
 
@@ -69,14 +73,15 @@ def build(name: str, spec: DataSpec, cfg: ModelConfig, **args) -> nn.Module:
         with _offline():
             return timm.create_model(name, pretrained=pretrained, num_classes=spec.num_classes, in_chans=spec.channels,
                                      **regularization, **args)
-    except TypeError as exc:  # an argument the model does not take
+    except (TypeError, AssertionError) as exc:  # an argument the model does not take, or a value it refuses
         raise ConfigError(f"model.args={args} or model.dropout/drop_path does not fit model.name={PREFIX}{name} ({first_line(exc)}); "
                           "leave it unset for this model") from None
     except (RuntimeError, OSError, ValueError) as exc:
         if pretrained:
+            hub = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
             raise UserError(f"model.pretrained=timm: the weights of {PREFIX}{name} are not in the local Hugging Face cache "
-                            f"({first_line(exc)[:160]}); fetch them where the network allows (huggingface-cli download timm/{name}), "
-                            "or give a local file: model.pretrained=PATH") from None
+                            f"({' '.join(first_line(exc).split())[:240]}); fetch them where the network allows "
+                            f"(huggingface-cli download {hub}), or give a local file: model.pretrained=PATH") from None
         raise
 
 

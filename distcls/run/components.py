@@ -111,7 +111,12 @@ class Components:
 
     @property
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The first group's lr of the LAST optimizer step (what a record of it reports; the optimizer
+        already holds the next step's: with sched.interval=epoch, at an epoch's end, the next epoch's)."""
+        steps = self.scheduler.last_epoch  # the LambdaLR's count of steps taken
+        if steps <= 0 or not hasattr(self.scheduler, "lr_lambdas"):
+            return self.optimizer.param_groups[0]["lr"]
+        return self.scheduler.base_lrs[0] * self.scheduler.lr_lambdas[0](steps - 1)
 
     @property
     def loaders(self) -> list[BatchLoader]:

@@ -19,17 +19,25 @@ from distcls.errors import UserError
 SKIPPED = ("step", "epoch", "time", "epoch_step", "split")
 
 
+def summary_writer_class():
+    """torch's SummaryWriter, or the one-line error when the tensorboard package is missing (checked at launch, before anything is written)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("log.tensorboard=true needs the tensorboard package: pip install 'distcls[tensorboard]' (or tensorboard), "
+                        "or set log.tensorboard=false") from None
+    return SummaryWriter
+
+
 class TensorBoardLogger:
     def __init__(self, out_dir, enabled: bool, resumed_step: Optional[int] = None):
+        """`resumed_step`: the checkpoint's global step, or None for a fresh start (which drops whatever an
+        earlier attempt that saved no checkpoint logged: purge_step 0, as metrics.jsonl is started anew)."""
         self.writer = None
         if not enabled:
             return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("log.tensorboard=true needs the tensorboard package: pip install tensorboard, or set log.tensorboard=false") from None
-        self.writer = SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"),
-                                    purge_step=resumed_step + 1 if resumed_step is not None else None)
+        self.writer = summary_writer_class()(log_dir=str(Path(out_dir) / "tensorboard"),
+                                             purge_step=resumed_step + 1 if resumed_step is not None else 0)
 
     def log(self, record: dict) -> None:
         if self.writer is None:

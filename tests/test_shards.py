@@ -305,3 +305,13 @@ def test_the_converter_writes_other_formats_as_training_decodes_them_and_nothing
     (folder / "val/a").mkdir()
     assert_user_error(cli_in_process(capfd, "shard", [folder, tmp_path / "again"]), "val holds no images")
     assert not (tmp_path / "again").exists()
+
+
+def test_a_resume_on_other_training_data_is_refused(shards, tmp_path, capfd):
+    """The checkpoint records its training split's size: resumed on 6 of the 7 shards, its (epoch, step) would name other samples."""
+    out = tmp_path / "run"
+    train_in_process(out, *shard_args(shards), "train.epochs=1")
+    fewer = [a.replace("{000000..000006}", "{000000..000005}") for a in shard_args(shards)]
+    proc = cli_in_process(capfd, "train", [f"run.out_dir={out}", *fewer, "train.epochs=2", *FAST[:1], "--resume", "auto"])
+    assert_user_error(proc, "trained on a training split of 160 samples, but this data gives 150", "model.pretrained=")
+    assert load_ckpt(out / "checkpoints/last.pt")["train_samples"] == 160

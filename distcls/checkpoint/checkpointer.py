@@ -126,7 +126,7 @@ class Checkpointer:
         self.components = {**components, "progress": progress}
         unknown = set(self.components) - set(COMPONENTS)
         assert not unknown, f"not components of the checkpoint format (format.ENTRIES): {sorted(unknown)}"
-        self.metadata = {**metadata, "version": FORMAT_VERSION}  # config, data_spec, world_size
+        self.metadata = {**metadata, "version": FORMAT_VERSION}  # config, data_spec, world_size, train_samples, provenance
         self.is_main = is_main
         self.before_save = before_save  # called with the progress; may raise to refuse the save (Trainer.check_diverged)
 

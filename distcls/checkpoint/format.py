@@ -194,6 +194,7 @@ ENTRIES = (
     Entry("ema", dict, OPTIONAL, component=True, check=_ema),  # model EMA (train.ema): {'weights': state_dict, 'updates': n}
     Entry("world_size", int, OPTIONAL),
     Entry("provenance", dict, OPTIONAL),  # versions, git commit, command line, hosts (runtime/provenance.py)
+    Entry("train_samples", int, OPTIONAL, check=_nonnegative),  # the training split's size: a resume on other data is refused
 )
 COMPONENTS = tuple(e.key for e in ENTRIES if e.component)
 # The top-level copies of Progress's fields (DESIGN's contract: a reader finds epoch and step without

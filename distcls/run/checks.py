@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from distcls.checkpoint import ResumePoint
 from distcls import config as config_mod
 from distcls.config import Config, TrainConfig
-from distcls.errors import ConfigError, TrainingDiverged
+from distcls.errors import ConfigError, TrainingDiverged, UserError
 
 # Which keys a resume refuses to see changed is metadata on the schema's fields (config.py: `resume=`):
 # position keys change the seeded training order, the split, or how many samples a step or an epoch
@@ -118,9 +118,11 @@ def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, o
     return changed
 
 
-def check_resume_config(point: ResumePoint, cfg: Config) -> None:
+def check_resume_config(point: ResumePoint, cfg: Config, train_samples: Optional[int] = None) -> None:
     """Refuse to resume from `point` when `cfg` changes a key of POSITION_KEYS or of the
-    optimizer/schedule: one ConfigError naming the key, both values and what to do."""
+    optimizer/schedule: one ConfigError naming the key, both values and what to do; then when the
+    training split (`train_samples`) holds another number of samples than the checkpoint's (its
+    position would name other samples: shards or an image folder changed under it)."""
     path, epoch, epoch_step = point.path, point.epoch, point.epoch_step
     trained = epoch + (1 if epoch_step else 0)  # epochs the checkpoint has trained in (its last one maybe in part)
     if cfg.train.epochs < trained:
@@ -129,6 +131,11 @@ def check_resume_config(point: ResumePoint, cfg: Config) -> None:
                           f"(its summary would misstate what trained); resume with train.epochs={max(trained, cfg.train.epochs + 1)} or more, "
                           f"or evaluate it: python -m distcls.evaluate --checkpoint {path}")
     changed = changed_resume_keys(point.config or {}, cfg.to_dict())
+    saved_samples = point.checkpoint.get("train_samples")
+    if not changed and saved_samples is not None and train_samples is not None and saved_samples != train_samples:
+        raise UserError(f"checkpoint {path} trained on a training split of {saved_samples:,} samples, but this data gives {train_samples:,}: "
+                        "its position (epoch, step) would name other samples; resume with the data it trained on, or start a new run from "
+                        f"its weights: model.pretrained={path} run.out_dir=NEW_DIR")
     if not changed:
         return
     key, old, new = changed[0]

@@ -179,7 +179,8 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
         {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
          "scaler": precision, "rng": GlobalRNG(), **({"ema": ema} if ema is not None else {})}, progress,
         SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, val is not None),
-        {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size, "provenance": provenance}, env.is_main,
+        {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size, "provenance": provenance,
+         "train_samples": len(data.splits.train)}, env.is_main,
         # A save first waits for the steps whose flags the host has not read: an aborting run
         # (train.nonfinite=abort) raises there instead of saving the state after its diverged step.
         before_save=trainer.check_diverged)

@@ -42,6 +42,8 @@ def dry_run(cfg: Config, env: DistEnv, debug: bool = False, resume: Optional[str
         parts = build_components(cfg, env, debug, CheckpointFiles(scratch, cfg.checkpoint.keep), log=notes.append)
         built = time.perf_counter() - started
         data, spec, progress = parts.data, parts.data.spec, parts.progress
+        if point is not None:
+            check_resume_config(point, cfg, len(data.splits.train))  # and the data it would resume on
         step_started = time.perf_counter()
         for _ in parts.trainer.train_epoch(parts.train, progress, StopRequest()):  # one step: forward, backward, update
             break

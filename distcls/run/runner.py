@@ -232,7 +232,7 @@ class TrainingRun:
         """Every component from the resume point (every rank reads it); what `summary.json` says of it."""
         point = self.resume_point
         parts.checkpointer.load(point)  # refuses another model, optimizer or data shape
-        check_resume_config(point, self.cfg)  # then a changed position or schedule (nothing written yet)
+        check_resume_config(point, self.cfg, len(parts.data.splits.train))  # then a changed position, schedule or data (nothing written yet)
         return {"path": str(point.path), "epoch": point.epoch, "epoch_step": point.epoch_step, "step": point.global_step,
                 "world_size": point.world_size or self.env.world_size}
 

@@ -33,6 +33,7 @@ from distcls.config import check_batch_split
 from distcls.data.transforms.keys import keyed_seed
 from distcls.errors import ConfigError
 
+
 @dataclass(frozen=True)
 class ShardSet:
     urls: tuple  # each shard's path or URL, in the pattern's order
@@ -149,7 +150,7 @@ class TrainPlan:
         while w * self.window < end_out:
             lo, hi = w * self.window, min((w + 1) * self.window, self.stream_len)
             perm = keyed_permutation(hi - lo, self.seed, epoch, self.SALT_WINDOWS, stream, w)
-            # the window's last outputs past the epoch's end are never read (train.max_steps_per_epoch)
+            # the window's places past the epoch's end (train.max_steps_per_epoch) are read but never given out
             needed = min(hi, end_out) - lo
             yield Window(runs_of(order, self.shards.counts, base + lo, base + hi), perm[:needed], max(0, first_out - lo))
             w += 1

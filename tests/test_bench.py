@@ -241,6 +241,23 @@ def test_augment_writes_both_pipelines_rates(tmp_path):
     assert r["per_core_ratio"] == pytest.approx(r["distcls_per_core"] / r["torchvision_per_core"])
     assert r["distcls_cores"] == 1 and r["torchvision_workers"] == 1
 
+@pytest.mark.slow
+def test_reference_runs_distcls_and_the_reference_loop_at_world_size_1_and_2(tmp_path):
+    r = _bench(tmp_path, "reference", "--images", "64", "--size", "16", "--batch", "16", "--workers", "1", "--epochs", "2",
+               "--rounds", "1", "--ema-steps", "1")
+    assert set(r["images_per_sec"]) == {"distcls_w1", "reference_w1", "distcls_w2", "reference_w2"}
+    assert all(len(v) == 1 and _positive(v[0]) for v in r["images_per_sec"].values())
+    for n in (1, 2):
+        ratio = r["images_per_sec"][f"distcls_w{n}"][0] / r["images_per_sec"][f"reference_w{n}"][0]
+        assert r["ratios"][f"w{n}"] == pytest.approx(ratio, abs=2e-3)
+
+
+def test_reference_refuses_world_sizes_it_cannot_split_the_batch_for(capsys):
+    assert run_cli(main, ["reference", "--nprocs", "1,3", "--batch", "128"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and err[0].startswith("distcls: error: --nprocs '1,3'") and "multiple of every world size" in err[0]
+
+
 # ----------------------------------------------------------------------------- gpu: issue 18's device check
 
 def test_gpu_check_smoke_lists_the_gpu_only_parts_as_skipped(tmp_path, capsys):

@@ -100,6 +100,37 @@ def test_epoch_draw_table_holds_the_keyed_uniform_draws_of_every_key():
     assert only_flip.flip is not None and only_flip.crop_y is None and only_flip.crop_x is None and only_flip.angle is None
 
 
+def test_the_policy_recipe_gives_each_sample_the_same_values_in_any_batch():
+    """TrivialAugment + erasing + flip on the CPU (each sample on its own view): bitwise the same
+    values whatever else is in the batch and wherever the sample sits in it."""
+    aug = AugmentConfig(hflip=True, policy="trivialaugment", erase_prob=0.5)
+    pre = Preprocess(3, 24, (0.5,) * 3, (0.25,) * 3, aug, seed=3, num_keys=500)
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (40, 3, 24, 24), dtype=torch.uint8, generator=g)
+    keys = torch.randperm(500, generator=g)[:40]
+    whole = pre(images, keys, epoch=1, train=True)
+    perm = torch.randperm(40, generator=g)
+    assert torch.equal(pre(images[perm], keys[perm], 1, True), whole[perm])
+    assert torch.equal(torch.cat([pre(images[:7], keys[:7], 1, True), pre(images[7:], keys[7:], 1, True)]), whole)
+    ops = pre.draws(keys, 1, torch.device("cpu")).ops
+    assert len(set(ops.flatten().tolist())) >= 8  # many op kinds drawn, so the test covers them
+
+
+def test_a_lent_output_buffer_holds_the_same_batch_and_is_used_only_when_it_fits():
+    aug = AugmentConfig(hflip=True, policy="trivialaugment", erase_prob=0.5)
+    pre = Preprocess(3, 16, (0.5,) * 3, (0.25,) * 3, aug, seed=3, num_keys=100)
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    keys, labels = torch.arange(8), torch.arange(8) % 3
+    plain, _ = pre.train_batch(images, labels, keys, 2)
+    buffer = torch.full((8, 3, 16, 16), float("nan"))
+    lent, _ = pre.train_batch(images, labels, keys, 2, out=buffer)
+    assert lent.data_ptr() == buffer.data_ptr() and torch.equal(lent, plain)
+    small = images[:, :, :12, :12]  # resized to 16: the buffer of the batch's own shape is not used
+    other = torch.zeros(8, 3, 12, 12)
+    resized, _ = pre.train_batch(small, labels, keys, 2, out=other)
+    assert resized.shape == (8, 3, 16, 16) and resized.data_ptr() != other.data_ptr() and torch.equal(other, torch.zeros(8, 3, 12, 12))
+
+
 def test_preprocess_with_the_epoch_table_equals_hashing_per_batch():
     aug = AugmentConfig(crop_padding=3, hflip=True, rotation_deg=15)
     spec = DataSpec(3, 10, 16, mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3))

@@ -5,7 +5,7 @@ import argparse
 import json
 from typing import Sequence
 
-from distcls.bench import augment, checkpoint, compare, datastart, gpu_check, imagefolder, scaling, startup, throughput
+from distcls.bench import augment, checkpoint, compare, datastart, gpu_check, imagefolder, reference, scaling, startup, throughput
 from distcls.cli import ArgumentParser, exit_with
 
 # mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
@@ -18,6 +18,7 @@ MODES = {
     "imagefolder": imagefolder,
     "datastart": datastart,
     "augment": augment,
+    "reference": reference,
     "gpu": gpu_check,
 }
 

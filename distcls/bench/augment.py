@@ -2,7 +2,8 @@
 
 The same in-memory uint8 images (default 512 at 224 px, smooth patterns plus texture) go through:
 - distcls: `Preprocess.train_batch` in the training process on `--device` (policy, normalization,
-  erasing, Mixup/CutMix; every choice keyed by (seed, epoch, sample)), batches of `--batch`;
+  erasing, Mixup/CutMix; every choice keyed by (seed, epoch, sample)), batches of `--batch`, on the
+  CPU into one reused float buffer as the Trainer lends it;
 - torchvision: a DataLoader with `--workers` workers, each image through
   v2.TrivialAugmentWide(bilinear) -> ToDtype(float32, scale) -> Normalize -> RandomErasing(p), and
   v2.RandomChoice([MixUp(0.2), CutMix(1.0)]) in the collate function (the reference recipe's way).
@@ -73,9 +74,10 @@ def _torchvision_epoch(loader) -> int:
 
 def _distcls_epoch(pre, images, labels, batch, epoch, device) -> int:
     n = 0
+    buffer = torch.empty((batch, *images.shape[1:])) if device.type == "cpu" else None  # as the Trainer lends it
     for lo in range(0, len(images) - batch + 1, batch):
         keys = torch.arange(lo, lo + batch, device=device)
-        x, t = pre.train_batch(images[lo:lo + batch], labels[lo:lo + batch], keys, epoch)
+        x, t = pre.train_batch(images[lo:lo + batch], labels[lo:lo + batch], keys, epoch, out=buffer)
         n += len(x)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -67,6 +67,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss = TrainingLoss(cfg.label_smoothing)  # hard labels, or Mixup/CutMix soft targets
         self._unread_flags: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
+        self._buffers: dict = {}  # batch shape -> its float32 input buffer (CPU only, _input_buffer)
 
     def train_epoch(self, loader: BatchLoader, progress: Progress, stop: Optional[StopRequest] = None) -> Iterator[int]:
         """Train epoch `progress.epoch` from `progress.epoch_step` to its end, one yield per step.
@@ -103,7 +104,8 @@ class Trainer:
         """Collective: queue one optimizer step (DDP's gradient all-reduce, one all-reduce of the
         flags); returns the agreed [skipped, stop] flags (device). Reads nothing from the device."""
         self.optimizer.zero_grad(set_to_none=True)
-        x, targets = self.preprocess.train_batch(batch.images, batch.labels, batch.keys, progress.epoch, self.memory_format)
+        x, targets = self.preprocess.train_batch(batch.images, batch.labels, batch.keys, progress.epoch, self.memory_format,
+                                                 out=self._input_buffer(batch.images))
         micro = list(zip(x.chunk(self.cfg.accum_steps), targets.chunk(self.cfg.accum_steps)))
         loss_sum = correct = 0  # become device tensors at the first micro-batch
         for j, (xs, ys) in enumerate(micro):
@@ -124,6 +126,19 @@ class Trainer:
         progress.skipped += skipped
         self.scheduler.step()
         return torch.stack([skipped.double(), flags[1]])
+
+    def _input_buffer(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """On the CPU, the float32 tensor each step's batch is written into, one per batch shape,
+        reused: the previous step (forward, backward, update) has finished with it when the next
+        step's batch is made (a CPU runs them in order). Elsewhere None: the caching allocator
+        makes allocation cheap and the device may still be reading the previous batch."""
+        if images.device.type != "cpu":
+            return None
+        if images.shape not in self._buffers:
+            self._buffers = {images.shape: torch.empty(images.shape, dtype=torch.float32), **self._buffers}
+            while len(self._buffers) > 2:  # the full batch's and a shorter last batch's
+                self._buffers.pop(next(reversed(self._buffers)))
+        return self._buffers[images.shape]
 
     def check_diverged(self, progress: Progress) -> None:
         """With `train.nonfinite=abort`: raise TrainingDiverged if a step whose flags the host has

@@ -121,13 +121,18 @@ class Mix:
 
     @staticmethod
     def _mix_rows(x, partner, lam, cut, box):
-        """The same numbers as _mix_all, computed for the mixed rows only and written into x
-        after every row was read."""
-        blend = torch.nonzero((lam < 1) & ~cut).flatten()
-        paste = torch.nonzero(cut).flatten()
-        blended = _lerp(x.index_select(0, blend), x.index_select(0, partner.index_select(0, blend)), lam.index_select(0, blend))
-        pasted = _paste(x.index_select(0, paste), x.index_select(0, partner.index_select(0, paste)), box.index_select(0, paste))
-        return x.index_copy_(0, blend, blended).index_copy_(0, paste, pasted)
+        """The same numbers as _mix_all, computed for the mixed rows only, each on views of its own
+        row and its partner's, and written into x after every row was read."""
+        weights = lam.to(x.dtype)  # as _lerp's
+        updates = []  # (row, its region, the new values)
+        for r, (p, lam_r, cut_r, (y1, y2, x1, x2)) in enumerate(zip(partner.tolist(), lam.tolist(), cut.tolist(), box.tolist())):
+            if cut_r:
+                updates.append((r, (slice(None), slice(y1, y2), slice(x1, x2)), x[p, :, y1:y2, x1:x2].clone()))
+            elif lam_r < 1:
+                updates.append((r, (), torch.lerp(x[p], x[r], weights[r])))
+        for r, region, values in updates:
+            x[r][region].copy_(values)
+        return x
 
     def __call__(self, x: torch.Tensor, labels: torch.Tensor, keys: torch.Tensor, epoch: int):
         """(mixed images, soft targets float32 [B, classes]); x may be written into (the caller's

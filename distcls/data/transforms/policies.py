@@ -209,13 +209,13 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, interpolatio
     """One op per sample (ids in OPS, signed magnitude as torchvision's policies pass it); may
     write into x (the caller's own copy).
 
-    On the CPU each op kind runs on the samples that drew it (a loop over the op kinds, never over
-    images: the host knows the ids at once). On an accelerator every kind runs over the whole
-    batch with identity parameters for the others, so that nothing waits for the device to say
-    which samples drew what. Both give each sample the same result whatever its batch holds.
-    `grouped` (None: by the device) picks the way, for tests."""
+    On the CPU each sample that drew an op gets it on its own view of x, in place (the host knows
+    the ids at once; no gathers or scatters of rows, Identity samples untouched). On an
+    accelerator every kind runs over the whole batch with identity parameters for the others, so
+    that nothing waits for the device to say which samples drew what. Both give each sample the
+    same result whatever its batch holds. `grouped` (None: by the device) picks the way, for tests."""
     if x.device.type == "cpu" if grouped is None else grouped:
-        return _apply_grouped(x, op, mag, interpolation)
+        return _apply_each(x, op, mag, interpolation)
     x = _geometric(x, op, mag, interpolation)
     x = _blend(x, op, mag)
     x = _posterize_solarize(x, op, mag)
@@ -224,38 +224,40 @@ def apply_ops(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, interpolatio
     return x
 
 
-_GROUPS = (GEOMETRIC, ("Brightness",), ("Color",), ("Contrast",), ("Sharpness",), ("Posterize", "Solarize", "Invert"),
-           ("AutoContrast",), ("Equalize",))
-
-
-def _apply_grouped(x, op, mag, interpolation):
-    """In place: each group reads its rows of x and writes them back; the groups are disjoint."""
-    out = x
-    for group in _GROUPS:
-        rows = torch.nonzero(_is(op, *group)).flatten()
-        if rows.numel() == 0:
+def _apply_each(x, op, mag, interpolation):
+    """In place, sample by sample on views x[i:i+1]: the geometric ops' matrices computed for all
+    their samples at once, every other op's arithmetic exactly as the batched functions do it."""
+    _, c, h, w = x.shape
+    ids = op.tolist()
+    geometric = [i for i, o in enumerate(ids) if OPS[o] in GEOMETRIC]
+    if geometric:
+        rows = torch.tensor(geometric)
+        theta = _inverse_affine_of(op.index_select(0, rows), mag.index_select(0, rows), h, w).to(x.dtype)
+        matrices = dict(zip(geometric, theta.split(1)))
+    ratio = (1.0 + mag).to(x.dtype)  # the blends' factors, as _blend computes them
+    for i, o in enumerate(ids):
+        name, v = OPS[o], x[i:i + 1]
+        if name == "Identity" or name == "Color" and c == 1:  # adjust_saturation leaves 1-channel images alone
             continue
-        xs, ops, ms = x.index_select(0, rows), op.index_select(0, rows), mag.index_select(0, rows)
-        name = group[0]
-        if group is GEOMETRIC:
-            ys = _geometric(xs, ops, ms, interpolation, every_sample=True)
+        if name in GEOMETRIC:
+            v.copy_(_warp(v, matrices[i], interpolation))
         elif name in BLENDS:
-            if name == "Color" and x.shape[1] == 1:  # adjust_saturation leaves 1-channel images alone
-                continue
-            ys = _blend_with(xs, ms, _DEGENERATE[name](xs))
+            r = ratio[i]
+            degenerate = _DEGENERATE[name](v)  # its own tensor, computed before v changes
+            v.mul_(r).add_(degenerate * (1.0 - r)).clamp_(0, 255).floor_()
         elif name == "Posterize":
-            ys = _posterize_solarize(xs, ops, ms)
+            step = torch.pow(2.0, 8.0 - mag[i]).to(x.dtype)
+            v.div_(step).floor_().mul_(step)
+        elif name == "Solarize":
+            threshold = torch.ceil(255.0 * mag[i].to(torch.float64)).to(x.dtype)
+            v.copy_(torch.where(v >= threshold, 255.0 - v, v))
+        elif name == "Invert":
+            v.copy_(255.0 - v)
         elif name == "AutoContrast":
-            ys = autocontrast(xs)
+            v.copy_(autocontrast(v))
         else:
-            ys = equalize(xs)
-        out.index_copy_(0, rows, ys)
-    return out
-
-
-def _blend_with(x, mag, degenerate):
-    ratio = (1.0 + mag).to(x.dtype).view(-1, 1, 1, 1)
-    return (x * ratio).add_(degenerate * (1.0 - ratio)).clamp_(0, 255).floor_()
+            v.copy_(equalize(v))
+    return x
 
 
 _DEGENERATE = {
@@ -297,25 +299,37 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return base.view(1, height * width, 3).expand(theta.shape[0], -1, -1).bmm(scaled).view(-1, height, width, 2)
 
 
-def _geometric(x, op, mag, interpolation, every_sample: bool = False):
-    b, _, h, w = x.shape
+def _inverse_affine_of(op, mag, height: int, width: int) -> torch.Tensor:
+    """Each sample's inverse affine matrix [B, 2, 3] (float64) for its op (the identity for a
+    non-geometric one), with the arguments torchvision's policies pass to affine/rotate."""
     m = mag.to(torch.float64)
     zero = torch.zeros_like(m)
     shear = torch.rad2deg(torch.atan(m))
     is_sx, is_sy = op == OP_ID["ShearX"], op == OP_ID["ShearY"]
     is_shear = is_sx | is_sy
     trunc = torch.trunc(m)  # torchvision passes translate=[int(magnitude), 0]
-    theta = inverse_affine(
+    return inverse_affine(
         angle_deg=torch.where(op == OP_ID["Rotate"], -m, zero),  # F.rotate(angle) = affine's -angle
         translate_x=torch.where(op == OP_ID["TranslateX"], trunc, zero),
         translate_y=torch.where(op == OP_ID["TranslateY"], trunc, zero),
         shear_x_deg=torch.where(is_sx, shear, zero), shear_y_deg=torch.where(is_sy, shear, zero),
-        center_x=torch.where(is_shear, zero - 0.5 * w, zero), center_y=torch.where(is_shear, zero - 0.5 * h, zero))
-    grid = affine_grid(theta.to(x.dtype), h, w)
+        center_x=torch.where(is_shear, zero - 0.5 * width, zero), center_y=torch.where(is_shear, zero - 0.5 * height, zero))
+
+
+def _warp(x, theta, interpolation):
+    """x resampled through `theta` (in x's dtype), fill 0, rounded to the uint8 grid."""
+    _, _, h, w = x.shape
+    grid = affine_grid(theta, h, w)
     moved = F.grid_sample(x, grid, mode=interpolation, padding_mode="zeros", align_corners=False).round_()
     if interpolation == "bicubic":  # its kernel overshoots: back to the uint8 range, as a PIL image's bicubic affine is
         moved.clamp_(0, 255)
-    return moved if every_sample else torch.where(_is(op, *GEOMETRIC).view(-1, 1, 1, 1), moved, x)
+    return moved
+
+
+def _geometric(x, op, mag, interpolation):
+    _, _, h, w = x.shape
+    moved = _warp(x, _inverse_affine_of(op, mag, h, w).to(x.dtype), interpolation)
+    return torch.where(_is(op, *GEOMETRIC).view(-1, 1, 1, 1), moved, x)
 
 
 def _gray_floor(x):
@@ -393,7 +407,13 @@ def equalize(x: torch.Tensor) -> torch.Tensor:
 
 
 def erase(x: torch.Tensor, boxes: torch.Tensor, value: float = 0.0) -> torch.Tensor:
-    """Set each sample's box (top, left, h, w; h = 0: none) to `value`, in place: two broadcast masks, one fill."""
+    """Set each sample's box (top, left, h, w; h = 0: none) to `value`, in place: on the CPU each box's
+    slice (the host has the boxes), elsewhere two broadcast masks and one fill (no host sync)."""
+    if x.device.type == "cpu":
+        for i, (top, left, bh, bw) in enumerate(boxes.tolist()):
+            if bh and bw:
+                x[i, :, top:top + bh, left:left + bw] = value
+        return x
     _, _, h, w = x.shape
     rows = torch.arange(h, device=x.device)
     cols = torch.arange(w, device=x.device)

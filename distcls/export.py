@@ -48,7 +48,6 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import OutputWriteFailed, UserError, first_line
@@ -224,9 +223,8 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
     view = getattr(data.splits, split).truncated(n)
     images = next(iter(eval_loader(view, len(view), 1, 0, torch.device("cpu")))).images
     pre = restored.preprocess
-    x = pre._match_channels(images.float())  # the model's channels and size, as evaluation brings them there
-    if x.shape[-1] != pre.image_size or x.shape[-2] != pre.image_size:
-        x = F.interpolate(x, size=(pre.image_size, pre.image_size), mode="bilinear", align_corners=False, antialias=True)
+    from distcls.data.transforms.pixels import resize_square
+    x = resize_square(pre.match_channels(images.float()), pre.image_size, pre.interpolation)  # as evaluation brings them there
     return x.round().clamp(0, 255).to(torch.uint8), f"{len(x)} {split} images of {restored.cfg.data.name}"
 
 

@@ -2,4 +2,5 @@
 per sample in DataLoader workers, for image files only: decode and geometry (images.py; on the GPU:
 gpu_decode.py); per batch on the training device, for every dataset: everything else (augment.py: crop,
 flip, rotation, the policies of policies.py, erasing, normalization; mix.py: Mixup/CutMix). Every random
-choice is keys.py's one hash of (seed, epoch, sample key, stream)."""
+choice is keys.py's one hash of (seed, epoch, sample key, stream). pixels.py: the one channel matcher
+and the one square resize, used by both stages."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from distcls.config import AugmentConfig
 from distcls.runtime.copies import host_to_device
+from distcls.data.transforms import pixels
 from distcls.data.transforms import policies
 from distcls.data.transforms.keys import Stream, keyed_uniform
 from distcls.data.transforms.mix import Mix
@@ -132,9 +133,8 @@ class Preprocess:
         size = self.train_image_size if train else self.image_size
         fits = out is not None and out.shape == images.shape and out.dtype == torch.float32 and out.device == images.device \
             and images.shape[1] == self.channels and tuple(images.shape[-2:]) == (size, size)
-        x = out.copy_(images) if fits else self._match_channels(images.float())
-        if x.shape[-1] != size or x.shape[-2] != size:
-            x = F.interpolate(x, size=(size, size), mode=self.interpolation, align_corners=False, antialias=True)
+        x = out.copy_(images) if fits else self.match_channels(images.float())
+        x = pixels.resize_square(x, size, self.interpolation)
         draws = self.draws(keys, epoch, x.device) if train else None
         if train:
             # still uint8 values (not resized, not turned gray): the policy need not round them first
@@ -172,15 +172,15 @@ class Preprocess:
                 else host_to_device(made, like.device)
         return self._cache[slot]
 
-    def _match_channels(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] == self.channels:
-            return x
-        if x.shape[1] == 1 and self.channels == 3:
-            return x.expand(-1, 3, -1, -1).contiguous()
+    def match_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """A float batch with the target channels (pixels.match_channels, its weights kept on the device)."""
         if x.shape[1] == 3 and self.channels == 1:
-            w = self._constant("gray", x, lambda dt: torch.tensor([0.299, 0.587, 0.114], dtype=dt).view(1, 3, 1, 1))
-            return (x * w).sum(dim=1, keepdim=True)
-        raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
+            w = self._constant("gray", x, lambda dt: torch.tensor(pixels.GRAY_WEIGHTS, dtype=dt).view(3, 1, 1))
+            x = pixels.match_channels(x, 1, w)
+        x = pixels.match_channels(x, self.channels)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
+        return x
 
     def _augment(self, x: torch.Tensor, draws: Draws, on_grid: bool = False) -> torch.Tensor:
         if draws.crop_y is not None or draws.flip is not None:

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from distcls.data.transforms.keys import Stream, keyed_uniform_scalar
+from distcls.data.transforms.pixels import match_channels, resize_square
 from distcls.errors import first_line
 
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
@@ -126,19 +126,6 @@ def to_uint8(t: torch.Tensor) -> torch.Tensor:
     return ((t.clamp(min=0) * 255 + (1 << (bits - 1))) // ((1 << bits) - 1)).to(torch.uint8)
 
 
-def _match_channels(t: torch.Tensor, channels: int) -> torch.Tensor:
-    if t.shape[0] == channels:
-        return t
-    if t.shape[0] in (2, 4):  # gray+alpha, RGBA: drop alpha
-        t = t[:-1]
-    if t.shape[0] == 1 and channels == 3:
-        return t.expand(3, -1, -1).contiguous()
-    if t.shape[0] == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64).view(3, 1, 1)
-        return (t.double() * w).sum(0, keepdim=True).round_().to(torch.uint8)
-    return t
-
-
 def _open_pil(data: bytes, path):
     """Pillow's lazy open (the header only) with the pixel limit applied: a PIL image to `load()`."""
     from PIL import Image
@@ -208,7 +195,7 @@ def _decode_pil(data: bytes, path, channels: int) -> torch.Tensor:
             t = torch.from_numpy(arr.astype(np.float64 if img.mode == "F" else np.int64))[None]
             if img.mode.startswith("I;16"):
                 t = t.to(torch.int32).clamp(0, 65535).to(torch.uint16) if hasattr(torch, "uint16") else t
-            return _match_channels(to_uint8(t), channels)
+            return match_channels(to_uint8(t), channels)
         mode = "L" if channels == 1 else "RGB"
         if img.mode != mode:
             img = img.convert(mode)
@@ -238,7 +225,7 @@ def decode_image(data: bytes, path, channels: int = 3) -> torch.Tensor:
             t = _tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
             if t.dim() == 4:  # animated GIF: first frame
                 t = t[0]
-            t = _match_channels(to_uint8(t), channels)
+            t = match_channels(to_uint8(t), channels)
         else:
             t = _decode_pil(data, path, channels)
     except BadImage:
@@ -291,14 +278,7 @@ def center_crop_box(height: int, width: int, size: int, resize: int) -> Box:
 def crop_resize(img: torch.Tensor, box: Box, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Crop `box` out of uint8 [C, H, W], then resize it (bilinear or bicubic, antialiased) to size x size."""
     top, left, h, w = box
-    crop = img[:, top:top + h, left:left + w]
-    if h == size and w == size:
-        return crop.contiguous()
-    if img.dtype == torch.uint8 and img.device.type == "cpu" and interpolation == "bilinear":
-        # channels_last uint8 takes torch's vectorized antialiased kernel: ~2x faster than NCHW here
-        crop = crop[None].contiguous(memory_format=torch.channels_last)
-        return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].contiguous()
-    return TF.resize(crop, [size, size], interpolation=TF.InterpolationMode(interpolation), antialias=True)
+    return resize_square(img[:, top:top + h, left:left + w], size, interpolation).contiguous()
 
 
 def resize_center_crop(img: torch.Tensor, resize: int, size: int, interpolation: str = "bilinear") -> torch.Tensor:

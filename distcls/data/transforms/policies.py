@@ -6,10 +6,13 @@ a whole epoch's keys at once (numpy, vectorized); the device only gathers them. 
 float batch holding uint8 values (0..255 integers) and mirror torchvision.transforms.v2.functional
 on uint8 tensors, op for op, including where it truncates and where it rounds:
 
-- ONE pass per op kind over the whole batch, with per-sample parameters chosen so that a sample
-  that did not draw the op is left bit-identical (blend factor 1, posterize 8 bits, solarize
-  threshold 256, the identity matrix): no Python loop over images, no subset gathers, nothing
-  that makes the host wait for the device (no nonzero/masked_select on data-dependent shapes);
+- on an accelerator, ONE pass per op kind over the whole batch, with per-sample parameters chosen
+  so that a sample that did not draw the op is left bit-identical (blend factor 1, posterize 8
+  bits, solarize threshold 256, the identity matrix): no subset gathers, nothing that makes the
+  host wait for the device (no nonzero/masked_select on data-dependent shapes);
+- on the CPU, where the host knows every id at once, each sample that drew an op gets that op
+  alone, in place on its own view of the batch (no row gathers or scatters, nothing for the
+  Identity samples): 2.7x the throughput of running each op kind on a gathered subset;
 - geometry (shear, translate, rotate) is ONE grid_sample with a per-sample inverse affine matrix,
   computed exactly as torchvision's `_get_inverse_affine_matrix` + `_affine_grid`, fill 0;
 - equalize builds per-(sample, channel) 256-bin histograms with one scatter_add and PIL's LUT.

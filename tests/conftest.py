@@ -199,3 +199,16 @@ def train_in_process(out_dir, *overrides, resume=None) -> dict:
     outcome = run_in_process(out_dir, *overrides, resume=resume)
     assert isinstance(outcome, dict), f"the run did not finish: {outcome}"
     return outcome
+
+
+FINISHED_RUN_STEPS = ["train.max_steps_per_epoch=5"]  # of `finished_run`: a resume of a copy of it passes these too
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished 2-epoch run of the default config (5 steps per epoch), trained once for every test
+    file that reads one: last.pt, best.pt, epoch_0001.pt, epoch_0002.pt, metrics, summary. Read it
+    only: a test that changes it works on a copy (shutil.copytree)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train_in_process(out, *FINISHED_RUN_STEPS, "train.epochs=2")
+    return out

@@ -101,7 +101,7 @@ def write_resnet_weights(path, arch: str = "resnet18", num_classes: int = 1000) 
 
 
 def write_damaged_png(path, size: int = 24) -> Path:
-    """A PNG whose header and IEND are intact but whose compressed pixels are zeroed (issue 19 #1):
+    """A PNG whose header and IEND are intact but whose compressed pixels are zeroed:
     libpng reports an error on it, which crashed torchvision's decoder (SIGSEGV)."""
     import io
 

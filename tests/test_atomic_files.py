@@ -100,7 +100,7 @@ def test_atomic_writes_and_links_keep_the_umasks_mode(tmp_path, umask, mask, mod
 @pytest.mark.parametrize("given, hint", [("run", "run/checkpoints/last.pt"), ("run/checkpoints", "run/checkpoints/last.pt"),
                                          ("other", "other/last.pt")])
 def test_a_directory_given_as_a_checkpoint_hints_at_its_last_pt(tmp_path, given, hint):
-    """#17 (issue 19): `--checkpoint RUN/checkpoints` suggested RUN/checkpoints/checkpoints/last.pt."""
+    """`--checkpoint RUN/checkpoints` suggested RUN/checkpoints/checkpoints/last.pt."""
     (tmp_path / "run/checkpoints").mkdir(parents=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other/last.pt").write_bytes(b"")

@@ -258,7 +258,7 @@ def test_reference_refuses_world_sizes_it_cannot_split_the_batch_for(capsys):
     assert len(err) == 1 and err[0].startswith("distcls: error: --nprocs '1,3'") and "multiple of every world size" in err[0]
 
 
-# ----------------------------------------------------------------------------- gpu: issue 18's device check
+# ----------------------------------------------------------------------------- gpu: the device check (gpu_check)
 
 def test_gpu_check_smoke_lists_the_gpu_only_parts_as_skipped(tmp_path, capsys):
     """`bench gpu` without CUDA (here forced with --cpu-smoke): the GPU-only parts asked for are

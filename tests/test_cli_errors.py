@@ -3,13 +3,15 @@ nothing written outside (or even inside) run.out_dir."""
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
+from conftest import FAST, ROOT, assert_ok, assert_user_error, cli_in_process, run_distcls
 
-from distcls import train
+from distcls import config, evaluate, predict, train
 from distcls.cli import run_cli
-
-from conftest import ROOT, assert_ok, assert_user_error, cli_in_process, run_distcls
+from distcls.errors import ConfigError, UserError
+from distcls.runtime import dist
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -217,6 +219,7 @@ def test_nproc_per_node_launches_ranks_and_keeps_distcls_exit_codes(tmp_path):
     (torch's elastic launch API) returns distcls's own code and shows only the workers' lines."""
     import json
     import sys
+
     from conftest import FAST, child_env
     env = child_env({"PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"})
     base = [sys.executable, "-m", "distcls.train", "--nproc_per_node", "2", *FAST, "dist.device=cpu"]
@@ -233,3 +236,126 @@ def test_nproc_per_node_launches_ranks_and_keeps_distcls_exit_codes(tmp_path):
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert json.loads((tmp_path / "ok/summary.json").read_text())["world_size"] == 2
+
+
+FLOAT_KEYS = [path for path, default, _ in config.describe() if isinstance(default, float)] + ["train.clip_grad_norm"]
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-.inf"])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_non_finite_floats_are_rejected_for_every_float_key(key, value):
+    """NaN/inf pass every min/max check, so the schema rejects them itself."""
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be a finite number"):
+        config.load(None, [f"{key}={value}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.split=[.nan, 0.1, 0.1]", "data.split"), ("data.std=[.inf, 1, 1]", "data.std"),
+    ("data.mean=[0, .nan, 0]", "data.mean"), ("optim.betas=[0.9, .nan]", "optim.betas"),
+])
+def test_non_finite_numbers_in_lists_are_rejected(override, key):
+    extra = ["data.mean=[0, 0, 0]"] if key == "data.std" else ["data.std=[1, 1, 1]"] if key == "data.mean" else []
+    with pytest.raises(ConfigError, match=f"config key '{key}' must be a finite number"):
+        config.load(None, [override, *extra])
+
+
+def test_non_finite_lr_is_a_cli_error(tmp_path, capsys):
+    """Through the CLI: exit 2 before anything runs (it used to train, then exit 4)."""
+    out = tmp_path / "o"
+    assert_user_error(cli_in_process(capsys, train.main, ["optim.lr=nan", f"run.out_dir={out}"]), "'optim.lr' must be a finite number")
+    assert not out.exists()
+
+
+
+
+def test_binary_config_file_is_a_clear_error(tmp_path, capsys):
+    """UnicodeDecodeError."""
+    f = tmp_path / "c.yaml"
+    f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
+    assert_user_error(cli_in_process(capsys, train.main, ["--config", f, f"run.out_dir={tmp_path / 'o'}"]), f"config file {f} is not a text file")
+
+
+def test_unreadable_config_file_is_a_clear_error(tmp_path, monkeypatch):
+    """PermissionError (simulated: tests may run as root, for whom chmod 000 does not deny reading)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 1\n")
+
+    def denied(self, *a, **k):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ConfigError, match=f"config file {f} cannot be read \\(Permission denied\\)"):
+        config.load(str(f))
+
+
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("model.name=os:system", "model.name=os:system: 'system' is a builtin_function_or_method, not a builder function"),
+    ("data.name=os:system", "data.name=os:system: 'system' is a builtin_function_or_method, not a builder function"),
+    ("model.name=json:dumps", "model.name=json:dumps is not a model builder: it must accept (spec, cfg)"),
+    ("model.name=os:sep", "not a builder function"),
+])
+def test_plugin_path_that_is_not_a_builder_is_never_called(tmp_path, capsys, override, fragment):
+    out = tmp_path / "o"
+    assert_user_error(cli_in_process(capsys, train.main, [override, f"run.out_dir={out}"]), fragment)
+    assert not out.exists()
+
+
+
+
+def test_huge_seed_is_a_config_error():
+    """Run.seed=1e20 (as an integer) overflowed inside numpy/torch."""
+    with pytest.raises(ConfigError, match="'run.seed' must be <= 4294967295"):
+        config.load(None, ["run.seed=100000000000000000000"])
+
+
+def test_negative_model_width_is_a_user_error(tmp_path, capsys):
+    """Model.args.width=-4."""
+    assert_user_error(cli_in_process(capsys, train.main, ["model.args.width=-4", f"run.out_dir={tmp_path / 'o'}"]),
+                      "model.name=cnn3 cannot be built with model.args={'width': -4}", "negative dimension")
+
+
+@pytest.mark.parametrize("env", [
+    {"SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "abc", "SLURM_LOCALID": "0"},
+])
+def test_bad_slurm_ntasks_is_a_user_error(monkeypatch, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(UserError, match="environment variable SLURM_NTASKS='abc' is not an integer"):
+        dist.detect()
+
+
+def test_bad_restart_count_is_a_user_error(tmp_path, capsys, monkeypatch):
+    """TORCHELASTIC_RESTART_COUNT=abc."""
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "abc")
+    out = tmp_path / "o"
+    assert_user_error(cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST]), "TORCHELASTIC_RESTART_COUNT='abc' is not an integer")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_evaluate_samples_must_be_positive(finished_run, capsys, value):
+    """--samples 0 crashed in the plot, --samples -3 was accepted."""
+    proc = cli_in_process(capsys, evaluate.main, ["--checkpoint", finished_run / "checkpoints/last.pt", "--samples", value])
+    assert_user_error(proc, "argument --samples")
+
+
+
+
+def test_options_and_overrides_in_any_order():
+    """`run.out_dir=X --config F data.root=Y` used to say 'unrecognized arguments: data.root=Y'."""
+    args = train.parse_args(["run.out_dir=X", "--config", "F", "data.root=Y", "--resume", "auto", "train.epochs=1"])
+    assert args.config == "F" and args.resume == "auto" and args.overrides == ["run.out_dir=X", "data.root=Y", "train.epochs=1"]
+    args = evaluate.parse_args(["data.root=Y", "--checkpoint", "c.pt", "data.name=mnist", "--split", "val"])
+    assert args.checkpoint == "c.pt" and args.split == "val" and args.overrides == ["data.root=Y", "data.name=mnist"]
+    args = predict.parse_args(["a.png", "--checkpoint", "c.pt", "b.png", "--top-k", "2"])
+    assert args.images == ["a.png", "b.png"] and args.top_k == 2
+
+
+def test_intermixed_overrides_reach_the_run(tmp_path, capsys):
+    """Through the CLI, an override after --config is applied (here: a user error from it)."""
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 1\n")
+    proc = cli_in_process(capsys, train.main, [f"run.out_dir={tmp_path / 'o'}", "--config", f, "optim.lr=-1"])
+    assert_user_error(proc, "'optim.lr' must be > 0")

@@ -1,13 +1,14 @@
 """Dataset readers on files in the official on-disk formats, and their error messages."""
 import pickle
+from pathlib import Path
 
+import fakedata
 import pytest
 import torch
 
 from distcls import config
 from distcls.data import build_data
 from distcls.errors import UserError
-import fakedata
 
 
 def _data(tmp_path, *overrides):
@@ -112,3 +113,71 @@ def test_truncated_idx_file_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated"):
         _data(tmp_path, "data.name=mnist")
+
+
+def _mnist(tmp_path, *overrides):
+    from distcls.data import build_data
+    return build_data(config.load(None, [f"data.root={tmp_path}", "data.name=mnist", *overrides]))
+
+
+def test_truncated_mnist_gz_names_the_file(tmp_path):
+    raw = fakedata.write_mnist(tmp_path, compress=True)
+    gz = raw / "train-images-idx3-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:200])
+    with pytest.raises(UserError, match=f"{gz} cannot be read .*truncated or corrupt"):
+        _mnist(tmp_path)
+
+
+def test_idx_header_shorter_than_its_magic_says(tmp_path):
+    raw = fakedata.write_mnist(tmp_path)
+    f = raw / "t10k-labels-idx1-ubyte"
+    f.write_bytes(bytes([0, 0, 8, 3, 0, 0]))
+    with pytest.raises(UserError, match=f"{f} is truncated: its header announces 3 dimensions"):
+        _mnist(tmp_path)
+
+
+def test_mnist_label_out_of_range_names_the_file(tmp_path):
+    """It used to fail mid-training with 'Target 200 is out of bounds'."""
+    raw = fakedata.write_mnist(tmp_path)
+    f = raw / "train-labels-idx1-ubyte"
+    data = bytearray(f.read_bytes())
+    data[-1] = 200
+    f.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=f"{f} holds label 200, but mnist has 10 classes"):
+        _mnist(tmp_path)
+
+
+def _cifar_batch(folder: Path, name: str, data, labels) -> Path:
+    import pickle
+    with open(folder / name, "wb") as f:
+        pickle.dump({"data": data, "labels": labels}, f, protocol=2)
+    return folder / name
+
+
+@pytest.mark.parametrize("data_shape, labels, fragment", [
+    ((10, 3000), list(range(10)), "not a multiple of 3x32x32 = 3072"),
+    ((10, 3072), list(range(9)), "holds 10 images but 9 labels"),
+    ((10, 3072), [200] + list(range(9)), "holds label 200, but the dataset has 10 classes"),
+    ((10, 3072), [-1] + list(range(9)), "holds label -1"),
+])
+def test_cifar_format_errors_name_the_file(tmp_path, data_shape, labels, fragment):
+    import numpy as np
+
+    from distcls.data import build_data
+    folder = fakedata.write_cifar10(tmp_path)
+    path = _cifar_batch(folder, "data_batch_2", np.zeros(data_shape, dtype=np.uint8), labels)
+    with pytest.raises(UserError) as info:
+        build_data(config.load(None, [f"data.root={tmp_path}", "data.name=cifar10"]))
+    assert str(path) in str(info.value) and fragment in str(info.value)
+
+
+def test_plugin_dataset_label_out_of_range_is_caught_at_load(tmp_path, monkeypatch):
+    """The same check for any dataset builder (before training starts)."""
+    (tmp_path / "bad_labels.py").write_text(
+        "import torch\nfrom distcls.data import RawDataset, TensorSource\n"
+        "def build(cfg):\n    src = TensorSource(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.arange(20) % 3 + (torch.arange(20) == 7) * 50)\n"
+        "    return RawDataset(train=src, test=src, class_names=['a', 'b', 'c'], mean=(0.5,), std=(0.5,))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from distcls.data import build_data
+    with pytest.raises(UserError, match="the train split holds label 51, but the dataset has 3 classes"):
+        build_data(config.load(None, ["data.name=bad_labels:build"]))

@@ -103,7 +103,7 @@ def test_predict_reports_a_corrupt_file_and_predicts_the_rest(trained, tmp_path,
 
 @pytest.mark.slow  # a real process: if the decoder crashed again, this test fails and pytest goes on
 def test_predict_names_a_damaged_png_and_keeps_the_other_predictions(trained, tmp_path):
-    """#1 (issue 19): torchvision's PNG decoder segfaulted (exit 139) and every prediction was lost."""
+    """Torchvision's PNG decoder segfaulted (exit 139) and every prediction was lost."""
     out, _ = trained
     good = [tmp_path / "a.png", tmp_path / "c.png"]
     for p in good:

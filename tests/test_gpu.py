@@ -1,4 +1,4 @@
-"""The CUDA paths that CPU tests cannot reach (issue 18): `python -m pytest -m gpu tests` on a GPU
+"""The CUDA paths that CPU tests cannot reach: `python -m pytest -m gpu tests` on a GPU
 machine, or `python -m distcls.bench gpu` (docs/gpu-check.md), which runs them first.
 
 Each test is parametrized by device. The `cuda` variants carry the `gpu` marker and are skipped,

@@ -159,7 +159,7 @@ def test_a_file_that_fails_to_decode_mid_epoch_is_named_or_dropped(tmp_path):
 
 
 def test_a_damaged_png_is_a_named_bad_file_not_a_crash(tmp_path):
-    """#1 (issue 19): torchvision's PNG decoder segfaulted on it; the process, or the DataLoader
+    """Torchvision's PNG decoder segfaulted on it; the process, or the DataLoader
     worker, died and the file was never named."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
     bad = fakedata.write_damaged_png(root / "daisy" / "zz_damaged.png")
@@ -208,7 +208,7 @@ def _png_declaring(width: int, height: int) -> bytes:
 
 
 def test_every_format_has_the_same_pixel_limit(tmp_path):
-    """#19 (issue 19): a 190 KB PNG took 1.7 GB; BMP had Pillow's limit, PNG and JPEG none."""
+    """A 190 KB PNG took 1.7 GB; BMP had Pillow's limit, PNG and JPEG none."""
     from distcls.data.transforms.images import MAX_PIXELS
     side = 9500  # 90,250,000 pixels: just over MAX_PIXELS (89,478,485)
     assert side * side > MAX_PIXELS > 9400 * 9400
@@ -228,7 +228,7 @@ def test_every_format_has_the_same_pixel_limit(tmp_path):
 
 
 def test_image_folders_and_predict_share_one_file_rule(tmp_path):
-    """#13, #19 (issue 19): .gif was documented but not read; a directory named like an image and
+    """.gif was documented but not read; a directory named like an image and
     macOS's `._` files stopped training while predict's walk skipped them."""
     from distcls.predict import expand
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
@@ -265,7 +265,7 @@ def test_symbolic_links_to_folders_are_followed_once_as_torchvision_imagefolder(
 
 
 def test_class_folders_that_cannot_train_a_classifier_are_errors(tmp_path):
-    """#12, #19 (issue 19): an empty class folder (or one of non-images) became a class with
+    """An empty class folder (or one of non-images) became a class with
     accuracy 0 on 0 samples, one class folder trained a 1-class classifier, and a val/ class
     absent from train/ was dropped silently."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
@@ -348,7 +348,7 @@ def test_worker_hash_equals_the_batched_hash():
 
 
 def test_a_class_folder_whose_name_is_not_utf8_is_named_readably(tmp_path, capsys):
-    """#6 (issue 19): such a folder broke the end-of-run plots (a warning), `plot` and
+    """Such a folder broke the end-of-run plots (a warning), `plot` and
     `evaluate --out-dir` (TypeError traceback)."""
     import os
     from distcls import evaluate, plot

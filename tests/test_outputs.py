@@ -67,7 +67,7 @@ def test_plot_cli_on_a_run_without_checkpoints_draws_the_curves(run, tmp_path, c
 
 
 def test_odd_lines_in_metrics_jsonl_are_skipped_by_plot_and_resume(run, tmp_path):
-    """#11 (issue 19): valid JSON that is not a record (not an object, a text loss) crashed
+    """Valid JSON that is not a record (not an object, a text loss) crashed
     `plot` and `train --resume auto`."""
     import shutil
     out, _ = run

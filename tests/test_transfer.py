@@ -127,7 +127,7 @@ def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
 
 
 def test_transfer_keys_that_would_be_silently_ignored_are_config_errors(tmp_path, capsys):
-    """#19 (issue 19): model.freeze=none with model.freeze_backbone=true (which froze the backbone),
+    """Model.freeze=none with model.freeze_backbone=true (which froze the backbone),
     and optim.backbone_lr_scale without pretrained weights, were accepted without a word."""
     with pytest.raises(ConfigError, match="model.freeze=none contradicts model.freeze_backbone=true"):
         config.load(None, ["model.freeze=none", "model.freeze_backbone=true", "model.pretrained=x.pth"])

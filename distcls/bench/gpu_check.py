@@ -1,4 +1,4 @@
-"""gpu: issue 18's whole device check in one command, within a time budget: one JSON, one table.
+"""gpu: the whole device check in one command, within a time budget: one JSON, one table.
 
 In this order, each part in its own process with its own time cap, and none started that the
 budget (`--budget-s`, default 450 s) can no longer hold (it is listed as skipped, with the

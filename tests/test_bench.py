@@ -252,10 +252,16 @@ def test_reference_runs_distcls_and_the_reference_loop_at_world_size_1_and_2(tmp
         assert r["ratios"][f"w{n}"] == pytest.approx(ratio, abs=2e-3)
 
 
-def test_reference_refuses_world_sizes_it_cannot_split_the_batch_for(capsys):
-    assert run_cli(main, ["reference", "--nprocs", "1,3", "--batch", "128"]) == 2
+@pytest.mark.parametrize("args, message", [
+    (["--nprocs", "1,3", "--batch", "128"], "--batch 128: each process's share must be even"),
+    (["--nprocs", "two"], "--nprocs 'two': give world sizes such as 1,2"),
+    (["--size", "0"], "--size 0: must be at least 8"),
+    (["--epochs", "1"], "--epochs 1: must be at least 2"),
+])
+def test_reference_refuses_what_it_cannot_measure_before_writing_images(capsys, args, message):
+    assert run_cli(main, ["reference", *args]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-    assert len(err) == 1 and err[0].startswith("distcls: error: --nprocs '1,3'") and "multiple of every world size" in err[0]
+    assert len(err) == 1 and err[0].startswith(f"distcls: error: {message}"), err
 
 
 # ----------------------------------------------------------------------------- gpu: the device check (gpu_check)

@@ -66,6 +66,23 @@ def test_grouped_and_masked_batches_agree_on_mixed_ops():
     assert (a - b).abs().max() <= 1 and (a != b).float().mean() < 0.001
 
 
+@pytest.mark.parametrize("grouped", [True, False], ids=["per-sample", "masked"])
+@pytest.mark.parametrize("h, w", [(2, 5), (1, 7), (3, 3)])
+def test_sharpness_of_a_tiny_image_equals_torchvision(grouped, h, w):
+    """Images of 1-2 rows or columns have no inner pixels: torchvision returns them as they are (the
+    per-sample path blended such an image with itself after scaling it, off by up to 230 levels)."""
+    images = _images(b=3, h=h, w=w)
+    ops = torch.full((3,), P.OP_ID["Sharpness"])
+    mags = torch.tensor([0.5, -0.9, 0.99], dtype=torch.float64)
+    got = P.apply_ops(images.float(), ops, mags, grouped=grouped)
+    for i, img in enumerate(images):
+        want = TF.adjust_sharpness(img, 1.0 + float(mags[i]))
+        if min(h, w) <= 2:
+            assert torch.equal(got[i], want.float()), (h, w, float(mags[i]))
+        else:  # one inner pixel, within one level as every op
+            assert (got[i] - want.float()).abs().max() <= 1, (h, w, float(mags[i]))
+
+
 def test_one_channel_images_equal_torchvision():
     gray = _images(c=1)
     ref = v2.AutoAugment()

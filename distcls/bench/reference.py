@@ -8,7 +8,8 @@ runs, in rotated order:
   torchvision's references/classification/train.py does: per-image transforms.v2 in the DataLoader
   workers, its Mixup/CutMix collate, DistributedSampler, DDP, the EMA, a host read of loss and
   accuracy every step.
-Recipe for both: ResNet-18 (torchvision's), RandomResizedCrop 32 + flip + TrivialAugmentWide +
+Recipe for both, in fp32 on the CPU or the GPU (torchvision's script without --amp; distcls's
+train.amp=none): ResNet-18 (torchvision's), RandomResizedCrop 32 + flip + TrivialAugmentWide +
 random erasing 0.1 + Mixup 0.2 / CutMix 1.0 + label smoothing 0.1, SGD momentum 0.9, weight decay
 2e-5 (norm layers 0), the model EMA every `--ema-steps` (32), global batch `--batch`, `--workers` DataLoader
 workers per process. Images/s: the global training images/s of every epoch after the first
@@ -34,7 +35,7 @@ from distcls.errors import UserError
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--images", type=int, default=6000, help="training PNGs to write (default 6000)")
+    parser.add_argument("--images", type=int, default=6000, help="training PNGs to write (default 6000, at least 10)")
     parser.add_argument("--size", type=int, default=32, help="image and crop size (default 32)")
     parser.add_argument("--batch", type=int, default=128, help="global batch (default 128)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process, both systems (default 2)")
@@ -55,9 +56,10 @@ def write_digit_folder(root: Path, train: int, val: int, size: int, seed: int = 
 
     digits = load_digits()
     rng = np.random.default_rng(seed)
+    by_class = [np.flatnonzero(digits.target == c) for c in range(10)]
     for split, n in (("train", train), ("val", val)):
         for i in range(n):
-            j = int(rng.integers(len(digits.target)))
+            j = int(rng.choice(by_class[i % 10]))  # the classes in turn: every class in both splits
             gray = (digits.images[j] * (255.0 / 16.0)).astype(np.uint8)
             big = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
             tint = rng.uniform(0.3, 1.0, size=3)
@@ -107,9 +109,15 @@ def run(args) -> dict:
         nprocs = [int(n) for n in args.nprocs.split(",") if n.strip()]
     except ValueError:
         nprocs = []
-    if args.epochs < 2 or args.rounds < 1 or args.ema_steps < 1 or not nprocs or min(nprocs) < 1 or any(args.batch % n for n in nprocs):
-        raise UserError(f"--nprocs {args.nprocs!r}: give world sizes such as 1,2; --epochs must be at least 2, --rounds and --ema-steps "
-                        "at least 1, and --batch a multiple of every world size")
+    if not nprocs or min(nprocs) < 1:
+        raise UserError(f"--nprocs {args.nprocs!r}: give world sizes such as 1,2")
+    if any(args.batch % (2 * n) for n in nprocs):
+        raise UserError(f"--batch {args.batch}: each process's share must be even (Mixup/CutMix pairs) at every world size in --nprocs "
+                        f"{args.nprocs}; use a multiple of {2 * max(nprocs)}")
+    for name, value, least in (("--epochs", args.epochs, 2), ("--rounds", args.rounds, 1), ("--ema-steps", args.ema_steps, 1),
+                               ("--size", args.size, 8), ("--images", args.images, 10), ("--workers", args.workers, 0)):
+        if value < least:
+            raise UserError(f"{name} {value}: must be at least {least}")
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="distcls-bench-") as tmp:
         root = Path(args.root) if args.root else write_digit_folder(Path(tmp) / "images", args.images, 500, args.size)

@@ -133,7 +133,7 @@ class Preprocess:
         size = self.train_image_size if train else self.image_size
         fits = out is not None and out.shape == images.shape and out.dtype == torch.float32 and out.device == images.device \
             and images.shape[1] == self.channels and tuple(images.shape[-2:]) == (size, size)
-        x = out.copy_(images) if fits else self.match_channels(images.float())
+        x = out.copy_(images) if fits else self.match_channels(images.to(torch.float32, copy=True))  # the batch's own copy
         x = pixels.resize_square(x, size, self.interpolation)
         draws = self.draws(keys, epoch, x.device) if train else None
         if train:

@@ -234,20 +234,20 @@ def _apply_each(x, op, mag, interpolation):
     ids = op.tolist()
     geometric = [i for i, o in enumerate(ids) if OPS[o] in GEOMETRIC]
     if geometric:
-        rows = torch.tensor(geometric)
+        rows = torch.tensor(geometric, device=op.device)
         theta = _inverse_affine_of(op.index_select(0, rows), mag.index_select(0, rows), h, w).to(x.dtype)
         matrices = dict(zip(geometric, theta.split(1)))
     ratio = (1.0 + mag).to(x.dtype)  # the blends' factors, as _blend computes them
     for i, o in enumerate(ids):
         name, v = OPS[o], x[i:i + 1]
-        if name == "Identity" or name == "Color" and c == 1:  # adjust_saturation leaves 1-channel images alone
-            continue
+        if name == "Identity" or name == "Color" and c == 1 or name == "Sharpness" and min(h, w) <= 2:
+            continue  # adjust_saturation leaves 1-channel images alone, adjust_sharpness those without inner pixels
         if name in GEOMETRIC:
             v.copy_(_warp(v, matrices[i], interpolation))
         elif name in BLENDS:
             r = ratio[i]
-            degenerate = _DEGENERATE[name](v)  # its own tensor, computed before v changes
-            v.mul_(r).add_(degenerate * (1.0 - r)).clamp_(0, 255).floor_()
+            blend = _DEGENERATE[name](v) * (1.0 - r)  # before v changes (Sharpness's degenerate of a tiny image is v)
+            v.mul_(r).add_(blend).clamp_(0, 255).floor_()
         elif name == "Posterize":
             step = torch.pow(2.0, 8.0 - mag[i]).to(x.dtype)
             v.div_(step).floor_().mul_(step)
@@ -361,6 +361,8 @@ def _blend(x, op, mag):
     is_blend = _is(op, *BLENDS)
     if x.shape[1] == 1:  # adjust_saturation leaves 1-channel images alone
         is_blend &= op != OP_ID["Color"]
+    if min(x.shape[-2:]) <= 2:  # adjust_sharpness leaves images without inner pixels alone
+        is_blend &= op != OP_ID["Sharpness"]
     ratio = torch.where(is_blend, 1.0 + mag, torch.ones_like(mag)).to(x.dtype).view(-1, 1, 1, 1)
     gray = _gray_floor(x)
     degenerate = torch.where((op == OP_ID["Color"]).view(-1, 1, 1, 1), gray, torch.zeros((), dtype=x.dtype, device=x.device))

@@ -69,9 +69,9 @@ def test_no_import_circles_between_the_packages_modules():
 
 # The tree's layers, in the order data flows (a module imports only from its own layer or those before it):
 # the contracts, the process's runtime, data, models, the engine, checkpoints and tracking, one run, the commands.
-LAYERS = [{"config", "errors", "spec", "plugins", "cli"}, {"runtime"}, {"data"}, {"models"}, {"engine"}, {"checkpoint", "tracking"},
+LAYERS = [{"config", "errors", "spec", "cli"}, {"runtime"}, {"data"}, {"models"}, {"engine"}, {"checkpoint", "tracking"},
           {"run"}, {"train", "evaluate", "predict", "export", "plot", "shard"}, {"bench"}]
-TOP_LEVEL = {"cli", "config", "errors", "spec", "plugins", "train", "evaluate", "predict", "export", "plot", "shard"}
+TOP_LEVEL = {"cli", "config", "errors", "spec", "train", "evaluate", "predict", "export", "plot", "shard"}
 
 
 def _layer(module: str) -> int:

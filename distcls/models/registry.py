@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from distcls.plugins import Registry
+from distcls.runtime.plugins import Registry
 
 MODELS: Registry = Registry("model", "model.name", call=("spec", "cfg"))
 

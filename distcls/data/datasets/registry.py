@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from distcls.plugins import Registry
+from distcls.runtime.plugins import Registry
 
 DATASETS: Registry = Registry("dataset", "data.name", call=("cfg",))
 

@@ -20,13 +20,16 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def _skipping_run(tmp_path, capfd, monkeypatch, *overrides):
+    """A short run of tests/nan_model.py with train.nonfinite=skip: (its out_dir, the finished process)."""
+    monkeypatch.syspath_prepend(str(TESTS))
+    out = tmp_path / "run"
+    args = [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip", *overrides]
+    return out, cli_in_process(capfd, train.main, args)
 
 
 def test_skipped_steps_are_warned_once_per_epoch(tmp_path, capfd, monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-    out = tmp_path / "run"
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
-                                    "model.args.nan_steps=[2,8,9]"])
+    out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[2,8,9]")
     assert proc.returncode == 0, proc.stderr
     warnings = [l for l in proc.stderr.splitlines() if "skipped as non-finite" in l]
     assert warnings == ["distcls: warning: epoch 1: 1 of 6 steps skipped as non-finite loss or gradients (train.nonfinite=skip); "
@@ -37,10 +40,7 @@ def test_skipped_steps_are_warned_once_per_epoch(tmp_path, capfd, monkeypatch):
 
 def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capfd, monkeypatch):
     """The issue's optim.lr=1e30: 13 of 14 steps skipped, then 'done' and exit 0."""
-    monkeypatch.syspath_prepend(str(TESTS))
-    out = tmp_path / "run"
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
-                                    "model.args.nan_steps=[2,3,4,5]"])
+    out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[2,3,4,5]")
     assert proc.returncode == 4
     errors = [l for l in proc.stderr.splitlines() if l.startswith("distcls: error: ")]
     assert errors == [l for l in proc.stderr.splitlines() if l.startswith("distcls: ") and "warning" not in l]
@@ -51,10 +51,7 @@ def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capfd, monkeypa
 
 
 def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_is_strict(tmp_path, capfd, monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-    out = tmp_path / "run"
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
-                                    "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0", "log.plots=true"])
+    out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0", "log.plots=true")
     assert proc.returncode == 0, proc.stderr
     assert "plots not written" not in proc.stderr and (out / "plots/curves.png").is_file()  # null points are gaps
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -68,10 +65,7 @@ def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_i
 
 
 def test_a_log_interval_with_every_step_skipped_records_null_not_loss_0(tmp_path, capfd, monkeypatch):
-    monkeypatch.syspath_prepend(str(TESTS))
-    out = tmp_path / "run"
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, *SHORT, "model.name=nan_model:build", "train.nonfinite=skip",
-                                    "model.args.nan_steps=[3,4]", "log.every_steps=2", "log.console=plain"])
+    out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[3,4]", "log.every_steps=2", "log.console=plain")
     assert proc.returncode == 0, proc.stderr
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     intervals = {r["step"]: (r["loss"], r["acc"]) for r in records if "epoch_step" in r}

@@ -22,9 +22,8 @@ import os
 import time
 from typing import Sequence
 
+from distcls.bench.common import MEAN, STD
 from distcls.cli import ArgumentParser, exit_with
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _train_transform(crop: int, erase_prob: float):

@@ -67,7 +67,7 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss = TrainingLoss(cfg.label_smoothing)  # hard labels, or Mixup/CutMix soft targets
         self._unread_flags: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
-        self._buffers: dict = {}  # batch shape -> its float32 input buffer (CPU only, _input_buffer)
+        self._buffer: Optional[torch.Tensor] = None  # the float32 input batch lent to preprocess (CPU only, _input_buffer)
 
     def train_epoch(self, loader: BatchLoader, progress: Progress, stop: Optional[StopRequest] = None) -> Iterator[int]:
         """Train epoch `progress.epoch` from `progress.epoch_step` to its end, one yield per step.
@@ -128,17 +128,16 @@ class Trainer:
         return torch.stack([skipped.double(), flags[1]])
 
     def _input_buffer(self, images: torch.Tensor) -> Optional[torch.Tensor]:
-        """On the CPU, the float32 tensor each step's batch is written into, one per batch shape,
-        reused: the previous step (forward, backward, update) has finished with it when the next
-        step's batch is made (a CPU runs them in order). Elsewhere None: the caching allocator
-        makes allocation cheap and the device may still be reading the previous batch."""
+        """On the CPU, the float32 tensor each step's batch is written into, reused while the batch
+        shape stays (a shorter last batch makes a new one): the previous step (forward, backward,
+        update) has finished with it when the next step's batch is made (a CPU runs them in order).
+        Elsewhere None: the caching allocator makes allocation cheap and the device may still be
+        reading the previous batch."""
         if images.device.type != "cpu":
             return None
-        if images.shape not in self._buffers:
-            self._buffers = {images.shape: torch.empty(images.shape, dtype=torch.float32), **self._buffers}
-            while len(self._buffers) > 2:  # the full batch's and a shorter last batch's
-                self._buffers.pop(next(reversed(self._buffers)))
-        return self._buffers[images.shape]
+        if self._buffer is None or self._buffer.shape != images.shape:
+            self._buffer = torch.empty(images.shape, dtype=torch.float32)
+        return self._buffer
 
     def check_diverged(self, progress: Progress) -> None:
         """With `train.nonfinite=abort`: raise TrainingDiverged if a step whose flags the host has

@@ -174,10 +174,9 @@ class Preprocess:
 
     def match_channels(self, x: torch.Tensor) -> torch.Tensor:
         """A float batch with the target channels (pixels.match_channels, its weights kept on the device)."""
-        if x.shape[1] == 3 and self.channels == 1:
-            w = self._constant("gray", x, lambda dt: torch.tensor(pixels.GRAY_WEIGHTS, dtype=dt).view(3, 1, 1))
-            x = pixels.match_channels(x, 1, w)
-        x = pixels.match_channels(x, self.channels)
+        gray = x.shape[1] == 3 and self.channels == 1
+        w = self._constant("gray", x, lambda dt: torch.tensor(pixels.GRAY_WEIGHTS, dtype=dt).view(3, 1, 1)) if gray else None
+        x = pixels.match_channels(x, self.channels, w)
         if x.shape[1] != self.channels:
             raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
         return x

@@ -93,7 +93,9 @@ def report(prefix: str, message: str) -> None:
     print(f"distcls: {prefix}: {tag}{' '.join(str(message).split())}", file=sys.stderr, flush=True)
 
 
-def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None, debug_flag: str = "--debug") -> int:
+def run_cli(
+    main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None, debug_flag: str = "--debug"
+) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(args) or ExitCode.OK
@@ -112,10 +114,14 @@ def run_cli(main: Callable[[Sequence[str]], int], argv: Sequence[str] | None = N
         report("error", exc)
         return ExitCode.DIVERGED
     except SecondInterrupt:
-        report("stopped", "interrupted (second Ctrl-C) before a checkpoint could be saved; the previous checkpoint, if any, "
-                          "is intact: resume with --resume auto")
+        report(
+            "stopped",
+            "interrupted (second Ctrl-C) before a checkpoint could be saved; the previous checkpoint, if any, "
+            "is intact: resume with --resume auto",
+        )
         return 130
-    except KeyboardInterrupt:  # a first Ctrl-C before the run caught signals: while starting up or waiting for the other ranks
+    # a first Ctrl-C before the run caught signals: while starting up or waiting for the other ranks
+    except KeyboardInterrupt:
         report("stopped", "interrupted (Ctrl-C) while starting up, before training began; nothing was written")
         return 130
     except BrokenPipeError:

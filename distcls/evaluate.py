@@ -26,13 +26,25 @@ from distcls.run.outputs import check_output_dir
 def parse_args(argv: Sequence[str]):
     p = ArgumentParser(prog="python -m distcls.evaluate", description="Evaluate a distcls checkpoint on a data split.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--nproc_per_node", metavar="N", help="evaluate on N ranks of this node (torch's elastic launch), exit with distcls's exit code")
+    p.add_argument(
+        "--nproc_per_node",
+        metavar="N",
+        help="evaluate on N ranks of this node (torch's elastic launch), exit with distcls's exit code",
+    )
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
-    p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained "
+             "weights",
+    )
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="which split to evaluate")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout (nothing else)")
     p.add_argument("--no-speed", action="store_true", help="skip the throughput and latency measurement")
-    p.add_argument("--out-dir", help="write eval_<split>.json, confusion_<split>.png, per_class_<split>.png and samples_<split>.png here")
+    p.add_argument(
+        "--out-dir",
+        help="write eval_<split>.json, confusion_<split>.png, per_class_<split>.png and samples_<split>.png here",
+    )
     p.add_argument("--samples", type=positive_int, default=16, help="images in the sample grid (with --out-dir)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=/data/cifar")
     return p.parse_args(argv)
@@ -61,7 +73,10 @@ def main(argv: Sequence[str]) -> int:
     try:
         data = build_data(cfg)
         if (data.spec.channels, data.spec.num_classes) != (spec.channels, spec.num_classes):
-            raise UserError(f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint {spec.channels} / {spec.num_classes}")
+            raise UserError(
+                f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
+                f"{spec.channels} / {spec.num_classes}"
+            )
         view = getattr(data.splits, args.split)
         if view is None:
             raise UserError(f"this config has no {args.split} split (data.val_fraction=0?); choose --split test")
@@ -73,7 +88,9 @@ def main(argv: Sequence[str]) -> int:
             if not args.no_speed:
                 first = next(iter(eval_loader(view.truncated(batch), batch, 1, 0, env.device)))
                 speed = measure_speed(restored.model, restored.preprocess, first.images, batch)
-            report(args, build_report(args, result, spec, speed, env.world_size), result, spec, view, restored, env.device)
+            report(
+                args, build_report(args, result, spec, speed, env.world_size), result, spec, view, restored, env.device
+            )
     finally:
         dist.teardown()
     return 0
@@ -81,27 +98,42 @@ def main(argv: Sequence[str]) -> int:
 
 def build_report(args, result, spec, speed, world_size: int) -> dict:
     names = spec.labels
-    return {"checkpoint": str(args.checkpoint), "weights": "ema" if args.ema else "model", "split": args.split, "count": result.count, "acc": result.acc,
-            "top5_acc": result.top5_acc, "loss": result.loss, "world_size": world_size,
-            "per_class_acc": dict(zip(names, result.per_class_acc)),
-            "per_class_count": dict(zip(names, result.confusion.sum(1).tolist())),
-            "class_names": names, "confusion": result.confusion.tolist(), "speed": speed}
+    return {
+        "checkpoint": str(args.checkpoint),
+        "weights": "ema" if args.ema else "model",
+        "split": args.split,
+        "count": result.count,
+        "acc": result.acc,
+        "top5_acc": result.top5_acc,
+        "loss": result.loss,
+        "world_size": world_size,
+        "per_class_acc": dict(zip(names, result.per_class_acc)),
+        "per_class_count": dict(zip(names, result.confusion.sum(1).tolist())),
+        "class_names": names,
+        "confusion": result.confusion.tolist(),
+        "speed": speed,
+    }
 
 
 def report(args, payload: dict, result, spec, view, restored, device) -> None:
     if args.json:
         print(json_out.dumps(payload))
     else:
-        print(f"{args.split} accuracy {result.acc:.4f} ({int(result.confusion.diag().sum())}/{result.count}), loss {result.loss:.4f}"
-              + (f", top-5 accuracy {result.top5_acc:.4f}" if result.top5_acc is not None else ""))
+        print(
+            f"{args.split} accuracy {result.acc:.4f} ({int(result.confusion.diag().sum())}/{result.count}), loss "
+            f"{result.loss:.4f}"
+            + (f", top-5 accuracy {result.top5_acc:.4f}" if result.top5_acc is not None else "")
+        )
         print("per-class accuracy:")
         for name, acc in payload["per_class_acc"].items():
             print(f"  {name:>16s}  {acc:.4f}  ({payload['per_class_count'][name]} samples)")
         speed = payload["speed"]
         if speed:
             lat = speed["latency_ms_batch1"]
-            print(f"inference on {speed['device']}: {speed['images_per_sec']:,.0f} images/s at batch {speed['batch_size']}; "
-                  f"latency at batch 1: median {lat['median']:.2f} ms, p95 {lat['p95']:.2f} ms")
+            print(
+                f"inference on {speed['device']}: {speed['images_per_sec']:,.0f} images/s at batch "
+                f"{speed['batch_size']}; latency at batch 1: median {lat['median']:.2f} ms, p95 {lat['p95']:.2f} ms"
+            )
     if not args.out_dir:
         return
     from distcls.tracking.plots import SampleSource, plot_confusion, plot_per_class, plot_samples
@@ -113,8 +145,15 @@ def report(args, payload: dict, result, spec, view, restored, device) -> None:
                plot_confusion(result.confusion, payload["class_names"], out / f"confusion_{split}.png", split),
                plot_per_class(result.confusion, payload["class_names"], out / f"per_class_{split}.png", split)]
     if args.samples:
-        written.append(plot_samples(SampleSource(restored.model, restored.preprocess, view, device), payload["class_names"],
-                                    args.samples, out / f"samples_{split}.png", split))
+        written.append(
+            plot_samples(
+                SampleSource(restored.model, restored.preprocess, view, device),
+                payload["class_names"],
+                args.samples,
+                out / f"samples_{split}.png",
+                split,
+            )
+        )
     if not args.json:
         print("wrote " + ", ".join(str(p) for p in written))
 

@@ -5,7 +5,8 @@ Deploys a trained checkpoint as one self-contained model file:
   checkpoint's normalization baked in;
 - INPUT: a uint8 tensor [N, C, S, S], pixel values 0..255, channels as the checkpoint's data (RGB,
   or 1 for grayscale), S = the checkpoint's input size (its evaluation size: data.eval_crop_size,
-  default data.image_size; not a FixRes run's data.train_crop_size): what a JPEG/PNG decoder gives after resizing/cropping. N (the batch) is dynamic;
+  default data.image_size; not a FixRes run's data.train_crop_size): what a JPEG/PNG decoder gives after
+  resizing/cropping. N (the batch) is dynamic;
 - OUTPUT: float32 logits [N, num_classes] (softmax them for probabilities), classes in the order
   of the checkpoint's data_spec.class_names.
 - METADATA (deployment_metadata): class names, channels, size, resize, interpolation, mean/std,
@@ -74,16 +75,43 @@ class ExportedClassifier(nn.Module):
 
 
 def parse_args(argv: Sequence[str]):
-    p = ArgumentParser(prog="python -m distcls.export", description="Export a distcls checkpoint for deployment (ONNX, TorchScript or torch.export).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m distcls.export",
+        description="Export a distcls checkpoint for deployment (ONNX, TorchScript or torch.export).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
-    p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
-    p.add_argument("--format", required=True, choices=sorted(EXPORTERS), help="onnx (onnxruntime etc.), torchscript (torch.jit.load), exported (torch.export.load)")
-    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx, model.ts, model.pt2 (replaced if it exists)")
-    p.add_argument("--check-images", type=int, default=16, metavar="N",
-                   help="validation images to compare the exported model with the eager one on (0 = no check, no dataset needed)")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="largest accepted absolute difference of a logit in that check")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. data.root=/data/cifar (where the check images are)")
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained "
+             "weights",
+    )
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=sorted(EXPORTERS),
+        help="onnx (onnxruntime etc.), torchscript (torch.jit.load), exported (torch.export.load)",
+    )
+    p.add_argument(
+        "--out", required=True, help="the file to write, e.g. model.onnx, model.ts, model.pt2 (replaced if it exists)"
+    )
+    p.add_argument(
+        "--check-images",
+        type=int,
+        default=16,
+        metavar="N",
+        help="validation images to compare the exported model with the eager one on (0 = no check, no dataset needed)",
+    )
+    p.add_argument(
+        "--tolerance", type=float, default=1e-3, help="largest accepted absolute difference of a logit in that check"
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. data.root=/data/cifar (where the check images are)",
+    )
     return p.parse_args(argv)
 
 
@@ -117,7 +145,8 @@ def _load_exported(path: Path) -> Callable:
 
 def _write_torchscript(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates TorchScript in favour of torch.export; still the format many runtimes load
+        # torch deprecates TorchScript in favour of torch.export; still the format many runtimes load
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
         _write_bytes(path, lambda buffer: torch.jit.save(traced, buffer, _extra_files={META_FILE: json.dumps(meta)}))
 
@@ -136,7 +165,8 @@ def _need_onnx() -> None:
 
 
 def _write_onnx(module: nn.Module, example: torch.Tensor, path: Path, meta: dict) -> None:
-    big = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > 1.8 * 2**30  # protobuf's 2 GiB limit
+    # protobuf's 2 GiB limit
+    big = sum(t.numel() * t.element_size() for t in module.state_dict().values()) > 1.8 * 2**30
     program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
                                 dynamic_shapes={"images": {0: _batch_dim()}}, verbose=False, external_data=big)
     program.save(str(path), external_data=big)  # big: the weights go to FILE.data beside it
@@ -162,12 +192,18 @@ def deployment_metadata(restored) -> dict:
     from distcls.data.file_source import evaluation_resize
     spec, data = restored.spec, restored.cfg.data
     return {
-        "class_names": list(spec.labels), "channels": spec.channels, "image_size": spec.image_size,
-        "resize": evaluation_resize(data, spec.image_size), "interpolation": data.interpolation,
+        "class_names": list(spec.labels),
+        "channels": spec.channels,
+        "image_size": spec.image_size,
+        "resize": evaluation_resize(data, spec.image_size),
+        "interpolation": data.interpolation,
         "input": f"uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}], 0..255, "
-                 f"{'RGB' if spec.channels == 3 else 'grayscale'}: resize the shorter side to 'resize' (antialiased), center crop 'image_size'",
+        f"{'RGB' if spec.channels == 3 else 'grayscale'}: resize the shorter side to 'resize' (antialiased), center "
+        "crop 'image_size'",
         "output": f"float32 logits [N, {spec.num_classes}] in the order of class_names (softmax for probabilities)",
-        "mean": list(spec.mean), "std": list(spec.std), "normalization": "inside the model (mean/std on the 0..1 scale, for reference)",
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "normalization": "inside the model (mean/std on the 0..1 scale, for reference)",
         "distcls": __version__,
     }
 
@@ -199,8 +235,14 @@ EXPORTERS = {
 }
 # When a format cannot capture a model (data-dependent control flow, unsupported ops): the one to try instead.
 OTHER_FORMAT = {
-    "onnx": "try --format torchscript (it traces the path the example input takes; the export's check compares it with the eager model on real images)",
-    "exported": "try --format torchscript (it traces the path the example input takes; the export's check compares it with the eager model on real images)",
+    "onnx": (
+        "try --format torchscript (it traces the path the example input takes; the export's check compares it "
+        "with the eager model on real images)"
+    ),
+    "exported": (
+        "try --format torchscript (it traces the path the example input takes; the export's check compares it "
+        "with the eager model on real images)"
+    ),
     "torchscript": "try --format exported (torch.export), or make the model traceable",
 }
 
@@ -217,14 +259,18 @@ def check_images(restored, path: str, n: int, overrides: Sequence[str]) -> tuple
     check_stored_plugins(restored.checkpoint.config, path, overrides, sections=("data",))
     data = build_data(restored.cfg)
     if (data.spec.channels, data.spec.num_classes) != (restored.spec.channels, restored.spec.num_classes):
-        raise UserError(f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
-                        f"{restored.spec.channels} / {restored.spec.num_classes}; point the overrides at its dataset, or --check-images 0")
+        raise UserError(
+            f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
+            f"{restored.spec.channels} / {restored.spec.num_classes}; point the overrides at its dataset, or "
+            "--check-images 0"
+        )
     split = "val" if data.splits.val is not None and len(data.splits.val) else "test"
     view = getattr(data.splits, split).truncated(n)
     images = next(iter(eval_loader(view, len(view), 1, 0, torch.device("cpu")))).images
     pre = restored.preprocess
     from distcls.data.transforms.pixels import resize_square
-    x = resize_square(pre.match_channels(images.float()), pre.image_size, pre.interpolation)  # as evaluation brings them there
+    # as evaluation brings them there
+    x = resize_square(pre.match_channels(images.float()), pre.image_size, pre.interpolation)
     return x.round().clamp(0, 255).to(torch.uint8), f"{len(x)} {split} images of {restored.cfg.data.name}"
 
 
@@ -242,14 +288,26 @@ def _check_out(out: Path, fmt: str, checkpoint: str) -> None:
     if not os.access(out.parent, os.W_OK):
         raise UserError(f"--out {out}: directory {out.parent} is not writable")
     if fmt == "exported" and out.suffix != ".pt2":
-        raise UserError(f"--format exported writes a torch.export archive, whose name must end in .pt2 (torch.export.load needs it): e.g. --out {out.with_suffix('.pt2')}")
+        raise UserError(
+            "--format exported writes a torch.export archive, whose name must end in .pt2 (torch.export.load needs "
+            f"it): e.g. --out {out.with_suffix('.pt2')}"
+        )
     try:
         st = os.stat(out)  # through a symbolic link: what it points at
     except OSError:
         return  # nothing there (or a dangling link, which the export replaces)
     if not stat.S_ISREG(st.st_mode):
-        what = "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"
-        raise UserError(f"--out {out} is {what}, not a regular file; export writes a new file: give a file name, e.g. model.{_SUFFIX[fmt]}")
+        what = (
+            "a device"
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a special file"
+        )
+        raise UserError(
+            f"--out {out} is {what}, not a regular file; export writes a new file: give a file name, e.g. "
+            f"model.{_SUFFIX[fmt]}"
+        )
     try:
         same = os.path.samefile(out, checkpoint)
     except OSError:
@@ -261,7 +319,9 @@ def _check_out(out: Path, fmt: str, checkpoint: str) -> None:
                         f"choose another name, e.g. {other}")
     kind = model_file_kind(out)
     if kind != fmt:
-        what = EXPORT_KINDS.get(kind) or ("a distcls/torch checkpoint" if kind == "checkpoint" else "not a model file distcls wrote")
+        what = EXPORT_KINDS.get(kind) or (
+            "a distcls/torch checkpoint" if kind == "checkpoint" else "not a model file distcls wrote"
+        )
         raise UserError(f"--out {out} exists and is {what}; export replaces only an earlier {fmt} export: "
                         "choose another name, or move that file away first")
 
@@ -302,7 +362,10 @@ def _make_staging(out: Path) -> Path:
     try:
         return Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}.", dir=out.parent))
     except OSError as exc:
-        raise UserError(f"--out {out}: cannot create files in {out.parent} ({exc.strerror or first_line(exc)}); choose another directory") from None
+        raise UserError(
+            f"--out {out}: cannot create files in {out.parent} ({exc.strerror or first_line(exc)}); choose another "
+            "directory"
+        ) from None
 
 
 def _write_failed(out: Path, exc: OSError, staging: Path) -> OutputWriteFailed:
@@ -310,8 +373,10 @@ def _write_failed(out: Path, exc: OSError, staging: Path) -> OutputWriteFailed:
         partial.unlink(missing_ok=True)
     free = free_space(out.parent)
     full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    return OutputWriteFailed(f"could not write {out}: {exc.strerror or first_line(exc)} (the disk holding {out.parent}: {free}); nothing was "
-                             f"written{': free some space, or choose another --out' if full else ''}")
+    return OutputWriteFailed(
+        f"could not write {out}: {exc.strerror or first_line(exc)} (the disk holding {out.parent}: {free}); nothing "
+        f"was written{': free some space, or choose another --out' if full else ''}"
+    )
 
 
 class _Interrupted(BaseException):  # not an Exception: no `except Exception` on the way (torch's, ours) may swallow it
@@ -345,7 +410,13 @@ def main(argv: Sequence[str]) -> int:
         result = _export(args, out, staging, moved)
     except _Interrupted as exc:
         from distcls.cli import report
-        report("stopped", f"export interrupted by {exc} after {out} was written" if moved else f"export interrupted by {exc}; nothing was written")
+
+        report(
+            "stopped",
+            f"export interrupted by {exc} after {out} was written"
+            if moved
+            else f"export interrupted by {exc}; nothing was written",
+        )
         return 128 + exc.signum
     finally:
         for name in previous:  # no signal may interrupt the clean-up itself
@@ -354,8 +425,10 @@ def main(argv: Sequence[str]) -> int:
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), handler)
     diff, agree, n, source, spec = result
-    print(f"wrote {out} ({args.format}): input uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}] (0..255, batch N dynamic), "
-          f"output float32 logits [N, {spec.num_classes}]")
+    print(
+        f"wrote {out} ({args.format}): input uint8 [N, {spec.channels}, {spec.image_size}, {spec.image_size}] (0..255, "
+        f"batch N dynamic), output float32 logits [N, {spec.num_classes}]"
+    )
     if n is None:
         print("check: skipped (--check-images 0)")
     else:
@@ -392,14 +465,18 @@ def _reason(exc: BaseException) -> str:
 
 
 def _export(args, out: Path, staging: Path, moved: list) -> tuple:
-    """Restore, write into `staging`, load back and check, then move into place. (diff, agree, images checked, source, spec)."""
+    """Restore, write into `staging`, load back and check, then move into place. (diff, agree, images checked, source,
+    spec)."""
     from distcls.checkpoint.restore import restore
 
     restored = restore(args.checkpoint, torch.device("cpu"), args.overrides, ema=args.ema)
     spec = restored.spec
-    images, source = check_images(restored, args.checkpoint, args.check_images, args.overrides) if args.check_images else (None, "")
+    images, source = (
+        check_images(restored, args.checkpoint, args.check_images, args.overrides) if args.check_images else (None, "")
+    )
     module = ExportedClassifier(restored.model, spec.mean, spec.std).eval()
-    example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)  # 2: a batch dim that is not 1
+    # 2: a batch dim that is not 1
+    example = torch.zeros(2, spec.channels, spec.image_size, spec.image_size, dtype=torch.uint8)
     write, load = EXPORTERS[args.format]
     staged = staging / out.name
     try:
@@ -415,17 +492,24 @@ def _export(args, out: Path, staging: Path, moved: list) -> tuple:
     exported = load(staged)
     diff = agree = None
     with torch.no_grad():
-        probe = torch.randint(0, 256, (3, *example.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        probe = torch.randint(
+            0, 256, (3, *example.shape[1:]), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+        )
         got = exported(probe)  # another batch size than the example's: the batch dimension is dynamic
         if tuple(got.shape) != (3, spec.num_classes):
-            raise RuntimeError(f"the exported model returned shape {tuple(got.shape)} for a batch of 3, expected (3, {spec.num_classes})")
+            raise RuntimeError(
+                f"the exported model returned shape {tuple(got.shape)} for a batch of 3, expected (3, "
+                f"{spec.num_classes})"
+            )
         if images is not None:
             eager = restored.model(restored.preprocess(images, torch.arange(len(images)), 0, train=False))
             diff = (exported(images).float() - eager.float()).abs().max().item()
             agree = int((exported(images).argmax(1) == eager.argmax(1)).sum())
     if images is not None and not diff <= args.tolerance:
-        raise UserError(f"the exported model differs from the eager one by up to {diff:.3g} on {source} (--tolerance {args.tolerance:g}); "
-                        "nothing was written")
+        raise UserError(
+            f"the exported model differs from the eager one by up to {diff:.3g} on {source} (--tolerance "
+            f"{args.tolerance:g}); nothing was written"
+        )
     try:
         for f in sorted(staging.iterdir()):  # FILE (and FILE.data for a big ONNX model)
             with open(f, "rb") as fh:

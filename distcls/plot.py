@@ -20,13 +20,26 @@ from distcls.run.outputs import check_output_dir
 
 
 def parse_args(argv: Sequence[str]):
-    p = ArgumentParser(prog="python -m distcls.plot", description="Make a run's plots (OUT_DIR/plots/*.png) from its files.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("out_dir", metavar="OUT_DIR", help="the run's run.out_dir (holds metrics.jsonl, config.yaml, checkpoints/)")
-    p.add_argument("--checkpoint", help="one of OUT_DIR's checkpoints for the test-set plots (default: OUT_DIR/checkpoints/last.pt, else best.pt)")
+    p = ArgumentParser(
+        prog="python -m distcls.plot",
+        description="Make a run's plots (OUT_DIR/plots/*.png) from its files.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "out_dir", metavar="OUT_DIR", help="the run's run.out_dir (holds metrics.jsonl, config.yaml, checkpoints/)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="one of OUT_DIR's checkpoints for the test-set plots (default: OUT_DIR/checkpoints/last.pt, else best.pt)",
+    )
     p.add_argument("--no-eval", action="store_true", help="only the curves and the schedule (no checkpoint, no data)")
     p.add_argument("--samples", type=int, default=16, help="images in the sample grid (0 = no grid)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for the data, e.g. data.root=/data/cifar")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides for the data, e.g. data.root=/data/cifar",
+    )
     return p.parse_args(argv)
 
 
@@ -49,8 +62,13 @@ def test_pictures(checkpoint, overrides, samples: int):
     cfg, spec = restored.cfg, restored.spec
     data = build_data(cfg)
     if (data.spec.channels, data.spec.num_classes) != (spec.channels, spec.num_classes):
-        raise UserError(f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint {spec.channels} / {spec.num_classes}")
-    loader = eval_loader(data.splits.test, cfg.data.eval_batch_size or cfg.data.batch_size, 1, 0, device, cfg.data.num_workers)
+        raise UserError(
+            f"the data has {data.spec.channels} channels / {data.spec.num_classes} classes, the checkpoint "
+            f"{spec.channels} / {spec.num_classes}"
+        )
+    loader = eval_loader(
+        data.splits.test, cfg.data.eval_batch_size or cfg.data.batch_size, 1, 0, device, cfg.data.num_workers
+    )
     result = evaluate(restored.model, loader, restored.preprocess, spec.num_classes)
     src = SampleSource(restored.model, restored.preprocess, data.splits.test, device) if samples else None
     return result.confusion, spec.class_names, src
@@ -77,9 +95,11 @@ def main(argv: Sequence[str]) -> int:
         raise UserError(f"--samples must be >= 0, got {args.samples}")
     check_output_dir(out / "plots", "the plots folder")  # before the evaluation, not after it
     if args.checkpoint and not args.no_eval and not _inside(Path(args.checkpoint), out):
-        raise UserError(f"--checkpoint {args.checkpoint} is not one of {out}'s checkpoints: its test-set plots would replace this "
-                        f"run's; plot its own run (python -m distcls.plot RUN_DIR), or write its plots elsewhere with "
-                        f"python -m distcls.evaluate --checkpoint {args.checkpoint} --out-dir DIR")
+        raise UserError(
+            f"--checkpoint {args.checkpoint} is not one of {out}'s checkpoints: its test-set plots would replace this "
+            f"run's; plot its own run (python -m distcls.plot RUN_DIR), or write its plots elsewhere with "
+            f"python -m distcls.evaluate --checkpoint {args.checkpoint} --out-dir DIR"
+        )
     confusion, names, src, problem = None, (), None, None
     if not args.no_eval:
         checkpoint = args.checkpoint or default_checkpoint(out)

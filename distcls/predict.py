@@ -2,10 +2,12 @@
 
 A directory means every image file in it (extensions as for imagefolder data), recursively, in
 sorted order; other files in a directory are ignored, and so are directories named like images and
-names starting with "." (hidden files, macOS `._` files): the rule of image-folder data too. Each image is decoded like the checkpoint's evaluation data: for
+names starting with "." (hidden files, macOS `._` files): the rule of image-folder data too. Each image is decoded like
+the checkpoint's evaluation data: for
 image folders the shorter side resized to data.eval_resize (default input size / 0.875), for the
 in-memory datasets (whose images already have the model's input size) to the input size; then a
-center crop of the input size, the checkpoint's channels and normalization. One line per image on stdout: `path<TAB>label<TAB>probability` (and the next K-1
+center crop of the input size, the checkpoint's channels and normalization. One line per image on stdout:
+`path<TAB>label<TAB>probability` (and the next K-1
 guesses with --top-k), or with --json one JSON object per line:
 `{"path": ..., "label": ..., "prob": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`.
 A missing, unreadable or non-image file gets ONE `distcls: error: ...` line on stderr naming it;
@@ -29,19 +31,43 @@ from distcls.checkpoint.restore import restore
 
 
 def parse_args(argv: Sequence[str]):
-    p = ArgumentParser(prog="python -m distcls.predict", description="Predict the classes of image files with a distcls checkpoint.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m distcls.predict",
+        description="Predict the classes of image files with a distcls checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint file (e.g. runs/x/checkpoints/best.pt)")
-    source.add_argument("--model", help="a file distcls.export wrote (.onnx with onnxruntime, TorchScript, .pt2): its stored class names and "
-                                        "input size are used, the same answers as --checkpoint")
-    p.add_argument("--ema", action="store_true", help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained weights")
+    source.add_argument(
+        "--model",
+        help="a file distcls.export wrote (.onnx with onnxruntime, TorchScript, .pt2): its stored class names and "
+        "input size are used, the same answers as --checkpoint",
+    )
+    p.add_argument(
+        "--ema",
+        action="store_true",
+        help="use the checkpoint's model EMA weights (trained with train.ema.enabled=true) instead of its trained "
+             "weights",
+    )
     p.add_argument("--top-k", type=positive_int, default=1, help="report the K most likely classes per image")
-    p.add_argument("--json", action="store_true", help="one JSON object per image and line instead of tab-separated text")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per image and line instead of tab-separated text"
+    )
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
-    p.add_argument("--override", action="append", default=[], metavar="key.sub=value",
-                   help="config override, repeatable; e.g. --override model.name=mypkg.nets:build to allow a checkpoint's plug-in model")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files (jpg, png, ...) and/or directories of them (searched recursively)")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="key.sub=value",
+        help="config override, repeatable; e.g. --override model.name=mypkg.nets:build to allow a checkpoint's plug-in "
+             "model",
+    )
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE_OR_DIR",
+        help="image files (jpg, png, ...) and/or directories of them (searched recursively)",
+    )
     return p.parse_args(argv)
 
 
@@ -80,8 +106,15 @@ def _from_checkpoint(args, device) -> _Predictor:
     def logits(batch):
         x = restored.preprocess(batch.to(device), torch.arange(len(batch), device=device), 0, train=False)
         return restored.model(x)
-    return _Predictor(logits, spec.labels, spec.image_size, spec.channels, evaluation_resize(restored.cfg.data, spec.image_size),
-                      restored.cfg.data.interpolation)
+
+    return _Predictor(
+        logits,
+        spec.labels,
+        spec.image_size,
+        spec.channels,
+        evaluation_resize(restored.cfg.data, spec.image_size),
+        restored.cfg.data.interpolation,
+    )
 
 
 def _from_export(args) -> _Predictor:
@@ -89,7 +122,9 @@ def _from_export(args) -> _Predictor:
     from distcls.export import EXPORTERS, read_metadata
     from distcls.runtime.atomic_files import model_file_kind
     if args.ema or args.override:
-        raise UserError("--ema and --override apply to --checkpoint; an exported file holds one set of weights and its own settings")
+        raise UserError(
+            "--ema and --override apply to --checkpoint; an exported file holds one set of weights and its own settings"
+        )
     path = Path(args.model)
     if not path.is_file():
         raise UserError(f"--model {path} does not exist; give a file written by python -m distcls.export")
@@ -101,11 +136,19 @@ def _from_export(args) -> _Predictor:
         _need_onnx()
     meta = read_metadata(path)
     if not meta:
-        raise UserError(f"--model {path} holds no distcls metadata (exported by another tool, or by distcls before it stored it); "
-                        "export it again from its checkpoint")
+        raise UserError(
+            f"--model {path} holds no distcls metadata (exported by another tool, or by distcls before it stored it); "
+            "export it again from its checkpoint"
+        )
     run = EXPORTERS[kind][1](path)
-    return _Predictor(lambda batch: run(batch.cpu().contiguous()), meta["class_names"], meta["image_size"], meta["channels"], meta["resize"],
-                      meta["interpolation"])
+    return _Predictor(
+        lambda batch: run(batch.cpu().contiguous()),
+        meta["class_names"],
+        meta["image_size"],
+        meta["channels"],
+        meta["resize"],
+        meta["interpolation"],
+    )
 
 
 def main(argv: Sequence[str]) -> int:
@@ -127,7 +170,11 @@ def main(argv: Sequence[str]) -> int:
         for (path, _), ps, idx in zip(pending, top_p.tolist(), top_i.tolist()):
             if args.json:
                 guesses = [{"label": names[i], "prob": p} for p, i in zip(ps, idx)]
-                print(json_out.dumps({"path": path, "label": guesses[0]["label"], "prob": guesses[0]["prob"], "top_k": guesses}))
+                print(
+                    json_out.dumps(
+                        {"path": path, "label": guesses[0]["label"], "prob": guesses[0]["prob"], "top_k": guesses}
+                    )
+                )
             else:
                 print(path + "".join(f"\t{names[i]}\t{p:.4f}" for p, i in zip(ps, idx)))
         sys.stdout.flush()
@@ -136,7 +183,14 @@ def main(argv: Sequence[str]) -> int:
     for path, problem in expand(args.images):
         if problem is None:
             try:
-                pending.append((path, load_eval_image(path, predictor.image_size, predictor.channels, predictor.resize, predictor.interpolation)))
+                pending.append(
+                    (
+                        path,
+                        load_eval_image(
+                            path, predictor.image_size, predictor.channels, predictor.resize, predictor.interpolation
+                        ),
+                    )
+                )
             except Exception as exc:  # BadImage, and whatever else a damaged file makes the decoder raise
                 problem = f"cannot read image {path} ({type(exc).__name__}: {str(exc)[:200]})"
         if problem is not None:

@@ -23,7 +23,8 @@ import numpy as np
 from distcls.cli import ArgumentParser, exit_with
 from distcls.errors import UserError
 
-KEPT_FORMATS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}  # file suffix -> member extension; others become png
+# file suffix -> member extension; others become png
+KEPT_FORMATS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 STAGING = ".distcls-partial"  # inside OUT: the shards are written here, then moved into OUT when every one is done
 
 
@@ -73,13 +74,20 @@ def write_split(table, out: Path, split: str, shard_size: int, seed: int, skip_b
 
 
 def main(argv: Sequence[str]) -> int:
-    p = ArgumentParser(prog="python -m distcls.shard", description="Write an image folder as WebDataset shards (data.name=webdataset).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m distcls.shard",
+        description="Write an image folder as WebDataset shards (data.name=webdataset).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("root", help="the image folder: ROOT/train/<class>/..., ROOT/val/<class>/... (and optionally test/)")
     p.add_argument("out", help="an empty (or new) folder for the shards and shards.json")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="seed of the order the samples are written in")
-    p.add_argument("--skip-bad-images", action="store_true", help="leave out files that are not readable images (else: an error naming one)")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave out files that are not readable images (else: an error naming one)",
+    )
     args = p.parse_args(argv)
     from distcls.data import folder_index
 
@@ -87,21 +95,32 @@ def main(argv: Sequence[str]) -> int:
     if args.shard_size < 1:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
     if not root.is_dir():
-        raise UserError(f"{root} is not a directory; give the image folder's root (ROOT/train/<class>/, ROOT/val/<class>/)")
+        raise UserError(
+            f"{root} is not a directory; give the image folder's root (ROOT/train/<class>/, ROOT/val/<class>/)"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out} is {'not a folder' if not out.is_dir() else 'not empty'}; give a new or empty folder for the shards")
-    index = folder_index.load_or_build(root, folder_index.location(root, None, None))  # ROOT's shared index, else walked here and written nowhere
+        raise UserError(
+            f"{out} is {'not a folder' if not out.is_dir() else 'not empty'}; give a new or empty folder for the shards"
+        )
+    # ROOT's shared index, else walked here and written nowhere
+    index = folder_index.load_or_build(root, folder_index.location(root, None, None))
     if "val" not in index.tables:
-        raise UserError(f"{root} has no val/ folder: data.name=webdataset trains on train shards and validates on val shards; "
-                        f"put the validation images in {root}/val/<class>/")
+        raise UserError(
+            f"{root} has no val/ folder: data.name=webdataset trains on train shards and validates on val shards; "
+            f"put the validation images in {root}/val/<class>/"
+        )
     bad = [(split, i, why) for split, b in index.bad.items() for i, why in b.items()]
     if bad and not args.skip_bad_images:
         split, i, why = bad[0]
-        raise UserError(f"image file {index.tables[split].path(i)}: {why}; delete or replace it, or pass --skip-bad-images")
+        raise UserError(
+            f"image file {index.tables[split].path(i)}: {why}; delete or replace it, or pass --skip-bad-images"
+        )
     for split, table in index.tables.items():
         if not len(table):
             folder = root / (index.train_dir if split == "train" else split)
-            raise UserError(f"{folder} holds no images; put each class's images in {folder}/<class>/, or remove the folder")
+            raise UserError(
+                f"{folder} holds no images; put each class's images in {folder}/<class>/, or remove the folder"
+            )
     created = not out.exists()
     staging = out / STAGING
     staging.mkdir(parents=True)
@@ -112,12 +131,20 @@ def main(argv: Sequence[str]) -> int:
             skip = set(index.bad.get(split, {}))
             if skip:
                 table = table.select([i for i in range(len(table)) if i not in skip])
-            counts[split] = write_split(table, staging, split, args.shard_size, args.seed, args.skip_bad_images, skipped)
+            counts[split] = write_split(
+                table, staging, split, args.shard_size, args.seed, args.skip_bad_images, skipped
+            )
             if not counts[split]:
-                raise UserError(f"every image of {root}'s {split} split is unreadable ({skipped[-1]}); nothing to write")
-        description = {"class_names": index.classes, "counts": {name: n for split in counts.values() for name, n in split.items()}}
+                raise UserError(
+                    f"every image of {root}'s {split} split is unreadable ({skipped[-1]}); nothing to write"
+                )
+        description = {
+            "class_names": index.classes,
+            "counts": {name: n for split in counts.values() for name, n in split.items()},
+        }
         (staging / "shards.json").write_text(json.dumps(description, indent=1) + "\n")
-        for written in sorted(staging.iterdir(), key=lambda p: p.name == "shards.json"):  # shards.json last: its presence says "complete"
+        # shards.json last: its presence says "complete"
+        for written in sorted(staging.iterdir(), key=lambda p: p.name == "shards.json"):
             os.replace(written, out / written.name)
         staging.rmdir()
     except BaseException:
@@ -127,8 +154,15 @@ def main(argv: Sequence[str]) -> int:
         names = sorted(c)
         first, last = names[0], names[-1]
         stem, digits = first.rsplit("-", 1)[0], len(first.rsplit("-", 1)[1]) - len(".tar")
-        pattern = f"{out.resolve()}/{stem}-{{{0:0{digits}d}..{len(names) - 1:0{digits}d}}}.tar" if len(names) > 1 else str(out.resolve() / first)
-        print(f"{split}: {sum(c.values()):,} samples in {len(names)} shards ({first} .. {last}): data.{split}_shards={pattern}")
+        pattern = (
+            f"{out.resolve()}/{stem}-{{{0:0{digits}d}..{len(names) - 1:0{digits}d}}}.tar"
+            if len(names) > 1
+            else str(out.resolve() / first)
+        )
+        print(
+            f"{split}: {sum(c.values()):,} samples in {len(names)} shards ({first} .. {last}): "
+            f"data.{split}_shards={pattern}"
+        )
     left_out = f"; {len(skipped)} unreadable files left out (first: {skipped[0]})" if skipped else ""
     print(f"{len(index.classes)} classes; {out / 'shards.json'} holds their names and the shards' counts{left_out}")
     return 0

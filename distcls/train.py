@@ -21,7 +21,11 @@ from distcls.runtime.signals import StopRequest
 
 def _choices(path: str) -> str:
     rules = config_mod.field_rules(path)
-    return f" [choices: {' | '.join('null' if c is None else str(c) for c in rules['choices'])}]" if "choices" in rules else ""
+    return (
+        f" [choices: {' | '.join('null' if c is None else str(c) for c in rules['choices'])}]"
+        if "choices" in rules
+        else ""
+    )
 
 
 EPILOG = "config keys (override any as key.sub=value; all of them: docs/configuration.md):\n" + "\n".join(
@@ -29,19 +33,48 @@ EPILOG = "config keys (override any as key.sub=value; all of them: docs/configur
 
 
 def parse_args(argv: Sequence[str]):
-    parser = ArgumentParser(prog="python -m distcls.train", description="Train an image classifier (single process, torchrun or SLURM).",
-                            epilog=EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="a YAML config file, or a shipped config's name (e.g. cifar10_cnn3); default: the built-in digits "
-                        "config, configs/default.yaml. A config without run.out_dir writes to runs/<its name>")
-    parser.add_argument("--resume", metavar="PATH|auto", help="resume from a checkpoint file, or 'auto': the newest valid one in run.out_dir (fresh start if none)")
-    parser.add_argument("--debug", action="store_true",
-                        help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly detection, deterministic algorithms, full tracebacks")
-    parser.add_argument("--nproc_per_node", metavar="N", help="start N ranks on this node (torch's elastic launch, as torchrun "
-                        "--standalone) and exit with distcls's exit code; plain torchrun exits 1 on any failure")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config (the file, then the overrides) as YAML and exit")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="check the config, launcher, data (and its index), model and out_dir, take one training step, report and exit; writes nothing")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3")
+    parser = ArgumentParser(
+        prog="python -m distcls.train",
+        description="Train an image classifier (single process, torchrun or SLURM).",
+        epilog=EPILOG,
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        help="a YAML config file, or a shipped config's name (e.g. cifar10_cnn3); default: the built-in digits "
+        "config, configs/default.yaml. A config without run.out_dir writes to runs/<its name>",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="PATH|auto",
+        help="resume from a checkpoint file, or 'auto': the newest valid one in run.out_dir (fresh start if none)",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"one process on the first GPU (or CPU), num_workers 0, {DEBUG_STEPS_PER_EPOCH} steps per epoch, anomaly "
+             "detection, deterministic algorithms, full tracebacks",
+    )
+    parser.add_argument(
+        "--nproc_per_node",
+        metavar="N",
+        help="start N ranks on this node (torch's elastic launch, as torchrun "
+        "--standalone) and exit with distcls's exit code; plain torchrun exits 1 on any failure",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (the file, then the overrides) as YAML and exit",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, launcher, data (and its index), model and out_dir, take one training step, report and "
+             "exit; writes nothing",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. optim.lr=0.05 train.epochs=3"
+    )
     return parser.parse_args(argv)
 
 
@@ -51,8 +84,10 @@ def check_launch(cfg, env: dist.DistEnv) -> None:
     config_mod.check_schedule(cfg)
     mix = cfg.data.mix
     if (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0) and (cfg.data.batch_size // env.world_size) % 2:
-        raise ConfigError(f"data.mix pairs samples 2i and 2i+1 of the global batch, so each of the {env.world_size} processes needs an even "
-                          f"share of data.batch_size={cfg.data.batch_size}; use a multiple of {2 * env.world_size}")
+        raise ConfigError(
+            f"data.mix pairs samples 2i and 2i+1 of the global batch, so each of the {env.world_size} processes needs "
+            f"an even share of data.batch_size={cfg.data.batch_size}; use a multiple of {2 * env.world_size}"
+        )
     config_mod.check_transfer(cfg)
     if cfg.log.tensorboard:  # the package, before the run writes anything (and in --dry-run)
         from distcls.tracking.tensorboard_logger import summary_writer_class
@@ -121,8 +156,12 @@ def main(argv: Sequence[str], stop: Optional[StopRequest] = None) -> int:
                           "resume with --resume auto (same run.out_dir)")
         return ExitCode.PREEMPTED
     if stop.requested:  # after the last training step: the run finished its test evaluation, summary and plots
-        report("done", f"{stop.signal_name} arrived after the last training step; the run finished and everything is "
-                       f"written to {cfg.run.out_dir} (checkpoints, summary.json{', plots' if cfg.log.plots else ''}); nothing to resume")
+        report(
+            "done",
+            f"{stop.signal_name} arrived after the last training step; the run finished and everything is "
+            f"written to {cfg.run.out_dir} (checkpoints, summary.json{', plots' if cfg.log.plots else ''}); nothing to "
+            "resume",
+        )
     return ExitCode.OK
 
 

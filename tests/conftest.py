@@ -24,7 +24,8 @@ def child_env(extra=None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHELASTIC_", "SLURM_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"  # torch reads either: a user's MKL_NUM_THREADS=2 must not change the sums
+    # torch reads either: a user's MKL_NUM_THREADS=2 must not change the sums
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     env["CUDA_VISIBLE_DEVICES"] = ""
     env.update(extra or {})
     return env
@@ -129,17 +130,26 @@ def _like_a_fresh_process(monkeypatch, request):
     marked gpu), and torch's process-wide deterministic-algorithms flag back as it was after each
     test (--debug and run.deterministic turn it on)."""
     for name in list(os.environ):
-        if name.startswith(("TORCHELASTIC_", "SLURM_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name.startswith(("TORCHELASTIC_", "SLURM_")) or name in (
+            "RANK",
+            "WORLD_SIZE",
+            "LOCAL_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
+        ):
             monkeypatch.delenv(name)
     if request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the suite's CPU runs stay CPU runs on a GPU host
+        # the suite's CPU runs stay CPU runs on a GPU host
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     deterministic = torch.are_deterministic_algorithms_enabled()
     yield
     torch.use_deterministic_algorithms(deterministic)
 
 
 def assert_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-3000:]}\nSTDERR:\n{proc.stderr[-5000:]}"
+    )
 
 
 def assert_user_error(proc, *fragments):
@@ -189,7 +199,8 @@ def run_in_process(out_dir, *overrides, resume=None):
     from distcls.runtime import dist
     from distcls.run.runner import TrainingRun
 
-    cfg = config.load(None, [f"run.out_dir={out_dir}", "dist.device=cpu", *FAST, *overrides])  # on the CPU, as run_distcls's
+    # on the CPU, as run_distcls's
+    cfg = config.load(None, [f"run.out_dir={out_dir}", "dist.device=cpu", *FAST, *overrides])
     env = dist.detect(cfg.dist.device, cfg.dist.backend)
     return TrainingRun(cfg, env, resume=resume).run()
 

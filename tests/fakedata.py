@@ -26,13 +26,33 @@ def write_cifar10(root, per_batch: int = 20, test: int = 30) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(1, 6):
         x, y = _images(per_batch, 10, (3, 32, 32), seed=i)
-        _dump(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "labels": y.tolist(),
-                                          "data": x.reshape(len(x), -1), "filenames": [f"img{j}.png" for j in range(len(x))]})
+        _dump(
+            folder / f"data_batch_{i}",
+            {
+                "batch_label": f"training batch {i} of 5",
+                "labels": y.tolist(),
+                "data": x.reshape(len(x), -1),
+                "filenames": [f"img{j}.png" for j in range(len(x))],
+            },
+        )
     x, y = _images(test, 10, (3, 32, 32), seed=99)
-    _dump(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "labels": y.tolist(), "data": x.reshape(len(x), -1),
-                                 "filenames": [f"t{j}.png" for j in range(len(x))]})
-    _dump(folder / "batches.meta", {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-                                    "num_cases_per_batch": per_batch, "num_vis": 3072})
+    _dump(
+        folder / "test_batch",
+        {
+            "batch_label": "testing batch 1 of 1",
+            "labels": y.tolist(),
+            "data": x.reshape(len(x), -1),
+            "filenames": [f"t{j}.png" for j in range(len(x))],
+        },
+    )
+    _dump(
+        folder / "batches.meta",
+        {
+            "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+            "num_cases_per_batch": per_batch,
+            "num_vis": 3072,
+        },
+    )
     return folder
 
 
@@ -41,9 +61,20 @@ def write_cifar100(root, train: int = 200, test: int = 100) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, n, seed in (("train", train, 1), ("test", test, 2)):
         x, y = _images(n, 100, (3, 32, 32), seed=seed)
-        _dump(folder / name, {"filenames": [f"{j}.png" for j in range(n)], "batch_label": name, "fine_labels": y.tolist(),
-                              "coarse_labels": (y // 5).tolist(), "data": x.reshape(n, -1)})
-    _dump(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]})
+        _dump(
+            folder / name,
+            {
+                "filenames": [f"{j}.png" for j in range(n)],
+                "batch_label": name,
+                "fine_labels": y.tolist(),
+                "coarse_labels": (y // 5).tolist(),
+                "data": x.reshape(n, -1),
+            },
+        )
+    _dump(
+        folder / "meta",
+        {"fine_label_names": [f"fine{i}" for i in range(100)], "coarse_label_names": [f"c{i}" for i in range(20)]},
+    )
     return folder
 
 
@@ -72,7 +103,9 @@ def write_mnist(root, folder: str = "MNIST", train: int = 120, test: int = 50, c
     return raw
 
 
-def write_imagefolder(root, classes=("daisy", "roses", "tulips"), per_class: int = 8, size: int = 40, layout: str = "flat") -> Path:
+def write_imagefolder(
+    root, classes=("daisy", "roses", "tulips"), per_class: int = 8, size: int = 40, layout: str = "flat"
+) -> Path:
     """layout 'flat': <root>/<class>/*.jpg; 'split': <root>/{train,val}/<class>/*.png."""
     from PIL import Image
 

@@ -11,8 +11,15 @@ import torch.nn as nn
 class PooledNet(nn.Module):
     def __init__(self, spec, stop_at: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(spec.channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1),
-                                 nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, spec.num_classes))
+        self.net = nn.Sequential(
+            nn.Conv2d(spec.channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, spec.num_classes),
+        )
         self.stop_at, self.calls = stop_at, 0
 
     def forward(self, x):

@@ -88,9 +88,13 @@ class _BackgroundInstall:
 
     def __init__(self, commands):
         self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, "-c", self._CHILD, str(Path(__file__).parent), json.dumps(commands)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self.stderr,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self._CHILD, str(Path(__file__).parent), json.dumps(commands)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+            start_new_session=True,
+        )
 
     def wait(self) -> str:
         """'' once the commands have all succeeded, else what failed and its stderr."""
@@ -142,8 +146,10 @@ def ensure_installed(missing=missing_binaries, commands=INSTALL_COMMANDS) -> Non
         if not absent:
             return
         if not _can_install():
-            raise ClusterUnavailable(f"SLURM is not installed ({', '.join(absent)} not on PATH) and installing it needs "
-                                     f"root and apt-get (apt-get install {' '.join(PACKAGES)})")
+            raise ClusterUnavailable(
+                f"SLURM is not installed ({', '.join(absent)} not on PATH) and installing it needs "
+                f"root and apt-get (apt-get install {' '.join(PACKAGES)})"
+            )
         error = _install(commands)
     if error:
         raise ClusterUnavailable(error)
@@ -230,8 +236,10 @@ class LocalSlurm:
         host = socket.gethostname().split(".")[0]
         ports = [_free_port() for _ in range(1 + len(NODES))]
         nodes = "\n".join(
-            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} CPUs={CPUS_PER_NODE} RealMemory=2000 State=UNKNOWN"
-            for n, port in zip(NODES, ports[1:]))
+            f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={port} CPUs={CPUS_PER_NODE} RealMemory=2000 "
+            "State=UNKNOWN"
+            for n, port in zip(NODES, ports[1:])
+        )
         self.conf.write_text(SLURM_CONF.format(host=host, root=self.root, ctld_port=ports[0], slurmd_port=ports[1],
                                                nodes=nodes, node_list=",".join(NODES)))
         self._spawn(["munged", "--foreground", "--force", f"--socket={self.root}/munge/munge.socket",
@@ -269,7 +277,9 @@ class LocalSlurm:
 
     def _spawn(self, cmd: list) -> None:
         with open(self.root / "log" / f"{Path(cmd[0]).name}.{len(self.procs)}.stdout", "wb") as log:
-            self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True))
+            self.procs.append(
+                subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            )
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -279,7 +289,9 @@ class LocalSlurm:
             for proc in self.procs:
                 if proc.poll() is not None:
                     self.stop()
-                    raise ClusterUnavailable(f"{proc.args[0]} exited with {proc.returncode}; see {self.root}/log\n{self.logs()}")
+                    raise ClusterUnavailable(
+                        f"{proc.args[0]} exited with {proc.returncode}; see {self.root}/log\n{self.logs()}"
+                    )
             time.sleep(0.5)
         logs = self.logs()
         self.stop()

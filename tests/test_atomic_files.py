@@ -97,12 +97,16 @@ def test_atomic_writes_and_links_keep_the_umasks_mode(tmp_path, umask, mask, mod
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
 
 
-@pytest.mark.parametrize("given, hint", [("run", "run/checkpoints/last.pt"), ("run/checkpoints", "run/checkpoints/last.pt"),
-                                         ("other", "other/last.pt")])
+@pytest.mark.parametrize(
+    "given, hint",
+    [("run", "run/checkpoints/last.pt"), ("run/checkpoints", "run/checkpoints/last.pt"), ("other", "other/last.pt")],
+)
 def test_a_directory_given_as_a_checkpoint_hints_at_its_last_pt(tmp_path, given, hint):
     """`--checkpoint RUN/checkpoints` suggested RUN/checkpoints/checkpoints/last.pt."""
     (tmp_path / "run/checkpoints").mkdir(parents=True)
     (tmp_path / "other").mkdir()
     (tmp_path / "other/last.pt").write_bytes(b"")
-    with pytest.raises(atomic_files.UserError, match=rf"is a directory; give the path of a \.pt file \(e\.g\. {tmp_path / hint}\)$"):
+    with pytest.raises(
+        atomic_files.UserError, match=rf"is a directory; give the path of a \.pt file \(e\.g\. {tmp_path / hint}\)$"
+    ):
         atomic_files.load_weights_only(tmp_path / given)

@@ -84,14 +84,34 @@ def test_every_mode_module_has_the_mode_interface():
 
 
 def test_compare_writes_every_figure_and_ratio(tmp_path, capsys):
-    r = _bench(tmp_path, "compare", "--steps", "2", "--warmup", "1", "--rounds", "2", "--workers", "0", "--threads", "1",
-               "--profile", "3", *TINY, "data.augment.crop_padding=1", "data.augment.hflip=true",
-               "train.ema.enabled=true", "train.ema.every_steps=1")
+    r = _bench(
+        tmp_path,
+        "compare",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--rounds",
+        "2",
+        "--workers",
+        "0",
+        "--threads",
+        "1",
+        "--profile",
+        "3",
+        *TINY,
+        "data.augment.crop_padding=1",
+        "data.augment.hflip=true",
+        "train.ema.enabled=true",
+        "train.ema.every_steps=1",
+    )
     assert r["mode"] == "compare" and r["setup"]["batch_size"] == 32 and r["setup"]["augment"]["crop_padding"] == 1
     for k in "abc":
         assert len(r["images_per_sec"][k]) == 2 and all(map(_positive, r["images_per_sec"][k])), k
     assert _positive(r["flops_per_image"]) and _positive(r["matmul_peak"]["flops_per_s"])
-    assert r["median_images_per_sec"]["d"] == pytest.approx(r["matmul_peak"]["flops_per_s"] / r["flops_per_image"], rel=1e-3)
+    assert r["median_images_per_sec"]["d"] == pytest.approx(
+        r["matmul_peak"]["flops_per_s"] / r["flops_per_image"], rel=1e-3
+    )
     for k in ("a/b", "a/c"):
         assert r["ratios"][k] == pytest.approx(statistics.median(r["per_round_ratios"][k]), abs=2e-3)
     assert _positive(r["ratios"]["a/d"])  # (below 1 in every run: a ratio of two timings, so no threshold here)
@@ -111,8 +131,8 @@ def test_compare_flops_per_image_match_the_counted_convolutions():
 
     cfg = config.load(None, ["model.name=lenet"])
     model = build_model(cfg.model, DataSpec(3, 10, 32))
-    # LeNet forward: conv1 6x28x28x(3*25) + conv2 16x10x10x(6*25) + fc 400*120 + 120*84 + 84*10 MACs; backward = 2x forward
-    # (the first layer's input needs no gradient: its backward is one product, not two)
+    # LeNet forward: conv1 6x28x28x(3*25) + conv2 16x10x10x(6*25) + fc 400*120 + 120*84 + 84*10 MACs; backward = 2x
+    # forward (the first layer's input needs no gradient: its backward is one product, not two)
     conv1 = 6 * 28 * 28 * 3 * 25
     forward = conv1 + 16 * 10 * 10 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10
     assert flops_per_image(model, cfg, DataSpec(3, 10, 32), torch.device("cpu"), 4) == 2 * (3 * forward - conv1)
@@ -142,7 +162,9 @@ def test_handwritten_crop_is_a_window_of_the_padded_image_and_flip_mirrors():
 def test_import_distcls_train_loads_nothing_heavy():
     code = ("import sys, distcls.train; heavy = ('torchvision', 'wandb', 'matplotlib', 'sklearn', 'torch._dynamo');"
             "print(' '.join(m for m in heavy if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120
+    )
     assert_ok(proc)
     assert proc.stdout.split() == []
 
@@ -171,10 +193,13 @@ def test_startup_writes_import_and_first_step_times(tmp_path):
 @pytest.mark.slow
 def test_scaling_runs_world_size_1_and_2_beside_the_hand_written_ddp_loop(tmp_path, single_process_runs_here):
     r = _bench(tmp_path, "scaling", "--epochs", "2", "--rounds", "1", "model.name=cnn2", *SHORT_RUN)
-    assert [cmd[2] for cmd in single_process_runs_here] == ["distcls.train", "distcls.bench.ddp_loop"]  # world size 1 here, 2 torchrun
+    # world size 1 here, 2 torchrun
+    assert [cmd[2] for cmd in single_process_runs_here] == ["distcls.train", "distcls.bench.ddp_loop"]
     for k in ("distcls_w1", "distcls_w2", "hand_w1", "hand_w2"):
         assert len(r["images_per_sec"][k]) == 1 and _positive(r["images_per_sec"][k][0]), k
-    assert r["ratios"]["distcls_w2/w1"] == pytest.approx(r["images_per_sec"]["distcls_w2"][0] / r["images_per_sec"]["distcls_w1"][0], abs=2e-3)
+    assert r["ratios"]["distcls_w2/w1"] == pytest.approx(
+        r["images_per_sec"]["distcls_w2"][0] / r["images_per_sec"]["distcls_w1"][0], abs=2e-3
+    )
     assert r["distcls_test_acc"]["distcls_w1"] == r["distcls_test_acc"]["distcls_w2"]  # world-size invariant training
     assert 0.2 < r["distcls_test_acc"]["distcls_w1"][0] <= 1  # trained past chance: the equality says equal weights
 
@@ -185,9 +210,16 @@ def test_throughput_cli_writes_json(tmp_path, capsys, single_process_runs_here):
     assert run_cli(main, ["throughput", "--epochs", "2", "--out", str(out), "model.name=cnn2", *SHORT_RUN]) == 0
     assert len(single_process_runs_here) == 1  # world size 1 here, 2 under torchrun
     r = json.loads(out.read_text())
-    assert r == json.loads(capsys.readouterr().out) and _positive(r["world_1_images_per_sec"]) and _positive(r["world_2_images_per_sec"])
-    assert r["ratio_world2_over_world1"] == pytest.approx(r["world_2_images_per_sec"] / r["world_1_images_per_sec"], abs=2e-3)
-    assert r["world_1_test_acc"] == r["world_2_test_acc"] and 0.2 < r["world_1_test_acc"] <= 1  # world-size invariant training (not at chance)
+    assert (
+        r == json.loads(capsys.readouterr().out)
+        and _positive(r["world_1_images_per_sec"])
+        and _positive(r["world_2_images_per_sec"])
+    )
+    assert r["ratio_world2_over_world1"] == pytest.approx(
+        r["world_2_images_per_sec"] / r["world_1_images_per_sec"], abs=2e-3
+    )
+    # world-size invariant training (not at chance)
+    assert r["world_1_test_acc"] == r["world_2_test_acc"] and 0.2 < r["world_1_test_acc"] <= 1
 
 
 def _ratio_of_rounded(a: float, b: float, digits: int) -> tuple:
@@ -203,9 +235,22 @@ def test_checkpoint_mode_writes_json(tmp_path, single_process_runs_here):
     r = _bench(tmp_path, "checkpoint", "--repeats", "2", "--samples", "192", "--model", "cnn2", "--rounds", "1")
     assert [[a for a in cmd if a.startswith("checkpoint.every_steps=")] for cmd in single_process_runs_here] == [
         ["checkpoint.every_steps=0"], ["checkpoint.every_steps=5"]]
-    assert set(r) == {"mode", "machine", "setup", "resnet18_checkpoint_mb", "resnet18_save_s_median", "resnet18_save_s_all",
-                      "steps_per_epoch", "checkpoints_per_epoch", "epoch_s_no_step_checkpoints", "epoch_s_checkpoint_every_5_steps",
-                      "epoch_time_ratio_every_5_steps", "sigterm_to_exit_s", "sigterm_exit_code", "sigterm_saved_at"}
+    assert set(r) == {
+        "mode",
+        "machine",
+        "setup",
+        "resnet18_checkpoint_mb",
+        "resnet18_save_s_median",
+        "resnet18_save_s_all",
+        "steps_per_epoch",
+        "checkpoints_per_epoch",
+        "epoch_s_no_step_checkpoints",
+        "epoch_s_checkpoint_every_5_steps",
+        "epoch_time_ratio_every_5_steps",
+        "sigterm_to_exit_s",
+        "sigterm_exit_code",
+        "sigterm_saved_at",
+    }
     assert r["setup"] == {"model": "cnn2", "samples": 192, "batch": 32, "rounds": 1, "save_repeats": 2}
     assert r["resnet18_checkpoint_mb"] > 40  # ResNet-18's 11.7 M parameters and momentum buffers in float32
     assert len(r["resnet18_save_s_all"]) == 2 and all(map(_positive, r["resnet18_save_s_all"]))
@@ -216,19 +261,38 @@ def test_checkpoint_mode_writes_json(tmp_path, single_process_runs_here):
     lo, hi = _ratio_of_rounded(on[0], off[0], 3)
     assert lo - 5e-4 <= r["epoch_time_ratio_every_5_steps"] <= hi + 5e-4
     assert _positive(r["sigterm_to_exit_s"]) and r["sigterm_exit_code"] == 3  # stopped by SIGTERM, checkpoint saved
-    saved = r["sigterm_saved_at"]  # after the 5 steps seen before the signal (mid-epoch or at an epoch's end, as timing has it)
+    # after the 5 steps seen before the signal (mid-epoch or at an epoch's end, as timing has it)
+    saved = r["sigterm_saved_at"]
     assert saved["step"] >= 5 and saved["step"] == saved["epoch"] * 6 + saved["epoch_step"], saved
 
 
 def test_checkpoint_refuses_too_few_samples_for_a_mid_epoch_checkpoint(capsys):
     assert run_cli(main, ["checkpoint", "--samples", "160"]) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
-    assert len(err) == 1 and err[0].startswith("distcls: error: --samples 160 gives 5 steps") and "--samples 192" in err[0]
+    assert (
+        len(err) == 1 and err[0].startswith("distcls: error: --samples 160 gives 5 steps") and "--samples 192" in err[0]
+    )
 
 
 def test_imagefolder_writes_both_pipelines_rates(tmp_path):
-    r = _bench(tmp_path, "imagefolder", "--images", "60", "--classes", "2", "--workers", "1", "--batch", "8", "--size", "32",
-               "--repeats", "1", "--steps", "0")
+    r = _bench(
+        tmp_path,
+        "imagefolder",
+        "--images",
+        "60",
+        "--classes",
+        "2",
+        "--workers",
+        "1",
+        "--batch",
+        "8",
+        "--size",
+        "32",
+        "--repeats",
+        "1",
+        "--steps",
+        "0",
+    )
     assert r["images"] == 60 and r["workers"] == 1 and r["crop"] == 32
     rates = r["pipeline_images_per_sec"]
     assert {"distcls", "torchvision"} <= set(rates), rates
@@ -236,15 +300,33 @@ def test_imagefolder_writes_both_pipelines_rates(tmp_path):
 
 
 def test_augment_writes_both_pipelines_rates(tmp_path):
-    r = _bench(tmp_path, "augment", "--images", "16", "--size", "32", "--batch", "8", "--workers", "1", "--repeats", "1")
+    r = _bench(
+        tmp_path, "augment", "--images", "16", "--size", "32", "--batch", "8", "--workers", "1", "--repeats", "1"
+    )
     assert _positive(r["distcls_images_per_s"]) and _positive(r["torchvision_images_per_s"])
     assert r["per_core_ratio"] == pytest.approx(r["distcls_per_core"] / r["torchvision_per_core"])
     assert r["distcls_cores"] == 1 and r["torchvision_workers"] == 1
 
 @pytest.mark.slow
 def test_reference_runs_distcls_and_the_reference_loop_at_world_size_1_and_2(tmp_path):
-    r = _bench(tmp_path, "reference", "--images", "64", "--size", "16", "--batch", "16", "--workers", "1", "--epochs", "2",
-               "--rounds", "1", "--ema-steps", "1")
+    r = _bench(
+        tmp_path,
+        "reference",
+        "--images",
+        "64",
+        "--size",
+        "16",
+        "--batch",
+        "16",
+        "--workers",
+        "1",
+        "--epochs",
+        "2",
+        "--rounds",
+        "1",
+        "--ema-steps",
+        "1",
+    )
     assert set(r["images_per_sec"]) == {"distcls_w1", "reference_w1", "distcls_w2", "reference_w2"}
     assert all(len(v) == 1 and _positive(v[0]) for v in r["images_per_sec"].values())
     for n in (1, 2):
@@ -273,7 +355,9 @@ def test_gpu_check_smoke_lists_the_gpu_only_parts_as_skipped(tmp_path, capsys):
     r = _bench(tmp_path, "gpu", "--cpu-smoke", "--parts", "compare:r18,compare:r50-compile")
     assert r["mode"] == "gpu" and r["smoke"] is True and not r["cuda"]
     assert [(p["name"], p["status"], p["reason"]) for p in r["parts"]] == [
-        ("compare:r18", "skipped", "GPU only: no CUDA device"), ("compare:r50-compile", "skipped", "GPU only: no CUDA device")]
+        ("compare:r18", "skipped", "GPU only: no CUDA device"),
+        ("compare:r50-compile", "skipped", "GPU only: no CUDA device"),
+    ]
     printed = capsys.readouterr().out
     assert "GPU only: no CUDA device" in printed and "distcls GPU check" in printed
 
@@ -291,9 +375,11 @@ def test_gpu_check_reads_pytests_counts_and_failures(tmp_path):
     from distcls.bench.gpu_check import _pytest_counts
 
     xml = tmp_path / "r.xml"
-    xml.write_text('<testsuites><testsuite><testcase name="a"/><testcase name="b"><failure message="assert 1 == 2"/></testcase>'
-                   '<testcase name="c"><skipped message="needs a CUDA GPU"/></testcase><testcase name="d"><error message="boom"/>'
-                   '</testcase></testsuite></testsuites>')
+    xml.write_text(
+        '<testsuites><testsuite><testcase name="a"/><testcase name="b"><failure message="assert 1 == 2"/></testcase>'
+        '<testcase name="c"><skipped message="needs a CUDA GPU"/></testcase><testcase name="d"><error message="boom"/>'
+        '</testcase></testsuite></testsuites>'
+    )
     r = _pytest_counts(xml)
     assert (r["passed"], r["failed"], r["skipped"]) == (1, 2, 1)
     assert r["failures"] == [{"test": "b", "message": "assert 1 == 2"}, {"test": "d", "message": "boom"}]
@@ -304,8 +390,10 @@ def test_gpu_check_reads_pytests_counts_and_failures(tmp_path):
 def test_gpu_check_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     """The whole reduced plan: the GPU tests run and skip with their reason, compare, imagefolder
     and startup measure on the CPU, every GPU-only part is listed as skipped; one JSON, one table."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the parts' processes, like every child of the suite (conftest.child_env)
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU smoke on a GPU host too: its child pytest skips the GPU tests
+    # the parts' processes, like every child of the suite (conftest.child_env)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # the CPU smoke on a GPU host too: its child pytest skips the GPU tests
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     r = _bench(tmp_path, "gpu", "--cpu-smoke")
     assert r["mode"] == "gpu" and r["smoke"] is True and not r["cuda"]
     parts = {p["name"]: p for p in r["parts"]}
@@ -323,6 +411,8 @@ def test_gpu_check_smoke_runs_end_to_end(tmp_path, capsys, monkeypatch):
     assert len(exits) == 1 and _positive(exits[0]) and 0 < first[0] <= exits[0]
     assert "train.amp=bf16" in startup["command"] and "configs/fashion_mnist_cnn2.yaml" in " ".join(startup["command"])
     gpu_only = {n: p for n, p in parts.items() if n.startswith("compare:r")}
-    assert len(gpu_only) == 8 and all(p["status"] == "skipped" and p["reason"] == "GPU only: no CUDA device" for p in gpu_only.values())
+    assert len(gpu_only) == 8 and all(
+        p["status"] == "skipped" and p["reason"] == "GPU only: no CUDA device" for p in gpu_only.values()
+    )
     printed = capsys.readouterr().out
     assert "GPU only: no CUDA device" in printed and "distcls GPU check" in printed

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, FINISHED_RUN_STEPS, ROOT, assert_ok, assert_user_error, cli_in_process, load_ckpt, run_distcls, train_in_process
+from conftest import (
+    FAST,
+    FINISHED_RUN_STEPS,
+    ROOT,
+    assert_ok,
+    assert_user_error,
+    cli_in_process,
+    load_ckpt,
+    run_distcls,
+    train_in_process,
+)
 
 from distcls import evaluate, predict, train
 from distcls.runtime import atomic_files
@@ -62,9 +72,16 @@ def test_resume_auto_with_every_resumable_checkpoint_damaged_overwrites_nothing(
         CORRUPTIONS["text"](ckpts / name)
     before = {p.name: p.read_bytes() for p in [*ckpts.iterdir(), run_copy / "metrics.jsonl", run_copy / "summary.json"]}
     best_epoch = load_ckpt(ckpts / "best.pt")["epoch"]
-    proc = cli_in_process(capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"])
-    line = assert_user_error(proc, "can be resumed from", "last.pt, epoch_0002.pt, epoch_0001.pt are damaged",
-                             f"best.pt (epoch {best_epoch}) is intact: pass --resume {ckpts / 'best.pt'}", "nothing was overwritten")
+    proc = cli_in_process(
+        capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"]
+    )
+    line = assert_user_error(
+        proc,
+        "can be resumed from",
+        "last.pt, epoch_0002.pt, epoch_0001.pt are damaged",
+        f"best.pt (epoch {best_epoch}) is intact: pass --resume {ckpts / 'best.pt'}",
+        "nothing was overwritten",
+    )
     after = {p.name: p.read_bytes() for p in [*ckpts.iterdir(), run_copy / "metrics.jsonl", run_copy / "summary.json"]}
     assert after == before, line
 
@@ -113,8 +130,13 @@ def test_flipped_bit_is_named_as_a_crc_failure(run_copy):
 
 def test_resuming_a_finished_run_is_a_no_op(run_copy, capsys):
     """No second test record, no file rewritten, and it says so."""
-    before = {p: p.read_bytes() for p in [run_copy / "metrics.jsonl", run_copy / "summary.json", run_copy / "checkpoints/last.pt"]}
-    proc = cli_in_process(capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"])
+    before = {
+        p: p.read_bytes()
+        for p in [run_copy / "metrics.jsonl", run_copy / "summary.json", run_copy / "checkpoints/last.pt"]
+    }
+    proc = cli_in_process(
+        capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"]
+    )
     assert_ok(proc)
     assert "already finished" in proc.stdout and "nothing to do" in proc.stdout
     assert {p: p.read_bytes() for p in before} == before
@@ -135,11 +157,17 @@ def test_resume_after_the_final_checkpoint_writes_one_test_record(run_copy):
 def test_stale_temp_files_of_killed_saves_are_removed(run_copy, capsys):
     """`.last.pt.<random>.tmp` of a kill -9 during a save is removed on the next start; other files stay."""
     ckpts = run_copy / "checkpoints"
-    stale = [ckpts / ".last.pt.k3j_x9a1.tmp", ckpts / ".best.pt.4242.link.tmp", run_copy / ".metrics.jsonl.ab12cd34.tmp"]
+    stale = [
+        ckpts / ".last.pt.k3j_x9a1.tmp",
+        ckpts / ".best.pt.4242.link.tmp",
+        run_copy / ".metrics.jsonl.ab12cd34.tmp",
+    ]
     kept = [ckpts / "notes.tmp", run_copy / "my.tmp", ckpts / ".keep"]
     for p in stale + kept:
         p.write_bytes(b"x" * 89)
-    proc = cli_in_process(capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"])
+    proc = cli_in_process(
+        capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"]
+    )
     assert_ok(proc)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert "removed" in proc.stderr and ".last.pt.k3j_x9a1.tmp" in proc.stderr
@@ -165,29 +193,41 @@ def test_checkpoint_does_not_choose_code_to_import(run_copy, tmp_path, capsys, m
     assert not marker.exists() and "ckpt_plugin" not in sys.modules
     ck["config"]["model"]["name"], ck["config"]["data"]["name"] = "cnn3", "ckpt_plugin:build"
     torch.save(ck, path)
-    assert_user_error(cli_in_process(capsys, evaluate.main, ["--checkpoint", path]), "trained with the plug-in data.name=ckpt_plugin:build")
+    assert_user_error(
+        cli_in_process(capsys, evaluate.main, ["--checkpoint", path]),
+        "trained with the plug-in data.name=ckpt_plugin:build",
+    )
     assert not marker.exists() and "ckpt_plugin" not in sys.modules
     ck["config"]["model"]["name"], ck["config"]["data"]["name"] = "ckpt_plugin:build", "digits"
     torch.save(ck, path)
-    assert_ok(cli_in_process(capsys, predict.main, ["--checkpoint", path, "--override", "model.name=ckpt_plugin:build", img]))
+    assert_ok(
+        cli_in_process(capsys, predict.main, ["--checkpoint", path, "--override", "model.name=ckpt_plugin:build", img])
+    )
     assert marker.exists()  # named by the user: allowed
 
 
 
 
-@pytest.mark.parametrize("edit, command, fragment", [
-    (lambda ck: ck.pop("optimizer"), "resume", "lacks 'optimizer' (needed to resume training)"),
-    (lambda ck: ck.pop("config"), "resume", "lacks 'config'"),
-    (lambda ck: ck.pop("data_spec"), "evaluate", "lacks 'data_spec'"),
-    (lambda ck: ck.pop("config"), "evaluate", "lacks 'config'"),
-    (lambda ck: ck.update(version="1"), "evaluate", "its 'version' is '1' (str), not an integer"),
-    (lambda ck: ck.update(version=None), "resume", "its 'version' is None (NoneType), not an integer"),
-    (lambda ck: ck.update(epoch=2.5), "resume", "its 'epoch' is 2.5 (float), not an integer"),
-    (lambda ck: ck["config"].pop("model"), "evaluate", "its 'config' lacks model.name"),
-    (lambda ck: ck.update(optimizer={"state": {}}), "resume", "not an optimizer state_dict"),
-    (lambda ck: ck.update(rng={}), "resume", "its 'rng' lacks"),
-    (lambda ck: ck["data_spec"].update(num_classes="ten"), "evaluate", "its 'data_spec' lacks a positive integer 'num_classes'"),
-])
+@pytest.mark.parametrize(
+    "edit, command, fragment",
+    [
+        (lambda ck: ck.pop("optimizer"), "resume", "lacks 'optimizer' (needed to resume training)"),
+        (lambda ck: ck.pop("config"), "resume", "lacks 'config'"),
+        (lambda ck: ck.pop("data_spec"), "evaluate", "lacks 'data_spec'"),
+        (lambda ck: ck.pop("config"), "evaluate", "lacks 'config'"),
+        (lambda ck: ck.update(version="1"), "evaluate", "its 'version' is '1' (str), not an integer"),
+        (lambda ck: ck.update(version=None), "resume", "its 'version' is None (NoneType), not an integer"),
+        (lambda ck: ck.update(epoch=2.5), "resume", "its 'epoch' is 2.5 (float), not an integer"),
+        (lambda ck: ck["config"].pop("model"), "evaluate", "its 'config' lacks model.name"),
+        (lambda ck: ck.update(optimizer={"state": {}}), "resume", "not an optimizer state_dict"),
+        (lambda ck: ck.update(rng={}), "resume", "its 'rng' lacks"),
+        (
+            lambda ck: ck["data_spec"].update(num_classes="ten"),
+            "evaluate",
+            "its 'data_spec' lacks a positive integer 'num_classes'",
+        ),
+    ],
+)
 def test_checkpoint_structure_is_validated_in_one_place(run_copy, tmp_path, capsys, edit, command, fragment):
     """A missing or mistyped entry is named; no KeyError/TypeError traceback."""
     ck = load_ckpt(run_copy / "checkpoints/last.pt")
@@ -195,7 +235,9 @@ def test_checkpoint_structure_is_validated_in_one_place(run_copy, tmp_path, caps
     path = tmp_path / "edited.pt"
     torch.save(ck, path)
     if command == "resume":
-        proc = cli_in_process(capsys, train.main, [f"run.out_dir={tmp_path / 'new'}", *FAST, *SHORT, "train.epochs=3", "--resume", path])
+        proc = cli_in_process(
+            capsys, train.main, [f"run.out_dir={tmp_path / 'new'}", *FAST, *SHORT, "train.epochs=3", "--resume", path]
+        )
     else:
         proc = cli_in_process(capsys, evaluate.main, ["--checkpoint", path])
     assert_user_error(proc, f"{path} is not a usable distcls checkpoint", fragment)
@@ -203,8 +245,19 @@ def test_checkpoint_structure_is_validated_in_one_place(run_copy, tmp_path, caps
 
 def test_resume_with_another_optimizer_names_it(run_copy, tmp_path, capsys):
     """--resume with another optim.name."""
-    proc = cli_in_process(capsys, train.main, [f"run.out_dir={tmp_path / 'new'}", *FAST, *SHORT, "train.epochs=3", "optim.name=adamw",
-                                    "--resume", run_copy / "checkpoints/last.pt"])
+    proc = cli_in_process(
+        capsys,
+        train.main,
+        [
+            f"run.out_dir={tmp_path / 'new'}",
+            *FAST,
+            *SHORT,
+            "train.epochs=3",
+            "optim.name=adamw",
+            "--resume",
+            run_copy / "checkpoints/last.pt",
+        ],
+    )
     assert_user_error(proc, "was trained with optim.name=sgd, but the config says optim.name=adamw")
 
 
@@ -238,7 +291,9 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line_naming_what_is_safe(tm
     assert proc.returncode == 5  # ExitCode.WRITE_FAILED
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert lines[0].startswith(f"distcls: error: could not save checkpoint {out / 'checkpoints/last.pt'}: No space left on device")
+    assert lines[0].startswith(
+        f"distcls: error: could not save checkpoint {out / 'checkpoints/last.pt'}: No space left on device"
+    )
     assert f"the disk holding {out / 'checkpoints'}: " in lines[0] and "MiB free" in lines[0]
     assert "the previous checkpoint" in lines[0] and "is intact" in lines[0] and "--resume auto" in lines[0]
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 1  # the previous save, whole
@@ -255,8 +310,10 @@ def test_a_full_disk_during_a_save_under_torchrun_stops_every_rank_with_one_line
                                  "train.max_steps_per_epoch=3", "model.args.report_delay_s=3"], nproc=2,
                        env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})
     errors = [l for l in proc.stderr.splitlines() if l.startswith("distcls: ")]
-    assert len(errors) == 1 and errors[0].startswith(f"distcls: error: could not save checkpoint {out / 'checkpoints/last.pt'}"), proc.stderr
-    # rank 0 exits 5 (torchrun's root cause); every rank learnt of the failure at the save, none fails on a broken collective
+    assert len(errors) == 1 and errors[0].startswith(
+        f"distcls: error: could not save checkpoint {out / 'checkpoints/last.pt'}"
+    ), proc.stderr
+    # rank 0 exits 5 (torchrun's root cause); all ranks learnt of the failure at the save, none fails in a collective
     root_cause = proc.stderr.split("Root Cause")[-1]
     assert re.search(r"rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: 5\b", root_cause), proc.stderr[-3000:]
     assert "SIGABRT" not in proc.stderr and "RuntimeError" not in proc.stderr and "DistBackendError" not in proc.stderr

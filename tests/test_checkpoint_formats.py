@@ -113,9 +113,14 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     assert not torch.equal(a["model"]["net.1.weight"], load_ckpt(MID_EPOCH)["model"]["net.1.weight"])  # it trained on
     assert old["test_acc"] == new["test_acc"]
     from distcls.tracking.metrics import read_jsonl
-    records = lambda run: [(r["split"], r.get("epoch_step"), r["loss"], r["acc"]) for r in read_jsonl(tmp_path / run / "metrics.jsonl")  # noqa: E731
-                           if r["split"] in ("train", "val")]
-    assert records("format1") == records("format2") and len(records("format1")) >= 4  # the first epoch's loss includes steps 1-4
+
+
+    def records(run):
+        rows = read_jsonl(tmp_path / run / "metrics.jsonl")
+        return [(r["split"], r.get("epoch_step"), r["loss"], r["acc"]) for r in rows if r["split"] in ("train", "val")]
+
+    # the first epoch's loss includes steps 1-4
+    assert records("format1") == records("format2") and len(records("format1")) >= 4
     # and it is the run the fixture was stopped from: a run never stopped, here, ends within rounding of it (the
     # fixture's steps 1-4 came from another CPU: close, not bitwise), its records within rounding too
     plain = train_in_process(tmp_path / "plain", *MID_EPOCH_ARGS)
@@ -127,7 +132,9 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     resumed, never_stopped = keyed("format1"), keyed("plain")
     assert len(resumed) >= 4 and set(resumed) <= set(never_stopped)
     for key, (loss, acc) in resumed.items():
-        assert loss == pytest.approx(never_stopped[key][0], rel=1e-4) and abs(acc - never_stopped[key][1]) <= 2 / 128, key
+        assert loss == pytest.approx(never_stopped[key][0], rel=1e-4) and abs(acc - never_stopped[key][1]) <= 2 / 128, (
+            key
+        )
 
 
 def test_reading_a_format_1_checkpoint_gives_the_format_2_layout():
@@ -144,5 +151,7 @@ def test_a_top_level_copy_that_disagrees_with_the_progress_is_refused():
     from distcls.checkpoint import read_checkpoint, validate_checkpoint
     ck = read_checkpoint(MID_EPOCH)
     ck["step"] = 5
-    with pytest.raises(UnreadableCheckpoint, match="its 'step' \\(5\\) differs from its progress's global_step \\(4\\)"):
+    with pytest.raises(
+        UnreadableCheckpoint, match="its 'step' \\(5\\) differs from its progress's global_step \\(4\\)"
+    ):
         validate_checkpoint(ck, "x.pt")

@@ -101,10 +101,19 @@ def _parts(tmp_path, amp="fp16", optim="sgd"):
     pre = Preprocess(1, 4, (0.5,), (0.25,), AugmentConfig(), 0)
     trainer = Trainer(module, module, optimizer, scheduler, precision, TrainConfig(amp=amp), pre, CPU)
     checkpointer = Checkpointer(
-        CheckpointFiles(tmp_path, keep=1), {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer),
-                                            "scheduler": scheduler, "scaler": precision, "rng": GlobalRNG()},
-        progress, SavePolicy(0, 1, 3, False), {"config": cfg.to_dict(), "data_spec": {"channels": 1, "num_classes": 4,
-                                                                                          "image_size": 4}, "world_size": 1}, True)
+        CheckpointFiles(tmp_path, keep=1),
+        {
+            "model": ModuleWeights(module),
+            "optimizer": OptimizerState(optimizer),
+            "scheduler": scheduler,
+            "scaler": precision,
+            "rng": GlobalRNG(),
+        },
+        progress,
+        SavePolicy(0, 1, 3, False),
+        {"config": cfg.to_dict(), "data_spec": {"channels": 1, "num_classes": 4, "image_size": 4}, "world_size": 1},
+        True,
+    )
     return trainer, loader, progress, checkpointer
 
 
@@ -120,18 +129,26 @@ def test_save_then_load_restores_every_component_and_training_continues_identica
     _steps(trainer, loader, progress, 3)  # mid-epoch
     path = checkpointer.save()
     saved = read_checkpoint(path)
-    assert saved["epoch"] == 0 and saved["epoch_step"] == 3 and saved["step"] == 3 and saved["progress"]["epoch_totals"]["count"] == 48
+    assert (
+        saved["epoch"] == 0
+        and saved["epoch_step"] == 3
+        and saved["step"] == 3
+        and saved["progress"]["epoch_totals"]["count"] == 48
+    )
 
     fresh_trainer, _, fresh_progress, fresh = _parts(tmp_path / "b", amp, optim)
     from distcls.checkpoint import ResumePoint
     fresh.load(ResumePoint(path, {**saved, "optimizer": {**saved["optimizer"], "param_groups": [
-        {**g, "fused": None} for g in saved["optimizer"]["param_groups"]]}}))  # as saved by a distcls without fused kernels
+        # as saved by a distcls without fused kernels
+        {**g, "fused": None} for g in saved["optimizer"]["param_groups"]]}}))
     again = fresh.state_dict()
-    for key in ("epoch", "epoch_step", "step", "best_metric", "progress", "scaler"):  # progress: skipped_steps, the running sums, ...
+    # progress: skipped_steps, the running sums, ...
+    for key in ("epoch", "epoch_step", "step", "best_metric", "progress", "scaler"):
         assert again[key] == saved[key], key
     assert all(torch.equal(again["model"][k], saved["model"][k]) for k in saved["model"])
     assert again["scheduler"] == saved["scheduler"]
-    assert all(g["fused"] for g in fresh_trainer.optimizer.param_groups)  # the implementation stays as this run built it
+    # the implementation stays as this run built it
+    assert all(g["fused"] for g in fresh_trainer.optimizer.param_groups)
 
     _steps(trainer, loader, progress, 1)  # the 4th step, in both
     _steps(fresh_trainer, loader, fresh_progress, 1)
@@ -161,7 +178,8 @@ def test_an_optimizer_state_saved_without_fused_kernels_is_placed_as_the_fused_o
     Adam refuses at the first step after the resume. On the CPU the placement shows in the dtype:
     the fused policy makes every `step` float32 on the parameter's device."""
     model = nn.Linear(4, 2)
-    old = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)  # build_optimizer's groups, not fused
+    # build_optimizer's groups, not fused
+    old = torch.optim.Adam([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
     model(torch.ones(1, 4)).sum().backward()
     old.step()
     saved = old.state_dict()
@@ -172,4 +190,6 @@ def test_an_optimizer_state_saved_without_fused_kernels_is_placed_as_the_fused_o
     OptimizerState(fused).load_state_dict(saved)
     assert all(g["fused"] for g in fused.param_groups)
     steps = [fused.state[p]["step"] for p in model.parameters()]
-    assert all(s.dtype == torch.float32 and s.device == p.device and float(s) == 1.0 for s, p in zip(steps, model.parameters()))
+    assert all(
+        s.dtype == torch.float32 and s.device == p.device and float(s) == 1.0 for s, p in zip(steps, model.parameters())
+    )

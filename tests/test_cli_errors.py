@@ -14,22 +14,28 @@ from distcls.errors import ConfigError, UserError
 from distcls.runtime import dist
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["optim.lrr=0.1"], ["unknown config key 'optim.lrr'", "did you mean 'optim.lr'"]),
-    (["train.epochs=abc"], ["'train.epochs' must be an integer"]),
-    (["data.batch_size=-4"], ["'data.batch_size' must be >= 1"]),
-    (["model.name=vgg11"], ["unknown model model.name=vgg11", "resnet18"]),
-    (["data.name=svhn"], ["unknown dataset data.name=svhn"]),
-    (["model.name=nosuchpkg.nets:build"], ["cannot import module 'nosuchpkg.nets'"]),
-    (["data.name=cifar10", "data.root={tmp}/nodata"], ["cifar10 not found", "nodata/cifar-10-batches-py lacks data_batch_1", "data.download=true"]),
-    (["model.name=lenet"], ["lenet needs images of at least 16x16", "data.image_size"]),
-    (["--config", "{tmp}/missing.yaml"], ["config file", "missing.yaml not found"]),
-    (["--config", "{tmp}/bad.yaml"], ["not valid YAML at line 2"]),
-    (["--resume", "{tmp}/nope.pt"], ["--resume", "nope.pt does not exist"]),
-    (["--resume", "{tmp}"], ["is a directory"]),
-    (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
-    (["optim.lr"], ["not of the form key.sub=value"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["optim.lrr=0.1"], ["unknown config key 'optim.lrr'", "did you mean 'optim.lr'"]),
+        (["train.epochs=abc"], ["'train.epochs' must be an integer"]),
+        (["data.batch_size=-4"], ["'data.batch_size' must be >= 1"]),
+        (["model.name=vgg11"], ["unknown model model.name=vgg11", "resnet18"]),
+        (["data.name=svhn"], ["unknown dataset data.name=svhn"]),
+        (["model.name=nosuchpkg.nets:build"], ["cannot import module 'nosuchpkg.nets'"]),
+        (
+            ["data.name=cifar10", "data.root={tmp}/nodata"],
+            ["cifar10 not found", "nodata/cifar-10-batches-py lacks data_batch_1", "data.download=true"],
+        ),
+        (["model.name=lenet"], ["lenet needs images of at least 16x16", "data.image_size"]),
+        (["--config", "{tmp}/missing.yaml"], ["config file", "missing.yaml not found"]),
+        (["--config", "{tmp}/bad.yaml"], ["not valid YAML at line 2"]),
+        (["--resume", "{tmp}/nope.pt"], ["--resume", "nope.pt does not exist"]),
+        (["--resume", "{tmp}"], ["is a directory"]),
+        (["--no-such-flag"], ["unrecognized arguments: --no-such-flag"]),
+        (["optim.lr"], ["not of the form key.sub=value"]),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, args, fragments):
     """In-process through the same CLI wrapper the console entry point uses (fast)."""
     (tmp_path / "bad.yaml").write_text("data:\n  name: digits: x\n")
@@ -58,7 +64,14 @@ def test_help_lists_every_option(capsys):
         out = capsys.readouterr().out
         assert f"python -m distcls.{module.__name__.split('.')[-1]}" in out
         if module is train:
-            for key in ("--config", "--resume", "--debug", "data.batch_size", "train.clip_grad_norm", "checkpoint.every_steps"):
+            for key in (
+                "--config",
+                "--resume",
+                "--debug",
+                "data.batch_size",
+                "train.clip_grad_norm",
+                "checkpoint.every_steps",
+            ):
                 assert key in out
         else:
             assert "--checkpoint" in out
@@ -79,16 +92,24 @@ elif os.environ.get("RANK") != "0":  # a rank that fails first waits for rank 0'
 """
 
 
-SYNC_BN_ON_CPU = ("train.sync_bn=true", "distcls: error: train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run "
-                  "on CPU); set train.sync_bn=false for CPU runs")
-BATCH_NOT_DIVISIBLE = ("data.batch_size=63", "distcls: error: data.batch_size=63 is the GLOBAL batch: it must split evenly over 2 "
-                       "processes x 1 accumulation steps; use a multiple of 2, e.g. data.batch_size=62")
+SYNC_BN_ON_CPU = (
+    "train.sync_bn=true",
+    "distcls: error: train.sync_bn=true needs CUDA GPUs (torch's SyncBatchNorm does not run "
+    "on CPU); set train.sync_bn=false for CPU runs",
+)
+BATCH_NOT_DIVISIBLE = (
+    "data.batch_size=63",
+    "distcls: error: data.batch_size=63 is the GLOBAL batch: it must split evenly over 2 "
+    "processes x 1 accumulation steps; use a multiple of 2, e.g. data.batch_size=62",
+)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delayed_rank, override, error", [pytest.param(0, *SYNC_BN_ON_CPU, id="0"),
                                                             pytest.param(1, *BATCH_NOT_DIVISIBLE, id="1")])
-def test_a_config_error_under_torchrun_prints_one_line_whichever_rank_fails_first(tmp_path, delayed_rank, override, error):
+def test_a_config_error_under_torchrun_prints_one_line_whichever_rank_fails_first(
+    tmp_path, delayed_rank, override, error
+):
     """The ranks' order is forced: a sitecustomize delays one rank's start by 4 s, so the other meets
     the error first. With rank 0 delayed, rank 1 used to exit at once and torchrun killed rank 0
     before it printed: no line at all. Two of the errors only a multi-process launch can meet
@@ -139,8 +160,10 @@ def test_only_a_non_zero_rank_waits_before_it_reports(monkeypatch, capsys, rank,
     assert capsys.readouterr().err == f"distcls: error: {tag}bad key\n"
 
 
-@pytest.mark.parametrize("interrupt, words", [(KeyboardInterrupt, "while starting up, before training began; nothing was written"),
-                                              ("second", "second Ctrl-C")])
+@pytest.mark.parametrize(
+    "interrupt, words",
+    [(KeyboardInterrupt, "while starting up, before training began; nothing was written"), ("second", "second Ctrl-C")],
+)
 def test_a_ctrl_c_outside_the_run_says_which_one_it_was(capsys, interrupt, words):
     """A first Ctrl-C before the run installs its handlers used to be reported as a 'second Ctrl-C'."""
     import signal as signal_mod
@@ -173,19 +196,32 @@ def test_help_lists_each_keys_choices_and_print_config_prints_the_resolved_confi
     assert info.value.code == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("sched.name "))
     assert "[choices: constant | cosine | step | multistep | exponential | poly | onecycle]" in line
-    proc = cli_in_process(capsys, "train", ["--print-config", "--config", config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
-                                            "optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"])
+    proc = cli_in_process(
+        capsys,
+        "train",
+        [
+            "--print-config",
+            "--config",
+            config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
+            "optim.lr=0.5",
+            f"run.out_dir={tmp_path / 'never'}",
+        ],
+    )
     assert proc.returncode == 0 and proc.stderr == ""
     printed = yaml.safe_load(proc.stdout)
     assert printed["optim"]["lr"] == 0.5 and printed["data"]["name"] == "cifar10"
-    assert config.from_dict(printed) == config.load(config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
-                                                    ["optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"])
+    assert config.from_dict(printed) == config.load(
+        config.__file__.replace("distcls/config.py", "configs/cifar10_cnn3.yaml"),
+        ["optim.lr=0.5", f"run.out_dir={tmp_path / 'never'}"],
+    )
     assert not (tmp_path / "never").exists()
-    assert_user_error(cli_in_process(capsys, "train", ["--print-config", "optim.lr=-1"]), "optim.lr")  # checked, as a run would
+    # checked, as a run would
+    assert_user_error(cli_in_process(capsys, "train", ["--print-config", "optim.lr=-1"]), "optim.lr")
 
 
 def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path, capsys):
-    """--dry-run: config, launcher, data, model, one step, out_dir writable: a one-screen report, exit 0, nothing written;
+    """--dry-run: config, launcher, data, model, one step, out_dir writable: a one-screen report, exit 0, nothing
+    written;
     any problem is the run's own one line, exit 2 (for the top of an sbatch script)."""
     from conftest import cli_in_process
     out = tmp_path / "run"
@@ -195,22 +231,52 @@ def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path,
     assert lines[0] == "config: digits -> cnn3, 2 epochs of 22 steps, global batch 64" and lines[-1] == "dry run: OK"
     assert any(l.startswith("one training step: loss ") and "on 64 images" in l for l in lines)
     assert not out.exists()
-    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"]),
-                      "cifar10 not found")
+    assert_user_error(
+        cli_in_process(
+            capsys, "train", ["--dry-run", f"run.out_dir={out}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"]
+        ),
+        "cifar10 not found",
+    )
     (tmp_path / "file").write_text("x")
-    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={tmp_path / 'file'}"]), "is a file, not a directory")
-    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "model.name=resnet18", "data.batch_size=3000"]),
-                      "fewer than one global batch")
+    assert_user_error(
+        cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={tmp_path / 'file'}"]), "is a file, not a directory"
+    )
+    assert_user_error(
+        cli_in_process(
+            capsys, "train", ["--dry-run", f"run.out_dir={out}", "model.name=resnet18", "data.batch_size=3000"]
+        ),
+        "fewer than one global batch",
+    )
     assert not out.exists()
-    # what the real run would refuse, the dry run refuses: a fresh start over another run; and it says what a resume would do
+    # the dry run refuses what the real run would (a fresh start over another run) and says what a resume would do
     from conftest import train_in_process
     train_in_process(out, "train.epochs=1", "train.max_steps_per_epoch=2")
-    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2"]), "already holds checkpoints")
-    proc = cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2", "train.max_steps_per_epoch=2", "data.batch_size=32",
-                                            "--resume", "auto"])
-    assert proc.returncode == 0 and f"resume from {out / 'checkpoints' / 'last.pt'} at epoch 2, step 0" in proc.stdout, proc.stderr
-    assert_user_error(cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2", "--resume", tmp_path / "none.pt"]),
-                      "does not exist")
+    assert_user_error(
+        cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2"]),
+        "already holds checkpoints",
+    )
+    proc = cli_in_process(
+        capsys,
+        "train",
+        [
+            "--dry-run",
+            f"run.out_dir={out}",
+            "train.epochs=2",
+            "train.max_steps_per_epoch=2",
+            "data.batch_size=32",
+            "--resume",
+            "auto",
+        ],
+    )
+    assert (
+        proc.returncode == 0 and f"resume from {out / 'checkpoints' / 'last.pt'} at epoch 2, step 0" in proc.stdout
+    ), proc.stderr
+    assert_user_error(
+        cli_in_process(
+            capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2", "--resume", tmp_path / "none.pt"]
+        ),
+        "does not exist",
+    )
 
 
 @pytest.mark.slow
@@ -223,14 +289,32 @@ def test_nproc_per_node_launches_ranks_and_keeps_distcls_exit_codes(tmp_path):
     from conftest import FAST, child_env
     env = child_env({"PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"})
     base = [sys.executable, "-m", "distcls.train", "--nproc_per_node", "2", *FAST, "dist.device=cpu"]
-    bad = subprocess.run([*base, f"run.out_dir={tmp_path / 'bad'}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [*base, f"run.out_dir={tmp_path / 'bad'}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2, bad.stderr[-2000:]
     errors = [l for l in bad.stderr.splitlines() if l.startswith("distcls: error: ")]
     assert len(errors) >= 1 and all("cifar10 not found" in l for l in errors)
     assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr
-    stopped = subprocess.run([*base, f"run.out_dir={tmp_path / 'stopped'}", "model.name=stop_model:build", "model.args.stop_at=2",
-                              "train.epochs=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    stopped = subprocess.run(
+        [
+            *base,
+            f"run.out_dir={tmp_path / 'stopped'}",
+            "model.name=stop_model:build",
+            "model.args.stop_at=2",
+            "train.epochs=1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert stopped.returncode == 3, stopped.stderr[-2000:]  # a stop signal: checkpoint saved, resumable
     ok = subprocess.run([*base, f"run.out_dir={tmp_path / 'ok'}", "train.epochs=1", "train.max_steps_per_epoch=3"],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -262,7 +346,9 @@ def test_non_finite_numbers_in_lists_are_rejected(override, key):
 def test_non_finite_lr_is_a_cli_error(tmp_path, capsys):
     """Through the CLI: exit 2 before anything runs (it used to train, then exit 4)."""
     out = tmp_path / "o"
-    assert_user_error(cli_in_process(capsys, train.main, ["optim.lr=nan", f"run.out_dir={out}"]), "'optim.lr' must be a finite number")
+    assert_user_error(
+        cli_in_process(capsys, train.main, ["optim.lr=nan", f"run.out_dir={out}"]), "'optim.lr' must be a finite number"
+    )
     assert not out.exists()
 
 
@@ -272,7 +358,10 @@ def test_binary_config_file_is_a_clear_error(tmp_path, capsys):
     """UnicodeDecodeError."""
     f = tmp_path / "c.yaml"
     f.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe")
-    assert_user_error(cli_in_process(capsys, train.main, ["--config", f, f"run.out_dir={tmp_path / 'o'}"]), f"config file {f} is not a text file")
+    assert_user_error(
+        cli_in_process(capsys, train.main, ["--config", f, f"run.out_dir={tmp_path / 'o'}"]),
+        f"config file {f} is not a text file",
+    )
 
 
 def test_unreadable_config_file_is_a_clear_error(tmp_path, monkeypatch):
@@ -330,14 +419,19 @@ def test_bad_restart_count_is_a_user_error(tmp_path, capsys, monkeypatch):
     """TORCHELASTIC_RESTART_COUNT=abc."""
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "abc")
     out = tmp_path / "o"
-    assert_user_error(cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST]), "TORCHELASTIC_RESTART_COUNT='abc' is not an integer")
+    assert_user_error(
+        cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST]),
+        "TORCHELASTIC_RESTART_COUNT='abc' is not an integer",
+    )
     assert not out.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "x"])
 def test_evaluate_samples_must_be_positive(finished_run, capsys, value):
     """--samples 0 crashed in the plot, --samples -3 was accepted."""
-    proc = cli_in_process(capsys, evaluate.main, ["--checkpoint", finished_run / "checkpoints/last.pt", "--samples", value])
+    proc = cli_in_process(
+        capsys, evaluate.main, ["--checkpoint", finished_run / "checkpoints/last.pt", "--samples", value]
+    )
     assert_user_error(proc, "argument --samples")
 
 
@@ -346,7 +440,11 @@ def test_evaluate_samples_must_be_positive(finished_run, capsys, value):
 def test_options_and_overrides_in_any_order():
     """`run.out_dir=X --config F data.root=Y` used to say 'unrecognized arguments: data.root=Y'."""
     args = train.parse_args(["run.out_dir=X", "--config", "F", "data.root=Y", "--resume", "auto", "train.epochs=1"])
-    assert args.config == "F" and args.resume == "auto" and args.overrides == ["run.out_dir=X", "data.root=Y", "train.epochs=1"]
+    assert (
+        args.config == "F"
+        and args.resume == "auto"
+        and args.overrides == ["run.out_dir=X", "data.root=Y", "train.epochs=1"]
+    )
     args = evaluate.parse_args(["data.root=Y", "--checkpoint", "c.pt", "data.name=mnist", "--split", "val"])
     assert args.checkpoint == "c.pt" and args.split == "val" and args.overrides == ["data.root=Y", "data.name=mnist"]
     args = predict.parse_args(["a.png", "--checkpoint", "c.pt", "b.png", "--top-k", "2"])

@@ -96,7 +96,9 @@ def test_a_key_written_twice_in_a_section_is_an_error_not_silently_dropped(tmp_p
     """PyYAML keeps the last of two equal keys: a second `augment:` line silently dropped the first's keys."""
     dup = tmp_path / "dup.yaml"
     dup.write_text("data:\n  name: synthetic\n  augment: {hflip: true}\n  augment: {policy: trivialaugment}\n")
-    with pytest.raises(ConfigError, match="dup.yaml is not valid YAML at line 4, column 3: the key 'augment' is written twice"):
+    with pytest.raises(
+        ConfigError, match="dup.yaml is not valid YAML at line 4, column 3: the key 'augment' is written twice"
+    ):
         config.load(str(dup))
     merged = tmp_path / "merge.yaml"  # a merge key's values may be overridden: that is what it is for
     merged.write_text("data:\n  <<: {name: synthetic, batch_size: 8}\n  batch_size: 16\n")
@@ -106,7 +108,10 @@ def test_a_key_written_twice_in_a_section_is_an_error_not_silently_dropped(tmp_p
 def test_exponent_numbers_in_lists_are_numbers_as_in_scalars(tmp_path):
     """PyYAML reads `2e-2` (no dot) as a string: scalars took it, list keys said "must be 2 numbers"."""
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  augment:\n    erase_scale: [2e-2, 0.33]\n  mean: [5e-1]\n  std: [25e-2]\noptim:\n  lr: 1e-1\n  betas: [9e-1, 0.999]\n")
+    path.write_text(
+        "data:\n  augment:\n    erase_scale: [2e-2, 0.33]\n  mean: [5e-1]\n  std: [25e-2]\noptim:\n  lr: 1e-1\n  "
+        "betas: [9e-1, 0.999]\n"
+    )
     cfg = config.load(str(path))
     assert cfg.data.augment.erase_scale == [0.02, 0.33] and cfg.data.mean == [0.5] and cfg.data.std == [0.25]
     assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.lr == 0.1
@@ -123,7 +128,11 @@ def test_what_a_resume_refuses_is_metadata_on_the_schema_and_every_marked_key_is
     from distcls.run import checks
     keys = {kind: config.resume_keys(kind) for kind in config.RESUME_KINDS}
     described = {path for path, _, _ in config.describe()}
-    assert all(set(v) <= described for v in keys.values()) and "data.batch_size" in keys["position"] and "optim.lr" in keys["schedule"]
+    assert (
+        all(set(v) <= described for v in keys.values())
+        and "data.batch_size" in keys["position"]
+        and "optim.lr" in keys["schedule"]
+    )
     saved = config.load(None, ["data.name=synthetic", "train.ema.enabled=true"]).to_dict()
     for key in [*keys["position"], *keys["best"], *keys["ema_rule"], *keys["schedule"]]:
         if key == "data.carve_val":  # an image folder's key: compared for image folders only

@@ -23,16 +23,41 @@ def data_root(tmp_path_factory):
 
 # Per-config shrinking: keep each recipe's model, data format and training features, make it tiny.
 SHRINK = {
-    "flowers_resnet18_transfer.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
-                                              "data.image_size=32", "data.batch_size=8"],
-    "flowers_resnet18_finetune.yaml": ["data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth",
-                                              "data.image_size=32", "data.batch_size=8"],
-    "imagenet_mobilenet_v3_large_tv.yaml": ["data.root={root}/imagenet", "data.image_size=32", "data.eval_resize=37", "data.batch_size=8",
-                                            "data.eval_batch_size=8"],
-    "imagenet_resnet50.yaml": ["data.root={root}/imagenet", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=8",
-                               "data.val_fraction=0.1"],
-    "imagenet_resnet50_tv_v2.yaml": ["data.root={root}/imagenet", "data.train_crop_size=24", "data.eval_crop_size=32",
-                                     "data.eval_resize=37", "data.batch_size=8", "data.eval_batch_size=8", "data.val_fraction=0.1"],
+    "flowers_resnet18_transfer.yaml": [
+        "data.root={root}/flower_photos",
+        "model.pretrained={root}/weights/resnet18.pth",
+        "data.image_size=32",
+        "data.batch_size=8",
+    ],
+    "flowers_resnet18_finetune.yaml": [
+        "data.root={root}/flower_photos",
+        "model.pretrained={root}/weights/resnet18.pth",
+        "data.image_size=32",
+        "data.batch_size=8",
+    ],
+    "imagenet_mobilenet_v3_large_tv.yaml": [
+        "data.root={root}/imagenet",
+        "data.image_size=32",
+        "data.eval_resize=37",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+    ],
+    "imagenet_resnet50.yaml": [
+        "data.root={root}/imagenet",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "data.val_fraction=0.1",
+    ],
+    "imagenet_resnet50_tv_v2.yaml": [
+        "data.root={root}/imagenet",
+        "data.train_crop_size=24",
+        "data.eval_crop_size=32",
+        "data.eval_resize=37",
+        "data.batch_size=8",
+        "data.eval_batch_size=8",
+        "data.val_fraction=0.1",
+    ],
 }
 
 
@@ -41,7 +66,8 @@ def test_every_config_is_covered():
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys):  # conftest restores run.deterministic's torch flag
+# conftest restores run.deterministic's torch flag
+def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys):
     # in process, through the same run_cli + train.main that `python -m distcls.train` runs: ten
     # interpreter starts fewer (a few seconds each); test_cli_errors.py covers the real process
     from distcls import train
@@ -52,7 +78,8 @@ def test_config_runs_one_short_epoch(name, data_root, tmp_path, capsys):  # conf
     args = ["--config", ROOT / "configs" / name, f"data.root={data_root}", *extra, "train.epochs=1",
             "train.max_steps_per_epoch=2", "data.max_eval_samples=16", "data.num_workers=0", f"run.out_dir={out}",
             "train.sync_bn=false", "log.every_steps=1",
-            "train.ema.every_steps=1"]  # a 2-step run: a config's model EMA (every 32 steps) would never update and is refused
+            # a 2-step run: a config's model EMA (every 32 steps) would never update and is refused
+            "train.ema.every_steps=1"]
     if name != "default.yaml":  # the plots are the same code for every config (tests/test_outputs.py): drawn once here
         args.append("log.plots=false")
     code = run_cli(train.main, [str(a) for a in args])
@@ -75,18 +102,36 @@ def test_an_old_config_name_still_loads_the_same_config_and_says_its_new_name(tm
     for old, new in RENAMED_CONFIGS.items():
         assert (ROOT / "configs" / old).resolve() == (ROOT / "configs" / new).resolve()
         assert config.load(str(ROOT / "configs" / old)) == config.load(str(ROOT / "configs" / new))
-    proc = cli_in_process(capsys, "train", ["--config", ROOT / "configs/seed_c_cnn3_cifar10.yaml", f"data.root={tmp_path / 'none'}",
-                                            f"run.out_dir={tmp_path / 'out'}"])
+    proc = cli_in_process(
+        capsys,
+        "train",
+        [
+            "--config",
+            ROOT / "configs/seed_c_cnn3_cifar10.yaml",
+            f"data.root={tmp_path / 'none'}",
+            f"run.out_dir={tmp_path / 'out'}",
+        ],
+    )
     assert proc.returncode == 2  # (no CIFAR-10 files here)
-    assert f"distcls: note: {ROOT / 'configs/seed_c_cnn3_cifar10.yaml'} is now {ROOT / 'configs/cifar10_cnn3.yaml'}" in proc.stderr
+    assert (
+        f"distcls: note: {ROOT / 'configs/seed_c_cnn3_cifar10.yaml'} is now {ROOT / 'configs/cifar10_cnn3.yaml'}"
+        in proc.stderr
+    )
 
 
 def test_a_config_by_name_and_its_own_default_out_dir(tmp_path, capsys, monkeypatch):
     from conftest import assert_user_error, cli_in_process
     from distcls import config
-    assert config.load("cifar10_cnn3") == config.load("cifar10_cnn3.yaml") == config.load(str(ROOT / "configs/cifar10_cnn3.yaml"))
+
+    assert (
+        config.load("cifar10_cnn3")
+        == config.load("cifar10_cnn3.yaml")
+        == config.load(str(ROOT / "configs/cifar10_cnn3.yaml"))
+    )
     mine = tmp_path / "mine.yaml"
     mine.write_text("train:\n  epochs: 1\n")
     assert config.load(str(mine)).run.out_dir == "runs/mine" and config.load(None).run.out_dir == "runs/default"
     assert config.load(str(mine), [f"run.out_dir={tmp_path / 'x'}"]).run.out_dir == str(tmp_path / "x")
-    assert_user_error(cli_in_process(capsys, "train", ["--config", "cifar10_cnn33", "--print-config"]), "did you mean cifar10_cnn3?")
+    assert_user_error(
+        cli_in_process(capsys, "train", ["--config", "cifar10_cnn33", "--print-config"]), "did you mean cifar10_cnn3?"
+    )

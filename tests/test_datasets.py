@@ -65,16 +65,26 @@ def test_imagefolder_layouts(tmp_path):
     img, label, index = d.splits.train.source[0]
     assert img.dtype == torch.uint8 and img.shape == (3, 24, 24)
     split = fakedata.write_imagefolder(tmp_path / "inet", per_class=6, layout="split")
-    # train/ + val/: all of train/ trains, val/ validates every epoch and is the final evaluation (torchvision's references)
+    # train/ + val/: all of train/ trains; val/ validates each epoch and is the final evaluation (torchvision's refs)
     s = _data(split, "data.name=imagefolder", "data.image_size=16")
     assert len(s.splits.train) == 18 and len(s.splits.val) == 9 and s.splits.test.source is s.splits.val.source
-    assert list(s.splits.test.indices) == list(s.splits.val.indices) and s.splits.val.source.samples[0][0].startswith(str(split / "val"))
+    assert list(s.splits.test.indices) == list(s.splits.val.indices) and s.splits.val.source.samples[0][0].startswith(
+        str(split / "val")
+    )
     # data.carve_val=true: validation carved from train/, val/ the test split (distcls's meaning before the key)
     c = _data(split, "data.name=imagefolder", "data.image_size=16", "data.carve_val=true", "data.val_fraction=0.2")
     assert len(c.splits.train) + len(c.splits.val) == 18 and len(c.splits.val) == 4 and len(c.splits.test) == 9
     assert c.splits.val.source is c.splits.train.source
     # data.split pools train/ and val/ once, not val/ twice
-    assert sum(len(v) for v in _data(split, "data.name=imagefolder", "data.image_size=16", "data.split=[0.6, 0.2, 0.2]").splits.__dict__.values()) == 27
+    assert (
+        sum(
+            len(v)
+            for v in _data(
+                split, "data.name=imagefolder", "data.image_size=16", "data.split=[0.6, 0.2, 0.2]"
+            ).splits.__dict__.values()
+        )
+        == 27
+    )
 
 
 @pytest.mark.parametrize("name, fragment", [
@@ -174,9 +184,10 @@ def test_cifar_format_errors_name_the_file(tmp_path, data_shape, labels, fragmen
 def test_plugin_dataset_label_out_of_range_is_caught_at_load(tmp_path, monkeypatch):
     """The same check for any dataset builder (before training starts)."""
     (tmp_path / "bad_labels.py").write_text(
-        "import torch\nfrom distcls.data import RawDataset, TensorSource\n"
-        "def build(cfg):\n    src = TensorSource(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.arange(20) % 3 + (torch.arange(20) == 7) * 50)\n"
-        "    return RawDataset(train=src, test=src, class_names=['a', 'b', 'c'], mean=(0.5,), std=(0.5,))\n")
+        "import torch\nfrom distcls.data import RawDataset, TensorSource\ndef build(cfg):\n    src = "
+        "TensorSource(torch.zeros(20, 1, 8, 8, dtype=torch.uint8), torch.arange(20) % 3 + (torch.arange(20) == 7) * "
+        "50)\n    return RawDataset(train=src, test=src, class_names=['a', 'b', 'c'], mean=(0.5,), std=(0.5,))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     from distcls.data import build_data
     with pytest.raises(UserError, match="the train split holds label 51, but the dataset has 3 classes"):

@@ -42,11 +42,31 @@ def two_rank_run(tmp_path_factory):
     torchrun, through tests/exit_threads.py, which records the threads still alive when it returns."""
     tmp = tmp_path_factory.mktemp("two_ranks")
     out, report = tmp / "bn", tmp / "threads"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests/exit_threads.py"), str(report), f"run.out_dir={out}", *FAST,
-                           "model.name=cnn3", "model.args.batch_norm=true", "train.epochs=1", "train.max_steps_per_epoch=10",
-                           "train.ema.enabled=true", "train.ema.every_steps=1", "train.ema.decay=0.5"],
-                          cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "tests/exit_threads.py"),
+            str(report),
+            f"run.out_dir={out}",
+            *FAST,
+            "model.name=cnn3",
+            "model.args.batch_norm=true",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=10",
+            "train.ema.enabled=true",
+            "train.ema.every_steps=1",
+            "train.ema.decay=0.5",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert_ok(proc)
     return proc, out, json.loads((out / "summary.json").read_text()), report
 
@@ -66,10 +86,16 @@ def test_batchnorm_statistics_are_equal_on_every_rank_before_evaluation(two_rank
     # 2-rank test evaluation equals a single-process evaluation of the EMA rank 0 saved.
     _, out, summary, _ = two_rank_run
     assert summary["world_size"] == 2
-    assert f"test accuracy {summary['test_acc']:.4f}" in _evaluate(capsys, ["--checkpoint", out / "checkpoints/last.pt"])
-    report = json.loads(_evaluate(capsys, ["--checkpoint", out / "checkpoints/last.pt", "--ema", "--json", "--no-speed"]))
+    assert f"test accuracy {summary['test_acc']:.4f}" in _evaluate(
+        capsys, ["--checkpoint", out / "checkpoints/last.pt"]
+    )
+    report = json.loads(
+        _evaluate(capsys, ["--checkpoint", out / "checkpoints/last.pt", "--ema", "--json", "--no-speed"])
+    )
     assert report["weights"] == "ema" and report["count"] == summary["test_count"]
-    assert report["acc"] == summary["ema_test_acc"] and report["loss"] == pytest.approx(summary["ema_test_loss"], rel=1e-6)
+    assert report["acc"] == summary["ema_test_acc"] and report["loss"] == pytest.approx(
+        summary["ema_test_loss"], rel=1e-6
+    )
 
 
 def test_a_batchnorm_model_says_its_weights_depend_on_the_world_size(two_rank_run, tmp_path, capsys):
@@ -80,8 +106,17 @@ def test_a_batchnorm_model_says_its_weights_depend_on_the_world_size(two_rank_ru
     assert said.count("has BatchNorm layers that normalize each rank's 16 images on their own") == 1, said
     assert "its weights depend on the world size (2)" in said
     capsys.readouterr()
-    train_in_process(tmp_path / "one", "model.name=cnn3", "model.args.batch_norm=true", "train.epochs=2", "train.max_steps_per_epoch=10",
-                     "train.ema.enabled=true", "train.ema.every_steps=1", "train.ema.decay=0.5", resume=str(out / "checkpoints/last.pt"))
+    train_in_process(
+        tmp_path / "one",
+        "model.name=cnn3",
+        "model.args.batch_norm=true",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=10",
+        "train.ema.enabled=true",
+        "train.ema.every_steps=1",
+        "train.ema.decay=0.5",
+        resume=str(out / "checkpoints/last.pt"),
+    )
     said = "".join(capsys.readouterr())
     assert "saved at world size 2; resuming at world size 1" in said
     assert "BatchNorm normalizes per rank: from here on the run differs from one that stays at world size 2" in said

@@ -8,7 +8,9 @@ from conftest import ROOT
 
 def test_the_configuration_page_is_the_schema_and_every_config_file_is_described():
     page = (ROOT / "docs/configuration.md").read_text()
-    assert config.reference_markdown() in page, "docs/configuration.md is out of date: paste distcls.config.reference_markdown() into it"
+    assert config.reference_markdown() in page, (
+        "docs/configuration.md is out of date: paste distcls.config.reference_markdown() into it"
+    )
     recipes = (ROOT / "docs/recipes.md").read_text()
     assert all(f"`{p.name}`" in recipes for p in (ROOT / "configs").glob("*.yaml") if not p.is_symlink())
 

@@ -11,7 +11,13 @@ from distcls.engine.ema import EMASchedule, ModelEMA, adjusted_decay
 
 def toy(batchnorm: bool) -> nn.Module:
     torch.manual_seed(0)
-    layers = [nn.Conv2d(3, 4, 3), *( [nn.BatchNorm2d(4)] if batchnorm else []), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)]
+    layers = [
+        nn.Conv2d(3, 4, 3),
+        *([nn.BatchNorm2d(4)] if batchnorm else []),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 5),
+    ]
     return nn.Sequential(*layers)
 
 
@@ -134,7 +140,9 @@ def test_a_run_keeps_evaluates_and_saves_the_ema(out_dir):
     from conftest import load_ckpt, train_in_process
     from distcls.tracking.metrics import read_jsonl
 
-    summary = train_in_process(out_dir, "train.epochs=2", "train.ema.enabled=true", "train.ema.decay=0.0", "train.ema.every_steps=1")
+    summary = train_in_process(
+        out_dir, "train.epochs=2", "train.ema.enabled=true", "train.ema.decay=0.0", "train.ema.every_steps=1"
+    )
     ck = load_ckpt(out_dir / "checkpoints/last.pt")
     assert ck["ema"]["updates"] == ck["step"] == summary["global_step"]
     assert ck["ema"]["weights"].keys() == ck["model"].keys()
@@ -152,16 +160,26 @@ def test_best_pt_follows_the_chosen_metric_and_evaluate_takes_ema(out_dir, capsy
     from distcls.cli import run_cli
     from distcls.tracking.metrics import read_jsonl
 
-    summary = train_in_process(out_dir, "train.epochs=3", "train.ema.enabled=true", "train.ema.decay=0.9", "train.ema.every_steps=2",
-                               "checkpoint.best_metric=val_ema_acc")
+    summary = train_in_process(
+        out_dir,
+        "train.epochs=3",
+        "train.ema.enabled=true",
+        "train.ema.decay=0.9",
+        "train.ema.every_steps=2",
+        "checkpoint.best_metric=val_ema_acc",
+    )
     val = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "val"]
     best = max(val, key=lambda r: r["ema_acc"])  # the first epoch reaching it
     assert summary["best_val_acc"] == best["ema_acc"] and summary["best_metric"] == "val_ema_acc"
     from distcls.tracking.console import summary_rows
-    assert ("best val accuracy (EMA)", f"{best['ema_acc']:.4f}") in summary_rows(summary, out_dir, {})  # the final table says which
+    # the final table says which
+    assert ("best val accuracy (EMA)", f"{best['ema_acc']:.4f}") in summary_rows(summary, out_dir, {})
     assert load_ckpt(out_dir / "checkpoints/best.pt")["epoch"] == best["epoch"]
     capsys.readouterr()
-    assert run_cli(evaluate.main, ["--checkpoint", str(out_dir / "checkpoints/last.pt"), "--ema", "--json", "--no-speed"]) == 0
+    assert (
+        run_cli(evaluate.main, ["--checkpoint", str(out_dir / "checkpoints/last.pt"), "--ema", "--json", "--no-speed"])
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["weights"] == "ema" and report["acc"] == summary["ema_test_acc"]
 
@@ -175,7 +193,9 @@ def test_ema_errors_are_one_line(tmp_path, capsys):
 
     code = run_cli(train.main, ["checkpoint.best_metric=val_ema_acc", f"run.out_dir={tmp_path / 'x'}"])
     err = capsys.readouterr().err
-    assert_user_error(subprocess.CompletedProcess([], code, "", err), "checkpoint.best_metric=val_ema_acc", "train.ema.enabled=true")
+    assert_user_error(
+        subprocess.CompletedProcess([], code, "", err), "checkpoint.best_metric=val_ema_acc", "train.ema.enabled=true"
+    )
     plain = tmp_path / "plain"
     train_in_process(plain, "train.epochs=1", "train.max_steps_per_epoch=2")
     capsys.readouterr()
@@ -183,19 +203,37 @@ def test_ema_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "leave out --ema")
     # resuming a run without EMA with train.ema.enabled=true: the checkpoint has none to continue
-    code = run_cli(train.main, [f"run.out_dir={plain}", "train.epochs=2", "train.max_steps_per_epoch=2", "log.every_steps=0",
-                                "data.batch_size=32", "log.plots=false", "train.ema.enabled=true", "train.ema.every_steps=1", "--resume", str(plain / "checkpoints/last.pt")])
+    code = run_cli(
+        train.main,
+        [
+            f"run.out_dir={plain}",
+            "train.epochs=2",
+            "train.max_steps_per_epoch=2",
+            "log.every_steps=0",
+            "data.batch_size=32",
+            "log.plots=false",
+            "train.ema.enabled=true",
+            "train.ema.every_steps=1",
+            "--resume",
+            str(plain / "checkpoints/last.pt"),
+        ],
+    )
     err = capsys.readouterr().err
     assert_user_error(subprocess.CompletedProcess([], code, "", err), "holds no EMA weights", "train.ema.enabled=false")
 
 
 @pytest.mark.parametrize("trained_with, overrides, key, saved", [
-    ([], ["train.ema.enabled=false", "checkpoint.best_metric=val_acc"], "train.ema.enabled", "true"),  # would drop the EMA
-    ([], ["checkpoint.best_metric=val_acc"], "checkpoint.best_metric", "val_ema_acc"),  # would compare val_acc with the EMA's best
+    # would drop the EMA
+    ([], ["train.ema.enabled=false", "checkpoint.best_metric=val_acc"], "train.ema.enabled", "true"),
+    # would compare val_acc with the EMA's best
+    ([], ["checkpoint.best_metric=val_acc"], "checkpoint.best_metric", "val_ema_acc"),
     ([], ["train.ema.decay=0.5"], "train.ema.decay", "0.9999"),  # would continue the EMA under another decay
-    (["train.ema.adjust_decay=true"], ["train.ema.adjust_decay=true"], "train.epochs", "1"),  # the adjusted decay depends on it
+    # the adjusted decay depends on it
+    (["train.ema.adjust_decay=true"], ["train.ema.adjust_decay=true"], "train.epochs", "1"),
 ])
-def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(tmp_path, capsys, trained_with, overrides, key, saved):
+def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(
+    tmp_path, capsys, trained_with, overrides, key, saved
+):
     import subprocess
 
     from conftest import FAST, assert_user_error, train_in_process
@@ -203,13 +241,20 @@ def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(
     from distcls.cli import run_cli
 
     out = tmp_path / "run"
-    run = ["train.max_steps_per_epoch=2", "train.ema.enabled=true", "train.ema.every_steps=1", "checkpoint.best_metric=val_ema_acc"]
+    run = [
+        "train.max_steps_per_epoch=2",
+        "train.ema.enabled=true",
+        "train.ema.every_steps=1",
+        "checkpoint.best_metric=val_ema_acc",
+    ]
     train_in_process(out, "train.epochs=1", *run, *trained_with)
     before = (out / "checkpoints/last.pt").read_bytes()
     capsys.readouterr()
     code = run_cli(train.main, [f"run.out_dir={out}", *FAST, *run, "train.epochs=2", *overrides, "--resume", "auto"])
     err = capsys.readouterr().err
-    assert_user_error(subprocess.CompletedProcess([], code, "", err), f"was saved with {key}={saved}", f"resume with {key}={saved}")
+    assert_user_error(
+        subprocess.CompletedProcess([], code, "", err), f"was saved with {key}={saved}", f"resume with {key}={saved}"
+    )
     assert (out / "checkpoints/last.pt").read_bytes() == before
 
 
@@ -225,8 +270,11 @@ def test_an_ema_that_would_never_update_is_refused_at_launch(tmp_path, capsys):
     code = run_cli(train.main, [f"run.out_dir={tmp_path / 'x'}", *FAST, "train.epochs=1", "train.max_steps_per_epoch=5",
                                 "train.ema.enabled=true", "checkpoint.best_metric=val_ema_acc"])
     err = capsys.readouterr().err
-    assert_user_error(subprocess.CompletedProcess([], code, "", err), "train.ema.every_steps=32, but this run makes only 5 optimizer steps",
-                      "set train.ema.every_steps <= 5")
+    assert_user_error(
+        subprocess.CompletedProcess([], code, "", err),
+        "train.ema.every_steps=32, but this run makes only 5 optimizer steps",
+        "set train.ema.every_steps <= 5",
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -240,8 +288,15 @@ def test_an_ema_not_updated_yet_is_neither_evaluated_nor_followed(tmp_path, caps
 
     out = tmp_path / "run"
     capsys.readouterr()
-    summary = train_in_process(out, "train.epochs=2", "train.max_steps_per_epoch=3", "train.ema.enabled=true", "train.ema.every_steps=4",
-                               "checkpoint.best_metric=val_ema_acc", "checkpoint.keep=5")
+    summary = train_in_process(
+        out,
+        "train.epochs=2",
+        "train.max_steps_per_epoch=3",
+        "train.ema.enabled=true",
+        "train.ema.every_steps=4",
+        "checkpoint.best_metric=val_ema_acc",
+        "checkpoint.keep=5",
+    )
     said = "".join(capsys.readouterr())
     val = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "val"]
     assert [r["ema_updates"] for r in val] == [0, 1]
@@ -252,8 +307,14 @@ def test_an_ema_not_updated_yet_is_neither_evaluated_nor_followed(tmp_path, caps
     # a checkpoint saved before the first update (epoch 1's): --ema is refused, the weights evaluate
     epoch_1 = out / "checkpoints/epoch_0001.pt"
     assert load_ckpt(epoch_1)["ema"]["updates"] == 0
-    assert_user_error(cli_in_process(capsys, "evaluate", ["--checkpoint", epoch_1, "--ema"]), "its model EMA never updated", "leave out --ema")
-    proc = cli_in_process(capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--ema", "--json", "--no-speed"])
+    assert_user_error(
+        cli_in_process(capsys, "evaluate", ["--checkpoint", epoch_1, "--ema"]),
+        "its model EMA never updated",
+        "leave out --ema",
+    )
+    proc = cli_in_process(
+        capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--ema", "--json", "--no-speed"]
+    )
     assert proc.returncode == 0 and json.loads(proc.stdout)["weights"] == "ema"
 
 

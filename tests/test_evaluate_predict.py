@@ -17,7 +17,9 @@ def trained(tmp_path_factory):
 
 def test_evaluate_reproduces_the_training_test_accuracy(trained, tmp_path, capfd):
     out, summary = trained
-    proc = cli_in_process(capfd, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--out-dir", tmp_path / "eval"])
+    proc = cli_in_process(
+        capfd, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--out-dir", tmp_path / "eval"]
+    )
     assert_ok(proc)
     assert f"test accuracy {summary['test_acc']:.4f}" in proc.stdout
     report = json.loads((tmp_path / "eval/eval_test.json").read_text())
@@ -55,7 +57,9 @@ def test_evaluate_top1_equals_the_runs_test_accuracy_at_world_size_2(trained):
     assert_ok(proc)
     report = json.loads(proc.stdout)
     assert report["world_size"] == 2 and report["count"] == 180
-    assert report["acc"] == summary["test_acc"] and report["per_class_acc"] == pytest.approx(summary["per_class_test_acc"])
+    assert report["acc"] == summary["test_acc"] and report["per_class_acc"] == pytest.approx(
+        summary["per_class_test_acc"]
+    )
 
 
 def write_test_split(checkpoint, folder) -> list:
@@ -76,10 +80,14 @@ def write_test_split(checkpoint, folder) -> list:
 def test_predict_on_a_directory_agrees_with_evaluate(trained, tmp_path, capfd):
     out, summary = trained
     labels = write_test_split(out / "checkpoints/last.pt", tmp_path / "test")
-    code, stdout, _ = in_process("predict", ["--checkpoint", out / "checkpoints/last.pt", "--json", tmp_path / "test"], capfd)
+    code, stdout, _ = in_process(
+        "predict", ["--checkpoint", out / "checkpoints/last.pt", "--json", tmp_path / "test"], capfd
+    )
     assert code == 0
     rows = [json.loads(line) for line in stdout.splitlines()]
-    assert [r["path"] for r in rows] == [str(tmp_path / "test" / f"part{n // 100}" / f"{n:04d}.png") for n in range(180)]
+    assert [r["path"] for r in rows] == [
+        str(tmp_path / "test" / f"part{n // 100}" / f"{n:04d}.png") for n in range(180)
+    ]
     correct = sum(r["label"] == str(y) for r, y in zip(rows, labels))
     assert correct == round(summary["test_acc"] * 180)  # exactly the images evaluate counts as correct
 
@@ -95,9 +103,18 @@ def test_predict_reports_a_corrupt_file_and_predicts_the_rest(trained, tmp_path,
     code, stdout, stderr = in_process("predict", ["--checkpoint", out / "checkpoints/best.pt", folder], capfd)
     assert code == 2 and "Traceback" not in stderr
     errors = stderr.strip().splitlines()
-    assert len(errors) == 1 and errors[0].startswith("distcls: error: cannot read image") and str(folder / "b.png") in errors[0]
-    assert [line.split("\t")[0] for line in stdout.splitlines()] == [str(folder / "a.png"), str(folder / "sub" / "c.png")]
-    code, stdout, stderr = in_process("predict", ["--checkpoint", out / "checkpoints/best.pt", folder / "a.png", folder / "sub"], capfd)
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("distcls: error: cannot read image")
+        and str(folder / "b.png") in errors[0]
+    )
+    assert [line.split("\t")[0] for line in stdout.splitlines()] == [
+        str(folder / "a.png"),
+        str(folder / "sub" / "c.png"),
+    ]
+    code, stdout, stderr = in_process(
+        "predict", ["--checkpoint", out / "checkpoints/best.pt", folder / "a.png", folder / "sub"], capfd
+    )
     assert code == 0 and stderr == "" and len(stdout.splitlines()) == 2
 
 
@@ -161,24 +178,54 @@ def test_evaluate_resizes_as_the_run_did_when_torchvision_weights_chose_the_resi
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "data_spec": spec.to_dict(), "version": 2}, path)
     restored = restore(str(path), torch.device("cpu"))
     assert restored.cfg.data.eval_resize == 232  # the weights' (torchvision's Resize(232) + CenterCrop(224)), not 256
-    assert restore(str(path), torch.device("cpu"), ["data.eval_resize=240"]).cfg.data.eval_resize == 240  # an explicit value wins
-    cfg = config.load(None, ["data.name=synthetic", "model.name=torchvision:resnet50", "model.pretrained=torchvision:ResNet50_Weights.IMAGENET1K_V2"])
+    # an explicit value wins
+    assert restore(str(path), torch.device("cpu"), ["data.eval_resize=240"]).cfg.data.eval_resize == 240
+    cfg = config.load(
+        None,
+        [
+            "data.name=synthetic",
+            "model.name=torchvision:resnet50",
+            "model.pretrained=torchvision:ResNet50_Weights.IMAGENET1K_V2",
+        ],
+    )
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "data_spec": spec.to_dict(), "version": 2}, path)
     from distcls.data.file_source import evaluation_resize as eval_resize
     restored = restore(str(path), torch.device("cpu"))
-    assert eval_resize(restored.cfg.data, restored.spec.image_size) == 224  # in-memory data: resized whole, as in training
+    # in-memory data: resized whole, as in training
+    assert eval_resize(restored.cfg.data, restored.spec.image_size) == 224
 
 
-@pytest.mark.parametrize("fmt, what", [("torchscript", "is a TorchScript model"), ("exported", "is a torch.export archive")])
+@pytest.mark.parametrize(
+    "fmt, what", [("torchscript", "is a TorchScript model"), ("exported", "is a torch.export archive")]
+)
 def test_an_exported_model_given_as_checkpoint_says_what_it_is(trained, tmp_path, capfd, fmt, what):
     """distcls's own export files were called "truncated or corrupt"."""
     from distcls import export
     out, _ = trained
     model = tmp_path / ("m.ts" if fmt == "torchscript" else "m.pt2")
-    assert export.main(["--checkpoint", str(out / "checkpoints/last.pt"), "--format", fmt, "--out", str(model), "--check-images", "0"]) == 0
+    assert (
+        export.main(
+            [
+                "--checkpoint",
+                str(out / "checkpoints/last.pt"),
+                "--format",
+                fmt,
+                "--out",
+                str(model),
+                "--check-images",
+                "0",
+            ]
+        )
+        == 0
+    )
     for command, args in (("evaluate", ["--checkpoint", model]), ("predict", ["--checkpoint", model, tmp_path])):
         proc = cli_in_process(capfd, command, args)
-        assert_user_error(proc, f"--checkpoint {model} {what}", "not a training checkpoint", "give the checkpoint it was exported from")
+        assert_user_error(
+            proc,
+            f"--checkpoint {model} {what}",
+            "not a training checkpoint",
+            "give the checkpoint it was exported from",
+        )
     proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'r'}", "--resume", model])
     assert_user_error(proc, what)
 
@@ -194,15 +241,23 @@ def test_evaluate_into_a_closed_pipe_ends_quietly(trained):
     read_end, write_end = os.pipe()
     os.close(read_end)
     try:
-        proc = subprocess.run([sys.executable, "-m", "distcls.evaluate", "--checkpoint", str(out / "checkpoints/last.pt"), "--no-speed"],
-                              stdout=write_end, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=child_env(), timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "distcls.evaluate", "--checkpoint", str(out / "checkpoints/last.pt"), "--no-speed"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=child_env(),
+            timeout=300,
+        )
     finally:
         os.close(write_end)
     assert proc.stderr == "" and proc.returncode == 141, proc.stderr
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_a_real_failure():
-    """Only a closed stdout ends quietly: a BrokenPipeError from anything else (a socket, a worker's pipe) keeps its traceback."""
+    """Only a closed stdout ends quietly: a BrokenPipeError from anything else (a socket, a worker's pipe) keeps its
+    traceback."""
     from distcls.cli import run_cli
 
     def main(argv):

@@ -45,8 +45,14 @@ def test_export_reloads_and_agrees_with_eager(tmp_path, checkpoint, fmt, capsys)
     out = tmp_path / f"model{SUFFIX[fmt]}"
     assert export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out} ({fmt}): input uint8 [N, 1, 8, 8] (0..255, batch N dynamic), output float32 logits [N, 10]" in printed
-    assert "check: max abs difference of the logits from the eager model" in printed and "on 16 val images of digits" in printed
+    assert (
+        f"wrote {out} ({fmt}): input uint8 [N, 1, 8, 8] (0..255, batch N dynamic), output float32 logits [N, 10]"
+        in printed
+    )
+    assert (
+        "check: max abs difference of the logits from the eager model" in printed
+        and "on 16 val images of digits" in printed
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no staging directory left
     model = _load(fmt, out)
     restored, images = _real_images(checkpoint, 24)
@@ -61,7 +67,10 @@ def test_export_reloads_and_agrees_with_eager(tmp_path, checkpoint, fmt, capsys)
 def test_the_input_contract_uint8_0_255_normalization_baked_in(tmp_path, checkpoint):
     """Independent of Preprocess: logits(uint8 x) == network((x / 255 - mean) / std) in eval mode."""
     out = tmp_path / "m.pt2"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", "exported", "--out", str(out), "--check-images", "0"]) == 0
+    assert (
+        export.main(["--checkpoint", str(checkpoint), "--format", "exported", "--out", str(out), "--check-images", "0"])
+        == 0
+    )
     restored, images = _real_images(checkpoint, 8)
     mean, std = torch.tensor(restored.spec.mean).view(1, -1, 1, 1), torch.tensor(restored.spec.std).view(1, -1, 1, 1)
     with torch.no_grad():
@@ -71,9 +80,19 @@ def test_the_input_contract_uint8_0_255_normalization_baked_in(tmp_path, checkpo
     if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES):
         import onnxruntime
         onnx_file = tmp_path / "m.onnx"
-        assert export.main(["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(onnx_file), "--check-images", "0"]) == 0
+        assert (
+            export.main(
+                ["--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(onnx_file), "--check-images", "0"]
+            )
+            == 0
+        )
         (inp,) = onnxruntime.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"]).get_inputs()
-        assert inp.name == "images" and inp.type == "tensor(uint8)" and inp.shape[1:] == [1, 8, 8] and not isinstance(inp.shape[0], int)
+        assert (
+            inp.name == "images"
+            and inp.type == "tensor(uint8)"
+            and inp.shape[1:] == [1, 8, 8]
+            and not isinstance(inp.shape[0], int)
+        )
 
 
 def _one_line_error(capsys, argv, *fragments):
@@ -87,22 +106,50 @@ def _one_line_error(capsys, argv, *fragments):
 def test_bad_inputs_are_one_line_exit_2_and_write_nothing(tmp_path, checkpoint, capsys, monkeypatch):
     ck = ["--checkpoint", str(checkpoint)]
     _one_line_error(capsys, [*ck, "--format", "exported", "--out", str(tmp_path / "m.ts")], "must end in .pt2")
-    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(tmp_path / "no/dir/m.ts")], "does not exist; create it first")
+    _one_line_error(
+        capsys,
+        [*ck, "--format", "torchscript", "--out", str(tmp_path / "no/dir/m.ts")],
+        "does not exist; create it first",
+    )
     _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(tmp_path)], "is a directory")
     _one_line_error(capsys, [*ck, "--format", "tflite", "--out", str(tmp_path / "m")], "invalid choice: 'tflite'")
-    _one_line_error(capsys, ["--checkpoint", str(tmp_path / "none.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.ts")], "does not exist")
-    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "data.name=synthetic"], "10 classes", "--check-images 0")
-    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "--tolerance", "-1"], "--tolerance must be a positive")
+    _one_line_error(
+        capsys,
+        ["--checkpoint", str(tmp_path / "none.pt"), "--format", "torchscript", "--out", str(tmp_path / "m.ts")],
+        "does not exist",
+    )
+    _one_line_error(
+        capsys,
+        [*ck, "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "data.name=synthetic"],
+        "10 classes",
+        "--check-images 0",
+    )
+    _one_line_error(
+        capsys,
+        [*ck, "--format", "torchscript", "--out", str(tmp_path / "m.ts"), "--tolerance", "-1"],
+        "--tolerance must be a positive",
+    )
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a))
-    _one_line_error(capsys, [*ck, "--format", "onnx", "--out", str(tmp_path / "m.onnx")], "needs the packages onnxscript", "pip install 'distcls[export]'")
+    monkeypatch.setattr(
+        "importlib.util.find_spec", lambda name, *a: None if name == "onnxscript" else real_find_spec(name, *a)
+    )
+    _one_line_error(
+        capsys,
+        [*ck, "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
+        "needs the packages onnxscript",
+        "pip install 'distcls[export]'",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_check_leaves_nothing_behind(tmp_path, checkpoint, capsys, monkeypatch):
     monkeypatch.setattr(export, "ExportedClassifier", _Off)
-    _one_line_error(capsys, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "m.ts")],
-                    "differs from the eager one by up to", "nothing was written")
+    _one_line_error(
+        capsys,
+        ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "m.ts")],
+        "differs from the eager one by up to",
+        "nothing was written",
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -117,18 +164,23 @@ def test_an_out_name_too_long_for_the_filesystem_is_one_line_and_a_long_legal_on
     """--out with a 300-byte name raised OSError (File name too long) from is_dir; a legal 250-byte one
     failed in the staging folder's name (.NAME.xxxxxxxx, over 255 bytes)."""
     ck = ["--checkpoint", str(checkpoint), "--format", "torchscript", "--check-images", "0"]
-    _one_line_error(capsys, [*ck, "--out", str(tmp_path / ("a" * 300 + ".ts"))], "is 303 bytes long", "choose a shorter path")
+    _one_line_error(
+        capsys, [*ck, "--out", str(tmp_path / ("a" * 300 + ".ts"))], "is 303 bytes long", "choose a shorter path"
+    )
     assert list(tmp_path.iterdir()) == []
     out = tmp_path / ("b" * 247 + ".ts")
     assert export.main([*ck, "--out", str(out)]) == 0
-    assert list(tmp_path.iterdir()) == [out] and _load("torchscript", out)(torch.zeros(1, 1, 8, 8, dtype=torch.uint8)).shape == (1, 10)
+    assert list(tmp_path.iterdir()) == [out] and _load("torchscript", out)(
+        torch.zeros(1, 1, 8, 8, dtype=torch.uint8)
+    ).shape == (1, 10)
 
 
 # --------------------------------------------------------------------------- what --out may name
 
 
 def test_out_never_names_the_checkpoint_being_read(tmp_path, checkpoint, capsys):
-    """`--out CHECKPOINT` replaced the checkpoint with the ONNX file (exit 0): any spelling of the same file is refused."""
+    """`--out CHECKPOINT` replaced the checkpoint with the ONNX file (exit 0): any spelling of the same file is
+    refused."""
     run = tmp_path / "run" / "checkpoints"
     run.mkdir(parents=True)
     ck = run / "best.pt"
@@ -136,10 +188,18 @@ def test_out_never_names_the_checkpoint_being_read(tmp_path, checkpoint, capsys)
     before = ck.read_bytes()
     (tmp_path / "link.onnx").symlink_to(ck)
     (tmp_path / "hard.ts").hardlink_to(ck)
-    for fmt, out in [("onnx", ck), ("torchscript", run / ".." / "checkpoints" / "best.pt"), ("onnx", tmp_path / "link.onnx"),
-                     ("torchscript", tmp_path / "hard.ts")]:
-        _one_line_error(capsys, ["--checkpoint", str(ck), "--format", fmt, "--out", str(out)], "is the checkpoint being exported",
-                        "choose another name")
+    for fmt, out in [
+        ("onnx", ck),
+        ("torchscript", run / ".." / "checkpoints" / "best.pt"),
+        ("onnx", tmp_path / "link.onnx"),
+        ("torchscript", tmp_path / "hard.ts"),
+    ]:
+        _one_line_error(
+            capsys,
+            ["--checkpoint", str(ck), "--format", fmt, "--out", str(out)],
+            "is the checkpoint being exported",
+            "choose another name",
+        )
     assert ck.read_bytes() == before
     assert sorted(p.name for p in run.iterdir()) == ["best.pt"]
 
@@ -150,12 +210,19 @@ def test_out_replaces_only_an_earlier_export_of_the_same_format(tmp_path, checkp
     other_checkpoint.write_bytes(checkpoint.read_bytes())  # a checkpoint under an export's name
     notes = tmp_path / "notes.ts"
     notes.write_text("my notes\n")
-    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(other_checkpoint)], "exists and is a distcls/torch checkpoint")
-    _one_line_error(capsys, [*ck, "--format", "torchscript", "--out", str(notes)], "exists and is not a model file distcls wrote")
+    _one_line_error(
+        capsys,
+        [*ck, "--format", "torchscript", "--out", str(other_checkpoint)],
+        "exists and is a distcls/torch checkpoint",
+    )
+    _one_line_error(
+        capsys, [*ck, "--format", "torchscript", "--out", str(notes)], "exists and is not a model file distcls wrote"
+    )
     assert notes.read_text() == "my notes\n"
     ts, pt2 = tmp_path / "m.ts", tmp_path / "m.pt2"
     assert export.main([*ck, "--format", "torchscript", "--out", str(ts)]) == 0
-    assert export.main([*ck, "--format", "torchscript", "--out", str(ts)]) == 0  # again: an earlier torchscript export is replaced
+    # again: an earlier torchscript export is replaced
+    assert export.main([*ck, "--format", "torchscript", "--out", str(ts)]) == 0
     assert export.main([*ck, "--format", "exported", "--out", str(pt2)]) == 0
     capsys.readouterr()
     pt2_as_ts = tmp_path / "x.pt2"
@@ -195,20 +262,30 @@ def test_a_directory_that_refuses_new_files_is_one_line_before_the_work(tmp_path
 
 
 def test_a_full_disk_is_one_line_exit_5_and_leaves_nothing(tmp_path, checkpoint, capsys):
-    """On a 64 KiB tmpfs torchscript/exported aborted in C++ (exit 134) and onnx gave a traceback, the staging folder left behind."""
+    """On a 64 KiB tmpfs torchscript/exported aborted in C++ (exit 134) and onnx gave a traceback, the staging folder
+    left behind."""
     import os
     import subprocess
     disk = tmp_path / "disk"
     disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("needs root to mount a small tmpfs")
     try:
-        formats = ["torchscript", "exported"] + (["onnx"] if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES) else [])
+        formats = ["torchscript", "exported"] + (
+            ["onnx"] if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES) else []
+        )
         for fmt in formats:
             out = disk / f"m{SUFFIX[fmt]}"
             assert run_cli(export.main, ["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 5, fmt
             err = capsys.readouterr().err.strip().splitlines()
-            assert len(err) == 1 and err[0].startswith(f"distcls: error: could not write {out}: No space left on device"), err
+            assert len(err) == 1 and err[0].startswith(
+                f"distcls: error: could not write {out}: No space left on device"
+            ), err
             assert "nothing was written" in err[0]
             assert list(disk.iterdir()) == [], fmt
     finally:
@@ -221,13 +298,20 @@ def test_a_model_the_format_cannot_capture_is_one_line(tmp_path, capsys):
     ck = ["--checkpoint", str(out_dir / "checkpoints/last.pt"), "model.name=branching_model:build"]
     formats = ["exported"] + (["onnx"] if all(importlib.util.find_spec(n) for n in export.ONNX_PACKAGES) else [])
     for fmt in formats:
-        _one_line_error(capsys, [*ck, "--format", fmt, "--out", str(tmp_path / f"m{SUFFIX[fmt]}")],
-                        f"--format {fmt} cannot capture model branching_model:build", "try --format torchscript", "nothing was written")
+        _one_line_error(
+            capsys,
+            [*ck, "--format", fmt, "--out", str(tmp_path / f"m{SUFFIX[fmt]}")],
+            f"--format {fmt} cannot capture model branching_model:build",
+            "try --format torchscript",
+            "nothing was written",
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 @pytest.mark.parametrize("when", ["restore", "written"])
-def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_go(tmp_path, checkpoint, capsys, monkeypatch, when):
+def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_go(
+    tmp_path, checkpoint, capsys, monkeypatch, when
+):
     """SIGTERM during the export left `.NAME.<random>/` (45.7 MB for ResNet-18) that nothing removed; one
     while the checkpoint loaded was reported as a corrupt checkpoint (torch's `except Exception` caught it)."""
     import os
@@ -245,19 +329,28 @@ def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_g
     (foreign / "notes.txt").write_text("mine")
     if when == "restore":  # the signal comes while the checkpoint is read (inside torch.load's own try/except)
         real_load = torch.load
-        monkeypatch.setattr(torch, "load", lambda *a, **k: (os.kill(os.getpid(), signal_mod.SIGTERM), real_load(*a, **k))[1])
+        monkeypatch.setattr(
+            torch, "load", lambda *a, **k: (os.kill(os.getpid(), signal_mod.SIGTERM), real_load(*a, **k))[1]
+        )
     else:  # the staged file is complete, the check not yet done
         real_write = export.EXPORTERS["torchscript"][0]
 
         def write_then_terminated(module, example, path, meta):
             real_write(module, example, path, meta)
             os.kill(os.getpid(), signal_mod.SIGTERM)
-        monkeypatch.setitem(export.EXPORTERS, "torchscript", (write_then_terminated, export.EXPORTERS["torchscript"][1]))
-    before = {sig: signal_mod.getsignal(sig) for sig in (signal_mod.SIGTERM, signal_mod.SIGINT, signal_mod.SIGHUP, signal_mod.SIGUSR1)}
+
+        monkeypatch.setitem(
+            export.EXPORTERS, "torchscript", (write_then_terminated, export.EXPORTERS["torchscript"][1])
+        )
+    before = {
+        sig: signal_mod.getsignal(sig)
+        for sig in (signal_mod.SIGTERM, signal_mod.SIGINT, signal_mod.SIGHUP, signal_mod.SIGUSR1)
+    }
     code = run_cli(export.main, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(out)])
     assert code == 128 + signal_mod.SIGTERM
     assert capsys.readouterr().err.strip() == "distcls: stopped: export interrupted by SIGTERM; nothing was written"
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, foreign.name])  # only the stale one removed
+    # only the stale one removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, other.name, foreign.name])
     assert {sig: signal_mod.getsignal(sig) for sig in before} == before  # the handlers given back
     assert restore_mod is not None
 
@@ -265,8 +358,19 @@ def test_an_export_stopped_by_a_signal_leaves_no_staging_folder_and_stale_ones_g
 def test_signal_handlers_are_given_back_after_an_early_error(tmp_path, checkpoint, capsys):
     import signal as signal_mod
     before = signal_mod.getsignal(signal_mod.SIGTERM)
-    _one_line_error(capsys, ["--checkpoint", str(checkpoint), "--format", "torchscript", "--out", str(tmp_path / "m.ts"),
-                             "data.name=synthetic"], "10 classes")
+    _one_line_error(
+        capsys,
+        [
+            "--checkpoint",
+            str(checkpoint),
+            "--format",
+            "torchscript",
+            "--out",
+            str(tmp_path / "m.ts"),
+            "data.name=synthetic",
+        ],
+        "10 classes",
+    )
     assert signal_mod.getsignal(signal_mod.SIGTERM) is before
 
 
@@ -283,14 +387,20 @@ def test_an_export_describes_itself_and_predict_runs_it_as_the_checkpoint(tmp_pa
         for name in export.ONNX_PACKAGES:
             pytest.importorskip(name)
     out = tmp_path / f"model{SUFFIX[fmt]}"
-    assert export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), "--check-images", "0"]) == 0
+    assert (
+        export.main(["--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out), "--check-images", "0"]) == 0
+    )
     if fmt == "onnx":
         import onnx
         props = {p.key: json.loads(p.value) for p in onnx.load(str(out)).metadata_props}
         meta = {k.removeprefix("distcls."): v for k, v in props.items()}
     else:
         meta = export.read_metadata(out)
-    assert meta["class_names"] == [str(i) for i in range(10)] and (meta["channels"], meta["image_size"], meta["resize"]) == (1, 8, 8)
+    assert meta["class_names"] == [str(i) for i in range(10)] and (
+        meta["channels"],
+        meta["image_size"],
+        meta["resize"],
+    ) == (1, 8, 8)
     assert meta["interpolation"] == "bilinear" and "uint8 [N, 1, 8, 8]" in meta["input"] and len(meta["mean"]) == 1
     images = tmp_path / "images"
     images.mkdir()
@@ -306,5 +416,11 @@ def test_an_export_describes_itself_and_predict_runs_it_as_the_checkpoint(tmp_pa
         assert all(abs(g["prob"] - h["prob"]) <= 1e-4 for g, h in zip(a["top_k"], b["top_k"]))
     if fmt == "torchscript":
         from conftest import assert_user_error
-        assert_user_error(cli_in_process(capsys, "predict", ["--model", checkpoint, images]), "is not a file distcls.export writes")
-        assert_user_error(cli_in_process(capsys, "predict", ["--model", out, "--ema", images]), "--ema and --override apply to --checkpoint")
+
+        assert_user_error(
+            cli_in_process(capsys, "predict", ["--model", checkpoint, images]), "is not a file distcls.export writes"
+        )
+        assert_user_error(
+            cli_in_process(capsys, "predict", ["--model", out, "--ema", images]),
+            "--ema and --override apply to --checkpoint",
+        )

@@ -44,15 +44,29 @@ def _imagefolder(tmp_path, n=6):
     for c in ("a", "b"):
         (tmp_path / "imgs" / c).mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(_smooth(60, 80, seed=i + 10 * len(c)).permute(1, 2, 0).numpy()).save(tmp_path / "imgs" / c / f"{i}.png")
+            Image.fromarray(_smooth(60, 80, seed=i + 10 * len(c)).permute(1, 2, 0).numpy()).save(
+                tmp_path / "imgs" / c / f"{i}.png"
+            )
     return tmp_path / "imgs"
 
 
 def test_train_and_eval_sizes_differ_on_image_folders(tmp_path):
     root = _imagefolder(tmp_path)
-    cfg = config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.train_crop_size=24", "data.eval_crop_size=32",
-                             "data.eval_resize=40", "data.augment.random_resized_crop=true", "data.batch_size=4",
-                             "data.augment.policy=trivialaugment", "data.mix.cutmix_alpha=1.0", "data.split=[0.5,0.25,0.25]"])
+    cfg = config.load(
+        None,
+        [
+            f"data.root={root}",
+            "data.name=imagefolder",
+            "data.train_crop_size=24",
+            "data.eval_crop_size=32",
+            "data.eval_resize=40",
+            "data.augment.random_resized_crop=true",
+            "data.batch_size=4",
+            "data.augment.policy=trivialaugment",
+            "data.mix.cutmix_alpha=1.0",
+            "data.split=[0.5,0.25,0.25]",
+        ],
+    )
     data = build_data(cfg)
     assert data.spec.image_size == 32  # the model's (evaluation) input size
     cpu = torch.device("cpu")
@@ -120,8 +134,17 @@ def test_evaluate_and_predict_of_a_checkpoint_from_torchvision_weights_resize_as
     from distcls.checkpoint.restore import restore
     from distcls.data.file_source import evaluation_resize as eval_resize
     root = _imagefolder(tmp_path, n=2)
-    train_in_process(tmp_path / "run", "data.name=imagefolder", f"data.root={root}", "data.image_size=16", "data.batch_size=2",
-                     "data.split=[0.5,0,0.5]", "model.name=resnet18", "train.epochs=1", "train.max_steps_per_epoch=1")
+    train_in_process(
+        tmp_path / "run",
+        "data.name=imagefolder",
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.batch_size=2",
+        "data.split=[0.5,0,0.5]",
+        "model.name=resnet18",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=1",
+    )
     # as if trained from the weights at their 224 (the weights file itself is not needed any more)
     path = tmp_path / "run/checkpoints/last.pt"
     ckpt = torch.load(path, weights_only=True)
@@ -140,9 +163,21 @@ def test_predict_ignores_eval_resize_for_in_memory_data_as_evaluation_does():
     """In-memory data evaluates each whole image resized to the input size; predict resized a file's
     shorter side to data.eval_resize (set by the user, or by torchvision weights' 232) and cropped."""
     from distcls.data.file_source import evaluation_resize as eval_resize
-    assert eval_resize(config.load(None, ["data.name=synthetic", "data.image_size=32", "data.eval_resize=40"]).data, 32) == 32
-    assert eval_resize(config.load(None, ["data.name=cifar10", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 224
-    assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224", "data.eval_resize=232"]).data, 224) == 232
+
+    assert (
+        eval_resize(config.load(None, ["data.name=synthetic", "data.image_size=32", "data.eval_resize=40"]).data, 32)
+        == 32
+    )
+    assert (
+        eval_resize(config.load(None, ["data.name=cifar10", "data.image_size=224", "data.eval_resize=232"]).data, 224)
+        == 224
+    )
+    assert (
+        eval_resize(
+            config.load(None, ["data.name=imagefolder", "data.image_size=224", "data.eval_resize=232"]).data, 224
+        )
+        == 232
+    )
     assert eval_resize(config.load(None, ["data.name=imagefolder", "data.image_size=224"]).data, 224) == 256
 
 
@@ -150,10 +185,23 @@ def test_a_fixed_size_network_with_a_smaller_training_size_is_one_error_line(tmp
     """lenet (a Linear on the flattened features) at train 16 / eval 24: a RuntimeError traceback at the first step."""
     from conftest import train_in_process
     from distcls.errors import UserError
-    with pytest.raises(UserError, match=r"model.name=lenet takes 24x24 evaluation inputs but not the 16x16 training images .*global pooling"):
-        train_in_process(tmp_path / "run", "data.name=synthetic", "data.synthetic.size=24", "data.synthetic.train_samples=16",
-                         "data.synthetic.test_samples=8", "data.batch_size=8", "train.epochs=1", "model.name=lenet",
-                         "data.train_crop_size=16", "data.eval_crop_size=24")
+
+    with pytest.raises(
+        UserError,
+        match=r"model.name=lenet takes 24x24 evaluation inputs but not the 16x16 training images .*global pooling",
+    ):
+        train_in_process(
+            tmp_path / "run",
+            "data.name=synthetic",
+            "data.synthetic.size=24",
+            "data.synthetic.train_samples=16",
+            "data.synthetic.test_samples=8",
+            "data.batch_size=8",
+            "train.epochs=1",
+            "model.name=lenet",
+            "data.train_crop_size=16",
+            "data.eval_crop_size=24",
+        )
 
 
 def test_eval_resize_smaller_than_the_default_eval_crop_of_image_folders_is_an_error(tmp_path):
@@ -162,4 +210,9 @@ def test_eval_resize_smaller_than_the_default_eval_crop_of_image_folders_is_an_e
     root = _imagefolder(tmp_path, n=4)
     with pytest.raises(ConfigError, match="data.eval_resize=200 is smaller than the evaluation crop 224"):
         build_data(config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=200"]))
-    assert build_data(config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=224"])).spec.image_size == 224
+    assert (
+        build_data(
+            config.load(None, [f"data.root={root}", "data.name=imagefolder", "data.eval_resize=224"])
+        ).spec.image_size
+        == 224
+    )

@@ -15,7 +15,14 @@ from conftest import ROOT, assert_ok, assert_user_error, child_env, cli_in_proce
 from distcls.data import folder_index
 from distcls.data.sample_table import SampleTable
 
-RUN = ["data.name=imagefolder", "data.image_size=16", "model.name=cnn3", "data.batch_size=6", "log.plots=false", "log.every_steps=0"]
+RUN = [
+    "data.name=imagefolder",
+    "data.image_size=16",
+    "model.name=cnn3",
+    "data.batch_size=6",
+    "log.plots=false",
+    "log.every_steps=0",
+]
 
 
 @pytest.fixture
@@ -52,16 +59,26 @@ def test_a_restart_stats_folders_only(tree, tmp_path, monkeypatch):
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: (calls.append(str(p)), real_stat(p, *a, **k))[1])
     again = folder_index.load_or_build(tree, tmp_path / "i.npz", save_to=tmp_path / "i.npz")
     in_tree = sorted(c for c in calls if c.startswith(str(tree)))
-    folders = sorted(str(tree / f) for f in ["train", "val", *(f"{s}/{c}" for s in ("train", "val") for c in ("daisy", "roses", "tulips"))])
-    assert again.read_from == tmp_path / "i.npz" and in_tree == folders  # each folder once (the root by its listing), no file
+    folders = sorted(
+        str(tree / f)
+        for f in ["train", "val", *(f"{s}/{c}" for s in ("train", "val") for c in ("daisy", "roses", "tulips"))]
+    )
+    # each folder once (the root by its listing), no file
+    assert again.read_from == tmp_path / "i.npz" and in_tree == folders
     assert [list(t) for t in again.tables.values()] == [list(t) for t in index.tables.values()]
 
 
-@pytest.mark.parametrize("change, said", [
-    (lambda root: next((root / "train/daisy").iterdir()).rename(root / "train/daisy/renamed.png"), "train/daisy/ modified"),
-    (lambda root: (root / "val/roses/extra").mkdir(), "val/roses/ modified"),
-    (lambda root: (root / "test/daisy").mkdir(parents=True), "test/ added"),
-])
+@pytest.mark.parametrize(
+    "change, said",
+    [
+        (
+            lambda root: next((root / "train/daisy").iterdir()).rename(root / "train/daisy/renamed.png"),
+            "train/daisy/ modified",
+        ),
+        (lambda root: (root / "val/roses/extra").mkdir(), "val/roses/ modified"),
+        (lambda root: (root / "test/daisy").mkdir(parents=True), "test/ added"),
+    ],
+)
 def test_a_changed_folder_is_indexed_again_and_named(tree, tmp_path, capsys, change, said):
     from distcls.data import index as index_cli
     assert index_cli.main([str(tree)]) == 0
@@ -70,7 +87,10 @@ def test_a_changed_folder_is_indexed_again_and_named(tree, tmp_path, capsys, cha
     change(tree)
     assert index_cli.main([str(tree)]) == 0
     out = capsys.readouterr().out
-    assert f"the image folder changed since {tree / '.distcls_index.npz'} was built ({said})" in out and "indexed 27 files" in out
+    assert (
+        f"the image folder changed since {tree / '.distcls_index.npz'} was built ({said})" in out
+        and "indexed 27 files" in out
+    )
     assert index_cli.main([str(tree), "--rebuild"]) == 0 and "indexed 27 files" in capsys.readouterr().out
 
 
@@ -90,7 +110,9 @@ def test_a_run_uses_the_shared_index_and_a_damaged_index_is_rebuilt(tree, tmp_pa
 def test_bad_files_come_from_the_index_and_name_the_file(tree, tmp_path, capsys):
     bad = tree / "train/roses/img_001.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # a PNG header, no IEND
-    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'r'}", f"data.root={tree}", *RUN, "train.epochs=1"])
+    proc = cli_in_process(
+        capsys, "train", [f"run.out_dir={tmp_path / 'r'}", f"data.root={tree}", *RUN, "train.epochs=1"]
+    )
     assert_user_error(proc, f"image file {bad}: truncated PNG", "data.skip_bad_images=true")
     summary = train_in_process(tmp_path / "s", f"data.root={tree}", *RUN, "train.epochs=1", "data.skip_bad_images=true")
     assert summary["skipped_bad_images"] == 1
@@ -113,13 +135,32 @@ def test_the_sample_list_is_a_few_arrays_whatever_its_length():
 
 @pytest.mark.slow
 def test_two_ranks_check_disjoint_halves_and_train_as_one(tree, tmp_path):
-    """Under torchrun each rank checks its share (every file once in all), and the run reads the files as one process does."""
+    """Under torchrun each rank checks its share (every file once in all), and the run reads the files as one process
+    does."""
     log = tmp_path / "checked"
     env = child_env({"DISTCLS_TEST_CHECK_LOG": str(log),
                      "PYTHONPATH": f"{ROOT / 'tests/pause_hook'}{os.pathsep}{ROOT}"})
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distcls.train",
-                           f"run.out_dir={tmp_path / 'w2'}", f"data.root={tree}", *RUN, "train.epochs=1", "dist.device=cpu"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "distcls.train",
+            f"run.out_dir={tmp_path / 'w2'}",
+            f"data.root={tree}",
+            *RUN,
+            "train.epochs=1",
+            "dist.device=cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert_ok(proc)
     per_rank = [sorted((log.parent / f"{log.name}.{r}").read_text().split()) for r in (0, 1)]
     assert set(per_rank[0]).isdisjoint(per_rank[1]) and sorted(per_rank[0] + per_rank[1]) == _all_files(tree)
@@ -138,12 +179,31 @@ def test_a_checkpoint_from_before_carve_val_keeps_its_meaning(tree, tmp_path, ca
     old = tmp_path / "old.pt"
     torch.save(ck, old)
     capsys.readouterr()
-    summary = train_in_process(tmp_path / "resumed", f"data.root={tree}", *RUN, "train.epochs=2", "data.val_fraction=0.2", resume=str(old))
+    summary = train_in_process(
+        tmp_path / "resumed", f"data.root={tree}", *RUN, "train.epochs=2", "data.val_fraction=0.2", resume=str(old)
+    )
     said = "".join(capsys.readouterr())
-    assert "predates data.carve_val: it keeps its meaning" in said and "val/ is the test split (data.carve_val=true)" in said
-    assert summary["test_count"] == 9 and json.loads((tmp_path / "resumed/summary.json").read_text())["global_step"] == 4
-    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'refused'}", f"data.root={tree}", *RUN, "train.epochs=2",
-                                            "data.val_fraction=0.2", "data.carve_val=false", "--resume", old])
+    assert (
+        "predates data.carve_val: it keeps its meaning" in said
+        and "val/ is the test split (data.carve_val=true)" in said
+    )
+    assert (
+        summary["test_count"] == 9 and json.loads((tmp_path / "resumed/summary.json").read_text())["global_step"] == 4
+    )
+    proc = cli_in_process(
+        capsys,
+        "train",
+        [
+            f"run.out_dir={tmp_path / 'refused'}",
+            f"data.root={tree}",
+            *RUN,
+            "train.epochs=2",
+            "data.val_fraction=0.2",
+            "data.carve_val=false",
+            "--resume",
+            old,
+        ],
+    )
     assert_user_error(proc, "was saved with data.carve_val=true, but this run says data.carve_val=false")
 
 
@@ -171,7 +231,9 @@ def test_a_bad_file_replaced_in_place_is_read_again(tree, tmp_path, capsys):
     bad = next((tree / "train/roses").iterdir())
     good = bad.read_bytes()
     bad.write_bytes(b"not an image at all")
-    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'r'}", f"data.root={tree}", *RUN, "train.epochs=1"])
+    proc = cli_in_process(
+        capsys, "train", [f"run.out_dir={tmp_path / 'r'}", f"data.root={tree}", *RUN, "train.epochs=1"]
+    )
     assert_user_error(proc, f"image file {bad}: not an image")
     with open(bad, "r+b") as f:  # repaired in place: same name, same folder time
         f.write(good)
@@ -182,7 +244,10 @@ def test_a_bad_file_replaced_in_place_is_read_again(tree, tmp_path, capsys):
     assert folder_index.load(tmp_path / "r/data_index.npz", tree).bad["train"] == {}
 
 
-@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b[:100], lambda b: b[:200] + bytes(x ^ 0xFF for x in b[200:260]) + b[260:]])
+@pytest.mark.parametrize(
+    "damage",
+    [lambda b: b[: len(b) // 2], lambda b: b[:100], lambda b: b[:200] + bytes(x ^ 0xFF for x in b[200:260]) + b[260:]],
+)
 def test_a_damaged_index_file_is_built_again_never_a_traceback(tree, tmp_path, damage, capsys):
     index_file = tmp_path / "i.npz"
     folder_index.load_or_build(tree, index_file, save_to=index_file)
@@ -197,7 +262,8 @@ def test_evaluate_writes_no_index_into_the_dataset(tree, tmp_path, capsys):
     out = tmp_path / "run"
     train_in_process(out, f"data.root={tree}", *RUN, "train.epochs=1")
     assert index_cli.main([str(tree)]) == 0
-    (tree / "val/daisy/extra.png").write_bytes(next((tree / "val/daisy").iterdir()).read_bytes())  # the shared index is now stale
+    # the shared index is now stale
+    (tree / "val/daisy/extra.png").write_bytes(next((tree / "val/daisy").iterdir()).read_bytes())
     before = (tree / ".distcls_index.npz").read_bytes()
     proc = cli_in_process(capsys, "evaluate", ["--checkpoint", out / "checkpoints/last.pt", "--no-speed"])
     assert proc.returncode == 0, proc.stderr

@@ -36,10 +36,19 @@ from distcls.engine import Precision, Progress, Trainer, backends, build_optimiz
 # one (backends.configure sets it for a run's own process, which here is this one, started earlier)
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 CUDA = torch.cuda.is_available()
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (torch.cuda.is_available() is False): "
-                                                              "run `python -m pytest -m gpu tests` on a GPU machine, see docs/gpu-check.md")]
+GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not CUDA,
+        reason="needs a CUDA GPU (torch.cuda.is_available() is False): "
+        "run `python -m pytest -m gpu tests` on a GPU machine, see docs/gpu-check.md",
+    ),
+]
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)]
-DEVICES_SLOW_ON_CPU = [pytest.param("cpu", id="cpu", marks=pytest.mark.slow), pytest.param("cuda", id="cuda", marks=GPU)]
+DEVICES_SLOW_ON_CPU = [
+    pytest.param("cpu", id="cpu", marks=pytest.mark.slow),
+    pytest.param("cuda", id="cuda", marks=GPU),
+]
 
 AMP_TOLERANCE = {"bf16": 0.05, "fp16": 0.02}  # measured on the CPU: 0.018, 0.005
 DECODE_MEAN_TOLERANCE, DECODE_P99_TOLERANCE = 2.0, 12
@@ -48,7 +57,10 @@ DECODE_MEAN_TOLERANCE, DECODE_P99_TOLERANCE = 2.0, 12
 @pytest.fixture(autouse=True)
 def _restore_torch_switches():
     """Runs and `backends.configure` set process-wide switches: give the next test torch's own."""
-    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    deterministic, warn_only = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     benchmark = torch.backends.cudnn.benchmark
     conv = getattr(torch.backends.cudnn, "conv", None)
     new_api = hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(conv, "fp32_precision")
@@ -97,7 +109,9 @@ class NaNOnCalls(nn.Module):
         return out
 
 
-def _trainer(device: str, model: nn.Module, overrides=(), steps: int = 4, batch: int = 32, size: int = 16, flag_lag=None):
+def _trainer(
+    device: str, model: nn.Module, overrides=(), steps: int = 4, batch: int = 32, size: int = 16, flag_lag=None
+):
     """Trainer + loader on `device` over random uint8 images (crop + flip augmentation on the device)."""
     device = torch.device(device)
     cfg = config.load(None, ["optim.lr=0.1", *overrides])
@@ -108,10 +122,15 @@ def _trainer(device: str, model: nn.Module, overrides=(), steps: int = 4, batch:
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps, 1)
     n = batch * steps
     g = torch.Generator().manual_seed(1)
-    source = TensorSource(torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(0, 10, (n,), generator=g))
+    source = TensorSource(
+        torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+    )
     loader = train_loader(SplitView(source, torch.arange(n)), batch, 1, 0, 0, device)
     preprocess = Preprocess(3, size, (0.5,) * 3, (0.25,) * 3, AugmentConfig(crop_padding=2, hflip=True), 0, num_keys=n)
-    trainer = Trainer(model, model, optimizer, scheduler, Precision(cfg.train.amp, device), cfg.train, preprocess, device, flag_lag)
+    trainer = Trainer(
+        model, model, optimizer, scheduler, Precision(cfg.train.amp, device), cfg.train, preprocess, device, flag_lag
+    )
     return trainer, loader
 
 
@@ -156,7 +175,9 @@ def test_mixed_precision_steps_match_float32_within_the_stated_tolerance(device,
     assert all(torch.equal(a, b) for a, b in zip(start, start_amp))
     error = _relative_change_error(start, got, ref)
     scale = trainer.precision.scaler.get_scale() if trainer.precision.scaler else None
-    assert error <= AMP_TOLERANCE[amp], f"{amp} update differs from float32's by {error:.4f} (relative); fp16 loss scale {scale}"
+    assert error <= AMP_TOLERANCE[amp], (
+        f"{amp} update differs from float32's by {error:.4f} (relative); fp16 loss scale {scale}"
+    )
     if amp == "fp16":
         assert scale == 2.0 ** 16  # no overflow: every one of the 3 steps was applied, none dropped by the scaler
         _, unclipped, _ = _train_epoch(device)  # the clipping mattered: without it the update is far off
@@ -171,7 +192,9 @@ def test_a_skipped_step_on_the_device_leaves_weights_and_optimizer_state_unchang
     """train.nonfinite=skip: the NaN step's update is dropped inside the fused optimizer kernel
     (found_inf) with no host read; the steps around it train."""
     model = NaNOnCalls(_net(batch_norm=False), nan_calls={3})
-    trainer, loader = _trainer(device, model, [f"optim.name={optim}", f"train.amp={amp}", "train.nonfinite=skip"], steps=5)
+    trainer, loader = _trainer(
+        device, model, [f"optim.name={optim}", f"train.amp={amp}", "train.nonfinite=skip"], steps=5
+    )
     from distcls.engine.precision import supports_device_skip
 
     assert supports_device_skip(trainer.optimizer)  # the fused kernel: no host read per step
@@ -317,7 +340,10 @@ SYN = ["data.name=synthetic", "data.synthetic.size=16", "data.synthetic.channels
 GROUP_RUN = [*SYN[:-1], "train.epochs=2", "train.max_steps_per_epoch=3", "checkpoint.every_steps=2"]
 
 
-@pytest.mark.parametrize("device,backend", [pytest.param("cpu", "gloo", id="cpu-gloo"), pytest.param("cuda", "nccl", id="cuda-nccl", marks=GPU)])
+@pytest.mark.parametrize(
+    "device,backend",
+    [pytest.param("cpu", "gloo", id="cpu-gloo"), pytest.param("cuda", "nccl", id="cuda-nccl", marks=GPU)],
+)
 def test_a_one_rank_process_group_trains_and_checkpoints_through_ddp(tmp_path, monkeypatch, device, backend):
     """distcls forms no process group at world size 1 (`torchrun --nproc_per_node=1` is one plain
     process: the test below), so this test forms a real 1-rank group itself and has the run treat
@@ -365,10 +391,16 @@ def test_torchrun_with_one_process_trains_checkpoints_and_resumes_on_the_device(
     out = tmp_path / "run"
     visible = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES") or "0"} if device == "cuda" else None
     common = [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=4", f"dist.device={device}", "log.console=plain"]
-    proc = run_distcls("train", [*common, "train.epochs=2", "checkpoint.every_steps=3"], torchrun_args=["--max-restarts=0"],
-                       env=visible, timeout=240)
+    proc = run_distcls(
+        "train",
+        [*common, "train.epochs=2", "checkpoint.every_steps=3"],
+        torchrun_args=["--max-restarts=0"],
+        env=visible,
+        timeout=240,
+    )
     assert_ok(proc)
-    assert f"(torchrun, {device}, no process group)" in proc.stdout, proc.stdout[-2000:]  # world size 1: one plain process
+    # world size 1: one plain process
+    assert f"(torchrun, {device}, no process group)" in proc.stdout, proc.stdout[-2000:]
     ck = load_ckpt(out / "checkpoints/last.pt")
     assert (ck["epoch"], ck["step"], ck["world_size"]) == (2, 8, 1)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
@@ -402,8 +434,15 @@ def stopping_net(spec, cfg, stop_at: int = 0):
     return StoppingNet(spec, stop_at)
 
 
-@pytest.mark.parametrize("device,amp", [pytest.param("cpu", "none", id="cpu-none"), pytest.param("cpu", "bf16", id="cpu-bf16", marks=pytest.mark.slow),
-                                        pytest.param("cuda", "none", id="cuda-none", marks=GPU), pytest.param("cuda", "bf16", id="cuda-bf16", marks=GPU)])
+@pytest.mark.parametrize(
+    "device,amp",
+    [
+        pytest.param("cpu", "none", id="cpu-none"),
+        pytest.param("cpu", "bf16", id="cpu-bf16", marks=pytest.mark.slow),
+        pytest.param("cuda", "none", id="cuda-none", marks=GPU),
+        pytest.param("cuda", "bf16", id="cuda-bf16", marks=GPU),
+    ],
+)
 def test_deterministic_mid_epoch_resume_is_bitwise(tmp_path, device, amp):
     """run.deterministic=true: stopped mid-epoch by SIGTERM and resumed equals never stopped, in
     every tensor (world size 1). A second uninterrupted run is the control: if it differs too, the
@@ -415,26 +454,41 @@ def test_deterministic_mid_epoch_resume_is_bitwise(tmp_path, device, amp):
             "data.max_eval_samples=32"]
     train_in_process(tmp_path / "ref", *args)
     stopped = run_in_process(tmp_path / "run", *args, "model.args.stop_at=4")
-    assert isinstance(stopped, Stopped) and load_ckpt(tmp_path / "run/checkpoints/last.pt")["epoch_step"] == (4 if device == "cpu" else 5)
+    assert isinstance(stopped, Stopped) and load_ckpt(tmp_path / "run/checkpoints/last.pt")["epoch_step"] == (
+        4 if device == "cpu" else 5
+    )
     train_in_process(tmp_path / "run", *args, resume="auto")
     ref, got = load_ckpt(tmp_path / "ref/checkpoints/last.pt"), load_ckpt(tmp_path / "run/checkpoints/last.pt")
-    equal = ref["model"].keys() == got["model"].keys() and all(torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"])
+    equal = ref["model"].keys() == got["model"].keys() and all(
+        torch.equal(ref["model"][k], got["model"][k]) for k in ref["model"]
+    )
     if not equal:
         train_in_process(tmp_path / "control", *args)
         control = load_ckpt(tmp_path / "control/checkpoints/last.pt")["model"]
         same_twice = all(torch.equal(ref["model"][k], control[k]) for k in control)
-        pytest.fail(f"resumed weights differ from the uninterrupted run's by {max_weight_diff(ref['model'], got['model']):.3e}; "
-                    + ("two uninterrupted runs are bitwise equal, so the resume loses state" if same_twice else
-                       f"two uninterrupted runs differ too ({max_weight_diff(ref['model'], control):.3e}): kernels not deterministic"))
+        pytest.fail(
+            "resumed weights differ from the uninterrupted run's by "
+            f"{max_weight_diff(ref['model'], got['model']):.3e}; "
+            + (
+                "two uninterrupted runs are bitwise equal, so the resume loses state"
+                if same_twice
+                else f"two uninterrupted runs differ too ({max_weight_diff(ref['model'], control):.3e}): kernels not "
+                     "deterministic"
+            )
+        )
     for index, state in ref["optimizer"]["state"].items():
-        assert all(torch.equal(v, got["optimizer"]["state"][index][k]) for k, v in state.items() if torch.is_tensor(v)), index
+        assert all(
+            torch.equal(v, got["optimizer"]["state"][index][k]) for k, v in state.items() if torch.is_tensor(v)
+        ), index
 
 
-# ----------------------------------------------------------------------------- 7. channels_last and compile (last: compiling is the slowest)
+# ----------------------------------------------------------------------------- 7. channels_last and compile (last:
+# compiling is the slowest)
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=GPU)])
 @pytest.mark.parametrize("channels_last,compile", [
-    (True, False), pytest.param(True, True, marks=pytest.mark.slow)])  # one compile: each costs ~20-40 s on the GPU machine
+    # one compile: each costs ~20-40 s on the GPU machine
+    (True, False), pytest.param(True, True, marks=pytest.mark.slow)])
 def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channels_last, compile):
     """A run with train.channels_last / train.compile trains, saves plain weights (channels_last
     strides kept, no _orig_mod. prefix) and reaches eager contiguous float32's weights to 1e-3
@@ -444,7 +498,10 @@ def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channe
     summary = train_in_process(tmp_path / "run", *args, f"train.channels_last={str(channels_last).lower()}",
                                f"train.compile={str(compile).lower()}")
     assert summary["epochs_completed"] == 1 and summary["global_step"] == 3
-    ref, got = load_ckpt(tmp_path / "ref/checkpoints/last.pt")["model"], load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"]
+    ref, got = (
+        load_ckpt(tmp_path / "ref/checkpoints/last.pt")["model"],
+        load_ckpt(tmp_path / "run/checkpoints/last.pt")["model"],
+    )
     assert ref.keys() == got.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in got)
     convs = [k for k, v in got.items() if v.dim() == 4]
     assert convs and all(got[k].is_contiguous(memory_format=torch.channels_last) == channels_last for k in convs)
@@ -456,5 +513,7 @@ def test_channels_last_and_compile_train_the_same_steps(tmp_path, device, channe
     seed_everything(cfg.run.seed)  # as the run: seed, data, then the model
     init = build_model(cfg.model, build_data(cfg).spec).state_dict()
     weights = [k for k in got if got[k].is_floating_point() and "running" not in k]
-    error = _relative_change_error([init[k].double() for k in weights], [got[k].double() for k in weights], [ref[k].double() for k in weights])
+    error = _relative_change_error(
+        [init[k].double() for k in weights], [got[k].double() for k in weights], [ref[k].double() for k in weights]
+    )
     assert error <= 1e-3, f"the update differs from eager contiguous float32's by {error:.2e} (relative)"

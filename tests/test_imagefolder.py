@@ -9,8 +9,17 @@ import torch
 from PIL import Image
 
 import fakedata
-from conftest import (FAST, assert_ok, assert_user_error, child_env, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
-                      train_in_process)
+from conftest import (
+    FAST,
+    assert_ok,
+    assert_user_error,
+    child_env,
+    load_ckpt,
+    max_weight_diff,
+    run_distcls,
+    train_at_world_sizes,
+    train_in_process,
+)
 from distcls import config
 from distcls.data import build_data, train_loader
 from distcls.data.file_source import default_eval_resize, load_eval_image
@@ -20,8 +29,14 @@ from distcls.data.sampler import GlobalBatchSampler
 from distcls.data.sources import SplitView
 from distcls.errors import ConfigError, UserError
 
-RRC = ["data.name=imagefolder", "data.image_size=16", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
-       "data.split=[0.8, 0.1, 0.1]", "model.name=lenet"]
+RRC = [
+    "data.name=imagefolder",
+    "data.image_size=16",
+    "data.augment.random_resized_crop=true",
+    "data.augment.hflip=true",
+    "data.split=[0.8, 0.1, 0.1]",
+    "model.name=lenet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +59,9 @@ def test_random_resized_crop_boxes_follow_torchvision_ranges_and_the_key():
     assert len(set(boxes)) > 290
     # a pure function of (seed, epoch, key): same inputs same box; another epoch another box
     assert boxes[7] == random_resized_crop_box(300, 400, scale, ratio, seed=5, epoch=2, key=7)
-    assert sum(boxes[k] != random_resized_crop_box(300, 400, scale, ratio, seed=5, epoch=3, key=k) for k in range(50)) > 45
+    assert (
+        sum(boxes[k] != random_resized_crop_box(300, 400, scale, ratio, seed=5, epoch=3, key=k) for k in range(50)) > 45
+    )
 
 
 def test_a_sample_is_cropped_the_same_whichever_rank_or_worker_loads_it(folder):
@@ -135,8 +152,9 @@ def test_skip_bad_images_leaves_them_out_and_counts_them(tmp_path):
     assert len(data.skipped_files) == 3 and any("truncated JPEG" in s for s in data.skipped_files)
     n = len(data.splits.train) + len(data.splits.val) + len(data.splits.test)
     assert n == 36  # the 36 good images, split identically on every rank
-    summary = train_in_process(tmp_path / "run", f"data.root={root}", *RRC, "data.skip_bad_images=true", "train.epochs=1",
-                               "data.batch_size=8")
+    summary = train_in_process(
+        tmp_path / "run", f"data.root={root}", *RRC, "data.skip_bad_images=true", "train.epochs=1", "data.batch_size=8"
+    )
     assert summary["skipped_bad_images"] == 3 and summary["dropped_bad_image_reads"] == 0
 
 
@@ -149,7 +167,9 @@ def test_a_file_that_fails_to_decode_mid_epoch_is_named_or_dropped(tmp_path):
     for skip in (False, True):
         data = _data(root, f"data.skip_bad_images={str(skip).lower()}", "data.split=[0.9, 0, 0.1]")
         view = data.splits.train
-        loader = BatchLoader(view, GlobalBatchSampler(len(view), len(view), 1, 0, seed=0), torch.device("cpu"), train=True)
+        loader = BatchLoader(
+            view, GlobalBatchSampler(len(view), len(view), 1, 0, seed=0), torch.device("cpu"), train=True
+        )
         if not skip:
             with pytest.raises(UserError, match="img_000.jpg cannot be decoded.*skip_bad_images=true"):
                 list(loader)
@@ -163,8 +183,13 @@ def test_a_damaged_png_is_a_named_bad_file_not_a_crash(tmp_path):
     worker, died and the file was never named."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
     bad = fakedata.write_damaged_png(root / "daisy" / "zz_damaged.png")
-    probe = subprocess.run([sys.executable, "-c", f"from distcls.data.transforms.images import read_image; read_image({str(bad)!r})"],
-                           env=child_env(), capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", f"from distcls.data.transforms.images import read_image; read_image({str(bad)!r})"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 1, (probe.returncode, probe.stderr[-2000:])  # -11 was the segfault
     assert f"BadImage: image {bad} cannot be decoded" in probe.stderr
     for skip in (False, True):
@@ -187,8 +212,18 @@ def test_training_in_the_main_process_skips_a_damaged_png(tmp_path):
     """#1: with data.num_workers=0 the decoder runs in the training process itself."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24, layout="split")  # 12 in train/
     bad = fakedata.write_damaged_png(root / "train" / "roses" / "zz_damaged.png")
-    args = [f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet", "data.val_fraction=0",
-            "data.batch_size=13", "train.epochs=1", "data.num_workers=0", "log.plots=false", f"run.out_dir={tmp_path / 'run'}"]
+    args = [
+        f"data.root={root}",
+        "data.name=imagefolder",
+        "data.image_size=16",
+        "model.name=lenet",
+        "data.val_fraction=0",
+        "data.batch_size=13",
+        "train.epochs=1",
+        "data.num_workers=0",
+        "log.plots=false",
+        f"run.out_dir={tmp_path / 'run'}",
+    ]
     skipped = run_distcls("train", [*args, "data.skip_bad_images=true"])
     assert_ok(skipped)
     assert json.loads((tmp_path / "run/summary.json").read_text())["dropped_bad_image_reads"] == 1
@@ -270,7 +305,9 @@ def test_class_folders_that_cannot_train_a_classifier_are_errors(tmp_path):
     absent from train/ was dropped silently."""
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24)
     (root / "lilies").mkdir()
-    with pytest.raises(UserError, match=r"class folder .*/lilies holds no images .*add its images or remove the folder"):
+    with pytest.raises(
+        UserError, match=r"class folder .*/lilies holds no images .*add its images or remove the folder"
+    ):
         _data(root)
     (root / "lilies" / "readme.txt").write_text("not an image")
     with pytest.raises(UserError, match=r"class folder .*/lilies holds no images"):
@@ -335,7 +372,12 @@ def test_gpu_decode_path_matches_the_worker_path(folder, tmp_path):
         ref_img, ref_label, _, _ = src.load(k, True, 0, 3)
         assert torch.equal(img, ref_img) and int(label) == ref_label
     with pytest.raises(UserError, match="data.gpu_decode=true needs .* CUDA"):
-        BatchLoader(data.splits.train, GlobalBatchSampler(len(data.splits.train), 8, 1, 0, seed=0), torch.device("cpu"), gpu_decode=True)
+        BatchLoader(
+            data.splits.train,
+            GlobalBatchSampler(len(data.splits.train), 8, 1, 0, seed=0),
+            torch.device("cpu"),
+            gpu_decode=True,
+        )
 
 
 def test_worker_hash_equals_the_batched_hash():
@@ -356,8 +398,16 @@ def test_a_class_folder_whose_name_is_not_utf8_is_named_readably(tmp_path, capsy
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=6, size=24)
     os.rename(root / "roses", os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9"))
     out = tmp_path / "run"
-    summary = train_in_process(out, f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet",
-                               "train.epochs=1", "log.plots=true", "data.batch_size=4")
+    summary = train_in_process(
+        out,
+        f"data.root={root}",
+        "data.name=imagefolder",
+        "data.image_size=16",
+        "model.name=lenet",
+        "train.epochs=1",
+        "log.plots=true",
+        "data.batch_size=4",
+    )
     assert sorted(summary["per_class_test_acc"]) == ["caf\\xe9", "daisy", "tulips"]
     captured = capsys.readouterr()
     assert "plots not written" not in captured.out + captured.err
@@ -365,13 +415,24 @@ def test_a_class_folder_whose_name_is_not_utf8_is_named_readably(tmp_path, capsy
         (out / "plots" / name).unlink()
     assert run_cli(plot.main, [str(out)]) == 0
     assert (out / "plots" / "confusion.png").is_file()
-    assert run_cli(evaluate.main, ["--checkpoint", str(out / "checkpoints/last.pt"), "--out-dir", str(tmp_path / "eval"), "--no-speed"]) == 0
-    assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["class_names"] == ["caf\\xe9", "daisy", "tulips"]
+    assert (
+        run_cli(
+            evaluate.main,
+            ["--checkpoint", str(out / "checkpoints/last.pt"), "--out-dir", str(tmp_path / "eval"), "--no-speed"],
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "eval" / "eval_test.json").read_text())["class_names"] == [
+        "caf\\xe9",
+        "daisy",
+        "tulips",
+    ]
 
 
 def test_a_training_size_that_upscales_the_images_is_a_warning(folder):
     """28 px digits trained at image folders' default 224 ran 8x upscaled at a tenth of the speed, without a word."""
-    notes = lambda *o: [n for n in _data(folder, *o).notes if n.startswith("warning:")]  # noqa: E731  (images: 24x32 px)
+    # images: 24x32 px
+    notes = lambda *o: [n for n in _data(folder, *o).notes if n.startswith("warning:")]  # noqa: E731
     assert notes("data.image_size=16") == [] and notes("data.image_size=48") == []
     (warning,) = notes("data.image_size=64")
     assert "the training size 64 px is 2.7x the median shorter side (24 px) of 32 sampled training images" in warning

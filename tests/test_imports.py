@@ -20,12 +20,20 @@ def module_imports(package: Path = PACKAGE, packages_too: bool = False) -> dict:
         targets = set()
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom):
-                module = (".".join(base.split(".")[:len(base.split(".")) - node.level + 1] + ([node.module] if node.module else []))
-                          if node.level else node.module or "")
+                module = (
+                    ".".join(
+                        base.split(".")[: len(base.split(".")) - node.level + 1]
+                        + ([node.module] if node.module else [])
+                    )
+                    if node.level
+                    else node.module or ""
+                )
                 targets |= {module} | {f"{module}.{alias.name}" for alias in node.names}
             elif isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
-        edges[name] = {t for t in targets if t in files and t != name and (packages_too or files[t].name != "__init__.py")}
+        edges[name] = {
+            t for t in targets if t in files and t != name and (packages_too or files[t].name != "__init__.py")
+        }
     return edges
 
 
@@ -63,14 +71,24 @@ def test_the_detector_finds_a_circle(tmp_path):
 
 def test_no_import_circles_between_the_packages_modules():
     edges = module_imports()
-    assert "distcls.run.runner" in edges and "distcls.run.components" in edges["distcls.run.runner"]  # the graph is read
+    # the graph is read
+    assert "distcls.run.runner" in edges and "distcls.run.components" in edges["distcls.run.runner"]
     assert circles(edges) == []
 
 
 # The tree's layers, in the order data flows (a module imports only from its own layer or those before it):
 # the contracts, the process's runtime, data, models, the engine, checkpoints and tracking, one run, the commands.
-LAYERS = [{"config", "errors", "spec", "cli"}, {"runtime"}, {"data"}, {"models"}, {"engine"}, {"checkpoint", "tracking"},
-          {"run"}, {"train", "evaluate", "predict", "export", "plot", "shard"}, {"bench"}]
+LAYERS = [
+    {"config", "errors", "spec", "cli"},
+    {"runtime"},
+    {"data"},
+    {"models"},
+    {"engine"},
+    {"checkpoint", "tracking"},
+    {"run"},
+    {"train", "evaluate", "predict", "export", "plot", "shard"},
+    {"bench"},
+]
 TOP_LEVEL = {"cli", "config", "errors", "spec", "train", "evaluate", "predict", "export", "plot", "shard"}
 
 
@@ -84,7 +102,12 @@ def _layer(module: str) -> int:
 
 
 def test_data_flows_one_way_through_the_layers():
-    against = [f"{m} -> {t}" for m, targets in module_imports(packages_too=True).items() for t in targets if _layer(t) > _layer(m)]
+    against = [
+        f"{m} -> {t}"
+        for m, targets in module_imports(packages_too=True).items()
+        for t in targets
+        if _layer(t) > _layer(m)
+    ]
     assert against == []
 
 

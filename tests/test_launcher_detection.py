@@ -51,7 +51,9 @@ def test_torchrun_variables(launch_env):
 
 def test_torchrun_inside_an_srun_task_is_torchrun(launch_env):
     # multi_node.sbatch: srun starts one torchrun per node; its workers see both sets of variables
-    launch_env(**srun_task(1, 0, 2, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=1), RANK=2, WORLD_SIZE=4, LOCAL_RANK=0, **MASTER)
+    launch_env(
+        **srun_task(1, 0, 2, SLURM_NNODES=2, SLURM_NTASKS_PER_NODE=1), RANK=2, WORLD_SIZE=4, LOCAL_RANK=0, **MASTER
+    )
     env = dist.detect("cpu")
     assert (env.launcher, env.rank, env.world_size) == ("torchrun", 2, 4)
 
@@ -100,7 +102,8 @@ def test_bad_slurm_variable_is_one_error_line(tmp_path, launch_env, capsys):
 
 @pytest.mark.parametrize("values, expected", [
     ({"RANK": 0, "WORLD_SIZE": 1}, (0, 0, 1)),  # torchrun --nproc_per_node=1
-    ({"RANK": 5, "WORLD_SIZE": 8, "LOCAL_RANK": 1, "TORCHELASTIC_RESTART_COUNT": 2, **MASTER}, (5, 1, 8)),  # after a restart
+    # after a restart
+    ({"RANK": 5, "WORLD_SIZE": 8, "LOCAL_RANK": 1, "TORCHELASTIC_RESTART_COUNT": 2, **MASTER}, (5, 1, 8)),
     ({"RANK": 1, "WORLD_SIZE": 2, **MASTER}, (1, 0, 2)),  # no LOCAL_RANK: local rank 0
 ])
 def test_torchrun_ranks(launch_env, values, expected):
@@ -110,8 +113,14 @@ def test_torchrun_ranks(launch_env, values, expected):
     assert env.is_main == (expected[0] == 0) and env.distributed == (expected[2] > 1)
 
 
-@pytest.mark.parametrize("values, name", [({"RANK": "x", "WORLD_SIZE": 2}, "RANK"), ({"RANK": 0, "WORLD_SIZE": "2.0"}, "WORLD_SIZE"),
-                                          ({"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": ""}, "LOCAL_RANK")])
+@pytest.mark.parametrize(
+    "values, name",
+    [
+        ({"RANK": "x", "WORLD_SIZE": 2}, "RANK"),
+        ({"RANK": 0, "WORLD_SIZE": "2.0"}, "WORLD_SIZE"),
+        ({"RANK": 0, "WORLD_SIZE": 2, "LOCAL_RANK": ""}, "LOCAL_RANK"),
+    ],
+)
 def test_non_integer_torchrun_variable_is_a_clear_error(launch_env, values, name):
     launch_env(**values)
     with pytest.raises(UserError, match=f"environment variable {name}=.* is not an integer"):
@@ -119,7 +128,7 @@ def test_non_integer_torchrun_variable_is_a_clear_error(launch_env, values, name
 
 
 def test_explicit_master_address_and_port_win_over_the_nodelist(launch_env):
-    # the nodelist error says "set MASTER_ADDR explicitly": that must then work, even with a nodelist distcls cannot parse
+    # the nodelist error says "set MASTER_ADDR explicitly": that works, even with a nodelist distcls cannot parse
     launch_env(**srun_task(1, 1, 2, SLURM_JOB_NODELIST="[broken"), MASTER_ADDR="10.0.0.7", MASTER_PORT=29511)
     env = dist.detect("cpu")
     assert (env.launcher, env.rank, env.world_size) == ("slurm", 1, 2)
@@ -180,19 +189,28 @@ def test_cuda_or_nccl_asked_for_without_a_gpu_are_config_errors(launch_env, gpus
         dist.detect("auto", "nccl")
 
 
-@pytest.mark.parametrize("values, fragment", [
-    ({"RANK": 1, "WORLD_SIZE": 1}, "RANK=1 must be in 0..0 (WORLD_SIZE=1)"),
-    ({"RANK": -1, "WORLD_SIZE": 2, **MASTER}, "RANK=-1 must be in 0..1"),
-    ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
-    ({"RANK": 2, "WORLD_SIZE": 4, "LOCAL_RANK": 3, **MASTER}, "LOCAL_RANK=3 does not fit RANK=2, WORLD_SIZE=4"),
-    ({"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 2, "LOCAL_WORLD_SIZE": 2, **MASTER}, "LOCAL_RANK=2 does not fit"),
-    ({"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": -1, **MASTER}, "LOCAL_RANK=-1 does not fit"),
-    ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set"),
-    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7"}, "MASTER_PORT is not set"),
-    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": 70000}, "MASTER_PORT=70000 is not a TCP port"),
-    ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "http"}, "MASTER_PORT='http' is not an integer"),
-    (srun_task(1, 1, 2, MASTER_PORT=0), "MASTER_PORT=0 is not a TCP port"),
-])
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"RANK": 1, "WORLD_SIZE": 1}, "RANK=1 must be in 0..0 (WORLD_SIZE=1)"),
+        ({"RANK": -1, "WORLD_SIZE": 2, **MASTER}, "RANK=-1 must be in 0..1"),
+        ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
+        ({"RANK": 2, "WORLD_SIZE": 4, "LOCAL_RANK": 3, **MASTER}, "LOCAL_RANK=3 does not fit RANK=2, WORLD_SIZE=4"),
+        ({"RANK": 3, "WORLD_SIZE": 4, "LOCAL_RANK": 2, "LOCAL_WORLD_SIZE": 2, **MASTER}, "LOCAL_RANK=2 does not fit"),
+        ({"RANK": 1, "WORLD_SIZE": 2, "LOCAL_RANK": -1, **MASTER}, "LOCAL_RANK=-1 does not fit"),
+        ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set"),
+        ({"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7"}, "MASTER_PORT is not set"),
+        (
+            {"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": 70000},
+            "MASTER_PORT=70000 is not a TCP port",
+        ),
+        (
+            {"RANK": 0, "WORLD_SIZE": 2, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "http"},
+            "MASTER_PORT='http' is not an integer",
+        ),
+        (srun_task(1, 1, 2, MASTER_PORT=0), "MASTER_PORT=0 is not a TCP port"),
+    ],
+)
 def test_impossible_launcher_variables_are_clear_errors(launch_env, values, fragment):
     launch_env(**values)
     with pytest.raises(UserError) as info:
@@ -200,10 +218,15 @@ def test_impossible_launcher_variables_are_clear_errors(launch_env, values, frag
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("values, fragment", [({"RANK": 1, "WORLD_SIZE": 1}, "RANK=1 must be in 0..0"),
-                                              ({"RANK": -1, "WORLD_SIZE": 2}, "RANK=-1 must be in 0..1"),
-                                              ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
-                                              ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set")])
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"RANK": 1, "WORLD_SIZE": 1}, "RANK=1 must be in 0..0"),
+        ({"RANK": -1, "WORLD_SIZE": 2}, "RANK=-1 must be in 0..1"),
+        ({"RANK": 0, "WORLD_SIZE": 0}, "WORLD_SIZE=0 must be >= 1"),
+        ({"RANK": 0, "WORLD_SIZE": 2}, "MASTER_ADDR and MASTER_PORT are not set"),
+    ],
+)
 def test_impossible_launcher_variables_are_one_error_line(launch_env, tmp_path, capsys, values, fragment):
     # before: a non-finite-loss abort (exit 4), tracebacks, or a silent wait for dist.timeout_s
     # (in process: the same `python -m distcls.train` path, run_cli + train.main, without a new interpreter)
@@ -252,4 +275,6 @@ def test_a_waiting_rank_says_what_it_waits_for(launch_env, tmp_path, capsys, mon
     lines = capsys.readouterr().err.splitlines()
     assert code == 2 and len(lines) == 2, lines
     assert lines[0] == f"distcls: rank 0 waiting for 2 more processes at 127.0.0.1:{port} (dist.timeout_s=1)"
-    assert lines[1].startswith(f"distcls: error: rank 0 waiting for 2 more processes at 127.0.0.1:{port}: the process group did not form")
+    assert lines[1].startswith(
+        f"distcls: error: rank 0 waiting for 2 more processes at 127.0.0.1:{port}: the process group did not form"
+    )

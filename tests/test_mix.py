@@ -20,7 +20,11 @@ def _mix(mixup=0.0, cutmix=0.0, prob=1.0, switch=0.5, mode="pair", smoothing=0.0
 
 def _batch(b=16, size=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(b, 3, size, size, generator=g), torch.randint(0, C, (b,), generator=g), torch.randperm(64, generator=g)[:b]
+    return (
+        torch.randn(b, 3, size, size, generator=g),
+        torch.randint(0, C, (b,), generator=g),
+        torch.randperm(64, generator=g)[:b],
+    )
 
 
 @pytest.mark.parametrize("mode", ["pair", "elem"])
@@ -74,7 +78,15 @@ def test_mixing_at_world_size_two_equals_world_size_one():
         one_x, one_t = mix(x.clone(), y, keys, epoch=4)
         for world in (2, 4):
             per = len(y) // world
-            parts = [mix(x[r * per:(r + 1) * per].clone(), y[r * per:(r + 1) * per], keys[r * per:(r + 1) * per], epoch=4) for r in range(world)]
+            parts = [
+                mix(
+                    x[r * per : (r + 1) * per].clone(),
+                    y[r * per : (r + 1) * per],
+                    keys[r * per : (r + 1) * per],
+                    epoch=4,
+                )
+                for r in range(world)
+            ]
             assert torch.equal(torch.cat([p[0] for p in parts]), one_x)
             assert torch.equal(torch.cat([p[1] for p in parts]), one_t)
 
@@ -87,7 +99,9 @@ def test_the_cpu_rows_path_equals_the_whole_batch_path():
     lam, box = t.lam[keys[pos & ~1]], t.box[keys[pos & ~1]]
     cut = (box[:, 1] > box[:, 0]) & (box[:, 3] > box[:, 2])
     assert cut.any() and (~cut & (lam < 1)).any() and (lam == 1).any()
-    assert torch.equal(Mix._mix_rows(x.clone(), pos ^ 1, lam, cut, box), Mix._mix_all(x.clone(), pos ^ 1, lam, cut, box))
+    assert torch.equal(
+        Mix._mix_rows(x.clone(), pos ^ 1, lam, cut, box), Mix._mix_all(x.clone(), pos ^ 1, lam, cut, box)
+    )
 
 
 def test_lambda_follows_beta_and_prob_switch_prob_hold():

@@ -10,19 +10,39 @@ from distcls.errors import ConfigError, UserError
 from distcls.models import build_model, register_model
 import fakedata
 
-SPECS = {"digits": DataSpec(1, 10, 8), "mnist": DataSpec(1, 10, 28), "cifar": DataSpec(3, 10, 32), "c100": DataSpec(3, 100, 32)}
+SPECS = {
+    "digits": DataSpec(1, 10, 8),
+    "mnist": DataSpec(1, 10, 28),
+    "cifar": DataSpec(3, 10, 32),
+    "c100": DataSpec(3, 100, 32),
+}
 
 
 def _model(name, spec, *overrides):
     return build_model(config.load(None, [f"model.name={name}", *overrides]).model, spec)
 
 
-@pytest.mark.parametrize("name, spec", [("cnn2", "digits"), ("cnn2", "cifar"), ("lenet", "cifar"), ("lenet", "mnist"),
-                                        ("cnn3", "digits"), ("cnn3", "c100"), ("convnet", "mnist"), ("convnet", "digits"),
-                                        ("resnet18", "c100"), ("resnet34", "mnist"), ("resnet50", "cifar")])
+@pytest.mark.parametrize(
+    "name, spec",
+    [
+        ("cnn2", "digits"),
+        ("cnn2", "cifar"),
+        ("lenet", "cifar"),
+        ("lenet", "mnist"),
+        ("cnn3", "digits"),
+        ("cnn3", "c100"),
+        ("convnet", "mnist"),
+        ("convnet", "digits"),
+        ("resnet18", "c100"),
+        ("resnet34", "mnist"),
+        ("resnet50", "cifar"),
+    ],
+)
 def test_models_fit_the_data(name, spec):
     s = SPECS[spec]
-    out = _model(name, s, "model.cifar_stem=true" if name.startswith("resnet") else "model.args={}")(torch.zeros(2, s.channels, s.image_size, s.image_size))
+    out = _model(name, s, "model.cifar_stem=true" if name.startswith("resnet") else "model.args={}")(
+        torch.zeros(2, s.channels, s.image_size, s.image_size)
+    )
     assert out.shape == (2, s.num_classes)
 
 
@@ -68,13 +88,15 @@ def test_pretrained_file_errors(tmp_path):
 def test_plugin_models_by_decorator_and_import_path(tmp_path, monkeypatch):
     @register_model("tiny_test_net")
     def tiny(spec, cfg, width=4):
-        return nn.Sequential(nn.Flatten(), nn.Linear(spec.channels * spec.image_size ** 2, width), nn.Linear(width, spec.num_classes))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(spec.channels * spec.image_size**2, width), nn.Linear(width, spec.num_classes)
+        )
 
     assert _model("tiny_test_net", SPECS["digits"], "model.args.width=7")[1].out_features == 7
     (tmp_path / "my_nets.py").write_text(
-        "import torch.nn as nn\n"
-        "def build(spec, cfg, hidden=3):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(spec.channels * spec.image_size ** 2, hidden), nn.Linear(hidden, spec.num_classes))\n")
+        "import torch.nn as nn\ndef build(spec, cfg, hidden=3):\n    return nn.Sequential(nn.Flatten(), "
+        "nn.Linear(spec.channels * spec.image_size ** 2, hidden), nn.Linear(hidden, spec.num_classes))\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     net = _model("my_nets:build", SPECS["digits"], "model.args.hidden=5")
     assert net[1].out_features == 5 and net(torch.zeros(1, 1, 8, 8)).shape == (1, 10)

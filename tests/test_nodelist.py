@@ -14,7 +14,7 @@ from distcls.runtime import dist
 from distcls.runtime import nodelist
 from distcls.errors import UserError
 
-# (nodelist, hosts): SLURM 22.05+ answers (Debian's scontrol), and the cases Lightning's SLURM environment is tested with
+# (nodelist, hosts): SLURM 22.05+ answers (Debian's scontrol) and the cases of Lightning's SLURM environment tests
 KNOWN = [
     ("alpha beta gamma", ["alpha", "beta", "gamma"]),
     ("a[1-2]b[3-4]", ["a1b3", "a1b4", "a2b3", "a2b4"]),
@@ -76,7 +76,8 @@ def test_scontrol_answers_where_it_can_and_the_parser_where_it_cannot(tmp_path, 
             nodelist.hostnames("[broken")
     else:
         assert nodelist.hostnames("[broken") == hosts
-    assert nodelist.hostnames("gpu[07-08]") == (hosts or ["gpu07", "gpu08"])  # a list both accept: scontrol's answer where it gives one
+    # a list both accept: scontrol's answer where it gives one
+    assert nodelist.hostnames("gpu[07-08]") == (hosts or ["gpu07", "gpu08"])
 
 
 def test_srun_tasks_rendezvous_at_the_first_host_slurm_names(monkeypatch):
@@ -125,7 +126,9 @@ def test_the_parser_agrees_with_scontrol_on_generated_nodelists(tmp_path, monkey
             slurm_unavailable("SLURM's scontrol is not available", exc)
     # scontrol only needs a config file to expand a nodelist (no daemon)
     conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=nodelists\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n")
+    conf.write_text(
+        "ClusterName=nodelists\nSlurmctldHost=localhost\nNodeName=localhost\nPartitionName=p Nodes=localhost\n"
+    )
     monkeypatch.setenv("SLURM_CONF", str(conf))
     rng = random.Random(18)
     cases = [text for text, _ in KNOWN] + [_random_nodelist(rng) for _ in range(150)]
@@ -139,7 +142,12 @@ def test_the_parser_agrees_with_scontrol_on_generated_nodelists(tmp_path, monkey
     # used, whatever its version makes of the list), the parser's one-line error where scontrol refuses too
     for text in INVALID:
         proc = subprocess.run(["scontrol", "show", "hostnames", "--", text], capture_output=True, text=True, timeout=60)
-        if proc.returncode == 0 and not proc.stderr.strip() and proc.stdout.split() and not proc.stdout.startswith("Invalid"):
+        if (
+            proc.returncode == 0
+            and not proc.stderr.strip()
+            and proc.stdout.split()
+            and not proc.stdout.startswith("Invalid")
+        ):
             assert nodelist.hostnames(text) == proc.stdout.split(), text
         else:
             with pytest.raises(UserError, match="cannot parse SLURM_JOB_NODELIST"):

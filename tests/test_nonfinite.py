@@ -32,10 +32,12 @@ def test_skipped_steps_are_warned_once_per_epoch(tmp_path, capfd, monkeypatch):
     out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[2,8,9]")
     assert proc.returncode == 0, proc.stderr
     warnings = [l for l in proc.stderr.splitlines() if "skipped as non-finite" in l]
-    assert warnings == ["distcls: warning: epoch 1: 1 of 6 steps skipped as non-finite loss or gradients (train.nonfinite=skip); "
-                        "the run stops if more than train.max_skipped_fraction=0.5 of an epoch's steps are skipped",
-                        "distcls: warning: epoch 2: 2 of 6 steps skipped as non-finite loss or gradients (train.nonfinite=skip); "
-                        "3 in all; the run stops if more than train.max_skipped_fraction=0.5 of an epoch's steps are skipped"]
+    assert warnings == [
+        "distcls: warning: epoch 1: 1 of 6 steps skipped as non-finite loss or gradients (train.nonfinite=skip); "
+        "the run stops if more than train.max_skipped_fraction=0.5 of an epoch's steps are skipped",
+        "distcls: warning: epoch 2: 2 of 6 steps skipped as non-finite loss or gradients (train.nonfinite=skip); "
+        "3 in all; the run stops if more than train.max_skipped_fraction=0.5 of an epoch's steps are skipped",
+    ]
 
 
 def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capfd, monkeypatch):
@@ -51,7 +53,14 @@ def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capfd, monkeypa
 
 
 def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_is_strict(tmp_path, capfd, monkeypatch):
-    out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0", "log.plots=true")
+    out, proc = _skipping_run(
+        tmp_path,
+        capfd,
+        monkeypatch,
+        "model.args.nan_steps=[1,2,3,4,5,6]",
+        "train.max_skipped_fraction=1.0",
+        "log.plots=true",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "plots not written" not in proc.stderr and (out / "plots/curves.png").is_file()  # null points are gaps
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -65,7 +74,9 @@ def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_i
 
 
 def test_a_log_interval_with_every_step_skipped_records_null_not_loss_0(tmp_path, capfd, monkeypatch):
-    out, proc = _skipping_run(tmp_path, capfd, monkeypatch, "model.args.nan_steps=[3,4]", "log.every_steps=2", "log.console=plain")
+    out, proc = _skipping_run(
+        tmp_path, capfd, monkeypatch, "model.args.nan_steps=[3,4]", "log.every_steps=2", "log.console=plain"
+    )
     assert proc.returncode == 0, proc.stderr
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     intervals = {r["step"]: (r["loss"], r["acc"]) for r in records if "epoch_step" in r}
@@ -81,7 +92,9 @@ def test_evaluate_and_predict_json_is_strict_for_non_finite_numbers(tmp_path, ca
     ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in ck["model"].items()}
     nan_ckpt = tmp_path / "nan.pt"
     torch.save(ck, nan_ckpt)
-    proc = cli_in_process(capfd, evaluate.main, ["--checkpoint", nan_ckpt, "--json", "--no-speed", "--out-dir", tmp_path / "eval"])
+    proc = cli_in_process(
+        capfd, evaluate.main, ["--checkpoint", nan_ckpt, "--json", "--no-speed", "--out-dir", tmp_path / "eval"]
+    )
     assert proc.returncode == 0, proc.stderr
     assert strict_json(proc.stdout)["loss"] is None
     assert strict_json((tmp_path / "eval/eval_test.json").read_text())["loss"] is None

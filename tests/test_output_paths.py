@@ -37,7 +37,9 @@ def test_evaluate_out_dir_that_cannot_be_written_is_refused_first(finished_run, 
     cases = [(tmp_path / "file", "is a file, not a directory"), (tmp_path / "file" / "eval", "cannot be created: "),
              (tmp_path / LONG, "is 300 bytes long; a file or directory name has at most 255")]
     for out_dir, fragment in cases:
-        assert_user_error(cli_in_process(capsys, evaluate.main, ["--checkpoint", ckpt, "--out-dir", out_dir]), "--out-dir", fragment)
+        assert_user_error(
+            cli_in_process(capsys, evaluate.main, ["--checkpoint", ckpt, "--out-dir", out_dir]), "--out-dir", fragment
+        )
 
 
 def test_plot_refuses_an_unwritable_plots_folder_and_another_runs_checkpoint(finished_run, tmp_path, capsys, no_work):
@@ -58,7 +60,9 @@ def test_run_out_dir_with_a_name_too_long_is_one_line(tmp_path, capsys):
     """`run.out_dir=runs/<300 x>` ended in an OSError traceback."""
     (tmp_path / "runs").mkdir()
     out = tmp_path / "runs" / LONG
-    assert_user_error(cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST]), "is 300 bytes long", "run.out_dir")
+    assert_user_error(
+        cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST]), "is 300 bytes long", "run.out_dir"
+    )
     assert_user_error(cli_in_process(capsys, train.main, [f"run.out_dir={out}/sub", *FAST]), "is 300 bytes long")
 
 
@@ -71,12 +75,25 @@ def test_bench_refuses_a_directory_as_out_and_a_bad_override(tmp_path, capsys, m
 
     started, run_train = [], throughput.run_train
     monkeypatch.setattr(throughput, "run_train", lambda *a, **k: started.append(a) or run_train(*a, **k))
-    assert_user_error(cli_in_process(capsys, bench_main, ["throughput", "--epochs", "1", "--out", tmp_path, "train.epochs=1"]),
-                      f"--out {tmp_path} is a directory")
-    assert_user_error(cli_in_process(capsys, bench_main, ["throughput", "--epochs", "1", "optim.lr=abc"]), "optim.lr", "must be a number")
+    assert_user_error(
+        cli_in_process(capsys, bench_main, ["throughput", "--epochs", "1", "--out", tmp_path, "train.epochs=1"]),
+        f"--out {tmp_path} is a directory",
+    )
+    assert_user_error(
+        cli_in_process(capsys, bench_main, ["throughput", "--epochs", "1", "optim.lr=abc"]),
+        "optim.lr",
+        "must be a number",
+    )
     assert started == []  # neither started a training process
-    assert_user_error(cli_in_process(capsys, bench_main, ["throughput", "--epochs", "1", "data.name=imagefolder", f"data.root={tmp_path / 'none'}"]),
-                      "distcls.train (1 process) exited 2", "imagefolder root")
+    assert_user_error(
+        cli_in_process(
+            capsys,
+            bench_main,
+            ["throughput", "--epochs", "1", "data.name=imagefolder", f"data.root={tmp_path / 'none'}"],
+        ),
+        "distcls.train (1 process) exited 2",
+        "imagefolder root",
+    )
     assert len(started) == 1  # the child's own error, in the bench's one line
 
 
@@ -88,7 +105,11 @@ def test_second_run_at_an_out_dir_in_use_is_refused_naming_the_holder(tmp_path, 
     first = TrainingRun(cfg, dist.detect())
     try:
         proc = cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=1"])
-        assert_user_error(proc, f"run.out_dir={out} is in use by another distcls run (pid {os.getpid()} on host", "choose another run.out_dir")
+        assert_user_error(
+            proc,
+            f"run.out_dir={out} is in use by another distcls run (pid {os.getpid()} on host",
+            "choose another run.out_dir",
+        )
         assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists()
     finally:
         first.close()
@@ -99,7 +120,9 @@ def test_second_run_at_an_out_dir_in_use_is_refused_naming_the_holder(tmp_path, 
 def test_failed_run_leaves_no_out_dir_behind(tmp_path, capsys):
     """Taking the lock leaves no out_dir behind when the run fails before writing."""
     out = tmp_path / "a" / "run"
-    proc = cli_in_process(capsys, train.main, [f"run.out_dir={out}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"])
+    proc = cli_in_process(
+        capsys, train.main, [f"run.out_dir={out}", "data.name=cifar10", f"data.root={tmp_path / 'none'}"]
+    )
     assert_user_error(proc, "cifar10 not found")
     assert not (tmp_path / "a").exists()
 
@@ -108,8 +131,18 @@ def test_failed_run_leaves_no_out_dir_behind(tmp_path, capsys):
 def test_lock_of_a_killed_process_does_not_block(tmp_path):
     """Kill -9 of the holder releases the out_dir (the kernel drops the flock)."""
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"from distcls.run.outputs import RunDirLock; import time; RunDirLock({str(out)!r}).acquire(); "
-                               "print('locked', flush=True); time.sleep(120)"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from distcls.run.outputs import RunDirLock; import time; RunDirLock({str(out)!r}).acquire(); "
+            "print('locked', flush=True); time.sleep(120)",
+        ],
+        cwd=ROOT,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         from distcls.run.outputs import RunDirLock
@@ -130,9 +163,13 @@ def test_two_runs_at_one_out_dir(tmp_path, capsys):
     out = tmp_path / "run"
     args = [f"run.out_dir={out}", *FAST, "train.epochs=50", "log.every_steps=1"]
     from conftest import distcls_cmd
-    first = subprocess.Popen(distcls_cmd("train", args), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = subprocess.Popen(
+        distcls_cmd("train", args), cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        while not read_jsonl(out / "metrics.jsonl"):  # the first run holds the out_dir (no deadline: a loaded machine is slow)
+        # the first run holds the out_dir (no deadline: a loaded machine is slow)
+        while not read_jsonl(out / "metrics.jsonl"):
             assert first.poll() is None, first.communicate()[1]
             time.sleep(0.05)
         second = cli_in_process(capsys, train.main, args)
@@ -174,7 +211,10 @@ def test_unusable_out_dir_fails_before_data_and_model_are_built(tmp_path, capsys
     """Checked before the data is read (the data builder must not even be reached)."""
     out = _make_out(tmp_path, kind)
     import distcls.run.components
-    monkeypatch.setattr(distcls.run.components, "build_data", lambda cfg: pytest.fail("data was built before the out_dir check"))
+
+    monkeypatch.setattr(
+        distcls.run.components, "build_data", lambda cfg: pytest.fail("data was built before the out_dir check")
+    )
     assert_user_error(cli_in_process(capsys, train.main, [f"run.out_dir={out}", *FAST]), fragment)
 
 

@@ -57,7 +57,8 @@ def test_plot_cli_on_a_run_without_checkpoints_draws_the_curves(run, tmp_path, c
     partial = tmp_path / "going"
     partial.mkdir()
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n{\"torn")  # a run in its first epoch, torn last line
+    # a run in its first epoch, torn last line
+    (partial / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n{\"torn")
     (partial / "config.yaml").write_text((out / "config.yaml").read_text())
     from distcls import plot
     assert plot.main([str(partial)]) == 0
@@ -112,7 +113,14 @@ def test_every_output_has_the_umasks_mode(tmp_path, mask, mode):
         os.umask(previous)
     out = tmp_path / "run"
     files = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
-    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt", "plots/curves.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+        "plots/curves.png",
+    ):
         assert name in files, sorted(files)
     assert any(name.startswith("checkpoints/epoch") for name in files), sorted(files)
     wrong = {name: oct(m) for name, m in files.items() if m != mode and name != ".lock"}
@@ -123,14 +131,20 @@ def test_every_output_has_the_umasks_mode(tmp_path, mask, mode):
 
 
 def test_plain_output_is_greppable_lines_without_control_characters(tmp_path, capsys):
-    train_in_process(tmp_path / "run", "train.epochs=1", "log.every_steps=5", "log.plots=true")  # pytest's stdout is not a terminal
+    # pytest's stdout is not a terminal
+    train_in_process(tmp_path / "run", "train.epochs=1", "log.every_steps=5", "log.plots=true")
     out = capsys.readouterr().out
     assert not CONTROL.search(out), repr(CONTROL.search(out))
     lines = out.splitlines()
     assert all(re.match(r"\[\d\d:\d\d:\d\d\] ", line) for line in lines), lines
     assert any(re.search(r"epoch 1 step 5 loss \d\.\d{4} acc \d\.\d{4} \| \d+ img/s, lr ", l) for l in lines)
-    assert any(re.search(r"epoch 1/1 train loss \d\.\d{4} acc \d\.\d{4} \| val loss \d\.\d{4} acc \d\.\d{4} \(best ", l) for l in lines)
-    assert any("summary: test accuracy: " in l for l in lines) and any(f"summary: plots: {tmp_path / 'run'}/plots/" in l for l in lines)
+    assert any(
+        re.search(r"epoch 1/1 train loss \d\.\d{4} acc \d\.\d{4} \| val loss \d\.\d{4} acc \d\.\d{4} \(best ", l)
+        for l in lines
+    )
+    assert any("summary: test accuracy: " in l for l in lines) and any(
+        f"summary: plots: {tmp_path / 'run'}/plots/" in l for l in lines
+    )
 
 
 @pytest.mark.slow
@@ -139,8 +153,22 @@ def test_progress_bar_on_a_terminal_shows_the_running_loss(tmp_path):
     leader, follower = pty.openpty()
     env = child_env({"COLUMNS": "200", "TERM": "xterm-256color"})
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "distcls.train", f"run.out_dir={tmp_path / 'run'}", "train.epochs=1",
-                             "data.batch_size=4", "log.every_steps=0", "log.plots=false"], cwd=ROOT, env=env, stdout=follower, stderr=follower)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distcls.train",
+            f"run.out_dir={tmp_path / 'run'}",
+            "train.epochs=1",
+            "data.batch_size=4",
+            "log.every_steps=0",
+            "log.plots=false",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=follower,
+        stderr=follower,
+    )
     os.close(follower)
     chunks = []
     while True:
@@ -204,7 +232,9 @@ def clean_wandb_env(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow  # two runs with wandb's service process: about 10 s
-def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(tmp_path, clean_wandb_env, monkeypatch, capsys):
+def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
+    tmp_path, clean_wandb_env, monkeypatch, capsys
+):
     from distcls.run.runner import Stopped
     from distcls.tracking import console
 
@@ -226,7 +256,8 @@ def test_wandb_without_api_key_goes_offline_and_a_resume_continues_the_same_run(
     said = capsys.readouterr()
     err = said.err
     assert err.count("wandb has no API key") == 1 and "logging offline" in err
-    assert "wandb: offline run " in said.out and f"upload it with `wandb sync {out / 'wandb'}/offline-run-" in said.out  # the one console line
+    # the one console line
+    assert "wandb: offline run " in said.out and f"upload it with `wandb sync {out / 'wandb'}/offline-run-" in said.out
     monkeypatch.setattr(console.Console, "advance", advance)
     monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins over log.wandb.mode
     monkeypatch.setenv("WANDB_API_KEY", "secret-key-0123456789")
@@ -287,14 +318,34 @@ def test_metrics_lines_that_python_cannot_parse_are_skipped(tmp_path):
     """A line nested past the recursion limit (RecursionError) or an integer of over 4,300 digits
     (ValueError, not JSONDecodeError) crashed read_jsonl, hence plot and train --resume auto."""
     from distcls.tracking import read_jsonl
-    good = {"epoch": 1, "step": 2, "split": "train", "loss": 0.5, "acc": 0.5, "lr": 0.1, "images_per_sec": 1.0, "time": 1.0}
+
+    good = {
+        "epoch": 1,
+        "step": 2,
+        "split": "train",
+        "loss": 0.5,
+        "acc": 0.5,
+        "lr": 0.1,
+        "images_per_sec": 1.0,
+        "time": 1.0,
+    }
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps(good) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n" + '{"split": "train", "step": ' + "1" * 5000 + "}\n")
+    path.write_text(
+        json.dumps(good)
+        + "\n"
+        + "[" * 100_000
+        + "]" * 100_000
+        + "\n"
+        + '{"split": "train", "step": '
+        + "1" * 5000
+        + "}\n"
+    )
     assert read_jsonl(path) == [good]
 
 
 def test_summary_and_checkpoints_say_where_they_came_from(tmp_path):
-    """Versions, the git commit of the working directory, the command line and the hosts, in summary.json and every checkpoint."""
+    """Versions, the git commit of the working directory, the command line and the hosts, in summary.json and every
+    checkpoint."""
     import json
     import socket
     import subprocess
@@ -305,8 +356,26 @@ def test_summary_and_checkpoints_say_where_they_came_from(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q", str(repo)], check=True)
-    subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"], check=True)
-    commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "-c",
+            "user.email=t@t",
+            "-c",
+            "user.name=t",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-m",
+            "x",
+        ],
+        check=True,
+    )
+    commit = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     import os
     cwd = os.getcwd()
     os.chdir(repo)
@@ -317,13 +386,16 @@ def test_summary_and_checkpoints_say_where_they_came_from(tmp_path):
     summary = json.loads((tmp_path / "run/summary.json").read_text())
     p = summary["provenance"]
     assert p["torch"] == torch.__version__ and p["distcls"] and p["python"]
-    assert p["git"] == {"commit": commit, "dirty": False} and p["hosts"] == [socket.gethostname()] and p["world_size"] == 1
+    assert (
+        p["git"] == {"commit": commit, "dirty": False} and p["hosts"] == [socket.gethostname()] and p["world_size"] == 1
+    )
     assert "command" in p and p["cwd"] == str(repo)
     assert load_ckpt(tmp_path / "run/checkpoints/last.pt")["provenance"] == p
 
 
 def test_the_sample_grid_shows_every_class_and_the_curves_the_ema_with_words(tmp_path, monkeypatch):
-    """samples.png showed only class 0 for a class-sorted image folder; EMA curves were never drawn; legends said config jargon."""
+    """samples.png showed only class 0 for a class-sorted image folder; EMA curves were never drawn; legends said config
+    jargon."""
     import torch
 
     from distcls.data import SplitView, TensorSource
@@ -336,14 +408,34 @@ def test_the_sample_grid_shows_every_class_and_the_curves_the_ema_with_words(tmp
     drawn = {}
 
     def keep(fig, path, dpi=100):
-        drawn[Path(path).name] = ([t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()],
-                                  fig._suptitle.get_text() if fig._suptitle else "")
+        drawn[Path(path).name] = (
+            [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()],
+            fig._suptitle.get_text() if fig._suptitle else "",
+        )
         return Path(path)
     monkeypatch.setattr(plots, "_save", keep)
-    records = [{"epoch": 1, "epoch_step": s, "step": s, "split": "train", "loss": 1.0, "acc": 0.5, "lr": 0.1} for s in (4, 8)]
-    records += [{"epoch": 1, "step": 8, "split": "val", "loss": 0.9, "acc": 0.6, "ema_loss": 1.1, "ema_acc": 0.4, "ema_updates": 2, "lr": 0.1},
-                {"epoch": 1, "step": 8, "split": "test", "loss": 0.9, "acc": 0.6, "ema_loss": 1.1, "ema_acc": 0.4, "lr": 0.1}]
+    records = [
+        {"epoch": 1, "epoch_step": s, "step": s, "split": "train", "loss": 1.0, "acc": 0.5, "lr": 0.1} for s in (4, 8)
+    ]
+    records += [
+        {
+            "epoch": 1,
+            "step": 8,
+            "split": "val",
+            "loss": 0.9,
+            "acc": 0.6,
+            "ema_loss": 1.1,
+            "ema_acc": 0.4,
+            "ema_updates": 2,
+            "lr": 0.1,
+        },
+        {"epoch": 1, "step": 8, "split": "test", "loss": 0.9, "acc": 0.6, "ema_loss": 1.1, "ema_acc": 0.4, "lr": 0.1},
+    ]
     plots.plot_curves(records, tmp_path / "curves.png", run="my_run")
     legend, title = drawn["curves.png"]
-    assert "training, running (every 4 steps)" in legend and "validation, model EMA" in legend and "test, model EMA 0.4000" in legend
+    assert (
+        "training, running (every 4 steps)" in legend
+        and "validation, model EMA" in legend
+        and "test, model EMA 0.4000" in legend
+    )
     assert title == "my_run"

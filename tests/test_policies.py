@@ -19,7 +19,11 @@ def _images(b=6, c=3, h=30, w=38, seed=0):
     out = []
     for i in range(b):
         phase = torch.rand(c, 1, 1, generator=g) * 6
-        img = 127.5 + 110 * torch.sin(xx * 3 * (i + 1) + phase) * torch.cos(yy * 2 + phase) + torch.randn(c, h, w, generator=g) * 12
+        img = (
+            127.5
+            + 110 * torch.sin(xx * 3 * (i + 1) + phase) * torch.cos(yy * 2 + phase)
+            + torch.randn(c, h, w, generator=g) * 12
+        )
         out.append(img.clamp(0, 255).round())
     return torch.stack(out).to(torch.uint8)
 
@@ -49,7 +53,9 @@ def test_each_op_equals_torchvision_within_one_level(op, interpolation, grouped)
     got = P.apply_ops(images.float(), ops, torch.tensor(mags, dtype=torch.float64), interpolation, grouped)
     for i, img in enumerate(images):
         name = P.OPS[int(ops[i])]
-        want = ref._apply_image_or_video_transform(img, name, float(mags[i]), interpolation=ref.interpolation, fill=ref._fill)
+        want = ref._apply_image_or_video_transform(
+            img, name, float(mags[i]), interpolation=ref.interpolation, fill=ref._fill
+        )
         diff = (got[i] - want.float()).abs().max().item()
         assert diff <= 1, f"{name} at magnitude {mags[i]}: differs by {diff} levels"
     assert torch.equal(got[-1], images[-1].float())
@@ -95,7 +101,9 @@ def test_one_channel_images_equal_torchvision():
 
 
 def _uniform(keys, seed=0, epoch=0):
-    return lambda stream, rows=None: keyed_uniform(seed, epoch, keys if rows is None else keys[torch.from_numpy(rows)], stream).numpy()
+    return lambda stream, rows=None: keyed_uniform(
+        seed, epoch, keys if rows is None else keys[torch.from_numpy(rows)], stream
+    ).numpy()
 
 
 def test_trivialaugment_draws_cover_torchvision_space_uniformly():
@@ -113,7 +121,9 @@ def test_trivialaugment_draws_cover_torchvision_space_uniformly():
 
 
 def test_randaugment_uses_the_fixed_magnitude_and_num_ops():
-    ops, mags = P.PolicySpec("randaugment", num_ops=3, magnitude=9, height=40, width=20).draw(_uniform(torch.arange(5000)))
+    ops, mags = P.PolicySpec("randaugment", num_ops=3, magnitude=9, height=40, width=20).draw(
+        _uniform(torch.arange(5000))
+    )
     assert ops.shape == (5000, 3)
     tx = mags[ops == P.OP_ID["TranslateX"]].abs()
     assert torch.allclose(tx, torch.full_like(tx, float(torch.linspace(0.0, 150.0 / 331.0 * 20, 31)[9])))

@@ -37,7 +37,9 @@ def _run(tmp_path, exit_code: int):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     (tmp_path / "step.sh").write_text(STEP)
-    script = f'source "{ROOT}/slurm/requeue_on_signal.sh"; set -uo pipefail; distcls_run_requeueable bash "$WORK/step.sh"'
+    script = (
+        f'source "{ROOT}/slurm/requeue_on_signal.sh"; set -uo pipefail; distcls_run_requeueable bash "$WORK/step.sh"'
+    )
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "WORK": str(tmp_path), "EXIT_CODE": str(exit_code), "SLURM_JOB_ID": "42"}
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=120)
     calls = (tmp_path / "calls").read_text().splitlines()

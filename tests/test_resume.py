@@ -10,8 +10,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, ROOT, assert_ok, assert_user_error, child_env, child_pids, cli_in_process, distcls_cmd, kill_process_tree, load_ckpt,
-                      max_weight_diff, run_distcls, train_in_process)
+from conftest import (
+    FAST,
+    ROOT,
+    assert_ok,
+    assert_user_error,
+    child_env,
+    child_pids,
+    cli_in_process,
+    distcls_cmd,
+    kill_process_tree,
+    load_ckpt,
+    max_weight_diff,
+    run_distcls,
+    train_in_process,
+)
 from distcls import evaluate, predict, train
 from distcls.tracking.metrics import read_jsonl
 
@@ -60,7 +73,9 @@ class PausedRun:
         """The train record at the pause (rank 0 waits there). No deadline of its own: a loaded machine
         may be slow, and a run that ends or hangs ends the wait (poll / pytest)."""
         while True:
-            assert self.proc.poll() is None, f"finished before its pause (exit {self.proc.returncode}): {self.proc.stderr.read()[-3000:]}"
+            assert self.proc.poll() is None, (
+                f"finished before its pause (exit {self.proc.returncode}): {self.proc.stderr.read()[-3000:]}"
+            )
             for r in read_jsonl(out / "metrics.jsonl"):
                 if r.get("split") == "train" and (r.get("epoch"), r.get("epoch_step")) == (self.epoch, self.epoch_step):
                     return r
@@ -100,8 +115,12 @@ def test_resume_after_epoch_is_bitwise_identical(reference, tmp_path):
     train_in_process(out, *LONG, resume=str(reference / "checkpoints/epoch_0001.pt"))
     a, b = load_ckpt(reference / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
-    assert a["ema"]["updates"] == b["ema"]["updates"] and all(torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"])
+    assert all(
+        torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values())
+    )
+    assert a["ema"]["updates"] == b["ema"]["updates"] and all(
+        torch.equal(a["ema"]["weights"][k], b["ema"]["weights"][k]) for k in a["model"]
+    )
 
 
 def _stop(paused_run, out: Path, sig: signal.Signals, epoch: int, *resume) -> dict:
@@ -149,20 +168,25 @@ def reference2(tmp_path_factory):
 
 def _worker_pid(torchrun: subprocess.Popen, rank: int) -> int:
     children = child_pids(torchrun.pid)
-    found = [p for p in children if f"\x00RANK={rank}\x00".encode() in b"\x00" + Path(f"/proc/{p}/environ").read_bytes()]
+    found = [
+        p for p in children if f"\x00RANK={rank}\x00".encode() in b"\x00" + Path(f"/proc/{p}/environ").read_bytes()
+    ]
     assert len(found) == 1, children
     return found[0]
 
 
 def test_kill_9_worker_under_torchrun_restarts_and_matches_uninterrupted(reference2, tmp_path, paused_run):
     out = tmp_path / "killed"
-    run = paused_run([f"run.out_dir={out}", *TWO_RANK], epoch=1, epoch_step=45, nproc=2, torchrun_args=["--max-restarts=2"])
+    run = paused_run(
+        [f"run.out_dir={out}", *TWO_RANK], epoch=1, epoch_step=45, nproc=2, torchrun_args=["--max-restarts=2"]
+    )
     run.wait_for_the_pause(out)
     os.kill(_worker_pid(run.proc, 1), signal.SIGKILL)
     stdout, stderr = run.go_on()
     assert run.proc.returncode == 0, stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from"] is not None and summary["resumed_from"]["step"] == 40  # restarted from the step checkpoint
+    # restarted from the step checkpoint
+    assert summary["resumed_from"] is not None and summary["resumed_from"]["step"] == 40
     a, b = load_ckpt(reference2 / "checkpoints/last.pt"), load_ckpt(out / "checkpoints/last.pt")
     assert max_weight_diff(a["model"], b["model"]) == 0.0
     assert max_weight_diff(a["ema"]["weights"], b["ema"]["weights"]) == 0.0
@@ -174,7 +198,11 @@ def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp
     run.wait_for_the_pause(out)
     os.kill(_worker_pid(run.proc, 1), signal.SIGUSR1)  # SLURM's warning signal, delivered to one task only
     stdout, stderr = run.go_on()
-    assert run.proc.returncode != 0 and "stopped by a stop signal on another rank" in stderr and "stopped by SIGUSR1" in stderr
+    assert (
+        run.proc.returncode != 0
+        and "stopped by a stop signal on another rank" in stderr
+        and "stopped by SIGUSR1" in stderr
+    )
     ck = load_ckpt(out / "checkpoints/last.pt")
     # rank 1 got the signal inside step 6's gradient all-reduce (waiting for the paused rank 0): step 6 agreed it
     assert ck["epoch"] == 1 and ck["epoch_step"] == 6
@@ -184,8 +212,14 @@ def test_signal_to_one_rank_stops_all_ranks_then_resume_is_exact(reference2, tmp
     assert max_weight_diff(a["ema"]["weights"], b["ema"]["weights"]) == 0.0
     # Both ranks restored the EMA (each evaluates its shard of val/test with its own): the EMA's
     # numbers equal the uninterrupted run's, not only rank 0's saved weights.
-    ema = {run: [(r["split"], r["ema_loss"], r["ema_acc"]) for r in read_jsonl(run / "metrics.jsonl") if r["split"] in ("val", "test")]
-           for run in (reference2, out)}
+    ema = {
+        run: [
+            (r["split"], r["ema_loss"], r["ema_acc"])
+            for r in read_jsonl(run / "metrics.jsonl")
+            if r["split"] in ("val", "test")
+        ]
+        for run in (reference2, out)
+    }
     assert ema[out] == ema[reference2] and len(ema[out]) == 3
 
 
@@ -220,7 +254,14 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, 
     out = tmp_path / "run"
     # The 2nd write of last.pt (epoch 2's save) dies with half its bytes on disk, before the rename;
     # every other atomic write (config.yaml, metrics.jsonl, summary.json, links) goes through untouched.
-    args = [f"run.out_dir={out}", *FAST, "train.epochs=3", "train.max_steps_per_epoch=4", "data.val_fraction=0", "checkpoint.keep=0"]
+    args = [
+        f"run.out_dir={out}",
+        *FAST,
+        "train.epochs=3",
+        "train.max_steps_per_epoch=4",
+        "data.val_fraction=0",
+        "checkpoint.keep=0",
+    ]
     script = f"""
 import os, sys
 from distcls import train
@@ -237,13 +278,16 @@ with atomic_files.inject_fault(machine_dies_mid_write):
     code = run_cli(train.main, {args!r})
 sys.exit(code)
 """
-    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 9
     ck = load_ckpt(out / "checkpoints/last.pt")  # the previous save is intact
     assert ck["epoch"] == 1
     torn = list((out / "checkpoints").glob(".last.pt.*.tmp"))  # the torn temp file, never renamed
     assert len(torn) == 1 and torn[0].stat().st_size < (out / "checkpoints/last.pt").stat().st_size
-    resumed = cli_in_process(capfd, train.main, [*args, "--resume", "auto"])  # the next run (in this process) resumes from it
+    # the next run (in this process) resumes from it
+    resumed = cli_in_process(capfd, train.main, [*args, "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     assert f"removed {torn[0]}: the temp file of a save that was killed" in resumed.stderr and not torn[0].exists()
     assert load_ckpt(out / "checkpoints/last.pt")["epoch"] == 3
@@ -303,7 +347,13 @@ def _check_one_skipped_step(out: Path) -> None:
     assert all(torch.isfinite(v).all() for v in ck["model"].values())
 
 
-NAN_SKIP = [*FAST, "model.name=nan_model:build", "train.nonfinite=skip", "train.epochs=1", "train.max_steps_per_epoch=6"]
+NAN_SKIP = [
+    *FAST,
+    "model.name=nan_model:build",
+    "train.nonfinite=skip",
+    "train.epochs=1",
+    "train.max_steps_per_epoch=6",
+]
 
 
 def test_nonfinite_loss_skip_in_one_process(tmp_path, monkeypatch):
@@ -315,7 +365,8 @@ def test_nonfinite_loss_skip_in_one_process(tmp_path, monkeypatch):
 def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path):
     out = tmp_path / "skip"
     proc = run_distcls("train", [f"run.out_dir={out}", *NAN_SKIP, "model.args.nan_rank=1"], nproc=2,
-                       env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})  # NaN on rank 1 only: rank 0 skips the step too
+                       # NaN on rank 1 only: rank 0 skips the step too
+                       env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})
     assert_ok(proc)
     _check_one_skipped_step(out)
 
@@ -323,20 +374,40 @@ def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path):
 def test_nonfinite_loss_abort_exits_4(tmp_path, capfd, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     out = tmp_path / "abort"
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"])
+    proc = cli_in_process(
+        capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=nan_model:build", "train.nonfinite=abort"]
+    )
     assert proc.returncode == 4
     assert "non-finite loss at epoch 1, step 3" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_sigterm_to_the_nproc_per_node_launcher_stops_every_rank_at_a_checkpoint(tmp_path):
-    """`python -m distcls.train --nproc_per_node 2`: a stop signal sent to the launcher itself (the ranks lead sessions of
-    their own) reaches the ranks, which save a mid-epoch checkpoint; the launcher exits 128 + the signal, no traceback."""
+    """`python -m distcls.train --nproc_per_node 2`: a stop signal sent to the launcher itself (the ranks lead sessions
+    of
+    their own) reaches the ranks, which save a mid-epoch checkpoint; the launcher exits 128 + the signal, no
+    traceback."""
     out = tmp_path / "run"
     gate = tmp_path / "gate"
     env = child_env({"PYTHONPATH": os.pathsep.join([str(PAUSE_HOOK), str(ROOT)]), "DISTCLS_TEST_PAUSE_AT": "1:5",
                      "DISTCLS_TEST_PAUSE_GATE": str(gate)})
-    proc = subprocess.Popen([sys.executable, "-m", "distcls.train", "--nproc_per_node", "2", f"run.out_dir={out}", *FAST, *TWO_RANK,
-                             "dist.device=cpu"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "distcls.train",
+            "--nproc_per_node",
+            "2",
+            f"run.out_dir={out}",
+            *FAST,
+            *TWO_RANK,
+            "dist.device=cpu",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     run = PausedRun(proc, gate, 1, 5)
     try:
         run.wait_for_the_pause(out)
@@ -347,7 +418,8 @@ def test_sigterm_to_the_nproc_per_node_launcher_stops_every_rank_at_a_checkpoint
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "Traceback" not in stderr and "SignalException" not in stderr
     ck = load_ckpt(out / "checkpoints/last.pt")
-    assert ck["epoch"] == 0 and 5 <= ck["epoch_step"] < TWO_RANK_STEPS_PER_EPOCH  # saved mid-epoch, where the ranks stopped
+    # saved mid-epoch, where the ranks stopped
+    assert ck["epoch"] == 0 and 5 <= ck["epoch_step"] < TWO_RANK_STEPS_PER_EPOCH
 
 
 def test_sigterm_mid_epoch_on_shards_then_resume_is_bitwise_identical(tmp_path, paused_run):
@@ -355,12 +427,25 @@ def test_sigterm_mid_epoch_on_shards_then_resume_is_bitwise_identical(tmp_path, 
     their shuffle windows), resumed: bitwise the run never stopped."""
     from fakedata import write_imagefolder, write_shards
 
-    shards = write_shards(write_imagefolder(tmp_path / "folder", classes=("a", "b", "c", "d"), per_class=40, size=24, layout="split"),
-                          tmp_path / "shards")
-    args = [*FAST, "data.name=webdataset", f"data.train_shards={shards}/train-{{000000..000006}}.tar",
-            f"data.val_shards={shards}/val-{{000000..000003}}.tar", "data.image_size=16", "data.shard_streams=4", "data.shuffle_window=16",
-            "data.augment.random_resized_crop=true", "data.augment.hflip=true", "data.num_workers=1", "model.name=cnn3",
-            "train.epochs=2", "log.every_steps=1"]
+    shards = write_shards(
+        write_imagefolder(tmp_path / "folder", classes=("a", "b", "c", "d"), per_class=40, size=24, layout="split"),
+        tmp_path / "shards",
+    )
+    args = [
+        *FAST,
+        "data.name=webdataset",
+        f"data.train_shards={shards}/train-{{000000..000006}}.tar",
+        f"data.val_shards={shards}/val-{{000000..000003}}.tar",
+        "data.image_size=16",
+        "data.shard_streams=4",
+        "data.shuffle_window=16",
+        "data.augment.random_resized_crop=true",
+        "data.augment.hflip=true",
+        "data.num_workers=1",
+        "model.name=cnn3",
+        "train.epochs=2",
+        "log.every_steps=1",
+    ]
     train_in_process(tmp_path / "ref", *args)
     out = tmp_path / "run"
     run = paused_run([f"run.out_dir={out}", "dist.device=cpu", *args], epoch=1, epoch_step=2)

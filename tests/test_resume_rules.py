@@ -56,10 +56,16 @@ def stopped_mid_epoch(tmp_path, monkeypatch) -> Path:
     ("optim.weight_decay=0", "optim.weight_decay=0.0005"),
     ("sched.name=constant", "sched.name=cosine"),
 ])
-def test_a_mid_epoch_resume_that_changes_a_position_or_schedule_key_is_refused(stopped_mid_epoch, capfd, override, saved):
+def test_a_mid_epoch_resume_that_changes_a_position_or_schedule_key_is_refused(
+    stopped_mid_epoch, capfd, override, saved
+):
     out = stopped_mid_epoch
     before = {p: p.read_bytes() for p in (out / "checkpoints/last.pt", out / "config.yaml", out / "metrics.jsonl")}
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "model.name=stop_model:build", *SHORT, override, "--resume", "auto"])
+    proc = cli_in_process(
+        capfd,
+        train.main,
+        [f"run.out_dir={out}", *FAST, "model.name=stop_model:build", *SHORT, override, "--resume", "auto"],
+    )
     line = assert_user_error(proc, f"was saved with {saved}", f"this run says {override}", f"resume with {saved}",
                              "model.pretrained=")
     assert str(out / "checkpoints/last.pt") in line
@@ -69,9 +75,16 @@ def test_a_mid_epoch_resume_that_changes_a_position_or_schedule_key_is_refused(s
 def test_an_epoch_end_resume_with_a_new_lr_is_refused_and_config_yaml_keeps_what_ran(tmp_path, capfd):
     out = tmp_path / "run"
     train_in_process(out, "train.epochs=1")
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=2", "optim.lr=0.5", "--resume", "auto"])
-    assert_user_error(proc, "was saved with optim.lr=0.05", "this run says optim.lr=0.5", "optimizer state and lr schedule",
-                      "model.pretrained=")
+    proc = cli_in_process(
+        capfd, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=2", "optim.lr=0.5", "--resume", "auto"]
+    )
+    assert_user_error(
+        proc,
+        "was saved with optim.lr=0.05",
+        "this run says optim.lr=0.5",
+        "optimizer state and lr schedule",
+        "model.pretrained=",
+    )
     assert "lr: 0.05" in (out / "config.yaml").read_text()
 
 
@@ -94,6 +107,12 @@ def test_a_resume_with_fewer_epochs_than_the_checkpoint_trained_is_refused(tmp_p
     if not summary:
         (out / "summary.json").unlink()  # stopped between the final save and the summary
     before = {p: p.read_bytes() for p in (out / "checkpoints/last.pt", out / "metrics.jsonl")}
-    proc = cli_in_process(capfd, train.main, [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=6", "train.epochs=1", "--resume", "auto"])
-    assert_user_error(proc, "has trained 2 epochs, more than train.epochs=1", "resume with train.epochs=2", "distcls.evaluate")
+    proc = cli_in_process(
+        capfd,
+        train.main,
+        [f"run.out_dir={out}", *FAST, "train.max_steps_per_epoch=6", "train.epochs=1", "--resume", "auto"],
+    )
+    assert_user_error(
+        proc, "has trained 2 epochs, more than train.epochs=1", "resume with train.epochs=2", "distcls.evaluate"
+    )
     assert {p: p.read_bytes() for p in before} == before

@@ -96,8 +96,12 @@ def test_epoch_draw_table_holds_the_keyed_uniform_draws_of_every_key():
         assert torch.equal(got.flip, u[3] < 0.5)
         assert got.angle.dtype == torch.float64 and torch.equal(got.angle, (u[4] * 2 - 1) * 20 * math.pi / 180)
         assert got.crop_y.unique().numel() == 9 and 0.3 < got.flip.float().mean() < 0.7  # real draws, not constants
-    only_flip = Preprocess(3, 8, (0.5,) * 3, (0.25,) * 3, AugmentConfig(hflip=True), 0, num_keys=10).epoch_table(0, torch.device("cpu"))
-    assert only_flip.flip is not None and only_flip.crop_y is None and only_flip.crop_x is None and only_flip.angle is None
+    only_flip = Preprocess(3, 8, (0.5,) * 3, (0.25,) * 3, AugmentConfig(hflip=True), 0, num_keys=10).epoch_table(
+        0, torch.device("cpu")
+    )
+    assert (
+        only_flip.flip is not None and only_flip.crop_y is None and only_flip.crop_x is None and only_flip.angle is None
+    )
 
 
 def test_the_policy_recipe_gives_each_sample_the_same_values_in_any_batch():
@@ -128,7 +132,11 @@ def test_a_lent_output_buffer_holds_the_same_batch_and_is_used_only_when_it_fits
     small = images[:, :, :12, :12]  # resized to 16: the buffer of the batch's own shape is not used
     other = torch.zeros(8, 3, 12, 12)
     resized, _ = pre.train_batch(small, labels, keys, 2, out=other)
-    assert resized.shape == (8, 3, 16, 16) and resized.data_ptr() != other.data_ptr() and torch.equal(other, torch.zeros(8, 3, 12, 12))
+    assert (
+        resized.shape == (8, 3, 16, 16)
+        and resized.data_ptr() != other.data_ptr()
+        and torch.equal(other, torch.zeros(8, 3, 12, 12))
+    )
 
 
 def test_preprocess_with_the_epoch_table_equals_hashing_per_batch():
@@ -161,7 +169,9 @@ def test_in_memory_batches_carry_device_keys_equal_to_the_split_indices_of_their
     assert len(batches) == len(positions) == 3
     for batch, pos in zip(batches, positions):
         assert torch.equal(batch.keys, view.indices[pos])
-        assert torch.equal(batch.images, view.source.images[batch.keys]) and torch.equal(batch.labels, view.source.labels[batch.keys])
+        assert torch.equal(batch.images, view.source.images[batch.keys]) and torch.equal(
+            batch.labels, view.source.labels[batch.keys]
+        )
     # On another device every field of a batch is there (the meta device stands in for a GPU).
     meta = train_loader(view, 6, 2, 1, seed=4, device=torch.device("meta"))
     assert all(t.device.type == "meta" for b in meta for t in (b.images, b.labels, b.keys))
@@ -254,7 +264,10 @@ def test_the_hash_streams_are_one_table_with_disjoint_blocks_that_hold_their_dra
     bare = []
     for path in Path(images.__file__).parents[1].rglob("*.py"):  # all of distcls/data
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in ("keyed_uniform", "keyed_uniform_scalar"):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                "keyed_uniform",
+                "keyed_uniform_scalar",
+            ):
                 stream = node.args[3] if len(node.args) > 3 else None
                 if isinstance(stream, ast.Constant):
                     bare.append(f"{path.name}:{node.lineno}")

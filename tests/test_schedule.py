@@ -62,7 +62,9 @@ def test_cosine_decays_from_lr_to_exactly_min_lr_at_the_end_of_training(warmup_e
                            f"sched.min_lr={min_lr}"], epochs)
     warmup, total = warmup_epochs * SPE, epochs * SPE
     cosine = used[warmup:]
-    expected = [min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * k / (total - warmup))) for k in range(total - warmup)]
+    expected = [
+        min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * k / (total - warmup))) for k in range(total - warmup)
+    ]
     assert cosine == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert cosine[0] == pytest.approx(lr, rel=1e-12)  # the warmup ends at the peak, unchanged by the floor
     assert all(a > b for a, b in zip(cosine, cosine[1:]))
@@ -83,8 +85,10 @@ def test_cosine_floor_is_the_end_lr_however_long_the_run():
 def test_min_lr_above_the_peak_lr_is_a_config_error():
     with pytest.raises(ConfigError, match=r"sched\.min_lr=0\.2 is above optim\.lr=0\.1"):
         config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2"]))
-    config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.1"]))  # equal: a constant schedule, allowed
-    config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2", "sched.name=step"]))  # min_lr is the cosine's only
+    # equal: a constant schedule, allowed
+    config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.1"]))
+    # min_lr is the cosine's only
+    config.check_schedule(config.load(None, ["optim.lr=0.1", "sched.min_lr=0.2", "sched.name=step"]))
 
 
 def test_min_lr_above_the_peak_lr_stops_training_but_not_evaluating_an_older_checkpoint(tmp_path, capsys):
@@ -138,12 +142,22 @@ def test_backbone_groups_keep_their_lr_ratio_through_the_schedule(sched):
         assert after == pytest.approx([0.001, 0.001, 0.0001, 0.0001], rel=1e-12)
 
 
-@pytest.mark.parametrize("sched", ["cosine", "step", "multistep", "exponential", "poly", "onecycle", "cosine-per-epoch"])
+@pytest.mark.parametrize(
+    "sched", ["cosine", "step", "multistep", "exponential", "poly", "onecycle", "cosine-per-epoch"]
+)
 def test_state_dict_round_trip_mid_schedule_resumes_to_identical_lrs(sched):
     name, _, per_epoch = sched.partition("-per-")
-    overrides = ["optim.lr=0.1", "optim.backbone_lr_scale=0.5", f"sched.name={name}",
-                 f"sched.warmup_epochs={0 if name == 'onecycle' else 1 if per_epoch else 1.5}", *(["sched.interval=epoch"] if per_epoch else []),
-                 "sched.step_epochs=1", "sched.min_lr=0.003", "sched.milestones=[2,3]", "sched.gamma=0.5"]
+    overrides = [
+        "optim.lr=0.1",
+        "optim.backbone_lr_scale=0.5",
+        f"sched.name={name}",
+        f"sched.warmup_epochs={0 if name == 'onecycle' else 1 if per_epoch else 1.5}",
+        *(["sched.interval=epoch"] if per_epoch else []),
+        "sched.step_epochs=1",
+        "sched.min_lr=0.003",
+        "sched.milestones=[2,3]",
+        "sched.gamma=0.5",
+    ]
     epochs = 4
     _, optimizer, scheduler = _build(overrides, epochs)
     uninterrupted, end = _drive(optimizer, scheduler, epochs * SPE)
@@ -164,12 +178,16 @@ def test_state_dict_round_trip_mid_schedule_resumes_to_identical_lrs(sched):
 
 
 def _torch_epoch_schedule(lr, epochs, warmup, method, decay, main):
-    """torchvision's references: the warmup scheduler, then `main(optimizer)` from the warmup's end (SequentialLR), stepped per epoch."""
+    """torchvision's references: the warmup scheduler, then `main(optimizer)` from the warmup's end (SequentialLR),
+    stepped per epoch."""
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
     first = main(optimizer)
     if warmup:
-        warm = (torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=decay, total_iters=warmup) if method == "linear"
-                else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=decay, total_iters=warmup))
+        warm = (
+            torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=decay, total_iters=warmup)
+            if method == "linear"
+            else torch.optim.lr_scheduler.ConstantLR(optimizer, factor=decay, total_iters=warmup)
+        )
         first = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers=[warm, first], milestones=[warmup])
     out = []
     for _ in range(epochs):
@@ -186,8 +204,17 @@ def _torch_epoch_schedule(lr, epochs, warmup, method, decay, main):
     ("constant", "constant", 1, None, lambda o: torch.optim.lr_scheduler.ConstantLR(o, factor=1.0, total_iters=0)),
 ])
 def test_per_epoch_schedules_are_torchvisions_and_change_only_at_epoch_boundaries(name, method, warmup, decay, main):
-    overrides = ["optim.lr=0.2", f"sched.name={name}", "sched.interval=epoch", f"sched.warmup_epochs={warmup}", f"sched.warmup_method={method}",
-                 "sched.step_epochs=3", "sched.gamma=0.5", "sched.min_lr=0.01", *([f"sched.warmup_decay={decay}"] if decay is not None else [])]
+    overrides = [
+        "optim.lr=0.2",
+        f"sched.name={name}",
+        "sched.interval=epoch",
+        f"sched.warmup_epochs={warmup}",
+        f"sched.warmup_method={method}",
+        "sched.step_epochs=3",
+        "sched.gamma=0.5",
+        "sched.min_lr=0.01",
+        *([f"sched.warmup_decay={decay}"] if decay is not None else []),
+    ]
     _, used, _ = _lrs(overrides, 9)
     theirs = _torch_epoch_schedule(0.2, 9, warmup, method, 0.01 if decay is None else decay, main)
     for step, lr in enumerate(used):
@@ -203,23 +230,49 @@ def test_per_epoch_warmup_needs_whole_epochs():
 def test_a_per_step_warmup_from_warmup_decay():
     _, used, _ = _lrs(["optim.lr=1.0", "sched.name=constant", "sched.warmup_epochs=1", "sched.warmup_decay=0.1"], 2)
     assert [round(u, 6) for u in used[:SPE + 1]] == [round(0.1 + 0.9 * s / SPE, 6) for s in range(SPE)] + [1.0]
-    _, used, _ = _lrs(["optim.lr=1.0", "sched.name=constant", "sched.warmup_epochs=1", "sched.warmup_method=constant"], 2)
+    _, used, _ = _lrs(
+        ["optim.lr=1.0", "sched.name=constant", "sched.warmup_epochs=1", "sched.warmup_method=constant"], 2
+    )
     assert used == [0.01] * SPE + [1.0] * SPE
 
 
 
-@pytest.mark.parametrize("name, theirs", [
-    ("multistep", lambda o, spe, total: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2 * spe, 3 * spe], gamma=0.5)),
-    ("exponential", lambda o, spe, total: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5 ** (1 / spe))),
-    ("poly", lambda o, spe, total: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=total, power=2.0)),
-    ("onecycle", lambda o, spe, total: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.1, total_steps=total, pct_start=0.25, div_factor=10,
-                                                                           final_div_factor=100, cycle_momentum=False)),
-])
+@pytest.mark.parametrize(
+    "name, theirs",
+    [
+        (
+            "multistep",
+            lambda o, spe, total: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2 * spe, 3 * spe], gamma=0.5),
+        ),
+        ("exponential", lambda o, spe, total: torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.5 ** (1 / spe))),
+        ("poly", lambda o, spe, total: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=total, power=2.0)),
+        (
+            "onecycle",
+            lambda o, spe, total: torch.optim.lr_scheduler.OneCycleLR(
+                o,
+                max_lr=0.1,
+                total_steps=total,
+                pct_start=0.25,
+                div_factor=10,
+                final_div_factor=100,
+                cycle_momentum=False,
+            ),
+        ),
+    ],
+)
 def test_the_other_schedules_are_torchs_own_per_step(name, theirs):
     """Each schedule per step against torch's scheduler class of the same name, stepped after every optimizer step."""
     epochs = 5
-    overrides = ["optim.lr=0.1", f"sched.name={name}", "sched.milestones=[2,3]", "sched.gamma=0.5", "sched.power=2.0", "sched.pct_start=0.25",
-                 "sched.div_factor=10", "sched.final_div_factor=100"]
+    overrides = [
+        "optim.lr=0.1",
+        f"sched.name={name}",
+        "sched.milestones=[2,3]",
+        "sched.gamma=0.5",
+        "sched.power=2.0",
+        "sched.pct_start=0.25",
+        "sched.div_factor=10",
+        "sched.final_div_factor=100",
+    ]
     _, ours, _ = _lrs(overrides, epochs)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     scheduler = theirs(optimizer, SPE, SPE * epochs)
@@ -247,12 +300,26 @@ def test_rmsprop_is_torchvisions():
 
 
 def test_records_report_the_lr_their_steps_trained_at(tmp_path):
-    """sched.interval=epoch: an epoch's train record says the lr of that epoch (the optimizer already holds the next one's)."""
+    """sched.interval=epoch: an epoch's train record says the lr of that epoch (the optimizer already holds the next
+    one's)."""
     from conftest import train_in_process
     from distcls.tracking.metrics import read_jsonl
     out = tmp_path / "run"
-    train_in_process(out, "optim.lr=0.1", "sched.name=step", "sched.interval=epoch", "sched.warmup_epochs=1", "sched.warmup_method=constant",
-                     "sched.step_epochs=1", "sched.gamma=0.5", "train.epochs=3", "train.max_steps_per_epoch=4", "log.every_steps=2")
+    train_in_process(
+        out,
+        "optim.lr=0.1",
+        "sched.name=step",
+        "sched.interval=epoch",
+        "sched.warmup_epochs=1",
+        "sched.warmup_method=constant",
+        "sched.step_epochs=1",
+        "sched.gamma=0.5",
+        "train.epochs=3",
+        "train.max_steps_per_epoch=4",
+        "log.every_steps=2",
+    )
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
     per_epoch = {1: 0.001, 2: 0.1, 3: 0.05}  # ConstantLR 0.01 x lr, then StepLR from the warmup's end
-    assert [(r["epoch"], r["lr"]) for r in records] == [(r["epoch"], pytest.approx(per_epoch[r["epoch"]])) for r in records]
+    assert [(r["epoch"], r["lr"]) for r in records] == [
+        (r["epoch"], pytest.approx(per_epoch[r["epoch"]])) for r in records
+    ]

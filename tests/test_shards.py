@@ -14,8 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (FAST, assert_ok, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes,
-                      train_in_process)
+from conftest import (
+    FAST,
+    assert_ok,
+    assert_user_error,
+    cli_in_process,
+    load_ckpt,
+    max_weight_diff,
+    train_at_world_sizes,
+    train_in_process,
+)
 from fakedata import write_imagefolder
 from distcls import config
 from distcls.data import build_data, eval_loader, shard_source, train_loader
@@ -36,7 +44,11 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shards(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "in4"
-    proc = subprocess.run([sys.executable, "-m", "distcls.shard", str(folder), str(out), "--shard-size", "25"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "distcls.shard", str(folder), str(out), "--shard-size", "25"],
+        capture_output=True,
+        text=True,
+    )
     assert_ok(proc)
     assert f"data.train_shards={out.resolve()}/train-{{000000..000006}}.tar" in proc.stdout
     return out
@@ -44,12 +56,21 @@ def shards(folder, tmp_path_factory):
 
 def shard_args(where, window: int = 16):
     where = str(where)
-    return ["data.name=webdataset", f"data.train_shards={where}/train-{{000000..000006}}.tar", f"data.val_shards={where}/val-{{000000..000003}}.tar",
-            "data.image_size=16", f"data.shard_streams={STREAMS}", f"data.shuffle_window={window}", f"data.batch_size={GLOBAL_BATCH}"]
+    return [
+        "data.name=webdataset",
+        f"data.train_shards={where}/train-{{000000..000006}}.tar",
+        f"data.val_shards={where}/val-{{000000..000003}}.tar",
+        "data.image_size=16",
+        f"data.shard_streams={STREAMS}",
+        f"data.shuffle_window={window}",
+        f"data.batch_size={GLOBAL_BATCH}",
+    ]
 
 
 def built(shards, *overrides):
-    cfg = config.load(None, [*shard_args(shards), "data.augment.random_resized_crop=true", "data.augment.hflip=true", *overrides])
+    cfg = config.load(
+        None, [*shard_args(shards), "data.augment.random_resized_crop=true", "data.augment.hflip=true", *overrides]
+    )
     return cfg, build_data(cfg)
 
 
@@ -68,7 +89,11 @@ def test_the_converter_writes_every_image_once_with_its_label(folder, shards):
         for i in range(n):
             name = f"{split}-{i:06d}.tar"
             samples = list(shard_source.iterate_samples(str(shards / name)))
-            assert desc["counts"][name] == len(samples) == (25 if i < n - 1 else (160 if split == "train" else 80) - 25 * (n - 1))
+            assert (
+                desc["counts"][name]
+                == len(samples)
+                == (25 if i < n - 1 else (160 if split == "train" else 80) - 25 * (n - 1))
+            )
             found.update((int(s["cls"]), hashlib.sha256(s["png"]).hexdigest()) for s in samples)
         assert found == expected[split]
     # the samples are written shuffled: a shard holds several classes
@@ -83,14 +108,20 @@ def test_global_batches_do_not_depend_on_the_world_size_and_each_stream_reads_it
     by_world = {}
     for world in (1, 2, 4):
         opened.clear()
-        ranks = [epoch_batches(train_loader(data.splits.train, GLOBAL_BATCH, world, r, 0, torch.device("cpu")), epoch=1) for r in range(world)]
+        ranks = [
+            epoch_batches(train_loader(data.splits.train, GLOBAL_BATCH, world, r, 0, torch.device("cpu")), epoch=1)
+            for r in range(world)
+        ]
         steps = [[k for rank in ranks for k in rank[s][0]] for s in range(len(ranks[0]))]
         by_world[world] = steps
         # each stream opens each of its shards once (a stream starts and ends inside at most one shard each)
         assert len(opened) <= TRAIN_SHARDS + STREAMS, opened
     assert by_world[1] == by_world[2] == by_world[4]
     keys = [k for step in by_world[1] for k in step]
-    assert len(by_world[1]) == 160 // STREAMS // (GLOBAL_BATCH // STREAMS) == 5 and len(keys) == len(set(keys)) == 5 * GLOBAL_BATCH
+    assert (
+        len(by_world[1]) == 160 // STREAMS // (GLOBAL_BATCH // STREAMS) == 5
+        and len(keys) == len(set(keys)) == 5 * GLOBAL_BATCH
+    )
     assert set(keys) <= set(range(160))
     # another epoch, another order
     other = epoch_batches(train_loader(data.splits.train, GLOBAL_BATCH, 1, 0, 0, torch.device("cpu")), epoch=2)
@@ -100,8 +131,12 @@ def test_global_batches_do_not_depend_on_the_world_size_and_each_stream_reads_it
 def test_workers_and_a_resume_mid_epoch_give_the_same_batches_bitwise(shards):
     cfg, data = built(shards)
     one = epoch_batches(train_loader(data.splits.train, GLOBAL_BATCH, 2, 1, 0, torch.device("cpu")), epoch=3)
-    workers = epoch_batches(train_loader(data.splits.train, GLOBAL_BATCH, 2, 1, 0, torch.device("cpu"), num_workers=2), epoch=3)
-    resumed = epoch_batches(train_loader(data.splits.train, GLOBAL_BATCH, 2, 1, 0, torch.device("cpu")), epoch=3, start_step=3)
+    workers = epoch_batches(
+        train_loader(data.splits.train, GLOBAL_BATCH, 2, 1, 0, torch.device("cpu"), num_workers=2), epoch=3
+    )
+    resumed = epoch_batches(
+        train_loader(data.splits.train, GLOBAL_BATCH, 2, 1, 0, torch.device("cpu")), epoch=3, start_step=3
+    )
     assert len(one) == 5 and len(resumed) == 2
     for a, b in zip(one, workers):
         assert a[:2] == b[:2] and torch.equal(a[2], b[2])
@@ -147,8 +182,12 @@ def http_server(tmp_path):
     """`python -m http.server` on a free loopback port, serving the folders the test copies under its root."""
     root = tmp_path / "served"
     root.mkdir()
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(root)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(re.search(r"port (\d+)", proc.stdout.readline()).group(1))
         yield root, f"http://127.0.0.1:{port}"
@@ -177,10 +216,16 @@ def test_shards_without_a_description_are_counted_once_and_a_restart_reads_the_c
     train_in_process(out, *shard_args(bare), "model.name=cnn3", "train.epochs=1")
     kept = json.loads((out / "shards.json").read_text())
     assert kept["class_names"] == ["0", "1", "2", "3"]
-    assert {Path(k).name: n for k, n in kept["counts"].items()} == json.loads((shards / "shards.json").read_text())["counts"]
-    assert all(Path(k).parent == bare for k in kept["counts"])  # by full path: another folder's shards of the same names are others
+    assert {Path(k).name: n for k, n in kept["counts"].items()} == json.loads((shards / "shards.json").read_text())[
+        "counts"
+    ]
+    # by full path: another folder's shards of the same names are others
+    assert all(Path(k).parent == bare for k in kept["counts"])
     monkeypatch.setattr(shard_dataset, "count", lambda urls: pytest.fail(f"counted again: {urls}"))
-    assert train_in_process(out, *shard_args(bare), "model.name=cnn3", "train.epochs=2", resume="auto")["epochs_completed"] == 2
+    assert (
+        train_in_process(out, *shard_args(bare), "model.name=cnn3", "train.epochs=2", resume="auto")["epochs_completed"]
+        == 2
+    )
 
 
 def _rewrite_member(src: Path, dst: Path, member: str, data: bytes) -> None:
@@ -207,23 +252,41 @@ def test_a_damaged_member_or_shard_is_a_named_bad_sample(shards, tmp_path, capfd
     shutil.copy(shards / "train-000002.tar", damaged / "train-000002.tar")
     data = (shards / "val-000001.tar").read_bytes()
     (damaged / "val-000001.tar").write_bytes(data[:len(data) // 2])
-    proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'c'}", *args, "data.skip_bad_images=true", "data.augment.hflip=false",
-                                           "data.eval_batch_size=2"])  # whole evaluation batches of the cut shard are unreadable: skipped
+    proc = cli_in_process(
+        capfd,
+        "train",
+        [
+            f"run.out_dir={tmp_path / 'c'}",
+            *args,
+            "data.skip_bad_images=true",
+            "data.augment.hflip=false",
+            # whole evaluation batches of the cut shard are unreadable: skipped
+            "data.eval_batch_size=2",
+        ],
+    )
     assert_ok(proc)
     assert json.loads((tmp_path / "c/summary.json").read_text())["dropped_bad_image_reads"] > 1
     proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'd'}", *args])
     assert_user_error(proc, "val-000001.tar")
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["data.val_shards=null"], ["needs data.train_shards and data.val_shards"]),
-    (["data.train_shards=/nowhere/train-{000..003}.tar"], ["shard /nowhere/train-000.tar does not exist", "and 3 more of 4"]),
-    (["data.shard_streams=3"], ["data.batch_size=32 must be a multiple of data.shard_streams=3"]),
-    (["data.split=[0.8,0.1,0.1]"], ["remove data.split"]),
-    (["data.repeats=2"], ["data.repeats=2 does not work with it yet"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["data.val_shards=null"], ["needs data.train_shards and data.val_shards"]),
+        (
+            ["data.train_shards=/nowhere/train-{000..003}.tar"],
+            ["shard /nowhere/train-000.tar does not exist", "and 3 more of 4"],
+        ),
+        (["data.shard_streams=3"], ["data.batch_size=32 must be a multiple of data.shard_streams=3"]),
+        (["data.split=[0.8,0.1,0.1]"], ["remove data.split"]),
+        (["data.repeats=2"], ["data.repeats=2 does not work with it yet"]),
+    ],
+)
 def test_shard_settings_that_cannot_work_are_one_line_errors(shards, tmp_path, capfd, overrides, fragments):
-    proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'run'}", *shard_args(shards), "train.epochs=1", *overrides])
+    proc = cli_in_process(
+        capfd, "train", [f"run.out_dir={tmp_path / 'run'}", *shard_args(shards), "train.epochs=1", *overrides]
+    )
     assert_user_error(proc, *fragments)
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
@@ -234,7 +297,9 @@ def test_the_converter_refuses_a_folder_that_is_not_empty(folder, shards, capfd)
 
 @pytest.mark.slow
 def test_world_sizes_1_and_2_train_the_same_weights_on_shards(shards, tmp_path):
-    checkpoints = train_at_world_sizes(tmp_path, [*shard_args(shards), "model.name=lenet", "train.epochs=2", "data.num_workers=1"])
+    checkpoints = train_at_world_sizes(
+        tmp_path, [*shard_args(shards), "model.name=lenet", "train.epochs=2", "data.num_workers=1"]
+    )
     assert max_weight_diff(checkpoints[1]["model"], checkpoints[2]["model"]) <= 1e-5
 
 
@@ -269,8 +334,17 @@ def test_a_server_that_stalls_is_a_named_error_not_a_hang(shards, tmp_path, capf
     monkeypatch.setattr(shard_source, "HTTP_TIMEOUT_S", 1)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/in4"
-        proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'run'}", *shard_args(url), "train.epochs=1", "data.shard_streams=1",
-                                               "data.shuffle_window=8"])  # the first batch reads one shard: one timeout
+        proc = cli_in_process(
+            capfd,
+            "train",
+            [
+                f"run.out_dir={tmp_path / 'run'}",
+                *shard_args(url),
+                "train.epochs=1",
+                "data.shard_streams=1",
+                "data.shuffle_window=8",
+            ],
+        )  # the first batch reads one shard: one timeout
     finally:
         release.set()
         server.shutdown()
@@ -284,7 +358,10 @@ def test_shards_of_the_same_name_in_two_folders_keep_their_own_counts(shards, tm
         (tmp_path / split).mkdir()
         for i in range(n):
             shutil.copy(shards / f"{split}-{i:06d}.tar", tmp_path / split / f"{i:06d}.tar")
-        counts = {f"{i:06d}.tar": json.loads((shards / "shards.json").read_text())["counts"][f"{split}-{i:06d}.tar"] for i in range(n)}
+        counts = {
+            f"{i:06d}.tar": json.loads((shards / "shards.json").read_text())["counts"][f"{split}-{i:06d}.tar"]
+            for i in range(n)
+        }
         (tmp_path / split / "shards.json").write_text(json.dumps({"class_names": list(CLASSES), "counts": counts}))
     cfg = config.load(None, [*shard_args(shards), f"data.train_shards=file://{tmp_path}/train/{{000000..000006}}.tar",
                              f"data.val_shards=file://localhost{tmp_path}/val/{{000000..000003}}.tar"])
@@ -295,7 +372,8 @@ def test_shards_of_the_same_name_in_two_folders_keep_their_own_counts(shards, tm
 def test_the_converter_writes_other_formats_as_training_decodes_them_and_nothing_on_failure(tmp_path, capfd):
     from PIL import Image
     folder = write_imagefolder(tmp_path / "f", classes=("a", "b"), per_class=4, size=16, layout="split")
-    Image.new("CMYK", (20, 16), (0, 255, 0, 0)).save(folder / "train/a/cmyk.tif")  # training reads it as RGB: so does its shard
+    # training reads it as RGB: so does its shard
+    Image.new("CMYK", (20, 16), (0, 255, 0, 0)).save(folder / "train/a/cmyk.tif")
     out = tmp_path / "out%d"
     assert_ok(cli_in_process(capfd, "shard", [folder, out, "--shard-size", "3"]))
     members = [s for i in range(3) for s in shard_source.iterate_samples(str(out / f"train-{i:06d}.tar"))]
@@ -308,10 +386,13 @@ def test_the_converter_writes_other_formats_as_training_decodes_them_and_nothing
 
 
 def test_a_resume_on_other_training_data_is_refused(shards, tmp_path, capfd):
-    """The checkpoint records its training split's size: resumed on 6 of the 7 shards, its (epoch, step) would name other samples."""
+    """The checkpoint records its training split's size: resumed on 6 of the 7 shards, its (epoch, step) would name
+    other samples."""
     out = tmp_path / "run"
     train_in_process(out, *shard_args(shards), "train.epochs=1")
     fewer = [a.replace("{000000..000006}", "{000000..000005}") for a in shard_args(shards)]
-    proc = cli_in_process(capfd, "train", [f"run.out_dir={out}", *fewer, "train.epochs=2", *FAST[:1], "--resume", "auto"])
+    proc = cli_in_process(
+        capfd, "train", [f"run.out_dir={out}", *fewer, "train.epochs=2", *FAST[:1], "--resume", "auto"]
+    )
     assert_user_error(proc, "trained on a training split of 160 samples, but this data gives 150", "model.pretrained=")
     assert load_ckpt(out / "checkpoints/last.pt")["train_samples"] == 160

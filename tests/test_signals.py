@@ -46,7 +46,8 @@ def strict_json(text: str):
 def _start_train_process(args, driver: str, log_dir: Path) -> subprocess.Popen:
     """`python -m distcls.train` (run by its real entry point, `train.cli`), after `driver`'s code;
     its stdout and stderr go to files in `log_dir`."""
-    script = f"import sys\n{driver}\nfrom distcls import train\nsys.argv = ['distcls.train', *{[str(a) for a in args]!r}]\ntrain.cli()\n"
+    argv = [str(a) for a in args]
+    script = f"import sys\n{driver}\nfrom distcls import train\nsys.argv = ['distcls.train', *{argv!r}]\ntrain.cli()\n"
     with open(log_dir / "stdout", "w") as stdout, open(log_dir / "stderr", "w") as stderr:
         return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=stdout, stderr=stderr, text=True,
                                 env=child_env({"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"}))
@@ -60,11 +61,14 @@ def _one_line(proc, prefix: str) -> str:
 
 
 RUN = [*FAST, "model.name=stop_model:build", "train.epochs=1", "train.max_steps_per_epoch=4", "data.val_fraction=0",
-       "data.eval_batch_size=4096"]  # no validation: eval forward 1 is the model check, 2 the (one) test batch, 3 the plots'
+       # no validation: eval forward 1 is the model check, 2 the (one) test batch, 3 the plots'
+       "data.eval_batch_size=4096"]
 
-SECOND_SIGTERM = ("import os, signal\nfrom distcls.run import outputs as rundir\nrelease = rundir.RunDirLock.release\n"
-                  "def release_after_a_second_sigterm(self):\n    os.kill(os.getpid(), signal.SIGTERM)\n    release(self)\n"
-                  "rundir.RunDirLock.release = release_after_a_second_sigterm\n")
+SECOND_SIGTERM = (
+    "import os, signal\nfrom distcls.run import outputs as rundir\nrelease = rundir.RunDirLock.release\n"
+    "def release_after_a_second_sigterm(self):\n    os.kill(os.getpid(), signal.SIGTERM)\n    release(self)\n"
+    "rundir.RunDirLock.release = release_after_a_second_sigterm\n"
+)
 
 # What each test below runs (its train overrides after run.out_dir, and the driver code), from its parameters.
 SIGNAL_RUNS = {
@@ -91,7 +95,11 @@ class SignalRuns:
                 args, driver = make(**params)
                 log_dir = tmp_path_factory.mktemp("signal_run")
                 out = log_dir / "run"
-                self.runs[item.name] = (out, log_dir, _start_train_process([f"run.out_dir={out}", *args], driver, log_dir))
+                self.runs[item.name] = (
+                    out,
+                    log_dir,
+                    _start_train_process([f"run.out_dir={out}", *args], driver, log_dir),
+                )
 
     def finished(self, name: str) -> tuple[Path, subprocess.CompletedProcess]:
         """The test `name`'s run dir and finished process."""
@@ -130,7 +138,9 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_with_exit_0(signal_run
     """During the final test evaluation (eval forward 2) or the end-of-run plots (3)."""
     out, proc = signal_runs.finished(request.node.name)
     assert proc.returncode == 0, proc.stderr
-    _one_line(proc, f"distcls: done: {sig} arrived after the last training step; the run finished and everything is written")
+    _one_line(
+        proc, f"distcls: done: {sig} arrived after the last training step; the run finished and everything is written"
+    )
     assert strict_json((out / "summary.json").read_text())["test_count"] > 0
     if plots:
         assert (out / "plots/samples.png").is_file()

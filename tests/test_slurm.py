@@ -31,7 +31,17 @@ from slurm_cluster import ClusterUnavailable, LocalSlurm
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+FINISHED = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 # How each script is submitted on this CPU-only cluster (2 fake nodes of 2 CPUs): 2 ranks in all.
 LAYOUTS = {
     "single_node": (["--cpus-per-task=2"], {"NPROC_PER_NODE": "2"}, "torchrun"),
@@ -100,7 +110,10 @@ def pause_at_first_checkpoint(mark: Path) -> dict:
     """The environment of a job whose rank 0 waits after its first checkpoint until a stop signal
     reaches it (tests/pause_hook; `mark` tells the requeued process not to wait): the requeue does
     not race the end of the training, however loaded the machine is."""
-    return {"PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "pause_hook"), str(ROOT)]), "DISTCLS_TEST_PAUSE_MARK": str(mark)}
+    return {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "pause_hook"), str(ROOT)]),
+        "DISTCLS_TEST_PAUSE_MARK": str(mark),
+    }
 
 
 def _signal_at_first_checkpoint(cluster: LocalSlurm, jobs: dict, base: Path, timeout: float) -> None:
@@ -133,8 +146,16 @@ def default_runs(cluster, tmp_path_factory):
     """The default config through each script, submitted together; the REQUEUED ones are signalled
     once their first checkpoint is written, so they requeue once and resume."""
     base = tmp_path_factory.mktemp("slurm_default")
-    jobs = {s: submit_layout(cluster, s, base, ["configs/default.yaml", f"run.out_dir={base / s}", *QUIET],
-                             pause_at_first_checkpoint(base / f"{s}.paused") if s in REQUEUED else None) for s in LAYOUTS}
+    jobs = {
+        s: submit_layout(
+            cluster,
+            s,
+            base,
+            ["configs/default.yaml", f"run.out_dir={base / s}", *QUIET],
+            pause_at_first_checkpoint(base / f"{s}.paused") if s in REQUEUED else None,
+        )
+        for s in LAYOUTS
+    }
     _signal_at_first_checkpoint(cluster, {s: jobs[s] for s in REQUEUED}, base, timeout=300)
     for job in jobs.values():
         job.wait()
@@ -176,7 +197,8 @@ def test_usr1_saves_requeues_once_and_the_job_finishes_as_if_never_stopped(defau
     assert "stopped by SIGTERM; checkpoint saved to" in log
     assert "resumed from" in log and "restart 1 on" in log
     assert "Error in sitecustomize" not in log  # (python runs on without a broken hook)
-    assert (base / f"{script}.paused").exists()  # it waited at its first checkpoint (epoch 1's end) until the signal came
+    # it waited at its first checkpoint (epoch 1's end) until the signal came
+    assert (base / f"{script}.paused").exists()
     assert "at epoch 2, step 1 of the epoch" in log  # so it stopped at the next step
     resumed = datetime.time.fromisoformat(re.findall(r"^\[(\d\d:\d\d:\d\d)\] resumed from", log, re.M)[0])
     round_trip = (datetime.datetime.combine(job.signalled_at.date(), resumed) - job.signalled_at).total_seconds()
@@ -199,7 +221,10 @@ def bad_submissions(cluster, tmp_path_factory):
     base = tmp_path_factory.mktemp("slurm_bad")
     runs = {"missing_config": ("single_node", ["configs/no_such.yaml"])}
     for script in ("single_node", "srun_tasks"):
-        runs[f"bad_override_{script}"] = (script, ["configs/default.yaml", "optim.lr=fast", f"run.out_dir={base / f'bad_override_{script}' / 'run'}"])
+        runs[f"bad_override_{script}"] = (
+            script,
+            ["configs/default.yaml", "optim.lr=fast", f"run.out_dir={base / f'bad_override_{script}' / 'run'}"],
+        )
     jobs = {}
     for name, (script, args) in runs.items():
         (base / name).mkdir()

@@ -64,7 +64,8 @@ def test_a_skipped_first_step_then_a_real_one_equals_the_real_one_alone():
         opt, precision = _optimizer(model), Precision("none", CPU)
         if skip_first:
             _set_grads(model, float("nan"))
-            assert bool(precision.step(opt, list(model.parameters()), None, skip=torch.tensor(False)))  # NaN grads: skipped
+            # NaN grads: skipped
+            assert bool(precision.step(opt, list(model.parameters()), None, skip=torch.tensor(False)))
         _set_grads(model, 0.5)
         assert not bool(precision.step(opt, list(model.parameters()), None, skip=torch.tensor(False)))
         _set_grads(model, 0.25)
@@ -139,7 +140,9 @@ def _trainer(model, nonfinite="skip", flag_lag=None, steps=6):
     src = TensorSource(torch.randint(0, 256, (16 * steps, 1, 4, 4), dtype=torch.uint8), torch.arange(16 * steps) % 4)
     loader = train_loader(SplitView(src, torch.arange(16 * steps)), 16, 1, 0, 0, CPU)
     pre = Preprocess(1, 4, (0.5,), (0.25,), AugmentConfig(crop_padding=1, hflip=True), 0, num_keys=16 * steps)
-    return Trainer(model, model, opt, sched, Precision("none", CPU), TrainConfig(nonfinite=nonfinite), pre, CPU, flag_lag), loader
+    return Trainer(
+        model, model, opt, sched, Precision("none", CPU), TrainConfig(nonfinite=nonfinite), pre, CPU, flag_lag
+    ), loader
 
 
 @pytest.mark.parametrize("flag_lag", [0, 1])
@@ -232,8 +235,15 @@ def test_with_the_gpus_flag_lag_an_aborting_run_saves_nothing_after_its_diverged
 
     monkeypatch.setattr(components, "Trainer", Lagging)
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch 1, step 4"):
-        run_in_process(tmp_path / "run", "model.name=nan_model:build", "model.args.nan_steps=[4]", "train.nonfinite=abort",
-                       "checkpoint.every_steps=4", "train.epochs=1", "train.max_steps_per_epoch=10")
+        run_in_process(
+            tmp_path / "run",
+            "model.name=nan_model:build",
+            "model.args.nan_steps=[4]",
+            "train.nonfinite=abort",
+            "checkpoint.every_steps=4",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=10",
+        )
     assert not list((tmp_path / "run").glob("checkpoints/*.pt"))
 
 

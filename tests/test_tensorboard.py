@@ -58,7 +58,13 @@ def test_a_run_stopped_by_a_signal_and_resumed_logs_every_step_once(tmp_path, mo
     from conftest import run_in_process
     from distcls.run.runner import Stopped
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    args = ["model.name=stop_model:build", "log.tensorboard=true", "log.every_steps=2", "train.epochs=2", "train.max_steps_per_epoch=8"]
+    args = [
+        "model.name=stop_model:build",
+        "log.tensorboard=true",
+        "log.every_steps=2",
+        "train.epochs=2",
+        "train.max_steps_per_epoch=8",
+    ]
     out = tmp_path / "run"
     assert isinstance(run_in_process(out, *args, "model.args.stop_at=11"), Stopped)
     train_in_process(out, *args, resume="auto")
@@ -70,7 +76,8 @@ def test_a_run_stopped_by_a_signal_and_resumed_logs_every_step_once(tmp_path, mo
 
 
 def test_a_fresh_start_drops_what_an_attempt_without_a_checkpoint_logged(tmp_path):
-    """A requeued job whose first attempt died before any checkpoint starts fresh: metrics.jsonl starts anew, and so does TensorBoard."""
+    """A requeued job whose first attempt died before any checkpoint starts fresh: metrics.jsonl starts anew, and so
+    does TensorBoard."""
     out = tmp_path / "run"
     from torch.utils.tensorboard import SummaryWriter
     earlier = SummaryWriter(log_dir=str(out / "tensorboard"))

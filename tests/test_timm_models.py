@@ -6,16 +6,33 @@ import os
 import pytest
 import torch
 
-from conftest import FAST, assert_ok, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes, train_in_process
+from conftest import (
+    FAST,
+    assert_ok,
+    assert_user_error,
+    cli_in_process,
+    load_ckpt,
+    max_weight_diff,
+    train_at_world_sizes,
+    train_in_process,
+)
 from distcls import config
 from distcls.models import build_model
 from distcls.spec import DataSpec
 
 timm = pytest.importorskip("timm")
 
-# A two-block ViT on the 8x8 digits at 16 px (16 patches of 4x4): no BatchNorm, so the world size does not change its weights.
-VIT = ["model.name=timm:vit_tiny_patch16_224", "model.args.img_size=16", "model.args.patch_size=4", "model.args.depth=2",
-       "data.image_size=16", "optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05"]
+# A two-block ViT on the 8x8 digits at 16 px (16 patches of 4x4): no BatchNorm, weights independent of the world size.
+VIT = [
+    "model.name=timm:vit_tiny_patch16_224",
+    "model.args.img_size=16",
+    "model.args.patch_size=4",
+    "model.args.depth=2",
+    "data.image_size=16",
+    "optim.name=adamw",
+    "optim.lr=0.001",
+    "optim.weight_decay=0.05",
+]
 
 
 def test_a_timm_model_is_built_for_the_data():
@@ -25,14 +42,23 @@ def test_a_timm_model_is_built_for_the_data():
     assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 7)
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["model.name=timm:resnt18"], ["is not a timm model", "close matches: timm:resnet18"]),
-    (["model.name=timm:resnet18.bogus_tag"], ["'bogus_tag' is not a pretrained tag of resnet18", "its tags: a1_in1k"]),
-    (["model.name=timm:resnet18", "model.args.output_stride=7"], ["does not fit model.name=timm:resnet18"]),
-    (["model.name=timm:resnet18", "model.args.num_classes=3"], ["model.args.num_classes cannot be set", "comes from the data"]),
-    (["model.name=timm:resnet18", "model.args.no_such_argument=3"], ["does not fit model.name=timm:resnet18"]),
-    (["model.name=cnn3", "model.pretrained=timm"], ["model.pretrained=timm loads timm's weights for a timm model"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["model.name=timm:resnt18"], ["is not a timm model", "close matches: timm:resnet18"]),
+        (
+            ["model.name=timm:resnet18.bogus_tag"],
+            ["'bogus_tag' is not a pretrained tag of resnet18", "its tags: a1_in1k"],
+        ),
+        (["model.name=timm:resnet18", "model.args.output_stride=7"], ["does not fit model.name=timm:resnet18"]),
+        (
+            ["model.name=timm:resnet18", "model.args.num_classes=3"],
+            ["model.args.num_classes cannot be set", "comes from the data"],
+        ),
+        (["model.name=timm:resnet18", "model.args.no_such_argument=3"], ["does not fit model.name=timm:resnet18"]),
+        (["model.name=cnn3", "model.pretrained=timm"], ["model.pretrained=timm loads timm's weights for a timm model"]),
+    ],
+)
 def test_timm_mistakes_are_one_line_errors(tmp_path, capfd, overrides, fragments):
     proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'run'}", *FAST, "train.epochs=1", *overrides])
     assert_user_error(proc, *fragments)
@@ -66,7 +92,13 @@ def test_timm_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
         build_model(cfg.model, DataSpec(3, 5, 32))
 
 
-TRAINED = ["train.epochs=4", "train.ema.enabled=true", "train.ema.every_steps=2", "train.ema.decay=0.9", "checkpoint.keep=4"]
+TRAINED = [
+    "train.epochs=4",
+    "train.ema.enabled=true",
+    "train.ema.every_steps=2",
+    "train.ema.decay=0.9",
+    "checkpoint.keep=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +124,9 @@ def test_a_timm_checkpoint_evaluates_predicts_and_exports(vit_run, tmp_path, cap
     ckpt = vit_run / "checkpoints/last.pt"
     proc = cli_in_process(capfd, "evaluate", ["--checkpoint", ckpt, "--json", "--no-speed"])
     assert_ok(proc)
-    assert json.loads(proc.stdout)["acc"] == pytest.approx(json.loads((vit_run / "summary.json").read_text())["test_acc"])
+    assert json.loads(proc.stdout)["acc"] == pytest.approx(
+        json.loads((vit_run / "summary.json").read_text())["test_acc"]
+    )
     from PIL import Image
     image = tmp_path / "digit.png"
     Image.new("L", (8, 8), 128).save(image)

@@ -4,7 +4,15 @@ import pytest
 import torch
 
 import fakedata
-from conftest import FAST, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes, train_in_process
+from conftest import (
+    FAST,
+    assert_user_error,
+    cli_in_process,
+    load_ckpt,
+    max_weight_diff,
+    train_at_world_sizes,
+    train_in_process,
+)
 from distcls import config
 from distcls.data import DataSpec
 from distcls.engine import build_optimizer
@@ -31,9 +39,22 @@ def flowers(tmp_path_factory):
 
 
 def _transfer(out, weights, flowers, *overrides):
-    return train_in_process(out, "data.name=imagefolder", f"data.root={flowers}", "data.image_size=16", "data.split=[0.75, 0, 0.25]",
-                            "model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={weights}", "train.epochs=1",
-                            "data.batch_size=6", "optim.lr=0.1", "data.augment.random_resized_crop=true", "train.max_steps_per_epoch=1", *overrides)
+    return train_in_process(
+        out,
+        "data.name=imagefolder",
+        f"data.root={flowers}",
+        "data.image_size=16",
+        "data.split=[0.75, 0, 0.25]",
+        "model.name=resnet18",
+        "model.cifar_stem=true",
+        f"model.pretrained={weights}",
+        "train.epochs=1",
+        "data.batch_size=6",
+        "optim.lr=0.1",
+        "data.augment.random_resized_crop=true",
+        "train.max_steps_per_epoch=1",
+        *overrides,
+    )
 
 
 def test_frozen_backbone_keeps_every_backbone_tensor_bitwise(tmp_path, pretrained, flowers):
@@ -77,11 +98,18 @@ def test_torchvision_weights_resolve_from_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     spec = DataSpec(3, 5, 32)
     # (the file below is made here under torchvision's name: its hash check is off, test_torchvision_models checks it)
-    cfg = config.load(None, ["model.name=resnet18", f"model.pretrained={TV_NAME}", "model.freeze=backbone", "model.verify_weights=false"])
+    cfg = config.load(
+        None,
+        ["model.name=resnet18", f"model.pretrained={TV_NAME}", "model.freeze=backbone", "model.verify_weights=false"],
+    )
     with pytest.raises(UserError) as err:
         build_model(cfg.model, spec)
     msg = str(err.value)
-    assert TV_FILE in msg and str(tmp_path / "th" / "hub" / "checkpoints") in msg and f"https://download.pytorch.org/models/{TV_FILE}" in msg
+    assert (
+        TV_FILE in msg
+        and str(tmp_path / "th" / "hub" / "checkpoints") in msg
+        and f"https://download.pytorch.org/models/{TV_FILE}" in msg
+    )
     weights = fakedata.write_resnet_weights(tmp_path / "th" / "hub" / "checkpoints" / TV_FILE)
     logged = []
     model = build_model(cfg.model, spec, logged.append)
@@ -98,13 +126,27 @@ def test_torchvision_weights_resolve_from_torch_home(tmp_path, monkeypatch):
 def test_mismatched_or_unknown_weights_are_clear_errors(tmp_path, monkeypatch, capsys):
     weights = fakedata.write_resnet_weights(tmp_path / "r18.pth")  # 7x7 stem
     cfg = config.load(None, ["model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={weights}"])
-    with pytest.raises(UserError, match=r"tensor conv1.weight has shape \(64, 3, 7, 7\) in the file but \(64, 3, 3, 3\) in model"):
+    with pytest.raises(
+        UserError, match=r"tensor conv1.weight has shape \(64, 3, 7, 7\) in the file but \(64, 3, 3, 3\) in model"
+    ):
         build_model(cfg.model, DataSpec(3, 10, 32))
     with pytest.raises(UserError, match="not a torchvision weights enum"):
-        build_model(config.load(None, ["model.name=resnet18", "model.pretrained=torchvision:ResNet18_Weights.NOPE"]).model, DataSpec(3, 10, 32))
+        build_model(
+            config.load(None, ["model.name=resnet18", "model.pretrained=torchvision:ResNet18_Weights.NOPE"]).model,
+            DataSpec(3, 10, 32),
+        )
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # through the CLI: exit 2, one line
-    proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'cli'}", "model.name=resnet18", f"model.pretrained={TV_NAME}",
-                                            "model.freeze=backbone", "data.image_size=32"])
+    proc = cli_in_process(
+        capsys,
+        "train",
+        [
+            f"run.out_dir={tmp_path / 'cli'}",
+            "model.name=resnet18",
+            f"model.pretrained={TV_NAME}",
+            "model.freeze=backbone",
+            "data.image_size=32",
+        ],
+    )
     assert_user_error(proc, TV_FILE, "copy it to")
 
 
@@ -118,9 +160,21 @@ def test_freeze_backbone_old_spelling():
 
 @pytest.mark.slow
 def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
-    common = [*FAST, "data.name=imagefolder", f"data.root={flowers}", "data.image_size=16", "data.split=[0.75, 0, 0.25]",
-              "model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={pretrained}", "model.freeze=backbone",
-              "train.epochs=2", "data.batch_size=6", "data.augment.random_resized_crop=true", "data.augment.hflip=true"]
+    common = [
+        *FAST,
+        "data.name=imagefolder",
+        f"data.root={flowers}",
+        "data.image_size=16",
+        "data.split=[0.75, 0, 0.25]",
+        "model.name=resnet18",
+        "model.cifar_stem=true",
+        f"model.pretrained={pretrained}",
+        "model.freeze=backbone",
+        "train.epochs=2",
+        "data.batch_size=6",
+        "data.augment.random_resized_crop=true",
+        "data.augment.hflip=true",
+    ]
     ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * 3
     assert max_weight_diff(ck[1]["model"], ck[2]["model"]) <= 1e-5
@@ -135,10 +189,12 @@ def test_transfer_keys_that_would_be_silently_ignored_are_config_errors(tmp_path
     yaml_file.write_text("model:\n  freeze: none\n  pretrained: x.pth\n")
     with pytest.raises(ConfigError, match="model.freeze=none contradicts"):
         config.load(str(yaml_file), ["model.freeze_backbone=true"])
-    assert config.load(None, ["model.freeze_backbone=true", "model.pretrained=x.pth"]).model.frozen  # the old spelling alone
+    # the old spelling alone
+    assert config.load(None, ["model.freeze_backbone=true", "model.pretrained=x.pth"]).model.frozen
     out = tmp_path / "run"
     proc = cli_in_process(capsys, "train", [f"run.out_dir={out}", "optim.backbone_lr_scale=0.1"])
     assert_user_error(proc, "optim.backbone_lr_scale=0.1 needs model.pretrained")
     assert not out.exists()
-    stored = config.load(None, ["optim.backbone_lr_scale=0.1"])  # a checkpoint's stored config still loads (evaluate, predict)
+    # a checkpoint's stored config still loads (evaluate, predict)
+    stored = config.load(None, ["optim.backbone_lr_scale=0.1"])
     assert stored.optim.backbone_lr_scale == 0.1

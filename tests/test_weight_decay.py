@@ -63,7 +63,8 @@ def test_norm_and_bias_decay_as_torchvisions_set_weight_decay():
     assert {n: only_norm[n][0] for n in BIAS} == dict.fromkeys(BIAS, 0.5)  # the other biases: weight_decay
     only_bias = _decay_of(_net(), "optim.bias_weight_decay=0.0")
     assert {n: only_bias[n][0] for n in BIAS + NORM_BIASES} == dict.fromkeys(BIAS + NORM_BIASES, 0.0)
-    assert {n: only_bias[n][0] for n in WEIGHTS + NORM_WEIGHTS} == dict.fromkeys(WEIGHTS + NORM_WEIGHTS, 0.5)  # BatchNorm weights too
+    # BatchNorm weights too
+    assert {n: only_bias[n][0] for n in WEIGHTS + NORM_WEIGHTS} == dict.fromkeys(WEIGHTS + NORM_WEIGHTS, 0.5)
 
 
 def test_the_rule_before_decay_rule_stays_for_its_checkpoints():
@@ -76,7 +77,9 @@ def test_the_rule_before_decay_rule_stays_for_its_checkpoints():
 
 
 def test_composed_with_the_backbone_lr_scale():
-    decay = _decay_of(_net(), "optim.norm_weight_decay=0.0", "optim.bias_weight_decay=0.25", "optim.backbone_lr_scale=0.1")
+    decay = _decay_of(
+        _net(), "optim.norm_weight_decay=0.0", "optim.bias_weight_decay=0.25", "optim.backbone_lr_scale=0.1"
+    )
     assert decay["8.weight"] == (0.5, 0.1) and decay["8.bias"] == (0.25, 0.1)  # the head: full lr
     assert decay["7.bias"] == (0.25, pytest.approx(0.01)) and decay["1.weight"] == (0.0, pytest.approx(0.01))
     assert decay["0.weight"] == (0.5, pytest.approx(0.01))
@@ -88,13 +91,28 @@ def test_the_optimizer_applies_each_decay():
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0)
-    opt = build_optimizer(model, config.load(None, ["optim.lr=0.1", "optim.momentum=0", "optim.weight_decay=0.5",
-                                                    "optim.norm_weight_decay=0.0", "optim.bias_weight_decay=0.25"]).optim)
+    opt = build_optimizer(
+        model,
+        config.load(
+            None,
+            [
+                "optim.lr=0.1",
+                "optim.momentum=0",
+                "optim.weight_decay=0.5",
+                "optim.norm_weight_decay=0.0",
+                "optim.bias_weight_decay=0.25",
+            ],
+        ).optim,
+    )
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     got = {n: p.flatten()[0].item() for n, p in model.named_parameters()}
-    want = {**dict.fromkeys(NORM_WEIGHTS, 1.0), **dict.fromkeys(BIAS + NORM_BIASES, 1 - 0.1 * 0.25), **dict.fromkeys(WEIGHTS, 1 - 0.1 * 0.5)}
+    want = {
+        **dict.fromkeys(NORM_WEIGHTS, 1.0),
+        **dict.fromkeys(BIAS + NORM_BIASES, 1 - 0.1 * 0.25),
+        **dict.fromkeys(WEIGHTS, 1 - 0.1 * 0.5),
+    }
     assert got == pytest.approx(want, rel=1e-6)
 
 
@@ -103,7 +121,8 @@ def test_torchvision_convnext_layernorm2d_is_a_norm_layer():
     from distcls.models import build_model
     model = build_model(config.load(None, ["model.name=torchvision:convnext_tiny"]).model, DataSpec(3, 4, 32))
     decay = _decay_of(model, "optim.norm_weight_decay=0.0", "optim.bias_weight_decay=0.25")
-    assert decay["features.0.1.weight"][0] == 0.0 and decay["features.0.1.bias"][0] == 0.25  # LayerNorm2d in the stem (its bias: a bias)
+    # LayerNorm2d in the stem (its bias: a bias)
+    assert decay["features.0.1.weight"][0] == 0.0 and decay["features.0.1.bias"][0] == 0.25
     assert decay["features.1.0.block.0.bias"][0] == 0.25  # a depthwise conv's bias
     assert decay["features.1.0.layer_scale"][0] == 0.5  # 3-d, neither norm nor bias
 
@@ -118,8 +137,13 @@ def test_a_checkpoint_from_before_decay_rule_resumes_with_its_own_groups(tmp_pat
     keeps the old groups (the optimizer state loads), says so, and stores the decided rule."""
     from conftest import load_ckpt, train_in_process
     out = tmp_path / "run"
-    args = ["optim.bias_weight_decay=0.001", "optim.norm_weight_decay=0.0", "model.name=cnn3", "model.args.batch_norm=true",
-            "data.max_train_samples=256"]
+    args = [
+        "optim.bias_weight_decay=0.001",
+        "optim.norm_weight_decay=0.0",
+        "model.name=cnn3",
+        "model.args.batch_norm=true",
+        "data.max_train_samples=256",
+    ]
     train_in_process(out, *args, "optim.decay_rule=by_ndim", "train.epochs=1")
     path = out / "checkpoints/last.pt"
     ck = load_ckpt(path)
@@ -133,4 +157,7 @@ def test_a_checkpoint_from_before_decay_rule_resumes_with_its_own_groups(tmp_pat
     assert "predates optim.decay_rule" in capsys.readouterr().err
     assert load_ckpt(path)["config"]["optim"]["decay_rule"] == "by_ndim"
     fresh = train_in_process(tmp_path / "fresh", *args, "train.epochs=1")
-    assert fresh["epochs_completed"] == 1 and load_ckpt(tmp_path / "fresh/checkpoints/last.pt")["config"]["optim"]["decay_rule"] == "torchvision"
+    assert (
+        fresh["epochs_completed"] == 1
+        and load_ckpt(tmp_path / "fresh/checkpoints/last.pt")["config"]["optim"]["decay_rule"] == "torchvision"
+    )

@@ -5,7 +5,18 @@ import argparse
 import json
 from typing import Sequence
 
-from distcls.bench import augment, checkpoint, compare, datastart, gpu_check, imagefolder, reference, scaling, startup, throughput
+from distcls.bench import (
+    augment,
+    checkpoint,
+    compare,
+    datastart,
+    gpu_check,
+    imagefolder,
+    reference,
+    scaling,
+    startup,
+    throughput,
+)
 from distcls.cli import ArgumentParser, exit_with
 
 # mode name -> module exposing add_arguments(parser) and run(args) -> dict (optionally render(result)).
@@ -28,7 +39,9 @@ def _summary_line(module) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = ArgumentParser(prog="python -m distcls.bench", description="Measurements behind distcls's performance claims.")
+    parser = ArgumentParser(
+        prog="python -m distcls.bench", description="Measurements behind distcls's performance claims."
+    )
     modes = parser.add_subparsers(dest="mode", metavar="MODE", required=True, parser_class=ArgumentParser)
     for name, module in MODES.items():
         sub = modes.add_parser(name, help=_summary_line(module), description=module.__doc__,

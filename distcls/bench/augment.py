@@ -1,4 +1,5 @@
-"""augment: the keyed batched recipe (TrivialAugment + random erasing + Mixup/CutMix) vs torchvision.transforms.v2 per image.
+"""augment: the keyed batched recipe (TrivialAugment + random erasing + Mixup/CutMix) vs torchvision.transforms.v2 per
+image.
 
 The same in-memory uint8 images (default 512 at 224 px, smooth patterns plus texture) go through:
 - distcls: `Preprocess.train_batch` in the training process on `--device` (policy, normalization,
@@ -29,7 +30,9 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating timed epochs of each pipeline")
     p.add_argument("--erase-prob", type=float, default=0.25, help="random erasing probability")
     p.add_argument("--device", default="cpu", help="cpu or cuda (the device distcls augments on)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the distcls process (DataLoader workers use 1 each)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads of the distcls process (DataLoader workers use 1 each)"
+    )
 
 
 def make_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -37,7 +40,9 @@ def make_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
     base = torch.rand(n, 3, 1, 1, generator=g) * 6
     img = 127.5 + 90 * torch.sin(xx * 7 + base) * torch.cos(yy * 5 + 2 * base)
-    noise = torch.nn.functional.interpolate(torch.rand(n, 3, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear")
+    noise = torch.nn.functional.interpolate(
+        torch.rand(n, 3, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear"
+    )
     return (img + (noise - 0.5) * 60).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -59,7 +64,10 @@ class _TorchvisionImages(torch.utils.data.Dataset):
 class _MixCollate:
     def __init__(self, num_classes):
         from torchvision.transforms import v2
-        self.mix = v2.RandomChoice([v2.MixUp(alpha=0.2, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)])
+
+        self.mix = v2.RandomChoice(
+            [v2.MixUp(alpha=0.2, num_classes=num_classes), v2.CutMix(alpha=1.0, num_classes=num_classes)]
+        )
 
     def __call__(self, batch):
         return self.mix(*torch.utils.data.default_collate(batch))
@@ -119,9 +127,15 @@ def run(args) -> dict:
     mix = Mix.from_config(MixConfig(mixup_alpha=0.2, cutmix_alpha=1.0), 0.1, classes, args.size, 0, args.images)
     pre = Preprocess(3, args.size, MEAN, STD, aug, 0, args.images, mix)
     dev_images, dev_labels = images.to(device), labels.to(device)
-    loader = torch.utils.data.DataLoader(_TorchvisionImages(images, labels, args.erase_prob), batch_size=args.batch, shuffle=True,
-                                         num_workers=args.workers, collate_fn=_MixCollate(classes), drop_last=True,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        _TorchvisionImages(images, labels, args.erase_prob),
+        batch_size=args.batch,
+        shuffle=True,
+        num_workers=args.workers,
+        collate_fn=_MixCollate(classes),
+        drop_last=True,
+        persistent_workers=args.workers > 0,
+    )
     _distcls_epoch(pre, dev_images, dev_labels, args.batch, 0, device)  # warm-up (and the epoch-0 table)
     _torchvision_epoch(loader)
     ours, theirs = [], []
@@ -134,25 +148,38 @@ def run(args) -> dict:
         theirs.append(n / (time.perf_counter() - t))
     threads = args.threads if device.type == "cpu" else 1
     result = {
-        "machine": machine(), "device": str(device), "images": args.images, "size": args.size, "batch": args.batch,
-        "recipe": f"TrivialAugmentWide + RandomErasing({args.erase_prob}) + MixUp(0.2)/CutMix(1.0), label smoothing 0.1",
-        "distcls_images_per_s": max(ours), "distcls_cores": threads,
-        "torchvision_images_per_s": max(theirs), "torchvision_workers": args.workers,
-        "distcls_per_core": max(ours) / threads, "torchvision_per_core": max(theirs) / max(1, args.workers),
+        "machine": machine(),
+        "device": str(device),
+        "images": args.images,
+        "size": args.size,
+        "batch": args.batch,
+        "recipe": (
+            f"TrivialAugmentWide + RandomErasing({args.erase_prob}) + MixUp(0.2)/CutMix(1.0), label smoothing 0.1"
+        ),
+        "distcls_images_per_s": max(ours),
+        "distcls_cores": threads,
+        "torchvision_images_per_s": max(theirs),
+        "torchvision_workers": args.workers,
+        "distcls_per_core": max(ours) / threads,
+        "torchvision_per_core": max(theirs) / max(1, args.workers),
     }
     result["per_core_ratio"] = result["distcls_per_core"] / result["torchvision_per_core"]
     if device.type == "cuda":
         step = _resnet50_step_s(args.batch, args.size, device)
         aug_s = args.batch / max(ours)
-        result.update({"resnet50_bf16_step_s": step, "augment_s_per_batch": aug_s, "augment_share_of_step": aug_s / step})
+        result.update(
+            {"resnet50_bf16_step_s": step, "augment_s_per_batch": aug_s, "augment_share_of_step": aug_s / step}
+        )
     return result
 
 
 def render(result: dict) -> None:
     import json
     print(json.dumps(result, indent=2))
-    print(f"\n| pipeline | images/s | cores | images/s per core |\n|---|---|---|---|\n"
-          f"| distcls keyed, batched on {result['device']} | {result['distcls_images_per_s']:.0f} | {result['distcls_cores']} | "
-          f"{result['distcls_per_core']:.0f} |\n"
-          f"| torchvision v2 per image, {result['torchvision_workers']} workers | {result['torchvision_images_per_s']:.0f} | "
-          f"{result['torchvision_workers']} | {result['torchvision_per_core']:.0f} |")
+    print(
+        "\n| pipeline | images/s | cores | images/s per core |\n|---|---|---|---|\n| distcls keyed, batched on "
+        f"{result['device']} | {result['distcls_images_per_s']:.0f} | {result['distcls_cores']} | "
+        f"{result['distcls_per_core']:.0f} |\n| torchvision v2 per image, {result['torchvision_workers']} workers | "
+        f"{result['torchvision_images_per_s']:.0f} | {result['torchvision_workers']} | "
+        f"{result['torchvision_per_core']:.0f} |"
+    )

@@ -28,23 +28,36 @@ SIGTERM_WAIT_S = 120
 
 def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed repetitions of each save (default 5)")
-    parser.add_argument("--samples", type=positive_int, default=1024,
-                        help=f"synthetic training images of the epoch-time and SIGTERM runs (default 1024; at least {BATCH * (EVERY + 1)} "
-                             f"so that an epoch of batch {BATCH} holds a mid-epoch checkpoint every {EVERY} steps)")
-    parser.add_argument("--model", default="resnet18", help="model.name of the epoch-time and SIGTERM runs (default resnet18)")
-    parser.add_argument("--rounds", type=positive_int, default=2, help="alternated off/on pairs of epoch-time runs (default 2)")
+    parser.add_argument(
+        "--samples",
+        type=positive_int,
+        default=1024,
+        help="synthetic training images of the epoch-time and SIGTERM runs (default 1024; at least "
+             f"{BATCH * (EVERY + 1)} "
+        f"so that an epoch of batch {BATCH} holds a mid-epoch checkpoint every {EVERY} steps)",
+    )
+    parser.add_argument(
+        "--model", default="resnet18", help="model.name of the epoch-time and SIGTERM runs (default resnet18)"
+    )
+    parser.add_argument(
+        "--rounds", type=positive_int, default=2, help="alternated off/on pairs of epoch-time runs (default 2)"
+    )
 
 
 def run(args) -> dict:
     if args.samples // BATCH <= EVERY:
-        raise UserError(f"--samples {args.samples} gives {args.samples // BATCH} steps of batch {BATCH}: an epoch needs more than "
-                        f"{EVERY} for a mid-epoch checkpoint; use --samples {BATCH * (EVERY + 1)} or more")
+        raise UserError(
+            f"--samples {args.samples} gives {args.samples // BATCH} steps of batch {BATCH}: an epoch needs more than "
+            f"{EVERY} for a mid-epoch checkpoint; use --samples {BATCH * (EVERY + 1)} or more"
+        )
     with tempfile.TemporaryDirectory(prefix="distcls-bench-") as tmp:
         return {"mode": "checkpoint", "machine": machine(),
                 **bench_checkpoint(Path(tmp), args.repeats, args.samples, args.model, args.rounds)}
 
 
-def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_name: str = "resnet18", rounds: int = 2) -> dict:
+def bench_checkpoint(
+    workdir: Path, repeats: int, samples: int = 1024, model_name: str = "resnet18", rounds: int = 2
+) -> dict:
     import torch
     import torchvision
 
@@ -54,8 +67,20 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     opt.step()  # momentum buffers exist, as in a real checkpoint
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": {}, "scaler": {}, "epoch": 1, "step": 1,
-             "epoch_step": 0, "best_metric": 0.0, "config": {}, "data_spec": {}, "rng": rng_state(), "version": 1}
+    state = {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": {},
+        "scaler": {},
+        "epoch": 1,
+        "step": 1,
+        "epoch_step": 0,
+        "best_metric": 0.0,
+        "config": {},
+        "data_spec": {},
+        "rng": rng_state(),
+        "version": 1,
+    }
     store = CheckpointFiles(workdir / "ckpt", keep=1)
     times = []
     for _ in range(repeats):
@@ -68,9 +93,18 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
     # on, alternated (off, on, off, on, ...) so drift of the machine hits both alike. No plots:
     # they come after the timed epoch (and a run stopped by SIGTERM writes none anyway).
     batch, every = BATCH, EVERY
-    common = ["data.name=synthetic", f"data.synthetic.train_samples={samples}", f"data.batch_size={batch}", f"model.name={model_name}",
-              "model.cifar_stem=true", "data.synthetic.size=16", "train.epochs=1", "log.every_steps=0", "data.val_fraction=0",
-              "log.plots=false"]
+    common = [
+        "data.name=synthetic",
+        f"data.synthetic.train_samples={samples}",
+        f"data.batch_size={batch}",
+        f"model.name={model_name}",
+        "model.cifar_stem=true",
+        "data.synthetic.size=16",
+        "train.epochs=1",
+        "log.every_steps=0",
+        "data.val_fraction=0",
+        "log.plots=false",
+    ]
     epoch_s, steps = {0: [], every: []}, None
     for i, k in enumerate([0, every] * rounds):
         out = workdir / f"every{k}_{i}"
@@ -83,13 +117,20 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
     # SIGTERM -> exit: a run stopped mid-epoch (the save is part of the time). It has epochs to
     # spare, so that even a tiny --samples cannot end it before the signal comes.
     out = workdir / "sigterm"
-    proc = subprocess.Popen(train_cmd([*common, "train.epochs=100", "log.every_steps=1", f"run.out_dir={out}"]), env=child_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd([*common, "train.epochs=100", "log.every_steps=1", f"run.out_dir={out}"]),
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     while proc.poll() is None and not (metrics.exists() and metrics.read_text().count("\n") >= SIGTERM_AFTER_STEPS):
         time.sleep(0.01)
     if proc.poll() is not None:
-        raise UserError(f"the SIGTERM run exited {proc.returncode} before it was sent SIGTERM: {last_line(proc.stderr.read())}")
+        raise UserError(
+            f"the SIGTERM run exited {proc.returncode} before it was sent SIGTERM: {last_line(proc.stderr.read())}"
+        )
     t = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
     try:
@@ -99,7 +140,11 @@ def bench_checkpoint(workdir: Path, repeats: int, samples: int = 1024, model_nam
         proc.wait()
         raise UserError(f"the SIGTERM run was still running {SIGTERM_WAIT_S} s after SIGTERM (killed)") from None
     sigterm_s = time.perf_counter() - t
-    saved = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) if proc.returncode == 3 else {}
+    saved = (
+        torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+        if proc.returncode == 3
+        else {}
+    )
     return {
         "setup": {"model": model_name, "samples": samples, "batch": batch, "rounds": rounds, "save_repeats": repeats},
         "resnet18_checkpoint_mb": round(size_mb, 1),

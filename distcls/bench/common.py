@@ -15,7 +15,16 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def train_cmd(args, nproc: int = 1) -> list:
     if nproc == 1:
         return [sys.executable, "-m", "distcls.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "distcls.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "distcls.train",
+        *args,
+    ]
 
 
 def child_env() -> dict:
@@ -38,7 +47,9 @@ def run_train(args, nproc: int = 1) -> None:
     """`python -m distcls.train args` (torchrun for nproc > 1); a failure is a UserError quoting its error line."""
     from distcls.errors import UserError
 
-    proc = subprocess.run(train_cmd(args, nproc), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(
+        train_cmd(args, nproc), env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if proc.returncode != 0:
         reason = next((l for l in proc.stderr.splitlines() if l.startswith("distcls: error: ")), last_line(proc.stderr))
         raise UserError(f"distcls.train ({nproc} process{'es' if nproc > 1 else ''}) exited {proc.returncode}: "

@@ -30,13 +30,27 @@ VARIANTS = {"a": "distcls (engine)", "b": "hand-written loop", "c": "DataLoader 
 def add_arguments(parser) -> None:
     parser.add_argument("--config", help="YAML config file (default: the built-in default config)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run (default 20)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed run (default 2, at least 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps before each timed run (default 2, at least 1)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of a, b, c (default 5)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the tutorial pipeline c (default 2, as the CIFAR-10 tutorial)")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice, one per core)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="DataLoader workers of the tutorial pipeline c (default 2, as the CIFAR-10 tutorial)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (default 0: torch's own choice, one per core)"
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also record a torch.profiler summary of N steps of a and of b (the evidence for a gap)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. model.name=lenet data.batch_size=128")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key.sub=value",
+        help="config overrides, e.g. model.name=lenet data.batch_size=128",
+    )
 
 
 def _check(args, cfg, env, data) -> None:
@@ -48,7 +62,10 @@ def _check(args, cfg, env, data) -> None:
         raise UserError("compare measures train.accum_steps=1 (the hand-written loop has no accumulation)")
     view = data.splits.train
     if view.source.decoded_on_demand:
-        raise UserError(f"compare needs an in-memory dataset (digits, mnist, fashion_mnist, cifar10, cifar100, synthetic), not data.name={cfg.data.name}")
+        raise UserError(
+            "compare needs an in-memory dataset (digits, mnist, fashion_mnist, cifar10, cifar100, synthetic), not "
+            f"data.name={cfg.data.name}"
+        )
     spec = data.spec
     if tuple(view.source.images.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
         raise UserError("compare measures images at their own size and channels; drop data.image_size / data.channels")
@@ -240,7 +257,11 @@ def _profile(run, steps: int) -> dict:
     with profile(activities=activities) as prof:
         run.run(1, steps)
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return {"steps": steps, "host_syncs": host_syncs(prof.events()), "table": prof.key_averages().table(sort_by=sort, row_limit=15)}
+    return {
+        "steps": steps,
+        "host_syncs": host_syncs(prof.events()),
+        "table": prof.key_averages().table(sort_by=sort, row_limit=15),
+    }
 
 
 def _median(xs):
@@ -285,23 +306,45 @@ def run(args) -> dict:
     median["d"] = peak["flops_per_s"] / flops if flops else None
 
     result = {
-        "mode": "compare", "machine": machine(),
-        "setup": {"config": args.config, "overrides": list(args.overrides), "device": str(env.device), "model": cfg.model.name,
-                  "cifar_stem": cfg.model.cifar_stem, "data": cfg.data.name,
-                  "image": [spec.channels, spec.image_size, spec.image_size], "train_samples": len(data.splits.train),
-                  "batch_size": cfg.data.batch_size, "optimizer": cfg.optim.name, "amp": cfg.train.amp,
-                  "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "backends": switches, "clip_grad_norm": cfg.train.clip_grad_norm,
-                  "augment": {"crop_padding": cfg.data.augment.crop_padding, "hflip": cfg.data.augment.hflip,
-                              "rotation_deg": cfg.data.augment.rotation_deg},
-                  "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds, "dataloader_workers": args.workers,
-                  "torch_threads": torch.get_num_threads()},
+        "mode": "compare",
+        "machine": machine(),
+        "setup": {
+            "config": args.config,
+            "overrides": list(args.overrides),
+            "device": str(env.device),
+            "model": cfg.model.name,
+            "cifar_stem": cfg.model.cifar_stem,
+            "data": cfg.data.name,
+            "image": [spec.channels, spec.image_size, spec.image_size],
+            "train_samples": len(data.splits.train),
+            "batch_size": cfg.data.batch_size,
+            "optimizer": cfg.optim.name,
+            "amp": cfg.train.amp,
+            "channels_last": cfg.train.channels_last,
+            "compile": cfg.train.compile,
+            "backends": switches,
+            "clip_grad_norm": cfg.train.clip_grad_norm,
+            "augment": {
+                "crop_padding": cfg.data.augment.crop_padding,
+                "hflip": cfg.data.augment.hflip,
+                "rotation_deg": cfg.data.augment.rotation_deg,
+            },
+            "warmup_steps": args.warmup,
+            "timed_steps": args.steps,
+            "rounds": args.rounds,
+            "dataloader_workers": args.workers,
+            "torch_threads": torch.get_num_threads(),
+        },
         "variants": VARIANTS,
         "images_per_sec": {k: [round(x, 1) for x in v] for k, v in images_per_sec.items()},
         "median_images_per_sec": {k: round(v, 1) if v is not None else None for k, v in median.items()},
         "flops_per_image": flops,
         "matmul_peak": {**peak, "all_rounds_flops_per_s": [p["flops_per_s"] for p in peaks]},
-        "ratios": {"a/b": round(_median(per_round["a/b"]), 3), "a/c": round(_median(per_round["a/c"]), 3),
-                   "a/d": round(median["a"] / median["d"], 4) if median["d"] else None},
+        "ratios": {
+            "a/b": round(_median(per_round["a/b"]), 3),
+            "a/c": round(_median(per_round["a/c"]), 3),
+            "a/d": round(median["a"] / median["d"], 4) if median["d"] else None,
+        },
         "per_round_ratios": {k: [round(x, 3) for x in v] for k, v in per_round.items()},
         "load_average_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
@@ -328,16 +371,23 @@ def _ema_cost(parts, cfg, images_per_sec: float, updates: int = 50) -> dict:
     update_s = (time.perf_counter() - t0) / updates
     step_s = cfg.data.batch_size / images_per_sec
     every = cfg.train.ema.every_steps
-    return {"update_ms": round(update_s * 1e3, 4), "step_ms": round(step_s * 1e3, 3), "every_steps": every,
-            "update_over_step": round(update_s / step_s, 4), "per_step_at_every_steps": round(update_s / every / step_s, 5)}
+    return {
+        "update_ms": round(update_s * 1e3, 4),
+        "step_ms": round(step_s * 1e3, 3),
+        "every_steps": every,
+        "update_over_step": round(update_s / step_s, 4),
+        "per_step_at_every_steps": round(update_s / every / step_s, 5),
+    }
 
 
 def _backends_note(switches) -> str:
     if not switches:
         return ""
     tf32 = switches["tf32"]
-    return (f", cudnn.benchmark {'on' if switches['cudnn_benchmark'] else 'off'}, TF32 matmul {'on' if tf32['matmul'] else 'off'}"
-            f" / conv {'on' if tf32['conv'] else 'off'}")
+    return (
+        f", cudnn.benchmark {'on' if switches['cudnn_benchmark'] else 'off'}, TF32 matmul "
+        f"{'on' if tf32['matmul'] else 'off'} / conv {'on' if tf32['conv'] else 'off'}"
+    )
 
 
 def render(result: dict) -> None:
@@ -346,10 +396,15 @@ def render(result: dict) -> None:
 
     s = result["setup"]
     aug = ", ".join(f"{k}={v}" for k, v in s["augment"].items() if v) or "none"
-    title = (f"{s['model']}{' (CIFAR stem)' if s['cifar_stem'] else ''} on {s['data']} {'x'.join(map(str, s['image']))}, batch {s['batch_size']}, "
-             f"{s['optimizer']}, amp {s['amp']}{', channels_last' if s['channels_last'] else ''}{', compile' if s['compile'] else ''}"
-             f"{_backends_note(s.get('backends'))}, augment {aug}, {s['device']} "
-             f"({s['torch_threads']} threads); {s['rounds']} rounds x {s['timed_steps']} steps after {s['warmup_steps']} warm-up")
+    title = (
+        f"{s['model']}{' (CIFAR stem)' if s['cifar_stem'] else ''} on {s['data']} {'x'.join(map(str, s['image']))}, "
+        f"batch {s['batch_size']}, "
+        f"{s['optimizer']}, amp "
+        f"{s['amp']}{', channels_last' if s['channels_last'] else ''}{', compile' if s['compile'] else ''}"
+        f"{_backends_note(s.get('backends'))}, augment {aug}, {s['device']} "
+        f"({s['torch_threads']} threads); {s['rounds']} rounds x {s['timed_steps']} steps after {s['warmup_steps']} "
+        "warm-up"
+    )
     table = Table(title=title, title_justify="left")
     for col in ("", "run", "images/s (median)", "per round", "a / run"):
         table.add_column(col, justify="right" if col not in ("", "run") else "left")
@@ -360,20 +415,33 @@ def render(result: dict) -> None:
             name = f"{name}, {s['dataloader_workers']} workers"
         if k == "d":
             p = result["matmul_peak"]
-            name = f"{name}: {result['flops_per_image'] / 1e6:.1f} MFLOP/image at {p['flops_per_s'] / 1e9:.1f} GFLOP/s ({p['dtype']} matmul)"
+            name = (
+                f"{name}: {result['flops_per_image'] / 1e6:.1f} MFLOP/image at {p['flops_per_s'] / 1e9:.1f} GFLOP/s "
+                f"({p['dtype']} matmul)"
+            )
         ratio = result["ratios"].get(f"a/{k}")
-        table.add_row(k, name, f"{med[k]:,.0f}" if med[k] else "-", " ".join(f"{x:,.0f}" for x in rounds) if rounds else "-",
-                      "1.000" if k == "a" else (f"{ratio:.3f}" if ratio is not None else "-"))
+        table.add_row(
+            k,
+            name,
+            f"{med[k]:,.0f}" if med[k] else "-",
+            " ".join(f"{x:,.0f}" for x in rounds) if rounds else "-",
+            "1.000" if k == "a" else (f"{ratio:.3f}" if ratio is not None else "-"),
+        )
     console = Console() if Console().is_terminal else Console(width=150)
     console.print(table)
     r = result["ratios"]
     load = result["load_average_1min"]
-    console.print(f"a/b {r['a/b']}   a/c {r['a/c']}   a/d {r['a/d']}   (medians of per-round ratios: a/b {result['per_round_ratios']['a/b']}, "
-                  f"a/c {result['per_round_ratios']['a/c']}; load average {load['before']} -> {load['after']})")
+    console.print(
+        f"a/b {r['a/b']}   a/c {r['a/c']}   a/d {r['a/d']}   (medians of per-round ratios: a/b "
+        f"{result['per_round_ratios']['a/b']}, "
+        f"a/c {result['per_round_ratios']['a/c']}; load average {load['before']} -> {load['after']})"
+    )
     if "ema" in result:
         e = result["ema"]
-        console.print(f"model EMA: {e['update_ms']:.3f} ms per update = {e['update_over_step']:.2%} of a's {e['step_ms']:.1f} ms step; "
-                      f"every {e['every_steps']} steps: {e['per_step_at_every_steps']:.3%} per step")
+        console.print(
+            f"model EMA: {e['update_ms']:.3f} ms per update = {e['update_over_step']:.2%} of a's {e['step_ms']:.1f} ms "
+            f"step; every {e['every_steps']} steps: {e['per_step_at_every_steps']:.3%} per step"
+        )
     for k, prof in result.get("profile", {}).items():
         console.print(f"\ntorch.profiler, run {k} ({result['variants'][k]}), {prof['steps']} steps; host-sync calls: "
                       f"{prof['host_syncs'] or 'none'}\n{prof['table']}", markup=False, highlight=False)

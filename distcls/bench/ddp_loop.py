@@ -61,19 +61,33 @@ def main(argv: Sequence[str]) -> int:
         if cfg.train.compile:
             model = torch.compile(model)
         if env.distributed:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
         loop = HandLoop(model, cfg, env.device, data.spec.mean, data.spec.std)
         images = view.source.images[view.indices].to(env.device)
         labels = view.source.labels[view.indices].to(env.device)
         steps_per_epoch = len(labels) // cfg.data.batch_size
         if cfg.train.max_steps_per_epoch:
             steps_per_epoch = min(steps_per_epoch, cfg.train.max_steps_per_epoch)
-        batches = _batches(images, labels, cfg.data.batch_size, env.world_size, env.rank, env.device, loop, cfg.run.seed)
+        batches = _batches(
+            images, labels, cfg.data.batch_size, env.world_size, env.rank, env.device, loop, cfg.run.seed
+        )
         local_ips = timed_steps(batches, loop.step, steps_per_epoch, (args.epochs - 1) * steps_per_epoch, env.device)
         if env.rank == 0:
             from distcls.runtime.atomic_files import atomic_write_text
-            atomic_write_text(args.out, json.dumps({"world_size": env.world_size, "images_per_sec": local_ips * env.world_size,
-                                                    "steps_per_epoch": steps_per_epoch, "timed_epochs": args.epochs - 1}) + "\n")
+            atomic_write_text(
+                args.out,
+                json.dumps(
+                    {
+                        "world_size": env.world_size,
+                        "images_per_sec": local_ips * env.world_size,
+                        "steps_per_epoch": steps_per_epoch,
+                        "timed_epochs": args.epochs - 1,
+                    }
+                )
+                + "\n",
+            )
     finally:
         if env.distributed:
             tdist.destroy_process_group()

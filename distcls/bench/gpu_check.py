@@ -42,16 +42,42 @@ from distcls.errors import UserError
 REPO = Path(__file__).resolve().parents[2]
 WORKERS = 14  # DataLoader workers on the 16-core GPU machine (two cores for the training process)
 
-R18 = ["model.name=resnet18", "model.cifar_stem=true", "data.name=synthetic", "data.synthetic.size=32", "data.synthetic.channels=3",
-       "data.synthetic.train_samples=13312", "data.synthetic.test_samples=128", "data.val_fraction=0", "data.batch_size=512",
-       "train.amp=bf16", "train.channels_last=true", "data.augment.crop_padding=4", "data.augment.hflip=true"]
-R50 = ["model.name=resnet50", "data.name=synthetic", "data.synthetic.size=224", "data.synthetic.channels=3",
-       "data.synthetic.train_samples=3072", "data.synthetic.test_samples=32", "data.val_fraction=0", "data.batch_size=256",
-       "train.amp=bf16", "train.channels_last=true", "data.augment.hflip=true"]
+R18 = [
+    "model.name=resnet18",
+    "model.cifar_stem=true",
+    "data.name=synthetic",
+    "data.synthetic.size=32",
+    "data.synthetic.channels=3",
+    "data.synthetic.train_samples=13312",
+    "data.synthetic.test_samples=128",
+    "data.val_fraction=0",
+    "data.batch_size=512",
+    "train.amp=bf16",
+    "train.channels_last=true",
+    "data.augment.crop_padding=4",
+    "data.augment.hflip=true",
+]
+R50 = [
+    "model.name=resnet50",
+    "data.name=synthetic",
+    "data.synthetic.size=224",
+    "data.synthetic.channels=3",
+    "data.synthetic.train_samples=3072",
+    "data.synthetic.test_samples=32",
+    "data.val_fraction=0",
+    "data.batch_size=256",
+    "train.amp=bf16",
+    "train.channels_last=true",
+    "data.augment.hflip=true",
+]
 FAST_SWITCHES = ["train.cudnn_benchmark=true", "train.tf32=true"]
 R18_RUN = ["--steps", "20", "--warmup", "5", "--rounds", "3", "--workers", str(WORKERS)]  # 25 steps x ~12 ms per run
 R50_RUN = ["--steps", "8", "--warmup", "3", "--rounds", "3", "--workers", str(WORKERS)]  # 11 steps x ~65 ms per run
-VARIANTS = {"no-tf32": ["train.tf32=false"], "no-benchmark": ["train.cudnn_benchmark=false"], "compile": ["train.compile=true"]}
+VARIANTS = {
+    "no-tf32": ["train.tf32=false"],
+    "no-benchmark": ["train.cudnn_benchmark=false"],
+    "compile": ["train.compile=true"],
+}
 GOAL_A_OVER_B, GOAL_FOLDER_OVER_SYNTHETIC = 0.97, 0.90
 
 
@@ -67,19 +93,64 @@ class Part:
 
 def gpu_plan() -> list:
     """The H200 plan; cap_s from estimates: process start + data ~10-15 s per part, steps x step time."""
-    plan = [Part("tests", "tests", cap_s=200, min_s=60),
-            # --profile: torch.profiler tables of a and b and a's host-sync calls, the evidence for any gap
-            Part("compare:r18", "compare", [*R18_RUN, "--profile", "5", *R18, *FAST_SWITCHES], cap_s=60, min_s=30, gpu_only=True),
-            Part("compare:r50", "compare", [*R50_RUN, "--profile", "5", *R50, *FAST_SWITCHES], cap_s=75, min_s=40, gpu_only=True),
-            Part("imagefolder", "imagefolder", ["--images", "3000", "--classes", "10", "--workers", str(WORKERS), "--batch", "256",
-                                                "--size", "224", "--repeats", "2", "--model", "resnet50", "--steps", "100",
-                                                "--train-batch", "256", "--amp", "bf16", "--channels-last", "--device", "cuda"],
-                 cap_s=120, min_s=60, gpu_only=True),
-            Part("startup", "startup", ["60000", "10000", "3"], cap_s=60, min_s=30)]
+    plan = [
+        Part("tests", "tests", cap_s=200, min_s=60),
+        # --profile: torch.profiler tables of a and b and a's host-sync calls, the evidence for any gap
+        Part(
+            "compare:r18",
+            "compare",
+            [*R18_RUN, "--profile", "5", *R18, *FAST_SWITCHES],
+            cap_s=60,
+            min_s=30,
+            gpu_only=True,
+        ),
+        Part(
+            "compare:r50",
+            "compare",
+            [*R50_RUN, "--profile", "5", *R50, *FAST_SWITCHES],
+            cap_s=75,
+            min_s=40,
+            gpu_only=True,
+        ),
+        Part(
+            "imagefolder",
+            "imagefolder",
+            [
+                "--images",
+                "3000",
+                "--classes",
+                "10",
+                "--workers",
+                str(WORKERS),
+                "--batch",
+                "256",
+                "--size",
+                "224",
+                "--repeats",
+                "2",
+                "--model",
+                "resnet50",
+                "--steps",
+                "100",
+                "--train-batch",
+                "256",
+                "--amp",
+                "bf16",
+                "--channels-last",
+                "--device",
+                "cuda",
+            ],
+            cap_s=120,
+            min_s=60,
+            gpu_only=True,
+        ),
+        Part("startup", "startup", ["60000", "10000", "3"], cap_s=60, min_s=30),
+    ]
 
     def case(model: str, variant: str, cap_s: int, min_s: int) -> Part:
         base, run = (R18, R18_RUN) if model == "r18" else (R50, R50_RUN)
-        rounds = ["--rounds", "2"] if variant == "compile" else []  # after the compile itself, two rounds tell the speed
+        # after the compile itself, two rounds tell the speed
+        rounds = ["--rounds", "2"] if variant == "compile" else []
         return Part(f"compare:{model}-{variant}", "compare", [*run, *rounds, *base, *FAST_SWITCHES, *VARIANTS[variant]],
                     cap_s=cap_s, min_s=min_s, gpu_only=True)
 
@@ -95,19 +166,70 @@ def smoke_plan() -> list:
     only job: the plan runs; each bench mode's own figures are checked by tests/test_bench.py).
     The imagefolder part decodes in the main process (--workers 0) over the fewest JPEGs whose
     1% test split is not empty; the startup run writes no plots."""
-    return [Part("tests", "tests", cap_s=240, min_s=10),
-            Part("compare:smoke", "compare", ["--steps", "2", "--warmup", "1", "--rounds", "1", "--workers", "0", "--threads", "1",
-                                              "data.batch_size=32", "data.val_fraction=0"], cap_s=240, min_s=10),
-            Part("imagefolder", "imagefolder", ["--images", "52", "--classes", "2", "--workers", "0", "--batch", "8", "--size", "32",
-                                                "--repeats", "1", "--steps", "1", "--train-batch", "8", "--model", "resnet18"],
-                 cap_s=240, min_s=10),
-            Part("startup", "startup", ["256", "64", "1", "dist.device=cpu", "log.plots=false"], cap_s=240, min_s=10)]
+    return [
+        Part("tests", "tests", cap_s=240, min_s=10),
+        Part(
+            "compare:smoke",
+            "compare",
+            [
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--rounds",
+                "1",
+                "--workers",
+                "0",
+                "--threads",
+                "1",
+                "data.batch_size=32",
+                "data.val_fraction=0",
+            ],
+            cap_s=240,
+            min_s=10,
+        ),
+        Part(
+            "imagefolder",
+            "imagefolder",
+            [
+                "--images",
+                "52",
+                "--classes",
+                "2",
+                "--workers",
+                "0",
+                "--batch",
+                "8",
+                "--size",
+                "32",
+                "--repeats",
+                "1",
+                "--steps",
+                "1",
+                "--train-batch",
+                "8",
+                "--model",
+                "resnet18",
+            ],
+            cap_s=240,
+            min_s=10,
+        ),
+        Part("startup", "startup", ["256", "64", "1", "dist.device=cpu", "log.plots=false"], cap_s=240, min_s=10),
+    ]
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--budget-s", type=float, default=450, help="wall-clock budget of the whole check in seconds (default 450)")
-    parser.add_argument("--parts", help="comma-separated part names to run (default all; e.g. compare:r50-compile for a second call)")
-    parser.add_argument("--cpu-smoke", action="store_true", help="the reduced CPU plan even where CUDA is available (automatic without CUDA)")
+    parser.add_argument(
+        "--budget-s", type=float, default=450, help="wall-clock budget of the whole check in seconds (default 450)"
+    )
+    parser.add_argument(
+        "--parts", help="comma-separated part names to run (default all; e.g. compare:r50-compile for a second call)"
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="the reduced CPU plan even where CUDA is available (automatic without CUDA)",
+    )
 
 
 # --------------------------------------------------------------------------- running a part
@@ -176,16 +298,37 @@ def _pytest_log_counts(text: str) -> dict:
 
 def run_tests(part: Part, tmp: Path, timeout: float) -> dict:
     if not (REPO / "tests" / "test_gpu.py").exists():
-        return {"status": "skipped", "reason": f"{REPO / 'tests/test_gpu.py'} not found (an installed package without its tests)"}
+        return {
+            "status": "skipped",
+            "reason": f"{REPO / 'tests/test_gpu.py'} not found (an installed package without its tests)",
+        }
     xml = tmp / "tests.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "tests/test_gpu.py", f"--junitxml={xml}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "gpu",
+        "-v",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_gpu.py",
+        f"--junitxml={xml}",
+    ]
     code, seconds = _run(cmd, timeout, tmp / "tests.log")
     if code is None or not xml.exists():
         partial = _pytest_log_counts(_tail(tmp / "tests.log", 200_000))
-        return {"status": "timeout" if code is None else "failed", "seconds": seconds, "command": cmd, "result": partial,
-                "headline": f"{partial['passed']} passed, {partial['failed']} failed, {partial['skipped']} skipped before the cap"
-                            f"{'; running ' + partial['running_at_the_cap'] if partial['running_at_the_cap'] else ''}",
-                "error": _tail(tmp / "tests.log")}
+        return {
+            "status": "timeout" if code is None else "failed",
+            "seconds": seconds,
+            "command": cmd,
+            "result": partial,
+            "headline": (
+                f"{partial['passed']} passed, {partial['failed']} failed, {partial['skipped']} skipped before the cap"
+                f"{'; running ' + partial['running_at_the_cap'] if partial['running_at_the_cap'] else ''}"
+            ),
+            "error": _tail(tmp / "tests.log"),
+        }
     result = _pytest_counts(xml)
     status = "ok" if result["failed"] == 0 and code in (0, 5) else "failed"
     headline = f"{result['passed']} passed, {result['failed']} failed, {result['skipped']} skipped"
@@ -217,7 +360,9 @@ def run_compare(part: Part, tmp: Path, timeout: float) -> dict:
     record["headline"] = (f"a {med['a']:,.0f} / b {med['b']:,.0f} / c {med['c']:,.0f} img/s; a/b {ratios['a/b']} "
                           f"(rounds {r['per_round_ratios']['a/b']}), a/c {ratios['a/c']}, a/d {ratios['a/d']}")
     if "profile" in r:
-        record["headline"] += f"; host syncs in {r['profile']['a']['steps']} steps of a: {r['profile']['a']['host_syncs'] or 'none'}"
+        record["headline"] += (
+            f"; host syncs in {r['profile']['a']['steps']} steps of a: {r['profile']['a']['host_syncs'] or 'none'}"
+        )
     if part.gpu_only:
         record["goal"] = f"a/b >= {GOAL_A_OVER_B}: {'met' if ratios['a/b'] >= GOAL_A_OVER_B else 'NOT met'}"
     return record
@@ -247,7 +392,9 @@ def _arg(args: list, flag: str, default=None):
 
 def run_imagefolder(part: Part, tmp: Path, timeout: float, cuda: bool) -> dict:
     t = time.perf_counter()
-    root = write_jpeg_folder(tmp / "jpegs", int(_arg(part.args, "--images")), int(_arg(part.args, "--classes")), os.cpu_count() or 1)
+    root = write_jpeg_folder(
+        tmp / "jpegs", int(_arg(part.args, "--images")), int(_arg(part.args, "--classes")), os.cpu_count() or 1
+    )
     generate_s = time.perf_counter() - t
     record = _bench_child("imagefolder", [*part.args, "--root", str(root)], tmp, part.name, timeout - generate_s)
     record["generate_s"] = round(generate_s, 1)
@@ -261,12 +408,17 @@ def run_imagefolder(part: Part, tmp: Path, timeout: float, cuda: bool) -> dict:
     train = r.get(f"train_{_arg(part.args, '--model', 'resnet18')}_images_per_sec")
     if train:
         over = train.get("ratio_over_synthetic", {})
-        headline += (f"; train img/s ({_arg(part.args, '--model', 'resnet18')}, amp {_arg(part.args, '--amp', 'none')}): "
-                     + ", ".join(f"{k} {train[k]['median']:,.0f} ({over.get(k, '-')} of synthetic)" for k in names)
-                     + f"; synthetic {train['synthetic']['median']:,.0f}")
+        headline += (
+            f"; train img/s ({_arg(part.args, '--model', 'resnet18')}, amp {_arg(part.args, '--amp', 'none')}): "
+            + ", ".join(f"{k} {train[k]['median']:,.0f} ({over.get(k, '-')} of synthetic)" for k in names)
+            + f"; synthetic {train['synthetic']['median']:,.0f}"
+        )
         best = max(v for k, v in over.items() if k.startswith("distcls")) if over else None
         if cuda and best is not None:
-            record["goal"] = f"best distcls / synthetic >= {GOAL_FOLDER_OVER_SYNTHETIC}: {'met' if best >= GOAL_FOLDER_OVER_SYNTHETIC else 'NOT met'} ({best})"
+            record["goal"] = (
+                f"best distcls / synthetic >= {GOAL_FOLDER_OVER_SYNTHETIC}: "
+                f"{'met' if best >= GOAL_FOLDER_OVER_SYNTHETIC else 'NOT met'} ({best})"
+            )
     if not cuda:
         headline += "; data.gpu_decode=true: GPU only, not measured"
     record["headline"] = headline
@@ -299,11 +451,24 @@ def run_startup(part: Part, tmp: Path, deadline: float) -> dict:
     first, exits, cmd = [], [], None
     for r in range(int(repeats)):
         out = tmp / f"startup_{r}"
-        cmd = train_cmd(["--config", str(REPO / "configs/fashion_mnist_cnn2.yaml"), f"data.root={root}", "train.amp=bf16",
-                         "train.epochs=1", "train.max_steps_per_epoch=2", "log.every_steps=1", *overrides, f"run.out_dir={out}"])
+        cmd = train_cmd(
+            [
+                "--config",
+                str(REPO / "configs/fashion_mnist_cnn2.yaml"),
+                f"data.root={root}",
+                "train.amp=bf16",
+                "train.epochs=1",
+                "train.max_steps_per_epoch=2",
+                "log.every_steps=1",
+                *overrides,
+                f"run.out_dir={out}",
+            ]
+        )
         metrics, t0 = out / "metrics.jsonl", time.perf_counter()
         with open(tmp / f"startup_{r}.log", "w") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=log, start_new_session=True
+            )
             seen = None
             while proc.poll() is None and time.perf_counter() < deadline:
                 if seen is None and metrics.exists() and metrics.stat().st_size:
@@ -313,7 +478,12 @@ def run_startup(part: Part, tmp: Path, deadline: float) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 if not exits:
-                    return {"status": "timeout", "seconds": time.perf_counter() - t0, "command": cmd, "error": _tail(tmp / f"startup_{r}.log")}
+                    return {
+                        "status": "timeout",
+                        "seconds": time.perf_counter() - t0,
+                        "command": cmd,
+                        "error": _tail(tmp / f"startup_{r}.log"),
+                    }
                 break  # the cap: keep the repeats that finished
         exit_s = time.perf_counter() - t0
         if proc.returncode != 0:
@@ -321,11 +491,23 @@ def run_startup(part: Part, tmp: Path, deadline: float) -> dict:
         first.append(round(seen if seen is not None else exit_s, 3))
         exits.append(round(exit_s, 3))
     med = sorted(exits)[(len(exits) - 1) // 2]
-    return {"status": "ok", "seconds": time.perf_counter() - started, "command": cmd,
-            "result": {"command_to_first_step_s": first, "command_to_exit_s": exits, "median_exit_s": med,
-                       "train_images": int(train), "test_images": int(test)},
-            "headline": f"seed A cnn2, FashionMNIST layout ({int(train):,} + {int(test):,} images), bf16, 2 steps + evaluation: "
-                        f"command to exit {med:.2f} s (median of {exits}); to first step {sorted(first)[(len(first) - 1) // 2]:.2f} s"}
+    return {
+        "status": "ok",
+        "seconds": time.perf_counter() - started,
+        "command": cmd,
+        "result": {
+            "command_to_first_step_s": first,
+            "command_to_exit_s": exits,
+            "median_exit_s": med,
+            "train_images": int(train),
+            "test_images": int(test),
+        },
+        "headline": (
+            f"seed A cnn2, FashionMNIST layout ({int(train):,} + {int(test):,} images), bf16, 2 steps + evaluation: "
+            f"command to exit {med:.2f} s (median of {exits}); "
+            f"to first step {sorted(first)[(len(first) - 1) // 2]:.2f} s"
+        ),
+    }
 
 
 # --------------------------------------------------------------------------- the plan
@@ -341,14 +523,28 @@ def run(args) -> dict:
     wanted = [s.strip() for s in args.parts.split(",")] if args.parts else None
     known = {p.name for p in gpu_plan() + smoke_plan()}
     if wanted and not set(wanted) <= known:
-        raise UserError(f"--parts: unknown part(s) {sorted(set(wanted) - known)}; the parts are {', '.join(sorted(known))}")
+        raise UserError(
+            f"--parts: unknown part(s) {sorted(set(wanted) - known)}; the parts are {', '.join(sorted(known))}"
+        )
     if args.budget_s <= 0:
         raise UserError("--budget-s must be positive")
     start = time.perf_counter()
     deadline = start + args.budget_s
-    result = {"mode": "gpu", "machine": machine(), "cuda": cuda, "smoke": not cuda, "budget_s": args.budget_s, "parts": []}
-    print(f"distcls GPU check: {'CUDA: ' + torch.cuda.get_device_name(0) if cuda else 'no CUDA device: reduced CPU plan, GPU-only parts skipped'}; "
-          f"budget {args.budget_s:.0f} s", flush=True)
+    result = {
+        "mode": "gpu",
+        "machine": machine(),
+        "cuda": cuda,
+        "smoke": not cuda,
+        "budget_s": args.budget_s,
+        "parts": [],
+    }
+    device = (
+        "CUDA: " + torch.cuda.get_device_name(0) if cuda else "no CUDA device: reduced CPU plan, GPU-only parts skipped"
+    )
+    print(
+        f"distcls GPU check: {device}; budget {args.budget_s:.0f} s",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="distcls-gpu-check-") as tmp_name:
         tmp = Path(tmp_name)
         for part in plan:
@@ -378,8 +574,12 @@ def run(args) -> dict:
                 record["seconds"] = round(record["seconds"], 1)
             result["parts"].append(record)
             last_error_line = ((record.get("error") or "").strip().splitlines() or [""])[-1]
-            print(f"  {part.name}: {record['status']}" + (f" in {record['seconds']:.0f} s" if "seconds" in record else "")
-                  + f": {record.get('headline') or record.get('reason') or last_error_line}", flush=True)
+            print(
+                f"  {part.name}: {record['status']}"
+                + (f" in {record['seconds']:.0f} s" if "seconds" in record else "")
+                + f": {record.get('headline') or record.get('reason') or last_error_line}",
+                flush=True,
+            )
             result["elapsed_s"] = round(time.perf_counter() - start, 1)
             if args.out:  # written after every part: a check killed from outside keeps what it measured
                 from distcls.runtime.atomic_files import atomic_write_text
@@ -394,12 +594,20 @@ def render(result: dict) -> None:
     from rich.text import Text
 
     console = Console() if Console().is_terminal else Console(width=200)
-    title = (f"distcls GPU check ({result['machine'].get('gpu', 'no GPU: CPU smoke run')}), {result['elapsed_s']:.0f} s "
-             f"of a {result['budget_s']:.0f} s budget")
+    title = (
+        f"distcls GPU check ({result['machine'].get('gpu', 'no GPU: CPU smoke run')}), {result['elapsed_s']:.0f} s "
+        f"of a {result['budget_s']:.0f} s budget"
+    )
     table = Table(title=title, title_justify="left")
     for col in ("part", "status", "s", "result", "goal"):
         table.add_column(col, justify="right" if col == "s" else "left", overflow="fold")
     for p in result["parts"]:
         text = p.get("headline") or p.get("reason") or (p.get("error") or "").strip()[-300:]
-        table.add_row(p["name"], p["status"], f"{p['seconds']:.0f}" if "seconds" in p else "-", Text(text), Text(p.get("goal") or ""))
+        table.add_row(
+            p["name"],
+            p["status"],
+            f"{p['seconds']:.0f}" if "seconds" in p else "-",
+            Text(text),
+            Text(p.get("goal") or ""),
+        )
     console.print(table)

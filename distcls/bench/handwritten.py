@@ -41,7 +41,9 @@ def augment(x: torch.Tensor, crop_padding: int, hflip: bool, rotation_deg: float
         ox = torch.randint(0, 2 * p + 1, (b,), device=dev)
         rows = oy[:, None] + torch.arange(h, device=dev)
         cols = ox[:, None] + torch.arange(w, device=dev)
-        x = padded.permute(0, 2, 3, 1)[torch.arange(b, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        x = padded.permute(0, 2, 3, 1)[
+            torch.arange(b, device=dev)[:, None, None], rows[:, :, None], cols[:, None, :]
+        ].permute(0, 3, 1, 2)
     if hflip:
         x = torch.where(torch.rand(b, 1, 1, 1, device=dev) < 0.5, x.flip(-1), x)
     if rotation_deg > 0:

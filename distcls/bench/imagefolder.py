@@ -39,13 +39,21 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=64, help="batch size of the pipeline measurement")
     p.add_argument("--size", type=int, default=224, help="crop size")
     p.add_argument("--repeats", type=int, default=3, help="alternating timed repetitions of each pipeline")
-    p.add_argument("--model", default="resnet18", choices=["resnet18", "resnet50"], help="model of the end-to-end measurement")
+    p.add_argument(
+        "--model", default="resnet18", choices=["resnet18", "resnet50"], help="model of the end-to-end measurement"
+    )
     p.add_argument("--steps", type=int, default=6, help="optimizer steps of the end-to-end measurement (0 = skip it)")
     p.add_argument("--train-batch", type=int, default=32, help="batch of the end-to-end measurement")
-    p.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast dtype of the end-to-end measurement")
-    p.add_argument("--channels-last", action="store_true", help="channels_last model and inputs in the end-to-end measurement")
+    p.add_argument(
+        "--amp", default="none", choices=["none", "bf16"], help="autocast dtype of the end-to-end measurement"
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels_last model and inputs in the end-to-end measurement"
+    )
     p.add_argument("--root", help="measure this existing image folder (<root>/<class>/*.jpg) instead of generating one")
-    p.add_argument("--transfer", action="store_true", help="also time distcls.train with the seed D frozen and fine-tuning configs")
+    p.add_argument(
+        "--transfer", action="store_true", help="also time distcls.train with the seed D frozen and fine-tuning configs"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (with cuda also --gpu-decode on/off is measured)")
 
 
@@ -59,7 +67,12 @@ def write_jpegs(root: Path, n: int, classes: int, seed: int = 0) -> Path:
         label = i % classes
         w, h = (int(v) for v in rng.integers(300, 501, size=2))
         base = np.asarray(Image.fromarray(protos[label]).resize((w, h), Image.BICUBIC), dtype=np.int16)
-        texture = np.asarray(Image.fromarray(rng.integers(0, 256, size=(h // 4, w // 4, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR), dtype=np.int16)
+        texture = np.asarray(
+            Image.fromarray(rng.integers(0, 256, size=(h // 4, w // 4, 3), dtype=np.uint8)).resize(
+                (w, h), Image.BILINEAR
+            ),
+            dtype=np.int16,
+        )
         img = np.clip(base + (texture - 128) // 3 + rng.integers(-8, 9, size=(h, w, 3)), 0, 255).astype(np.uint8)
         d = root / f"class_{label:02d}"
         d.mkdir(parents=True, exist_ok=True)
@@ -75,12 +88,31 @@ def distcls_loader(root: Path, args, batch: int, device: torch.device, gpu_decod
     from distcls import config
     from distcls.data import build_data, train_loader
 
-    cfg = config.load(None, ["data.name=imagefolder", f"data.root={root}", f"data.image_size={args.size}", "data.val_fraction=0",
-                             "data.split=[0.99, 0, 0.01]", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
-                             f"data.gpu_decode={str(gpu_decode).lower()}"])
+    cfg = config.load(
+        None,
+        [
+            "data.name=imagefolder",
+            f"data.root={root}",
+            f"data.image_size={args.size}",
+            "data.val_fraction=0",
+            "data.split=[0.99, 0, 0.01]",
+            "data.augment.random_resized_crop=true",
+            "data.augment.hflip=true",
+            f"data.gpu_decode={str(gpu_decode).lower()}",
+        ],
+    )
     data = build_data(cfg)
-    loader = train_loader(data.splits.train, batch, 1, 0, 0, device, args.workers, prefetch_factor=cfg.data.prefetch_factor,
-                          gpu_decode=gpu_decode)
+    loader = train_loader(
+        data.splits.train,
+        batch,
+        1,
+        0,
+        0,
+        device,
+        args.workers,
+        prefetch_factor=cfg.data.prefetch_factor,
+        gpu_decode=gpu_decode,
+    )
 
     def epochs():
         epoch = 0
@@ -171,7 +203,8 @@ def train_rates(root: Path, args, device: torch.device, variants: dict) -> dict:
         loss.backward()
         opt.step()
 
-    epoch_steps = loaders["distcls"][1] // args.train_batch  # the synthetic input runs as many steps as a loader's epoch
+    # the synthetic input runs as many steps as a loader's epoch
+    epoch_steps = loaders["distcls"][1] // args.train_batch
     for epochs, _ in loaders.values():
         _time_epoch(epochs, step, max_batches=2)  # warm-up
     for _ in range(max(1, args.repeats - 1)):
@@ -194,22 +227,44 @@ def transfer_rates(root: Path, workdir: Path, args) -> dict:
     result = {}
     for name, cfg in (("frozen", "flowers_resnet18_transfer.yaml"), ("finetune", "flowers_resnet18_finetune.yaml")):
         out = workdir / f"run_{name}"
-        cmd = [sys.executable, "-m", "distcls.train", "--config", str(repo / "configs" / cfg), f"data.root={root}",
-               f"model.pretrained={weights}", f"run.out_dir={out}", "train.epochs=1", f"train.max_steps_per_epoch={args.steps + 2}",
-               "data.max_eval_samples=32", f"data.num_workers={args.workers}", "train.amp=none", "log.every_steps=0",
-               f"data.batch_size={args.train_batch}", f"dist.device={args.device}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "distcls.train",
+            "--config",
+            str(repo / "configs" / cfg),
+            f"data.root={root}",
+            f"model.pretrained={weights}",
+            f"run.out_dir={out}",
+            "train.epochs=1",
+            f"train.max_steps_per_epoch={args.steps + 2}",
+            "data.max_eval_samples=32",
+            f"data.num_workers={args.workers}",
+            "train.amp=none",
+            "log.every_steps=0",
+            f"data.batch_size={args.train_batch}",
+            f"dist.device={args.device}",
+        ]
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-        result[f"{name}_train_images_per_sec"] = round(json.loads((out / "summary.json").read_text())["train_images_per_sec"], 1)
-    result["finetune_over_frozen"] = round(result["finetune_train_images_per_sec"] / result["frozen_train_images_per_sec"], 3)
+        result[f"{name}_train_images_per_sec"] = round(
+            json.loads((out / "summary.json").read_text())["train_images_per_sec"], 1
+        )
+    result["finetune_over_frozen"] = round(
+        result["finetune_train_images_per_sec"] / result["frozen_train_images_per_sec"], 3
+    )
     return result
 
 
 def _summarize(rates: dict, ours: str, theirs: str) -> dict:
-    out = {name: {"median": round(statistics.median(v), 1), "all": [round(x, 1) for x in v]} for name, v in rates.items()}
+    out = {
+        name: {"median": round(statistics.median(v), 1), "all": [round(x, 1) for x in v]} for name, v in rates.items()
+    }
     out["ratio_distcls_over_torchvision"] = round(statistics.median(rates[ours]) / statistics.median(rates[theirs]), 3)
     if "synthetic" in rates:
         capacity = statistics.median(rates["synthetic"])
-        out["ratio_over_synthetic"] = {name: round(statistics.median(v) / capacity, 3) for name, v in rates.items() if name != "synthetic"}
+        out["ratio_over_synthetic"] = {
+            name: round(statistics.median(v) / capacity, 3) for name, v in rates.items() if name != "synthetic"
+        }
     return out
 
 
@@ -228,10 +283,19 @@ def run(args) -> dict:
             result["classes"] = args.classes = sum(1 for d in root.iterdir() if d.is_dir())
         result["generate_s"] = round(time.perf_counter() - t, 1)
         result["jpeg_mb"] = round(sum(p.stat().st_size for p in root.rglob("*.jpg")) / 2 ** 20, 1)
-        result["pipeline_images_per_sec"] = _summarize(pipeline_rates(root, args, device, variants), "distcls", "torchvision")
+        result["pipeline_images_per_sec"] = _summarize(
+            pipeline_rates(root, args, device, variants), "distcls", "torchvision"
+        )
         if args.steps:
-            result[f"train_{args.model}_images_per_sec"] = _summarize(train_rates(root, args, device, variants), "distcls", "torchvision")
-            result["train_setup"] = {"model": args.model, "batch": args.train_batch, "amp": args.amp, "channels_last": args.channels_last}
+            result[f"train_{args.model}_images_per_sec"] = _summarize(
+                train_rates(root, args, device, variants), "distcls", "torchvision"
+            )
+            result["train_setup"] = {
+                "model": args.model,
+                "batch": args.train_batch,
+                "amp": args.amp,
+                "channels_last": args.channels_last,
+            }
         if args.transfer:
             result["transfer_resnet18"] = transfer_rates(root, Path(tmp), args)
     return result

@@ -38,13 +38,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=6000, help="training PNGs to write (default 6000, at least 10)")
     parser.add_argument("--size", type=int, default=32, help="image and crop size (default 32)")
     parser.add_argument("--batch", type=int, default=128, help="global batch (default 128)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process, both systems (default 2)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up (default 3, at least 2)")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers per process, both systems (default 2)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs per run; the first is warm-up (default 3, at least 2)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--nprocs", default="1,2", help="world sizes to measure, comma-separated (default 1,2)")
-    parser.add_argument("--ema-steps", type=int, default=32, help="optimizer steps between EMA updates, both systems (default 32)")
-    parser.add_argument("--persistent-workers", action="store_true",
-                        help="the reference keeps its DataLoader workers between epochs, as distcls does (torchvision's makes them anew)")
+    parser.add_argument(
+        "--ema-steps", type=int, default=32, help="optimizer steps between EMA updates, both systems (default 32)"
+    )
+    parser.add_argument(
+        "--persistent-workers",
+        action="store_true",
+        help="the reference keeps its DataLoader workers between epochs, as distcls does (torchvision's makes them "
+             "anew)",
+    )
     parser.add_argument("--root", help="use this image folder (train/<class>/*, val/<class>/*) instead of writing one")
 
 
@@ -63,7 +73,9 @@ def write_digit_folder(root: Path, train: int, val: int, size: int, seed: int = 
             gray = (digits.images[j] * (255.0 / 16.0)).astype(np.uint8)
             big = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
             tint = rng.uniform(0.3, 1.0, size=3)
-            rgb = np.clip(big[..., None] * tint * 255 + rng.integers(0, 20, size=(size, size, 3)), 0, 255).astype(np.uint8)
+            rgb = np.clip(big[..., None] * tint * 255 + rng.integers(0, 20, size=(size, size, 3)), 0, 255).astype(
+                np.uint8
+            )
             folder = root / split / str(int(digits.target[j]))
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rgb).save(folder / f"{i:06d}.png")
@@ -71,14 +83,38 @@ def write_digit_folder(root: Path, train: int, val: int, size: int, seed: int = 
 
 
 def distcls_overrides(args, root: Path) -> list:
-    return ["data.name=imagefolder", f"data.root={root}", f"data.batch_size={args.batch}", f"data.eval_batch_size={args.batch}",
-            f"data.num_workers={args.workers}", f"data.train_crop_size={args.size}", f"data.eval_crop_size={args.size}",
-            f"data.eval_resize={args.size}", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
-            "data.augment.policy=trivialaugment", "data.augment.erase_prob=0.1", "data.mix.mixup_alpha=0.2",
-            "data.mix.cutmix_alpha=1.0", "model.name=resnet18", "optim.name=sgd", "optim.lr=0.1", "optim.momentum=0.9",
-            "optim.weight_decay=0.00002", "optim.norm_weight_decay=0.0", "sched.name=cosine", "sched.interval=epoch",
-            "train.label_smoothing=0.1", "train.ema.enabled=true", f"train.ema.every_steps={args.ema_steps}", "train.ema.decay=0.999",
-            f"train.epochs={args.epochs}", "log.every_steps=0", "checkpoint.every_epochs=0", "run.seed=0"]
+    return [
+        "data.name=imagefolder",
+        f"data.root={root}",
+        f"data.batch_size={args.batch}",
+        f"data.eval_batch_size={args.batch}",
+        f"data.num_workers={args.workers}",
+        f"data.train_crop_size={args.size}",
+        f"data.eval_crop_size={args.size}",
+        f"data.eval_resize={args.size}",
+        "data.augment.random_resized_crop=true",
+        "data.augment.hflip=true",
+        "data.augment.policy=trivialaugment",
+        "data.augment.erase_prob=0.1",
+        "data.mix.mixup_alpha=0.2",
+        "data.mix.cutmix_alpha=1.0",
+        "model.name=resnet18",
+        "optim.name=sgd",
+        "optim.lr=0.1",
+        "optim.momentum=0.9",
+        "optim.weight_decay=0.00002",
+        "optim.norm_weight_decay=0.0",
+        "sched.name=cosine",
+        "sched.interval=epoch",
+        "train.label_smoothing=0.1",
+        "train.ema.enabled=true",
+        f"train.ema.every_steps={args.ema_steps}",
+        "train.ema.decay=0.999",
+        f"train.epochs={args.epochs}",
+        "log.every_steps=0",
+        "checkpoint.every_epochs=0",
+        "run.seed=0",
+    ]
 
 
 def _run(cmd: list) -> None:
@@ -96,10 +132,30 @@ def _distcls(args, root: Path, nproc: int, out: Path) -> float:
 
 
 def _reference(args, root: Path, nproc: int, out: Path) -> float:
-    loop = ["-m", "distcls.bench.reference_loop", "--root", str(root), "--out", str(out), "--epochs", str(args.epochs),
-            "--batch", str(args.batch), "--workers", str(args.workers), "--crop", str(args.size), "--ema-steps", str(args.ema_steps),
-            *(["--persistent-workers"] if args.persistent_workers else [])]
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    loop = [
+        "-m",
+        "distcls.bench.reference_loop",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(args.batch),
+        "--workers",
+        str(args.workers),
+        "--crop",
+        str(args.size),
+        "--ema-steps",
+        str(args.ema_steps),
+        *(["--persistent-workers"] if args.persistent_workers else []),
+    ]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    )
     _run([*launcher, *loop])
     return statistics.median(json.loads(out.read_text())["images_per_sec_per_epoch"])
 
@@ -112,10 +168,18 @@ def run(args) -> dict:
     if not nprocs or min(nprocs) < 1:
         raise UserError(f"--nprocs {args.nprocs!r}: give world sizes such as 1,2")
     if any(args.batch % (2 * n) for n in nprocs):
-        raise UserError(f"--batch {args.batch}: each process's share must be even (Mixup/CutMix pairs) at every world size in --nprocs "
-                        f"{args.nprocs}; use a multiple of {2 * max(nprocs)}")
-    for name, value, least in (("--epochs", args.epochs, 2), ("--rounds", args.rounds, 1), ("--ema-steps", args.ema_steps, 1),
-                               ("--size", args.size, 8), ("--images", args.images, 10), ("--workers", args.workers, 0)):
+        raise UserError(
+            f"--batch {args.batch}: each process's share must be even (Mixup/CutMix pairs) at every world size in "
+            f"--nprocs {args.nprocs}; use a multiple of {2 * max(nprocs)}"
+        )
+    for name, value, least in (
+        ("--epochs", args.epochs, 2),
+        ("--rounds", args.rounds, 1),
+        ("--ema-steps", args.ema_steps, 1),
+        ("--size", args.size, 8),
+        ("--images", args.images, 10),
+        ("--workers", args.workers, 0),
+    ):
         if value < least:
             raise UserError(f"{name} {value}: must be at least {least}")
     load_before = os.getloadavg()
@@ -128,13 +192,25 @@ def run(args) -> dict:
             for system, n in runs[r % len(runs):] + runs[:r % len(runs)]:
                 out = Path(tmp) / f"{system}_w{n}_{r}"
                 measure = _distcls if system == "distcls" else _reference
-                ips[f"{system}_w{n}"].append(round(measure(args, root, n, out if system == "distcls" else out.with_suffix(".json")), 1))
+                ips[f"{system}_w{n}"].append(
+                    round(measure(args, root, n, out if system == "distcls" else out.with_suffix(".json")), 1)
+                )
     ratios = {f"w{n}": [round(a / b, 3) for a, b in zip(ips[f"distcls_w{n}"], ips[f"reference_w{n}"])] for n in nprocs}
     return {
-        "mode": "reference", "machine": machine(),
-        "setup": {"images": args.images, "size": args.size, "batch": args.batch, "workers": args.workers, "epochs": args.epochs,
-                  "reference_persistent_workers": args.persistent_workers, "ema_steps": args.ema_steps,
-                  "rounds": args.rounds, "root": args.root, "OMP_NUM_THREADS": child_env()["OMP_NUM_THREADS"]},
+        "mode": "reference",
+        "machine": machine(),
+        "setup": {
+            "images": args.images,
+            "size": args.size,
+            "batch": args.batch,
+            "workers": args.workers,
+            "epochs": args.epochs,
+            "reference_persistent_workers": args.persistent_workers,
+            "ema_steps": args.ema_steps,
+            "rounds": args.rounds,
+            "root": args.root,
+            "OMP_NUM_THREADS": child_env()["OMP_NUM_THREADS"],
+        },
         "images_per_sec": ips,
         "median_images_per_sec": {k: round(statistics.median(v), 1) for k, v in ips.items()},
         "per_round_ratios": ratios,
@@ -147,9 +223,11 @@ def run(args) -> dict:
 def render(result: dict) -> None:
     print(json.dumps(result, indent=2))
     s, med = result["setup"], result["median_images_per_sec"]
-    print(f"\nResNet-18, {s['size']} px, global batch {s['batch']}, {s['workers']} workers per process, "
-          f"{s['rounds']} rounds, OMP_NUM_THREADS={s['OMP_NUM_THREADS']}\n"
-          "| processes | distcls images/s | reference images/s | distcls / reference (median) | per round |\n|---|---|---|---|---|")
+    print(
+        f"\nResNet-18, {s['size']} px, global batch {s['batch']}, {s['workers']} workers per process, {s['rounds']} "
+        f"rounds, OMP_NUM_THREADS={s['OMP_NUM_THREADS']}\n| processes | distcls images/s | reference images/s | "
+        "distcls / reference (median) | per round |\n|---|---|---|---|---|"
+    )
     for key, ratio in result["ratios"].items():
         n = key[1:]
         print(f"| {n} | {med['distcls_w' + n]:,.0f} | {med['reference_w' + n]:,.0f} | {ratio:.3f} | "

@@ -31,9 +31,18 @@ def _train_transform(crop: int, erase_prob: float):
     from torchvision.transforms import v2
 
     bilinear = v2.InterpolationMode.BILINEAR
-    return v2.Compose([v2.RandomResizedCrop(crop, interpolation=bilinear, antialias=True), v2.RandomHorizontalFlip(0.5),
-                       v2.TrivialAugmentWide(interpolation=bilinear), v2.PILToTensor(), v2.ToDtype(torch.float, scale=True),
-                       v2.Normalize(MEAN, STD), v2.RandomErasing(erase_prob), v2.ToPureTensor()])
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(crop, interpolation=bilinear, antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+            v2.TrivialAugmentWide(interpolation=bilinear),
+            v2.PILToTensor(),
+            v2.ToDtype(torch.float, scale=True),
+            v2.Normalize(MEAN, STD),
+            v2.RandomErasing(erase_prob),
+            v2.ToPureTensor(),
+        ]
+    )
 
 
 class MixCollate:
@@ -84,28 +93,48 @@ def main(argv: Sequence[str]) -> int:
     import torchvision
 
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    )
     torch.manual_seed(args.seed)
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        dataset = torchvision.datasets.ImageFolder(os.path.join(args.root, "train"), _train_transform(args.crop, args.erase_prob))
+        dataset = torchvision.datasets.ImageFolder(
+            os.path.join(args.root, "train"), _train_transform(args.crop, args.erase_prob)
+        )
         classes = len(dataset.classes)
-        sampler = torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed) if world > 1 else \
-            torch.utils.data.RandomSampler(dataset)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch // world, sampler=sampler, num_workers=args.workers,
-                                             pin_memory=device.type == "cuda", collate_fn=MixCollate(classes, 0.2, 1.0),
-                                             drop_last=True, persistent_workers=args.persistent_workers and args.workers > 0)
+        sampler = (
+            torch.utils.data.DistributedSampler(dataset, world, rank, shuffle=True, seed=args.seed)
+            if world > 1
+            else torch.utils.data.RandomSampler(dataset)
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=args.batch // world,
+            sampler=sampler,
+            num_workers=args.workers,
+            pin_memory=device.type == "cuda",
+            collate_fn=MixCollate(classes, 0.2, 1.0),
+            drop_last=True,
+            persistent_workers=args.persistent_workers and args.workers > 0,
+        )
         model = getattr(torchvision.models, args.model)(num_classes=classes).to(device)
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else model
+        ddp = (
+            torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if world > 1
+            else model
+        )
         optimizer = torch.optim.SGD(_parameter_groups(model, 2e-5, 0.0), lr=args.lr, momentum=0.9)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-        ema = torch.optim.swa_utils.AveragedModel(model, device=device, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999),
-                                                  use_buffers=True)
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, device=device, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.999), use_buffers=True
+        )
         seen = 0.0
         rates = []
         for epoch in range(args.epochs):

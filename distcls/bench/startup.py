@@ -21,7 +21,12 @@ from pathlib import Path
 from distcls.bench.common import child_env, last_line, machine, train_cmd
 from distcls.errors import UserError
 
-SYNTHETIC_CIFAR = ["data.name=synthetic", "data.synthetic.size=32", "data.synthetic.channels=3", "data.synthetic.train_samples=512"]
+SYNTHETIC_CIFAR = [
+    "data.name=synthetic",
+    "data.synthetic.size=32",
+    "data.synthetic.channels=3",
+    "data.synthetic.train_samples=512",
+]
 # case name -> overrides (offline data: the bundled digits, or generated CIFAR-shaped images)
 CASES = {
     "default (cnn3, digits)": [],
@@ -36,7 +41,9 @@ HEAVY = ("torchvision", "wandb", "matplotlib", "sklearn", "torch._dynamo", "PIL"
 
 def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (default 3)")
-    parser.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable; default all)")
+    parser.add_argument(
+        "--case", action="append", choices=list(CASES), help="only these cases (repeatable; default all)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every case")
 
 
@@ -84,7 +91,9 @@ def run(args) -> dict:
                 if name == "distcls.train" and heavy is None:
                     heavy = loaded
             for name, overrides in cases.items():
-                f, e = _first_step([*overrides, *args.overrides], Path(tmp) / f"{len(first[name])}_{r}_{abs(hash(name))}")
+                f, e = _first_step(
+                    [*overrides, *args.overrides], Path(tmp) / f"{len(first[name])}_{r}_{abs(hash(name))}"
+                )
                 first[name].append(f)
                 exits[name].append(e)
 
@@ -92,10 +101,15 @@ def run(args) -> dict:
         return {k: round(statistics.median(v), 3) for k, v in d.items()}
 
     return {
-        "mode": "startup", "machine": machine(), "repeats": args.repeats, "overrides": list(args.overrides),
-        "import_s": med(imports), "import_s_all": {k: [round(x, 3) for x in v] for k, v in imports.items()},
+        "mode": "startup",
+        "machine": machine(),
+        "repeats": args.repeats,
+        "overrides": list(args.overrides),
+        "import_s": med(imports),
+        "import_s_all": {k: [round(x, 3) for x in v] for k, v in imports.items()},
         "heavy_modules_loaded_by_import_distcls_train": heavy,
-        "command_to_first_step_s": med(first), "command_to_first_step_s_all": {k: [round(x, 3) for x in v] for k, v in first.items()},
+        "command_to_first_step_s": med(first),
+        "command_to_first_step_s_all": {k: [round(x, 3) for x in v] for k, v in first.items()},
         "command_to_exit_s": med(exits),
     }
 
@@ -112,8 +126,13 @@ def render(result: dict) -> None:
         t.add_row(f"import {k}" if k != "python (no import)" else "python -c pass (import statement only)", f"{v:.3f}",
                   " ".join(map(str, result["import_s_all"][k])))
     for k, v in result["command_to_first_step_s"].items():
-        t.add_row(f"command -> first step: {k}", f"{v:.3f}", " ".join(map(str, result["command_to_first_step_s_all"][k])))
+        t.add_row(
+            f"command -> first step: {k}", f"{v:.3f}", " ".join(map(str, result["command_to_first_step_s_all"][k]))
+        )
     for k, v in result["command_to_exit_s"].items():
         t.add_row(f"command -> exit (2 steps + test): {k}", f"{v:.3f}", "")
     console.print(t)
-    console.print(f"heavy modules loaded by `import distcls.train`: {result['heavy_modules_loaded_by_import_distcls_train'] or 'none'}")
+    console.print(
+        "heavy modules loaded by `import distcls.train`: "
+        f"{result['heavy_modules_loaded_by_import_distcls_train'] or 'none'}"
+    )

@@ -8,7 +8,9 @@ from distcls.bench.common import machine, run_train, summary
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (images/s is distcls's own summary figure)")
+    parser.add_argument(
+        "--epochs", type=int, default=3, help="epochs per run (images/s is distcls's own summary figure)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for both runs")
 
 
@@ -19,7 +21,9 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="distcls-bench-") as tmp:
         for nproc in (1, 2):
             out = Path(tmp) / f"w{nproc}"
-            run_train([f"train.epochs={args.epochs}", "log.every_steps=0", *args.overrides, f"run.out_dir={out}"], nproc)
+            run_train(
+                [f"train.epochs={args.epochs}", "log.every_steps=0", *args.overrides, f"run.out_dir={out}"], nproc
+            )
             s = summary(out)
             result[f"world_{nproc}_images_per_sec"] = round(s["train_images_per_sec"], 1)
             result[f"world_{nproc}_test_acc"] = round(s["test_acc"], 4) if s.get("test_acc") is not None else None

@@ -49,7 +49,8 @@ class SavePolicy:
 
     def decide(self, progress: "Progress", reason: SaveReason, new_best: bool = False) -> Optional[SaveFiles]:
         """The files to write when this moment calls for a save, else None."""
-        if reason is SaveReason.STEP:  # mid-epoch: last.pt every `every_steps` (an epoch's last step is its end's to save)
+        # mid-epoch: last.pt every `every_steps` (an epoch's last step is its end's to save)
+        if reason is SaveReason.STEP:
             due = progress.mid_epoch and self.every_steps > 0 and progress.global_step % self.every_steps == 0
             return SaveFiles(False, False) if due else None
         if progress.mid_epoch:  # a stop inside an epoch: last.pt
@@ -58,7 +59,8 @@ class SavePolicy:
         periodic = bool(self.every_epochs) and progress.epoch % self.every_epochs == 0
         epoch_file = bool(self.every_epochs) and (periodic or final)
         best_file = new_best or (not self.has_val and final)
-        step_due = self.every_steps > 0 and progress.global_step % self.every_steps == 0  # its step was the epoch's last
+        # its step was the epoch's last
+        step_due = self.every_steps > 0 and progress.global_step % self.every_steps == 0
         if final or periodic or best_file or step_due or reason is SaveReason.STOP:
             return SaveFiles(epoch_file, best_file)
         return None
@@ -100,7 +102,9 @@ class OptimizerState:
         # torch places each saved tensor by the SAVED groups' flags: a `step` saved without fused
         # kernels would stay a CPU tensor, which CUDA's fused Adam/AdamW refuse ("Expected all
         # tensors to be on the same device ... state_steps"). Give it this run's flags first.
-        groups = [{**saved, **flags} for saved, flags in zip(state["param_groups"], built)] + state["param_groups"][len(built):]
+        groups = [{**saved, **flags} for saved, flags in zip(state["param_groups"], built)] + state["param_groups"][
+            len(built) :
+        ]
         self.optimizer.load_state_dict({**state, "param_groups": groups})
         for group, flags in zip(self.optimizer.param_groups, built):
             group.update(flags)
@@ -126,9 +130,11 @@ class Checkpointer:
         self.components = {**components, "progress": progress}
         unknown = set(self.components) - set(COMPONENTS)
         assert not unknown, f"not components of the checkpoint format (format.ENTRIES): {sorted(unknown)}"
-        self.metadata = {**metadata, "version": FORMAT_VERSION}  # config, data_spec, world_size, train_samples, provenance
+        # config, data_spec, world_size, train_samples, provenance
+        self.metadata = {**metadata, "version": FORMAT_VERSION}
         self.is_main = is_main
-        self.before_save = before_save  # called with the progress; may raise to refuse the save (Trainer.check_diverged)
+        # called with the progress; may raise to refuse the save (Trainer.check_diverged)
+        self.before_save = before_save
 
     def state_dict(self) -> dict:
         """The checkpoint's content (local: no communication). Tensors and plain data only."""
@@ -160,5 +166,7 @@ class Checkpointer:
                 failure = exc
         # The wait for rank 0 is also how every rank learns that its write failed: all stop together.
         if dist.any_rank(failure is not None, self.progress.device):
-            raise failure or CheckpointWriteFailed("rank 0 could not save the checkpoint (its error line names the file and the disk)")
+            raise failure or CheckpointWriteFailed(
+                "rank 0 could not save the checkpoint (its error line names the file and the disk)"
+            )
         return written

@@ -83,7 +83,10 @@ class CheckpointFiles:
     def write(self, state: dict, epoch_file: bool, best_file: bool) -> Optional[Path]:
         """Write last.pt (+ epoch_NNNN.pt, + best.pt as links to it); None if the weights are non-finite."""
         if not all_finite(state["model"]):
-            self.warn(f"not saving the checkpoint of step {state['step']}: the weights hold NaN/Inf; the previous checkpoint stays")
+            self.warn(
+                f"not saving the checkpoint of step {state['step']}: the weights hold NaN/Inf; the previous checkpoint "
+                "stays"
+            )
             return None
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -91,8 +94,12 @@ class CheckpointFiles:
         try:
             atomic_write_bytes(self.last, buf.getvalue())  # written once; the other names link to it
         except OSError as exc:
-            safe = (f"the previous checkpoint {self.last} is intact (a save never replaces it with a partial file): resume "
-                    "from it with --resume auto" if had_last else "no earlier checkpoint exists: nothing of this run can be resumed")
+            safe = (
+                f"the previous checkpoint {self.last} is intact (a save never replaces it with a partial file): resume "
+                "from it with --resume auto"
+                if had_last
+                else "no earlier checkpoint exists: nothing of this run can be resumed"
+            )
             raise self.write_failed(self.last, exc, safe) from None
         try:
             if epoch_file and self.keep:
@@ -101,16 +108,21 @@ class CheckpointFiles:
             if best_file:
                 atomic_link(self.last, self.best)
         except OSError as exc:
-            raise self.write_failed(Path(exc.filename or self.dir), exc, f"this save's {self.last} was written and is intact: "
-                                    "resume from it with --resume auto") from None
+            raise self.write_failed(
+                Path(exc.filename or self.dir),
+                exc,
+                f"this save's {self.last} was written and is intact: resume from it with --resume auto",
+            ) from None
         return self.last
 
     def write_failed(self, path: Path, exc: OSError, safe: str) -> CheckpointWriteFailed:
         """The one-line error of a save the filesystem refused (ENOSPC, EDQUOT, EIO...): file, disk, what is safe."""
         free = free_space(self.dir)
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
-        return CheckpointWriteFailed(f"could not save checkpoint {path}: {reason} (the disk holding {self.dir}: {free}); {safe}; "
-                                     "free space there (or move the run elsewhere) before resuming")
+        return CheckpointWriteFailed(
+            f"could not save checkpoint {path}: {reason} (the disk holding {self.dir}: {free}); {safe}; "
+            "free space there (or move the run elsewhere) before resuming"
+        )
 
     def _prune(self) -> None:
         files = sorted(self.epoch_files(), reverse=True)
@@ -148,7 +160,11 @@ class CheckpointFiles:
         if not self.has_checkpoints():
             return None
         others = sorted(p.name for p in self.dir.glob("*.pt") if p.name not in damaged and p.name != self.best.name)
-        parts = [f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged" if damaged else "it has no last.pt or epoch_NNNN.pt"]
+        parts = [
+            f"{', '.join(damaged)} {'is' if len(damaged) == 1 else 'are'} damaged"
+            if damaged
+            else "it has no last.pt or epoch_NNNN.pt"
+        ]
         if self.best.is_file():
             try:
                 epoch = ResumePoint(self.best, read_checkpoint(self.best)).epoch

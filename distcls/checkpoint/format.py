@@ -63,7 +63,9 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -73,7 +75,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def all_finite(state_dict: dict) -> bool:
-    return all(torch.isfinite(v).all().item() for v in state_dict.values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return all(
+        torch.isfinite(v).all().item()
+        for v in state_dict.values()
+        if isinstance(v, torch.Tensor) and v.is_floating_point()
+    )
 
 
 def check_compatible(saved_config: dict, saved_spec: dict, path, config: dict, spec: dict) -> None:
@@ -83,11 +89,17 @@ def check_compatible(saved_config: dict, saved_spec: dict, path, config: dict, s
     for section, key in (("model", "name"), ("optim", "name")):
         value, wanted = (saved_config.get(section) or {}).get(key), config[section][key]
         if value is not None and value != wanted:
-            raise UserError(f"checkpoint {path} was trained with {section}.{key}={value}, but the config says {section}.{key}={wanted}; "
-                            f"use {section}.{key}={value} to resume it, or another run.out_dir for a new run")
+            raise UserError(
+                f"checkpoint {path} was trained with {section}.{key}={value}, but the config says "
+                f"{section}.{key}={wanted}; "
+                f"use {section}.{key}={value} to resume it, or another run.out_dir for a new run"
+            )
     for key in ("channels", "num_classes", "image_size"):
         if key in saved_spec and saved_spec[key] != spec[key]:
-            raise UserError(f"checkpoint {path} expects {key}={saved_spec[key]}, but this data gives {key}={spec[key]}; use the checkpoint's data settings")
+            raise UserError(
+                f"checkpoint {path} expects {key}={saved_spec[key]}, but this data gives {key}={spec[key]}; use the "
+                "checkpoint's data settings"
+            )
 
 
 def model_mismatch(model: torch.nn.Module, state: dict) -> Optional[str]:
@@ -99,7 +111,10 @@ def model_mismatch(model: torch.nn.Module, state: dict) -> Optional[str]:
     parts = []
     if wrong:
         k = wrong[0]
-        parts.append(f"{len(wrong)} tensors differ in shape (e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
+        parts.append(
+            f"{len(wrong)} tensors differ in shape (e.g. {k}: checkpoint {tuple(state[k].shape)} vs model "
+            f"{tuple(own[k].shape)})"
+        )
     if missing:
         parts.append(f"{len(missing)} model tensors are missing (e.g. {missing[0]})")
     if unexpected:
@@ -109,7 +124,8 @@ def model_mismatch(model: torch.nn.Module, state: dict) -> Optional[str]:
 
 # ------------------------------------------------------------------------- the table
 
-INFERENCE, RESUME, OPTIONAL = "inference", "resume", "optional"  # who needs an entry: evaluate/predict (and training), training, nobody
+# who needs an entry: evaluate/predict (and training), training, nobody
+INFERENCE, RESUME, OPTIONAL = "inference", "resume", "optional"
 
 
 @dataclass(frozen=True)
@@ -119,7 +135,8 @@ class Entry:
     types: Union[type, tuple]
     needed_by: str  # INFERENCE, RESUME or OPTIONAL
     component: bool = False  # the state_dict() of a stateful object, restored by its load_state_dict()
-    check: Optional[Callable[[Any], Optional[str]]] = None  # what is wrong with a value of the right type (None: nothing)
+    # what is wrong with a value of the right type (None: nothing)
+    check: Optional[Callable[[Any], Optional[str]]] = None
 
 
 def _state_dict(value: dict) -> Optional[str]:
@@ -129,15 +146,27 @@ def _state_dict(value: dict) -> Optional[str]:
 
 
 def _optimizer(value: dict) -> Optional[str]:
-    return None if {"state", "param_groups"} <= value.keys() else "is not an optimizer state_dict (no 'state'/'param_groups')"
+    return (
+        None
+        if {"state", "param_groups"} <= value.keys()
+        else "is not an optimizer state_dict (no 'state'/'param_groups')"
+    )
 
 
 def _rng(value: dict) -> Optional[str]:
     return None if {"python", "numpy", "torch"} <= value.keys() else "lacks the python/numpy/torch generator states"
 
 
-_PROGRESS_FIELDS = {"epoch": int, "epoch_step": int, "global_step": int, "best_metric": (int, float), "skipped_steps": int,
-                    "wandb_id": (str, type(None)), "epoch_totals": (dict, type(None)), "logged_totals": (dict, type(None))}
+_PROGRESS_FIELDS = {
+    "epoch": int,
+    "epoch_step": int,
+    "global_step": int,
+    "best_metric": (int, float),
+    "skipped_steps": int,
+    "wandb_id": (str, type(None)),
+    "epoch_totals": (dict, type(None)),
+    "logged_totals": (dict, type(None)),
+}
 
 
 def _progress(value: dict) -> Optional[str]:
@@ -191,10 +220,12 @@ ENTRIES = (
     Entry("progress", dict, RESUME, component=True, check=_progress),
     Entry("epoch_step", int, OPTIONAL, check=_nonnegative),
     Entry("scaler", dict, OPTIONAL, component=True),
-    Entry("ema", dict, OPTIONAL, component=True, check=_ema),  # model EMA (train.ema): {'weights': state_dict, 'updates': n}
+    # model EMA (train.ema): {'weights': state_dict, 'updates': n}
+    Entry("ema", dict, OPTIONAL, component=True, check=_ema),
     Entry("world_size", int, OPTIONAL),
     Entry("provenance", dict, OPTIONAL),  # versions, git commit, command line, hosts (runtime/provenance.py)
-    Entry("train_samples", int, OPTIONAL, check=_nonnegative),  # the training split's size: a resume on other data is refused
+    # the training split's size: a resume on other data is refused
+    Entry("train_samples", int, OPTIONAL, check=_nonnegative),
 )
 COMPONENTS = tuple(e.key for e in ENTRIES if e.component)
 # The top-level copies of Progress's fields (DESIGN's contract: a reader finds epoch and step without
@@ -215,10 +246,20 @@ def _is(value, types) -> bool:
 def upgrade_format_1(ckpt: dict) -> dict:
     """A format-1 checkpoint in the format-2 layout (and version): its top-level Progress fields
     gathered under `progress` (missing ones stay missing, for validation to name)."""
-    old = {"epoch": "epoch", "epoch_step": "epoch_step", "global_step": "step", "best_metric": "best_metric",
-           "skipped_steps": "skipped_steps", "wandb_id": "wandb_id", "epoch_totals": "meter", "logged_totals": "interval_meter"}
+    old = {
+        "epoch": "epoch",
+        "epoch_step": "epoch_step",
+        "global_step": "step",
+        "best_metric": "best_metric",
+        "skipped_steps": "skipped_steps",
+        "wandb_id": "wandb_id",
+        "epoch_totals": "meter",
+        "logged_totals": "interval_meter",
+    }
     defaults = {"epoch_step": 0, "skipped_steps": 0, "wandb_id": None, "epoch_totals": None, "logged_totals": None}
-    progress = {field: ckpt.get(key, defaults.get(field)) for field, key in old.items() if key in ckpt or field in defaults}
+    progress = {
+        field: ckpt.get(key, defaults.get(field)) for field, key in old.items() if key in ckpt or field in defaults
+    }
     upgraded = {k: v for k, v in ckpt.items() if k not in ("skipped_steps", "wandb_id", "meter", "interval_meter")}
     upgraded["version"] = 2
     if "epoch" in ckpt:
@@ -244,13 +285,21 @@ def validate_checkpoint(ckpt, path, what: str = "checkpoint", resume: bool = Tru
     needed = [e for e in ENTRIES if e.needed_by == INFERENCE or (resume and e.needed_by == RESUME)]
     missing = [e.key for e in needed if e.key not in ckpt]
     if missing:
-        raise bad(f"it lacks {', '.join(repr(k) for k in missing)}" + (" (needed to resume training)" if resume else ""))
+        raise bad(
+            f"it lacks {', '.join(repr(k) for k in missing)}" + (" (needed to resume training)" if resume else "")
+        )
     checked = needed + [e for e in ENTRIES if e.needed_by == OPTIONAL and e.key in ckpt]
     for e in checked:
         if not _is(ckpt[e.key], e.types):
-            raise bad(f"its '{e.key}' is {ckpt[e.key]!r:.60} ({type(ckpt[e.key]).__name__}), not {_TYPE_NAMES.get(e.types, 'a valid value')}")
+            raise bad(
+                f"its '{e.key}' is {ckpt[e.key]!r:.60} ({type(ckpt[e.key]).__name__}), not "
+                f"{_TYPE_NAMES.get(e.types, 'a valid value')}"
+            )
     if ckpt["version"] > FORMAT_VERSION:
-        raise UserError(f"{what} {path} has format version {ckpt['version']}, newer than this distcls ({FORMAT_VERSION}); upgrade distcls")
+        raise UserError(
+            f"{what} {path} has format version {ckpt['version']}, newer than this distcls ({FORMAT_VERSION}); upgrade "
+            "distcls"
+        )
     if ckpt["version"] < 1:
         raise bad(f"its format version {ckpt['version']} is not one distcls wrote")
     for e in checked:

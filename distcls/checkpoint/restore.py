@@ -43,8 +43,10 @@ def check_stored_plugins(stored: dict, path, overrides: Sequence[str], sections=
     for section in sections:
         name = stored[section]["name"]
         if {"model": MODELS, "data": DATASETS}[section].is_import_path(name) and f"{section}.name" not in explicit:
-            raise UserError(f"checkpoint {path} was trained with the plug-in {section}.name={name}; a checkpoint does not choose code "
-                            f"to import: add {section}.name={name} to the command line if you trust that module")
+            raise UserError(
+                f"checkpoint {path} was trained with the plug-in {section}.name={name}; a checkpoint does not choose "
+                f"code to import: add {section}.name={name} to the command line if you trust that module"
+            )
 
 
 class EMAWeights:
@@ -62,7 +64,9 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     model EMA's (train.ema.enabled)."""
     point = ResumePoint(path, read_checkpoint(path, "--checkpoint", resume=False))
     if ema and not point.state("ema"):
-        raise UserError(f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema")
+        raise UserError(
+            f"checkpoint {path} holds no EMA weights (it was trained without train.ema.enabled=true); leave out --ema"
+        )
     if ema and not point.state("ema").get("updates"):
         raise UserError(f"checkpoint {path}: its model EMA never updated (saved before its first update, every "
                         f"train.ema.every_steps steps): it holds the initial weights; leave out --ema")
@@ -70,11 +74,13 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     check_stored_plugins(base, path, overrides)
     trained_from = base["model"].get("pretrained")  # torchvision weights: their preprocessing was the run's
     name = base["model"].get("name") or ""
-    if name.startswith(torchvision_zoo.PREFIX):  # and the builder arguments they came with (googlenet's transform_input)
+    # and the builder arguments they came with (googlenet's transform_input)
+    if name.startswith(torchvision_zoo.PREFIX):
         base["model"]["args"] = {**torchvision_zoo.weights_args(name[len(torchvision_zoo.PREFIX):], trained_from),
                                  **(base["model"].get("args") or {})}
     base["model"]["pretrained"] = None  # the checkpoint's own weights replace any starting point
-    if "carve_val" not in base.get("data", {}):  # a checkpoint written before the key: its meaning (run.checks.SAVED_BEFORE_THE_KEY)
+    # a checkpoint written before the key: its meaning (run.checks.SAVED_BEFORE_THE_KEY)
+    if "carve_val" not in base.get("data", {}):
         base.setdefault("data", {})["carve_val"] = True
     if base.get("data", {}).get("image_size") is None:  # e.g. taken from torchvision weights' preprocessing
         base.setdefault("data", {})["image_size"] = point.data_spec["image_size"]
@@ -86,7 +92,8 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     except ConfigError as exc:
         raise UserError(f"checkpoint {path}: its stored config with your overrides is invalid: {exc}") from None
     try:
-        cfg = with_pretrained_preprocessing(cfg, trained_from or "")  # e.g. eval_resize 232 of V2 weights, as the run evaluated
+        # e.g. eval_resize 232 of V2 weights, as the run evaluated
+        cfg = with_pretrained_preprocessing(cfg, trained_from or "")
     except UserError:  # weights this torchvision no longer names: the stored config's sizes as they are
         pass
     spec = DataSpec.from_dict(point.data_spec)
@@ -94,9 +101,11 @@ def restore(path: str, device: torch.device, overrides: Sequence[str] = (), ema:
     if frozen:
         from distcls.models.transfer import freeze_backbone
         model = freeze_backbone(model)  # same module types (FrozenBatchNorm2d) as when it was saved
-    load_components(point, {"ema": EMAWeights(model)} if ema else {"model": ModuleWeights(model)})  # as a resume restores it
+    # as a resume restores it
+    load_components(point, {"ema": EMAWeights(model)} if ema else {"model": ModuleWeights(model)})
     model.to(device).eval()
-    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, interpolation=cfg.data.interpolation)  # no training: no per-epoch draw table
+    # no training: no per-epoch draw table
+    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, interpolation=cfg.data.interpolation)
     return Restored(cfg, spec, model, pre, point)
 
 
@@ -142,6 +151,13 @@ def measure_speed(model: torch.nn.Module, preprocess: Preprocess, images: torch.
     model.train(was_training)
     times.sort()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    return {"device": f"{device} ({name})", "batch_size": batch_size, "images_per_sec": throughput,
-            "latency_ms_batch1": {"median": statistics.median(times), "p95": times[min(len(times) - 1, int(0.95 * len(times)))],
-                                  "runs": latency_runs}}
+    return {
+        "device": f"{device} ({name})",
+        "batch_size": batch_size,
+        "images_per_sec": throughput,
+        "latency_ms_batch1": {
+            "median": statistics.median(times),
+            "p95": times[min(len(times) - 1, int(0.95 * len(times)))],
+            "runs": latency_runs,
+        },
+    }

@@ -5,7 +5,8 @@
     sources.py file_source.py sample_table.py   what a dataset holds: tensors, or image files as flat arrays
     folder_index.py index.py   an image folder's file list, built once by the ranks together, and its command
     splits.py sampler.py loader.py   seeded splits, the global-batch sampler contract, per-rank loaders
-    shard_plan.py shard_source.py shard_loader.py   WebDataset shards: their order in streams, their reading, their loaders
+    shard_plan.py shard_source.py shard_loader.py   WebDataset shards: their order in streams, their reading, their
+    loaders
 
 The stage contract: what runs PER SAMPLE IN DATALOADER WORKERS is decode and geometry, for image
 files only (transforms/images.py: decode, the keyed RandomResizedCrop or the evaluation resize and
@@ -23,7 +24,8 @@ from typing import Optional
 
 from distcls.config import Config
 from distcls.data import folder_index
-from distcls.data.datasets import cifar, digits, imagefolder, mnist, shards, synthetic  # noqa: F401  (importing registers the builders)
+# importing registers the builders
+from distcls.data.datasets import cifar, digits, imagefolder, mnist, shards, synthetic  # noqa: F401
 from distcls.data.transforms.augment import Preprocess
 from distcls.data.transforms.mix import Mix
 from distcls.data.loader import Batch, BatchLoader, eval_loader, train_loader
@@ -54,11 +56,17 @@ def data_spec(dataset: RawDataset, cfg: Config, normalization_from: Optional[str
     mean, std = (d.mean, d.std) if d.mean is not None else (dataset.mean, dataset.std)
     if len(mean) == 1 and channels == 3:
         mean, std = list(mean) * 3, list(std) * 3
-    if len(mean) != channels and normalization_from:  # the user set no mean/std: the images' channels are what to change
-        raise ConfigError(f"{normalization_from} was trained on {len(mean)}-channel images, but data.name={d.name} gives {channels}-channel "
-                          f"images: set data.channels={len(mean)} (grayscale images are then repeated to RGB), or train without these weights")
+    # the user set no mean/std: the images' channels are what to change
+    if len(mean) != channels and normalization_from:
+        raise ConfigError(
+            f"{normalization_from} was trained on {len(mean)}-channel images, but data.name={d.name} gives "
+            f"{channels}-channel images: set data.channels={len(mean)} (grayscale images are then repeated to RGB), or "
+            "train without these weights"
+        )
     if len(mean) != channels:
-        raise ConfigError(f"data.mean/data.std have {len(mean)} values but the images have {channels} channels; give one per channel")
+        raise ConfigError(
+            f"data.mean/data.std have {len(mean)} values but the images have {channels} channels; give one per channel"
+        )
     return DataSpec(channels, len(dataset.class_names), size, tuple(dataset.class_names), tuple(mean), tuple(std))
 
 
@@ -70,8 +78,10 @@ def check_labels(dataset: RawDataset, name: str) -> None:
         labels = source.labels if source is not None else None
         if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
             bad = int(labels.min()) if int(labels.min()) < 0 else int(labels.max())
-            raise UserError(f"data.name={name}: the {split} split holds label {bad}, but the dataset has {n} classes (0..{n - 1}); "
-                            "fix the dataset's labels or its class names")
+            raise UserError(
+                f"data.name={name}: the {split} split holds label {bad}, but the dataset has {n} classes (0..{n - 1}); "
+                "fix the dataset's labels or its class names"
+            )
 
 
 def build_data(cfg: Config, normalization_from: Optional[str] = None, run_dir: Optional[Path] = None) -> Data:
@@ -84,26 +94,40 @@ def build_data(cfg: Config, normalization_from: Optional[str] = None, run_dir: O
     data_cfg = cfg.data
     if run_dir is not None and data_cfg.index is None and data_cfg.name == "imagefolder":
         data_cfg = dataclasses.replace(data_cfg, index=str(folder_index.location(Path(data_cfg.root), None, run_dir)))
-    if run_dir is not None and data_cfg.index is None and data_cfg.name == "webdataset":  # the shards' counts, when none lie beside them
+    # the shards' counts, when none lie beside them
+    if run_dir is not None and data_cfg.index is None and data_cfg.name == "webdataset":
         data_cfg = dataclasses.replace(data_cfg, index=str(Path(run_dir) / shards.DESCRIPTION))
     dataset = DATASETS.build(cfg.data.name, data_cfg)
     if not isinstance(dataset, RawDataset):
-        raise UserError(f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset")
+        raise UserError(
+            f"data.name={cfg.data.name}: the builder returned {type(dataset).__name__}, not distcls.data.RawDataset"
+        )
     check_labels(dataset, cfg.data.name)
     from_files = dataset.train.decoded_on_demand
     if cfg.data.augment.random_resized_crop and not from_files:
-        raise ConfigError(f"data.augment.random_resized_crop applies to image folders (data.name=imagefolder), not to in-memory data.name={cfg.data.name}; "
-                          "use data.augment.crop_padding for those")
+        raise ConfigError(
+            "data.augment.random_resized_crop applies to image folders (data.name=imagefolder), not to in-memory "
+            f"data.name={cfg.data.name}; use data.augment.crop_padding for those"
+        )
     spec = data_spec(dataset, cfg, normalization_from)
     splits = make_splits(dataset, cfg.data, cfg.run.seed)
-    # One owner per op, decided by the source: an image folder's workers flip (on the uint8 crop, same key), not the device.
+    # One owner per op, decided by the source: an image folder's workers flip (uint8 crop, same key), not the device.
     flipped_in_workers = from_files and getattr(getattr(dataset.train, "policy", None), "hflip", False)
     # Training keys index the train split's source: the per-epoch draw table covers all of them.
     num_keys = len(splits.train.source) * cfg.data.repeats  # copy j of sample i has key i + j * source size
-    train_size = cfg.data.train_crop_size or cfg.data.image_size or dataset.train.size  # FixRes: may differ from spec.image_size
+    # FixRes: may differ from spec.image_size
+    train_size = cfg.data.train_crop_size or cfg.data.image_size or dataset.train.size
     if from_files:
         train_size = dataset.train.policy.train_size or dataset.train.policy.size
     mix = Mix.from_config(cfg.data.mix, cfg.train.label_smoothing, spec.num_classes, train_size, cfg.run.seed, num_keys)
-    pre = Preprocess.from_spec(spec, cfg.data.augment, cfg.run.seed, num_keys=num_keys, mix=mix,
-                               train_size=train_size, interpolation=cfg.data.interpolation, flip_on_device=not flipped_in_workers)
+    pre = Preprocess.from_spec(
+        spec,
+        cfg.data.augment,
+        cfg.run.seed,
+        num_keys=num_keys,
+        mix=mix,
+        train_size=train_size,
+        interpolation=cfg.data.interpolation,
+        flip_on_device=not flipped_in_workers,
+    )
     return Data(splits, spec, pre, tuple(dataset.skipped_files), tuple(dataset.notes))

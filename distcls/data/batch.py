@@ -11,7 +11,8 @@ import torch
 class Batch:
     images: torch.Tensor  # uint8 [B, C, H, W] on device
     labels: torch.Tensor  # int64 [B] on device
-    keys: torch.Tensor  # int64 [B] on device: the augmentation key, index into the split's source (+ copy * source size with data.repeats)
+    # int64 [B] on device: the augmentation key, index into the split's source (+ copy * source size with data.repeats)
+    keys: torch.Tensor
 
 
 def collate_decoded(items):

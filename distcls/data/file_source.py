@@ -35,7 +35,8 @@ class CropPolicy:
     interpolation: str = "bilinear"  # or bicubic; always antialiased
 
     def box(self, height: int, width: int, train: bool, seed: int, epoch: int, key: int):
-        from distcls.data.transforms.images import center_crop_box, random_resized_crop_box  # torchvision.io: imported only for image files
+        # torchvision.io: imported only for image files
+        from distcls.data.transforms.images import center_crop_box, random_resized_crop_box
         if train and self.rrc is not None:
             return random_resized_crop_box(height, width, self.rrc[0], self.rrc[1], seed, epoch, key)
         return center_crop_box(height, width, self.size, self.eval_resize)
@@ -46,7 +47,9 @@ class CropPolicy:
         from distcls.data.transforms.images import crop_resize, resize_center_crop
         size = (self.train_size or self.size) if train else self.size
         if train and self.rrc is not None:
-            out = crop_resize(img, self.box(img.shape[1], img.shape[2], train, seed, epoch, key), size, self.interpolation)
+            out = crop_resize(
+                img, self.box(img.shape[1], img.shape[2], train, seed, epoch, key), size, self.interpolation
+            )
         else:
             resize = self.eval_resize if size == self.size else max(size, round(self.eval_resize * size / self.size))
             out = resize_center_crop(img, resize, size, self.interpolation)
@@ -101,17 +104,22 @@ class FileSource(Dataset):
         return FileSource(self.samples.concat(other.samples), self.size, self.channels, self.policy, self.skip_bad)
 
 
-FILE_DATASETS = ("imagefolder", "webdataset")  # the shipped datasets decoded from files: cropped and resized by a CropPolicy
+# the shipped datasets decoded from files: cropped and resized by a CropPolicy
+FILE_DATASETS = ("imagefolder", "webdataset")
 
 
 def crop_policy(cfg) -> tuple:
     """(evaluation size, channels, CropPolicy) of a dataset decoded from files, by the data.* keys
     (sizes default to 224 and channels to 3: torchvision's ImageNet recipes)."""
     size = cfg.eval_crop_size or cfg.image_size or 224  # the model's input size (evaluation)
-    if cfg.eval_resize is not None and cfg.eval_resize < size:  # config.py checks the sizes it sees; here with the defaults
+    # config.py checks the sizes it sees; here with the defaults
+    if cfg.eval_resize is not None and cfg.eval_resize < size:
         from distcls.errors import ConfigError
-        raise ConfigError(f"data.eval_resize={cfg.eval_resize} is smaller than the evaluation crop {size} (data.eval_crop_size, "
-                          f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a smaller data.eval_crop_size")
+        raise ConfigError(
+            f"data.eval_resize={cfg.eval_resize} is smaller than the evaluation crop {size} (data.eval_crop_size, "
+            f"else data.image_size, else 224): the center crop would not fit; set data.eval_resize >= {size} or a "
+            "smaller data.eval_crop_size"
+        )
     aug = cfg.augment
     policy = CropPolicy(size, cfg.eval_resize or default_eval_resize(size),
                         (tuple(aug.scale), tuple(aug.ratio)) if aug.random_resized_crop else None, aug.hflip,
@@ -121,7 +129,8 @@ def crop_policy(cfg) -> tuple:
 
 def evaluation_resize(data_cfg, size: int) -> int:
     """The shorter side an image is resized to before the center crop, as the checkpoint's evaluation does it."""
-    if data_cfg.name not in FILE_DATASETS:  # in-memory data evaluates the whole image at the input size: eval_resize is not used
+    # in-memory data evaluates the whole image at the input size: eval_resize is not used
+    if data_cfg.name not in FILE_DATASETS:
         return size
     return data_cfg.eval_resize if data_cfg.eval_resize is not None else default_eval_resize(size)
 
@@ -131,11 +140,15 @@ def default_eval_resize(size: int) -> int:
     return int(round(size / 0.875))
 
 
-def load_eval_image(path, size: int, channels: int, eval_resize: Optional[int] = None, interpolation: str = "bilinear") -> torch.Tensor:
+def load_eval_image(
+    path, size: int, channels: int, eval_resize: Optional[int] = None, interpolation: str = "bilinear"
+) -> torch.Tensor:
     """One image file as distcls evaluates it: uint8 [channels, size, size] (16-bit/float scaled to 8 bits).
 
     Raises `images.BadImage` (a message naming the file) when it cannot be decoded.
     """
     from distcls.data.transforms.images import read_image
     img = read_image(path, channels)
-    return CropPolicy(size, eval_resize or default_eval_resize(size), interpolation=interpolation).apply(img, False, 0, 0, 0)
+    return CropPolicy(size, eval_resize or default_eval_resize(size), interpolation=interpolation).apply(
+        img, False, 0, 0, 0
+    )

@@ -89,7 +89,8 @@ def _image_paths(folder: str, visited: Optional[list] = None) -> list[str]:
             continue
         seen.add(real)
         if visited is not None:
-            visited.append((top, _mtime(top)))  # before the listing: a file added meanwhile changes the time recorded after it
+            # before the listing: a file added meanwhile changes the time recorded after it
+            visited.append((top, _mtime(top)))
         try:
             entries = list(os.scandir(top))
         except OSError:
@@ -144,11 +145,14 @@ def walk(root: Path) -> FolderIndex:
         for label, name in enumerate(classes):
             class_dir = folder / name
             if class_dir.is_dir():
-                prefix, relative = str(class_dir), os.path.relpath(class_dir, root)  # the walk's paths start with its folder's string
+                # the walk's paths start with its folder's string
+                prefix, relative = str(class_dir), os.path.relpath(class_dir, root)
                 pairs += [(relative + p[len(prefix):], label) for p in _image_paths(prefix, visited)]
         tables[split] = SampleTable.from_pairs(pairs)
     folders = [("", root_folders)] + [(os.path.relpath(f, root), mtime) for f, mtime in dict(visited).items()]
-    return FolderIndex(str(root), train_dir, classes, split_classes, tables, {}, {}, folders, seconds=time.perf_counter() - start)
+    return FolderIndex(
+        str(root), train_dir, classes, split_classes, tables, {}, {}, folders, seconds=time.perf_counter() - start
+    )
 
 
 def _mtime(folder) -> int:
@@ -174,7 +178,8 @@ def _check_share(index: FolderIndex, rank: int, world: int) -> dict:
             table = index.tables.get(split)
             if table is None:
                 continue
-            mine = np.arange((rank - offset) % world, len(table), world, dtype=np.int64)  # global position offset + i, strided
+            # global position offset + i, strided
+            mine = np.arange((rank - offset) % world, len(table), world, dtype=np.int64)
             offset += len(table)
             sizes, reasons = np.zeros(len(mine), dtype=np.int64), {}
             for start in range(0, len(mine), CHECK_CHUNK):
@@ -210,14 +215,28 @@ def check(index: FolderIndex) -> FolderIndex:
 
 
 def save(index: FolderIndex, path: Path) -> None:
-    header = {"format": FORMAT, "root": os.path.realpath(index.root), "train_dir": index.train_dir, "classes": index.classes,
-              "split_classes": index.split_classes, "folders": index.folders, "checked_by": index.checked_by,
-              "seconds": index.seconds, "bad": {s: {str(i): why for i, why in b.items()} for s, b in index.bad.items()},
-              "splits": list(index.tables)}
+    header = {
+        "format": FORMAT,
+        "root": os.path.realpath(index.root),
+        "train_dir": index.train_dir,
+        "classes": index.classes,
+        "split_classes": index.split_classes,
+        "folders": index.folders,
+        "checked_by": index.checked_by,
+        "seconds": index.seconds,
+        "bad": {s: {str(i): why for i, why in b.items()} for s, b in index.bad.items()},
+        "splits": list(index.tables),
+    }
     arrays = {"header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
     for split, table in index.tables.items():
-        arrays.update({f"{split}_paths": table.paths, f"{split}_offsets": table.offsets, f"{split}_labels": table.labels,
-                       f"{split}_sizes": index.sizes[split]})
+        arrays.update(
+            {
+                f"{split}_paths": table.paths,
+                f"{split}_offsets": table.offsets,
+                f"{split}_labels": table.labels,
+                f"{split}_sizes": index.sizes[split],
+            }
+        )
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write_bytes(path, buffer.getvalue())
@@ -228,7 +247,8 @@ class StaleIndex(Exception):
 
 
 def load(path: Path, root: Path, data: Optional[bytes] = None) -> FolderIndex:
-    """The index in `path` (or in `data`, its bytes); StaleIndex when it cannot be used, whatever is wrong with the file."""
+    """The index in `path` (or in `data`, its bytes); StaleIndex when it cannot be used, whatever is wrong with the
+    file."""
     try:
         data = Path(path).read_bytes() if data is None else data
         with np.load(io.BytesIO(data), allow_pickle=False) as f:
@@ -238,11 +258,22 @@ def load(path: Path, root: Path, data: Optional[bytes] = None) -> FolderIndex:
             tables = {s: SampleTable(f[f"{s}_paths"], f[f"{s}_offsets"], f[f"{s}_labels"]) for s in header["splits"]}
             sizes = {s: f[f"{s}_sizes"] for s in header["splits"]}
         bad = {s: {int(i): why for i, why in b.items()} for s, b in header["bad"].items()}
-        return FolderIndex(str(root), header["train_dir"], header["classes"], header["split_classes"], tables, sizes, bad,
-                           [tuple(f) for f in header["folders"]], header.get("checked_by", []), header.get("seconds", 0.0))
+        return FolderIndex(
+            str(root),
+            header["train_dir"],
+            header["classes"],
+            header["split_classes"],
+            tables,
+            sizes,
+            bad,
+            [tuple(f) for f in header["folders"]],
+            header.get("checked_by", []),
+            header.get("seconds", 0.0),
+        )
     except StaleIndex:
         raise
-    except Exception as exc:  # a truncated or foreign file fails in zipfile, numpy or json in many ways: all mean "build it again"
+    # a truncated or foreign file fails in zipfile, numpy or json in many ways: all mean "build it again"
+    except Exception as exc:
         raise StaleIndex(f"it cannot be read ({type(exc).__name__}: {first_line(exc)})") from None
 
 
@@ -302,8 +333,13 @@ def location(root: Path, configured: Optional[str], run_dir: Optional[Path]) -> 
     return run_dir / RUN_NAME if run_dir is not None else None
 
 
-def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] = lambda msg: None, rebuild: bool = False,
-                  save_to: Optional[Path] = None) -> FolderIndex:
+def load_or_build(
+    root: Path,
+    path: Optional[Path],
+    note: Callable[[str], None] = lambda msg: None,
+    rebuild: bool = False,
+    save_to: Optional[Path] = None,
+) -> FolderIndex:
     """Collective: the index at `path` when it is current (rank 0 decides and says which file, with its
     digest: every rank reads that file and checks it holds the same), else built by the ranks together
     and saved by rank 0 at `save_to` (None: kept in memory: a command without a run directory writes
@@ -317,30 +353,44 @@ def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] 
                 index = load(path, root, data)
                 changed = changes(index, root)
                 if changed:
-                    decision = f"the image folder changed since {path} was built ({', '.join(changed)}): indexing it again"
+                    decision = (
+                        f"the image folder changed since {path} was built ({', '.join(changed)}): indexing it again"
+                    )
                 else:
                     decision, digest = "read", hashlib.sha256(data).hexdigest()
                     repaired = recheck_bad(index)
             except StaleIndex as exc:
                 decision = f"the index {path} is not usable ({exc}): indexing the image folder again"
-    decision, where_read, digest, repaired = dist.broadcast_object((decision, str(path) if path else None, digest, repaired))
+    decision, where_read, digest, repaired = dist.broadcast_object(
+        (decision, str(path) if path else None, digest, repaired)
+    )
     if decision == "read":
         if index is None:
             try:
                 data = Path(where_read).read_bytes()
                 if hashlib.sha256(data).hexdigest() != digest:
-                    raise StaleIndex("it differs from the one rank 0 read (rewritten meanwhile, or not the same file on every node)")
+                    raise StaleIndex(
+                        "it differs from the one rank 0 read (rewritten meanwhile, or not the same file on every node)"
+                    )
                 index = load(Path(where_read), root, data)
             except StaleIndex as exc:
-                raise UserError(f"the image folder's index {where_read} could not be read on this rank ({exc}); put run.out_dir and data.index "
-                                "on a filesystem every node sees, and let one run at a time rebuild a shared index") from None
+                raise UserError(
+                    f"the image folder's index {where_read} could not be read on this rank ({exc}); put run.out_dir "
+                    "and data.index on a filesystem every node sees, and let one run at a time rebuild a shared index"
+                ) from None
             apply_repairs(index, repaired)  # what rank 0 found repaired (no file inspected again here)
         index.read_from = Path(where_read)
-        note(f"image folder {root}: read its index {where_read} ({sum(len(t) for t in index.tables.values()):,} files; no walk, no per-file check)")
+        note(
+            f"image folder {root}: read its index {where_read} ({sum(len(t) for t in index.tables.values()):,} files; "
+            "no walk, no per-file check)"
+        )
         if repaired:
             first = index.tables[repaired[0][0]].path(repaired[0][1])
-            note(f"image folder {root}: {len(repaired)} file(s) the index called bad read well now (replaced in place): {first}"
-                 + (f" and {len(repaired) - 1} more" if len(repaired) > 1 else ""))
+            note(
+                f"image folder {root}: {len(repaired)} file(s) the index called bad read well now (replaced in place): "
+                f"{first}"
+                + (f" and {len(repaired) - 1} more" if len(repaired) > 1 else "")
+            )
             if save_to is not None and dist.is_main_rank():
                 _save_quietly(index, save_to)
         return index
@@ -353,7 +403,11 @@ def load_or_build(root: Path, path: Optional[Path], note: Callable[[str], None] 
     where = "kept in memory only (no run directory)"
     if save_to is not None and dist.is_main_rank():
         where = _save_quietly(index, save_to)
-    shares = f"each of {len(index.checked_by)} ranks checked {min(index.checked_by):,}-{max(index.checked_by):,} files" if len(index.checked_by) > 1 else "checked"
+    shares = (
+        f"each of {len(index.checked_by)} ranks checked {min(index.checked_by):,}-{max(index.checked_by):,} files"
+        if len(index.checked_by) > 1
+        else "checked"
+    )
     note(f"image folder {root}: indexed {files:,} files in {index.seconds:.1f} s ({shares}); {where}")
     return index
 

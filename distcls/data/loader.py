@@ -88,7 +88,9 @@ class BatchLoader:
 
     def _data_loader(self) -> DataLoader:
         if self._loader is None:
-            workers = {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+            workers = (
+                {"persistent_workers": True, "prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
+            )
             self._loader = DataLoader(_FileViewDataset(self.view, self.train, self.seed, self.gpu_decode),
                                       batch_sampler=_EpochBatches(self.sampler), num_workers=self.num_workers,
                                       collate_fn=_gpu_decode_module().collate if self.gpu_decode else collate_decoded,
@@ -124,7 +126,9 @@ class BatchLoader:
             images, labels, keys, bad = batch
             if bad:
                 if not self.view.source.skip_bad:
-                    raise UserError(f"{bad[0]}; delete or replace the file, or set data.skip_bad_images=true to skip such files")
+                    raise UserError(
+                        f"{bad[0]}; delete or replace the file, or set data.skip_bad_images=true to skip such files"
+                    )
                 self.dropped.extend(bad)
                 if images is None:
                     raise UserError(f"every image of a batch is unreadable ({bad[0]}, ...); fix or remove these files")
@@ -139,8 +143,12 @@ def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int,
         return _shard_loader(view, device, num_workers, prefetch_factor, seed, gpu_decode, repeats,
                              plan=_shard_train_plan(view, global_batch, world_size, rank, seed, max_steps))
     if repeats > 1 and gpu_decode:
-        raise UserError("data.repeats > 1 does not work with data.gpu_decode=true yet; set data.gpu_decode=false or data.repeats=1")
-    sampler = GlobalBatchSampler(len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps, repeats=repeats)
+        raise UserError(
+            "data.repeats > 1 does not work with data.gpu_decode=true yet; set data.gpu_decode=false or data.repeats=1"
+        )
+    sampler = GlobalBatchSampler(
+        len(view), global_batch, world_size, rank, seed, shuffle=True, max_steps=max_steps, repeats=repeats
+    )
     return BatchLoader(view, sampler, device, num_workers, train=True, seed=seed, prefetch_factor=prefetch_factor,
                        gpu_decode=gpu_decode)
 
@@ -148,8 +156,18 @@ def train_loader(view: SplitView, global_batch: int, world_size: int, rank: int,
 def eval_loader(view: SplitView, global_batch: int, world_size: int, rank: int, device, num_workers: int = 0,
                 prefetch_factor: int = 4, gpu_decode: bool = False) -> BatchLoader:
     if getattr(view.source, "streamed", False):
-        return _shard_loader(view, device, num_workers, prefetch_factor, 0, gpu_decode, 1, eval_batch=max(1, global_batch // world_size),
-                             world_size=world_size, rank=rank)
+        return _shard_loader(
+            view,
+            device,
+            num_workers,
+            prefetch_factor,
+            0,
+            gpu_decode,
+            1,
+            eval_batch=max(1, global_batch // world_size),
+            world_size=world_size,
+            rank=rank,
+        )
     sampler = EvalShardSampler(len(view), max(1, global_batch // world_size), world_size, rank)
     return BatchLoader(view, sampler, device, num_workers, prefetch_factor=prefetch_factor, gpu_decode=gpu_decode)
 
@@ -157,15 +175,24 @@ def eval_loader(view: SplitView, global_batch: int, world_size: int, rank: int, 
 def _shard_train_plan(view: SplitView, global_batch: int, world_size: int, rank: int, seed: int, max_steps):
     from distcls.data.shard_plan import TrainPlan
     src = view.source
-    return TrainPlan(src.shards.prefix(len(view)), src.streams, src.window, global_batch, world_size, rank, seed, max_steps)
+    return TrainPlan(
+        src.shards.prefix(len(view)), src.streams, src.window, global_batch, world_size, rank, seed, max_steps
+    )
 
 
-def _shard_loader(view: SplitView, device, num_workers: int, prefetch_factor: int, seed: int, gpu_decode: bool, repeats: int, **how):
+def _shard_loader(
+    view: SplitView, device, num_workers: int, prefetch_factor: int, seed: int, gpu_decode: bool, repeats: int, **how
+):
     """A ShardBatchLoader (shard_loader.py) of a split of WebDataset shards: a prefix of their order."""
     from distcls.data.shard_loader import ShardBatchLoader
     if gpu_decode or repeats > 1:
-        raise UserError(f"data.name=webdataset reads shards in order: {'data.gpu_decode=true' if gpu_decode else f'data.repeats={repeats}'} "
-                        f"does not work with it yet; set {'data.gpu_decode=false' if gpu_decode else 'data.repeats=1'}")
+        raise UserError(
+            "data.name=webdataset reads shards in order: "
+            f"{'data.gpu_decode=true' if gpu_decode else f'data.repeats={repeats}'} "
+            f"does not work with it yet; set {'data.gpu_decode=false' if gpu_decode else 'data.repeats=1'}"
+        )
     if len(view) and int(view.indices[-1]) != len(view) - 1:
-        raise UserError("data.name=webdataset: a split of shards is a prefix of their order; it cannot be re-split or subsampled")
+        raise UserError(
+            "data.name=webdataset: a split of shards is a prefix of their order; it cannot be re-split or subsampled"
+        )
     return ShardBatchLoader(view, device, num_workers, prefetch_factor, seed, **how)

@@ -40,8 +40,10 @@ class GlobalBatchSampler:
                  seed: int, shuffle: bool = True, max_steps: int | None = None, repeats: int = 1):
         check_batch_split(global_batch, world_size)
         if global_batch % repeats:
-            raise ConfigError(f"data.repeats={repeats} lays out each global batch as data.batch_size/repeats distinct samples repeated; "
-                              f"data.batch_size={global_batch} must be a multiple of {repeats}")
+            raise ConfigError(
+                f"data.repeats={repeats} lays out each global batch as data.batch_size/repeats distinct samples "
+                f"repeated; data.batch_size={global_batch} must be a multiple of {repeats}"
+            )
         self.repeats = repeats
         if num_samples < global_batch:
             raise ConfigError(
@@ -62,7 +64,11 @@ class GlobalBatchSampler:
         return self.steps_per_epoch - self.start_step
 
     def _order(self) -> torch.Tensor:
-        return epoch_permutation(self.num_samples, self.seed, self.epoch) if self.shuffle else torch.arange(self.num_samples)
+        return (
+            epoch_permutation(self.num_samples, self.seed, self.epoch)
+            if self.shuffle
+            else torch.arange(self.num_samples)
+        )
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self._order()

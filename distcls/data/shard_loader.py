@@ -39,7 +39,8 @@ def worker_block(items: list, info=None) -> list:
 
 
 def stream_outputs(plan: TrainPlan, reader: ShardReader, stream: int, epoch: int, start_step: int) -> Iterator[tuple]:
-    """Stream `stream`'s raw samples (sample, message, key) in its shuffled order from step `start_step`'s first output."""
+    """Stream `stream`'s raw samples (sample, message, key) in its shuffled order from step `start_step`'s first
+    output."""
     for window in plan.windows(epoch, stream, start_step):
         raw = [item for run in window.runs for item in reader.read(run)]
         for place in window.order[window.skip:]:
@@ -74,7 +75,9 @@ class _EvalBatches(IterableDataset):
         self.source, self.start, self.stop, self.local_batch = source, start, stop, local_batch
 
     def __iter__(self):
-        batches = worker_block([(lo, min(lo + self.local_batch, self.stop)) for lo in range(self.start, self.stop, self.local_batch)])
+        batches = worker_block(
+            [(lo, min(lo + self.local_batch, self.stop)) for lo in range(self.start, self.stop, self.local_batch)]
+        )
         reader = ShardReader(self.source.shards)
         order = range(len(self.source.shards.counts))
         try:
@@ -133,11 +136,17 @@ class ShardBatchLoader:
         """The Batch on the device; None for an evaluation batch whose samples are all bad (skipped)."""
         if bad:
             if not self.source.skip_bad:
-                raise UserError(f"{bad[0]}; fix or remove the sample (or the shard), or set data.skip_bad_images=true to skip such samples")
+                raise UserError(
+                    f"{bad[0]}; fix or remove the sample (or the shard), or set data.skip_bad_images=true to skip such "
+                    "samples"
+                )
             self.dropped.extend(bad)
             if images is None and self.train:  # every rank takes part in every step: this one has nothing to train on
-                raise UserError(f"every sample of this rank's part of a training batch is unreadable ({bad[0]}, ...): a missing or cut "
-                                "shard, which data.skip_bad_images=true cannot leave out (it skips single samples); fix or replace it")
+                raise UserError(
+                    f"every sample of this rank's part of a training batch is unreadable ({bad[0]}, ...): a missing or "
+                    "cut shard, which data.skip_bad_images=true cannot leave out (it skips single samples); fix or "
+                    "replace it"
+                )
             if images is None:
                 return None
         return Batch(images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True),
@@ -149,9 +158,12 @@ class ShardBatchLoader:
             return
         plan = self.sampler
         workers = max(1, min(self.num_workers, len(plan.my_streams)))
-        items = iter(self._items(_TrainSteps(self.source, plan, plan.epoch, plan.start_step, self.seed), len(plan.my_streams)))
+        items = iter(
+            self._items(_TrainSteps(self.source, plan, plan.epoch, plan.start_step, self.seed), len(plan.my_streams))
+        )
         for _ in range(plan.start_step, plan.steps_per_epoch):
-            yield self._check(*_joined([next(items) for _ in range(workers)]))  # one item per worker per step, in worker order
+            # one item per worker per step, in worker order
+            yield self._check(*_joined([next(items) for _ in range(workers)]))
 
     def _evaluation(self) -> Iterator[Batch]:
         order = self.sampler

@@ -102,25 +102,40 @@ class TrainPlan:
 
     SALT_SHARDS, SALT_WINDOWS = 11, 13
 
-    def __init__(self, shards: ShardSet, streams: int, window: int, global_batch: int, world_size: int, rank: int, seed: int,
-                 max_steps=None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        streams: int,
+        window: int,
+        global_batch: int,
+        world_size: int,
+        rank: int,
+        seed: int,
+        max_steps=None,
+    ):
         check_batch_split(global_batch, world_size)
         if streams % world_size:
-            raise ConfigError(f"data.shard_streams={streams} must be a multiple of the world size {world_size} (each rank reads "
-                              f"shard_streams / world size streams); set data.shard_streams to a multiple of {world_size}, e.g. "
-                              f"{streams * world_size // np.gcd(streams, world_size)}, and keep it when the world size changes")
+            raise ConfigError(
+                f"data.shard_streams={streams} must be a multiple of the world size {world_size} (each rank reads "
+                f"shard_streams / world size streams); set data.shard_streams to a multiple of {world_size}, e.g. "
+                f"{streams * world_size // np.gcd(streams, world_size)}, and keep it when the world size changes"
+            )
         if global_batch % streams:
-            raise ConfigError(f"data.batch_size={global_batch} must be a multiple of data.shard_streams={streams} (each global batch "
-                              f"takes batch_size / shard_streams samples from every stream); change one of them")
+            raise ConfigError(
+                f"data.batch_size={global_batch} must be a multiple of data.shard_streams={streams} (each global batch "
+                f"takes batch_size / shard_streams samples from every stream); change one of them"
+            )
         self.shards, self.streams, self.window = shards, streams, window
         self.global_batch, self.world_size, self.rank, self.seed = global_batch, world_size, rank, seed
         self.per_stream = global_batch // streams
         self.stream_len = shards.total // streams
         full = self.stream_len // self.per_stream
         if full == 0:
-            raise ConfigError(f"the training shards hold {shards.total} samples, fewer than one global batch (data.batch_size="
-                              f"{global_batch}) in whole streams ({streams} streams of {self.stream_len}); lower data.batch_size "
-                              "or data.shard_streams")
+            raise ConfigError(
+                f"the training shards hold {shards.total} samples, fewer than one global batch (data.batch_size="
+                f"{global_batch}) in whole streams ({streams} streams of {self.stream_len}); lower data.batch_size "
+                "or data.shard_streams"
+            )
         self.steps_per_epoch = min(full, max_steps) if max_steps else full
         self.epoch, self.start_step = 0, 0
 
@@ -152,7 +167,9 @@ class TrainPlan:
             perm = keyed_permutation(hi - lo, self.seed, epoch, self.SALT_WINDOWS, stream, w)
             # the window's places past the epoch's end (train.max_steps_per_epoch) are read but never given out
             needed = min(hi, end_out) - lo
-            yield Window(runs_of(order, self.shards.counts, base + lo, base + hi), perm[:needed], max(0, first_out - lo))
+            yield Window(
+                runs_of(order, self.shards.counts, base + lo, base + hi), perm[:needed], max(0, first_out - lo)
+            )
             w += 1
 
 

@@ -111,7 +111,10 @@ class ShardReader:
             try:
                 sample = next(state[2])
             except StopIteration:
-                sample = f"shard {url} ends after {place} samples, but holds {self.shards.counts[shard]} by its count (a damaged or replaced shard)"
+                sample = (
+                    f"shard {url} ends after {place} samples, but holds {self.shards.counts[shard]} by its count "
+                    "(a damaged or replaced shard)"
+                )
             except Exception as exc:  # noqa: BLE001  (tarfile, OSError, HTTP errors: the shard cannot be read on)
                 sample = f"shard {url} cannot be read past sample {place} ({why(exc)})"
             if isinstance(sample, str):  # the rest of the run is unreadable: each of its samples is a bad sample
@@ -144,11 +147,14 @@ class ShardSource:
         return self.shards.total
 
     def concat(self, other) -> "ShardSource":
-        raise ConfigError("data.name=webdataset keeps its shards' splits (data.train_shards / val_shards / test_shards); "
-                          "data.split cannot re-split them: remove data.split")
+        raise ConfigError(
+            "data.name=webdataset keeps its shards' splits (data.train_shards / val_shards / test_shards); "
+            "data.split cannot re-split them: remove data.split"
+        )
 
     def decode(self, item, train: bool, seed: int, epoch: int):
-        """(sample dict or None, message, key) -> (uint8 [C, s, s], label, key, None), or (None, -1, key, message) for a bad sample."""
+        """(sample dict or None, message, key) -> (uint8 [C, s, s], label, key, None), or (None, -1, key, message) for a
+        bad sample."""
         sample, bad, key = item
         if sample is None:
             return None, -1, key, bad
@@ -157,13 +163,30 @@ class ShardSource:
         ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
         if ext is None or "cls" not in sample:
             lacks = f"no image ({', '.join(IMAGE_EXTENSIONS)})" if ext is None else "no label (.cls)"
-            return None, -1, key, f"shard sample {name} has {lacks}; members: {', '.join(sorted(k for k in sample if not k.startswith('__')))}"
+            return (
+                None,
+                -1,
+                key,
+                f"shard sample {name} has {lacks}; members: "
+                f"{', '.join(sorted(k for k in sample if not k.startswith('__')))}",
+            )
         try:
             label = int(bytes(sample["cls"]).decode().strip())
         except (ValueError, UnicodeDecodeError):
-            return None, -1, key, f"shard sample {name}: its .cls is not an integer label ({bytes(sample['cls'])[:20]!r})"
+            return (
+                None,
+                -1,
+                key,
+                f"shard sample {name}: its .cls is not an integer label ({bytes(sample['cls'])[:20]!r})",
+            )
         if not 0 <= label < self.num_classes:
-            return None, -1, key, f"shard sample {name}: label {label} is outside the {self.num_classes} classes (0..{self.num_classes - 1})"
+            return (
+                None,
+                -1,
+                key,
+                f"shard sample {name}: label {label} is outside the {self.num_classes} classes "
+                f"(0..{self.num_classes - 1})",
+            )
         try:
             img = decode_image(bytes(sample[ext]), f"{name}.{ext}", self.channels)
         except BadImage as exc:

@@ -30,7 +30,8 @@ def make_splits(dataset: RawDataset, cfg: DataConfig, seed: int) -> Splits:
         # Pool every official split and re-split: data.split, or [0.9 - v, v, 0.1] when there is no test set.
         pooled, seen = dataset.train, [dataset.train]
         for extra in (dataset.val, dataset.test):
-            if extra is not None and not any(extra is s for s in seen):  # one source in two roles (val/ of an image folder) pools once
+            # one source in two roles (val/ of an image folder) pools once
+            if extra is not None and not any(extra is s for s in seen):
                 pooled = pooled.concat(extra)
                 seen.append(extra)
         fractions = cfg.split or [NO_TEST_SPLIT_TRAIN - cfg.val_fraction, cfg.val_fraction, 1 - NO_TEST_SPLIT_TRAIN]
@@ -53,7 +54,10 @@ def make_splits(dataset: RawDataset, cfg: DataConfig, seed: int) -> Splits:
             train = SplitView(dataset.train, order[n_val:].sort().values)
             val = SplitView(dataset.train, order[:n_val].sort().values) if n_val else None
     if len(train) == 0 or len(test) == 0:
-        raise ConfigError(f"the split leaves {len(train)} training and {len(test)} test samples; change data.split / data.val_fraction")
+        raise ConfigError(
+            f"the split leaves {len(train)} training and {len(test)} test samples; change data.split / "
+            "data.val_fraction"
+        )
     return Splits(train.truncated(cfg.max_train_samples),
                   val.truncated(cfg.max_eval_samples) if val is not None else None,
                   test.truncated(cfg.max_eval_samples))

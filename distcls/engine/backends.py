@@ -39,7 +39,9 @@ def tf32_state() -> dict:
     if hasattr(torch.backends.cuda.matmul, "fp32_precision") and hasattr(cudnn_conv, "fp32_precision"):
         # "none" defers to the global torch.backends.fp32_precision, whose default is "ieee"... except that
         # torch.set_float32_matmul_precision("high") also means TF32 for matmuls
-        matmul = torch.backends.cuda.matmul.fp32_precision == "tf32" or torch.get_float32_matmul_precision() != "highest"
+        matmul = (
+            torch.backends.cuda.matmul.fp32_precision == "tf32" or torch.get_float32_matmul_precision() != "highest"
+        )
         return {"matmul": matmul, "conv": cudnn_conv.fp32_precision == "tf32"}
     return {"matmul": torch.backends.cuda.matmul.allow_tf32, "conv": torch.backends.cudnn.allow_tf32}
 
@@ -48,7 +50,8 @@ def configure(cudnn_benchmark: bool, tf32: Optional[bool], deterministic: bool, 
     """Set the process's switches for a run on `device`; returns what was set (for records)."""
     if deterministic:
         if device.type == "cuda":
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
+            # read when cuBLAS starts: before the first matmul
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
     torch.backends.cudnn.benchmark = bool(cudnn_benchmark) and not deterministic
     if tf32 is not None:

@@ -55,7 +55,9 @@ class EMASchedule:
 
     def copies(self, global_step: int) -> bool:
         if self.cadence == "epoch" and self.warmup_steps:  # the warmup's updates and the first one after it
-            first_after = next(g for g in range(self.warmup_steps + 1, self.warmup_steps + self.steps_per_epoch + 1) if self.due(g))
+            first_after = next(
+                g for g in range(self.warmup_steps + 1, self.warmup_steps + self.steps_per_epoch + 1) if self.due(g)
+            )
             return global_step <= first_after
         return global_step <= self.warmup_steps
 
@@ -90,10 +92,19 @@ class ModelEMA(AveragedModel):
             ema = [*self.module.parameters(), *self.module.buffers()]
             live = [*module.parameters(), *module.buffers()]
             if len(ema) != len(live) or any(a.shape != b.shape for a, b in zip(ema, live)):
-                raise ValueError("the EMA's module and the trained module differ in structure; build the EMA from the module that trains")
+                raise ValueError(
+                    "the EMA's module and the trained module differ in structure; build the EMA from the module that "
+                    "trains"
+                )
             floats = [(a, b.detach()) for a, b in zip(ema, live) if a.is_floating_point()]
             ints = [(a, b.detach()) for a, b in zip(ema, live) if not a.is_floating_point()]
-            self._pairs = ([a for a, _ in floats], [b for _, b in floats], [a for a, _ in ints], [b for _, b in ints], module)
+            self._pairs = (
+                [a for a, _ in floats],
+                [b for _, b in floats],
+                [a for a, _ in ints],
+                [b for _, b in ints],
+                module,
+            )
         return self._pairs[:4]
 
     @torch.no_grad()

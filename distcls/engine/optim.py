@@ -1,4 +1,6 @@
-"""Optimizers, their parameter groups, and learning-rate schedules (warmup, then constant/cosine/step), per step or per epoch."""
+"""Optimizers, their parameter groups, and learning-rate schedules (warmup, then constant/cosine/step), per step or per
+epoch."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +13,14 @@ from distcls.models.transfer import classifier_head, is_head
 
 # Normalization layers, found by module type as in torchvision's references (`set_weight_decay`);
 # SyncBatchNorm is a _BatchNorm, torchvision's LayerNorm2d (ConvNeXt) a LayerNorm.
-NORM_LAYERS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.instancenorm._InstanceNorm, torch.nn.GroupNorm,
-               torch.nn.LayerNorm, torch.nn.LocalResponseNorm, *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()))
+NORM_LAYERS = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+    *((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()),
+)
 
 
 def decay_classes(model: torch.nn.Module) -> dict:
@@ -23,7 +31,9 @@ def decay_classes(model: torch.nn.Module) -> dict:
     for module in model.modules():
         for local, p in module.named_parameters(recurse=False):
             norm = isinstance(module, NORM_LAYERS)
-            classes.setdefault(p, ("norm_bias" if local == "bias" else "norm") if norm else "bias" if local == "bias" else "other")
+            classes.setdefault(
+                p, ("norm_bias" if local == "bias" else "norm") if norm else "bias" if local == "bias" else "other"
+            )
     return classes
 
 
@@ -65,8 +75,10 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list:
     # Fine-tuning: the backbone learns at optim.lr * backbone_lr_scale, the classifier head at optim.lr.
     head = classifier_head(model) if cfg.backbone_lr_scale != 1.0 else None
     groups = []
-    for part_lr, part in ((cfg.lr, [p for n, p in named if head is None or is_head(n, head)]),
-                          (cfg.lr * cfg.backbone_lr_scale, [p for n, p in named if head is not None and not is_head(n, head)])):
+    for part_lr, part in (
+        (cfg.lr, [p for n, p in named if head is None or is_head(n, head)]),
+        (cfg.lr * cfg.backbone_lr_scale, [p for n, p in named if head is not None and not is_head(n, head)]),
+    ):
         decays = [decay_of(kind.get(p, "other"), p.ndim, cfg) for p in part]
         for name in ("decay", "no_decay", "norm", "bias"):
             members = [p for p, (group, _) in zip(part, decays) if group == name]
@@ -107,11 +119,20 @@ def _eps(cfg: OptimConfig, default: float) -> dict:
 
 
 OPTIMIZERS = {
-    "sgd": _fused(lambda groups, cfg, **kw: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                                                             nesterov=cfg.nesterov and cfg.momentum > 0, **kw)),
-    "adam": _fused(lambda groups, cfg, **kw: torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_eps(cfg, 1e-8), **kw)),
-    "adamw": _fused(lambda groups, cfg, **kw: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_eps(cfg, 1e-8), **kw)),
-    "rmsprop": lambda groups, cfg: torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, momentum=cfg.momentum, **_eps(cfg, RMSPROP_EPS)),
+    "sgd": _fused(
+        lambda groups, cfg, **kw: torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw
+        )
+    ),
+    "adam": _fused(
+        lambda groups, cfg, **kw: torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_eps(cfg, 1e-8), **kw)
+    ),
+    "adamw": _fused(
+        lambda groups, cfg, **kw: torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), **_eps(cfg, 1e-8), **kw)
+    ),
+    "rmsprop": lambda groups, cfg: torch.optim.RMSprop(
+        groups, lr=cfg.lr, alpha=cfg.alpha, momentum=cfg.momentum, **_eps(cfg, RMSPROP_EPS)
+    ),
 }
 
 
@@ -126,7 +147,8 @@ SCHEDULES = {
     "exponential": lambda t, total, per_epoch, cfg: cfg.gamma ** (t / per_epoch),
     "poly": lambda t, total, per_epoch, cfg: (1.0 - min(t, total) / max(1, total)) ** cfg.power,
 }
-COUNTED_FROM_THE_START = ("step", "multistep")  # per step: epochs from the run's start, warmup included (distcls's step schedule)
+# per step: epochs from the run's start, warmup included (distcls's step schedule)
+COUNTED_FROM_THE_START = ("step", "multistep")
 
 
 def onecycle_factor(step: int, cfg: SchedConfig, total_steps: int) -> float:
@@ -185,7 +207,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedConfig, optim_cf
     after the warmup."""
     total = steps_per_epoch * epochs
     floor = cfg.min_lr / optim_cfg.lr if cfg.name == "cosine" else 0.0
-    warmup = int(cfg.warmup_epochs) * steps_per_epoch if cfg.interval == "epoch" else int(round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = (
+        int(cfg.warmup_epochs) * steps_per_epoch
+        if cfg.interval == "epoch"
+        else int(round(cfg.warmup_epochs * steps_per_epoch))
+    )
 
     def factor(step: int) -> float:
         f = lr_factor(step, cfg, steps_per_epoch, total)

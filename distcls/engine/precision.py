@@ -28,7 +28,9 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 def supports_device_skip(optimizer: torch.optim.Optimizer) -> bool:
     """The optimizer takes `found_inf` and skips its update on the device (torch's fused kernels)."""
-    return getattr(optimizer, "_step_supports_amp_scaling", False) and all(g.get("fused") for g in optimizer.param_groups)
+    return getattr(optimizer, "_step_supports_amp_scaling", False) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
 
 
 class Precision:
@@ -65,7 +67,8 @@ class Precision:
     @staticmethod
     def _guarded_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> None:
         if supports_device_skip(optimizer):
-            optimizer.grad_scale, optimizer.found_inf = None, found_inf  # the GradScaler protocol of torch's fused optimizers
+            # the GradScaler protocol of torch's fused optimizers
+            optimizer.grad_scale, optimizer.found_inf = None, found_inf
             try:
                 optimizer.step()
             finally:

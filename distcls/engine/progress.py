@@ -126,5 +126,6 @@ class Progress:
             epoch_totals = Totals(**state["epoch_totals"])
             logged_totals = Totals(**state["logged_totals"]) if state["logged_totals"] else None
         self.start_epoch_sums(epoch_totals, logged_totals)
-        if self.steps_per_epoch is not None and self.epoch_step >= self.steps_per_epoch:  # saved at an epoch's last step, before its evaluation
+        # saved at an epoch's last step, before its evaluation
+        if self.steps_per_epoch is not None and self.epoch_step >= self.steps_per_epoch:
             self.finish_epoch()

@@ -67,7 +67,8 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.loss = TrainingLoss(cfg.label_smoothing)  # hard labels, or Mixup/CutMix soft targets
         self._unread_flags: list[HostCopy] = []  # agreed flags of steps queued but not yet read on the host
-        self._buffer: Optional[torch.Tensor] = None  # the float32 input batch lent to preprocess (CPU only, _input_buffer)
+        # the float32 input batch lent to preprocess (CPU only, _input_buffer)
+        self._buffer: Optional[torch.Tensor] = None
 
     def train_epoch(self, loader: BatchLoader, progress: Progress, stop: Optional[StopRequest] = None) -> Iterator[int]:
         """Train epoch `progress.epoch` from `progress.epoch_step` to its end, one yield per step.
@@ -104,13 +105,23 @@ class Trainer:
         """Collective: queue one optimizer step (DDP's gradient all-reduce, one all-reduce of the
         flags); returns the agreed [skipped, stop] flags (device). Reads nothing from the device."""
         self.optimizer.zero_grad(set_to_none=True)
-        x, targets = self.preprocess.train_batch(batch.images, batch.labels, batch.keys, progress.epoch, self.memory_format,
-                                                 out=self._input_buffer(batch.images))
+        x, targets = self.preprocess.train_batch(
+            batch.images,
+            batch.labels,
+            batch.keys,
+            progress.epoch,
+            self.memory_format,
+            out=self._input_buffer(batch.images),
+        )
         micro = list(zip(x.chunk(self.cfg.accum_steps), targets.chunk(self.cfg.accum_steps)))
         loss_sum = correct = 0  # become device tensors at the first micro-batch
         for j, (xs, ys) in enumerate(micro):
             # Gradients are all-reduced at the last micro-batch's backward only (DDP's no_sync before).
-            sync = contextlib.nullcontext() if j == len(micro) - 1 or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if j == len(micro) - 1 or not hasattr(self.model, "no_sync")
+                else self.model.no_sync()
+            )
             with sync:
                 with self.precision.autocast():
                     logits = self.model(xs)
@@ -120,7 +131,9 @@ class Trainer:
             correct = correct + self.loss.correct(logits.detach(), ys)
         count = loss_sum.new_full((), float(len(batch.labels)))
         # One all-reduce agrees on both flags (the signal checked as late as possible); no host read here.
-        flags = dist.all_reduce_sum(torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop.requested))]))
+        flags = dist.all_reduce_sum(
+            torch.stack([(~torch.isfinite(loss_sum)).double(), count.new_full((), float(stop.requested))])
+        )
         skipped = self.precision.step(self.optimizer, self.params, self.cfg.clip_grad_norm, skip=flags[0] > 0)
         progress.epoch_sums.add_(torch.stack([loss_sum, correct.double(), count]), keep=~skipped)
         progress.skipped += skipped
@@ -189,5 +202,10 @@ def evaluate(model: nn.Module, loader: BatchLoader, preprocess: Preprocess, num_
     totals = dist.all_reduce_sum(torch.cat([loss_sum.view(1), top5, confusion]))
     confusion = totals[2:].view(num_classes, num_classes).round().long().cpu()
     count = int(confusion.sum())
-    return EvalResult(loss=float(totals[0]) / max(count, 1), acc=float(confusion.diag().sum()) / max(count, 1),
-                      count=count, confusion=confusion, top5_acc=float(totals[1]) / max(count, 1) if num_classes > 5 else None)
+    return EvalResult(
+        loss=float(totals[0]) / max(count, 1),
+        acc=float(confusion.diag().sum()) / max(count, 1),
+        count=count,
+        confusion=confusion,
+        top5_acc=float(totals[1]) / max(count, 1) if num_classes > 5 else None,
+    )

@@ -11,7 +11,9 @@ from distcls.models.registry import register_model
 def _resnet(arch: str, spec: DataSpec, cfg: ModelConfig, zero_init_residual: bool = False) -> nn.Module:
     import torchvision.models  # here, not at import time: it costs ~1 s and only the ResNets need it
 
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=spec.num_classes, zero_init_residual=zero_init_residual)
+    net = getattr(torchvision.models, arch)(
+        weights=None, num_classes=spec.num_classes, zero_init_residual=zero_init_residual
+    )
     if cfg.cifar_stem:
         net.conv1 = nn.Conv2d(spec.channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()

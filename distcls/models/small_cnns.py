@@ -11,7 +11,10 @@ from distcls.models.registry import register_model
 
 def _need(name: str, size: int, minimum: int, why: str) -> None:
     if size < minimum:
-        raise ConfigError(f"model.name={name} needs images of at least {minimum}x{minimum} ({why}), got {size}x{size}; set data.image_size={max(minimum, 32)}")
+        raise ConfigError(
+            f"model.name={name} needs images of at least {minimum}x{minimum} ({why}), got {size}x{size}; set "
+            f"data.image_size={max(minimum, 32)}"
+        )
 
 
 @register_model("cnn2")
@@ -26,7 +29,10 @@ def cnn2(spec: DataSpec, cfg: ModelConfig, hidden: int = 1024, kernel: int = 5, 
     for _ in range(2):
         size = ((size + 2 * pad - kernel) // stride + 1) // 2
     if size < 1:
-        raise ConfigError(f"model.name=cnn2 with kernel {kernel}, stride {stride} shrinks {spec.image_size}x{spec.image_size} images to nothing; raise data.image_size")
+        raise ConfigError(
+            f"model.name=cnn2 with kernel {kernel}, stride {stride} shrinks {spec.image_size}x{spec.image_size} images "
+            "to nothing; raise data.image_size"
+        )
     return nn.Sequential(
         nn.Conv2d(spec.channels, 32, kernel, stride=stride, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(32, 64, kernel, stride=stride, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),

@@ -8,7 +8,8 @@ vit_small_patch16_224, ...), optionally with a pretrained tag (`resnet50.a1_in1k
 - `model.args` -> any other argument of the model (e.g. `model.args.img_size=32` for a ViT on 32x32 images);
 - `model.pretrained=timm`: the weights timm names for it, read from the local Hugging Face cache only
   (HF_HUB_OFFLINE: never the network; `huggingface-cli download timm/<name>.<tag>` fills the cache where
-  the network allows it; the error names the repository), the classifier re-initialized when the data has another number of classes, and
+  the network allows it; the error names the repository), the classifier re-initialized when the data has another number
+  of classes, and
   the weights' mean/std used unless data.mean/std are set. A local state_dict or checkpoint file works
   too (`model.pretrained=PATH`), as for every model.
 """
@@ -34,7 +35,9 @@ def _timm():
     try:
         import timm
     except ImportError:
-        raise ConfigError("model.name=timm:<name> needs the timm package: pip install 'distcls[timm]' (or pip install timm)") from None
+        raise ConfigError(
+            "model.name=timm:<name> needs the timm package: pip install 'distcls[timm]' (or pip install timm)"
+        ) from None
     return timm
 
 
@@ -54,8 +57,14 @@ def resolve(name: str):
         raise ConfigError(f"model.name={PREFIX}{name} is not a timm model; {hint}")
     if "." in name and name not in timm.list_pretrained(f"{arch}.*"):
         tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*")]
-        raise ConfigError(f"model.name={PREFIX}{name}: '{name.split('.', 1)[1]}' is not a pretrained tag of {arch}; "
-                          + (f"its tags: {', '.join(tags[:8])}" + (", ..." if len(tags) > 8 else "") if tags else f"{arch} has none: use {PREFIX}{arch}"))
+        raise ConfigError(
+            f"model.name={PREFIX}{name}: '{name.split('.', 1)[1]}' is not a pretrained tag of {arch}; "
+            + (
+                f"its tags: {', '.join(tags[:8])}" + (", ..." if len(tags) > 8 else "")
+                if tags
+                else f"{arch} has none: use {PREFIX}{arch}"
+            )
+        )
     return functools.partial(build, name)
 
 
@@ -63,25 +72,38 @@ def build(name: str, spec: DataSpec, cfg: ModelConfig, **args) -> nn.Module:
     timm = _timm()
     for fixed in ("num_classes", "in_chans", "pretrained"):
         if fixed in args:
-            how = "use model.pretrained=timm (the local cache) or a file" if fixed == "pretrained" else "it comes from the data"
+            how = (
+                "use model.pretrained=timm (the local cache) or a file"
+                if fixed == "pretrained"
+                else "it comes from the data"
+            )
             raise ConfigError(f"model.args.{fixed} cannot be set for model.name={PREFIX}{name}: {how}")
     if cfg.cifar_stem:
-        raise ConfigError(f"model.cifar_stem applies to model.name=resnet18|resnet34|resnet50, not {PREFIX}{name}; set model.cifar_stem=false")
-    regularization = {arg: getattr(cfg, key) for key, arg in REGULARIZATION_ARGS.items() if getattr(cfg, key) is not None}
+        raise ConfigError(
+            f"model.cifar_stem applies to model.name=resnet18|resnet34|resnet50, not {PREFIX}{name}; set "
+            "model.cifar_stem=false"
+        )
+    regularization = {
+        arg: getattr(cfg, key) for key, arg in REGULARIZATION_ARGS.items() if getattr(cfg, key) is not None
+    }
     pretrained = cfg.pretrained == PRETRAINED
     try:
         with _offline():
             return timm.create_model(name, pretrained=pretrained, num_classes=spec.num_classes, in_chans=spec.channels,
                                      **regularization, **args)
     except (TypeError, AssertionError) as exc:  # an argument the model does not take, or a value it refuses
-        raise ConfigError(f"model.args={args} or model.dropout/drop_path does not fit model.name={PREFIX}{name} ({first_line(exc)}); "
-                          "leave it unset for this model") from None
+        raise ConfigError(
+            f"model.args={args} or model.dropout/drop_path does not fit model.name={PREFIX}{name} ({first_line(exc)}); "
+            "leave it unset for this model"
+        ) from None
     except (RuntimeError, OSError, ValueError) as exc:
         if pretrained:
             hub = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
-            raise UserError(f"model.pretrained=timm: the weights of {PREFIX}{name} are not in the local Hugging Face cache "
-                            f"({' '.join(first_line(exc).split())[:240]}); fetch them where the network allows "
-                            f"(huggingface-cli download {hub}), or give a local file: model.pretrained=PATH") from None
+            raise UserError(
+                f"model.pretrained=timm: the weights of {PREFIX}{name} are not in the local Hugging Face cache "
+                f"({' '.join(first_line(exc).split())[:240]}); fetch them where the network allows "
+                f"(huggingface-cli download {hub}), or give a local file: model.pretrained=PATH"
+            ) from None
         raise
 
 
@@ -122,5 +144,6 @@ def pretrained_preprocessing(name: str) -> dict:
     return {"mean": list(pcfg.mean), "std": list(pcfg.std)}
 
 
-# No names for the registry's close matches of other families' typos: listing timm's would import it (seconds); resolve() has its own.
+# No names for the registry's close matches of other families' typos: listing timm's would import it (seconds);
+# resolve() has its own.
 MODELS.register_family(PREFIX, resolve, lambda: [])

@@ -62,8 +62,12 @@ def resolve(arch: str):
     names = classifier_names()
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=4, cutoff=0.6)
-        hint = f"close matches: {', '.join(PREFIX + n for n in close)}" if close else \
-            "list them with: python -c \"import torchvision; print(torchvision.models.list_models(module=torchvision.models))\""
+        hint = (
+            f"close matches: {', '.join(PREFIX + n for n in close)}"
+            if close
+            else "list them with: python -c \"import torchvision; "
+                 "print(torchvision.models.list_models(module=torchvision.models))\""
+        )
         raise ConfigError(f"model.name={PREFIX}{arch} is not a torchvision classifier; {hint}")
     return functools.partial(build, arch)
 
@@ -73,25 +77,47 @@ def build(arch: str, spec: DataSpec, cfg: ModelConfig, **args) -> nn.Module:
 
     for fixed in ("num_classes", "weights"):
         if fixed in args:
-            how = "they come from the data" if fixed == "num_classes" else "use model.pretrained=torchvision:<WEIGHTS> (read from the local cache)"
+            how = (
+                "they come from the data"
+                if fixed == "num_classes"
+                else "use model.pretrained=torchvision:<WEIGHTS> (read from the local cache)"
+            )
             raise ConfigError(f"model.args.{fixed} cannot be set for model.name={PREFIX}{arch}: {how}")
     if cfg.cifar_stem:
-        raise ConfigError(f"model.cifar_stem applies to model.name=resnet18|resnet34|resnet50, not {PREFIX}{arch}; set model.cifar_stem=false")
+        raise ConfigError(
+            f"model.cifar_stem applies to model.name=resnet18|resnet34|resnet50, not {PREFIX}{arch}; set "
+            "model.cifar_stem=false"
+        )
     if spec.channels != 3 and cfg.pretrained:
-        raise ConfigError(f"model.name={PREFIX}{arch} with model.pretrained: the weights' stem takes 3 channels, the data has {spec.channels}; "
-                          "set data.channels=3 (grayscale images are then repeated to 3 channels)")
+        raise ConfigError(
+            f"model.name={PREFIX}{arch} with model.pretrained: the weights' stem takes 3 channels, the data has "
+            f"{spec.channels}; set data.channels=3 (grayscale images are then repeated to 3 channels)"
+        )
     sized = next((make(spec.image_size) for prefix, make in INPUT_SIZE_ARGS.items() if arch.startswith(prefix)), {})
-    regularization = {arg: getattr(cfg, key) for key, arg in REGULARIZATION_ARGS.items() if getattr(cfg, key) is not None}
+    regularization = {
+        arg: getattr(cfg, key) for key, arg in REGULARIZATION_ARGS.items() if getattr(cfg, key) is not None
+    }
     kwargs = {**DEFAULT_ARGS.get(arch, {}), **weights_args(arch, cfg.pretrained), **sized, **regularization, **args}
     try:
         net = torchvision.models.get_model(arch, weights=None, num_classes=spec.num_classes, **kwargs)
     except TypeError as exc:  # an argument the architecture does not take
-        key = next((f"model.{k}" for k, arg in REGULARIZATION_ARGS.items() if arg in regularization and f"'{arg}'" in str(exc)),
-                   f"model.args={args}")
-        raise ConfigError(f"{key} does not fit model.name={PREFIX}{arch} ({first_line(exc)}); leave it null/unset for this architecture") from None
+        key = next(
+            (
+                f"model.{k}"
+                for k, arg in REGULARIZATION_ARGS.items()
+                if arg in regularization and f"'{arg}'" in str(exc)
+            ),
+            f"model.args={args}",
+        )
+        raise ConfigError(
+            f"{key} does not fit model.name={PREFIX}{arch} ({first_line(exc)}); leave it null/unset for this "
+            "architecture"
+        ) from None
     except (AssertionError, ValueError) as exc:  # e.g. ViT: "Input shape indivisible by patch size!"
-        raise ConfigError(f"model.name={PREFIX}{arch} cannot be built for {spec.image_size}x{spec.image_size} images with {kwargs} "
-                          f"({first_line(exc)}); change data.image_size or model.args") from None
+        raise ConfigError(
+            f"model.name={PREFIX}{arch} cannot be built for {spec.image_size}x{spec.image_size} images with {kwargs} "
+            f"({first_line(exc)}); change data.image_size or model.args"
+        ) from None
     if spec.channels != 3:
         _adapt_stem(net, spec.channels, arch)
     return net
@@ -112,7 +138,10 @@ def _adapt_stem(net: nn.Module, channels: int, arch: str) -> str:
             parent, _, attr = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, attr, stem)
             return name
-    raise ConfigError(f"model.name={PREFIX}{arch}: no 3-channel stem convolution found to adapt to {channels}-channel data; set data.channels=3")
+    raise ConfigError(
+        f"model.name={PREFIX}{arch}: no 3-channel stem convolution found to adapt to {channels}-channel data; set "
+        "data.channels=3"
+    )
 
 
 MODELS.register_family(PREFIX, resolve, lambda: list(classifier_names()))

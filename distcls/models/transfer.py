@@ -27,7 +27,10 @@ def classifier_head(model: nn.Module) -> str:
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     names = names or [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
     if not names:
-        raise UserError("model.freeze=backbone and optim.backbone_lr_scale need a model whose classifier head is an nn.Linear (or 1x1 nn.Conv2d) layer")
+        raise UserError(
+            "model.freeze=backbone and optim.backbone_lr_scale need a model whose classifier head is an nn.Linear (or "
+            "1x1 nn.Conv2d) layer"
+        )
     return names[-1]
 
 
@@ -48,9 +51,16 @@ class LoadReport:
     unused: list = field(default_factory=list)  # file tensors the model does not have
 
     def summary(self) -> str:
-        init = f": {', '.join(self.left_at_init[:6])}{' ...' if len(self.left_at_init) > 6 else ''}" if self.left_at_init else ""
+        init = (
+            f": {', '.join(self.left_at_init[:6])}{' ...' if len(self.left_at_init) > 6 else ''}"
+            if self.left_at_init
+            else ""
+        )
         unused = f"; {len(self.unused)} tensors of the file unused (e.g. {self.unused[0]})" if self.unused else ""
-        return f"pretrained {self.source}: loaded {len(self.loaded)} tensors, {len(self.left_at_init)} left at init{init}{unused}"
+        return (
+            f"pretrained {self.source}: loaded {len(self.loaded)} tensors, "
+            f"{len(self.left_at_init)} left at init{init}{unused}"
+        )
 
 
 def load_pretrained(model: nn.Module, path, source: str | None = None) -> LoadReport:
@@ -73,11 +83,17 @@ def load_pretrained(model: nn.Module, path, source: str | None = None) -> LoadRe
         elif is_head(name, head):
             report.left_at_init.append(name)  # a new head: another number of classes
         else:
-            raise UserError(f"model.pretrained={source}: tensor {name} has shape {tuple(state[name].shape)} in the file but "
-                            f"{tuple(tensor.shape)} in model; the weights are for another architecture or model.args/cifar_stem setting")
+            raise UserError(
+                f"model.pretrained={source}: tensor {name} has shape {tuple(state[name].shape)} in the file but "
+                f"{tuple(tensor.shape)} in model; the weights are for another architecture or model.args/cifar_stem "
+                "setting"
+            )
     report.unused = sorted(k for k in state if k not in own)
     if not [k for k in report.loaded if not k.endswith("num_batches_tracked")]:
-        raise UserError(f"model.pretrained={source} shares no tensor of matching name and shape with the model; is it weights for this model.name?")
+        raise UserError(
+            f"model.pretrained={source} shares no tensor of matching name and shape with the model; is it weights for "
+            "this model.name?"
+        )
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
     return report
 

@@ -59,8 +59,10 @@ def resolve(spec: str, download: bool = False) -> Pretrained:
     if not path.is_file() and download:
         fetch(spec, url, path)
     if not path.is_file():
-        raise UserError(f"model.pretrained={spec}: {path.name} is not in {directory}; fetch {url} on a machine with internet and "
-                        f"copy it to {path} (or set TORCH_HOME), or set model.download=true where this machine may download it")
+        raise UserError(
+            f"model.pretrained={spec}: {path.name} is not in {directory}; fetch {url} on a machine with internet and "
+            f"copy it to {path} (or set TORCH_HOME), or set model.download=true where this machine may download it"
+        )
     return Pretrained(path, *_preprocessing(weights))
 
 
@@ -75,16 +77,21 @@ def fetch(spec: str, url: str, path: Path) -> None:
         match = HASH_IN_NAME.search(path.name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=False)
+            torch.hub.download_url_to_file(
+                url, str(path), hash_prefix=match.group(1) if match else None, progress=False
+            )
         except Exception as exc:  # noqa: BLE001  (no network, HTTP errors, a hash mismatch: one line)
-            error = (f"model.pretrained={spec}: downloading {url} failed ({' '.join(str(exc).split())[:200]}); fetch it on a machine "
-                     f"with internet and copy it to {path}, or check the network")
+            error = (
+                f"model.pretrained={spec}: downloading {url} failed ({' '.join(str(exc).split())[:200]}); fetch it on "
+                f"a machine with internet and copy it to {path}, or check the network"
+            )
     error = dist.broadcast_object(error)
     if error:
         raise UserError(error)
 
 
-HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")  # torchvision's file names: resnet18-f37072fd.pth (torch.hub's HASH_REGEX)
+# torchvision's file names: resnet18-f37072fd.pth (torch.hub's HASH_REGEX)
+HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 
 
 def verify(spec: str, path: Path) -> None:
@@ -98,9 +105,11 @@ def verify(spec: str, path: Path) -> None:
             digest.update(block)
     got = digest.hexdigest()
     if not got.startswith(match.group(1)):
-        raise UserError(f"model.pretrained={spec}: {path} is not the file torchvision published: its sha256 starts {got[:len(match.group(1))]}, "
-                        f"its name says {match.group(1)} (a damaged or different file under that name); fetch it again, or set "
-                        "model.verify_weights=false for a file you made yourself")
+        raise UserError(
+            f"model.pretrained={spec}: {path} is not the file torchvision published: its sha256 starts "
+            f"{got[: len(match.group(1))]}, its name says {match.group(1)} (a damaged or different file under that "
+            "name); fetch it again, or set model.verify_weights=false for a file you made yourself"
+        )
 
 
 def preprocessing(spec: str) -> Optional[Pretrained]:
@@ -125,7 +134,8 @@ def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None)
     model.pretrained): the weights a checkpoint was trained from, for evaluate/predict/export,
     which restore the checkpoint's weights instead (the file need not exist any more)."""
     trained_from = cfg.model.pretrained if pretrained is None else pretrained
-    if trained_from == "timm" and cfg.model.name.startswith("timm:"):  # timm's weights (training, or a checkpoint trained from them): their mean/std
+    # timm's weights (training, or a checkpoint trained from them): their mean/std
+    if trained_from == "timm" and cfg.model.name.startswith("timm:"):
         from distcls.models import timm_zoo
         norm = timm_zoo.pretrained_preprocessing(cfg.model.name[len(timm_zoo.PREFIX):]) if cfg.data.mean is None else {}
         return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **norm))
@@ -149,7 +159,8 @@ def with_pretrained_preprocessing(cfg: Config, pretrained: Optional[str] = None)
 
 
 def normalization_source(user_cfg: Config, prepared: Config) -> Optional[str]:
-    """`model.pretrained=...` when the prepared config's data.mean/std came from those weights (the user set none), else None."""
+    """`model.pretrained=...` when the prepared config's data.mean/std came from those weights (the user set none), else
+    None."""
     if user_cfg.data.mean is None and prepared.data.mean is not None:
         return f"model.pretrained={user_cfg.model.pretrained}"
     return None

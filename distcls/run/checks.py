@@ -25,22 +25,36 @@ from distcls.errors import ConfigError, TrainingDiverged, UserError
 POSITION_KEYS = tuple(config_mod.resume_keys("position"))
 SCHEDULE_SECTIONS = config_mod.SCHEDULE_SECTIONS
 BEST_KEYS = {
-    "train.ema.enabled": "the checkpoint carries a model EMA that this run would drop (its later checkpoints would have none for --ema)",
-    "checkpoint.best_metric": "the checkpoint's best value (and best.pt) follows the saved metric; this run would compare the other "
-                              "metric with it, so best.pt would follow neither",
+    "train.ema.enabled": (
+        "the checkpoint carries a model EMA that this run would drop (its later checkpoints would have none for --ema)"
+    ),
+    "checkpoint.best_metric": (
+        "the checkpoint's best value (and best.pt) follows the saved metric; this run would compare the other "
+        "metric with it, so best.pt would follow neither"
+    ),
 }
-assert set(BEST_KEYS) == set(config_mod.resume_keys("best")), "every key marked resume='best' in config.py needs its reason here"
+assert set(BEST_KEYS) == set(config_mod.resume_keys("best")), (
+    "every key marked resume='best' in config.py needs its reason here"
+)
 # How the checkpoint's EMA averages: a change would continue it under another rule than the one it
 # was built with (train.epochs too when train.ema.adjust_decay derives the decay from it).
-_EMA_RULE = "the checkpoint's model EMA was averaged with the saved value; this run would continue it under another rule"
+_EMA_RULE = (
+    "the checkpoint's model EMA was averaged with the saved value; this run would continue it under another rule"
+)
 EMA_KEYS = {key: _EMA_RULE for key in config_mod.resume_keys("ema_rule")}
 
 
 # Keys added after checkpoints were written without them: the value that gives such a checkpoint
 # its meaning (an image folder's val/ was the test split, validation carved from train/; the weight
 # decay keys grouped 1-d tensors only).
-SAVED_BEFORE_THE_KEY = {"data.carve_val": True, "optim.decay_rule": "by_ndim", "sched.interval": "step", "sched.warmup_method": "linear",
-                       "sched.warmup_decay": None, "train.ema.cadence": "run"}
+SAVED_BEFORE_THE_KEY = {
+    "data.carve_val": True,
+    "optim.decay_rule": "by_ndim",
+    "sched.interval": "step",
+    "sched.warmup_method": "linear",
+    "sched.warmup_decay": None,
+    "train.ema.cadence": "run",
+}
 # Of those, the keys whose null is decided at the start: what null means for a run that resumes nothing.
 NEW_RUN_VALUE = {"data.carve_val": False, "optim.decay_rule": "torchvision"}
 
@@ -63,10 +77,16 @@ def resolve_unset(cfg: Config, point: Optional[ResumePoint], note: Callable[[str
     return cfg
 
 
-PREDATES = {"data.carve_val": "it keeps its meaning (validation carved from train/, val/ the test split); a new run takes torchvision's "
-                              "(val/ validates every epoch)",
-            "optim.decay_rule": "its weight decay groups stay as they were (optim.decay_rule=by_ndim: the decay keys for 1-d tensors "
-                                "only); a new run takes torchvision's set_weight_decay groups"}
+PREDATES = {
+    "data.carve_val": (
+        "it keeps its meaning (validation carved from train/, val/ the test split); a new run takes torchvision's "
+        "(val/ validates every epoch)"
+    ),
+    "optim.decay_rule": (
+        "its weight decay groups stay as they were (optim.decay_rule=by_ndim: the decay keys for 1-d tensors "
+        "only); a new run takes torchvision's set_weight_decay groups"
+    ),
+}
 
 
 def _predates(key: str, cfg: Config) -> bool:
@@ -93,7 +113,8 @@ def _get_or(tree: dict, path: str, default):
 
 
 def _keys_to_compare(saved: dict, current: dict) -> list[str]:
-    synthetic = current.get("data", {}).get("name") == "synthetic"  # the synthetic dataset's own keys matter only for it
+    # the synthetic dataset's own keys matter only for it
+    synthetic = current.get("data", {}).get("name") == "synthetic"
     keys = [k for k in POSITION_KEYS if synthetic or not k.startswith("data.synthetic.")]
     if current.get("data", {}).get("name") != "imagefolder":  # the image folders' own key
         keys.remove("data.carve_val")
@@ -110,7 +131,10 @@ def changed_resume_keys(saved: dict, current: dict) -> list[tuple[str, object, o
     changed = []
     for key in _keys_to_compare(saved, current):
         try:
-            old, new = _get(saved, key) if key not in SAVED_BEFORE_THE_KEY else _get_or(saved, key, SAVED_BEFORE_THE_KEY[key]), _get(current, key)
+            old, new = (
+                _get(saved, key) if key not in SAVED_BEFORE_THE_KEY else _get_or(saved, key, SAVED_BEFORE_THE_KEY[key]),
+                _get(current, key),
+            )
         except KeyError:
             continue
         if old != new:
@@ -127,36 +151,49 @@ def check_resume_config(point: ResumePoint, cfg: Config, train_samples: Optional
     trained = epoch + (1 if epoch_step else 0)  # epochs the checkpoint has trained in (its last one maybe in part)
     if cfg.train.epochs < trained:
         where = f"{epoch} epochs and {epoch_step} steps of epoch {epoch + 1}" if epoch_step else f"{epoch} epochs"
-        raise ConfigError(f"checkpoint {path} has trained {where}, more than train.epochs={cfg.train.epochs}: the run cannot go back "
-                          f"(its summary would misstate what trained); resume with train.epochs={max(trained, cfg.train.epochs + 1)} or more, "
-                          f"or evaluate it: python -m distcls.evaluate --checkpoint {path}")
+        raise ConfigError(
+            f"checkpoint {path} has trained {where}, more than train.epochs={cfg.train.epochs}: the run cannot go back "
+            f"(its summary would misstate what trained); resume with train.epochs={max(trained, cfg.train.epochs + 1)} "
+            f"or more, or evaluate it: python -m distcls.evaluate --checkpoint {path}"
+        )
     changed = changed_resume_keys(point.config or {}, cfg.to_dict())
     saved_samples = point.checkpoint.get("train_samples")
     if not changed and saved_samples is not None and train_samples is not None and saved_samples != train_samples:
-        raise UserError(f"checkpoint {path} trained on a training split of {saved_samples:,} samples, but this data gives {train_samples:,}: "
-                        "its position (epoch, step) would name other samples; resume with the data it trained on, or start a new run from "
-                        f"its weights: model.pretrained={path} run.out_dir=NEW_DIR")
+        raise UserError(
+            f"checkpoint {path} trained on a training split of {saved_samples:,} samples, but this data gives "
+            f"{train_samples:,}: its position (epoch, step) would name other samples; resume with the data it trained "
+            f"on, or start a new run from its weights: model.pretrained={path} run.out_dir=NEW_DIR"
+        )
     if not changed:
         return
     key, old, new = changed[0]
     where = f"epoch {epoch + 1}, step {epoch_step}" if epoch_step else f"the end of epoch {epoch}"
     if key == "train.epochs":
         key_why = "train.ema.adjust_decay=true derives the EMA's decay from train.epochs, so " + _EMA_RULE
-        why = f"{key_why}; resume with {key}={_show(old)}, or start a new run from its weights: model.pretrained={path} run.out_dir=NEW_DIR"
+        why = (
+            f"{key_why}; resume with {key}={_show(old)}, or start a new run from its weights: "
+            f"model.pretrained={path} run.out_dir=NEW_DIR"
+        )
     elif key in BEST_KEYS or key in EMA_KEYS:
-        why = (f"{BEST_KEYS.get(key) or EMA_KEYS[key]}; resume with {key}={_show(old)}, or start a new run from its weights: "
-               f"model.pretrained={path} run.out_dir=NEW_DIR")
+        why = (
+            f"{BEST_KEYS.get(key) or EMA_KEYS[key]}; resume with {key}={_show(old)}, or start a new run from its "
+            f"weights: model.pretrained={path} run.out_dir=NEW_DIR"
+        )
     elif key.split(".")[0] in SCHEDULE_SECTIONS:
         why = ("a resume continues the checkpoint's optimizer state and lr schedule, so the new value would not run; "
                f"resume with {key}={_show(old)}, or start a new run from its weights with the new value: "
                f"model.pretrained={path} {key}={_show(new)} run.out_dir=NEW_DIR")
     else:
-        why = (f"its saved position ({where}) counts samples of the seeded training order, which {key} changes, so the run "
-               f"would continue at another sample and another point of the lr schedule; resume with {key}={_show(old)} "
-               "(the world size, train.accum_steps and train.epochs may change), or start a new run from its weights: "
-               f"model.pretrained={path} run.out_dir=NEW_DIR")
+        why = (
+            f"its saved position ({where}) counts samples of the seeded training order, which {key} changes, so the "
+            "run would continue at another sample and another point of the lr schedule; resume with "
+            f"{key}={_show(old)} (the world size, train.accum_steps and train.epochs may change), or start a new run "
+            f"from its weights: model.pretrained={path} run.out_dir=NEW_DIR"
+        )
     also = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
-    raise ConfigError(f"checkpoint {path} was saved with {key}={_show(old)}, but this run says {key}={_show(new)}{also}; {why}")
+    raise ConfigError(
+        f"checkpoint {path} was saved with {key}={_show(old)}, but this run says {key}={_show(new)}{also}; {why}"
+    )
 
 
 def _show(value) -> str:
@@ -175,7 +212,12 @@ def check_skipped_steps(epoch: int, skipped: int, steps: int, train: TrainConfig
     if skipped > train.max_skipped_fraction * steps:
         raise TrainingDiverged(
             f"epoch {epoch}: {skipped} of {steps} steps skipped as non-finite (train.nonfinite=skip), more than "
-            f"train.max_skipped_fraction={train.max_skipped_fraction:g}: the model is not training; lower optim.lr, set "
-            "train.clip_grad_norm or use train.amp=bf16 instead of fp16 (no checkpoint is saved at this epoch's end)")
-    warn(f"epoch {epoch}: {skipped} of {steps} steps skipped as non-finite loss or gradients (train.nonfinite=skip){total}; "
-         f"the run stops if more than train.max_skipped_fraction={train.max_skipped_fraction:g} of an epoch's steps are skipped")
+            f"train.max_skipped_fraction={train.max_skipped_fraction:g}: the model is not training; lower optim.lr, "
+            "set "
+            "train.clip_grad_norm or use train.amp=bf16 instead of fp16 (no checkpoint is saved at this epoch's end)"
+        )
+    warn(
+        f"epoch {epoch}: {skipped} of {steps} steps skipped as non-finite loss or gradients "
+        f"(train.nonfinite=skip){total}; the run stops if more than "
+        f"train.max_skipped_fraction={train.max_skipped_fraction:g} of an epoch's steps are skipped"
+    )

@@ -26,7 +26,18 @@ from distcls.data.loader import BatchLoader
 from distcls.runtime import provenance as runtime_provenance
 from distcls.runtime.dist import DistEnv
 from distcls.errors import ConfigError
-from distcls.engine import EMAHook, EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer, build_scheduler
+from distcls.engine import (
+    EMAHook,
+    EMASchedule,
+    ModelEMA,
+    Precision,
+    Progress,
+    Trainer,
+    adjusted_decay,
+    backends,
+    build_optimizer,
+    build_scheduler,
+)
 from distcls.models import build_model, check_forward
 from distcls.models.weights import normalization_source, with_pretrained_preprocessing
 
@@ -56,8 +67,12 @@ def prepare_model(cfg: Config, env: DistEnv, spec, log: Callable[[str], None] = 
         # BatchNorm buffers are not synced in forward; the run averages them at every epoch end instead.
         ddp = inspect.signature(nn.parallel.DistributedDataParallel).parameters
         buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in ddp else {"broadcast_buffers": False}
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                                    gradient_as_bucket_view=True, **buffers)
+        model = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            gradient_as_bucket_view=True,
+            **buffers,
+        )
     return model, module
 
 
@@ -84,7 +99,8 @@ class EvalTarget:
     optional copy of the weights (another EMA, SWA) is one more target here: the runner loops."""
     prefix: str
     module: nn.Module
-    ready: Callable[[], bool] = lambda: True  # False while it holds nothing to evaluate (an EMA before its first update)
+    # False while it holds nothing to evaluate (an EMA before its first update)
+    ready: Callable[[], bool] = lambda: True
     fields: Callable[[], dict] = dict  # what every record of it carries besides loss and acc (the EMA's update count)
 
 
@@ -126,12 +142,25 @@ class Components:
 def build_loaders(cfg: Config, env: DistEnv, data: Data, settings: LoaderSettings) -> tuple:
     """(train, val or None, test): this rank's loaders of the splits."""
     s = settings
-    train = train_loader(data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device,
-                         s.num_workers, s.max_steps_per_epoch, s.prefetch_factor, s.gpu_decode, repeats=cfg.data.repeats)
+    train = train_loader(
+        data.splits.train,
+        cfg.data.batch_size,
+        env.world_size,
+        env.rank,
+        cfg.run.seed,
+        env.device,
+        s.num_workers,
+        s.max_steps_per_epoch,
+        s.prefetch_factor,
+        s.gpu_decode,
+        repeats=cfg.data.repeats,
+    )
     eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
 
     def evaluation(view):
-        return eval_loader(view, eval_batch, env.world_size, env.rank, env.device, s.num_workers, s.prefetch_factor, s.gpu_decode)
+        return eval_loader(
+            view, eval_batch, env.world_size, env.rank, env.device, s.num_workers, s.prefetch_factor, s.gpu_decode
+        )
 
     return train, evaluation(data.splits.val) if data.splits.val else None, evaluation(data.splits.test)
 
@@ -144,11 +173,15 @@ def build_ema(cfg: Config, module: nn.Module, steps_per_epoch: int) -> tuple[Opt
     if not e.enabled:
         return None, None
     total_steps = steps_per_epoch * cfg.train.epochs
-    if total_steps < e.every_steps and e.cadence == "run":  # (cadence epoch: every epoch's first step updates)  # it would stay the initial (random) weights, evaluated and reported as the EMA
-        raise ConfigError(f"train.ema.every_steps={e.every_steps}, but this run makes only {total_steps} optimizer steps "
-                          f"({cfg.train.epochs} epochs of {steps_per_epoch}, as train.max_steps_per_epoch or --debug leave them): its model "
-                          f"EMA would never update; set train.ema.every_steps <= {total_steps} (for a short smoke run: 1), train for more "
-                          "steps, or set train.ema.enabled=false")
+    # (cadence epoch: every epoch's first step updates)  # it would stay the initial (random) weights, evaluated and
+    # reported as the EMA
+    if total_steps < e.every_steps and e.cadence == "run":
+        raise ConfigError(
+            f"train.ema.every_steps={e.every_steps}, but this run makes only {total_steps} optimizer steps "
+            f"({cfg.train.epochs} epochs of {steps_per_epoch}, as train.max_steps_per_epoch or --debug leave them): "
+            f"its model EMA would never update; set train.ema.every_steps <= {total_steps} (for a short smoke run: 1), "
+            "train for more steps, or set train.ema.enabled=false"
+        )
     decay = adjusted_decay(e.decay, cfg.data.batch_size, e.every_steps, cfg.train.epochs) if e.adjust_decay else e.decay
     warmup = int(round(cfg.sched.warmup_epochs * steps_per_epoch)) if e.warmup_copy else 0
     return ModelEMA(module, decay), EMASchedule(e.every_steps, warmup, e.cadence, steps_per_epoch)
@@ -162,7 +195,11 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     seed_everything(cfg.run.seed)
     switches = backends.configure(cfg.train.cudnn_benchmark, cfg.train.tf32, cfg.run.deterministic or debug, env.device)
     prepared = with_pretrained_preprocessing(cfg)  # torchvision weights bring their mean/std and sizes
-    data = build_data(prepared, normalization_source(cfg, prepared), run_dir=files.dir.parent if files is not None else Path(cfg.run.out_dir))
+    data = build_data(
+        prepared,
+        normalization_source(cfg, prepared),
+        run_dir=files.dir.parent if files is not None else Path(cfg.run.out_dir),
+    )
     model, module = prepare_model(cfg, env, data.spec, log, train_size=data.preprocess.train_image_size)
     optimizer = build_optimizer(module, cfg.optim)
     train, val, test = build_loaders(cfg, env, data, LoaderSettings.from_config(cfg, debug))
@@ -170,23 +207,64 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
     scheduler = build_scheduler(optimizer, cfg.sched, cfg.optim, steps_per_epoch, cfg.train.epochs)
     precision = Precision(cfg.train.amp, env.device)
     ema, ema_schedule = build_ema(cfg, module, steps_per_epoch)
-    trainer = Trainer(model=model, module=module, optimizer=optimizer, scheduler=scheduler, precision=precision, cfg=cfg.train,
-                      preprocess=data.preprocess, device=env.device, hooks=[EMAHook(ema, ema_schedule)] if ema is not None else [])
+    trainer = Trainer(
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=precision,
+        cfg=cfg.train,
+        preprocess=data.preprocess,
+        device=env.device,
+        hooks=[EMAHook(ema, ema_schedule)] if ema is not None else [],
+    )
     progress = Progress(env.device, env.is_main, steps_per_epoch)
-    provenance = runtime_provenance.collect(env.world_size)  # versions, git commit, command, hosts: in summary.json and every checkpoint
+    # versions, git commit, command, hosts: in summary.json and every checkpoint
+    provenance = runtime_provenance.collect(env.world_size)
     checkpointer = Checkpointer(
         files or CheckpointFiles(cfg.run.out_dir, cfg.checkpoint.keep),
-        {"model": ModuleWeights(module), "optimizer": OptimizerState(optimizer), "scheduler": scheduler,
-         "scaler": precision, "rng": GlobalRNG(), **({"ema": ema} if ema is not None else {})}, progress,
+        {
+            "model": ModuleWeights(module),
+            "optimizer": OptimizerState(optimizer),
+            "scheduler": scheduler,
+            "scaler": precision,
+            "rng": GlobalRNG(),
+            **({"ema": ema} if ema is not None else {}),
+        },
+        progress,
         SavePolicy(cfg.checkpoint.every_steps, cfg.checkpoint.every_epochs, cfg.train.epochs, val is not None),
-        {"config": cfg.to_dict(), "data_spec": data.spec.to_dict(), "world_size": env.world_size, "provenance": provenance,
-         "train_samples": len(data.splits.train)}, env.is_main,
+        {
+            "config": cfg.to_dict(),
+            "data_spec": data.spec.to_dict(),
+            "world_size": env.world_size,
+            "provenance": provenance,
+            "train_samples": len(data.splits.train),
+        },
+        env.is_main,
         # A save first waits for the steps whose flags the host has not read: an aborting run
         # (train.nonfinite=abort) raises there instead of saving the state after its diverged step.
-        before_save=trainer.check_diverged)
+        before_save=trainer.check_diverged,
+    )
     targets = [EvalTarget("", module)]  # what each evaluation evaluates: the weights, then every optional copy of them
     if ema is not None:
-        targets.append(EvalTarget("ema_", ema.module, ready=lambda: ema.updates > 0, fields=lambda: {"ema_updates": ema.updates}))
-    return Components(data=data, train=train, val=val, test=test, model=model, module=module, optimizer=optimizer, scheduler=scheduler,
-                      precision=precision, trainer=trainer, progress=progress, checkpointer=checkpointer, switches=switches, ema=ema,
-                      targets=targets, provenance=provenance)
+        targets.append(
+            EvalTarget("ema_", ema.module, ready=lambda: ema.updates > 0, fields=lambda: {"ema_updates": ema.updates})
+        )
+    return Components(
+        data=data,
+        train=train,
+        val=val,
+        test=test,
+        model=model,
+        module=module,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        precision=precision,
+        trainer=trainer,
+        progress=progress,
+        checkpointer=checkpointer,
+        switches=switches,
+        ema=ema,
+        targets=targets,
+        provenance=provenance,
+    )

@@ -30,15 +30,22 @@ def dry_run(cfg: Config, env: DistEnv, debug: bool = False, resume: Optional[str
     if env.is_main:  # as a run does: rank 0 writes, rank 0 checks
         check_outputs(cfg.run.out_dir)
     out_dir = Path(cfg.run.out_dir)
-    point = find_resume_point(out_dir, CheckpointFiles(out_dir, cfg.checkpoint.keep), resume)  # what the run would resume (reads only)
+    # what the run would resume (reads only)
+    point = find_resume_point(out_dir, CheckpointFiles(out_dir, cfg.checkpoint.keep), resume)
     cfg = resolve_unset(cfg, point, lambda msg: None)
     if point is not None:
         check_resume_config(point, cfg)
-    plan = (f"resume from {point.path} at epoch {point.epoch + 1}, step {point.epoch_step} of the epoch" if point is not None else
-            f"a fresh run ({resume_reason(resume)}: no checkpoint yet)" if resume_reason(resume) else "a fresh run")
+    plan = (
+        f"resume from {point.path} at epoch {point.epoch + 1}, step {point.epoch_step} of the epoch"
+        if point is not None
+        else f"a fresh run ({resume_reason(resume)}: no checkpoint yet)"
+        if resume_reason(resume)
+        else "a fresh run"
+    )
     started = time.perf_counter()
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="distcls-dry-run-") as scratch:  # the checkpointer's and the index's place: thrown away
+    # the checkpointer's and the index's place: thrown away
+    with tempfile.TemporaryDirectory(prefix="distcls-dry-run-") as scratch:
         parts = build_components(cfg, env, debug, CheckpointFiles(scratch, cfg.checkpoint.keep), log=notes.append)
         built = time.perf_counter() - started
         data, spec, progress = parts.data, parts.data.spec, parts.progress
@@ -52,14 +59,16 @@ def dry_run(cfg: Config, env: DistEnv, debug: bool = False, resume: Optional[str
     total, trainable = count_parameters(parts.module)
     splits = data.splits
     lines = [
-        f"config: {cfg.data.name} -> {cfg.model.name}, {cfg.train.epochs} epochs of {parts.train.sampler.steps_per_epoch} steps, "
+        f"config: {cfg.data.name} -> {cfg.model.name}, {cfg.train.epochs} epochs of "
+        f"{parts.train.sampler.steps_per_epoch} steps, "
         f"global batch {cfg.data.batch_size}",
         f"launcher: {env.launcher}, world size {env.world_size}, {env.device.type}"
         + (f", {env.backend}" if env.distributed else ", no process group"),
-        f"data: {spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes | train {len(splits.train)} / "
-        f"val {len(splits.val) if splits.val else 0} / test {len(splits.test)}",
+        f"data: {spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes | train "
+        f"{len(splits.train)} / val {len(splits.val) if splits.val else 0} / test {len(splits.test)}",
         *[f"data: {note}" for note in data.notes],
-        f"model: {total:,} parameters ({trainable:,} trainable), built with the data in {built:.1f} s" + (f"; {'; '.join(notes)}" if notes else ""),
+        f"model: {total:,} parameters ({trainable:,} trainable), built with the data in {built:.1f} s"
+        + (f"; {'; '.join(notes)}" if notes else ""),
         f"one training step: loss {totals.loss:.4f} on {int(totals.count)} images in {step:.2f} s",
         f"outputs: {cfg.run.out_dir} can be written (nothing was); {plan}",
         "dry run: OK",

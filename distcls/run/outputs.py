@@ -30,7 +30,10 @@ def _probe_writable(directory: Path, what: str) -> None:
         with tempfile.TemporaryFile(dir=directory, prefix=".distcls-probe."):
             pass
     except OSError as exc:
-        raise UserError(f"{what} {directory} is not writable ({exc.strerror or exc}); fix its permissions or choose another run.out_dir") from None
+        raise UserError(
+            f"{what} {directory} is not writable ({exc.strerror or exc}); fix its permissions or choose another "
+            "run.out_dir"
+        ) from None
 
 
 NAME_MAX, PATH_MAX = 255, 4095  # bytes, Linux's limits (os.pathconf where the filesystem says otherwise)
@@ -61,10 +64,15 @@ def check_output_dir(directory, what: str) -> None:
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         if not existing.is_dir():
-            raise UserError(f"{what} {d} cannot be {'used' if existing == d else 'created'}: {existing} is a file, not a directory; choose another path")
+            raise UserError(
+                f"{what} {d} cannot be {'used' if existing == d else 'created'}: {existing} is a file, not a "
+                "directory; choose another path"
+            )
         if not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"{what} {d} cannot be {'written' if existing == d else 'created'}: {existing} is not writable; "
-                            "fix its permissions or choose another path")
+            raise UserError(
+                f"{what} {d} cannot be {'written' if existing == d else 'created'}: {existing} is not writable; "
+                "fix its permissions or choose another path"
+            )
     except OSError as exc:
         raise UserError(f"{what} {d} cannot be used ({exc.strerror or exc}); choose another path") from None
 
@@ -89,7 +97,9 @@ def check_outputs(out_dir) -> None:
     try:
         _check_run_outputs(out)
     except OSError as exc:
-        raise UserError(f"run.out_dir={out} cannot be used ({exc.strerror or exc}); choose another run.out_dir") from None
+        raise UserError(
+            f"run.out_dir={out} cannot be used ({exc.strerror or exc}); choose another run.out_dir"
+        ) from None
 
 
 def _check_run_outputs(out: Path) -> None:
@@ -100,22 +110,32 @@ def _check_run_outputs(out: Path) -> None:
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         if not parent.is_dir():
-            raise UserError(f"run.out_dir={out} cannot be created: {parent} is a file, not a directory; choose another run.out_dir")
+            raise UserError(
+                f"run.out_dir={out} cannot be created: {parent} is a file, not a directory; choose another run.out_dir"
+            )
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise UserError(f"run.out_dir={out} cannot be created: {parent} is not writable; choose another run.out_dir")
+            raise UserError(
+                f"run.out_dir={out} cannot be created: {parent} is not writable; choose another run.out_dir"
+            )
         return
     if not os.access(out, os.W_OK | os.X_OK):
         raise UserError(f"run.out_dir={out} is not writable; fix its permissions or choose another run.out_dir")
     for name in SUBDIRS:
         p = out / name
         if p.exists() and not p.is_dir():
-            raise UserError(f"{p} is a file, but distcls writes its checkpoints into a directory of that name; move it away or choose another run.out_dir")
+            raise UserError(
+                f"{p} is a file, but distcls writes its checkpoints into a directory of that name; move it away or "
+                "choose another run.out_dir"
+            )
         if p.is_dir() and not os.access(p, os.W_OK | os.X_OK):
             raise UserError(f"{p} is not writable; fix its permissions or choose another run.out_dir")
     for name in FILES:
         p = out / name
         if p.exists() and not p.is_file():
-            raise UserError(f"{p} is a {'directory' if p.is_dir() else 'special file'}, but distcls writes a file of that name; move it away or choose another run.out_dir")
+            raise UserError(
+                f"{p} is a {'directory' if p.is_dir() else 'special file'}, but distcls writes a file of that name; "
+                "move it away or choose another run.out_dir"
+            )
 
 
 class RunDirLock:
@@ -137,7 +157,9 @@ class RunDirLock:
             self.dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise UserError(f"cannot write to run.out_dir={self.dir} ({exc.strerror or exc}); choose a writable directory") from None
+            raise UserError(
+                f"cannot write to run.out_dir={self.dir} ({exc.strerror or exc}); choose a writable directory"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -146,8 +168,10 @@ class RunDirLock:
             else:
                 holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "holder unknown"
                 os.close(fd)
-                raise UserError(f"run.out_dir={self.dir} is in use by another distcls run ({holder}); wait for it to end, "
-                                "or choose another run.out_dir (nothing was written)") from None
+                raise UserError(
+                    f"run.out_dir={self.dir} is in use by another distcls run ({holder}); wait for it to end, "
+                    "or choose another run.out_dir (nothing was written)"
+                ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         self._fd, self._created = fd, created

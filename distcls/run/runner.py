@@ -29,7 +29,15 @@ from distcls.models import count_parameters
 from distcls.run.outputs import RunDirLock, check_outputs
 from distcls.run.checks import check_resume_config, check_skipped_steps, resolve_unset
 from distcls.runtime.signals import StopRequest
-from distcls.tracking import Console, MetricsLog, TensorBoardLogger, WandbLogger, metric_record, summary_rows, write_summary
+from distcls.tracking import (
+    Console,
+    MetricsLog,
+    TensorBoardLogger,
+    WandbLogger,
+    metric_record,
+    summary_rows,
+    write_summary,
+)
 from distcls.tracking.plots import SampleSource, write_run_plots
 
 
@@ -98,12 +106,15 @@ class TrainingRun:
             check_outputs(self.out_dir)
             self.lock.acquire()
             if not self.lock.supported:
-                self.console.warn(f"{self.out_dir}: this filesystem does not support file locks; make sure no other run writes there")
+                self.console.warn(
+                    f"{self.out_dir}: this filesystem does not support file locks; make sure no other run writes there"
+                )
             for stale in self.lock.remove_stale_temps():
                 self.console.warn(f"removed {stale}: the temp file of a save that was killed")
         try:
             self.resume_point = self._find_resume(resume)
-            self.cfg = resolve_unset(cfg, self.resume_point, self._warn_main)  # e.g. data.carve_val as the checkpoint meant it
+            # e.g. data.carve_val as the checkpoint meant it
+            self.cfg = resolve_unset(cfg, self.resume_point, self._warn_main)
         except BaseException:
             self.close()
             raise
@@ -124,14 +135,18 @@ class TrainingRun:
             self.console.info(f"{resume_reason(flag)}: no checkpoint in {self.files.dir}, starting fresh")
             old_default = Path("runs/default")
             if self.out_dir != old_default and CheckpointFiles(old_default, 1).has_checkpoints():
-                self._warn_main(f"{old_default} holds checkpoints: a config without run.out_dir wrote there before each config got "
-                                f"its own (runs/<config name>); to continue that run, stop this one and pass run.out_dir={old_default}")
+                self._warn_main(
+                    f"{old_default} holds checkpoints: a config without run.out_dir wrote there before each config got "
+                    "its own (runs/<config name>); to continue that run, stop this one and pass "
+                    f"run.out_dir={old_default}"
+                )
         return found
 
     def _finished_summary(self) -> Optional[dict]:
         """The summary of this out_dir's run when the resume point is its final checkpoint and it was written."""
         point = self.resume_point
-        if point is None or point.epoch != self.cfg.train.epochs or point.epoch_step:  # more epochs than train.epochs: refused at the restore
+        # more epochs than train.epochs: refused at the restore
+        if point is None or point.epoch != self.cfg.train.epochs or point.epoch_step:
             return None
         try:
             summary = json.loads((self.out_dir / "summary.json").read_text())
@@ -155,8 +170,10 @@ class TrainingRun:
         try:
             finished = self._finished_summary()
             if finished is not None:
-                self.console.info(f"the run in {self.out_dir} already finished ({self.cfg.train.epochs} epochs, "
-                                  f"test acc {finished.get('test_acc')}); nothing to do. Raise train.epochs to train longer")
+                self.console.info(
+                    f"the run in {self.out_dir} already finished ({self.cfg.train.epochs} epochs, "
+                    f"test acc {finished.get('test_acc')}); nothing to do. Raise train.epochs to train longer"
+                )
                 return finished
             wall = time.perf_counter()
             parts = self._setup()
@@ -186,7 +203,8 @@ class TrainingRun:
         while progress.epoch < cfg.train.epochs and not stop.agreed:
             first_step, started = progress.epoch_step, time.perf_counter()
             self._start_epoch(parts, started)
-            for _ in parts.trainer.train_epoch(parts.train, progress, stop):  # one optimizer step each, queued on the device
+            # one optimizer step each, queued on the device
+            for _ in parts.trainer.train_epoch(parts.train, progress, stop):
                 self._advance_bar(parts)
                 if cfg.log.every_steps and progress.global_step % cfg.log.every_steps == 0:
                     self._log_train_interval(parts)  # Collective: reads the running sums of every rank
@@ -197,7 +215,9 @@ class TrainingRun:
                 saved = checkpointer.maybe_save(SaveReason.STOP)
             else:
                 steps = progress.epoch_step - first_step
-                end = self._end_epoch(parts, stop, images=steps * cfg.data.batch_size, seconds=time.perf_counter() - started)
+                end = self._end_epoch(
+                    parts, stop, images=steps * cfg.data.batch_size, seconds=time.perf_counter() - started
+                )
                 self._check_skipped(progress, progress.epoch + 1, steps)  # may stop the run: before this epoch's save
                 progress.finish_epoch()  # from here a save resumes at the next epoch's start
                 saved = checkpointer.maybe_save(SaveReason.STOP if end.stop else SaveReason.EPOCH_END, end.new_best)
@@ -221,7 +241,8 @@ class TrainingRun:
         self._prepare_outputs(parts.progress)
         self.wandb = WandbLogger(self.cfg.log.wandb, str(self.out_dir), self.cfg.to_dict(), self.env.is_main,
                                  parts.progress.wandb_id, warn=self.console.warn, info=self.console.info)
-        parts.progress.wandb_id = self.wandb.run_id  # kept in every checkpoint: a resumed run continues the same wandb run
+        # kept in every checkpoint: a resumed run continues the same wandb run
+        parts.progress.wandb_id = self.wandb.run_id
         tensorboard = TensorBoardLogger(self.out_dir, self.env.is_main and self.cfg.log.tensorboard,
                                         self.resume_point.global_step if self.resume_point is not None else None)
         self.sinks = [self.wandb, tensorboard]
@@ -232,9 +253,15 @@ class TrainingRun:
         """Every component from the resume point (every rank reads it); what `summary.json` says of it."""
         point = self.resume_point
         parts.checkpointer.load(point)  # refuses another model, optimizer or data shape
-        check_resume_config(point, self.cfg, len(parts.data.splits.train))  # then a changed position, schedule or data (nothing written yet)
-        return {"path": str(point.path), "epoch": point.epoch, "epoch_step": point.epoch_step, "step": point.global_step,
-                "world_size": point.world_size or self.env.world_size}
+        # then a changed position, schedule or data (nothing written yet)
+        check_resume_config(point, self.cfg, len(parts.data.splits.train))
+        return {
+            "path": str(point.path),
+            "epoch": point.epoch,
+            "epoch_step": point.epoch_step,
+            "step": point.global_step,
+            "world_size": point.world_size or self.env.world_size,
+        }
 
     def _prepare_outputs(self, progress: Progress) -> None:
         """Rank 0: config.yaml, and metrics.jsonl without the records past the resume point."""
@@ -250,28 +277,41 @@ class TrainingRun:
         for bad in data.skipped_files[:5]:
             self._warn_main(f"skipped bad image {bad}")
         if len(data.skipped_files) > 5:
-            self._warn_main(f"... and {len(data.skipped_files) - 5} more bad images skipped (data.skip_bad_images=true)")
+            self._warn_main(
+                f"... and {len(data.skipped_files) - 5} more bad images skipped (data.skip_bad_images=true)"
+            )
         total, trainable = count_parameters(parts.module)
         self.console.info(
             f"distcls: {cfg.model.name} ({total:,} parameters, {trainable:,} trainable) on {cfg.data.name} "
-            f"{spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes | train {len(data.splits.train)} / "
-            f"val {len(data.splits.val) if data.splits.val else 0} / test {len(data.splits.test)} | world {env.world_size} "
-            f"({env.launcher}, {env.device.type}, {env.backend if env.distributed else 'no process group'}) | "
-            f"global batch {cfg.data.batch_size}, {parts.train.sampler.steps_per_epoch} steps/epoch")
+            f"{spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes | train "
+            f"{len(data.splits.train)} / val {len(data.splits.val) if data.splits.val else 0} / test "
+            f"{len(data.splits.test)} | world {env.world_size} ({env.launcher}, {env.device.type}, "
+            f"{env.backend if env.distributed else 'no process group'}) | global batch {cfg.data.batch_size}, "
+            f"{parts.train.sampler.steps_per_epoch} steps/epoch"
+        )
         per_rank_bn = _has_per_rank_batchnorm(parts.module)
         if per_rank_bn and env.world_size > 1:
-            self._warn_main(f"{cfg.model.name} has BatchNorm layers that normalize each rank's {cfg.data.batch_size // env.world_size} images "
-                            f"on their own (train.sync_bn=false{'; SyncBatchNorm needs CUDA GPUs' if env.device.type != 'cuda' else ''}): "
-                            f"its weights depend on the world size ({env.world_size}), unlike a model without BatchNorm")
+            self._warn_main(
+                f"{cfg.model.name} has BatchNorm layers that normalize each rank's "
+                f"{cfg.data.batch_size // env.world_size} images on their own "
+                f"(train.sync_bn=false{'; SyncBatchNorm needs CUDA GPUs' if env.device.type != 'cuda' else ''}): its "
+                f"weights depend on the world size ({env.world_size}), unlike a model without BatchNorm"
+            )
         resumed = self.resumed_from
         if resumed:
-            self.console.info(f"resumed from {resumed['path']} at epoch {progress.epoch + 1}, step {progress.epoch_step} of the epoch")
+            self.console.info(
+                f"resumed from {resumed['path']} at epoch {progress.epoch + 1}, step {progress.epoch_step} of the epoch"
+            )
             if resumed["world_size"] != env.world_size:
-                self.console.info(f"the checkpoint was saved at world size {resumed['world_size']}; resuming at world size "
-                                  f"{env.world_size} (same global batch {cfg.data.batch_size}, same sample order)")
+                self.console.info(
+                    f"the checkpoint was saved at world size {resumed['world_size']}; resuming at world size "
+                    f"{env.world_size} (same global batch {cfg.data.batch_size}, same sample order)"
+                )
                 if per_rank_bn:
-                    self._warn_main(f"{cfg.model.name}'s BatchNorm normalizes per rank: from here on the run differs from one "
-                                    f"that stays at world size {resumed['world_size']} (set train.sync_bn=true on GPUs to avoid it)")
+                    self._warn_main(
+                        f"{cfg.model.name}'s BatchNorm normalizes per rank: from here on the run differs from one "
+                        f"that stays at world size {resumed['world_size']} (set train.sync_bn=true on GPUs to avoid it)"
+                    )
 
     # ----------------------------------------------------------------- records
 
@@ -308,8 +348,10 @@ class TrainingRun:
         progress.logged_totals, self._interval_start = totals, now
         self.console.logged(record)
         if not self.console.fancy:
-            self.console.info(f"epoch {progress.epoch + 1} step {progress.epoch_step} loss {interval.loss:.4f} acc {interval.acc:.4f} "
-                              f"| {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}")
+            self.console.info(
+                f"epoch {progress.epoch + 1} step {progress.epoch_step} loss {interval.loss:.4f} acc "
+                f"{interval.acc:.4f} | {record['images_per_sec']:.0f} img/s, lr {record['lr']:.3g}"
+            )
 
     def _start_epoch(self, parts: Components, started: float) -> None:
         self._interval_start = started
@@ -323,21 +365,37 @@ class TrainingRun:
         epoch = progress.epoch + 1
         for target in parts.targets:  # BatchNorm statistics: every rank evaluates and saves the same weights (and EMA)
             dist.average_buffers(target.module)
-        train_record = self._record(parts, "train", epoch, progress.agree_sums(), images_per_sec=images / max(seconds, 1e-9),
-                                    skipped_steps=progress.skipped_steps)
+        train_record = self._record(
+            parts,
+            "train",
+            epoch,
+            progress.agree_sums(),
+            images_per_sec=images / max(seconds, 1e-9),
+            skipped_steps=progress.skipped_steps,
+        )
         self._train_images, self._train_seconds = self._train_images + images, self._train_seconds + seconds
         new_best, val_record = False, None
         if parts.val is not None:
             results = self._evaluate_targets(parts, parts.val)
-            followed = results[cfg.checkpoint.best_metric.removeprefix("val_").removesuffix("acc")]  # best.pt: val_acc, val_ema_acc
+            # best.pt: val_acc, val_ema_acc
+            followed = results[cfg.checkpoint.best_metric.removeprefix("val_").removesuffix("acc")]
             new_best = followed is not None and followed.acc > progress.best_metric
             if followed is not None:
                 progress.best_metric = max(progress.best_metric, followed.acc)
             result = results[""]
-            val_record = self._record(parts, "val", epoch, result, count=result.count, **self._target_fields(parts, results))
+            val_record = self._record(
+                parts, "val", epoch, result, count=result.count, **self._target_fields(parts, results)
+            )
         self._bar_copy = None  # a copy of this epoch's sums must not show on the next epoch's bar
-        self.console.epoch_end(epoch, cfg.train.epochs, train_record, val_record, seconds,
-                               progress.best_metric if parts.val is not None and progress.best_metric >= 0 else None, new_best)
+        self.console.epoch_end(
+            epoch,
+            cfg.train.epochs,
+            train_record,
+            val_record,
+            seconds,
+            progress.best_metric if parts.val is not None and progress.best_metric >= 0 else None,
+            new_best,
+        )
         return EpochEnd(new_best=new_best, stop=stop.agree(self.env.device))
 
     def _evaluate(self, parts: Components, module, loader) -> EvalResult:
@@ -352,11 +410,14 @@ class TrainingRun:
 
     @staticmethod
     def _target_fields(parts: Components, results: dict) -> dict:
-        """The other targets' numbers beside the weights' in a val/test record: <prefix>loss, <prefix>acc, and their own fields."""
+        """The other targets' numbers beside the weights' in a val/test record: <prefix>loss, <prefix>acc, and their own
+        fields."""
         fields = {}
         for t in parts.targets[1:]:
             result = results[t.prefix]
-            fields.update(t.fields(), **({} if result is None else {f"{t.prefix}loss": result.loss, f"{t.prefix}acc": result.acc}))
+            fields.update(
+                t.fields(), **({} if result is None else {f"{t.prefix}loss": result.loss, f"{t.prefix}acc": result.acc})
+            )
         return fields
 
     # ----------------------------------------------------------------- the end
@@ -369,21 +430,35 @@ class TrainingRun:
         loaders = parts.loaders
         for bad in sorted({b for loader in loaders for b in loader.dropped}):
             self.console.warn(f"rank {env.rank}: skipped an image that failed to decode: {bad}")
-        dropped = dist.all_reduce_sum(torch.tensor([float(sum(len(loader.dropped) for loader in loaders))], device=env.device))
+        dropped = dist.all_reduce_sum(
+            torch.tensor([float(sum(len(loader.dropped) for loader in loaders))], device=env.device)
+        )
         self._record(parts, "test", cfg.train.epochs, result, count=result.count, **self._target_fields(parts, results))
         best = progress.best_metric
         summary = {
-            "test_acc": result.acc, "test_loss": result.loss, "test_count": result.count,
-            "best_val_acc": best if best >= 0 else None, "best_metric": cfg.checkpoint.best_metric, "epochs_completed": cfg.train.epochs,
-            "world_size": env.world_size, "global_batch_size": cfg.data.batch_size,
+            "test_acc": result.acc,
+            "test_loss": result.loss,
+            "test_count": result.count,
+            "best_val_acc": best if best >= 0 else None,
+            "best_metric": cfg.checkpoint.best_metric,
+            "epochs_completed": cfg.train.epochs,
+            "world_size": env.world_size,
+            "global_batch_size": cfg.data.batch_size,
             "train_images_per_sec": self._train_images / self._train_seconds if self._train_seconds else None,
-            "wall_time_s": time.perf_counter() - wall, "skipped_steps": progress.skipped_steps,
-            "global_step": progress.global_step, "resumed_from": self.resumed_from,
+            "wall_time_s": time.perf_counter() - wall,
+            "skipped_steps": progress.skipped_steps,
+            "global_step": progress.global_step,
+            "resumed_from": self.resumed_from,
             "per_class_test_acc": dict(zip(spec.class_names, result.per_class_acc)),
             "skipped_bad_images": len(parts.data.skipped_files),
             "dropped_bad_image_reads": int(dropped.item()),
             "provenance": parts.provenance,
-            **{f"{prefix}test_{name}": getattr(r, name) for prefix, r in results.items() if prefix and r is not None for name in ("acc", "loss")},
+            **{
+                f"{prefix}test_{name}": getattr(r, name)
+                for prefix, r in results.items()
+                if prefix and r is not None
+                for name in ("acc", "loss")
+            },
         }
         plots = {}
         if env.is_main:
@@ -399,8 +474,15 @@ class TrainingRun:
     def _plots(self, result: EvalResult, parts: Components) -> dict:
         """<out_dir>/plots/*.png from this run's files and final test result (rank 0); never fails the run."""
         try:
-            return write_run_plots(self.out_dir, result.confusion, parts.data.spec.class_names,
-                                   SampleSource(parts.module, parts.data.preprocess, parts.data.splits.test, self.env.device))
+            return write_run_plots(
+                self.out_dir,
+                result.confusion,
+                parts.data.spec.class_names,
+                SampleSource(parts.module, parts.data.preprocess, parts.data.splits.test, self.env.device),
+            )
         except Exception as exc:  # a plot must never cost a finished run
-            self.console.warn(f"plots not written ({type(exc).__name__}: {exc}); make them with `python -m distcls.plot {self.out_dir}`")
+            self.console.warn(
+                f"plots not written ({type(exc).__name__}: {exc}); make them with `python -m distcls.plot "
+                f"{self.out_dir}`"
+            )
             return {}

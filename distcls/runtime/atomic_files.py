@@ -159,7 +159,9 @@ def _check_zip_integrity(p: Path, what: str) -> None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
         raise UnreadableCheckpoint(f"{what} {p} is truncated or corrupt ({first_line(exc)})") from None
     if bad is not None:
-        raise UnreadableCheckpoint(f"{what} {p} is corrupt: its entry {bad} fails the archive's CRC-32 check (flipped bits or a torn copy)")
+        raise UnreadableCheckpoint(
+            f"{what} {p} is corrupt: its entry {bad} fails the archive's CRC-32 check (flipped bits or a torn copy)"
+        )
 
 
 def free_space(directory) -> str:
@@ -184,7 +186,8 @@ def model_file_kind(path) -> Optional[str]:
         if zipfile.is_zipfile(p):
             with zipfile.ZipFile(p) as archive:
                 names = archive.namelist()
-            ends = lambda suffix: any(n.endswith(suffix) for n in names)  # noqa: E731  (members sit under one top folder)
+            # members sit under one top folder
+            ends = lambda suffix: any(n.endswith(suffix) for n in names)  # noqa: E731
             if ends("/archive_format"):
                 return "exported"
             if ends("/code/__torch__.py") or ends("/constants.pkl"):
@@ -194,7 +197,7 @@ def model_file_kind(path) -> Optional[str]:
             head = f.read(64)
     except (OSError, zipfile.BadZipFile, ValueError):
         return None
-    # ONNX: a ModelProto, whose first field is ir_version (tag 0x08); exporters name themselves next (producer_name, tag 0x12)
+    # ONNX: a ModelProto: first ir_version (tag 0x08), then the exporter's name (producer_name, tag 0x12)
     if head[:1] == b"\x08" and b"\x12" in head[2:4]:
         return "onnx"
     return None
@@ -219,8 +222,10 @@ def load_weights_only(path, what: str = "checkpoint"):
         raise UnreadableCheckpoint(f"{what} {path} cannot be read ({first_line(exc)})") from None
     kind = model_file_kind(p)
     if kind in EXPORT_KINDS:
-        raise UnreadableCheckpoint(f"{what} {path} is {EXPORT_KINDS[kind]}, not a training checkpoint: give the checkpoint "
-                                   "it was exported from (e.g. runs/NAME/checkpoints/best.pt)")
+        raise UnreadableCheckpoint(
+            f"{what} {path} is {EXPORT_KINDS[kind]}, not a training checkpoint: give the checkpoint "
+            "it was exported from (e.g. runs/NAME/checkpoints/best.pt)"
+        )
     if is_zip:
         _check_zip_integrity(p, what)
     try:
@@ -231,9 +236,12 @@ def load_weights_only(path, what: str = "checkpoint"):
         if "unsupported global" in str(exc).lower():
             raise UnreadableCheckpoint(
                 f"refusing to load {what} {path}: it holds objects that need arbitrary unpickling (code could run); "
-                "distcls only reads weights-only files: tensors and plain Python data") from None
+                "distcls only reads weights-only files: tensors and plain Python data"
+            ) from None
         raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt (not a readable torch file)") from None
     except MemoryError:
         raise UnreadableCheckpoint(f"{what} {path} is corrupt (its sizes are implausible)") from None
     except Exception as exc:  # the unpickler raises IndexError/KeyError/struct.error/... on garbage: all mean corrupt
-        raise UnreadableCheckpoint(f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first_line(exc)})") from None
+        raise UnreadableCheckpoint(
+            f"{what} {path} is truncated or corrupt ({type(exc).__name__}: {first_line(exc)})"
+        ) from None

@@ -41,7 +41,9 @@ def _int_env(name: str) -> int:
     try:
         return int(os.environ[name])
     except ValueError:
-        raise UserError(f"environment variable {name}={os.environ[name]!r} is not an integer; unset it or fix the launcher") from None
+        raise UserError(
+            f"environment variable {name}={os.environ[name]!r} is not an integer; unset it or fix the launcher"
+        ) from None
 
 
 def first_host(nodelist: str) -> str:
@@ -60,12 +62,16 @@ def _slurm_layout() -> tuple:
     """(rank, world size, local rank) of an srun task, checked for consistency."""
     rank, world, local_rank = _int_env("SLURM_PROCID"), _int_env("SLURM_NTASKS"), _int_env("SLURM_LOCALID")
     if not (0 <= rank < world and 0 <= local_rank < world):
-        raise UserError(f"inconsistent srun layout: SLURM_PROCID={rank}, SLURM_LOCALID={local_rank}, SLURM_NTASKS={world}; "
-                        "start distcls with srun inside the allocation (one task per GPU)")
+        raise UserError(
+            f"inconsistent srun layout: SLURM_PROCID={rank}, SLURM_LOCALID={local_rank}, SLURM_NTASKS={world}; "
+            "start distcls with srun inside the allocation (one task per GPU)"
+        )
     per_node, nodes = os.environ.get("SLURM_NTASKS_PER_NODE", ""), os.environ.get("SLURM_NNODES", "")
     if per_node.isdigit() and nodes.isdigit() and int(per_node) * int(nodes) != world:
-        raise UserError(f"inconsistent srun layout: {world} tasks (SLURM_NTASKS) but {nodes} nodes x {per_node} tasks per node; "
-                        "make --ntasks equal --nodes x --ntasks-per-node")
+        raise UserError(
+            f"inconsistent srun layout: {world} tasks (SLURM_NTASKS) but {nodes} nodes x {per_node} tasks per node; "
+            "make --ntasks equal --nodes x --ntasks-per-node"
+        )
     return rank, world, local_rank
 
 
@@ -74,8 +80,10 @@ def _cuda_index(launcher: str, local_rank: int) -> int:
     if launcher == "slurm" and count == 1:
         return 0  # srun bound this task to one GPU (--gpus-per-task=1 / gpu-bind): it is the only one visible
     if local_rank >= count:
-        raise UserError(f"local rank {local_rank} has no GPU (this node has {count} visible); start at most that many processes "
-                        "per node (torchrun --nproc_per_node, or srun --ntasks-per-node equal to --gpus-per-node)")
+        raise UserError(
+            f"local rank {local_rank} has no GPU (this node has {count} visible); start at most that many processes "
+            "per node (torchrun --nproc_per_node, or srun --ntasks-per-node equal to --gpus-per-node)"
+        )
     return local_rank
 
 
@@ -96,9 +104,11 @@ def _torchrun_layout() -> tuple:
     if world > 1:
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
-            raise UserError(f"RANK={rank}, WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: "
-                            f"the ranks cannot find each other; set MASTER_ADDR and MASTER_PORT (the address and a free port of rank 0's host), "
-                            "or start distcls with torchrun")
+            raise UserError(
+                f"RANK={rank}, WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                "not set: the ranks cannot find each other; set MASTER_ADDR and MASTER_PORT (the address and a free "
+                "port of rank 0's host), or start distcls with torchrun"
+            )
         _master_port()
     return rank, world, local_rank
 
@@ -106,7 +116,9 @@ def _torchrun_layout() -> tuple:
 def _master_port() -> int:
     port = _int_env("MASTER_PORT")
     if not 1 <= port <= 65535:
-        raise UserError(f"environment variable MASTER_PORT={port} is not a TCP port (1..65535); set a free port of rank 0's host")
+        raise UserError(
+            f"environment variable MASTER_PORT={port} is not a TCP port (1..65535); set a free port of rank 0's host"
+        )
     return port
 
 
@@ -129,7 +141,10 @@ def detect(device_pref: str = "auto", backend_pref: str = "auto", debug: bool = 
     else:
         launcher, rank, world, local_rank = "single", 0, 1, 0
     if debug and world > 1:
-        raise ConfigError(f"--debug runs one process, but the launcher started {world}; run `python -m distcls.train --debug ...` without torchrun/srun")
+        raise ConfigError(
+            f"--debug runs one process, but the launcher started {world}; run `python -m distcls.train --debug ...` "
+            "without torchrun/srun"
+        )
 
     has_cuda = torch.cuda.is_available()
     if device_pref == "cuda" and not has_cuda:
@@ -166,7 +181,8 @@ def init(env: DistEnv, timeout_s: int) -> None:
         # worker restart the agent's store still holds the dead attempt's gloo addresses, and a
         # rank that read one of those failed with "connectFullMesh ... Connection refused".
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        waiting = f"rank {env.rank} waiting for {env.world_size - 1} more process{'es' if env.world_size > 2 else ''} at {where}"
+        more = f"{env.world_size - 1} more process{'es' if env.world_size > 2 else ''}"
+        waiting = f"rank {env.rank} waiting for {more} at {where}"
         # torchrun's agent started every rank itself and reports a rank that fails: no notice there
         notice = _WaitNotice(f"distcls: {waiting} (dist.timeout_s={timeout_s})", timeout_s,
                              enabled="TORCHELASTIC_RUN_ID" not in os.environ)
@@ -178,9 +194,11 @@ def init(env: DistEnv, timeout_s: int) -> None:
                 rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs)
         except tdist.DistError as exc:
             reason = " ".join(str(exc).split("\n")[0].split())[:200]
-            raise UserError(f"{waiting}: the process group did not form within dist.timeout_s={timeout_s} s ({reason}); "
-                            f"start all {env.world_size} processes with the same MASTER_ADDR and MASTER_PORT "
-                            "(torchrun does), or raise dist.timeout_s") from None
+            raise UserError(
+                f"{waiting}: the process group did not form within dist.timeout_s={timeout_s} s ({reason}); "
+                f"start all {env.world_size} processes with the same MASTER_ADDR and MASTER_PORT "
+                "(torchrun does), or raise dist.timeout_s"
+            ) from None
         finally:
             notice.cancel()
 

@@ -42,12 +42,15 @@ def launch(module: str, argv: Sequence[str], nproc: int) -> int:
 
     if "RANK" in os.environ or "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         from distcls.errors import UserError
-        raise UserError("--nproc_per_node starts the ranks itself: leave it out under torchrun or srun (they start them)")
+
+        raise UserError(
+            "--nproc_per_node starts the ranks itself: leave it out under torchrun or srun (they start them)"
+        )
     options = {"min_nodes": 1, "max_nodes": 1, "nproc_per_node": nproc, "run_id": f"distcls-{uuid.uuid4().hex[:8]}",
                "rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {"rank": 0}, "max_restarts": 0,
                "monitor_interval": 0.1,
-               # a stop signal to this process reaches the ranks (they lead sessions of their own), SLURM's USR1 included,
-               # and they get the time a checkpoint takes before the agent would kill them
+               # a stop signal to this process reaches the ranks (they lead sessions of their own), SLURM's USR1
+               # included, and they get the time a checkpoint takes before the agent would kill them
                "signals_to_handle": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "shutdown_timeout": 600}
     fields = getattr(LaunchConfig, "__dataclass_fields__", {})
     config = LaunchConfig(**{k: v for k, v in options.items() if k in fields})  # (older torch: without the last two)
@@ -63,7 +66,11 @@ def launch(module: str, argv: Sequence[str], nproc: int) -> int:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        failed = [codes[0]] if codes.get(0, 0) > 0 else [c for _, c in sorted(codes.items()) if c > 0] or list(codes.values())
+        failed = (
+            [codes[0]]
+            if codes.get(0, 0) > 0
+            else [c for _, c in sorted(codes.items()) if c > 0] or list(codes.values())
+        )
         code = failed[0]
         return code if code >= 0 else 128 - code
     finally:

@@ -97,7 +97,9 @@ def _scontrol_hostnames(nodelist: str) -> Optional[list]:
     if scontrol is None:
         return None
     try:
-        proc = subprocess.run([scontrol, "show", "hostnames", "--", nodelist], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            [scontrol, "show", "hostnames", "--", nodelist], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     hosts = proc.stdout.split()

@@ -53,18 +53,26 @@ class Registry:
             try:
                 module = importlib.import_module(module_name)
             except ImportError as exc:
-                raise ConfigError(f"{self.config_key}={name}: cannot import module '{module_name}' ({exc}); check the name and PYTHONPATH") from None
+                raise ConfigError(
+                    f"{self.config_key}={name}: cannot import module '{module_name}' ({exc}); check the name and "
+                    "PYTHONPATH"
+                ) from None
             fn = getattr(module, attr, None)
             if fn is None:
                 raise ConfigError(f"{self.config_key}={name}: module '{module_name}' has no callable '{attr}'")
             if not inspect.isfunction(fn):  # builtins (os.system), classes, objects: not builders, never called
-                raise ConfigError(f"{self.config_key}={name}: '{attr}' is a {type(fn).__name__}, not a builder function "
-                                  f"def {attr}({', '.join(self.call)}, ...)")
+                raise ConfigError(
+                    f"{self.config_key}={name}: '{attr}' is a {type(fn).__name__}, not a builder function "
+                    f"def {attr}({', '.join(self.call)}, ...)"
+                )
             return fn
         close = self._close_matches(name)
         hint = f"did you mean {' or '.join(close)}? " if close else ""
         families = "".join(f", {p}<name>" for p in self._families)
-        raise ConfigError(f"unknown {self.kind} {self.config_key}={name}; {hint}choose one of {', '.join(self.names())}{families} or give 'pkg.module:builder'")
+        raise ConfigError(
+            f"unknown {self.kind} {self.config_key}={name}; {hint}choose one of {', '.join(self.names())}{families} or "
+            "give 'pkg.module:builder'"
+        )
 
     def build(self, name: str, *args, kwargs: dict | None = None, kwargs_key: str = ""):
         """Look up `name` and call it with `args` (+ keyword `kwargs` from config key `kwargs_key`),

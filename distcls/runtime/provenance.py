@@ -25,12 +25,21 @@ def git_state(directory: str) -> dict:
     """{commit, dirty} of the git work tree holding `directory` (the working directory: where the
     configs and any plug-in code were taken from); nulls where there is none or git is missing."""
     try:
-        commit = subprocess.run(["git", "-C", directory, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        commit = subprocess.run(
+            ["git", "-C", directory, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         if commit.returncode != 0:
             return {"commit": None, "dirty": None}
-        status = subprocess.run(["git", "-C", directory, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                text=True, timeout=10)
-        return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+        status = subprocess.run(
+            ["git", "-C", directory, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {
+            "commit": commit.stdout.strip(),
+            "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None,
+        }
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
 
@@ -42,7 +51,8 @@ def collect(world_size: int) -> dict:
     hosts = dist.all_gather_object(socket.gethostname())
     main = dist.is_main_rank()
     return {
-        "distcls": _version("distcls"), "torch": str(torch.__version__), "torchvision": _version("torchvision"),  # plain str: weights-only readable
+        # plain str: weights-only readable
+        "distcls": _version("distcls"), "torch": str(torch.__version__), "torchvision": _version("torchvision"),
         "python": platform.python_version(), "cuda": None if torch.version.cuda is None else str(torch.version.cuda),
         "git": git_state(os.getcwd()) if main else None,
         "command": shlex.join(sys.argv), "cwd": os.getcwd(),

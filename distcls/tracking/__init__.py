@@ -4,4 +4,13 @@ from distcls.tracking.metrics import MetricsLog, metric_record, read_jsonl, writ
 from distcls.tracking.tensorboard_logger import TensorBoardLogger
 from distcls.tracking.wandb_logger import WandbLogger
 
-__all__ = ["Console", "MetricsLog", "metric_record", "TensorBoardLogger", "WandbLogger", "read_jsonl", "summary_rows", "write_summary"]
+__all__ = [
+    "Console",
+    "MetricsLog",
+    "metric_record",
+    "TensorBoardLogger",
+    "WandbLogger",
+    "read_jsonl",
+    "summary_rows",
+    "write_summary",
+]

@@ -19,7 +19,8 @@ from typing import Optional, Sequence
 
 def epoch_line(epoch: int, epochs: int, train: dict, val: Optional[dict], seconds: float, best: Optional[float],
                is_best: bool = False) -> str:
-    """`epoch 3/15 train loss 0.41 acc 0.875 | val loss 0.30 acc 0.910 (best 0.910, new best) | 1.9 s, 950 img/s, lr 0.0482`."""
+    """`epoch 3/15 train loss 0.41 acc 0.875 | val loss 0.30 acc 0.910 (best 0.910, new best) | 1.9 s, 950 img/s, lr
+    0.0482`."""
     text = f"epoch {epoch}/{epochs} train loss {train['loss']:.4f} acc {train['acc']:.4f}"
     if val is not None:
         text += f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}"
@@ -36,12 +37,21 @@ def summary_rows(summary: dict, out_dir, plots: dict) -> list:
     """The final table's rows from summary.json's fields."""
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
-    rows = [("test accuracy", f"{summary['test_acc']:.4f} ({summary['test_count']} images)"),
-            ("best val accuracy" + (" (EMA)" if summary.get("best_metric") == "val_ema_acc" else ""), num(summary.get("best_val_acc"), ".4f")),
-            *([("EMA test accuracy", num(summary["ema_test_acc"], ".4f"))] if "ema_test_acc" in summary else []),
-            ("epochs / steps", f"{summary['epochs_completed']} / {summary['global_step']}"),
-            ("wall time", f"{summary['wall_time_s']:.1f} s"),
-            ("train images/s", num(summary.get("train_images_per_sec"), ",.0f") + f" (world size {summary['world_size']}, global batch {summary['global_batch_size']})")]
+    rows = [
+        ("test accuracy", f"{summary['test_acc']:.4f} ({summary['test_count']} images)"),
+        (
+            "best val accuracy" + (" (EMA)" if summary.get("best_metric") == "val_ema_acc" else ""),
+            num(summary.get("best_val_acc"), ".4f"),
+        ),
+        *([("EMA test accuracy", num(summary["ema_test_acc"], ".4f"))] if "ema_test_acc" in summary else []),
+        ("epochs / steps", f"{summary['epochs_completed']} / {summary['global_step']}"),
+        ("wall time", f"{summary['wall_time_s']:.1f} s"),
+        (
+            "train images/s",
+            num(summary.get("train_images_per_sec"), ",.0f")
+            + f" (world size {summary['world_size']}, global batch {summary['global_batch_size']})",
+        ),
+    ]
     if summary.get("skipped_steps"):
         rows.append(("skipped steps (non-finite loss)", str(summary["skipped_steps"])))
     rows.append(("outputs", f"{out_dir}/ (summary.json, metrics.jsonl, checkpoints/)"))
@@ -78,7 +88,15 @@ class Console:
     def start_epoch(self, epoch: int, epochs: int, total_steps: int, done: int = 0, global_batch: int = 0) -> None:
         if not self.fancy:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
         self._progress = Progress(TextColumn(f"epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
                                   TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"),
                                   TimeRemainingColumn(), console=self._rich, transient=True)
@@ -114,8 +132,16 @@ class Console:
 
     # ----------------------------------------------------------- epoch lines and the final table
 
-    def epoch_end(self, epoch: int, epochs: int, train: dict, val: Optional[dict], seconds: float, best: Optional[float],
-                  is_best: bool = False) -> None:
+    def epoch_end(
+        self,
+        epoch: int,
+        epochs: int,
+        train: dict,
+        val: Optional[dict],
+        seconds: float,
+        best: Optional[float],
+        is_best: bool = False,
+    ) -> None:
         self.info(epoch_line(epoch, epochs, train, val, seconds, best, is_best))
 
     def summary(self, rows: Sequence[tuple[str, str]]) -> None:

@@ -68,7 +68,11 @@ class MetricsLog:
         if not self.enabled:
             return
         # a test record comes after the final checkpoint: a resumed run writes it again
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step and r.get("split") != "test"] if step >= 0 else []
+        kept = (
+            [r for r in read_jsonl(self.path) if r.get("step", 0) <= step and r.get("split") != "test"]
+            if step >= 0
+            else []
+        )
         atomic_write_text(self.path, "".join(dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:

@@ -65,7 +65,12 @@ def _x(record: dict, spe: Optional[int]) -> float:
 def _every(records: list) -> str:
     """How often the running train records were logged, in words (from their epoch_step spacing)."""
     from collections import Counter
-    gaps = Counter(b["step"] - a["step"] for a, b in zip(records, records[1:]) if "step" in a and "step" in b and b["step"] > a["step"])
+
+    gaps = Counter(
+        b["step"] - a["step"]
+        for a, b in zip(records, records[1:])
+        if "step" in a and "step" in b and b["step"] > a["step"]
+    )
     return f"every {gaps.most_common(1)[0][0]} steps" if gaps else "logged steps"
 
 
@@ -82,18 +87,37 @@ def plot_curves(records: list, path, run: str = "") -> Path:
             ax.plot([_x(r, spe) for r in train_int], [r[key] for r in train_int], color="tab:blue", alpha=0.35, lw=1,
                     label=f"training, running ({_every(train_int)})")
         if train_ep:
-            ax.plot([r["epoch"] for r in train_ep], [r[key] for r in train_ep], "o-", color="tab:blue", ms=4, label="training, epoch mean")
+            ax.plot(
+                [r["epoch"] for r in train_ep],
+                [r[key] for r in train_ep],
+                "o-",
+                color="tab:blue",
+                ms=4,
+                label="training, epoch mean",
+            )
         if val:
-            ax.plot([r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="validation")
+            ax.plot(
+                [r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="validation"
+            )
         ema = [r for r in val if f"ema_{key}" in r]
         if ema:  # the model EMA's numbers beside the weights' (train.ema.enabled)
-            ax.plot([r["epoch"] for r in ema], [r[f"ema_{key}"] for r in ema], "s--", color="tab:red", ms=4, label="validation, model EMA")
+            ax.plot(
+                [r["epoch"] for r in ema],
+                [r[f"ema_{key}"] for r in ema],
+                "s--",
+                color="tab:red",
+                ms=4,
+                label="validation, model EMA",
+            )
         if test:
-            ax.plot([test[-1]["epoch"]], [test[-1][key]], "*", color="tab:green", ms=12, label=f"test {test[-1][key]:.4f}")
+            ax.plot(
+                [test[-1]["epoch"]], [test[-1][key]], "*", color="tab:green", ms=12, label=f"test {test[-1][key]:.4f}"
+            )
             if f"ema_{key}" in test[-1]:
                 ax.plot([test[-1]["epoch"]], [test[-1][f"ema_{key}"]], "*", color="tab:red", ms=12,
                         label=f"test, model EMA {test[-1][f'ema_{key}']:.4f}")
-        values = [float(v) for line in ax.lines for v in line.get_ydata() if v is not None and math.isfinite(v)]  # null: no sample
+        # null: no sample
+        values = [float(v) for line in ax.lines for v in line.get_ydata() if v is not None and math.isfinite(v)]
         if key == "loss" and values and min(values) > 0 and max(values) / min(values) > 30:
             ax.set_yscale("log")  # so a small train/val gap (overfitting) stays visible late in training
             label += " (log scale)"
@@ -113,7 +137,8 @@ def lr_schedule(config: dict, spe: int, epochs: int) -> list:
     from distcls import config as config_mod
     from distcls.engine import build_scheduler
     cfg = config_mod.from_dict(config)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)  # the schedule depends on the peak lr only
+    # the schedule depends on the peak lr only
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     sched = build_scheduler(opt, cfg.sched, cfg.optim, spe, epochs)
     lrs = [opt.param_groups[0]["lr"]]
     for _ in range(spe * epochs):
@@ -134,7 +159,14 @@ def plot_lr(records: list, config: Optional[dict], path, run: str = "") -> Path:
                 label=f"planned: {config['sched']['name']}, {config['sched']['warmup_epochs']} warmup epochs")
     logged = [r for r in records if r.get("split") == "train"]
     if logged:
-        ax.plot([_x(r, spe) for r in logged], [r["lr"] for r in logged], ".", color="black", ms=5, label="as the run logged it")
+        ax.plot(
+            [_x(r, spe) for r in logged],
+            [r["lr"] for r in logged],
+            ".",
+            color="black",
+            ms=5,
+            label="as the run logged it",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("learning rate")
     ax.set_title(f"{run}: learning-rate schedule".lstrip(": "))
@@ -175,7 +207,9 @@ def plot_confusion(confusion: torch.Tensor, names: Sequence[str], path, split: s
             for j in range(n):
                 c = int(counts[i, j])
                 if c:
-                    ax.text(j, i, c, ha="center", va="center", fontsize=8, color="white" if rows[i, j] > 0.5 else "black")
+                    ax.text(
+                        j, i, c, ha="center", va="center", fontsize=8, color="white" if rows[i, j] > 0.5 else "black"
+                    )
     acc = float(counts.diag().sum() / counts.sum().clamp(min=1))
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
@@ -267,11 +301,14 @@ def plot_samples(src: SampleSource, names: Sequence[str], count: int, path, spli
         ax.imshow(img.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray" if img.shape[0] == 1 else None)
         ok = p == t
         wrong += not ok
-        ax.set_title(f"{names[p]}" if ok else f"{names[p]}\n(true {names[t]})", fontsize=7, color="green" if ok else "red")
+        ax.set_title(
+            f"{names[p]}" if ok else f"{names[p]}\n(true {names[t]})", fontsize=7, color="green" if ok else "red"
+        )
         for spine in ax.spines.values():
             spine.set_edgecolor("green" if ok else "red")
             spine.set_linewidth(1 if ok else 3)
-    order = "every class in turn" if getattr(src.view.source, "labels", None) is not None else "the first ones"  # (shards: labels unknown until read)
+    # (shards: labels unknown until read)
+    order = "every class in turn" if getattr(src.view.source, "labels", None) is not None else "the first ones"
     fig.suptitle(f"{run}: {split} images, {order}: predicted label (wrong ones in red, with the true label): "
                  f"{wrong} of {len(pred)} wrong".lstrip(": "), fontsize=9)
     return _save(fig, path)
@@ -294,7 +331,10 @@ def write_run_plots(out_dir, confusion: Optional[torch.Tensor], names: Sequence[
     if (out_dir / "config.yaml").is_file():
         config = yaml.safe_load((out_dir / "config.yaml").read_text())
     run = out_dir.resolve().name  # the run's name in every title
-    written = {CURVES: plot_curves(records, plots / "curves.png", run), LR: plot_lr(records, config, plots / "lr.png", run)}
+    written = {
+        CURVES: plot_curves(records, plots / "curves.png", run),
+        LR: plot_lr(records, config, plots / "lr.png", run),
+    }
     if confusion is not None:
         written[CONFUSION] = plot_confusion(confusion, names, plots / "confusion.png", run=run)
         written[PER_CLASS] = plot_per_class(confusion, names, plots / "per_class.png", run=run)

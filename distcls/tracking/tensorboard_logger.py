@@ -20,12 +20,15 @@ SKIPPED = ("step", "epoch", "time", "epoch_step", "split")
 
 
 def summary_writer_class():
-    """torch's SummaryWriter, or the one-line error when the tensorboard package is missing (checked at launch, before anything is written)."""
+    """torch's SummaryWriter, or the one-line error when the tensorboard package is missing (checked at launch, before
+    anything is written)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("log.tensorboard=true needs the tensorboard package: pip install 'distcls[tensorboard]' (or tensorboard), "
-                        "or set log.tensorboard=false") from None
+        raise UserError(
+            "log.tensorboard=true needs the tensorboard package: pip install 'distcls[tensorboard]' (or tensorboard), "
+            "or set log.tensorboard=false"
+        ) from None
     return SummaryWriter
 
 

@@ -22,7 +22,12 @@ from urllib.parse import urlparse
 from distcls.errors import UserError
 
 # environment variable -> sub-folder of <out_dir>/wandb
-WANDB_DIRS = {"WANDB_CACHE_DIR": "cache", "WANDB_CONFIG_DIR": "config", "WANDB_DATA_DIR": "data", "WANDB_ARTIFACT_DIR": "artifacts"}
+WANDB_DIRS = {
+    "WANDB_CACHE_DIR": "cache",
+    "WANDB_CONFIG_DIR": "config",
+    "WANDB_DATA_DIR": "data",
+    "WANDB_ARTIFACT_DIR": "artifacts",
+}
 _MODES = {"online": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 
 
@@ -66,7 +71,9 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise UserError("log.wandb.enabled=true but wandb is not installed; pip install wandb, or set log.wandb.enabled=false") from None
+            raise UserError(
+                "log.wandb.enabled=true but wandb is not installed; pip install wandb, or set log.wandb.enabled=false"
+            ) from None
         root = Path(out_dir) / "wandb"
         for var, sub in WANDB_DIRS.items():
             if not os.environ.get(var):
@@ -79,7 +86,10 @@ class WandbLogger:
                                   name=cfg.name, tags=list(cfg.tags) or None, group=cfg.group, notes=cfg.notes,
                                   id=resume_id, resume="allow" if resume_id else None, settings=settings)
         except Exception as exc:  # network, auth or server trouble must not stop training
-            warn(f"wandb could not start ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); training continues without wandb")
+            warn(
+                f"wandb could not start ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); training continues "
+                "without wandb"
+            )
             self._close(None)
             return
         try:
@@ -101,8 +111,15 @@ class WandbLogger:
     def log(self, record: dict) -> None:
         if self.run is not None:
             split = record["split"]
-            self.run.log({f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")}
-                         | {"epoch": record["epoch"]}, step=record["step"])
+            self.run.log(
+                {
+                    f"{split}/{k}": v
+                    for k, v in record.items()
+                    if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")
+                }
+                | {"epoch": record["epoch"]},
+                step=record["step"],
+            )
 
     def finish(self, summary: dict, step: Optional[int] = None, images: Optional[dict] = None) -> None:
         """Final test metrics and per-class accuracy into the run summary, the plots as images, then close."""
@@ -112,7 +129,9 @@ class WandbLogger:
         if images:
             self.run.log({f"plots/{name}": wandb.Image(str(path)) for name, path in images.items()}, step=step)
         flat = {k: v for k, v in summary.items() if not isinstance(v, dict)}
-        flat.update({f"per_class_test_acc/{name}": acc for name, acc in (summary.get("per_class_test_acc") or {}).items()})
+        flat.update(
+            {f"per_class_test_acc/{name}": acc for name, acc in (summary.get("per_class_test_acc") or {}).items()}
+        )
         self.run.summary.update(flat)
         self._close(0)
 

@@ -38,10 +38,17 @@ def _read_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             obj = _ArraysOnlyUnpickler(f, encoding="latin1").load()
-    except Exception as exc:  # a damaged pickle raises many types (EOFError, KeyError, IndexError, ...): all mean "not valid"
-        raise UserError(f"{path} is not a valid CIFAR batch file ({type(exc).__name__}: {str(exc)[:200]}); replace it with the official file") from None
+    # a damaged pickle raises many types (EOFError, KeyError, IndexError, ...): all mean "not valid"
+    except Exception as exc:
+        raise UserError(
+            f"{path} is not a valid CIFAR batch file ({type(exc).__name__}: {str(exc)[:200]}); replace it with the "
+            "official file"
+        ) from None
     if not isinstance(obj, dict):
-        raise UserError(f"{path} is not a valid CIFAR batch file (it holds a {type(obj).__name__}, not a dict); replace it with the official file")
+        raise UserError(
+            f"{path} is not a valid CIFAR batch file (it holds a {type(obj).__name__}, not a dict); replace it with "
+            "the official file"
+        )
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
@@ -50,7 +57,10 @@ def _class_names(meta: Path, key: str, n: int) -> list:
         return [str(i) for i in range(n)]
     names = _read_pickle(meta).get(key)
     if not isinstance(names, (list, tuple)) or len(names) != n:
-        raise UserError(f"{meta} lacks a list of {n} '{key}' of the official CIFAR format; replace it with the official file (or remove it)")
+        raise UserError(
+            f"{meta} lacks a list of {n} '{key}' of the official CIFAR format; replace it with the official file (or "
+            "remove it)"
+        )
     return [str(name) for name in names]
 
 
@@ -62,20 +72,31 @@ def _read_batches(files: list, label_key: str, num_classes: int) -> TensorSource
     for path in files:
         d = _read_pickle(path)
         if "data" not in d or label_key not in d:
-            raise UserError(f"{path} lacks the '{'data' if 'data' not in d else label_key}' entry of the official CIFAR format")
+            raise UserError(
+                f"{path} lacks the '{'data' if 'data' not in d else label_key}' entry of the official CIFAR format"
+            )
         try:
             data = np.asarray(d["data"], dtype=np.uint8)
             lbl = np.asarray(d[label_key], dtype=np.int64).reshape(-1)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise UserError(f"{path} holds data or labels that are not arrays of integers ({exc}); replace it with the official file") from None
+            raise UserError(
+                f"{path} holds data or labels that are not arrays of integers ({exc}); replace it with the official "
+                "file"
+            ) from None
         if data.size % _IMAGE_BYTES:
-            raise UserError(f"{path} holds {data.size} bytes of image data, not a multiple of 3x32x32 = {_IMAGE_BYTES}; replace it with the official file")
+            raise UserError(
+                f"{path} holds {data.size} bytes of image data, not a multiple of 3x32x32 = {_IMAGE_BYTES}; replace it "
+                "with the official file"
+            )
         data = data.reshape(-1, 3, 32, 32)
         if len(data) != len(lbl):
             raise UserError(f"{path} holds {len(data)} images but {len(lbl)} labels; replace it with the official file")
         if lbl.size and (lbl.min() < 0 or lbl.max() >= num_classes):
             bad = int(lbl.min()) if lbl.min() < 0 else int(lbl.max())
-            raise UserError(f"{path} holds label {bad}, but the dataset has {num_classes} classes (0..{num_classes - 1}); replace it with the official file")
+            raise UserError(
+                f"{path} holds label {bad}, but the dataset has {num_classes} classes (0..{num_classes - 1}); replace "
+                "it with the official file"
+            )
         images.append(data)
         labels.append(lbl)
     return TensorSource(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)))
@@ -89,7 +110,9 @@ def _require(folder: Path, names: list, cfg: DataConfig, dataset: str) -> None:
     if missing:
         raise UserError(
             f"{dataset} not found: {folder} lacks {', '.join(missing)}; put the official python-version files "
-            f"there (the extracted archive's folder '{folder.name}' goes inside data.root={cfg.root}) or set data.download=true")
+            f"there (the extracted archive's folder '{folder.name}' goes inside data.root={cfg.root}) or set "
+            "data.download=true"
+        )
 
 
 @register_dataset("cifar10")

@@ -21,7 +21,10 @@ def download_with_torchvision(dataset: str, root: str) -> None:
             for train in (True, False):
                 classes[dataset](root, train=train, download=True)
         except Exception as exc:  # network errors come in many types
-            error = f"downloading {dataset} into {root} failed ({type(exc).__name__}: {exc}); put the official files there by hand"
+            error = (
+                f"downloading {dataset} into {root} failed ({type(exc).__name__}: {exc}); "
+                "put the official files there by hand"
+            )
     dist.barrier()
     error = dist.broadcast_object(error)
     if error:

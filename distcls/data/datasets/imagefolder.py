@@ -23,7 +23,8 @@ import numpy as np
 from distcls.config import DataConfig
 from distcls.data import folder_index
 from distcls.data.file_source import FileSource, crop_policy
-from distcls.data.folder_index import EXTENSIONS, class_folders, image_files  # noqa: F401  (the walk's rules live there)
+# the walk's rules live there
+from distcls.data.folder_index import EXTENSIONS, class_folders, image_files  # noqa: F401
 from distcls.data.datasets.registry import register_dataset
 from distcls.data.sample_table import SampleTable
 from distcls.data.sources import RawDataset
@@ -40,8 +41,10 @@ def _check_classes(folder: Path, classes: list[str], labels: np.ndarray, skipped
     if empty:
         why = " usable" if skipped else ""
         more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise UserError(f"class folder {folder / empty[0]}{more} holds no{why} images ({', '.join(sorted(EXTENSIONS))}); "
-                        "add its images or remove the folder (a class without training images cannot be learned)")
+        raise UserError(
+            f"class folder {folder / empty[0]}{more} holds no{why} images ({', '.join(sorted(EXTENSIONS))}); "
+            "add its images or remove the folder (a class without training images cannot be learned)"
+        )
 
 
 def _check_no_new_classes(folder: Path, found: list[str], classes: list[str]) -> None:
@@ -57,13 +60,23 @@ def _usable(index: folder_index.FolderIndex, split: str, folder: Path, skip_bad:
     """The split's files less the bad ones (skip_bad), or the error naming a bad one."""
     table = index.source_pairs(split)
     if not len(table):
-        raise UserError(f"no images ({', '.join(sorted(EXTENSIONS))}) found under {folder}/<class>/; put each class's images in its own folder")
+        raise UserError(
+            f"no images ({', '.join(sorted(EXTENSIONS))}) found under {folder}/<class>/; put each class's images in "
+            "its own folder"
+        )
     bad = [f"{table.path(i)}: {why}" for i, why in index.bad.get(split, {}).items()]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        again = (f"; the index {index.read_from} says so: a file replaced in place under the same name is not seen, index again with "
-                 f"`python -m distcls.data.index {index.root} --rebuild`" if index.read_from else "")
-        raise UserError(f"image file {bad[0]}{more}; delete or replace it, or set data.skip_bad_images=true to leave such files out{again}")
+        again = (
+            f"; the index {index.read_from} says so: a file replaced in place under the same name is not seen, index "
+            f"again with `python -m distcls.data.index {index.root} --rebuild`"
+            if index.read_from
+            else ""
+        )
+        raise UserError(
+            f"image file {bad[0]}{more}; delete or replace it, or set data.skip_bad_images=true to leave such files "
+            f"out{again}"
+        )
     skipped.extend(bad)
     if bad:
         table = table.select([i for i in range(len(table)) if i not in index.bad[split]])
@@ -72,7 +85,8 @@ def _usable(index: folder_index.FolderIndex, split: str, folder: Path, skip_bad:
     return table
 
 
-SIZE_SAMPLE = 32  # training images whose size is read (their headers only) to see whether the training size upscales them
+# training images whose size is read (their headers only) to see whether the training size upscales them
+SIZE_SAMPLE = 32
 
 
 def _upscaling(samples: SampleTable, train_size: int) -> str:
@@ -91,9 +105,11 @@ def _upscaling(samples: SampleTable, train_size: int) -> str:
     median = float(np.median(sides))
     if train_size <= 2 * median:
         return ""
-    return (f"warning: the training size {train_size} px is {train_size / median:.1f}x the median shorter side ({median:.0f} px) of "
-            f"{len(sides)} sampled training images: they are upscaled (slower, no more detail); set data.image_size "
-            "(image folders default to 224)")
+    return (
+        f"warning: the training size {train_size} px is {train_size / median:.1f}x the median shorter side "
+        f"({median:.0f} px) of {len(sides)} sampled training images: they are upscaled (slower, no more detail); set "
+        "data.image_size (image folders default to 224)"
+    )
 
 
 @register_dataset("imagefolder")
@@ -101,11 +117,15 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     """Collective under a launcher (the file check is divided among the ranks: folder_index.py)."""
     root = Path(cfg.root)
     if not root.is_dir():
-        raise UserError(f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) or set data.root")
+        raise UserError(
+            f"imagefolder root {root} does not exist; put images in {root}/train/<class>/ (and optionally val/, test/) "
+            "or set data.root"
+        )
     size, channels, policy = crop_policy(cfg)
     train_size = policy.train_size
     notes = []
-    where = folder_index.location(root, cfg.index, None)  # data.index: set by the user, or by build_data for a training run
+    # data.index: set by the user, or by build_data for a training run
+    where = folder_index.location(root, cfg.index, None)
     index = folder_index.load_or_build(root, where, note=notes.append, save_to=where if cfg.index is not None else None)
     train_dir = root / index.train_dir
     classes = index.classes
@@ -129,13 +149,25 @@ def build_imagefolder(cfg: DataConfig) -> RawDataset:
     if test is None and val is not None:
         if cfg.carve_val:  # validation carved from train/ (make_splits), val/ the test split
             test, val = val, None
-            notes.append(f"image folder {root}: validation carved from train/ (data.val_fraction={cfg.val_fraction}), val/ is the test split "
-                         "(data.carve_val=true)")
+            notes.append(
+                f"image folder {root}: validation carved from train/ (data.val_fraction={cfg.val_fraction}), val/ is "
+                "the test split (data.carve_val=true)"
+            )
         else:  # torchvision's and timm's references: all of train/ trains, val/ validates every epoch and at the end
             test = val
-            notes.append(f"image folder {root}: all of train/ trains; val/ is the validation of every epoch and the final evaluation "
-                         "(data.carve_val=false)")
+            notes.append(
+                f"image folder {root}: all of train/ trains; val/ is the validation of every epoch and the final "
+                "evaluation (data.carve_val=false)"
+            )
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
     # The class names a person reads (console, plots, predict, JSON); the files keep their own names.
-    return RawDataset(train=train, test=test, val=val, class_names=[printable_name(c) for c in classes], mean=mean, std=std,
-                      skipped_files=tuple(skipped), notes=tuple(notes))
+    return RawDataset(
+        train=train,
+        test=test,
+        val=val,
+        class_names=[printable_name(c) for c in classes],
+        mean=mean,
+        std=std,
+        skipped_files=tuple(skipped),
+        notes=tuple(notes),
+    )

@@ -30,12 +30,20 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a cut .gz raises EOFError
-        raise UserError(f"{path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt: replace it with the official file") from None
+        raise UserError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc}); it is truncated or corrupt: replace it with the "
+            "official file"
+        ) from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes (bad magic number); replace it with the official file")
+        raise UserError(
+            f"{path} is not an IDX file of unsigned bytes (bad magic number); replace it with the official file"
+        )
     ndim = raw[3]
     if len(raw) < 4 + 4 * ndim:
-        raise UserError(f"{path} is truncated: its header announces {ndim} dimensions but the file ends after {len(raw)} bytes; replace it with the official file")
+        raise UserError(
+            f"{path} is truncated: its header announces {ndim} dimensions but the file ends after {len(raw)} bytes; "
+            "replace it with the official file"
+        )
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -57,16 +65,27 @@ def _build(cfg: DataConfig, dataset: str, folder: str, classes, mean, std) -> Ra
         download_with_torchvision(dataset, cfg.root)
     missing = [n for n in names if _find(raw_dir, n) is None]
     if missing:
-        raise UserError(f"{dataset} not found: {raw_dir} lacks {', '.join(missing)} (or .gz); put the official IDX files there or set data.download=true")
+        raise UserError(
+            f"{dataset} not found: {raw_dir} lacks {', '.join(missing)} (or .gz); put the official IDX files there or "
+            "set data.download=true"
+        )
     splits = {}
     for split, (img_name, lbl_name) in _FILES.items():
         images = read_idx(_find(raw_dir, img_name))
         labels = read_idx(_find(raw_dir, lbl_name))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UserError(f"{raw_dir}: {img_name} holds {images.shape} but {lbl_name} holds {labels.shape}; they must be N images and N labels")
+            raise UserError(
+                f"{raw_dir}: {img_name} holds {images.shape} but {lbl_name} holds {labels.shape}; they must be N "
+                "images and N labels"
+            )
         if labels.size and labels.max() >= len(classes):
-            raise UserError(f"{_find(raw_dir, lbl_name)} holds label {int(labels.max())}, but {dataset} has {len(classes)} classes (0..{len(classes) - 1}); replace it with the official file")
-        splits[split] = TensorSource(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+            raise UserError(
+                f"{_find(raw_dir, lbl_name)} holds label {int(labels.max())}, but {dataset} has {len(classes)} classes "
+                f"(0..{len(classes) - 1}); replace it with the official file"
+            )
+        splits[split] = TensorSource(
+            torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
+        )
     return RawDataset(train=splits["train"], test=splits["test"], class_names=classes, mean=mean, std=std)
 
 

@@ -43,13 +43,18 @@ def expand(pattern: str, key: str) -> list[str]:
     try:
         urls = [u for part in pattern.split("::") for u in braceexpand(part.strip()) if u]
     except Exception as exc:  # noqa: BLE001  (an unbalanced brace and the like)
-        raise ConfigError(f"data.{key}={pattern!r} is not a brace pattern ({why(exc)}); e.g. /data/in1k/train-{{000000..001281}}.tar") from None
+        raise ConfigError(
+            f"data.{key}={pattern!r} is not a brace pattern ({why(exc)}); e.g. /data/in1k/train-{{000000..001281}}.tar"
+        ) from None
     if not urls:
         raise ConfigError(f"data.{key}={pattern!r} names no shard; e.g. /data/in1k/train-{{000000..001281}}.tar")
     missing = [u for u in urls if not is_remote(u) and not Path(local_path(u)).is_file()]
     if missing:
         more = f" (and {len(missing) - 1} more of {len(urls)})" if len(missing) > 1 else ""
-        raise UserError(f"data.{key}: shard {missing[0]} does not exist{more}; check the pattern (its braces give {urls[0]} .. {urls[-1]})")
+        raise UserError(
+            f"data.{key}: shard {missing[0]} does not exist{more}; check the pattern (its braces give {urls[0]} .. "
+            f"{urls[-1]})"
+        )
     return urls
 
 
@@ -64,12 +69,16 @@ def read_description(location: str) -> dict:
     try:
         data = read_bytes(location)
     except Exception as exc:  # noqa: BLE001  (an HTTP error other than 403/404, a permission error)
-        raise UserError(f"cannot read {location} ({why(exc)}); make it readable, or remove it to count the shards instead") from None
+        raise UserError(
+            f"cannot read {location} ({why(exc)}); make it readable, or remove it to count the shards instead"
+        ) from None
     if data is None:
         return {}
     try:
         desc = json.loads(data)
-        counts = {(str(k) if "/" in str(k) else beside(location, str(k))): int(v) for k, v in desc.get("counts", {}).items()}
+        counts = {
+            (str(k) if "/" in str(k) else beside(location, str(k))): int(v) for k, v in desc.get("counts", {}).items()
+        }
         names = desc.get("class_names")
         if names is not None and (not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names)):
             raise ValueError("class_names must be a list of names")
@@ -77,7 +86,10 @@ def read_description(location: str) -> dict:
             raise ValueError("a shard's count is negative")
         return {"class_names": [str(n) for n in names] if names is not None else None, "counts": counts}
     except (ValueError, TypeError, AttributeError) as exc:
-        raise UserError(f"{location} is not a shards description ({why(exc)}); remove it, or write it again with python -m distcls.shard") from None
+        raise UserError(
+            f"{location} is not a shards description ({why(exc)}); remove it, or write it again with python -m "
+            "distcls.shard"
+        ) from None
 
 
 def _count_share(urls: list, rank: int, world: int) -> dict:
@@ -116,11 +128,16 @@ def count(urls: list) -> dict:
 def build_webdataset(cfg: DataConfig) -> RawDataset:
     """Collective under a launcher when shards must be counted (each rank reads its share)."""
     if cfg.train_shards is None or cfg.val_shards is None:
-        raise ConfigError("data.name=webdataset needs data.train_shards and data.val_shards (brace patterns of tar shards, e.g. "
-                          "data.train_shards=/data/in1k/train-{000000..001281}.tar); write them from an image folder with "
-                          "python -m distcls.shard ROOT OUT")
+        raise ConfigError(
+            "data.name=webdataset needs data.train_shards and data.val_shards (brace patterns of tar shards, e.g. "
+            "data.train_shards=/data/in1k/train-{000000..001281}.tar); write them from an image folder with "
+            "python -m distcls.shard ROOT OUT"
+        )
     if cfg.split is not None:
-        raise ConfigError("data.name=webdataset keeps its shards' splits; remove data.split (data.val_shards / test_shards name the others)")
+        raise ConfigError(
+            "data.name=webdataset keeps its shards' splits; remove data.split (data.val_shards / test_shards name the "
+            "others)"
+        )
     patterns = {split: getattr(cfg, key) for split, key in SPLIT_KEYS if getattr(cfg, key) is not None}
     urls = {split: expand(pattern, f"{split}_shards") for split, pattern in patterns.items()}
     counts, names, named_by, notes = {}, None, None, []
@@ -129,8 +146,10 @@ def build_webdataset(cfg: DataConfig) -> RawDataset:
         counts.update(desc.get("counts", {}))
         found_names = desc.get("class_names")
         if found_names is not None and names is not None and found_names != names:
-            raise UserError(f"{location} and {named_by} name different classes ({len(found_names)} vs {len(names)}, or another order); "
-                            "the shards of one dataset need one list of class names")
+            raise UserError(
+                f"{location} and {named_by} name different classes ({len(found_names)} vs {len(names)}, or another "
+                "order); the shards of one dataset need one list of class names"
+            )
         if found_names is not None and names is None:
             names, named_by = found_names, location
     kept = Path(cfg.index) if cfg.index else None  # the run's own counts, from an earlier start
@@ -159,10 +178,15 @@ def build_webdataset(cfg: DataConfig) -> RawDataset:
         shards = ShardSet(tuple(split_urls), tuple(counts[u] for u in split_urls))
         if shards.total == 0:
             raise UserError(f"the {split} shards ({patterns[split]}) hold no samples")
-        sources[split] = ShardSource(shards, len(names), size, channels, policy, cfg.skip_bad_images, cfg.shard_streams, cfg.shuffle_window)
-    notes.append(f"webdataset: train {sources['train'].shards.total:,} samples in {len(urls['train'])} shards, val "
-                 f"{sources['val'].shards.total:,}" + (f", test {sources['test'].shards.total:,}" if "test" in sources else " (also the test split)")
-                 + f"; {cfg.shard_streams} streams")
+        sources[split] = ShardSource(
+            shards, len(names), size, channels, policy, cfg.skip_bad_images, cfg.shard_streams, cfg.shuffle_window
+        )
+    notes.append(
+        f"webdataset: train {sources['train'].shards.total:,} samples in {len(urls['train'])} shards, val "
+        f"{sources['val'].shards.total:,}"
+        + (f", test {sources['test'].shards.total:,}" if "test" in sources else " (also the test split)")
+        + f"; {cfg.shard_streams} streams"
+    )
     mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if channels == 3 else ((0.449,), (0.226,))
     return RawDataset(train=sources["train"], val=sources["val"], test=sources.get("test", sources["val"]),
                       class_names=[printable_name(n) for n in names], mean=mean, std=std, notes=tuple(notes))

@@ -48,7 +48,9 @@ class Draws:
     erase: Optional[torch.Tensor] = None
 
     @classmethod
-    def hashed(cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor, size: int = 0, with_flip: bool = True) -> "Draws":
+    def hashed(
+        cls, aug: AugmentConfig, seed: int, epoch: int, keys: torch.Tensor, size: int = 0, with_flip: bool = True
+    ) -> "Draws":
         """On the host (numpy hash), only the streams `aug` uses; `size`: the (square) image size
         the policy and erasing see; `with_flip` False: the flip is another stage's (an image folder's workers)."""
         crop_y = crop_x = flip = angle = ops = mags = erase = None
@@ -98,7 +100,8 @@ class Preprocess:
     mix: Optional[Mix] = None  # Mixup/CutMix of training batches (train_batch), after normalization and erasing
     train_size: Optional[int] = None  # training image size (FixRes; None: image_size)
     interpolation: str = "bilinear"  # of the resize to the target size (antialiased)
-    flip_on_device: bool = True  # False: data.augment.hflip is done per sample in the workers (file sources' CropPolicy)
+    # False: data.augment.hflip is done per sample in the workers (file sources' CropPolicy)
+    flip_on_device: bool = True
     # Per device: normalization constants, and the current epoch's draws. Not part of the value.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -131,14 +134,25 @@ class Preprocess:
         # Pixels stay on the 0..255 scale until the end: normalization folds in the /255, so a
         # batch costs few passes over memory (this runs in the training process, per batch).
         size = self.train_image_size if train else self.image_size
-        fits = out is not None and out.shape == images.shape and out.dtype == torch.float32 and out.device == images.device \
-            and images.shape[1] == self.channels and tuple(images.shape[-2:]) == (size, size)
-        x = out.copy_(images) if fits else self.match_channels(images.to(torch.float32, copy=True))  # the batch's own copy
+        fits = (
+            out is not None
+            and out.shape == images.shape
+            and out.dtype == torch.float32
+            and out.device == images.device
+            and images.shape[1] == self.channels
+            and tuple(images.shape[-2:]) == (size, size)
+        )
+        # the batch's own copy
+        x = out.copy_(images) if fits else self.match_channels(images.to(torch.float32, copy=True))
         x = pixels.resize_square(x, size, self.interpolation)
         draws = self.draws(keys, epoch, x.device) if train else None
         if train:
             # still uint8 values (not resized, not turned gray): the policy need not round them first
-            on_grid = images.dtype == torch.uint8 and tuple(images.shape[-2:]) == (size, size) and images.shape[1] in (1, self.channels)
+            on_grid = (
+                images.dtype == torch.uint8
+                and tuple(images.shape[-2:]) == (size, size)
+                and images.shape[1] in (1, self.channels)
+            )
             x = self._augment(x, draws, on_grid)
         mean, std = self._constant("norm", x, lambda dt: (torch.tensor(self.mean, dtype=dt).view(1, -1, 1, 1) * 255.0,
                                                           torch.tensor(self.std, dtype=dt).view(1, -1, 1, 1) * 255.0))
@@ -150,7 +164,9 @@ class Preprocess:
     def draws(self, keys: torch.Tensor, epoch: int, device: torch.device) -> Draws:
         """The augmentation draws of `keys` (on the host or on `device`) for `epoch`, on `device`."""
         if self.num_keys is None:
-            return Draws.hashed(self.augment, self.seed, epoch, keys, self.train_image_size, self.flip_on_device).to(device)
+            return Draws.hashed(self.augment, self.seed, epoch, keys, self.train_image_size, self.flip_on_device).to(
+                device
+            )
         return self.epoch_table(epoch, device).index(keys.to(device, non_blocking=True))
 
     def epoch_table(self, epoch: int, device: torch.device) -> Draws:
@@ -175,7 +191,11 @@ class Preprocess:
     def match_channels(self, x: torch.Tensor) -> torch.Tensor:
         """A float batch with the target channels (pixels.match_channels, its weights kept on the device)."""
         gray = x.shape[1] == 3 and self.channels == 1
-        w = self._constant("gray", x, lambda dt: torch.tensor(pixels.GRAY_WEIGHTS, dtype=dt).view(3, 1, 1)) if gray else None
+        w = (
+            self._constant("gray", x, lambda dt: torch.tensor(pixels.GRAY_WEIGHTS, dtype=dt).view(3, 1, 1))
+            if gray
+            else None
+        )
         x = pixels.match_channels(x, self.channels, w)
         if x.shape[1] != self.channels:
             raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")

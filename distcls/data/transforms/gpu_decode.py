@@ -20,7 +20,8 @@ from distcls.errors import first_line
 
 
 def read_item(source, index: int, train: bool, seed: int, epoch: int):
-    """Worker side: ("jpeg", bytes, label, index, path), or a CPU-decoded ("image", tensor, ...)/("bad", message, ...)."""
+    """Worker side: ("jpeg", bytes, label, index, path), or a CPU-decoded ("image", tensor, ...)/("bad", message,
+    ...)."""
     path, label = source.samples[index]
     try:
         with open(path, "rb") as f:

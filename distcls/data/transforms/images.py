@@ -32,7 +32,9 @@ from distcls.data.transforms.pixels import match_channels, resize_square
 from distcls.errors import first_line
 
 # torchvision 0.29 points to torchcodec on every decode; its decoders still work and are what we measured.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 if True:  # noqa: E402  (imports after the filter)
     from torchvision.io import ImageReadMode
     from torchvision.io import decode_image as _tv_decode
@@ -180,7 +182,9 @@ def check_pixels(data: bytes, path) -> None:
 
 
 def _refuse_pixels(path, pixels, size=None):
-    what = f"{size[0]} x {size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels" if pixels else "too many pixels"
+    what = (
+        f"{size[0]} x {size[1]} = {pixels:,} pixels" if size else f"{pixels:,} pixels" if pixels else "too many pixels"
+    )
     raise BadImage(f"image {path} has {what}, more than distcls decodes ({MAX_PIXELS:,}, Pillow's decompression-bomb "
                    "limit); downscale it")
 
@@ -231,7 +235,11 @@ def decode_image(data: bytes, path, channels: int = 3) -> torch.Tensor:
     except BadImage:
         raise
     except Exception as exc:  # decoders raise RuntimeError, OSError, ValueError, ...
-        first = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "its bytes", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+        first = re.sub(
+            r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>",
+            "its bytes",
+            (str(exc).strip().splitlines() or [type(exc).__name__])[0],
+        )
         raise BadImage(f"image {path} cannot be decoded ({first[:200]})") from None
     if t.shape[0] != channels or t.shape[1] < 1 or t.shape[2] < 1:
         raise BadImage(f"image {path} decodes to an unusable shape {tuple(t.shape)}")

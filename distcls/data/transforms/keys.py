@@ -27,8 +27,16 @@ class Stream(IntEnum):
     MIX = 400  # Mixup / CutMix: 5 draws
 
 
-BLOCKS = {Stream.CROP_Y: 1, Stream.CROP_X: 1, Stream.FLIP: 1, Stream.ROTATION: 1, Stream.RESIZED_CROP: 40, Stream.POLICY: 100,
-          Stream.ERASE: 50, Stream.MIX: 10}
+BLOCKS = {
+    Stream.CROP_Y: 1,
+    Stream.CROP_X: 1,
+    Stream.FLIP: 1,
+    Stream.ROTATION: 1,
+    Stream.RESIZED_CROP: 40,
+    Stream.POLICY: 100,
+    Stream.ERASE: 50,
+    Stream.MIX: 10,
+}
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:

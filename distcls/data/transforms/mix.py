@@ -104,7 +104,9 @@ class Mix:
         y1, y2, x1, x2, kept = cutmix_box(lam_cut, u[3], u[4], self.image_size, self.image_size)
         lam = np.where(mixed, np.where(cut, kept, lam_mix), 1.0)
         box = np.where((mixed & cut)[:, None], np.stack([y1, y2, x1, x2], 1), 0)
-        return MixTable(torch.from_numpy(mixed), torch.from_numpy(lam.astype(np.float64)), torch.from_numpy(box.astype(np.int64)))
+        return MixTable(
+            torch.from_numpy(mixed), torch.from_numpy(lam.astype(np.float64)), torch.from_numpy(box.astype(np.int64))
+        )
 
     def table(self, epoch: int, device) -> MixTable:
         slot = ("mix", device)
@@ -125,7 +127,9 @@ class Mix:
         row and its partner's, and written into x after every row was read."""
         weights = lam.to(x.dtype)  # as _lerp's
         updates = []  # (row, its region, the new values)
-        for r, (p, lam_r, cut_r, (y1, y2, x1, x2)) in enumerate(zip(partner.tolist(), lam.tolist(), cut.tolist(), box.tolist())):
+        for r, (p, lam_r, cut_r, (y1, y2, x1, x2)) in enumerate(
+            zip(partner.tolist(), lam.tolist(), cut.tolist(), box.tolist())
+        ):
             if cut_r:
                 updates.append((r, (slice(None), slice(y1, y2), slice(x1, x2)), x[p, :, y1:y2, x1:x2].clone()))
             elif lam_r < 1:
@@ -167,7 +171,9 @@ def _paste(x, other, box):
     h, w = x.shape[-2:]
     y1, y2, x1, x2 = box.unbind(1)
     rr, cc = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
-    in_box = ((rr >= y1[:, None]) & (rr < y2[:, None]))[:, :, None] & ((cc >= x1[:, None]) & (cc < x2[:, None]))[:, None, :]
+    in_box = ((rr >= y1[:, None]) & (rr < y2[:, None]))[:, :, None] & ((cc >= x1[:, None]) & (cc < x2[:, None]))[
+        :, None, :
+    ]
     return torch.where(in_box.unsqueeze(1), other, x)
 
 

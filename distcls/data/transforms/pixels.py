@@ -29,7 +29,11 @@ def match_channels(t: torch.Tensor, channels: int, gray_weights: Optional[torch.
         return t.expand(*t.shape[:-3], 3, -1, -1).contiguous()
     if c == 3 and channels == 1:
         if t.is_floating_point():
-            w = gray_weights if gray_weights is not None else torch.tensor(GRAY_WEIGHTS, dtype=t.dtype, device=t.device).view(3, 1, 1)
+            w = (
+                gray_weights
+                if gray_weights is not None
+                else torch.tensor(GRAY_WEIGHTS, dtype=t.dtype, device=t.device).view(3, 1, 1)
+            )
             return (t * w).sum(dim=-3, keepdim=True)
         w = torch.tensor(GRAY_WEIGHTS, dtype=torch.float64, device=t.device).view(3, 1, 1)
         return (t.double() * w).sum(-3, keepdim=True).round_().to(torch.uint8)

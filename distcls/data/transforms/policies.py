@@ -138,7 +138,9 @@ class PolicySpec:
         table, signed = _magnitude_table(AUTO_AUGMENT, names, 10, self.height, self.width)
         sub_ops = np.array([[OP_ID[op] for op, _, _ in sub] for sub in IMAGENET_POLICY])
         sub_prob = np.array([[p for _, p, _ in sub] for sub in IMAGENET_POLICY])
-        sub_mag = np.array([[0.0 if m is None else table[names.index(op), m] for op, _, m in sub] for sub in IMAGENET_POLICY])
+        sub_mag = np.array(
+            [[0.0 if m is None else table[names.index(op), m] for op, _, m in sub] for sub in IMAGENET_POLICY]
+        )
         sub_signed = np.array([[bool(signed[names.index(op)]) for op, _, _ in sub] for sub in IMAGENET_POLICY])
         u_sub = uniform(POLICY_STREAM)
         sub = np.minimum((u_sub * len(IMAGENET_POLICY)).astype(np.int64), len(IMAGENET_POLICY) - 1)
@@ -165,7 +167,9 @@ def _magnitude_table(space: Space, names: list, num_bins: int, height: int, widt
     return table, signed
 
 
-def erase_boxes(uniform: Callable[[int], np.ndarray], prob: float, scale, ratio, height: int, width: int) -> torch.Tensor:
+def erase_boxes(
+    uniform: Callable[[int], np.ndarray], prob: float, scale, ratio, height: int, width: int
+) -> torch.Tensor:
     """torchvision RandomErasing.make_params per key, vectorized: int64 [N, 4] (top, left, h, w);
     h = w = 0 where nothing is erased (the coin, or 10 tries without a fitting box).
     `uniform(stream, rows)`: the keyed uniforms of the keys at `rows` (None: every key); each try
@@ -296,7 +300,9 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     dtype, device = theta.dtype, theta.device
     base = torch.empty(1, height, width, 3, dtype=dtype, device=device)
     base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=device))
-    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device).unsqueeze_(-1))
+    base[..., 1].copy_(
+        torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device).unsqueeze_(-1)
+    )
     base[..., 2].fill_(1)
     scaled = theta.transpose(1, 2) / torch.tensor([0.5 * width, 0.5 * height], dtype=dtype, device=device)
     return base.view(1, height * width, 3).expand(theta.shape[0], -1, -1).bmm(scaled).view(-1, height, width, 2)
@@ -315,8 +321,11 @@ def _inverse_affine_of(op, mag, height: int, width: int) -> torch.Tensor:
         angle_deg=torch.where(op == OP_ID["Rotate"], -m, zero),  # F.rotate(angle) = affine's -angle
         translate_x=torch.where(op == OP_ID["TranslateX"], trunc, zero),
         translate_y=torch.where(op == OP_ID["TranslateY"], trunc, zero),
-        shear_x_deg=torch.where(is_sx, shear, zero), shear_y_deg=torch.where(is_sy, shear, zero),
-        center_x=torch.where(is_shear, zero - 0.5 * width, zero), center_y=torch.where(is_shear, zero - 0.5 * height, zero))
+        shear_x_deg=torch.where(is_sx, shear, zero),
+        shear_y_deg=torch.where(is_sy, shear, zero),
+        center_x=torch.where(is_shear, zero - 0.5 * width, zero),
+        center_y=torch.where(is_shear, zero - 0.5 * height, zero),
+    )
 
 
 def _warp(x, theta, interpolation):
@@ -365,8 +374,12 @@ def _blend(x, op, mag):
         is_blend &= op != OP_ID["Sharpness"]
     ratio = torch.where(is_blend, 1.0 + mag, torch.ones_like(mag)).to(x.dtype).view(-1, 1, 1, 1)
     gray = _gray_floor(x)
-    degenerate = torch.where((op == OP_ID["Color"]).view(-1, 1, 1, 1), gray, torch.zeros((), dtype=x.dtype, device=x.device))
-    degenerate = torch.where((op == OP_ID["Contrast"]).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), degenerate)
+    degenerate = torch.where(
+        (op == OP_ID["Color"]).view(-1, 1, 1, 1), gray, torch.zeros((), dtype=x.dtype, device=x.device)
+    )
+    degenerate = torch.where(
+        (op == OP_ID["Contrast"]).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), degenerate
+    )
     degenerate = torch.where((op == OP_ID["Sharpness"]).view(-1, 1, 1, 1), _sharpness_degenerate(x), degenerate)
     out = (x * ratio).add_(degenerate * (1.0 - ratio)).clamp_(0, 255).floor_()
     return torch.where(is_blend.view(-1, 1, 1, 1), out, x)
@@ -378,7 +391,9 @@ def _posterize_solarize(x, op, mag):
     step = torch.pow(2.0, 8.0 - bits).to(x.dtype).view(-1, 1, 1, 1)
     x = torch.floor(x / step) * step
     # x holds integers: x >= t (float64, as torchvision's bound * magnitude) iff x >= ceil(t), exact in float32
-    threshold = torch.where(op == OP_ID["Solarize"], torch.ceil(255.0 * mag.to(torch.float64)), torch.full_like(mag, 256.0))
+    threshold = torch.where(
+        op == OP_ID["Solarize"], torch.ceil(255.0 * mag.to(torch.float64)), torch.full_like(mag, 256.0)
+    )
     threshold = torch.where(op == OP_ID["Invert"], torch.zeros_like(mag), threshold).to(x.dtype).view(-1, 1, 1, 1)
     return torch.where(x >= threshold, 255.0 - x, x)
 

@@ -439,3 +439,37 @@ def test_the_sample_grid_shows_every_class_and_the_curves_the_ema_with_words(tmp
         and "test, model EMA 0.4000" in legend
     )
     assert title == "my_run"
+
+
+def test_every_evaluation_target_reaches_the_epoch_line_the_final_table_and_the_curves(tmp_path, monkeypatch):
+    """The runner evaluates a list of targets (run.components.EvalTarget); the console, the final table and the plots
+    read any target's <prefix>loss/<prefix>acc, not only the model EMA's: a new one (here "swa_") needs none there."""
+    from distcls.tracking import plots
+    from distcls.tracking.console import epoch_line, summary_rows
+
+    train = {"loss": 1.0, "acc": 0.5, "images_per_sec": 100.0, "lr": 0.1}
+    val = {"loss": 0.9, "acc": 0.6, "ema_updates": 3, "ema_loss": 1.1, "ema_acc": 0.4, "swa_loss": 0.8, "swa_acc": 0.7}
+    line = epoch_line(1, 2, train, val, 1.0, 0.7, is_best=True)
+    assert ", ema loss 1.1000 acc 0.4000, swa loss 0.8000 acc 0.7000 (best 0.7000, new best)" in line
+    waiting = epoch_line(1, 2, train, {"loss": 0.9, "acc": 0.6, "ema_updates": 0, "swa_updates": 0}, 1.0, None)
+    assert ", ema not updated yet (train.ema.every_steps), swa not updated yet |" in waiting
+    summary = {"test_acc": 0.6, "test_count": 10, "best_val_acc": 0.7, "best_metric": "val_swa_acc",
+               "ema_test_acc": 0.4, "swa_test_acc": 0.75, "per_class_test_acc": {"0": 1.0}, "epochs_completed": 2,
+               "global_step": 8, "wall_time_s": 1.0, "train_images_per_sec": 100.0, "world_size": 1,
+               "global_batch_size": 4}
+    rows = summary_rows(summary, tmp_path, {})
+    assert ("best val accuracy (SWA)", "0.7000") in rows
+    assert [r for r in rows if r[0].endswith("test accuracy")] == [
+        ("test accuracy", "0.6000 (10 images)"), ("EMA test accuracy", "0.4000"), ("SWA test accuracy", "0.7500")]
+    legends = {}
+
+    def keep(fig, path, dpi=100):
+        legends[Path(path).name] = [t.get_text() for ax in fig.axes[:1] for t in ax.get_legend().get_texts()]
+        return Path(path)
+    monkeypatch.setattr(plots, "_save", keep)
+    records = [{"epoch": 1, "step": 8, "split": "train", "loss": 1.0, "acc": 0.5, "lr": 0.1},
+               {"epoch": 1, "step": 8, "split": "val", "lr": 0.1, **val},
+               {"epoch": 1, "step": 8, "split": "test", "lr": 0.1, **val}]
+    plots.plot_curves(records, tmp_path / "curves.png")
+    assert legends["curves.png"] == ["training, epoch mean", "validation", "validation, model EMA", "validation, SWA",
+                                     "test 0.9000", "test, model EMA 1.1000", "test, SWA 0.8000"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import random
+import re
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -25,6 +26,7 @@ from distcls.data import Data, build_data, eval_loader, train_loader
 from distcls.data.loader import BatchLoader
 from distcls.runtime import provenance as runtime_provenance
 from distcls.runtime.dist import DistEnv
+from distcls.tracking.metrics import TARGET_PREFIX
 from distcls.errors import ConfigError
 from distcls.engine import (
     EMAHook,
@@ -96,12 +98,17 @@ class EvalTarget:
     """One module each evaluation evaluates (val every epoch, test at the end). Its numbers go into
     the records and summary.json under `prefix` ("": the trained weights, test_acc; "ema_": the model
     EMA, ema_test_acc), and checkpoint.best_metric=val_<prefix>acc makes best.pt follow it. A new
-    optional copy of the weights (another EMA, SWA) is one more target here: the runner loops."""
+    optional copy of the weights (another EMA, SWA) is one more target here: the runner loops, and
+    tracking shows every target it finds in the records (docs/design.md, "Adding an optional component")."""
     prefix: str
     module: nn.Module
     # False while it holds nothing to evaluate (an EMA before its first update)
     ready: Callable[[], bool] = lambda: True
     fields: Callable[[], dict] = dict  # what every record of it carries besides loss and acc (the EMA's update count)
+
+    def __post_init__(self):
+        # the console, the plots and the final table find a target's numbers by this form (tracking/metrics.py)
+        assert self.prefix == "" or re.fullmatch(TARGET_PREFIX, self.prefix), f"not a target prefix: {self.prefix!r}"
 
 
 @dataclass

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from distcls.tracking.metrics import other_targets, target_name
+
 
 def epoch_line(epoch: int, epochs: int, train: dict, val: Optional[dict], seconds: float, best: Optional[float],
                is_best: bool = False) -> str:
@@ -24,10 +26,12 @@ def epoch_line(epoch: int, epochs: int, train: dict, val: Optional[dict], second
     text = f"epoch {epoch}/{epochs} train loss {train['loss']:.4f} acc {train['acc']:.4f}"
     if val is not None:
         text += f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}"
-        if "ema_acc" in val:
-            text += f", ema loss {val['ema_loss']:.4f} acc {val['ema_acc']:.4f}"
-        elif val.get("ema_updates") == 0:
-            text += ", ema not updated yet (train.ema.every_steps)"
+        for prefix in other_targets(val):  # e.g. the model EMA: ", ema loss 0.31 acc 0.905"
+            name = prefix.rstrip("_")
+            if f"{prefix}acc" in val:
+                text += f", {name} loss {val[f'{prefix}loss']:.4f} acc {val[f'{prefix}acc']:.4f}"
+            elif val.get(f"{prefix}updates") == 0:
+                text += f", {name} not updated yet" + (" (train.ema.every_steps)" if name.startswith("ema") else "")
         if best is not None:
             text += f" (best {best:.4f}{', new best' if is_best else ''})"
     return text + f" | {seconds:.1f} s, {train['images_per_sec']:.0f} img/s, lr {train['lr']:.3g}"
@@ -37,13 +41,17 @@ def summary_rows(summary: dict, out_dir, plots: dict) -> list:
     """The final table's rows from summary.json's fields."""
     def num(v, fmt):
         return "n/a" if v is None else format(v, fmt)
+
+    # best.pt follows val_<prefix>acc: "" the weights, "ema_" the model EMA
+    followed = str(summary.get("best_metric") or "val_acc").removeprefix("val_").removesuffix("acc")
+    best_val = num(summary.get("best_val_acc"), ".4f")
     rows = [
         ("test accuracy", f"{summary['test_acc']:.4f} ({summary['test_count']} images)"),
-        (
-            "best val accuracy" + (" (EMA)" if summary.get("best_metric") == "val_ema_acc" else ""),
-            num(summary.get("best_val_acc"), ".4f"),
-        ),
-        *([("EMA test accuracy", num(summary["ema_test_acc"], ".4f"))] if "ema_test_acc" in summary else []),
+        ("best val accuracy" + (f" ({target_name(followed)})" if followed else ""), best_val),
+        *[
+            (f"{target_name(prefix)} test accuracy", num(summary[f"{prefix}test_acc"], ".4f"))
+            for prefix in other_targets(summary, summary=True)
+        ],
         ("epochs / steps", f"{summary['epochs_completed']} / {summary['global_step']}"),
         ("wall time", f"{summary['wall_time_s']:.1f} s"),
         (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -16,6 +17,24 @@ from distcls.runtime.atomic_files import atomic_write_text
 from distcls.tracking.json_out import dumps
 
 REQUIRED = ("epoch", "step", "split", "loss", "acc", "lr", "images_per_sec", "time")
+
+# The other evaluation targets' numbers (run.components.EvalTarget: the model EMA, ...): a val/test
+# record carries <prefix>loss, <prefix>acc and the target's own fields (<prefix>updates: 0 while
+# it has nothing to evaluate); summary.json <prefix>test_acc. A prefix is one lowercase word and "_".
+TARGET_PREFIX = r"[a-z][a-z0-9]*_"
+_RECORD_KEY = re.compile(rf"({TARGET_PREFIX})(?:acc|updates)")
+_SUMMARY_KEY = re.compile(rf"({TARGET_PREFIX})test_acc")
+
+
+def other_targets(record: dict, summary: bool = False) -> list[str]:
+    """The prefixes of the other evaluation targets in a val/test record (or summary.json), in its order."""
+    pattern = _SUMMARY_KEY if summary else _RECORD_KEY
+    return list(dict.fromkeys(m.group(1) for key in record if (m := pattern.fullmatch(key))))
+
+
+def target_name(prefix: str) -> str:
+    """A target's name in tables and legends: "EMA" for "ema_"."""
+    return prefix.rstrip("_").upper()
 
 
 def metric_record(split: str, epoch: int, step: int, loss: float, acc: float, lr: float, images_per_sec: float = 0.0,

@@ -16,12 +16,14 @@ import io
 import math
 import os
 from dataclasses import dataclass
+from itertools import cycle
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
 from distcls.spec import class_labels
+from distcls.tracking.metrics import other_targets, target_name
 from distcls.runtime.atomic_files import atomic_write_bytes
 
 CURVES, LR, CONFUSION, PER_CLASS, SAMPLES = "curves", "lr", "confusion", "per_class", "samples"
@@ -74,6 +76,13 @@ def _every(records: list) -> str:
     return f"every {gaps.most_common(1)[0][0]} steps" if gaps else "logged steps"
 
 
+_TARGET_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _target_label(prefix: str) -> str:
+    return "model EMA" if prefix == "ema_" else target_name(prefix)
+
+
 def plot_curves(records: list, path, run: str = "") -> Path:
     plt = _pyplot()
     spe = steps_per_epoch(records)
@@ -81,6 +90,8 @@ def plot_curves(records: list, path, run: str = "") -> Path:
     train_ep = [r for r in records if r.get("split") == "train" and "epoch_step" not in r]
     val = [r for r in records if r.get("split") == "val"]
     test = [r for r in records if r.get("split") == "test"]
+    # (prefix, colour) of each other evaluation target
+    targets = list(zip(dict.fromkeys(p for r in val + test[-1:] for p in other_targets(r)), cycle(_TARGET_COLORS)))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         if train_int:
@@ -99,23 +110,20 @@ def plot_curves(records: list, path, run: str = "") -> Path:
             ax.plot(
                 [r["epoch"] for r in val], [r[key] for r in val], "s-", color="tab:orange", ms=4, label="validation"
             )
-        ema = [r for r in val if f"ema_{key}" in r]
-        if ema:  # the model EMA's numbers beside the weights' (train.ema.enabled)
-            ax.plot(
-                [r["epoch"] for r in ema],
-                [r[f"ema_{key}"] for r in ema],
-                "s--",
-                color="tab:red",
-                ms=4,
-                label="validation, model EMA",
-            )
+        # the other evaluation targets' numbers beside the weights' (the model EMA: train.ema.enabled)
+        for prefix, color in targets:
+            ours = [r for r in val if f"{prefix}{key}" in r]
+            if ours:
+                ax.plot([r["epoch"] for r in ours], [r[f"{prefix}{key}"] for r in ours], "s--", color=color, ms=4,
+                        label=f"validation, {_target_label(prefix)}")
         if test:
             ax.plot(
                 [test[-1]["epoch"]], [test[-1][key]], "*", color="tab:green", ms=12, label=f"test {test[-1][key]:.4f}"
             )
-            if f"ema_{key}" in test[-1]:
-                ax.plot([test[-1]["epoch"]], [test[-1][f"ema_{key}"]], "*", color="tab:red", ms=12,
-                        label=f"test, model EMA {test[-1][f'ema_{key}']:.4f}")
+            for prefix, color in targets:
+                if f"{prefix}{key}" in test[-1]:
+                    ax.plot([test[-1]["epoch"]], [test[-1][f"{prefix}{key}"]], "*", color=color, ms=12,
+                            label=f"test, {_target_label(prefix)} {test[-1][f'{prefix}{key}']:.4f}")
         # null: no sample
         values = [float(v) for line in ax.lines for v in line.get_ydata() if v is not None and math.isfinite(v)]
         if key == "loss" and values and min(values) > 0 and max(values) / min(values) > 30:

@@ -166,7 +166,13 @@ class Checkpointer:
                 failure = exc
         # The wait for rank 0 is also how every rank learns that its write failed: all stop together.
         if dist.any_rank(failure is not None, self.progress.device):
-            raise failure or CheckpointWriteFailed(
-                "rank 0 could not save the checkpoint (its error line names the file and the disk)"
-            )
+            try:
+                raise failure or CheckpointWriteFailed(
+                    "rank 0 could not save the checkpoint (its error line names the file and the disk)"
+                )
+            finally:
+                # The exception's traceback holds this frame: kept in `failure`, the two made a cycle that kept the
+                # run (its DDP model, so the process group) alive past destroy_process_group, until the interpreter's
+                # shutdown, where gloo's threads aborted the process at times (SIGABRT instead of exit 5).
+                failure = None
         return written

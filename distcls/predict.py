@@ -3,15 +3,13 @@
 A directory means every image file in it (extensions as for imagefolder data), recursively, in
 sorted order; other files in a directory are ignored, and so are directories named like images and
 names starting with "." (hidden files, macOS `._` files): the rule of image-folder data too. Each image is decoded like
-the checkpoint's evaluation data: for
-image folders the shorter side resized to data.eval_resize (default input size / 0.875), for the
-in-memory datasets (whose images already have the model's input size) to the input size; then a
-center crop of the input size, the checkpoint's channels and normalization. One line per image on stdout:
-`path<TAB>label<TAB>probability` (and the next K-1
-guesses with --top-k), or with --json one JSON object per line:
-`{"path": ..., "label": ..., "prob": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`.
-A missing, unreadable or non-image file gets ONE `distcls: error: ...` line on stderr naming it;
-the other files are still predicted, and the exit code is 2 if any file failed, else 0.
+the checkpoint's evaluation data: for image folders the shorter side resized to data.eval_resize (default input size /
+0.875), for the in-memory datasets (whose images already have the model's input size) to the input size; then a center
+crop of the input size, the checkpoint's channels and normalization. One line per image on stdout:
+`path<TAB>label<TAB>probability` (and the next K-1 guesses with --top-k), or with --json one JSON object per line:
+`{"path": ..., "label": ..., "prob": ..., "top_k": [{"label": ..., "prob": ...}, ...]}`. A missing, unreadable or
+non-image file gets ONE `distcls: error: ...` line on stderr naming it; the other files are still predicted, and the
+exit code is 2 if any file failed, else 0.
 """
 from __future__ import annotations
 

@@ -114,7 +114,6 @@ def test_a_format_1_mid_epoch_checkpoint_resumes_exactly(tmp_path):
     assert old["test_acc"] == new["test_acc"]
     from distcls.tracking.metrics import read_jsonl
 
-
     def records(run):
         rows = read_jsonl(tmp_path / run / "metrics.jsonl")
         return [(r["split"], r.get("epoch_step"), r["loss"], r["acc"]) for r in rows if r["split"] in ("train", "val")]

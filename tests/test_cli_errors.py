@@ -221,8 +221,7 @@ def test_help_lists_each_keys_choices_and_print_config_prints_the_resolved_confi
 
 def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path, capsys):
     """--dry-run: config, launcher, data, model, one step, out_dir writable: a one-screen report, exit 0, nothing
-    written;
-    any problem is the run's own one line, exit 2 (for the top of an sbatch script)."""
+    written; any problem is the run's own one line, exit 2 (for the top of an sbatch script)."""
     from conftest import cli_in_process
     out = tmp_path / "run"
     proc = cli_in_process(capsys, "train", ["--dry-run", f"run.out_dir={out}", "train.epochs=2"])

@@ -464,12 +464,15 @@ def test_every_evaluation_target_reaches_the_epoch_line_the_final_table_and_the_
     legends = {}
 
     def keep(fig, path, dpi=100):
-        legends[Path(path).name] = [t.get_text() for ax in fig.axes[:1] for t in ax.get_legend().get_texts()]
+        legends[Path(path).name] = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes]
         return Path(path)
     monkeypatch.setattr(plots, "_save", keep)
     records = [{"epoch": 1, "step": 8, "split": "train", "loss": 1.0, "acc": 0.5, "lr": 0.1},
                {"epoch": 1, "step": 8, "split": "val", "lr": 0.1, **val},
                {"epoch": 1, "step": 8, "split": "test", "lr": 0.1, **val}]
     plots.plot_curves(records, tmp_path / "curves.png")
-    assert legends["curves.png"] == ["training, epoch mean", "validation", "validation, model EMA", "validation, SWA",
-                                     "test 0.9000", "test, model EMA 1.1000", "test, SWA 0.8000"]
+    loss, acc = legends["curves.png"]
+    assert loss == ["training, epoch mean", "validation", "validation, model EMA", "validation, SWA",
+                    "test 0.9000", "test, model EMA 1.1000", "test, SWA 0.8000"]
+    assert acc == ["training, epoch mean", "validation", "validation, model EMA", "validation, SWA",
+                   "test 0.6000", "test, model EMA 0.4000", "test, SWA 0.7000"]

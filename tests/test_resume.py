@@ -364,8 +364,8 @@ def test_nonfinite_loss_skip_in_one_process(tmp_path, monkeypatch):
 
 def test_nonfinite_loss_skip_is_agreed_by_all_ranks(tmp_path):
     out = tmp_path / "skip"
+    # NaN on rank 1 only: rank 0 skips the step too
     proc = run_distcls("train", [f"run.out_dir={out}", *NAN_SKIP, "model.args.nan_rank=1"], nproc=2,
-                       # NaN on rank 1 only: rank 0 skips the step too
                        env={"PYTHONPATH": f"{ROOT}{os.pathsep}{TESTS}"})
     assert_ok(proc)
     _check_one_skipped_step(out)
@@ -383,8 +383,7 @@ def test_nonfinite_loss_abort_exits_4(tmp_path, capfd, monkeypatch):
 
 def test_sigterm_to_the_nproc_per_node_launcher_stops_every_rank_at_a_checkpoint(tmp_path):
     """`python -m distcls.train --nproc_per_node 2`: a stop signal sent to the launcher itself (the ranks lead sessions
-    of
-    their own) reaches the ranks, which save a mid-epoch checkpoint; the launcher exits 128 + the signal, no
+    of their own) reaches the ranks, which save a mid-epoch checkpoint; the launcher exits 128 + the signal, no
     traceback."""
     out = tmp_path / "run"
     gate = tmp_path / "gate"

@@ -60,8 +60,8 @@ def _one_line(proc, prefix: str) -> str:
     return lines[0]
 
 
+# no validation: eval forward 1 is the model check, 2 the (one) test batch, 3 the plots'
 RUN = [*FAST, "model.name=stop_model:build", "train.epochs=1", "train.max_steps_per_epoch=4", "data.val_fraction=0",
-       # no validation: eval forward 1 is the model check, 2 the (one) test batch, 3 the plots'
        "data.eval_batch_size=4096"]
 
 SECOND_SIGTERM = (

@@ -1,5 +1,4 @@
-"""augment: the keyed batched recipe (TrivialAugment + random erasing + Mixup/CutMix) vs torchvision.transforms.v2 per
-image.
+"""augment: the keyed batched recipe (TrivialAugment + erasing + Mixup/CutMix) vs torchvision.transforms.v2 per image.
 
 The same in-memory uint8 images (default 512 at 224 px, smooth patterns plus texture) go through:
 - distcls: `Preprocess.train_batch` in the training process on `--device` (policy, normalization,

@@ -5,8 +5,7 @@
     sources.py file_source.py sample_table.py   what a dataset holds: tensors, or image files as flat arrays
     folder_index.py index.py   an image folder's file list, built once by the ranks together, and its command
     splits.py sampler.py loader.py   seeded splits, the global-batch sampler contract, per-rank loaders
-    shard_plan.py shard_source.py shard_loader.py   WebDataset shards: their order in streams, their reading, their
-    loaders
+    shard_plan.py shard_source.py shard_loader.py   WebDataset shards: order in streams, reading, loaders
 
 The stage contract: what runs PER SAMPLE IN DATALOADER WORKERS is decode and geometry, for image
 files only (transforms/images.py: decode, the keyed RandomResizedCrop or the evaluation resize and

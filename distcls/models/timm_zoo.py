@@ -9,8 +9,7 @@ vit_small_patch16_224, ...), optionally with a pretrained tag (`resnet50.a1_in1k
 - `model.pretrained=timm`: the weights timm names for it, read from the local Hugging Face cache only
   (HF_HUB_OFFLINE: never the network; `huggingface-cli download timm/<name>.<tag>` fills the cache where
   the network allows it; the error names the repository), the classifier re-initialized when the data has another number
-  of classes, and
-  the weights' mean/std used unless data.mean/std are set. A local state_dict or checkpoint file works
+  of classes, and the weights' mean/std used unless data.mean/std are set. A local state_dict or checkpoint file works
   too (`model.pretrained=PATH`), as for every model.
 """
 from __future__ import annotations

@@ -108,7 +108,8 @@ class EvalTarget:
 
     def __post_init__(self):
         # the console, the plots and the final table find a target's numbers by this form (tracking/metrics.py)
-        assert self.prefix == "" or re.fullmatch(TARGET_PREFIX, self.prefix), f"not a target prefix: {self.prefix!r}"
+        if self.prefix and not re.fullmatch(TARGET_PREFIX, self.prefix):
+            raise ValueError(f"a target's prefix is one lowercase word and '_' (e.g. 'ema_'), not {self.prefix!r}")
 
 
 @dataclass
@@ -180,8 +181,8 @@ def build_ema(cfg: Config, module: nn.Module, steps_per_epoch: int) -> tuple[Opt
     if not e.enabled:
         return None, None
     total_steps = steps_per_epoch * cfg.train.epochs
-    # (cadence epoch: every epoch's first step updates)  # it would stay the initial (random) weights, evaluated and
-    # reported as the EMA
+    # An EMA that never updates would stay the initial (random) weights, evaluated and reported as the EMA
+    # (cadence epoch: every epoch's first step updates)
     if total_steps < e.every_steps and e.cadence == "run":
         raise ConfigError(
             f"train.ema.every_steps={e.every_steps}, but this run makes only {total_steps} optimizer steps "

@@ -21,8 +21,9 @@ from distcls.tracking.metrics import other_targets, target_name
 
 def epoch_line(epoch: int, epochs: int, train: dict, val: Optional[dict], seconds: float, best: Optional[float],
                is_best: bool = False) -> str:
-    """`epoch 3/15 train loss 0.41 acc 0.875 | val loss 0.30 acc 0.910 (best 0.910, new best) | 1.9 s, 950 img/s, lr
-    0.0482`."""
+    """One line per epoch, e.g.
+    `epoch 3/15 train loss 0.41 acc 0.875 | val loss 0.30 acc 0.910 (best 0.910, new best) | 1.9 s, 950 img/s, lr 0.048`
+    """
     text = f"epoch {epoch}/{epochs} train loss {train['loss']:.4f} acc {train['acc']:.4f}"
     if val is not None:
         text += f" | val loss {val['loss']:.4f} acc {val['acc']:.4f}"

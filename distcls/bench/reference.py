@@ -112,6 +112,7 @@ def distcls_overrides(args, root: Path) -> list:
         "train.ema.decay=0.999",
         f"train.epochs={args.epochs}",
         "log.every_steps=0",
+        "log.plots=false",  # after training, outside the measured epochs: only time spent
         "checkpoint.every_epochs=0",
         "run.seed=0",
     ]

@@ -73,10 +73,8 @@ class AugmentConfig:
         choices=["bilinear", "bicubic", "nearest"],
     )
     erase_prob: float = _opt(
-        0.0,
-        "random erasing probability per image (torchvision RandomErasing p; 0 = off), applied after normalization",
-        min=0.0,
-        max=1.0,
+        0.0, "random erasing probability per image (torchvision RandomErasing p; 0 = off), applied after normalization",
+        min=0.0, max=1.0,
     )
     erase_scale: list = _opt(
         [0.02, 0.33], "random erasing: [min, max] fraction of the image area (torchvision's default)"
@@ -320,10 +318,8 @@ class OptimConfig:
         0.9, "RMSprop smoothing constant (torchvision's recipes: 0.9; torch's default 0.99)", min=0.0, max=1.0
     )
     eps: Optional[float] = _opt(
-        None,
-        "RMSprop/Adam/AdamW epsilon (null: torchvision's 0.0316 for rmsprop, torch's 1e-8 for adam and adamw)",
-        min=0.0,
-        exclusive_min=True,
+        None, "RMSprop/Adam/AdamW epsilon (null: torchvision's 0.0316 for rmsprop, torch's 1e-8 for adam and adamw)",
+        min=0.0, exclusive_min=True,
     )
     nesterov: bool = _opt(False, "SGD Nesterov momentum")
     weight_decay: float = _opt(
@@ -407,11 +403,8 @@ class SchedConfig:
         1.0, "poly schedule: the lr falls as (1 - progress) ** power to 0 at the end (torch's PolynomialLR)", min=0.0
     )
     pct_start: float = _opt(
-        0.3,
-        "onecycle: the fraction of the run spent rising to optim.lr (torch's OneCycleLR pct_start)",
-        min=0.0,
-        max=1.0,
-        exclusive_min=True,
+        0.3, "onecycle: the fraction of the run spent rising to optim.lr (torch's OneCycleLR pct_start)", min=0.0,
+        max=1.0, exclusive_min=True,
     )
     div_factor: float = _opt(25.0, "onecycle: it starts at optim.lr / div_factor", min=1.0)
     final_div_factor: float = _opt(1e4, "onecycle: it ends at the start lr / final_div_factor", min=1.0)
@@ -669,8 +662,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
+                        None, None,
                         f"the key '{key}' is written twice in one section (the first would be ignored): keep one",
                         key_node.start_mark,
                     )

@@ -97,19 +97,14 @@ def parse_args(argv: Sequence[str]):
         "--out", required=True, help="the file to write, e.g. model.onnx, model.ts, model.pt2 (replaced if it exists)"
     )
     p.add_argument(
-        "--check-images",
-        type=int,
-        default=16,
-        metavar="N",
+        "--check-images", type=int, default=16, metavar="N",
         help="validation images to compare the exported model with the eager one on (0 = no check, no dataset needed)",
     )
     p.add_argument(
         "--tolerance", type=float, default=1e-3, help="largest accepted absolute difference of a logit in that check"
     )
     p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
+        "overrides", nargs="*", metavar="key.sub=value",
         help="config overrides, e.g. data.root=/data/cifar (where the check images are)",
     )
     return p.parse_args(argv)

@@ -35,9 +35,7 @@ def parse_args(argv: Sequence[str]):
     p.add_argument("--no-eval", action="store_true", help="only the curves and the schedule (no checkpoint, no data)")
     p.add_argument("--samples", type=int, default=16, help="images in the sample grid (0 = no grid)")
     p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
+        "overrides", nargs="*", metavar="key.sub=value",
         help="config overrides for the data, e.g. data.root=/data/cifar",
     )
     return p.parse_args(argv)

@@ -61,9 +61,7 @@ def parse_args(argv: Sequence[str]):
              "model",
     )
     p.add_argument(
-        "images",
-        nargs="+",
-        metavar="IMAGE_OR_DIR",
+        "images", nargs="+", metavar="IMAGE_OR_DIR",
         help="image files (jpg, png, ...) and/or directories of them (searched recursively)",
     )
     return p.parse_args(argv)

@@ -131,11 +131,7 @@ def _like_a_fresh_process(monkeypatch, request):
     test (--debug and run.deterministic turn it on)."""
     for name in list(os.environ):
         if name.startswith(("TORCHELASTIC_", "SLURM_")) or name in (
-            "RANK",
-            "WORLD_SIZE",
-            "LOCAL_RANK",
-            "MASTER_ADDR",
-            "MASTER_PORT",
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
         ):
             monkeypatch.delenv(name)
     if request.node.get_closest_marker("gpu") is None:

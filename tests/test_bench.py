@@ -85,24 +85,8 @@ def test_every_mode_module_has_the_mode_interface():
 
 def test_compare_writes_every_figure_and_ratio(tmp_path, capsys):
     r = _bench(
-        tmp_path,
-        "compare",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--rounds",
-        "2",
-        "--workers",
-        "0",
-        "--threads",
-        "1",
-        "--profile",
-        "3",
-        *TINY,
-        "data.augment.crop_padding=1",
-        "data.augment.hflip=true",
-        "train.ema.enabled=true",
+        tmp_path, "compare", "--steps", "2", "--warmup", "1", "--rounds", "2", "--workers", "0", "--threads", "1",
+        "--profile", "3", *TINY, "data.augment.crop_padding=1", "data.augment.hflip=true", "train.ema.enabled=true",
         "train.ema.every_steps=1",
     )
     assert r["mode"] == "compare" and r["setup"]["batch_size"] == 32 and r["setup"]["augment"]["crop_padding"] == 1
@@ -276,22 +260,8 @@ def test_checkpoint_refuses_too_few_samples_for_a_mid_epoch_checkpoint(capsys):
 
 def test_imagefolder_writes_both_pipelines_rates(tmp_path):
     r = _bench(
-        tmp_path,
-        "imagefolder",
-        "--images",
-        "60",
-        "--classes",
-        "2",
-        "--workers",
-        "1",
-        "--batch",
-        "8",
-        "--size",
-        "32",
-        "--repeats",
-        "1",
-        "--steps",
-        "0",
+        tmp_path, "imagefolder", "--images", "60", "--classes", "2", "--workers", "1", "--batch", "8", "--size", "32",
+        "--repeats", "1", "--steps", "0",
     )
     assert r["images"] == 60 and r["workers"] == 1 and r["crop"] == 32
     rates = r["pipeline_images_per_sec"]
@@ -310,22 +280,8 @@ def test_augment_writes_both_pipelines_rates(tmp_path):
 @pytest.mark.slow
 def test_reference_runs_distcls_and_the_reference_loop_at_world_size_1_and_2(tmp_path):
     r = _bench(
-        tmp_path,
-        "reference",
-        "--images",
-        "64",
-        "--size",
-        "16",
-        "--batch",
-        "16",
-        "--workers",
-        "1",
-        "--epochs",
-        "2",
-        "--rounds",
-        "1",
-        "--ema-steps",
-        "1",
+        tmp_path, "reference", "--images", "64", "--size", "16", "--batch", "16", "--workers", "1", "--epochs", "2",
+        "--rounds", "1", "--ema-steps", "1",
     )
     assert set(r["images_per_sec"]) == {"distcls_w1", "reference_w1", "distcls_w2", "reference_w2"}
     assert all(len(v) == 1 and _positive(v[0]) for v in r["images_per_sec"].values())

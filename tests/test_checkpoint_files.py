@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
-    FAST,
-    child_env,
-    FINISHED_RUN_STEPS,
-    ROOT,
-    assert_ok,
-    assert_user_error,
-    cli_in_process,
-    load_ckpt,
+    FAST, child_env, FINISHED_RUN_STEPS, ROOT, assert_ok, assert_user_error, cli_in_process, load_ckpt,
     train_in_process,
 )
 
@@ -77,11 +70,8 @@ def test_resume_auto_with_every_resumable_checkpoint_damaged_overwrites_nothing(
         capsys, train.main, [f"run.out_dir={run_copy}", *FAST, *SHORT, "train.epochs=2", "--resume", "auto"]
     )
     line = assert_user_error(
-        proc,
-        "can be resumed from",
-        "last.pt, epoch_0002.pt, epoch_0001.pt are damaged",
-        f"best.pt (epoch {best_epoch}) is intact: pass --resume {ckpts / 'best.pt'}",
-        "nothing was overwritten",
+        proc, "can be resumed from", "last.pt, epoch_0002.pt, epoch_0001.pt are damaged",
+        f"best.pt (epoch {best_epoch}) is intact: pass --resume {ckpts / 'best.pt'}", "nothing was overwritten",
     )
     after = {p.name: p.read_bytes() for p in [*ckpts.iterdir(), run_copy / "metrics.jsonl", run_copy / "summary.json"]}
     assert after == before, line

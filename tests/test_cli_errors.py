@@ -65,12 +65,7 @@ def test_help_lists_every_option(capsys):
         assert f"python -m distcls.{module.__name__.split('.')[-1]}" in out
         if module is train:
             for key in (
-                "--config",
-                "--resume",
-                "--debug",
-                "data.batch_size",
-                "train.clip_grad_norm",
-                "checkpoint.every_steps",
+                "--config", "--resume", "--debug", "data.batch_size", "train.clip_grad_norm", "checkpoint.every_steps",
             ):
                 assert key in out
         else:
@@ -258,13 +253,8 @@ def test_a_dry_run_checks_everything_takes_one_step_and_writes_nothing(tmp_path,
         capsys,
         "train",
         [
-            "--dry-run",
-            f"run.out_dir={out}",
-            "train.epochs=2",
-            "train.max_steps_per_epoch=2",
-            "data.batch_size=32",
-            "--resume",
-            "auto",
+            "--dry-run", f"run.out_dir={out}", "train.epochs=2", "train.max_steps_per_epoch=2", "data.batch_size=32",
+            "--resume", "auto",
         ],
     )
     assert (
@@ -302,10 +292,7 @@ def test_nproc_per_node_launches_ranks_and_keeps_distcls_exit_codes(tmp_path):
     assert "Traceback" not in bad.stderr and "ChildFailedError" not in bad.stderr
     stopped = subprocess.run(
         [
-            *base,
-            f"run.out_dir={tmp_path / 'stopped'}",
-            "model.name=stop_model:build",
-            "model.args.stop_at=2",
+            *base, f"run.out_dir={tmp_path / 'stopped'}", "model.name=stop_model:build", "model.args.stop_at=2",
             "train.epochs=1",
         ],
         cwd=ROOT,

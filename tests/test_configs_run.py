@@ -24,39 +24,24 @@ def data_root(tmp_path_factory):
 # Per-config shrinking: keep each recipe's model, data format and training features, make it tiny.
 SHRINK = {
     "flowers_resnet18_transfer.yaml": [
-        "data.root={root}/flower_photos",
-        "model.pretrained={root}/weights/resnet18.pth",
-        "data.image_size=32",
+        "data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth", "data.image_size=32",
         "data.batch_size=8",
     ],
     "flowers_resnet18_finetune.yaml": [
-        "data.root={root}/flower_photos",
-        "model.pretrained={root}/weights/resnet18.pth",
-        "data.image_size=32",
+        "data.root={root}/flower_photos", "model.pretrained={root}/weights/resnet18.pth", "data.image_size=32",
         "data.batch_size=8",
     ],
     "imagenet_mobilenet_v3_large_tv.yaml": [
-        "data.root={root}/imagenet",
-        "data.image_size=32",
-        "data.eval_resize=37",
-        "data.batch_size=8",
+        "data.root={root}/imagenet", "data.image_size=32", "data.eval_resize=37", "data.batch_size=8",
         "data.eval_batch_size=8",
     ],
     "imagenet_resnet50.yaml": [
-        "data.root={root}/imagenet",
-        "data.image_size=32",
-        "data.batch_size=8",
-        "data.eval_batch_size=8",
+        "data.root={root}/imagenet", "data.image_size=32", "data.batch_size=8", "data.eval_batch_size=8",
         "data.val_fraction=0.1",
     ],
     "imagenet_resnet50_tv_v2.yaml": [
-        "data.root={root}/imagenet",
-        "data.train_crop_size=24",
-        "data.eval_crop_size=32",
-        "data.eval_resize=37",
-        "data.batch_size=8",
-        "data.eval_batch_size=8",
-        "data.val_fraction=0.1",
+        "data.root={root}/imagenet", "data.train_crop_size=24", "data.eval_crop_size=32", "data.eval_resize=37",
+        "data.batch_size=8", "data.eval_batch_size=8", "data.val_fraction=0.1",
     ],
 }
 

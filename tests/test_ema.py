@@ -161,11 +161,7 @@ def test_best_pt_follows_the_chosen_metric_and_evaluate_takes_ema(out_dir, capsy
     from distcls.tracking.metrics import read_jsonl
 
     summary = train_in_process(
-        out_dir,
-        "train.epochs=3",
-        "train.ema.enabled=true",
-        "train.ema.decay=0.9",
-        "train.ema.every_steps=2",
+        out_dir, "train.epochs=3", "train.ema.enabled=true", "train.ema.decay=0.9", "train.ema.every_steps=2",
         "checkpoint.best_metric=val_ema_acc",
     )
     val = [r for r in read_jsonl(out_dir / "metrics.jsonl") if r["split"] == "val"]
@@ -242,9 +238,7 @@ def test_a_resume_that_drops_the_ema_or_changes_what_best_pt_follows_is_refused(
 
     out = tmp_path / "run"
     run = [
-        "train.max_steps_per_epoch=2",
-        "train.ema.enabled=true",
-        "train.ema.every_steps=1",
+        "train.max_steps_per_epoch=2", "train.ema.enabled=true", "train.ema.every_steps=1",
         "checkpoint.best_metric=val_ema_acc",
     ]
     train_in_process(out, "train.epochs=1", *run, *trained_with)
@@ -289,13 +283,8 @@ def test_an_ema_not_updated_yet_is_neither_evaluated_nor_followed(tmp_path, caps
     out = tmp_path / "run"
     capsys.readouterr()
     summary = train_in_process(
-        out,
-        "train.epochs=2",
-        "train.max_steps_per_epoch=3",
-        "train.ema.enabled=true",
-        "train.ema.every_steps=4",
-        "checkpoint.best_metric=val_ema_acc",
-        "checkpoint.keep=5",
+        out, "train.epochs=2", "train.max_steps_per_epoch=3", "train.ema.enabled=true", "train.ema.every_steps=4",
+        "checkpoint.best_metric=val_ema_acc", "checkpoint.keep=5",
     )
     said = "".join(capsys.readouterr())
     val = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "val"]

@@ -15,11 +15,7 @@ from conftest import load_ckpt, max_weight_diff, train_in_process
 
 def test_accumulating_2x32_equals_one_batch_of_64(tmp_path):
     common = [
-        "data.batch_size=64",
-        "model.name=lenet",
-        "data.image_size=16",
-        "train.epochs=1",
-        "train.max_steps_per_epoch=4",
+        "data.batch_size=64", "model.name=lenet", "data.image_size=16", "train.epochs=1", "train.max_steps_per_epoch=4",
     ]
     train_in_process(tmp_path / "one", *common, "train.accum_steps=1")
     train_in_process(tmp_path / "accum", *common, "train.accum_steps=2")

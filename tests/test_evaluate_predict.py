@@ -221,9 +221,7 @@ def test_an_exported_model_given_as_checkpoint_says_what_it_is(trained, tmp_path
     for command, args in (("evaluate", ["--checkpoint", model]), ("predict", ["--checkpoint", model, tmp_path])):
         proc = cli_in_process(capfd, command, args)
         assert_user_error(
-            proc,
-            f"--checkpoint {model} {what}",
-            "not a training checkpoint",
+            proc, f"--checkpoint {model} {what}", "not a training checkpoint",
             "give the checkpoint it was exported from",
         )
     proc = cli_in_process(capfd, "train", [f"run.out_dir={tmp_path / 'r'}", "--resume", model])

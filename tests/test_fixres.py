@@ -55,16 +55,9 @@ def test_train_and_eval_sizes_differ_on_image_folders(tmp_path):
     cfg = config.load(
         None,
         [
-            f"data.root={root}",
-            "data.name=imagefolder",
-            "data.train_crop_size=24",
-            "data.eval_crop_size=32",
-            "data.eval_resize=40",
-            "data.augment.random_resized_crop=true",
-            "data.batch_size=4",
-            "data.augment.policy=trivialaugment",
-            "data.mix.cutmix_alpha=1.0",
-            "data.split=[0.5,0.25,0.25]",
+            f"data.root={root}", "data.name=imagefolder", "data.train_crop_size=24", "data.eval_crop_size=32",
+            "data.eval_resize=40", "data.augment.random_resized_crop=true", "data.batch_size=4",
+            "data.augment.policy=trivialaugment", "data.mix.cutmix_alpha=1.0", "data.split=[0.5,0.25,0.25]",
         ],
     )
     data = build_data(cfg)

@@ -16,11 +16,7 @@ from distcls.data import folder_index
 from distcls.data.sample_table import SampleTable
 
 RUN = [
-    "data.name=imagefolder",
-    "data.image_size=16",
-    "model.name=cnn3",
-    "data.batch_size=6",
-    "log.plots=false",
+    "data.name=imagefolder", "data.image_size=16", "model.name=cnn3", "data.batch_size=6", "log.plots=false",
     "log.every_steps=0",
 ]
 
@@ -142,18 +138,8 @@ def test_two_ranks_check_disjoint_halves_and_train_as_one(tree, tmp_path):
                      "PYTHONPATH": f"{ROOT / 'tests/pause_hook'}{os.pathsep}{ROOT}"})
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "distcls.train",
-            f"run.out_dir={tmp_path / 'w2'}",
-            f"data.root={tree}",
-            *RUN,
-            "train.epochs=1",
-            "dist.device=cpu",
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "distcls.train",
+            f"run.out_dir={tmp_path / 'w2'}", f"data.root={tree}", *RUN, "train.epochs=1", "dist.device=cpu",
         ],
         cwd=ROOT,
         env=env,
@@ -194,14 +180,8 @@ def test_a_checkpoint_from_before_carve_val_keeps_its_meaning(tree, tmp_path, ca
         capsys,
         "train",
         [
-            f"run.out_dir={tmp_path / 'refused'}",
-            f"data.root={tree}",
-            *RUN,
-            "train.epochs=2",
-            "data.val_fraction=0.2",
-            "data.carve_val=false",
-            "--resume",
-            old,
+            f"run.out_dir={tmp_path / 'refused'}", f"data.root={tree}", *RUN, "train.epochs=2", "data.val_fraction=0.2",
+            "data.carve_val=false", "--resume", old,
         ],
     )
     assert_user_error(proc, "was saved with data.carve_val=true, but this run says data.carve_val=false")

@@ -10,14 +10,7 @@ from PIL import Image
 
 import fakedata
 from conftest import (
-    FAST,
-    assert_ok,
-    assert_user_error,
-    child_env,
-    load_ckpt,
-    max_weight_diff,
-    run_distcls,
-    train_at_world_sizes,
+    FAST, assert_ok, assert_user_error, child_env, load_ckpt, max_weight_diff, run_distcls, train_at_world_sizes,
     train_in_process,
 )
 from distcls import config
@@ -30,12 +23,8 @@ from distcls.data.sources import SplitView
 from distcls.errors import ConfigError, UserError
 
 RRC = [
-    "data.name=imagefolder",
-    "data.image_size=16",
-    "data.augment.random_resized_crop=true",
-    "data.augment.hflip=true",
-    "data.split=[0.8, 0.1, 0.1]",
-    "model.name=lenet",
+    "data.name=imagefolder", "data.image_size=16", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
+    "data.split=[0.8, 0.1, 0.1]", "model.name=lenet",
 ]
 
 
@@ -213,15 +202,8 @@ def test_training_in_the_main_process_skips_a_damaged_png(tmp_path):
     root = fakedata.write_imagefolder(tmp_path / "f", per_class=4, size=24, layout="split")  # 12 in train/
     bad = fakedata.write_damaged_png(root / "train" / "roses" / "zz_damaged.png")
     args = [
-        f"data.root={root}",
-        "data.name=imagefolder",
-        "data.image_size=16",
-        "model.name=lenet",
-        "data.val_fraction=0",
-        "data.batch_size=13",
-        "train.epochs=1",
-        "data.num_workers=0",
-        "log.plots=false",
+        f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet", "data.val_fraction=0",
+        "data.batch_size=13", "train.epochs=1", "data.num_workers=0", "log.plots=false",
         f"run.out_dir={tmp_path / 'run'}",
     ]
     skipped = run_distcls("train", [*args, "data.skip_bad_images=true"])
@@ -399,14 +381,8 @@ def test_a_class_folder_whose_name_is_not_utf8_is_named_readably(tmp_path, capsy
     os.rename(root / "roses", os.fsdecode(os.fsencode(str(root)) + b"/caf\xe9"))
     out = tmp_path / "run"
     summary = train_in_process(
-        out,
-        f"data.root={root}",
-        "data.name=imagefolder",
-        "data.image_size=16",
-        "model.name=lenet",
-        "train.epochs=1",
-        "log.plots=true",
-        "data.batch_size=4",
+        out, f"data.root={root}", "data.name=imagefolder", "data.image_size=16", "model.name=lenet", "train.epochs=1",
+        "log.plots=true", "data.batch_size=4",
     )
     assert sorted(summary["per_class_test_acc"]) == ["caf\\xe9", "daisy", "tulips"]
     captured = capsys.readouterr()

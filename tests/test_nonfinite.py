@@ -54,11 +54,7 @@ def test_a_run_that_skips_most_steps_stops_with_exit_4(tmp_path, capfd, monkeypa
 
 def test_an_epoch_with_every_step_skipped_is_not_logged_as_loss_0_and_all_json_is_strict(tmp_path, capfd, monkeypatch):
     out, proc = _skipping_run(
-        tmp_path,
-        capfd,
-        monkeypatch,
-        "model.args.nan_steps=[1,2,3,4,5,6]",
-        "train.max_skipped_fraction=1.0",
+        tmp_path, capfd, monkeypatch, "model.args.nan_steps=[1,2,3,4,5,6]", "train.max_skipped_fraction=1.0",
         "log.plots=true",
     )
     assert proc.returncode == 0, proc.stderr

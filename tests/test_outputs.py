@@ -114,11 +114,7 @@ def test_every_output_has_the_umasks_mode(tmp_path, mask, mode):
     out = tmp_path / "run"
     files = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
     for name in (
-        "config.yaml",
-        "metrics.jsonl",
-        "summary.json",
-        "checkpoints/last.pt",
-        "checkpoints/best.pt",
+        "config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt", "checkpoints/best.pt",
         "plots/curves.png",
     ):
         assert name in files, sorted(files)
@@ -155,14 +151,8 @@ def test_progress_bar_on_a_terminal_shows_the_running_loss(tmp_path):
     env.pop("NO_COLOR", None)
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "distcls.train",
-            f"run.out_dir={tmp_path / 'run'}",
-            "train.epochs=1",
-            "data.batch_size=4",
-            "log.every_steps=0",
-            "log.plots=false",
+            sys.executable, "-m", "distcls.train", f"run.out_dir={tmp_path / 'run'}", "train.epochs=1",
+            "data.batch_size=4", "log.every_steps=0", "log.plots=false",
         ],
         cwd=ROOT,
         env=env,

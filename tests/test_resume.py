@@ -11,19 +11,8 @@ import pytest
 import torch
 
 from conftest import (
-    FAST,
-    ROOT,
-    assert_ok,
-    assert_user_error,
-    child_env,
-    child_pids,
-    cli_in_process,
-    distcls_cmd,
-    kill_process_tree,
-    load_ckpt,
-    max_weight_diff,
-    run_distcls,
-    train_in_process,
+    FAST, ROOT, assert_ok, assert_user_error, child_env, child_pids, cli_in_process, distcls_cmd, kill_process_tree,
+    load_ckpt, max_weight_diff, run_distcls, train_in_process,
 )
 from distcls import evaluate, predict, train
 from distcls.tracking.metrics import read_jsonl
@@ -255,11 +244,7 @@ def test_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint(tmp_path, 
     # The 2nd write of last.pt (epoch 2's save) dies with half its bytes on disk, before the rename;
     # every other atomic write (config.yaml, metrics.jsonl, summary.json, links) goes through untouched.
     args = [
-        f"run.out_dir={out}",
-        *FAST,
-        "train.epochs=3",
-        "train.max_steps_per_epoch=4",
-        "data.val_fraction=0",
+        f"run.out_dir={out}", *FAST, "train.epochs=3", "train.max_steps_per_epoch=4", "data.val_fraction=0",
         "checkpoint.keep=0",
     ]
     script = f"""
@@ -348,11 +333,7 @@ def _check_one_skipped_step(out: Path) -> None:
 
 
 NAN_SKIP = [
-    *FAST,
-    "model.name=nan_model:build",
-    "train.nonfinite=skip",
-    "train.epochs=1",
-    "train.max_steps_per_epoch=6",
+    *FAST, "model.name=nan_model:build", "train.nonfinite=skip", "train.epochs=1", "train.max_steps_per_epoch=6",
 ]
 
 
@@ -391,14 +372,7 @@ def test_sigterm_to_the_nproc_per_node_launcher_stops_every_rank_at_a_checkpoint
                      "DISTCLS_TEST_PAUSE_GATE": str(gate)})
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "distcls.train",
-            "--nproc_per_node",
-            "2",
-            f"run.out_dir={out}",
-            *FAST,
-            *TWO_RANK,
+            sys.executable, "-m", "distcls.train", "--nproc_per_node", "2", f"run.out_dir={out}", *FAST, *TWO_RANK,
             "dist.device=cpu",
         ],
         cwd=ROOT,
@@ -431,19 +405,10 @@ def test_sigterm_mid_epoch_on_shards_then_resume_is_bitwise_identical(tmp_path, 
         tmp_path / "shards",
     )
     args = [
-        *FAST,
-        "data.name=webdataset",
-        f"data.train_shards={shards}/train-{{000000..000006}}.tar",
-        f"data.val_shards={shards}/val-{{000000..000003}}.tar",
-        "data.image_size=16",
-        "data.shard_streams=4",
-        "data.shuffle_window=16",
-        "data.augment.random_resized_crop=true",
-        "data.augment.hflip=true",
-        "data.num_workers=1",
-        "model.name=cnn3",
-        "train.epochs=2",
-        "log.every_steps=1",
+        *FAST, "data.name=webdataset", f"data.train_shards={shards}/train-{{000000..000006}}.tar",
+        f"data.val_shards={shards}/val-{{000000..000003}}.tar", "data.image_size=16", "data.shard_streams=4",
+        "data.shuffle_window=16", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
+        "data.num_workers=1", "model.name=cnn3", "train.epochs=2", "log.every_steps=1",
     ]
     train_in_process(tmp_path / "ref", *args)
     out = tmp_path / "run"

@@ -79,10 +79,7 @@ def test_an_epoch_end_resume_with_a_new_lr_is_refused_and_config_yaml_keeps_what
         capfd, train.main, [f"run.out_dir={out}", *FAST, "train.epochs=2", "optim.lr=0.5", "--resume", "auto"]
     )
     assert_user_error(
-        proc,
-        "was saved with optim.lr=0.05",
-        "this run says optim.lr=0.5",
-        "optimizer state and lr schedule",
+        proc, "was saved with optim.lr=0.05", "this run says optim.lr=0.5", "optimizer state and lr schedule",
         "model.pretrained=",
     )
     assert "lr: 0.05" in (out / "config.yaml").read_text()

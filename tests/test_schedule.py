@@ -249,12 +249,7 @@ def test_a_per_step_warmup_from_warmup_decay():
         (
             "onecycle",
             lambda o, spe, total: torch.optim.lr_scheduler.OneCycleLR(
-                o,
-                max_lr=0.1,
-                total_steps=total,
-                pct_start=0.25,
-                div_factor=10,
-                final_div_factor=100,
+                o, max_lr=0.1, total_steps=total, pct_start=0.25, div_factor=10, final_div_factor=100,
                 cycle_momentum=False,
             ),
         ),
@@ -264,14 +259,8 @@ def test_the_other_schedules_are_torchs_own_per_step(name, theirs):
     """Each schedule per step against torch's scheduler class of the same name, stepped after every optimizer step."""
     epochs = 5
     overrides = [
-        "optim.lr=0.1",
-        f"sched.name={name}",
-        "sched.milestones=[2,3]",
-        "sched.gamma=0.5",
-        "sched.power=2.0",
-        "sched.pct_start=0.25",
-        "sched.div_factor=10",
-        "sched.final_div_factor=100",
+        "optim.lr=0.1", f"sched.name={name}", "sched.milestones=[2,3]", "sched.gamma=0.5", "sched.power=2.0",
+        "sched.pct_start=0.25", "sched.div_factor=10", "sched.final_div_factor=100",
     ]
     _, ours, _ = _lrs(overrides, epochs)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
@@ -306,17 +295,9 @@ def test_records_report_the_lr_their_steps_trained_at(tmp_path):
     from distcls.tracking.metrics import read_jsonl
     out = tmp_path / "run"
     train_in_process(
-        out,
-        "optim.lr=0.1",
-        "sched.name=step",
-        "sched.interval=epoch",
-        "sched.warmup_epochs=1",
-        "sched.warmup_method=constant",
-        "sched.step_epochs=1",
-        "sched.gamma=0.5",
-        "train.epochs=3",
-        "train.max_steps_per_epoch=4",
-        "log.every_steps=2",
+        out, "optim.lr=0.1", "sched.name=step", "sched.interval=epoch", "sched.warmup_epochs=1",
+        "sched.warmup_method=constant", "sched.step_epochs=1", "sched.gamma=0.5", "train.epochs=3",
+        "train.max_steps_per_epoch=4", "log.every_steps=2",
     )
     records = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train"]
     per_epoch = {1: 0.001, 2: 0.1, 3: 0.05}  # ConstantLR 0.01 x lr, then StepLR from the warmup's end

@@ -15,13 +15,7 @@ import pytest
 import torch
 
 from conftest import (
-    FAST,
-    assert_ok,
-    assert_user_error,
-    cli_in_process,
-    load_ckpt,
-    max_weight_diff,
-    train_at_world_sizes,
+    FAST, assert_ok, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes,
     train_in_process,
 )
 from fakedata import write_imagefolder
@@ -57,13 +51,9 @@ def shards(folder, tmp_path_factory):
 def shard_args(where, window: int = 16):
     where = str(where)
     return [
-        "data.name=webdataset",
-        f"data.train_shards={where}/train-{{000000..000006}}.tar",
-        f"data.val_shards={where}/val-{{000000..000003}}.tar",
-        "data.image_size=16",
-        f"data.shard_streams={STREAMS}",
-        f"data.shuffle_window={window}",
-        f"data.batch_size={GLOBAL_BATCH}",
+        "data.name=webdataset", f"data.train_shards={where}/train-{{000000..000006}}.tar",
+        f"data.val_shards={where}/val-{{000000..000003}}.tar", "data.image_size=16", f"data.shard_streams={STREAMS}",
+        f"data.shuffle_window={window}", f"data.batch_size={GLOBAL_BATCH}",
     ]
 
 

@@ -59,10 +59,7 @@ def test_a_run_stopped_by_a_signal_and_resumed_logs_every_step_once(tmp_path, mo
     from distcls.run.runner import Stopped
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     args = [
-        "model.name=stop_model:build",
-        "log.tensorboard=true",
-        "log.every_steps=2",
-        "train.epochs=2",
+        "model.name=stop_model:build", "log.tensorboard=true", "log.every_steps=2", "train.epochs=2",
         "train.max_steps_per_epoch=8",
     ]
     out = tmp_path / "run"

@@ -7,13 +7,7 @@ import pytest
 import torch
 
 from conftest import (
-    FAST,
-    assert_ok,
-    assert_user_error,
-    cli_in_process,
-    load_ckpt,
-    max_weight_diff,
-    train_at_world_sizes,
+    FAST, assert_ok, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes,
     train_in_process,
 )
 from distcls import config
@@ -24,14 +18,8 @@ timm = pytest.importorskip("timm")
 
 # A two-block ViT on the 8x8 digits at 16 px (16 patches of 4x4): no BatchNorm, weights independent of the world size.
 VIT = [
-    "model.name=timm:vit_tiny_patch16_224",
-    "model.args.img_size=16",
-    "model.args.patch_size=4",
-    "model.args.depth=2",
-    "data.image_size=16",
-    "optim.name=adamw",
-    "optim.lr=0.001",
-    "optim.weight_decay=0.05",
+    "model.name=timm:vit_tiny_patch16_224", "model.args.img_size=16", "model.args.patch_size=4", "model.args.depth=2",
+    "data.image_size=16", "optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.05",
 ]
 
 
@@ -93,11 +81,7 @@ def test_timm_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
 
 
 TRAINED = [
-    "train.epochs=4",
-    "train.ema.enabled=true",
-    "train.ema.every_steps=2",
-    "train.ema.decay=0.9",
-    "checkpoint.keep=4",
+    "train.epochs=4", "train.ema.enabled=true", "train.ema.every_steps=2", "train.ema.decay=0.9", "checkpoint.keep=4",
 ]
 
 

@@ -15,17 +15,9 @@ from distcls.errors import ConfigError
 from distcls.models import build_model, check_forward
 
 TINY = [
-    "data.name=synthetic",
-    "data.synthetic.size=16",
-    "data.synthetic.train_samples=8",
-    "data.synthetic.test_samples=4",
-    "data.synthetic.num_classes=5",
-    "data.val_fraction=0",
-    "data.batch_size=4",
-    "train.epochs=1",
-    "train.max_steps_per_epoch=1",
-    "optim.lr=0.01",
-    "checkpoint.every_epochs=0",
+    "data.name=synthetic", "data.synthetic.size=16", "data.synthetic.train_samples=8", "data.synthetic.test_samples=4",
+    "data.synthetic.num_classes=5", "data.val_fraction=0", "data.batch_size=4", "train.epochs=1",
+    "train.max_steps_per_epoch=1", "optim.lr=0.01", "checkpoint.every_epochs=0",
 ]
 
 
@@ -208,13 +200,8 @@ def test_grayscale_data_with_rgb_weights_says_set_data_channels_3(tmp_path, monk
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     fakedata.write_resnet_weights(tmp_path / "th/hub/checkpoints" / file, "resnet18")
     run = [
-        "model.name=torchvision:resnet18",
-        f"model.pretrained=torchvision:{enum}",
-        "model.verify_weights=false",
-        "data.image_size=32",
-        "train.epochs=1",
-        "train.max_steps_per_epoch=1",
-        *FAST,
+        "model.name=torchvision:resnet18", f"model.pretrained=torchvision:{enum}", "model.verify_weights=false",
+        "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1", *FAST,
     ]
     proc = cli_in_process(capsys, "train", [f"run.out_dir={tmp_path / 'run'}", *run])  # digits: 1 channel
     assert_user_error(proc, f"model.pretrained=torchvision:{enum} was trained on 3-channel images",
@@ -229,10 +216,7 @@ def test_a_model_that_asserts_its_input_size_is_one_line(tmp_path, capsys):
         capsys,
         "train",
         [
-            f"run.out_dir={tmp_path}",
-            "model.name=torchvision:vit_b_16",
-            "model.args.image_size=64",
-            *TINY,
+            f"run.out_dir={tmp_path}", "model.name=torchvision:vit_b_16", "model.args.image_size=64", *TINY,
             "data.image_size=32",
         ],
     )
@@ -254,14 +238,8 @@ def test_a_file_under_torchvisions_name_is_checked_against_the_hash_in_it(tmp_pa
         capsys,
         "train",
         [
-            f"run.out_dir={tmp_path / 'run'}",
-            "model.name=resnet18",
-            f"model.pretrained=torchvision:{enum}",
-            "data.channels=3",
-            "data.image_size=32",
-            "train.epochs=1",
-            "train.max_steps_per_epoch=1",
-            *FAST,
+            f"run.out_dir={tmp_path / 'run'}", "model.name=resnet18", f"model.pretrained=torchvision:{enum}",
+            "data.channels=3", "data.image_size=32", "train.epochs=1", "train.max_steps_per_epoch=1", *FAST,
         ],
     )
     assert_user_error(
@@ -288,14 +266,9 @@ def test_model_download_fetches_a_missing_file_through_torch_hub_with_its_hash_c
     source.rename(good)
     monkeypatch.setattr(weights, "weights_url", lambda w: good.as_uri())
     args = [
-        f"run.out_dir={tmp_path / 'run'}",
-        "model.name=resnet18",
-        "model.pretrained=torchvision:ResNet18_Weights.IMAGENET1K_V1",
-        "data.channels=3",
-        "data.image_size=32",
-        "train.epochs=1",
-        "train.max_steps_per_epoch=1",
-        *FAST,
+        f"run.out_dir={tmp_path / 'run'}", "model.name=resnet18",
+        "model.pretrained=torchvision:ResNet18_Weights.IMAGENET1K_V1", "data.channels=3", "data.image_size=32",
+        "train.epochs=1", "train.max_steps_per_epoch=1", *FAST,
     ]
     proc = cli_in_process(capsys, "train", args)
     assert_user_error(proc, f"{good.name} is not in", "model.download=true")

@@ -20,10 +20,7 @@ V2 = ROOT / "configs/imagenet_resnet50_tv_v2.yaml"
 # (references/classification/train.py and utils.set_weight_decay of torchvision >= 0.15)
 
 TV_NORM_CLASSES = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.modules.instancenorm._InstanceNorm,
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
     nn.LocalResponseNorm,
 )
 
@@ -98,25 +95,13 @@ def v2():
 def test_the_v2_recipe_is_torchvisions_command(v2):
     """The flags of torchvision's documented command, read from the config (the comparisons below use them)."""
     assert (
-        v2.optim.name,
-        v2.optim.lr,
-        v2.optim.weight_decay,
-        v2.optim.norm_weight_decay,
-        v2.optim.bias_weight_decay,
+        v2.optim.name, v2.optim.lr, v2.optim.weight_decay, v2.optim.norm_weight_decay, v2.optim.bias_weight_decay,
     ) == ("sgd", 0.5, 2e-5, 0.0, None)
     assert (
-        v2.sched.name,
-        v2.sched.interval,
-        v2.sched.warmup_epochs,
-        v2.sched.warmup_method,
-        v2.sched.warmup_decay,
+        v2.sched.name, v2.sched.interval, v2.sched.warmup_epochs, v2.sched.warmup_method, v2.sched.warmup_decay,
     ) == ("cosine", "epoch", 5, "linear", 0.01)
     assert (
-        v2.train.epochs,
-        v2.data.batch_size,
-        v2.train.ema.decay,
-        v2.train.ema.every_steps,
-        v2.train.ema.cadence,
+        v2.train.epochs, v2.data.batch_size, v2.train.ema.decay, v2.train.ema.every_steps, v2.train.ema.cadence,
     ) == (600, 1024, 0.99998, 32, "epoch")
 
 

@@ -5,13 +5,7 @@ import torch
 
 import fakedata
 from conftest import (
-    FAST,
-    assert_user_error,
-    cli_in_process,
-    load_ckpt,
-    max_weight_diff,
-    train_at_world_sizes,
-    train_in_process,
+    FAST, assert_user_error, cli_in_process, load_ckpt, max_weight_diff, train_at_world_sizes, train_in_process,
 )
 from distcls import config
 from distcls.data import DataSpec
@@ -40,19 +34,9 @@ def flowers(tmp_path_factory):
 
 def _transfer(out, weights, flowers, *overrides):
     return train_in_process(
-        out,
-        "data.name=imagefolder",
-        f"data.root={flowers}",
-        "data.image_size=16",
-        "data.split=[0.75, 0, 0.25]",
-        "model.name=resnet18",
-        "model.cifar_stem=true",
-        f"model.pretrained={weights}",
-        "train.epochs=1",
-        "data.batch_size=6",
-        "optim.lr=0.1",
-        "data.augment.random_resized_crop=true",
-        "train.max_steps_per_epoch=1",
+        out, "data.name=imagefolder", f"data.root={flowers}", "data.image_size=16", "data.split=[0.75, 0, 0.25]",
+        "model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={weights}", "train.epochs=1",
+        "data.batch_size=6", "optim.lr=0.1", "data.augment.random_resized_crop=true", "train.max_steps_per_epoch=1",
         *overrides,
     )
 
@@ -140,11 +124,8 @@ def test_mismatched_or_unknown_weights_are_clear_errors(tmp_path, monkeypatch, c
         capsys,
         "train",
         [
-            f"run.out_dir={tmp_path / 'cli'}",
-            "model.name=resnet18",
-            f"model.pretrained={TV_NAME}",
-            "model.freeze=backbone",
-            "data.image_size=32",
+            f"run.out_dir={tmp_path / 'cli'}", "model.name=resnet18", f"model.pretrained={TV_NAME}",
+            "model.freeze=backbone", "data.image_size=32",
         ],
     )
     assert_user_error(proc, TV_FILE, "copy it to")
@@ -161,19 +142,9 @@ def test_freeze_backbone_old_spelling():
 @pytest.mark.slow
 def test_frozen_transfer_is_world_size_invariant(tmp_path, pretrained, flowers):
     common = [
-        *FAST,
-        "data.name=imagefolder",
-        f"data.root={flowers}",
-        "data.image_size=16",
-        "data.split=[0.75, 0, 0.25]",
-        "model.name=resnet18",
-        "model.cifar_stem=true",
-        f"model.pretrained={pretrained}",
-        "model.freeze=backbone",
-        "train.epochs=2",
-        "data.batch_size=6",
-        "data.augment.random_resized_crop=true",
-        "data.augment.hflip=true",
+        *FAST, "data.name=imagefolder", f"data.root={flowers}", "data.image_size=16", "data.split=[0.75, 0, 0.25]",
+        "model.name=resnet18", "model.cifar_stem=true", f"model.pretrained={pretrained}", "model.freeze=backbone",
+        "train.epochs=2", "data.batch_size=6", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
     ]
     ck = train_at_world_sizes(tmp_path, common)
     assert ck[1]["step"] == ck[2]["step"] == 2 * 3

@@ -96,10 +96,7 @@ def test_the_optimizer_applies_each_decay():
         config.load(
             None,
             [
-                "optim.lr=0.1",
-                "optim.momentum=0",
-                "optim.weight_decay=0.5",
-                "optim.norm_weight_decay=0.0",
+                "optim.lr=0.1", "optim.momentum=0", "optim.weight_decay=0.5", "optim.norm_weight_decay=0.0",
                 "optim.bias_weight_decay=0.25",
             ],
         ).optim,
@@ -138,10 +135,7 @@ def test_a_checkpoint_from_before_decay_rule_resumes_with_its_own_groups(tmp_pat
     from conftest import load_ckpt, train_in_process
     out = tmp_path / "run"
     args = [
-        "optim.bias_weight_decay=0.001",
-        "optim.norm_weight_decay=0.0",
-        "model.name=cnn3",
-        "model.args.batch_norm=true",
+        "optim.bias_weight_decay=0.001", "optim.norm_weight_decay=0.0", "model.name=cnn3", "model.args.batch_norm=true",
         "data.max_train_samples=256",
     ]
     train_in_process(out, *args, "optim.decay_rule=by_ndim", "train.epochs=1")

@@ -6,16 +6,7 @@ import json
 from typing import Sequence
 
 from distcls.bench import (
-    augment,
-    checkpoint,
-    compare,
-    datastart,
-    gpu_check,
-    imagefolder,
-    reference,
-    scaling,
-    startup,
-    throughput,
+    augment, checkpoint, compare, datastart, gpu_check, imagefolder, reference, scaling, startup, throughput,
 )
 from distcls.cli import ArgumentParser, exit_with
 

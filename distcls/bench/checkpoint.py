@@ -94,16 +94,9 @@ def bench_checkpoint(
     # they come after the timed epoch (and a run stopped by SIGTERM writes none anyway).
     batch, every = BATCH, EVERY
     common = [
-        "data.name=synthetic",
-        f"data.synthetic.train_samples={samples}",
-        f"data.batch_size={batch}",
-        f"model.name={model_name}",
-        "model.cifar_stem=true",
-        "data.synthetic.size=16",
-        "train.epochs=1",
-        "log.every_steps=0",
-        "data.val_fraction=0",
-        "log.plots=false",
+        "data.name=synthetic", f"data.synthetic.train_samples={samples}", f"data.batch_size={batch}",
+        f"model.name={model_name}", "model.cifar_stem=true", "data.synthetic.size=16", "train.epochs=1",
+        "log.every_steps=0", "data.val_fraction=0", "log.plots=false",
     ]
     epoch_s, steps = {0: [], every: []}, None
     for i, k in enumerate([0, every] * rounds):

@@ -16,14 +16,8 @@ def train_cmd(args, nproc: int = 1) -> list:
     if nproc == 1:
         return [sys.executable, "-m", "distcls.train", *args]
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "distcls.train",
-        *args,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+        "distcls.train", *args,
     ]
 
 

@@ -35,9 +35,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of a, b, c (default 5)")
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=2,
+        "--workers", type=int, default=2,
         help="DataLoader workers of the tutorial pipeline c (default 2, as the CIFAR-10 tutorial)",
     )
     parser.add_argument(
@@ -46,9 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also record a torch.profiler summary of N steps of a and of b (the evidence for a gap)")
     parser.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="key.sub=value",
+        "overrides", nargs="*", metavar="key.sub=value",
         help="config overrides, e.g. model.name=lenet data.batch_size=128",
     )
 

@@ -34,17 +34,9 @@ from distcls.bench.common import child_env, last_line, machine, train_cmd
 from distcls.errors import UserError
 
 RUN = [
-    "data.name=imagefolder",
-    "data.image_size=16",
-    "model.name=cnn3",
-    "data.batch_size=8",
-    "train.epochs=1",
-    "train.max_steps_per_epoch=2",
-    "log.every_steps=1",
-    "log.plots=false",
-    "data.num_workers=0",
-    "data.max_eval_samples=16",
-    "dist.device=cpu",
+    "data.name=imagefolder", "data.image_size=16", "model.name=cnn3", "data.batch_size=8", "train.epochs=1",
+    "train.max_steps_per_epoch=2", "log.every_steps=1", "log.plots=false", "data.num_workers=0",
+    "data.max_eval_samples=16", "dist.device=cpu",
 ]
 SHARD_RUN = [a for a in RUN if not a.startswith("data.name=")] + ["data.name=webdataset", "data.shard_streams=8"]
 SYSCALLS = {"openat": ("openat", "open"), "stat": ("newfstatat", "stat", "lstat", "statx", "fstatat64"),
@@ -60,16 +52,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the timed commands (median kept; default 1)")
     parser.add_argument("--tree", help="build the folder here and keep it (default: a temporary folder, removed)")
     parser.add_argument(
-        "--worker-samples",
-        type=int,
-        default=1_000_000,
+        "--worker-samples", type=int, default=1_000_000,
         help="samples of the worker-memory measurement (default 1M; 0: skip it)",
     )
     parser.add_argument("--no-strace", action="store_true", help="skip the filesystem-call counts")
     parser.add_argument(
-        "--loader-steps",
-        type=int,
-        default=100,
+        "--loader-steps", type=int, default=100,
         help="steps of batch 64 of the loader images/s (default 100; 0: skip it)",
     )
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loader images/s (default 2)")
@@ -305,10 +293,7 @@ def run(args) -> dict:
                 _timed_to_first_step(
                     train_cmd(
                         [
-                            "train.epochs=1",
-                            "train.max_steps_per_epoch=2",
-                            "log.every_steps=1",
-                            "log.plots=false",
+                            "train.epochs=1", "train.max_steps_per_epoch=2", "log.every_steps=1", "log.plots=false",
                             f"run.out_dir={digits}",
                         ],
                         args.nproc,
@@ -346,9 +331,7 @@ def run(args) -> dict:
         speed = {}
         if args.loader_steps:
             folder_args = [
-                "data.name=imagefolder",
-                f"data.root={root}",
-                "data.image_size=16",
+                "data.name=imagefolder", f"data.root={root}", "data.image_size=16",
                 f"data.index={Path(tmp) / 'speed_index.npz'}",
             ]
             speed = {

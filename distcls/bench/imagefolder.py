@@ -91,26 +91,14 @@ def distcls_loader(root: Path, args, batch: int, device: torch.device, gpu_decod
     cfg = config.load(
         None,
         [
-            "data.name=imagefolder",
-            f"data.root={root}",
-            f"data.image_size={args.size}",
-            "data.val_fraction=0",
-            "data.split=[0.99, 0, 0.01]",
-            "data.augment.random_resized_crop=true",
-            "data.augment.hflip=true",
+            "data.name=imagefolder", f"data.root={root}", f"data.image_size={args.size}", "data.val_fraction=0",
+            "data.split=[0.99, 0, 0.01]", "data.augment.random_resized_crop=true", "data.augment.hflip=true",
             f"data.gpu_decode={str(gpu_decode).lower()}",
         ],
     )
     data = build_data(cfg)
     loader = train_loader(
-        data.splits.train,
-        batch,
-        1,
-        0,
-        0,
-        device,
-        args.workers,
-        prefetch_factor=cfg.data.prefetch_factor,
+        data.splits.train, batch, 1, 0, 0, device, args.workers, prefetch_factor=cfg.data.prefetch_factor,
         gpu_decode=gpu_decode,
     )
 

@@ -34,14 +34,8 @@ def _hand_cmd(args: list, nproc: int) -> list:
     if nproc == 1:
         return [sys.executable, "-m", "distcls.bench.ddp_loop", *args]
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "distcls.bench.ddp_loop",
-        *args,
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+        "distcls.bench.ddp_loop", *args,
     ]
 
 
@@ -77,11 +71,7 @@ def run(args) -> dict:
         raise UserError("--epochs must be at least 2 (the first is warm-up) and --rounds at least 1")
     cfg_args = ["--config", args.config] if args.config else []
     common = [
-        *cfg_args,
-        f"train.epochs={args.epochs}",
-        "log.every_steps=0",
-        "checkpoint.every_epochs=0",
-        *args.overrides,
+        *cfg_args, f"train.epochs={args.epochs}", "log.every_steps=0", "checkpoint.every_epochs=0", *args.overrides,
     ]
     runs = {"distcls_w1": (True, 1), "hand_w1": (False, 1), "distcls_w2": (True, 2), "hand_w2": (False, 2)}
     results = {k: [] for k in runs}

@@ -22,10 +22,7 @@ from distcls.bench.common import child_env, last_line, machine, train_cmd
 from distcls.errors import UserError
 
 SYNTHETIC_CIFAR = [
-    "data.name=synthetic",
-    "data.synthetic.size=32",
-    "data.synthetic.channels=3",
-    "data.synthetic.train_samples=512",
+    "data.name=synthetic", "data.synthetic.size=32", "data.synthetic.channels=3", "data.synthetic.train_samples=512",
 ]
 # case name -> overrides (offline data: the bundled digits, or generated CIFAR-shaped images)
 CASES = {

@@ -174,10 +174,7 @@ class ShardSource:
             label = int(bytes(sample["cls"]).decode().strip())
         except (ValueError, UnicodeDecodeError):
             return (
-                None,
-                -1,
-                key,
-                f"shard sample {name}: its .cls is not an integer label ({bytes(sample['cls'])[:20]!r})",
+                None, -1, key, f"shard sample {name}: its .cls is not an integer label ({bytes(sample['cls'])[:20]!r})",
             )
         if not 0 <= label < self.num_classes:
             return (

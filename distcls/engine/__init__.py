@@ -6,19 +6,6 @@ from distcls.engine.progress import Progress, RunningSums, Totals
 from distcls.engine.trainer import EvalResult, Trainer, evaluate
 
 __all__ = [
-    "EMAHook",
-    "EMASchedule",
-    "ModelEMA",
-    "adjusted_decay",
-    "EvalResult",
-    "Precision",
-    "Progress",
-    "RunningSums",
-    "Totals",
-    "Trainer",
-    "autocast",
-    "evaluate",
-    "build_optimizer",
-    "build_scheduler",
-    "lr_factor",
+    "EMAHook", "EMASchedule", "ModelEMA", "adjusted_decay", "EvalResult", "Precision", "Progress", "RunningSums",
+    "Totals", "Trainer", "autocast", "evaluate", "build_optimizer", "build_scheduler", "lr_factor",
 ]

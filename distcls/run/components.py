@@ -29,15 +29,7 @@ from distcls.runtime.dist import DistEnv
 from distcls.tracking.metrics import TARGET_PREFIX
 from distcls.errors import ConfigError
 from distcls.engine import (
-    EMAHook,
-    EMASchedule,
-    ModelEMA,
-    Precision,
-    Progress,
-    Trainer,
-    adjusted_decay,
-    backends,
-    build_optimizer,
+    EMAHook, EMASchedule, ModelEMA, Precision, Progress, Trainer, adjusted_decay, backends, build_optimizer,
     build_scheduler,
 )
 from distcls.models import build_model, check_forward
@@ -151,17 +143,8 @@ def build_loaders(cfg: Config, env: DistEnv, data: Data, settings: LoaderSetting
     """(train, val or None, test): this rank's loaders of the splits."""
     s = settings
     train = train_loader(
-        data.splits.train,
-        cfg.data.batch_size,
-        env.world_size,
-        env.rank,
-        cfg.run.seed,
-        env.device,
-        s.num_workers,
-        s.max_steps_per_epoch,
-        s.prefetch_factor,
-        s.gpu_decode,
-        repeats=cfg.data.repeats,
+        data.splits.train, cfg.data.batch_size, env.world_size, env.rank, cfg.run.seed, env.device, s.num_workers,
+        s.max_steps_per_epoch, s.prefetch_factor, s.gpu_decode, repeats=cfg.data.repeats,
     )
     eval_batch = cfg.data.eval_batch_size or cfg.data.batch_size
 
@@ -259,20 +242,7 @@ def build_components(cfg: Config, env: DistEnv, debug: bool = False, files: Opti
             EvalTarget("ema_", ema.module, ready=lambda: ema.updates > 0, fields=lambda: {"ema_updates": ema.updates})
         )
     return Components(
-        data=data,
-        train=train,
-        val=val,
-        test=test,
-        model=model,
-        module=module,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        precision=precision,
-        trainer=trainer,
-        progress=progress,
-        checkpointer=checkpointer,
-        switches=switches,
-        ema=ema,
-        targets=targets,
-        provenance=provenance,
+        data=data, train=train, val=val, test=test, model=model, module=module, optimizer=optimizer,
+        scheduler=scheduler, precision=precision, trainer=trainer, progress=progress, checkpointer=checkpointer,
+        switches=switches, ema=ema, targets=targets, provenance=provenance,
     )

@@ -30,13 +30,7 @@ from distcls.run.outputs import RunDirLock, check_outputs
 from distcls.run.checks import check_resume_config, check_skipped_steps, resolve_unset
 from distcls.runtime.signals import StopRequest
 from distcls.tracking import (
-    Console,
-    MetricsLog,
-    TensorBoardLogger,
-    WandbLogger,
-    metric_record,
-    summary_rows,
-    write_summary,
+    Console, MetricsLog, TensorBoardLogger, WandbLogger, metric_record, summary_rows, write_summary,
 )
 from distcls.tracking.plots import SampleSource, write_run_plots
 

@@ -5,12 +5,6 @@ from distcls.tracking.tensorboard_logger import TensorBoardLogger
 from distcls.tracking.wandb_logger import WandbLogger
 
 __all__ = [
-    "Console",
-    "MetricsLog",
-    "metric_record",
-    "TensorBoardLogger",
-    "WandbLogger",
-    "read_jsonl",
-    "summary_rows",
+    "Console", "MetricsLog", "metric_record", "TensorBoardLogger", "WandbLogger", "read_jsonl", "summary_rows",
     "write_summary",
 ]

@@ -71,10 +71,10 @@ def single_process_runs_here(monkeypatch):
         assert _run_here(cmd) == 0, cmd
         return time.perf_counter() - t
 
-    real_run_cmd = scaling._run
+    real_run_cmd = scaling.run_quiet
     for module in (checkpoint, throughput):
         monkeypatch.setattr(module, "run_train", run_train)
-    monkeypatch.setattr(scaling, "_run", run_cmd)
+    monkeypatch.setattr(scaling, "run_quiet", run_cmd)
     return here
 
 

@@ -6,19 +6,32 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # ImageNet normalization, as torchvision's references use it: the bench's image pipelines normalize with it.
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def module_cmd(module: str, args, nproc: int = 1) -> list:
+    """`python -m module args`, under torchrun (one node, `nproc` processes) for nproc > 1."""
+    launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [sys.executable, *launcher, "-m", module, *args]
+
+
 def train_cmd(args, nproc: int = 1) -> list:
-    if nproc == 1:
-        return [sys.executable, "-m", "distcls.train", *args]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-        "distcls.train", *args,
-    ]
+    return module_cmd("distcls.train", args, nproc)
+
+
+def run_quiet(cmd: list) -> float:
+    """Run a child process (its stdout discarded): its seconds, or a UserError quoting its last stderr line."""
+    from distcls.errors import UserError
+
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"`{' '.join(cmd[-6:])}` exited {proc.returncode}: {last_line(proc.stderr)}")
+    return time.perf_counter() - started
 
 
 def child_env() -> dict:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from distcls.bench.common import child_env, last_line, machine, train_cmd
+from distcls.bench.common import child_env, machine, module_cmd, run_quiet, train_cmd
 from distcls.errors import UserError
 
 
@@ -118,46 +116,21 @@ def distcls_overrides(args, root: Path) -> list:
     ]
 
 
-def _run(cmd: list) -> None:
-    proc = subprocess.run(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"`{' '.join(cmd[-4:])}` exited {proc.returncode}: {last_line(proc.stderr)}")
-
-
 def _distcls(args, root: Path, nproc: int, out: Path) -> float:
     from distcls.tracking import read_jsonl
 
-    _run(train_cmd(["--config", "default", *distcls_overrides(args, root), f"run.out_dir={out}"], nproc))
+    run_quiet(train_cmd(["--config", "default", *distcls_overrides(args, root), f"run.out_dir={out}"], nproc))
     epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train" and "skipped_steps" in r]
     return statistics.median(r["images_per_sec"] for r in epochs[1:])
 
 
 def _reference(args, root: Path, nproc: int, out: Path) -> float:
     loop = [
-        "-m",
-        "distcls.bench.reference_loop",
-        "--root",
-        str(root),
-        "--out",
-        str(out),
-        "--epochs",
-        str(args.epochs),
-        "--batch",
-        str(args.batch),
-        "--workers",
-        str(args.workers),
-        "--crop",
-        str(args.size),
-        "--ema-steps",
-        str(args.ema_steps),
+        "--root", str(root), "--out", str(out), "--epochs", str(args.epochs), "--batch", str(args.batch),
+        "--workers", str(args.workers), "--crop", str(args.size), "--ema-steps", str(args.ema_steps),
         *(["--persistent-workers"] if args.persistent_workers else []),
     ]
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    _run([*launcher, *loop])
+    run_quiet(module_cmd("distcls.bench.reference_loop", loop, nproc))
     return statistics.median(json.loads(out.read_text())["images_per_sec_per_epoch"])
 
 

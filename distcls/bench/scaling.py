@@ -11,13 +11,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-from distcls.bench.common import child_env, last_line, machine, train_cmd
+from distcls.bench.common import child_env, machine, module_cmd, run_quiet, train_cmd
 from distcls.errors import UserError
 
 
@@ -30,27 +27,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides for every run")
 
 
-def _hand_cmd(args: list, nproc: int) -> list:
-    if nproc == 1:
-        return [sys.executable, "-m", "distcls.bench.ddp_loop", *args]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
-        "distcls.bench.ddp_loop", *args,
-    ]
-
-
-def _run(cmd: list) -> float:
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if proc.returncode != 0:
-        raise UserError(f"`{' '.join(cmd[-6:])}` exited {proc.returncode}: {last_line(proc.stderr)}")
-    return time.perf_counter() - t
-
-
 def _distcls(args, common: list, nproc: int, out: Path) -> dict:
     from distcls.tracking import read_jsonl
 
-    seconds = _run(train_cmd([*common, f"run.out_dir={out}"], nproc))
+    seconds = run_quiet(train_cmd([*common, f"run.out_dir={out}"], nproc))
     epochs = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "train" and "skipped_steps" in r]
     summary = json.loads((out / "summary.json").read_text())
     return {
@@ -62,7 +42,8 @@ def _distcls(args, common: list, nproc: int, out: Path) -> dict:
 
 def _hand(args, nproc: int, out: Path) -> dict:
     cfg = ["--config", args.config] if args.config else []
-    seconds = _run(_hand_cmd([*cfg, "--epochs", str(args.epochs), "--out", str(out), *args.overrides], nproc))
+    loop = [*cfg, "--epochs", str(args.epochs), "--out", str(out), *args.overrides]
+    seconds = run_quiet(module_cmd("distcls.bench.ddp_loop", loop, nproc))
     return {"images_per_sec": json.loads(out.read_text())["images_per_sec"], "command_to_exit_s": seconds}
 
 
